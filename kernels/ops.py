@@ -1,0 +1,116 @@
+"""The LiftQuant ops, registered with ``torch.library``.
+
+Two opaque custom ops, so ``torch.compile`` keeps each as one graph node that the passes in
+``lift_ao.passes`` can recognise and rewrite:
+
+- ``lift_ao::lift_activation(x, input_signs, rotation_left, rotation_right, mapping) -> lifted``
+  x (..., K) → x̃ (..., Kp·D/d): rotate then lift each d-block with Mᵀ.
+- ``lift_ao::lifted_matmul(lifted, packed_codes, row_scale, bias) -> y``
+  x̃ (..., L), codes (N, ceil(L/32)) int32 → y (..., N) = r ⊙ (Q x̃) + b.
+
+The default implementation of each is the pure-PyTorch reference (CPU and any device); faster
+device kernels register themselves per device type with ``op.register_kernel(...)``. Both have fake
+(meta) implementations for tracing and autograd formulas for the activation (weights are frozen).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from lift_ao.packing import words_per_row
+
+from .reference import (
+    lift_activation_backward_reference,
+    lift_activation_reference,
+    lifted_matmul_backward_reference,
+    lifted_matmul_reference,
+)
+
+__all__ = ["lift_activation", "lifted_matmul"]
+
+
+def _lifted_length(x_shape, input_signs: torch.Tensor, mapping: torch.Tensor) -> int:
+    d, D = mapping.shape
+    return input_signs.shape[0] // d * D
+
+
+def _check_lift_args(x, input_signs, rotation_left, rotation_right, mapping):
+    kp = input_signs.shape[0]
+    d = mapping.shape[0]
+    if rotation_left.shape[0] * rotation_right.shape[0] != kp or kp % d:
+        raise ValueError(
+            f"inconsistent transform: signs {tuple(input_signs.shape)}, left {tuple(rotation_left.shape)}, "
+            f"right {tuple(rotation_right.shape)}, mapping {tuple(mapping.shape)}"
+        )
+    if x.shape[-1] > kp:
+        raise ValueError(f"activation has {x.shape[-1]} input features, the weight expects at most {kp}")
+    if not x.is_floating_point():
+        raise TypeError(f"activation must be floating point, got {x.dtype}")
+
+
+@torch.library.custom_op("lift_ao::lift_activation", mutates_args=())
+def lift_activation(
+    x: torch.Tensor, input_signs: torch.Tensor, rotation_left: torch.Tensor,
+    rotation_right: torch.Tensor, mapping: torch.Tensor,
+) -> torch.Tensor:
+    """Lifted activation x̃ = lift(Rᵀ pad(x)); (..., K) → (..., Kp·D/d), dtype of x."""
+    _check_lift_args(x, input_signs, rotation_left, rotation_right, mapping)
+    return lift_activation_reference(x, input_signs, rotation_left, rotation_right, mapping)
+
+
+@lift_activation.register_fake
+def _(x, input_signs, rotation_left, rotation_right, mapping):
+    return x.new_empty(*x.shape[:-1], _lifted_length(x.shape, input_signs, mapping))
+
+
+def _lift_setup_context(ctx, inputs, output):
+    x, input_signs, rotation_left, rotation_right, mapping = inputs
+    ctx.save_for_backward(input_signs, rotation_left, rotation_right, mapping)
+    ctx.in_features = x.shape[-1]
+
+
+def _lift_backward(ctx, grad_lifted):
+    input_signs, rotation_left, rotation_right, mapping = ctx.saved_tensors
+    grad_x = lift_activation_backward_reference(
+        grad_lifted, input_signs, rotation_left, rotation_right, mapping, ctx.in_features
+    )
+    return grad_x, None, None, None, None
+
+
+lift_activation.register_autograd(_lift_backward, setup_context=_lift_setup_context)
+
+
+@torch.library.custom_op("lift_ao::lifted_matmul", mutates_args=())
+def lifted_matmul(
+    lifted: torch.Tensor, packed_codes: torch.Tensor, row_scale: torch.Tensor, bias: Optional[torch.Tensor],
+) -> torch.Tensor:
+    """y = r ⊙ (Q x̃) + b; x̃ (..., L), packed_codes (N, ceil(L/32)) int32 → (..., N), dtype of x̃."""
+    if packed_codes.dtype != torch.int32 or packed_codes.shape[1] != words_per_row(lifted.shape[-1]):
+        raise ValueError(
+            f"packed codes {packed_codes.dtype} {tuple(packed_codes.shape)} do not match a lifted "
+            f"activation of length {lifted.shape[-1]} (expected int32 with {words_per_row(lifted.shape[-1])} words per row)"
+        )
+    return lifted_matmul_reference(lifted, packed_codes, row_scale, bias)
+
+
+@lifted_matmul.register_fake
+def _(lifted, packed_codes, row_scale, bias):
+    return lifted.new_empty(*lifted.shape[:-1], packed_codes.shape[0])
+
+
+def _matmul_setup_context(ctx, inputs, output):
+    lifted, packed_codes, row_scale, bias = inputs
+    ctx.save_for_backward(packed_codes, row_scale)
+    ctx.code_length = lifted.shape[-1]
+
+
+def _matmul_backward(ctx, grad_out):
+    packed_codes, row_scale = ctx.saved_tensors
+    grad_lifted = lifted_matmul_backward_reference(grad_out, packed_codes, row_scale, ctx.code_length)
+    grad_bias = grad_out.flatten(0, -2).sum(0) if ctx.needs_input_grad[3] else None
+    return grad_lifted, None, None, grad_bias
+
+
+lifted_matmul.register_autograd(_matmul_backward, setup_context=_matmul_setup_context)

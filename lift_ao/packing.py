@@ -1,0 +1,59 @@
+"""Bit packing of ±1 codes into int32 words.
+
+Layout: a row of ``L`` code bits is stored in ``ceil(L / 32)`` int32 words; bit ``j`` of the row is
+bit ``j % 32`` (least significant first) of word ``j // 32``; a set bit means +1, a clear bit −1.
+Unused high bits of a row's last word are zero. So a row costs exactly ``L`` bits plus less than one
+word of padding.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["pack_codes", "unpack_codes", "words_per_row"]
+
+_BITS = 32
+
+
+def words_per_row(code_length: int) -> int:
+    """Number of int32 words holding ``code_length`` bits."""
+    return -(-code_length // _BITS)
+
+
+def pack_codes(codes: torch.Tensor) -> torch.Tensor:
+    """Pack sign bits.
+
+    Args:
+        codes: (N, L) bool, True = +1.
+    Returns:
+        (N, ceil(L/32)) int32 words (layout in the module docstring).
+    """
+    if codes.dtype != torch.bool or codes.dim() != 2:
+        raise TypeError(f"pack_codes expects a 2-D bool tensor, got {codes.dtype} of shape {tuple(codes.shape)}")
+    n, length = codes.shape
+    words = words_per_row(length)
+    padded = torch.zeros(n, words * _BITS, dtype=torch.int64, device=codes.device)
+    padded[:, :length] = codes.to(torch.int64)
+    weights = torch.ones(_BITS, dtype=torch.int64, device=codes.device) << torch.arange(_BITS, device=codes.device)
+    as_int64 = (padded.view(n, words, _BITS) * weights).sum(-1)
+    # Reinterpret the unsigned 32-bit values as int32 (two's complement).
+    return torch.where(as_int64 >= 2**31, as_int64 - 2**32, as_int64).to(torch.int32)
+
+
+def unpack_codes(packed: torch.Tensor, code_length: int) -> torch.Tensor:
+    """Inverse of :func:`pack_codes`.
+
+    Args:
+        packed: (N, W) int32 words, W = ceil(code_length / 32).
+        code_length: L, bits per row.
+    Returns:
+        (N, L) bool, True = +1.
+    """
+    if packed.dtype != torch.int32 or packed.dim() != 2 or packed.shape[1] != words_per_row(code_length):
+        raise ValueError(
+            f"packed codes must be (N, {words_per_row(code_length)}) int32 for {code_length} bits per row, "
+            f"got {packed.dtype} of shape {tuple(packed.shape)}"
+        )
+    shifts = torch.arange(_BITS, dtype=torch.int32, device=packed.device)
+    bits = (packed.unsqueeze(-1) >> shifts) & 1
+    return bits.view(packed.shape[0], -1)[:, :code_length].bool()

@@ -1,0 +1,124 @@
+"""The input transform: a randomized Kronecker rotation of the input dimension.
+
+Real weights are not i.i.d. Gaussian; rotating the input dimension by a random orthogonal matrix
+spreads outliers so that each block of ``d`` weights looks Gaussian, which is what the lattices were
+trained for. The rotation is ``R = diag(s) · (P1 ⊗ P2)`` with ``s`` random signs and ``P1`` (k1×k1),
+``P2`` (k2×k2) orthogonal: a normalised Hadamard matrix when the size is a power of two, otherwise a
+Haar-random orthogonal matrix. Applying it costs O(K·(k1 + k2)) = O(K·√K) instead of O(K²).
+
+The input dimension K is zero-padded to ``Kp = k1·k2``, a multiple of the lattice's block length
+``d``. Because ``R`` is orthogonal, ``W x = (W_pad R)(Rᵀ x_pad)``: rows of ``W`` and activations are
+transformed by the *same* map ``rotate(v) = Rᵀ pad(v)``; the padding never reaches the user.
+
+The rotation depends only on (K, d, seed), so every linear that reads the same activation (q/k/v,
+gate/up) gets an identical transform and the activation needs transforming once.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["Rotation", "make_rotation", "rotate", "unrotate", "padded_in_features"]
+
+# A factorisation k1·k2 is accepted when k1 ≥ √Kp / _MAX_IMBALANCE; otherwise Kp grows by another d.
+_MAX_IMBALANCE = 4
+
+
+def _balanced_factor(n: int) -> int:
+    """Largest divisor of n that is ≤ √n."""
+    for k in range(math.isqrt(n), 0, -1):
+        if n % k == 0:
+            return k
+    return 1
+
+
+def padded_in_features(in_features: int, block: int) -> tuple[int, int, int]:
+    """Padded input size and its Kronecker factors.
+
+    Returns (Kp, k1, k2): the smallest Kp ≥ in_features that is a multiple of ``block`` and factors as
+    k1·k2 with k1 ≤ k2 ≤ _MAX_IMBALANCE²·k1 (so the rotation stays O(K·√K)).
+    """
+    if in_features < 1 or block < 1:
+        raise ValueError(f"in_features and block must be positive, got {in_features}, {block}")
+    kp = -(-in_features // block) * block
+    while True:
+        k1 = _balanced_factor(kp)
+        if k1 * _MAX_IMBALANCE >= math.isqrt(kp) or kp < 64:
+            return kp, k1, kp // k1
+        kp += block
+
+
+def _hadamard(n: int) -> torch.Tensor:
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h / math.sqrt(n)
+
+
+def _orthogonal(n: int, generator: torch.Generator) -> torch.Tensor:
+    """Hadamard for powers of two, else Haar-random orthogonal (QR of a Gaussian, sign-fixed)."""
+    if n & (n - 1) == 0:
+        return _hadamard(n)
+    q, r = torch.linalg.qr(torch.randn(n, n, generator=generator, dtype=torch.float64))
+    return q * torch.sign(torch.diagonal(r))
+
+
+@dataclass(frozen=True, eq=False)
+class Rotation:
+    """A Kronecker rotation of a padded input dimension.
+
+    Attributes:
+        signs: (Kp,) float32 of ±1.
+        left: (k1, k1) float32 orthogonal (P1).
+        right: (k2, k2) float32 orthogonal (P2).
+    """
+
+    signs: torch.Tensor
+    left: torch.Tensor
+    right: torch.Tensor
+
+    @property
+    def padded_features(self) -> int:
+        return self.signs.shape[0]
+
+
+def make_rotation(in_features: int, block: int, seed: int = 0) -> Rotation:
+    """The deterministic rotation for an input size, lattice block length and seed (float32, CPU)."""
+    kp, k1, k2 = padded_in_features(in_features, block)
+    g = torch.Generator().manual_seed(int(seed) * 1_000_003 + kp)
+    signs = torch.randint(0, 2, (kp,), generator=g, dtype=torch.int64) * 2 - 1
+    left, right = _orthogonal(k1, g), _orthogonal(k2, g)
+    return Rotation(signs.to(torch.float32), left.to(torch.float32), right.to(torch.float32))
+
+
+def rotate(v: torch.Tensor, signs: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """``Rᵀ pad(v)`` along the last dimension.
+
+    Args:
+        v: (..., K) with K ≤ Kp.
+        signs, left, right: the rotation (see :class:`Rotation`), same dtype as the computation.
+    Returns:
+        (..., Kp), same dtype as ``v``.
+    """
+    k1, k2 = left.shape[0], right.shape[0]
+    kp = k1 * k2
+    v = torch.nn.functional.pad(v, (0, kp - v.shape[-1])) * signs
+    # (P1 ⊗ P2)ᵀ vec(V) = vec(P1ᵀ V P2) for row-major vec.
+    out = torch.matmul(left.T, v.unflatten(-1, (k1, k2))) @ right
+    return out.flatten(-2)
+
+
+def unrotate(u: torch.Tensor, signs: torch.Tensor, left: torch.Tensor, right: torch.Tensor, in_features: int) -> torch.Tensor:
+    """Inverse (and adjoint) of :func:`rotate`: ``R u`` cropped to the first ``in_features``.
+
+    Args:
+        u: (..., Kp).
+    Returns:
+        (..., in_features).
+    """
+    k1, k2 = left.shape[0], right.shape[0]
+    out = (torch.matmul(left, u.unflatten(-1, (k1, k2))) @ right.T).flatten(-2) * signs
+    return out[..., :in_features]
