@@ -1,0 +1,33 @@
+"""lift_ao: LiftQuant continuous bit-width weight quantization as a torchao extension.
+
+    from torchao.quantization import quantize_
+    from lift_ao import liftquant
+    quantize_(model, liftquant(bits=2.4))
+
+Importing the package registers the config's module handler with torchao and the
+``lift_ao::*`` ops with ``torch.library``.
+"""
+
+__version__ = "0.1.0"
+
+from lift_ao import kernels  # noqa: F401  (registers the torch.library ops)
+from lift_ao.api import quantizable_linears, quantize
+from lift_ao.config import LiftQuantConfig, liftquant
+from lift_ao.footprint import footprint
+from lift_ao.io import CheckpointError, load_quantized, save_quantized
+from lift_ao.lattice import Lattice, LatticeError
+from lift_ao.tensor import LiftQuantTensor
+
+__all__ = [
+    "CheckpointError",
+    "Lattice",
+    "LatticeError",
+    "LiftQuantConfig",
+    "LiftQuantTensor",
+    "footprint",
+    "liftquant",
+    "load_quantized",
+    "quantizable_linears",
+    "quantize",
+    "save_quantized",
+]

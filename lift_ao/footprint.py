@@ -1,0 +1,30 @@
+"""Exact storage accounting."""
+
+from __future__ import annotations
+
+import torch
+
+from lift_ao.tensor import LiftQuantTensor
+
+__all__ = ["footprint"]
+
+
+def _storages(t: torch.Tensor):
+    if isinstance(t, LiftQuantTensor):
+        for name in t.tensor_data_names:
+            yield from _storages(getattr(t, name))
+    else:
+        yield t.untyped_storage()
+
+
+def footprint(model: torch.nn.Module) -> int:
+    """Bytes held by a model's parameters and buffers, each storage counted once.
+
+    Quantized weights count their codes, row scales, lattice and rotation; tensors shared between
+    modules (tied embeddings, one rotation used by q/k/v) are counted once, as in memory.
+    """
+    seen: dict[tuple, int] = {}
+    for t in list(model.parameters()) + list(model.buffers()):
+        for storage in _storages(t):
+            seen[(storage.device.type, storage.data_ptr(), storage.nbytes())] = storage.nbytes()
+    return sum(seen.values())

@@ -1,0 +1,198 @@
+"""``LiftQuantTensor``: a linear weight stored as LiftQuant codes.
+
+A weight W (N×K) is stored as
+    W ≈ diag(r) · blocks(M q) · Rᵀ  (cropped to K columns)
+where R is the input rotation (:mod:`lift_ao.transform`), each row of the rotated weight is cut into
+Kp/d blocks of d coordinates, and block j of row n is the lattice point ``M q_nj`` with a ±1 code
+``q_nj`` of D bits. ``F.linear(x, W)`` never rebuilds W: it computes the lifted activation
+x̃ = lift(Rᵀ x) (length Kp·D/d) and ``y = r ⊙ (Q x̃) + b`` through the ops in ``lift_ao.kernels``.
+
+Tensor data (all plain tensors, so the subclass flattens for ``torch.compile`` and safetensors):
+    packed_codes:   (N, ceil(L/32)) int32, L = Kp·D/d; row n's code bits in order (block-major,
+                    D bits per block), bit j in word j//32 at bit j%32, LSB first, 1 = +1.
+    row_scale:      (N,) float32, r.
+    mapping:        (d, D) float32, the lattice matrix M.
+    input_signs:    (Kp,) float32 ±1, rotation_left (k1, k1), rotation_right (k2, k2) float32: R.
+Attributes: ``shape`` (N, K) and ``dtype`` (the logical dtype that ``F.linear`` returns and
+``dequantize`` produces; the stored data keeps its own dtypes).
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torchao.utils import TorchAOBaseTensor
+
+from lift_ao.encode import encode_rows
+from lift_ao.lattice import Lattice
+from lift_ao.packing import pack_codes, unpack_codes
+from lift_ao.transform import make_rotation, rotate, unrotate
+
+__all__ = ["LiftQuantTensor"]
+
+aten = torch.ops.aten
+
+
+@lru_cache(maxsize=64)
+def _shared_constants(lattice: Lattice, in_features: int, seed: int, device: torch.device):
+    # One copy of M and of each rotation per device, so q/k/v (same K) share storage, as the
+    # footprint counts and the passes expect.
+    rotation = make_rotation(in_features, lattice.d, seed)
+    return tuple(t.to(device) for t in (lattice.M, rotation.signs, rotation.left, rotation.right))
+
+
+class LiftQuantTensor(TorchAOBaseTensor):
+    """LiftQuant-coded linear weight of logical shape (N, K); see the module docstring."""
+
+    tensor_data_names = ["packed_codes", "row_scale", "mapping", "input_signs", "rotation_left", "rotation_right"]
+    tensor_attribute_names = ["shape", "dtype"]
+
+    def __new__(cls, packed_codes, row_scale, mapping, input_signs, rotation_left, rotation_right, shape, dtype):
+        return torch.Tensor._make_wrapper_subclass(
+            cls, shape, dtype=dtype, device=packed_codes.device, requires_grad=False
+        )
+
+    def __init__(self, packed_codes, row_scale, mapping, input_signs, rotation_left, rotation_right, shape, dtype):
+        self.packed_codes = packed_codes
+        self.row_scale = row_scale
+        self.mapping = mapping
+        self.input_signs = input_signs
+        self.rotation_left = rotation_left
+        self.rotation_right = rotation_right
+
+    # ----- construction ---------------------------------------------------------------------
+
+    @classmethod
+    def from_hp(
+        cls, weight: torch.Tensor, lattice: Lattice, *, seed: int = 0, progress: bool = False,
+        name: str = "weight",
+    ) -> "LiftQuantTensor":
+        """Quantize a high-precision weight.
+
+        Args:
+            weight: (N, K) floating-point weight (any device; encoding runs on its device).
+            lattice: the lattice to code with.
+            seed: seed of the input rotation (linears sharing K, d and seed share it).
+            progress: show a progress bar over row chunks.
+            name: used in error messages (e.g. the module's name).
+        Returns:
+            LiftQuantTensor with shape (N, K) and dtype ``weight.dtype``.
+        """
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+            shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
+            raise ValueError(f"{name}: LiftQuant codes 2-D linear weights (out, in); got {shape}")
+        if not weight.is_floating_point():
+            raise TypeError(f"{name}: weight must be floating point to quantize, got {weight.dtype}")
+        if weight.numel() == 0:
+            raise ValueError(f"{name}: cannot quantize an empty weight of shape {tuple(weight.shape)}")
+        if not torch.isfinite(weight).all():
+            raise ValueError(f"{name}: weight has NaN/Inf entries; fix the checkpoint before quantizing")
+        device = weight.device
+        mapping, signs, left, right = _shared_constants(lattice, weight.shape[1], seed, device)
+        rotated = rotate(weight.detach().to(torch.float32), signs, left, right)
+        codes, row_scale = encode_rows(rotated, lattice.to(device), progress=progress)
+        return cls(pack_codes(codes), row_scale, mapping, signs, left, right, weight.shape, weight.dtype)
+
+    # ----- properties -----------------------------------------------------------------------
+
+    @property
+    def block_size(self) -> int:
+        """d, weights per block."""
+        return self.mapping.shape[0]
+
+    @property
+    def code_bits(self) -> int:
+        """D, code bits per block."""
+        return self.mapping.shape[1]
+
+    @property
+    def padded_in_features(self) -> int:
+        """Kp ≥ K, the rotated input size."""
+        return self.input_signs.shape[0]
+
+    @property
+    def code_length(self) -> int:
+        """L = Kp·D/d code bits per row."""
+        return self.padded_in_features // self.block_size * self.code_bits
+
+    @property
+    def lattice(self) -> Lattice:
+        """The lattice this weight is coded with."""
+        return Lattice(self.block_size, self.code_bits, self.mapping.cpu())
+
+    def storage_bytes(self) -> int:
+        """Bytes of all stored tensors (codes, scales, lattice and rotation)."""
+        return sum(getattr(self, n).nbytes for n in self.tensor_data_names)
+
+    def bits_per_weight(self) -> float:
+        """Storage bits per logical weight, everything included."""
+        return 8 * self.storage_bytes() / math.prod(self.shape)
+
+    def dequantize(self, output_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """Dense (N, K) weight in ``output_dtype`` (default: ``self.dtype``)."""
+        n = self.shape[0]
+        codes = unpack_codes(self.packed_codes, self.code_length).view(n, -1, self.code_bits)
+        blocks = (codes.to(torch.float32) * 2 - 1) @ self.mapping.T  # (N, Kp/d, d)
+        rotated = blocks.flatten(1) * self.row_scale[:, None]
+        dense = unrotate(rotated, self.input_signs, self.rotation_left, self.rotation_right, self.shape[1])
+        return dense.to(output_dtype or self.dtype)
+
+    def _quantization_type(self):
+        return (
+            f"shape={tuple(self.shape)}, lattice={self.code_bits}/{self.block_size}, "
+            f"bits_per_weight={self.bits_per_weight():.4f}, device={self.device}"
+        )
+
+
+implements = LiftQuantTensor.implements
+implements_torch_function = LiftQuantTensor.implements_torch_function
+
+
+@implements(aten.linear.default)
+@implements_torch_function(F.linear)
+def _(func, types, args, kwargs):
+    x, weight = args[0], args[1]
+    bias = args[2] if len(args) > 2 else kwargs.get("bias")
+    if x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"linear: input has {x.shape[-1]} features, the weight expects {weight.shape[1]}")
+    lifted = torch.ops.lift_ao.lift_activation(
+        x, weight.input_signs, weight.rotation_left, weight.rotation_right, weight.mapping
+    )
+    return torch.ops.lift_ao.lifted_matmul(lifted, weight.packed_codes, weight.row_scale, bias)
+
+
+@implements(aten._to_copy.default)
+def _(func, types, args, kwargs):
+    # Moves the stored tensors to the new device; a new dtype only changes the logical dtype
+    # (codes stay bits, scales and transforms stay float32).
+    self = args[0]
+    to = self._get_to_kwargs(*args[1:], **kwargs)
+    tensors = [getattr(self, n).to(to["device"], non_blocking=to["non_blocking"]) for n in self.tensor_data_names]
+    return LiftQuantTensor(*tensors, self.shape, to["dtype"])
+
+
+@implements(aten.slice.Tensor)
+def _(func, types, args, kwargs):
+    # Row slices (tensor-parallel / vLLM-style loaders) keep whole rows of codes; the input
+    # dimension is rotated as a whole and cannot be sliced.
+    self, dim, start, end, step = (list(args) + [0, None, None, 1])[:5]
+    dim = dim % 2
+    if dim != 0 or step != 1:
+        raise NotImplementedError(
+            "LiftQuantTensor supports contiguous slices of output rows only (dim 0, step 1); "
+            "the input dimension is rotated as a whole"
+        )
+    start, end, _ = slice(start, end).indices(self.shape[0])
+    end = max(start, end)
+    return LiftQuantTensor(
+        self.packed_codes[start:end], self.row_scale[start:end], self.mapping, self.input_signs,
+        self.rotation_left, self.rotation_right, torch.Size([end - start, self.shape[1]]), self.dtype,
+    )
+
+
+# Allow torch.load(weights_only=True) of checkpoints that pickle this class.
+torch.serialization.add_safe_globals([LiftQuantTensor])
