@@ -56,4 +56,4 @@ def unpack_codes(packed: torch.Tensor, code_length: int) -> torch.Tensor:
         )
     shifts = torch.arange(_BITS, dtype=torch.int32, device=packed.device)
     bits = (packed.unsqueeze(-1) >> shifts) & 1
-    return bits.view(packed.shape[0], -1)[:, :code_length].bool()
+    return bits.flatten(1)[:, :code_length].bool()

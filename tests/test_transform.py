@@ -1,0 +1,41 @@
+import math
+
+import pytest
+import torch
+
+from lift_ao.transform import make_rotation, padded_in_features, rotate, unrotate
+
+
+@pytest.mark.parametrize("K,d", [(576, 10), (1536, 10), (4096, 8), (192, 10), (7, 10), (14336, 10), (33, 6)])
+def test_padding_is_a_balanced_multiple_of_the_block(K, d):
+    kp, k1, k2 = padded_in_features(K, d)
+    assert kp >= K and kp % d == 0 and k1 * k2 == kp and k1 <= k2
+    assert kp - K < 8 * d  # padding stays small
+    assert kp < 64 or 4 * k1 >= math.isqrt(kp)
+
+
+@pytest.mark.parametrize("K,d", [(576, 10), (64, 8), (100, 6)])
+def test_rotation_is_orthogonal_and_inverted_by_unrotate(K, d):
+    r = make_rotation(K, d, seed=3)
+    s, l, rr = (t.double() for t in (r.signs, r.left, r.right))
+    x = torch.randn(5, K, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    u = rotate(x, s, l, rr)
+    assert u.shape == (5, r.padded_features)
+    torch.testing.assert_close(u.norm(dim=1), x.norm(dim=1), rtol=1e-6, atol=0)
+    torch.testing.assert_close(unrotate(u, s, l, rr, K), x, rtol=0, atol=1e-6)
+    # Weight rows and activations use the same map, so inner products are preserved (to the
+    # float32 precision the rotation is stored in).
+    w = torch.randn(3, K, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(rotate(w, s, l, rr) @ u.T, w @ x.T, rtol=1e-5, atol=1e-5)
+
+
+def test_rotation_is_deterministic_and_seeded():
+    a, b, c = make_rotation(576, 10, 0), make_rotation(576, 10, 0), make_rotation(576, 10, 1)
+    assert torch.equal(a.left, b.left) and torch.equal(a.signs, b.signs)
+    assert not torch.equal(a.signs, c.signs)
+
+
+def test_power_of_two_factors_are_hadamard():
+    r = make_rotation(4096, 8)
+    assert r.left.shape == (64, 64)
+    torch.testing.assert_close(r.left.abs(), torch.full((64, 64), 1 / 8.0))
