@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from lift_ao.config import LiftQuantConfig
 from lift_ao.tensor import LiftQuantTensor
 
-__all__ = ["quantize", "quantizable_linears"]
+__all__ = ["quantize", "quantizable_linears", "resolve_device"]
 
 # Names that torchtune / torchchat / gpt-fast give the output projection.
 _OUTPUT_PROJECTION_NAMES = ("lm_head", "output")
@@ -29,20 +29,37 @@ def _output_projection(model: torch.nn.Module) -> Optional[torch.nn.Module]:
     return found if isinstance(found, torch.nn.Linear) else None
 
 
+def _is_hf_conv1d(module: torch.nn.Module) -> bool:
+    # GPT-2 style models use transformers' Conv1D: a linear layer with a transposed weight.
+    return type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers")
+
+
+def _as_linear(conv1d: torch.nn.Module) -> torch.nn.Linear:
+    weight = conv1d.weight.detach()  # (in, out)
+    linear = torch.nn.Linear(weight.shape[0], weight.shape[1], bias=conv1d.bias is not None,
+                             device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        linear.weight.copy_(weight.T)
+        if conv1d.bias is not None:
+            linear.bias.copy_(conv1d.bias)
+    return linear
+
+
 def quantizable_linears(
     model: torch.nn.Module, config: LiftQuantConfig,
     filter_fn: Optional[Callable[[torch.nn.Module, str], bool]] = None,
-) -> list[tuple[str, torch.nn.Linear]]:
+) -> list[tuple[str, torch.nn.Module]]:
     """The (name, module) pairs :func:`quantize` will code, in model order.
 
-    A module qualifies when it is an ``nn.Linear`` with a plain (not yet quantized) weight, passes
-    ``filter_fn(module, name)`` if given, and is not the output projection unless
-    ``config.include_lm_head``.
+    A module qualifies when it is an ``nn.Linear`` (or a transformers ``Conv1D``) with a plain (not
+    yet quantized) weight, passes ``filter_fn(module, name)`` if given, and is not the output
+    projection unless ``config.include_lm_head``.
     """
     output = _output_projection(model)
     selected = []
     for name, module in model.named_modules():
-        if not isinstance(module, torch.nn.Linear) or isinstance(module.weight, LiftQuantTensor):
+        is_linear = isinstance(module, torch.nn.Linear) or _is_hf_conv1d(module)
+        if not is_linear or isinstance(module.weight, LiftQuantTensor):
             continue
         is_output = module is output or name.rsplit(".", 1)[-1] in _OUTPUT_PROJECTION_NAMES
         if is_output and not config.include_lm_head:
@@ -53,24 +70,40 @@ def quantizable_linears(
     return selected
 
 
+def resolve_device(device) -> torch.device:
+    """``torch.device(device)``, with a clear error when CUDA is asked for and absent."""
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(
+            f"device={str(device)!r} was requested but no CUDA GPU is available; use device='cpu' "
+            "(the reference ops run anywhere) or run on a machine with a GPU"
+        )
+    return device
+
+
 def quantize(
     model: torch.nn.Module, config: LiftQuantConfig,
-    filter_fn: Optional[Callable[[torch.nn.Module, str], bool]] = None, *, progress: bool = True,
+    filter_fn: Optional[Callable[[torch.nn.Module, str], bool]] = None, *, device=None,
+    progress: bool = True,
 ) -> torch.nn.Module:
     """Quantize a model's linear weights in place with ``config``.
 
     Args:
-        model: any ``nn.Module`` (Hugging Face, torchtune, gpt-fast style models).
+        model: any ``nn.Module`` (Hugging Face Llama/Qwen2/GPT-2, torchtune, gpt-fast style models).
         config: from :func:`lift_ao.liftquant`.
         filter_fn: optional ``(module, name) -> bool`` to narrow the selection further.
+        device: where to encode each layer (e.g. ``"cuda"``); the quantized layer stays there.
+            Default: where the layer is.
         progress: one progress bar over the layers.
     Returns:
-        ``model`` (modified in place).
+        ``model`` (modified in place; transformers ``Conv1D`` layers become ``nn.Linear``).
     Raises:
-        ValueError: no linear layer qualifies, or a weight cannot be coded (the message names it).
+        ValueError/TypeError: no linear layer qualifies, or a weight cannot be coded (the message
+            names the module).
     """
     if not isinstance(config, LiftQuantConfig):
         raise TypeError(f"config must come from lift_ao.liftquant(...), got {type(config).__name__}")
+    device = resolve_device(device) if device is not None else None
     targets = quantizable_linears(model, config, filter_fn)
     if not targets:
         raise ValueError(
@@ -78,8 +111,13 @@ def quantize(
             "lm_head rule); check filter_fn or pass include_lm_head=True"
         )
     for name, module in tqdm(targets, desc=f"liftquant {config.lattice}", unit="layer", disable=not progress):
+        if _is_hf_conv1d(module):
+            linear = _as_linear(module)
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, linear)
+            module = linear
         try:
-            quantize_(module, config, filter_fn=lambda m, _: m is module)
+            quantize_(module, config, filter_fn=lambda m, _: m is module, device=device)
         except (ValueError, TypeError) as e:
             raise type(e)(f"{name}: {e}") from e
     return model

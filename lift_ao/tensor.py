@@ -19,6 +19,7 @@ Attributes: ``shape`` (N, K) and ``dtype`` (the logical dtype that ``F.linear`` 
 
 from __future__ import annotations
 
+import hashlib
 import math
 from functools import lru_cache
 from typing import Optional
@@ -140,6 +141,17 @@ class LiftQuantTensor(TorchAOBaseTensor):
         rotated = blocks.flatten(1) * self.row_scale[:, None]
         dense = unrotate(rotated, self.input_signs, self.rotation_left, self.rotation_right, self.shape[1])
         return dense.to(output_dtype or self.dtype)
+
+    def __repr__(self):
+        return f"LiftQuantTensor({self._quantization_type()})"
+
+    def _stable_hash_for_caching(self) -> str:
+        # Compile caches key on metadata, not values (the codes are graph inputs).
+        parts = [str(tuple(self.shape)), str(self.dtype)] + [
+            f"{n}:{tuple(getattr(self, n).shape)}:{getattr(self, n).dtype}:{getattr(self, n).device.type}"
+            for n in self.tensor_data_names
+        ]
+        return hashlib.blake2b("|".join(parts).encode(), digest_size=16).hexdigest()
 
     def _quantization_type(self):
         return (

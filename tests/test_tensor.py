@@ -1,0 +1,143 @@
+"""LiftQuantTensor: the op against a float64 reference, tensor ops, autograd, compile."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lift_ao import Lattice, LiftQuantTensor
+from lift_ao.packing import unpack_codes, words_per_row
+from lift_ao.transform import unrotate
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def dense_reference_float64(w: LiftQuantTensor) -> torch.Tensor:
+    """The weight the codes stand for, built in float64 from first principles."""
+    n, k = w.shape
+    q = unpack_codes(w.packed_codes, w.code_length).view(n, -1, w.code_bits).double() * 2 - 1
+    rows = (q @ w.mapping.double().T).flatten(1) * w.row_scale.double()[:, None]
+    return unrotate(rows, w.input_signs.double(), w.rotation_left.double(), w.rotation_right.double(), k)
+
+
+@pytest.fixture(scope="module")
+def lattice():
+    return Lattice.load("16/8")
+
+
+@pytest.fixture(scope="module")
+def quantized(lattice):
+    weight = torch.randn(37, 53, generator=_gen(0))
+    return weight, LiftQuantTensor.from_hp(weight, lattice)
+
+
+def test_codes_are_exactly_D_over_d_bits_per_weight_plus_row_padding(quantized, lattice):
+    weight, w = quantized
+    assert w.shape == weight.shape and w.dtype == weight.dtype
+    assert w.code_length == w.padded_in_features // lattice.d * lattice.D
+    assert w.packed_codes.shape == (37, words_per_row(w.code_length))
+    assert w.packed_codes.shape[1] * 32 - w.code_length < 32
+
+
+def test_quantization_error_matches_the_lattice_mse(quantized, lattice):
+    weight, w = quantized
+    rel_mse = ((dense_reference_float64(w) - weight.double()).pow(2).sum() / weight.double().pow(2).sum()).item()
+    # Gaussian weights stay Gaussian after rotation: the error per coordinate is the lattice's MSE
+    # (a little lower, because the row scale is refitted), and padding columns add none.
+    assert 0.6 * lattice.mse < rel_mse < 1.1 * lattice.mse
+
+
+def test_dequantize_matches_float64_reference(quantized):
+    _, w = quantized
+    torch.testing.assert_close(w.dequantize().double(), dense_reference_float64(w), rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-6), (torch.bfloat16, 2e-2), (torch.float16, 3e-3)])
+@pytest.mark.parametrize("lead", [(), (1,), (3,), (2, 17)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_linear_matches_float64_reference(quantized, dtype, tol, lead, with_bias):
+    _, w = quantized
+    g = _gen(hash((lead, with_bias)) % 2**31)
+    x = torch.randn(*lead, 53, generator=g).to(dtype)
+    bias = torch.randn(37, generator=g).to(dtype) if with_bias else None
+    y = F.linear(x, w, bias)
+    assert y.dtype == dtype and y.shape == (*lead, 37)
+    ref = x.double() @ dense_reference_float64(w).T + (bias.double() if with_bias else 0)
+    rel = ((y.double() - ref).norm() / ref.norm()).item()
+    assert rel < tol
+
+
+def test_nn_linear_forward_and_activation_gradient(quantized):
+    weight, w = quantized
+    linear = torch.nn.Linear(53, 37)
+    linear.weight = torch.nn.Parameter(w, requires_grad=False)
+    x = torch.randn(4, 53, generator=_gen(1), dtype=torch.float32, requires_grad=True)
+    linear(x).pow(2).sum().backward()
+    x_ref = x.detach().double().requires_grad_()
+    (x_ref @ dense_reference_float64(w).T + linear.bias.detach().double()).pow(2).sum().backward()
+    torch.testing.assert_close(x.grad.double(), x_ref.grad, rtol=1e-4, atol=1e-5)
+    assert linear.bias.grad is not None and linear.bias.grad.shape == (37,)
+
+
+def test_tensor_ops_keep_data(quantized):
+    _, w = quantized
+    for other in (w.detach(), w.clone(), w.to("cpu"), w.contiguous()):
+        assert isinstance(other, LiftQuantTensor)
+        assert torch.equal(other.packed_codes, w.packed_codes) and torch.equal(other.row_scale, w.row_scale)
+    half = w.to(torch.bfloat16)
+    assert half.dtype == torch.bfloat16 and half.row_scale.dtype == torch.float32
+    assert torch.equal(half.packed_codes, w.packed_codes)
+    assert "16/8" in repr(w)
+
+
+def test_copy_and_state_dict_round_trip(quantized, lattice):
+    _, w = quantized
+    src = torch.nn.Linear(53, 37)
+    src.weight = torch.nn.Parameter(w, requires_grad=False)
+    dst = torch.nn.Linear(53, 37)
+    dst.weight = torch.nn.Parameter(
+        LiftQuantTensor.from_hp(torch.randn(37, 53, generator=_gen(5)), lattice), requires_grad=False
+    )
+    dst.load_state_dict(src.state_dict())
+    assert torch.equal(dst.weight.packed_codes, w.packed_codes)
+    assert torch.equal(dst.weight.row_scale, w.row_scale)
+    x = torch.randn(2, 53, generator=_gen(6))
+    torch.testing.assert_close(dst(x), src(x), rtol=0, atol=0)
+
+
+def test_row_slice_keeps_whole_rows(quantized):
+    _, w = quantized
+    part = w[5:20]
+    assert isinstance(part, LiftQuantTensor) and part.shape == (15, 53)
+    x = torch.randn(3, 53, generator=_gen(7))
+    torch.testing.assert_close(F.linear(x, part), F.linear(x, w)[:, 5:20], rtol=0, atol=0)
+    with pytest.raises(NotImplementedError, match="output rows only"):
+        w[:, 3:10]
+
+
+def test_zero_rows_get_zero_scale(lattice):
+    weight = torch.randn(4, 24, generator=_gen(8))
+    weight[2] = 0
+    w = LiftQuantTensor.from_hp(weight, lattice)
+    assert w.row_scale[2] == 0 and torch.isfinite(w.row_scale).all()
+
+
+def test_storage_bits_per_weight(lattice):
+    w = LiftQuantTensor.from_hp(torch.randn(256, 512, generator=_gen(9)), lattice)
+    codes_bits = 8 * w.packed_codes.nbytes / (256 * 512)
+    assert codes_bits == lattice.bits  # 512 = 64 blocks of 8, 128 bits: no padding at all
+    assert w.storage_bytes() == sum(getattr(w, n).nbytes for n in w.tensor_data_names)
+    assert math.isclose(w.bits_per_weight(), 8 * w.storage_bytes() / (256 * 512))
+
+
+def test_compile_fullgraph_matches_eager(quantized):
+    _, w = quantized
+    linear = torch.nn.Linear(53, 37)
+    linear.weight = torch.nn.Parameter(w, requires_grad=False)
+    x = torch.randn(3, 53, generator=_gen(10))
+    compiled = torch.compile(linear, fullgraph=True, backend="inductor")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), linear(x), rtol=1e-5, atol=1e-5)
