@@ -1,0 +1,189 @@
+"""``lift-ao``: the command line.
+
+    lift-ao quantize [--bits 2.4] [--out DIR]   quantize a model, report size and perplexity
+    lift-ao eval [--checkpoint DIR]             perplexity of a model on text
+    lift-ao lattice ...                         train / list lattices (python -m lift_ao.lattice)
+
+Exit codes: 0 success, 1 the work failed, 2 bad arguments or input (argparse's convention).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+__all__ = ["main"]
+
+BUILTIN = "builtin"
+
+
+def _log(args, message: str) -> None:
+    # With --json, stdout carries only the JSON document; human-readable lines go to stderr.
+    print(message, file=sys.stderr if args.json else sys.stdout, flush=True)
+
+
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _load_model(spec: str, device: str):
+    """(model, tokenizer) for ``builtin`` or a local Hugging Face directory."""
+    if spec == BUILTIN:
+        from lift_ao.data import load_default_model
+
+        return load_default_model(device=device)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(spec)
+    if not path.is_dir():
+        raise FileNotFoundError(f"--model {spec!r}: not a directory; give a local Hugging Face model directory or 'builtin'")
+    model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32, local_files_only=True)
+    return model.to(device).eval(), AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+def _eval_tokens(args, tokenizer) -> torch.Tensor:
+    from lift_ao.data import builtin_text, load_token_file, tokenize_text
+
+    if args.text:
+        return load_token_file(args.text, tokenizer)
+    return tokenize_text(tokenizer, builtin_text("evaluation"))
+
+
+def _perplexity(args, model, tokens):
+    from lift_ao.evaluate import perplexity
+
+    return perplexity(
+        model, tokens, context_length=args.context, stride=args.stride, max_windows=args.windows,
+        progress=not args.json,
+    )
+
+
+def _add_eval_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--text", metavar="FILE", help="evaluate on this text file or tokenized file "
+                   "(.safetensors with a 1-D 'tokens' tensor, or .npy) instead of the built-in Wikipedia split")
+    p.add_argument("--context", type=int, default=512, help="tokens per evaluation window (default 512)")
+    p.add_argument("--stride", type=int, default=None, help="window stride; default = context (disjoint windows)")
+    p.add_argument("--windows", type=int, default=8, help="number of windows to score (default 8; 0 = all)")
+
+
+def _cmd_quantize(args) -> dict:
+    import lift_ao
+    from lift_ao.api import quantizable_linears, resolve_device
+
+    device = str(resolve_device(args.device or _default_device()))
+    config = lift_ao.liftquant(bits=None if args.lattice else args.bits, lattice=args.lattice, seed=args.seed,
+                               include_lm_head=args.lm_head)
+    t0 = time.perf_counter()
+    model, tokenizer = _load_model(args.model, device)
+    report = {"model": args.model, "device": device, "lattice": config.lattice, "bits_requested": args.bits,
+              "load_seconds": round(time.perf_counter() - t0, 2)}
+    targets = quantizable_linears(model, config)
+    linear_weights = sum(m.weight.numel() for _, m in targets)
+    report["bytes_before"] = lift_ao.footprint(model)
+    report["linear_bytes_before"] = sum(m.weight.nbytes for _, m in targets)
+    _log(args, f"model {args.model}: {report['bytes_before'] / 2**20:.1f} MiB, {len(targets)} linear layers "
+               f"({linear_weights / 1e6:.1f} M weights) to code with lattice {config.lattice}")
+    tokens = None
+    if not args.skip_eval:
+        tokens = _eval_tokens(args, tokenizer)
+        report["perplexity_before"] = _perplexity(args, model, tokens).to_dict()
+        _log(args, f"perplexity before: {report['perplexity_before']['perplexity']:.3f}")
+    t0 = time.perf_counter()
+    lift_ao.quantize(model, config, progress=not args.json)
+    report["quantize_seconds"] = round(time.perf_counter() - t0, 2)
+    quantized = [m.weight for _, m in targets]
+    report["bytes_after"] = lift_ao.footprint(model)
+    report["linear_bytes_after"] = sum(w.storage_bytes() for w in quantized)
+    report["bits_per_weight"] = 8 * report["linear_bytes_after"] / linear_weights
+    report["code_bits_per_weight"] = 8 * sum(w.packed_codes.nbytes for w in quantized) / linear_weights
+    _log(args, f"size: {report['bytes_before'] / 2**20:.1f} MiB -> {report['bytes_after'] / 2**20:.1f} MiB "
+               f"(linear layers {report['linear_bytes_before'] / 2**20:.1f} -> {report['linear_bytes_after'] / 2**20:.1f} MiB); "
+               f"{report['bits_per_weight']:.4f} bits/weight with scales and transforms "
+               f"({report['code_bits_per_weight']:.4f} in codes); encoded in {report['quantize_seconds']:.0f} s")
+    if tokens is not None:
+        report["perplexity_after"] = _perplexity(args, model, tokens).to_dict()
+        _log(args, f"perplexity after: {report['perplexity_after']['perplexity']:.3f} "
+                   f"(before {report['perplexity_before']['perplexity']:.3f})")
+    if args.out:
+        lift_ao.save_quantized(model, args.out)
+        tokenizer.save_pretrained(args.out)
+        report["saved_to"] = str(args.out)
+        _log(args, f"saved to {args.out}")
+    return report
+
+
+def _cmd_eval(args) -> dict:
+    import lift_ao
+
+    device = str(lift_ao.api.resolve_device(args.device or _default_device()))
+    if args.checkpoint:
+        from transformers import AutoTokenizer
+
+        model = lift_ao.load_quantized(args.checkpoint, device=device).eval()
+        tokenizer = AutoTokenizer.from_pretrained(args.checkpoint, local_files_only=True)
+    else:
+        model, tokenizer = _load_model(args.model, device)
+    result = _perplexity(args, model, _eval_tokens(args, tokenizer)).to_dict()
+    _log(args, f"perplexity: {result['perplexity']:.3f} over {result['tokens']} tokens")
+    return {"model": args.checkpoint or args.model, "device": device, **result}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lift-ao", description="LiftQuant continuous bit-width weight quantization.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quantize", help="quantize a model; report size, bits/weight and perplexity before/after",
+                       description="Quantize every linear layer (lm_head excluded unless --lm-head) of a causal LM.")
+    q.add_argument("--model", default=BUILTIN, help="'builtin' (SmolLM2-135M-Instruct, shipped offline) or a local "
+                   "Hugging Face model directory (default: builtin)")
+    q.add_argument("--bits", type=float, default=2.4, help="target bits per weight; the largest shipped rate <= bits "
+                   "is used (default 2.4)")
+    q.add_argument("--lattice", default=None, help="a lattice name such as 24/10 instead of --bits")
+    q.add_argument("--seed", type=int, default=0, help="seed of the input rotations (default 0)")
+    q.add_argument("--lm-head", action="store_true", help="also quantize the output projection")
+    q.add_argument("--out", type=Path, default=None, help="save the quantized model (safetensors) to this directory")
+    q.add_argument("--skip-eval", action="store_true", help="do not measure perplexity")
+    _add_eval_options(q)
+
+    e = sub.add_parser("eval", help="perplexity of a model or a saved quantized checkpoint")
+    e.add_argument("--model", default=BUILTIN, help="'builtin' or a local Hugging Face model directory")
+    e.add_argument("--checkpoint", type=Path, default=None, help="a directory written by `lift-ao quantize --out`")
+    _add_eval_options(e)
+
+    sub.add_parser("lattice", help="train or list lattices (same as python -m lift_ao.lattice)", add_help=False)
+
+    for p in (q, e):
+        p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+        p.add_argument("--json", action="store_true", help="print one JSON document on stdout (logs go to stderr)")
+    return parser
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["lattice"]:
+        from lift_ao.lattice import main as lattice_main
+
+        return lattice_main(argv[1:])
+    args = _parser().parse_args(argv)
+    if args.windows == 0:
+        args.windows = None
+    try:
+        report = {"quantize": _cmd_quantize, "eval": _cmd_eval}[args.command](args)
+    except (ValueError, TypeError, FileNotFoundError) as e:  # bad input: say what and how to fix it
+        print(f"lift-ao {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:
+        print(f"lift-ao {args.command}: failed: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""save_quantized / load_quantized: bit-exact round trip and refusal of bad checkpoints."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tiny_models import tiny_llama, token_batch
+
+import lift_ao
+from lift_ao import CheckpointError, LiftQuantTensor, liftquant, load_quantized, save_quantized
+from lift_ao.io import CHECKPOINT_NAME
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    model = tiny_llama(tie=True)
+    lift_ao.quantize(model, liftquant(bits=2.4), progress=False)
+    directory = tmp_path_factory.mktemp("ckpt")
+    save_quantized(model, directory)
+    return model, directory
+
+
+def _rewrite(src, dst, edit_tensors=lambda t: t, edit_header=lambda h: h):
+    with safe_open(str(src / CHECKPOINT_NAME), framework="pt") as f:
+        header = json.loads(f.metadata()["lift_ao"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    dst.mkdir(exist_ok=True)
+    save_file(edit_tensors(tensors), str(dst / CHECKPOINT_NAME), metadata={"lift_ao": json.dumps(edit_header(header))})
+    return dst
+
+
+def test_round_trip_is_bit_exact_with_identical_outputs(saved):
+    model, directory = saved
+    loaded = load_quantized(directory, tiny_llama(seed=1, tie=True))
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        if isinstance(a, LiftQuantTensor):
+            assert isinstance(b, LiftQuantTensor) and a.dtype == b.dtype
+            for part in a.tensor_data_names:
+                assert torch.equal(getattr(a, part), getattr(b, part)), (name, part)
+        else:
+            assert torch.equal(a, b), name
+    tokens = token_batch()
+    with torch.no_grad():
+        assert torch.equal(model(tokens).logits, loaded(tokens).logits)
+    # Tied embeddings share storage again.
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+    assert not list(directory.glob("*.tmp"))
+
+
+def test_load_rebuilds_hf_architecture_from_saved_config(saved):
+    model, directory = saved
+    loaded = load_quantized(directory)
+    tokens = token_batch(seed=3)
+    with torch.no_grad():
+        assert torch.equal(model(tokens).logits, loaded(tokens).logits)
+
+
+def test_truncated_file_is_refused(saved, tmp_path):
+    _, directory = saved
+    data = (directory / CHECKPOINT_NAME).read_bytes()
+    (tmp_path / CHECKPOINT_NAME).write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_quantized(tmp_path, tiny_llama(tie=True))
+
+
+def test_tampered_tensor_is_refused(saved, tmp_path):
+    def flip_one_bit(tensors):
+        key = next(k for k in tensors if k.endswith("packed_codes"))
+        tensors[key] = tensors[key].clone()
+        tensors[key][0, 0] ^= 1
+        return tensors
+
+    _rewrite(saved[1], tmp_path, edit_tensors=flip_one_bit)
+    with pytest.raises(CheckpointError, match="SHA-256"):
+        load_quantized(tmp_path, tiny_llama(tie=True))
+
+
+def test_wrong_format_version_is_refused(saved, tmp_path):
+    _rewrite(saved[1], tmp_path, edit_header=lambda h: {**h, "format_version": 99})
+    with pytest.raises(CheckpointError, match="format 99"):
+        load_quantized(tmp_path, tiny_llama(tie=True))
+
+
+def test_different_lattice_is_refused(saved, tmp_path):
+    def claim_other_lattice(header):
+        key = next(iter(header["quantized"]))
+        header["quantized"][key]["lattice_fingerprint"] = lift_ao.Lattice.load("32/16").fingerprint
+        return header
+
+    _rewrite(saved[1], tmp_path, edit_header=claim_other_lattice)
+    with pytest.raises(CheckpointError, match="made with lattice"):
+        load_quantized(tmp_path, tiny_llama(tie=True))
+
+
+def test_mismatched_model_is_refused(saved):
+    _, directory = saved
+    other = tiny_llama(tie=True)
+    other.model.layers = other.model.layers[:1]
+    with pytest.raises(CheckpointError, match="has no|does not match"):
+        load_quantized(directory, other)
+
+
+def test_non_checkpoint_is_refused(tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        load_quantized(tmp_path, tiny_llama())
+    save_file({"x": torch.zeros(2)}, str(tmp_path / CHECKPOINT_NAME))
+    with pytest.raises(CheckpointError, match="not written by lift_ao"):
+        load_quantized(tmp_path, tiny_llama())
