@@ -77,10 +77,12 @@ def _liftquant_module_handler(
     module: torch.nn.Module, config: LiftQuantConfig, *, parameter_name: str = "weight"
 ) -> torch.nn.Module:
     weight = getattr(module, parameter_name, None)
-    if isinstance(weight, LiftQuantTensor):
-        return module  # a tied weight already quantized through another module
+    if weight is None or isinstance(weight, LiftQuantTensor):
+        # Nothing to code: a module that an FqnToConfig pattern matched but that holds no weight
+        # (an activation under "mlp."), or a tied weight already quantized through another module.
+        return module
     if not isinstance(weight, torch.Tensor):
-        raise TypeError(f"{type(module).__name__} has no tensor {parameter_name!r} to quantize")
+        raise TypeError(f"{type(module).__name__}.{parameter_name} is a {type(weight).__name__}, not a tensor")
     name = f"{type(module).__name__}.{parameter_name} {tuple(weight.shape)}"
     quantized = LiftQuantTensor.from_hp(
         weight, Lattice.load(config.lattice), seed=config.seed, progress=config.progress, name=name

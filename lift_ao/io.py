@@ -132,11 +132,14 @@ def _read_checkpoint(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
 def _model_from_hf_config(directory: Path) -> torch.nn.Module:
     if not (directory / "config.json").is_file():
         raise CheckpointError(f"{directory} has no config.json; pass the model to load into: load_quantized(dir, model)")
+    from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(directory, local_files_only=True)
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
+    # Parameters on the meta device (the checkpoint fills them); buffers that are computed rather
+    # than saved (rotary frequencies) are built for real.
+    with init_empty_weights(include_buffers=False):
+        return AutoModelForCausalLM.from_config(config).eval()
 
 
 def load_quantized(directory, model: Optional[torch.nn.Module] = None, *, device=None) -> torch.nn.Module:

@@ -26,7 +26,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torchao.utils import TorchAOBaseTensor
+from torchao.utils import TorchAOBaseTensor, fill_defaults
 
 from lift_ao.encode import encode_rows
 from lift_ao.lattice import Lattice
@@ -191,7 +191,7 @@ def _(func, types, args, kwargs):
 def _(func, types, args, kwargs):
     # Row slices (tensor-parallel / vLLM-style loaders) keep whole rows of codes; the input
     # dimension is rotated as a whole and cannot be sliced.
-    self, dim, start, end, step = (list(args) + [0, None, None, 1])[:5]
+    self, dim, start, end, step = fill_defaults(args, 5, [0, None, None, 1])
     dim = dim % 2
     if dim != 0 or step != 1:
         raise NotImplementedError(
