@@ -18,7 +18,7 @@ from importlib import resources
 
 import torch
 
-__all__ = ["Lattice", "LatticeError"]
+__all__ = ["Lattice", "LatticeError", "train_lattice", "measure_mse"]
 
 
 class LatticeError(ValueError):
@@ -173,3 +173,204 @@ def _load_shipped(D: int, d: int) -> Lattice:
         )
     with resources.as_file(entry) as path:
         return Lattice.from_file(path)
+
+
+# ----- training -------------------------------------------------------------------------------
+
+
+def _orthonormal_rows(d: int, D: int, gen: torch.Generator) -> torch.Tensor:
+    """(d, D) float32 with orthonormal rows (QR of a Gaussian matrix)."""
+    q, _ = torch.linalg.qr(torch.randn(D, d, generator=gen, dtype=torch.float64))
+    return q.T.to(torch.float32).contiguous()
+
+
+def measure_mse(lattice: Lattice, n_vectors: int = 200_000, *, seed: int = 1234, device=None) -> float:
+    """MSE per coordinate of ``lattice`` on ``n_vectors`` fresh N(0,1) vectors, with ``nearest_codes``.
+
+    Args:
+        lattice: the lattice to measure.
+        n_vectors: number of d-dimensional Gaussian vectors (blocks).
+        seed: seed of the vectors (fixed so measurements are comparable).
+        device: where to run (default: where ``lattice.M`` lives).
+    Returns:
+        mean of ``||w − M q||² / d`` over the vectors.
+    """
+    from lift_ao.search import nearest_codes
+
+    device = torch.device(device) if device is not None else lattice.M.device
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(n_vectors, lattice.d, generator=gen).to(device)
+    lat = lattice.to(device)
+    codes = nearest_codes(w, lat)
+    return float((w - lat.decode(codes)).square().mean())
+
+
+def _softmin_loss(w: torch.Tensor, M: torch.Tensor, codes: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Soft-min (log-sum-exp) of the per-block squared error over a candidate set.
+
+    w: (B, d); M: (d, D) (requires grad); codes: (B, K, D) ±1 candidates. Returns the mean over
+    blocks of ``−(1/T) log Σ_k exp(−T ||w − M q_k||²)``.
+    """
+    err = (w[:, None, :] - codes @ M.T).square().sum(dim=2)  # (B, K)
+    return (-torch.logsumexp(-temperature * err, dim=1) / temperature).mean()
+
+
+def train_lattice(
+    d: int,
+    D: int,
+    *,
+    seed: int = 0,
+    restarts: int = 2,
+    adam_steps: int = 300,
+    batch: int = 8192,
+    lr: float = 3e-3,
+    temperature: float = 10.0,
+    lloyd_steps: int = 30,
+    lloyd_vectors: int = 200_000,
+    eval_vectors: int = 200_000,
+    max_seconds: float | None = None,
+    device=None,
+    command: str = "",
+    log=print,
+) -> Lattice:
+    """Fit a lattice's M to i.i.d. N(0,1) vectors (least MSE under ``nearest_codes``).
+
+    Per restart (seeded ``seed + restart``): M starts with orthonormal rows; ``adam_steps`` Adam
+    steps (cosine-decayed learning rate) on the soft-min (temperature ``temperature``) of the
+    per-block squared error over a candidate set: since 2^D codewords cannot be enumerated, the
+    candidates of a block are the code found by ``nearest_codes`` and its D single-bit flips.
+    Then ``lloyd_steps`` Lloyd steps (codes Q fixed, ``M = Wᵀ Q (QᵀQ)⁻¹`` on ``lloyd_vectors``
+    vectors). The MSE is measured on held-out vectors after the Adam phase and every 5 Lloyd
+    steps; the best M over all phases and restarts is returned.
+
+    Args:
+        d, D: block length and code length (0 < d < D).
+        seed: base seed (restart r uses ``seed + r``); the same seed gives the same lattice.
+        restarts, adam_steps, batch, lr, temperature, lloyd_steps, lloyd_vectors: as above.
+        eval_vectors: fresh vectors for the stored ``mse`` (measured with ``nearest_codes``).
+        max_seconds: optional wall-clock budget; each restart gets an equal share, its Adam phase
+            stops at 80% of the share and its Lloyd phase at 100%. The steps actually done are
+            recorded in the metadata (results are deterministic only when the budget is not hit).
+        device: where to train (default CPU).
+        command: the command line that produced it (stored in metadata).
+        log: a print-like callable for progress (None = silent).
+    Returns:
+        the trained :class:`Lattice`; ``mse`` is its measured MSE per coordinate on
+        ``eval_vectors`` fresh N(0,1) vectors, metadata holds command, seed and training settings.
+    """
+    import time
+
+    from lift_ao.search import nearest_codes
+
+    if not (isinstance(d, int) and isinstance(D, int) and 0 < d < D):
+        raise LatticeError(f"train_lattice needs integers 0 < d < D, got d={d!r}, D={D!r}")
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    log = log or (lambda *args: None)
+    share = (max_seconds / restarts) if max_seconds else float("inf")
+    flips = 1 - 2 * torch.eye(D, device=device)  # (D, D): row i flips bit i
+    best_M, best_mse, done = None, float("inf"), []
+
+    def held_out_mse(M):
+        # Held-out vectors during training use a different seed from the final measurement.
+        return measure_mse(Lattice(d, D, M.detach()), min(eval_vectors, 50_000), seed=10_000 + seed, device=device)
+
+    for restart in range(restarts):
+        began = time.monotonic()
+        gen = torch.Generator().manual_seed(seed + restart)
+        M = _orthonormal_rows(d, D, gen).to(device).requires_grad_(True)
+        opt = torch.optim.Adam([M], lr=lr)
+        # Cosine decay to 5% of lr: the last steps refine instead of jittering around the optimum.
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda step: 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / max(1, adam_steps)))
+        )
+        adam_done = 0
+        for adam_done in range(1, adam_steps + 1):
+            w = torch.randn(batch, d, generator=gen).to(device)
+            with torch.no_grad():
+                q = nearest_codes(w, Lattice(d, D, M.detach())).float() * 2 - 1
+                candidates = torch.cat([q[:, None, :], q[:, None, :] * flips[None]], dim=1)
+            loss = _softmin_loss(w, M, candidates, temperature)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            schedule.step()
+            if time.monotonic() - began > 0.8 * share:
+                break
+        M = M.detach()
+        mse = held_out_mse(M)
+        log(f"[{D}/{d}] restart {restart}: adam ({adam_done} steps) mse {mse:.5f}")
+        if mse < best_mse:
+            best_M, best_mse = M.clone(), mse
+        lloyd_done = 0
+        for lloyd_done in range(1, lloyd_steps + 1):
+            w = torch.randn(lloyd_vectors, d, generator=gen).to(device)
+            q = nearest_codes(w, Lattice(d, D, M)).float() * 2 - 1
+            M_new = torch.linalg.solve(q.T @ q, q.T @ w).T.contiguous()  # (d, D)
+            if not torch.isfinite(M_new).all():
+                break
+            M = M_new
+            over_time = time.monotonic() - began > share
+            if lloyd_done % 5 == 0 or lloyd_done == lloyd_steps or over_time:
+                mse = held_out_mse(M)
+                log(f"[{D}/{d}] restart {restart}: lloyd step {lloyd_done} mse {mse:.5f}")
+                if mse < best_mse:
+                    best_M, best_mse = M.clone(), mse
+            if over_time:
+                break
+        done.append(f"{adam_done}+{lloyd_done}")
+    lattice = Lattice(d, D, best_M.cpu())
+    mse = measure_mse(lattice, eval_vectors, device=device)
+    metadata = dict(
+        command=command or f"train_lattice(d={d}, D={D}, seed={seed})",
+        seed=seed,
+        restarts=restarts,
+        adam_steps=adam_steps,
+        batch=batch,
+        lr=lr,
+        temperature=temperature,
+        lloyd_steps=lloyd_steps,
+        lloyd_vectors=lloyd_vectors,
+        steps_done="adam+lloyd per restart: " + ", ".join(done),
+        mse_eval=f"nearest_codes on {eval_vectors} fresh N(0,1) vectors, seed 1234",
+    )
+    return Lattice(d, D, best_M.cpu(), mse, metadata)
+
+
+def _main(argv=None) -> None:
+    import argparse
+    import shlex
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m lift_ao.lattice", description="LiftQuant lattices")
+    sub = parser.add_subparsers(dest="verb", required=True)
+    train = sub.add_parser("train", help="train a lattice (d, D) on N(0,1) vectors and save it")
+    train.add_argument("--d", type=int, required=True, help="block length")
+    train.add_argument("--D", type=int, required=True, help="code length (bits per block)")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--restarts", type=int, default=2)
+    train.add_argument("--adam-steps", type=int, default=300)
+    train.add_argument("--batch", type=int, default=8192)
+    train.add_argument("--lloyd-steps", type=int, default=30)
+    train.add_argument("--lloyd-vectors", type=int, default=200_000)
+    train.add_argument("--max-seconds", type=float, default=None, help="wall-clock budget (see train_lattice)")
+    train.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    train.add_argument("--out", default=None, help="output file (default lift_ao/lattices/lq_{D}_{d}.safetensors)")
+    args = parser.parse_args(argv)
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    command = "python -m lift_ao.lattice " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    lattice = train_lattice(
+        args.d, args.D, seed=args.seed, restarts=args.restarts, adam_steps=args.adam_steps,
+        batch=args.batch, lloyd_steps=args.lloyd_steps, lloyd_vectors=args.lloyd_vectors,
+        max_seconds=args.max_seconds, device=device, command=command,
+    )
+    out = args.out or str(_lattice_dir() / Lattice.file_name(args.D, args.d))
+    lattice.save(out)
+    print(f"{lattice.name}: mse {lattice.mse:.5f} (Shannon {2 ** (-2 * lattice.bits):.5f}) -> {out}")
+
+
+if __name__ == "__main__":
+    # Run the copy imported as lift_ao.lattice, so that lift_ao.search sees the same Lattice class.
+    from lift_ao.lattice import _main as _package_main
+
+    _package_main()
