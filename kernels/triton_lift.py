@@ -1,0 +1,125 @@
+"""Triton kernels for ``lift_ao::lift_activation``: x̃ = lift(Rᵀ pad(x)).
+
+Two launches, each a handful of small tensor-core products:
+
+1. :func:`_rotate_kernel` — ``U = P1ᵀ · V · P2`` per token, with ``V`` the sign-flipped, zero-padded
+   activation seen as a (k1, k2) matrix (the Kronecker identity of :mod:`lift_ao.transform`). One
+   program computes ``BLOCK_I`` rows of U for one token, so the grid is tokens × ⌈k1/BLOCK_I⌉, and
+   writes them to an fp32 scratch row of length Kp.
+2. :func:`_lift_blocks_kernel` — each d-block of U times M (d × D), cast to the activation's dtype.
+
+They are separate launches because a d-block may straddle rows of U (d need not divide k2), so a
+program computing rows of U cannot own whole blocks. Any (D, d) and any k1, k2 work: tile sizes
+are d, D and k2 padded to powers of two (≥ 16, tl.dot's minimum), with masked loads and stores.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["lift_activation_triton"]
+
+_ROWS_PER_PROGRAM = 16   # BLOCK_I: tl.dot's minimum M
+_INNER_CHUNK = 32        # reduction chunk over P1's rows
+_COLUMN_CHUNK = 32       # output columns of U per product with P2
+_BLOCKS_PER_PROGRAM = 64
+
+
+@triton.jit
+def _rotate_kernel(
+    x_ptr, signs_ptr, left_ptr, right_ptr, u_ptr,
+    K, k1, k2, stride_x, stride_u,
+    K2_PADDED: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_J: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Rows [pid_i·BLOCK_I, +BLOCK_I) of U = P1ᵀ V P2 for token pid_b; u (B, k1·k2) fp32."""
+    pid_b = tl.program_id(0)
+    pid_i = tl.program_id(1)
+    i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
+    columns = tl.arange(0, K2_PADDED)
+    column_ok = columns < k2
+    x_row = x_ptr + pid_b.to(tl.int64) * stride_x
+
+    partial = tl.zeros((BLOCK_I, K2_PADDED), dtype=tl.float32)  # (P1ᵀ V)[i, :]
+    for a0 in range(0, k1, BLOCK_A):
+        a = a0 + tl.arange(0, BLOCK_A)
+        a_ok = a < k1
+        left_t = tl.load(left_ptr + a[None, :] * k1 + i[:, None], mask=a_ok[None, :] & (i < k1)[:, None], other=0.0)
+        flat = a[:, None] * k2 + columns[None, :]
+        in_grid = a_ok[:, None] & column_ok[None, :]
+        v = tl.load(x_row + flat, mask=in_grid & (flat < K), other=0.0).to(tl.float32)
+        v = v * tl.load(signs_ptr + flat, mask=in_grid, other=0.0)
+        partial = tl.dot(left_t, v, partial, input_precision=PRECISION)
+
+    u_rows = u_ptr + pid_b.to(tl.int64) * stride_u + i[:, None] * k2
+    for j0 in range(0, K2_PADDED, BLOCK_J):
+        j = j0 + tl.arange(0, BLOCK_J)
+        right = tl.load(right_ptr + columns[:, None] * k2 + j[None, :],
+                        mask=column_ok[:, None] & (j < k2)[None, :], other=0.0)
+        u = tl.dot(partial, right, input_precision=PRECISION)
+        tl.store(u_rows + j[None, :], u, mask=(i < k1)[:, None] & (j < k2)[None, :])
+
+
+@triton.jit
+def _lift_blocks_kernel(
+    u_ptr, mapping_ptr, out_ptr, n_blocks, d, D, stride_u, stride_out,
+    BLOCKS: tl.constexpr, D_IN_PADDED: tl.constexpr, D_OUT_PADDED: tl.constexpr,
+):
+    """x̃[b, D·blk + f] = Σ_e u[b, d·blk + e] M[e, f] for BLOCKS blocks of token pid_b."""
+    pid_b = tl.program_id(0)
+    blocks = tl.program_id(1) * BLOCKS + tl.arange(0, BLOCKS)
+    e = tl.arange(0, D_IN_PADDED)
+    f = tl.arange(0, D_OUT_PADDED)
+    block_ok = blocks < n_blocks
+    u = tl.load(u_ptr + pid_b.to(tl.int64) * stride_u + blocks[:, None] * d + e[None, :],
+                mask=block_ok[:, None] & (e < d)[None, :], other=0.0)
+    mapping = tl.load(mapping_ptr + e[:, None] * D + f[None, :], mask=(e < d)[:, None] & (f < D)[None, :], other=0.0)
+    lifted = tl.dot(u, mapping, input_precision="ieee")
+    tl.store(out_ptr + pid_b.to(tl.int64) * stride_out + blocks[:, None] * D + f[None, :],
+             lifted.to(out_ptr.dtype.element_ty), mask=block_ok[:, None] & (f < D)[None, :])
+
+
+def lift_activation_triton(
+    x: torch.Tensor, input_signs: torch.Tensor, rotation_left: torch.Tensor,
+    rotation_right: torch.Tensor, mapping: torch.Tensor,
+) -> torch.Tensor:
+    """Lifted activation with the Triton kernels (CUDA, or CPU under TRITON_INTERPRET=1).
+
+    Args:
+        x: (..., K) fp16 / bf16 / fp32 activation, K ≤ Kp.
+        input_signs: (Kp,), rotation_left: (k1, k1), rotation_right: (k2, k2) float32 rotation.
+        mapping: (d, D) float32 lattice matrix M.
+    Returns:
+        (..., Kp·D/d) in x.dtype. The rotation runs in tf32 for 16-bit activations (its error,
+        ~1e-4 relative, is under their rounding) and in fp32 for fp32 activations.
+    """
+    k1, k2 = rotation_left.shape[0], rotation_right.shape[0]
+    padded = k1 * k2
+    d, D = mapping.shape
+    features = x.shape[-1]
+    rows = x.reshape(-1, features)
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    tokens = rows.shape[0]
+    n_blocks = padded // d
+    out = torch.empty(tokens, n_blocks * D, dtype=x.dtype, device=x.device)
+    if tokens == 0:
+        return out.reshape(*x.shape[:-1], n_blocks * D)
+    f32 = torch.float32
+    signs, left, right = (t.to(f32).contiguous() for t in (input_signs, rotation_left, rotation_right))
+    rotated = torch.empty(tokens, padded, dtype=f32, device=x.device)
+    k2_padded = max(16, triton.next_power_of_2(k2))
+    _rotate_kernel[(tokens, triton.cdiv(k1, _ROWS_PER_PROGRAM))](
+        rows, signs, left, right, rotated, features, k1, k2, rows.stride(0), rotated.stride(0),
+        K2_PADDED=k2_padded, BLOCK_I=_ROWS_PER_PROGRAM, BLOCK_A=_INNER_CHUNK,
+        BLOCK_J=min(_COLUMN_CHUNK, k2_padded), PRECISION="ieee" if x.dtype == f32 else "tf32",
+        num_warps=4,
+    )
+    _lift_blocks_kernel[(tokens, triton.cdiv(n_blocks, _BLOCKS_PER_PROGRAM))](
+        rotated, mapping.to(f32).contiguous(), out, n_blocks, d, D, rotated.stride(0), out.stride(0),
+        BLOCKS=_BLOCKS_PER_PROGRAM, D_IN_PADDED=max(16, triton.next_power_of_2(d)),
+        D_OUT_PADDED=max(16, triton.next_power_of_2(D)), num_warps=4,
+    )
+    return out.reshape(*x.shape[:-1], n_blocks * D)

@@ -1,0 +1,45 @@
+"""CUDA registrations of the Triton kernels for the ``lift_ao`` custom ops.
+
+The ops keep their names and fake impls (``kernels/ops.py``); this only adds a CUDA kernel to each,
+so CPU keeps the reference and ``torch.compile(fullgraph=True)`` still sees one opaque op node.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from lift_ao.packing import words_per_row
+
+from .ops import _check_lift_args, lift_activation, lifted_matmul
+from .triton_lift import lift_activation_triton
+from .triton_matmul import lifted_matmul_triton
+
+__all__ = ["register_cuda_kernels"]
+
+_registered = False
+
+
+def _lift_activation_cuda(x, input_signs, rotation_left, rotation_right, mapping):
+    _check_lift_args(x, input_signs, rotation_left, rotation_right, mapping)
+    return lift_activation_triton(x, input_signs, rotation_left, rotation_right, mapping)
+
+
+def _lifted_matmul_cuda(lifted, packed_codes, row_scale, bias: Optional[torch.Tensor]):
+    if packed_codes.dtype != torch.int32 or packed_codes.shape[1] != words_per_row(lifted.shape[-1]):
+        raise ValueError(
+            f"packed codes {packed_codes.dtype} {tuple(packed_codes.shape)} do not match a lifted "
+            f"activation of length {lifted.shape[-1]}"
+        )
+    return lifted_matmul_triton(lifted, packed_codes, row_scale, bias)
+
+
+def register_cuda_kernels() -> None:
+    """Make the CUDA dispatch of both ops run the Triton kernels (idempotent)."""
+    global _registered
+    if _registered:
+        return
+    lift_activation.register_kernel("cuda")(_lift_activation_cuda)
+    lifted_matmul.register_kernel("cuda")(_lifted_matmul_cuda)
+    _registered = True

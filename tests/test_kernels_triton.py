@@ -1,0 +1,129 @@
+"""Triton kernels vs float64 references, run on CPU through Triton's interpreter (tests/conftest.py).
+
+Shapes are tiny (the interpreter is slow) but cover what breaks bit-level kernels: code lengths that
+are not multiples of 32 (partial last word), row counts that are not multiples of the tile, K that
+needs padding to Kp, d/D that are not powers of two, token counts 1/3/17, split-K, bias or none.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from lift_ao.packing import pack_codes  # noqa: E402
+from lift_ao.transform import make_rotation  # noqa: E402
+from kernels.reference import lift_activation_reference, lifted_matmul_reference  # noqa: E402
+from kernels.triton_lift import lift_activation_triton  # noqa: E402
+from kernels.triton_matmul import lifted_matmul_triton  # noqa: E402
+from kernels.triton_register import _lifted_matmul_cuda  # noqa: E402
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+# ‖out − ref‖ / ‖ref‖ bounds: the output's own rounding dominates for 16-bit types; fp32 runs as a
+# two-term bf16 split (~16 mantissa bits).
+TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float32: 1e-4}
+
+
+@pytest.fixture(autouse=True)
+def _interpreter_bf16_dot(monkeypatch):
+    """Triton 3.9's interpreter multiplies bf16 dot operands as their raw uint16 bits; upcast them.
+
+    Only the interpreter's emulation of ``tl.dot`` is patched; the kernels are unchanged.
+    """
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    original = interpreter.InterpreterBuilder.create_dot
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        if a.dtype == tl.bfloat16:
+            a = interpreter.TensorHandle(interpreter._convert_float(a.data, tl.bfloat16, tl.float32, None).view(np.float32), tl.float32)
+        if b.dtype == tl.bfloat16:
+            b = interpreter.TensorHandle(interpreter._convert_float(b.data, tl.bfloat16, tl.float32, None).view(np.float32), tl.float32)
+        return original(self, a, b, d, input_precision, max_num_imprecise_acc)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", create_dot)
+
+
+def _relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    assert torch.isfinite(out).all(), "non-finite output (unwritten or overflowed elements)"
+    return float((out.double() - ref).norm() / ref.norm())
+
+
+def _random_codes(rows: int, length: int, generator: torch.Generator):
+    signs = torch.rand(rows, length, generator=generator) < 0.5
+    return signs, pack_codes(signs)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens", [1, 3, 17])
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("rows,length,splits", [(21, 70, 1), (37, 150, 2), (5, 97, None)])
+def test_lifted_matmul_matches_float64(dtype, tokens, with_bias, rows, length, splits):
+    g = torch.Generator().manual_seed(hash((str(dtype), tokens, with_bias, rows, length)) % 2**31)
+    signs, codes = _random_codes(rows, length, g)
+    lifted = torch.randn(tokens, length, generator=g).to(dtype)
+    row_scale = torch.rand(rows, generator=g) + 0.5
+    bias = torch.randn(rows, generator=g).to(dtype) if with_bias else None
+
+    out = lifted_matmul_triton(lifted, codes, row_scale, bias, splits=splits)
+
+    ref = (lifted.double() @ (signs.double() * 2 - 1).T) * row_scale.double()
+    if bias is not None:
+        ref = ref + bias.double()
+    assert out.shape == (tokens, rows) and out.dtype == dtype
+    assert _relative_error(out, ref) < TOLERANCE[dtype]
+    reference = lifted_matmul_reference(lifted, codes, row_scale, bias)
+    assert _relative_error(out, reference.double()) < 2 * TOLERANCE[dtype]
+
+
+def test_lifted_matmul_keeps_leading_dims_and_strides():
+    g = torch.Generator().manual_seed(1)
+    signs, codes = _random_codes(9, 40, g)
+    wide = torch.randn(2, 3, 80, generator=g, dtype=torch.float32).to(torch.float16)
+    lifted = wide[..., ::2]  # non-contiguous last dim
+    out = lifted_matmul_triton(lifted, codes, torch.ones(9), None)
+    ref = lifted.double() @ (signs.double() * 2 - 1).T
+    assert out.shape == (2, 3, 9)
+    assert _relative_error(out, ref) < TOLERANCE[torch.float16]
+
+
+def test_cuda_entry_rejects_mismatched_codes():
+    lifted = torch.randn(2, 70, dtype=torch.float16)
+    with pytest.raises(ValueError, match="do not match"):
+        _lifted_matmul_cuda(lifted, torch.zeros(4, 2, dtype=torch.int32), torch.ones(4), None)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens", [1, 3])
+@pytest.mark.parametrize("features,d,D", [(37, 10, 24), (100, 8, 24), (64, 16, 32), (300, 6, 21), (45, 14, 30)])
+def test_lift_activation_matches_float64(dtype, tokens, features, d, D):
+    g = torch.Generator().manual_seed(features * 131 + d)
+    rotation = make_rotation(features, d, seed=3)
+    mapping = torch.linalg.qr(torch.randn(D, d, generator=g)).Q.T.contiguous() * 1.3  # orthonormal rows, scaled
+    x = torch.randn(tokens, features, generator=g).to(dtype)
+
+    out = lift_activation_triton(x, rotation.signs, rotation.left, rotation.right, mapping)
+
+    f64 = torch.float64
+    ref = lift_activation_reference(x.to(f64), rotation.signs.to(f64), rotation.left.to(f64),
+                                    rotation.right.to(f64), mapping.to(f64))
+    assert out.shape == ref.shape and out.dtype == dtype
+    assert _relative_error(out, ref) < TOLERANCE[dtype]
+
+
+def test_lift_then_matmul_equals_reference_pipeline():
+    g = torch.Generator().manual_seed(7)
+    features, d, D, rows = 50, 10, 24, 12
+    rotation = make_rotation(features, d, seed=0)
+    mapping = torch.randn(d, D, generator=g) / d**0.5
+    length = rotation.padded_features // d * D
+    signs, codes = _random_codes(rows, length, g)
+    x = torch.randn(17, features, generator=g).to(torch.bfloat16)
+    scale, bias = torch.rand(rows, generator=g) + 0.5, torch.randn(rows, generator=g).to(torch.bfloat16)
+
+    out = lifted_matmul_triton(lift_activation_triton(x, rotation.signs, rotation.left, rotation.right, mapping),
+                               codes, scale, bias)
+    ref = lifted_matmul_reference(lift_activation_reference(x, rotation.signs, rotation.left, rotation.right, mapping),
+                                  codes, scale, bias)
+    assert _relative_error(out, ref.double()) < 2 * TOLERANCE[torch.bfloat16]
