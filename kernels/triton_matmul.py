@@ -58,10 +58,24 @@ def _signs_from_words(words, MINUS_ONE_PAIR: tl.constexpr, SIGN_BITS_PAIR: tl.co
 
 
 @triton.jit
-def _bit_of_column(BLOCK_W: tl.constexpr):
-    """Code-bit offset (within the K tile) of each column produced by :func:`_signs_from_words`."""
+def _signs_per_bit(words, MINUS_ONE: tl.constexpr, OPERAND: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
+    """(BLOCK_N, BLOCK_W) int32 words → (BLOCK_N, 32·BLOCK_W) ±1, column 32·w + j = bit j of word w.
+
+    Variant under measurement: three integer ops per bit, no permutation of the activation.
+    """
+    bit = tl.arange(0, 32)
+    sign = ((words[:, :, None] >> bit[None, None, :]) << 15).to(tl.int16)
+    return (sign ^ MINUS_ONE).to(OPERAND, bitcast=True).reshape(BLOCK_N, BLOCK_W * 32)
+
+
+@triton.jit
+def _bit_of_column(BLOCK_W: tl.constexpr, PAIRED: tl.constexpr):
+    """Code-bit offset (within the K tile) of each column of the ±1 tile."""
     column = tl.arange(0, BLOCK_W * 32)
-    return (column // 32) * 32 + (column % 32) // 2 + (column % 2) * 16
+    if PAIRED:
+        column = (column // 32) * 32 + (column % 32) // 2 + (column % 2) * 16
+    return column
 
 
 @triton.jit
@@ -69,14 +83,14 @@ def _lifted_matmul_kernel(
     lifted_ptr, codes_ptr, scale_ptr, bias_ptr, out_ptr,
     B, N, L, words_per_split,
     stride_lifted_b, stride_codes_n, stride_out_split, stride_out_b,
-    HAS_BIAS: tl.constexpr, SPLITS: tl.constexpr, SPLIT_FP32: tl.constexpr,
-    OPERAND: tl.constexpr, MINUS_ONE_PAIR: tl.constexpr, SIGN_BITS_PAIR: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SPLIT_FP32: tl.constexpr,
+    OPERAND: tl.constexpr, MINUS_ONE_PAIR: tl.constexpr, SIGN_BITS_PAIR: tl.constexpr, PAIRED: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
     """One (BLOCK_N rows × BLOCK_B tokens) output tile over one K split.
 
-    SPLITS == 1: out = (B, N) in x̃'s dtype, r and bias applied. SPLITS > 1: out = (SPLITS, B, N)
-    fp32 partials of r ⊙ Q x̃ (bias added by split 0).
+    One split (grid dim 2 of size 1): out = (B, N) in x̃'s dtype, r and bias applied. S splits:
+    out = (S, B, N) fp32 partials of r ⊙ Q x̃ (bias added by split 0).
     """
     pid_n = tl.program_id(0)
     pid_b = tl.program_id(1)
@@ -90,7 +104,7 @@ def _lifted_matmul_kernel(
     word_end = tl.minimum(word_begin + words_per_split, words_total)
     # Bits past the split or past L decode as −1: their activations load as 0 so they add nothing.
     bit_end = tl.minimum(word_end * 32, L)
-    bit_in_tile = _bit_of_column(BLOCK_W)
+    bit_in_tile = _bit_of_column(BLOCK_W, PAIRED)
     code_row_ptrs = codes_ptr + rows[:, None].to(tl.int64) * stride_codes_n
     lifted_token_ptrs = lifted_ptr + tokens[None, :].to(tl.int64) * stride_lifted_b
 
@@ -99,7 +113,10 @@ def _lifted_matmul_kernel(
         word_idx = word0 + tl.arange(0, BLOCK_W)
         words = tl.load(code_row_ptrs + word_idx[None, :],
                         mask=row_ok[:, None] & (word_idx < word_end)[None, :], other=0)
-        signs = _signs_from_words(words, MINUS_ONE_PAIR, SIGN_BITS_PAIR, OPERAND, BLOCK_N, BLOCK_W)
+        if PAIRED:
+            signs = _signs_from_words(words, MINUS_ONE_PAIR, SIGN_BITS_PAIR, OPERAND, BLOCK_N, BLOCK_W)
+        else:
+            signs = _signs_per_bit(words, MINUS_ONE_PAIR >> 16, OPERAND, BLOCK_N, BLOCK_W)
         bits = word0 * 32 + bit_in_tile
         lifted = tl.load(lifted_token_ptrs + bits[:, None],
                          mask=(bits < bit_end)[:, None] & token_ok[None, :], other=0.0)
@@ -120,7 +137,7 @@ def _lifted_matmul_kernel(
 
 
 # Hopper-oriented candidates: decode wants many rows per program (the ±1 tile is the only big
-# operand), prefill wants a squarer tile; autotuning picks per (N, L, token block, splits).
+# operand), prefill wants a squarer tile; autotuning picks per (N, L, token block, split size).
 _TUNING_CONFIGS = [
     triton.Config({"BLOCK_N": 64, "BLOCK_W": 4}, num_warps=4, num_stages=4),
     triton.Config({"BLOCK_N": 64, "BLOCK_W": 8}, num_warps=4, num_stages=3),
@@ -130,7 +147,7 @@ _TUNING_CONFIGS = [
     triton.Config({"BLOCK_N": 256, "BLOCK_W": 2}, num_warps=8, num_stages=3),
 ]
 _INTERPRETER_CONFIG = {"BLOCK_N": 16, "BLOCK_W": 1}
-_lifted_matmul_tuned = triton.autotune(configs=_TUNING_CONFIGS, key=["N", "L", "BLOCK_B", "SPLITS"])(
+_lifted_matmul_tuned = triton.autotune(configs=_TUNING_CONFIGS, key=["N", "L", "BLOCK_B", "words_per_split", "PAIRED"])(
     _lifted_matmul_kernel)
 
 
@@ -169,6 +186,7 @@ def _split_count(rows: int, token_blocks: int, words: int, sm_count: int) -> int
 def lifted_matmul_triton(
     lifted: torch.Tensor, packed_codes: torch.Tensor, row_scale: torch.Tensor,
     bias: Optional[torch.Tensor], splits: Optional[int] = None, config: Optional[dict] = None,
+    paired: bool = True,
 ) -> torch.Tensor:
     """``y = r ⊙ (Q · x̃) + b`` with the Triton kernel (CUDA, or CPU under TRITON_INTERPRET=1).
 
@@ -180,6 +198,7 @@ def lifted_matmul_triton(
         splits: K splits (None: chosen from the problem size and SM count).
         config: fixed launch parameters ``{"BLOCK_N", "BLOCK_W", "num_warps", "num_stages"}``
             instead of autotuning (the interpreter always uses one: autotuning there is pointless).
+        paired: decode two bits per integer op pair (True) or one bit per three ops (variant).
     Returns:
         (..., N) in lifted.dtype, accumulated in fp32.
     """
@@ -213,9 +232,9 @@ def lifted_matmul_triton(
         x, codes, scale, bias if bias is not None else scale, target,
         tokens, rows, code_length, words_per_split,
         x.stride(0), codes.stride(0), tokens * rows, rows,
-        HAS_BIAS=bias is not None, SPLITS=splits, SPLIT_FP32=lifted.dtype == torch.float32,
+        HAS_BIAS=bias is not None, SPLIT_FP32=lifted.dtype == torch.float32,
         OPERAND=tl.float16 if operand == torch.float16 else tl.bfloat16,
-        MINUS_ONE_PAIR=_MINUS_ONE_PAIR[operand], SIGN_BITS_PAIR=_SIGN_BITS_PAIR,
+        MINUS_ONE_PAIR=_MINUS_ONE_PAIR[operand], SIGN_BITS_PAIR=_SIGN_BITS_PAIR, PAIRED=paired,
         BLOCK_B=block_b, **(config or {}),
     )
     if splits > 1:

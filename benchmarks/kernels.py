@@ -1,0 +1,307 @@
+"""LiftQuant Triton kernels vs bf16 cuBLAS and torchao int4 weight-only, on one GPU, in one process.
+
+    PYTHONPATH=. python benchmarks/kernels.py [--out DIR] [--quick]
+
+1. Device facts and the measured device-to-device copy bandwidth (bytes read + written).
+2. Correctness at real sizes, before any timing: the Triton ``lifted_matmul`` and ``lift_activation``
+   (and the registered CUDA ops) against ``kernels/reference.py`` on fresh random inputs.
+3. Times (median of ``triton.testing.do_bench``, L2 flushed between repetitions) for Llama-3 8B/70B
+   linear shapes × batch 1/4/16/64/256 × 2.0/2.4/3.0 bits, beside ``x @ W.T`` in bf16 and torchao's
+   ``Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d")``.
+4. A few variants for the notes (split-K counts, bit-decoding variant).
+
+Writes ``kernels.json`` and ``kernels.md`` to --out (default $OUT or the working directory).
+Random codes and mappings are enough for speed: the kernels' cost does not depend on their values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+import types
+from pathlib import Path
+
+import torch
+import triton
+from triton.testing import do_bench
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+# Import lift_ao's bit layout and rotation without the package __init__ (which needs torchao and the
+# installed ``lift_ao.kernels`` mapping): the GPU machine has neither lift_ao installed nor, maybe, torchao.
+if "lift_ao" not in sys.modules:
+    _package = types.ModuleType("lift_ao")
+    _package.__path__ = [str(ROOT / "lift_ao")]
+    sys.modules["lift_ao"] = _package
+
+from lift_ao.packing import words_per_row  # noqa: E402
+from lift_ao.transform import make_rotation  # noqa: E402
+from kernels import lift_activation, lifted_matmul  # noqa: E402  (registers the CUDA kernels)
+from kernels.reference import lift_activation_reference, lifted_matmul_reference  # noqa: E402
+from kernels.triton_lift import lift_activation_triton  # noqa: E402
+from kernels.triton_matmul import _lifted_matmul_tuned, lifted_matmul_triton  # noqa: E402
+
+SHAPES = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336), (8192, 8192), (28672, 8192), (8192, 28672)]
+BATCHES = [1, 4, 16, 64, 256]
+LATTICES = {2.0: (32, 16), 2.4: (24, 10), 3.0: (24, 8)}  # bits: (D, d)
+DTYPE = torch.bfloat16
+
+
+def bench_us(fn) -> float:
+    """Median µs; do_bench zeroes a 256 MB buffer before each repetition (L2 flushed)."""
+    return 1e3 * do_bench(fn, warmup=20, rep=60, return_mode="median")
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy, GB/s counting bytes read plus bytes written."""
+    src = torch.randn(256 * 2**20, device="cuda")  # 1 GiB
+    dst = torch.empty_like(src)
+    us = bench_us(lambda: dst.copy_(src))
+    return 2 * src.numel() * 4 / us / 1e3
+
+
+def random_codes(rows: int, length: int) -> torch.Tensor:
+    """(rows, ceil(length/32)) int32 of random bits, padding bits of the last word cleared."""
+    words = torch.randint(-2**31, 2**31 - 1, (rows, words_per_row(length)), dtype=torch.int32, device="cuda")
+    tail = length % 32
+    if tail:
+        words[:, -1] &= (1 << tail) - 1
+    return words
+
+
+def random_mapping(d: int, D: int) -> torch.Tensor:
+    """(d, D) with orthonormal rows, scaled like a trained lattice."""
+    return (torch.linalg.qr(torch.randn(D, d, dtype=torch.float64)).Q.T * math.sqrt(D / d)).float().cuda()
+
+
+class LiftedLayer:
+    """Random LiftQuant weights of one (N, K, bits) shape on the GPU."""
+
+    def __init__(self, rows: int, features: int, bits: float):
+        self.D, self.d = LATTICES[bits]
+        rotation = make_rotation(features, self.d, seed=0)
+        self.signs, self.left, self.right = (t.cuda() for t in (rotation.signs, rotation.left, rotation.right))
+        self.mapping = random_mapping(self.d, self.D)
+        self.length = rotation.padded_features // self.d * self.D
+        self.codes = random_codes(rows, self.length)
+        self.row_scale = (torch.rand(rows, device="cuda") + 0.5) / math.sqrt(self.length)
+        self.features = features
+
+    def lift(self, x):
+        return lift_activation_triton(x, self.signs, self.left, self.right, self.mapping)
+
+    def lift_reference(self, x):
+        return lift_activation_reference(x, self.signs, self.left, self.right, self.mapping)
+
+    def code_bytes(self) -> int:
+        return self.codes.numel() * 4 + self.row_scale.numel() * 4
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    if not torch.isfinite(out).all():
+        return float("nan")
+    return float((out.double() - ref.double()).norm() / ref.double().norm())
+
+
+def poison_allocator(size: int) -> None:
+    """Leave NaN-filled blocks in the caching allocator, so an output element the kernel never
+    writes (torch.empty reuses them) shows up as NaN."""
+    blocks = [torch.full((size,), float("nan"), device="cuda", dtype=torch.float32) for _ in range(2)]
+    del blocks
+
+
+def check_correctness(log) -> list[dict]:
+    """Triton vs reference at real sizes (fresh inputs each); raises if any check fails."""
+    checks = []
+    cases = [(4096, 4096, 2.4, 1, torch.bfloat16), (1024, 4096, 2.0, 4, torch.float16),
+             (14336, 4096, 3.0, 16, torch.bfloat16), (4096, 14336, 2.4, 256, torch.bfloat16),
+             (8192, 8192, 2.4, 64, torch.float16), (1024, 4096, 2.4, 3, torch.float32),
+             (28672, 8192, 2.4, 1, torch.bfloat16)]
+    bounds = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-4}
+    for rows, features, bits, batch, dtype in cases:
+        layer = LiftedLayer(rows, features, bits)
+        x = torch.randn(batch, features, device="cuda").to(dtype)
+        bias = torch.randn(rows, device="cuda").to(dtype)
+        lifted = layer.lift(x)
+        lifted_ref = layer.lift_reference(x)
+        poison_allocator(batch * rows * 4)
+        y_out = lifted_matmul_triton(lifted_ref, layer.codes, layer.row_scale, bias)
+        y_ref = lifted_matmul_reference(lifted_ref.float(), layer.codes, layer.row_scale, bias.float())
+        op_out = lifted_matmul(lift_activation(x, layer.signs, layer.left, layer.right, layer.mapping),
+                               layer.codes, layer.row_scale, bias)
+        entry = dict(rows=rows, features=features, bits=bits, batch=batch, dtype=str(dtype),
+                     lift_error=relative_error(lifted, lifted_ref.float()),
+                     matmul_error=relative_error(y_out, y_ref), op_error=relative_error(op_out, y_ref))
+        entry["ok"] = all(e < bounds[dtype] for e in (entry["lift_error"], entry["matmul_error"], entry["op_error"]))
+        checks.append(entry)
+        log(f"check {entry}")
+    return checks
+
+
+def check_compile(log) -> dict:
+    """torch.compile(fullgraph=True) over both ops on CUDA: no graph break, same result."""
+    layer = LiftedLayer(512, 1000, 2.4)
+    x = torch.randn(3, 1000, device="cuda", dtype=DTYPE)
+
+    def forward(x):
+        lifted = torch.ops.lift_ao.lift_activation(x, layer.signs, layer.left, layer.right, layer.mapping)
+        return torch.ops.lift_ao.lifted_matmul(lifted, layer.codes, layer.row_scale, None)
+
+    try:
+        compiled = torch.compile(forward, fullgraph=True)
+        err = relative_error(compiled(x), forward(x))
+        result = dict(ok=err < 1e-3, error=err)
+    except Exception as exc:  # recorded, not fatal: timings matter more than this probe
+        result = dict(ok=False, error=repr(exc)[:500])
+    log(f"compile {result}")
+    return result
+
+
+def int4_linear(weight: torch.Tensor, log):
+    """torchao int4 weight-only (tile_packed_to_4d, group 128) Linear, or None when torchao fails."""
+    try:
+        from torchao.quantization import Int4WeightOnlyConfig, quantize_
+
+        linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="cuda", dtype=DTYPE)
+        linear.weight.data.copy_(weight)
+        quantize_(linear, Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d"))
+        return linear
+    except Exception as exc:  # the comparison is lost, the rest of the run is not
+        log(f"torchao int4 unavailable: {exc!r}")
+        return None
+
+
+def time_shapes(copy_gbs: float, log, quick: bool) -> list[dict]:
+    rows_out = []
+    shapes = SHAPES[:2] if quick else SHAPES
+    for rows, features in shapes:
+        weight = torch.randn(rows, features, device="cuda", dtype=DTYPE) / math.sqrt(features)
+        int4 = int4_linear(weight, log)
+        layers = {bits: LiftedLayer(rows, features, bits) for bits in LATTICES}
+        for batch in BATCHES:
+            x = torch.randn(batch, features, device="cuda", dtype=DTYPE)
+            act_bytes = 2 * batch * (features + rows)
+            bf16_us = bench_us(lambda: x @ weight.T)
+            base = dict(rows=rows, features=features, batch=batch)
+            rows_out.append(dict(base, method="bf16", us=bf16_us, bytes=2 * rows * features + act_bytes))
+            if int4 is not None:
+                with torch.no_grad():
+                    int4_us = bench_us(lambda: int4(x))
+                int4_bytes = rows * features // 2 + 2 * 2 * rows * (features // 128) + act_bytes
+                rows_out.append(dict(base, method="int4", us=int4_us, bytes=int4_bytes))
+            for bits, layer in layers.items():
+                lifted = layer.lift(x)
+                matmul_us = bench_us(lambda: lifted_matmul_triton(lifted, layer.codes, layer.row_scale, None))
+                lift_us = bench_us(lambda: layer.lift(x))
+                both_us = bench_us(lambda: lifted_matmul_triton(layer.lift(x), layer.codes, layer.row_scale, None))
+                best = _lifted_matmul_tuned.best_config
+                matmul_bytes = layer.code_bytes() + 2 * batch * (layer.length + rows)
+                rows_out.append(dict(base, method=f"lift{bits}", bits=bits, us=matmul_us, bytes=matmul_bytes,
+                                     lift_us=lift_us, lift_matmul_us=both_us, config=str(best)))
+            for entry in rows_out[-(len(LATTICES) + 1 + (int4 is not None)):]:
+                entry["gbs"] = entry["bytes"] / entry["us"] / 1e3
+                entry["copy_fraction"] = entry["gbs"] / copy_gbs
+            log(" | ".join(f"{e['method']} {e['us']:.1f}us {e['gbs']:.0f}GB/s" for e in rows_out[-5:])
+                + f"  <- {rows}x{features} b{batch}")
+        del weight, int4, layers
+        torch.cuda.empty_cache()
+    return rows_out
+
+
+def time_variants(log) -> list[dict]:
+    """Split-K counts (the auto choice vs fixed) and the bit-decoding variant, for the notes."""
+    variants = []
+    cases = [(4096, 4096, 1, splits, True) for splits in (None, 1, 2, 4, 8)]
+    cases += [(28672, 8192, 1, splits, True) for splits in (None, 2, 4)]
+    cases += [(8192, 28672, 1, splits, True) for splits in (None, 1, 2, 4)]
+    cases += [(28672, 8192, batch, None, False) for batch in (1, 16, 256)]
+    layers = {}
+    for rows, features, batch, splits, paired in cases:
+        layer = layers.setdefault((rows, features), LiftedLayer(rows, features, 2.4))
+        lifted = layer.lift(torch.randn(batch, features, device="cuda", dtype=DTYPE))
+        us = bench_us(lambda: lifted_matmul_triton(lifted, layer.codes, layer.row_scale, None, splits=splits,
+                                                   paired=paired))
+        variants.append(dict(rows=rows, features=features, batch=batch, bits=2.4, splits=splits, paired=paired,
+                             us=us, config=str(_lifted_matmul_tuned.best_config)))
+        log(f"variant {rows}x{features} b{batch} splits={splits} paired={paired}: {us:.1f}us {variants[-1]['config']}")
+    return variants
+
+
+def markdown(result: dict) -> str:
+    timed = result["timings"]
+    lines = [f"# lift_ao kernels on {result['device']}", "",
+             f"Command: `{result['command']}`  ", f"torch {result['torch']}, triton {result['triton']}, "
+             f"copy bandwidth {result['copy_gbs']:.0f} GB/s (read+write), {result['date']}", "",
+             "µs = median of do_bench (L2 flushed); GB/s = minimal bytes / time; %copy = GB/s / copy bandwidth. "
+             "lift columns time `lifted_matmul` alone (x̃ given); `+lift` is lift_activation + lifted_matmul.", "",
+             "| N×K | batch | bf16 µs | int4 µs | int4 %copy | " + " | ".join(
+                 f"{b} µs | {b} %copy | {b} +lift µs | {b} vs int4 | {b} vs bf16" for b in LATTICES) + " |",
+             "|" + "---|" * (5 + 5 * len(LATTICES))]
+    keyed = {(e["rows"], e["features"], e["batch"], e["method"]): e for e in timed}
+    for rows, features in SHAPES:
+        for batch in BATCHES:
+            bf16 = keyed.get((rows, features, batch, "bf16"))
+            if bf16 is None:
+                continue
+            int4 = keyed.get((rows, features, batch, "int4"))
+            cells = [f"{rows}×{features}", str(batch), f"{bf16['us']:.1f}",
+                     f"{int4['us']:.1f}" if int4 else "-", f"{100 * int4['copy_fraction']:.0f}%" if int4 else "-"]
+            for bits in LATTICES:
+                e = keyed[(rows, features, batch, f"lift{bits}")]
+                cells += [f"{e['us']:.1f}", f"{100 * e['copy_fraction']:.0f}%", f"{e['lift_matmul_us']:.1f}",
+                          f"{int4['us'] / e['us']:.2f}×" if int4 else "-", f"{bf16['us'] / e['us']:.2f}×"]
+            lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "## Correctness at real sizes (relative error vs kernels/reference.py)", "",
+              "| N×K | bits | batch | dtype | lift | matmul | registered ops | ok |", "|---|---|---|---|---|---|---|---|"]
+    for c in result["checks"]:
+        lines.append(f"| {c['rows']}×{c['features']} | {c['bits']} | {c['batch']} | {c['dtype']} | "
+                     f"{c['lift_error']:.1e} | {c['matmul_error']:.1e} | {c['op_error']:.1e} | {c['ok']} |")
+    lines += ["", f"torch.compile(fullgraph=True) over both ops: {result['compile']}", "",
+              "## Variants (2.4 bits, lifted_matmul µs): split-K count, bit decoding (paired = 2 bits per 2 ops)", "",
+              "| N×K | batch | splits | paired | µs | config |", "|---|---|---|---|---|---|"]
+    for v in result["variants"]:
+        lines.append(f"| {v['rows']}×{v['features']} | {v['batch']} | {v['splits'] or 'auto'} | {v['paired']} | "
+                     f"{v['us']:.1f} | {v['config']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    parser.add_argument("--quick", action="store_true", help="two shapes only (smoke run)")
+    args = parser.parse_args()
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log_file = open(out_dir / "kernels.log", "w")
+
+    def log(message: str):
+        print(message, flush=True)
+        log_file.write(message + "\n")
+        log_file.flush()
+
+    torch.manual_seed(0)
+    started = time.time()
+    result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                  python=platform.python_version(), date=time.strftime("%Y-%m-%d %H:%M:%S"),
+                  command="PYTHONPATH=. python benchmarks/kernels.py " + " ".join(sys.argv[1:]))
+    result["copy_gbs"] = copy_bandwidth()
+    log(f"{result['device']}: copy {result['copy_gbs']:.0f} GB/s")
+    result["checks"] = check_correctness(log)
+    if not all(c["ok"] for c in result["checks"]):
+        log("CORRECTNESS FAILED: timings below are of a wrong kernel")
+    result["timings"] = time_shapes(result["copy_gbs"], log, args.quick)
+    result["variants"] = time_variants(log)
+    result["compile"] = check_compile(log)
+    result["seconds"] = time.time() - started
+    (out_dir / "kernels.json").write_text(json.dumps(result, indent=1))
+    (out_dir / "kernels.md").write_text(markdown(result))
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()
