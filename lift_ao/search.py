@@ -89,7 +89,7 @@ def _null_space_tables(fingerprint: str, lattice: Lattice, device: torch.device)
     ``[M; N]⁻¹ [w; p] = M⁺ w + Nᵀ p`` when N's rows are an orthonormal basis of M's null space,
     which is what the SVD gives. Computed in float64 once per lattice and device.
     """
-    M = lattice.M.to(torch.float64)
+    M = lattice.M.detach().cpu().to(torch.float64)
     U, S, Vh = torch.linalg.svd(M, full_matrices=True)
     pinv_t = (Vh[: lattice.d].T / S) @ U.T  # (D, d)
     null_basis = Vh[lattice.d :]  # (D − d, D)
@@ -148,7 +148,7 @@ def _tree_tables(fingerprint: str, lattice: Lattice, device: torch.device) -> _T
 
     Computed in float64 once per lattice and device; stored in float32 on ``device``.
     """
-    M = lattice.M.to(torch.float64)
+    M = lattice.M.detach().cpu().to(torch.float64)
     D = lattice.D
     ridge = _RIDGE_PER_SHANNON * 2 ** (-2 * lattice.bits)
     A = M.T @ M + ridge * torch.eye(D, dtype=torch.float64)
