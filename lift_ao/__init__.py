@@ -11,7 +11,9 @@ Importing the package registers the config's module handler with torchao and the
 __version__ = "0.1.0"
 
 from lift_ao import kernels  # noqa: F401  (registers the torch.library ops)
+from lift_ao import passes  # noqa: F401  (installs the Inductor passes; lift_ao.passes.uninstall() removes them)
 from lift_ao.api import quantizable_linears, quantize
+from lift_ao.budget import BudgetError, Plan, plan
 from lift_ao.config import LiftQuantConfig, liftquant
 from lift_ao.footprint import footprint
 from lift_ao.io import CheckpointError, load_quantized, save_quantized
@@ -19,6 +21,7 @@ from lift_ao.lattice import Lattice, LatticeError
 from lift_ao.tensor import LiftQuantTensor
 
 __all__ = [
+    "BudgetError",
     "CheckpointError",
     "Lattice",
     "LatticeError",
@@ -27,6 +30,8 @@ __all__ = [
     "footprint",
     "liftquant",
     "load_quantized",
+    "Plan",
+    "plan",
     "quantizable_linears",
     "quantize",
     "save_quantized",

@@ -84,7 +84,7 @@ def resolve_device(device) -> torch.device:
 def quantize(
     model: torch.nn.Module, config: LiftQuantConfig,
     filter_fn: Optional[Callable[[torch.nn.Module, str], bool]] = None, *, device=None,
-    progress: bool = True,
+    progress: bool = True, calibration=None,
 ) -> torch.nn.Module:
     """Quantize a model's linear weights in place with ``config``.
 
@@ -95,6 +95,8 @@ def quantize(
         device: where to encode each layer (e.g. ``"cuda"``); the quantized layer stays there.
             Default: where the layer is.
         progress: one progress bar over the layers.
+        calibration: token ids (batch, tokens), or a list of them, to score layer sensitivity when
+            ``config`` has a ``memory_budget`` (see :func:`lift_ao.plan`).
     Returns:
         ``model`` (modified in place; transformers ``Conv1D`` layers become ``nn.Linear``).
     Raises:
@@ -110,14 +112,33 @@ def quantize(
             f"{type(model).__name__} has no nn.Linear layer to quantize (after the filter and the "
             "lm_head rule); check filter_fn or pass include_lm_head=True"
         )
-    for name, module in tqdm(targets, desc=f"liftquant {config.lattice}", unit="layer", disable=not progress):
+    layer_configs = {name: config for name, _ in targets}
+    if config.memory_budget is not None:
+        # A budget is resolved here, where the whole model is visible: one lattice per layer.
+        from dataclasses import replace
+
+        from lift_ao.budget import plan
+
+        budget_plan = plan(
+            model, config.memory_budget, reserve=config.reserve, kv_cache=config.kv_cache,
+            allocation=config.allocation, calibration=calibration, include_lm_head=config.include_lm_head,
+            filter_fn=filter_fn, seed=config.seed, device=device,
+        )
+        layer_configs = {
+            name: replace(config, lattice=lattice, memory_budget=None, reserve=0, kv_cache=None)
+            for name, lattice in budget_plan.lattices().items()
+        }
+    elif calibration is not None:
+        raise ValueError("calibration= only informs a memory_budget config's per-layer plan")
+    desc = f"liftquant {config.lattice or 'budget plan'}"
+    for name, module in tqdm(targets, desc=desc, unit="layer", disable=not progress):
         if _is_hf_conv1d(module):
             linear = _as_linear(module)
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name), child, linear)
             module = linear
         try:
-            quantize_(module, config, filter_fn=lambda m, _: m is module, device=device)
+            quantize_(module, layer_configs[name], filter_fn=lambda m, _: m is module, device=device)
         except (ValueError, TypeError) as e:
             raise type(e)(f"{name}: {e}") from e
     return model

@@ -3,6 +3,7 @@
     lift-ao quantize [--bits 2.4] [--out DIR]   quantize a model, report size and perplexity
     lift-ao eval [--checkpoint DIR]             perplexity of a model on text
     lift-ao lattice ...                         train / list lattices (python -m lift_ao.lattice)
+    lift-ao plan --preset llama3-70b --budget 24GiB   per-layer lattices that fit a memory budget
 
 Exit codes: 0 success, 1 the work failed, 2 bad arguments or input (argparse's convention).
 """
@@ -133,6 +134,24 @@ def _cmd_eval(args) -> dict:
     return {"model": args.checkpoint or args.model, "device": device, **result}
 
 
+def _cmd_plan(args) -> dict:
+    from dataclasses import replace
+
+    from lift_ao.budget import PRESETS, plan
+
+    if (args.hf_config is None) == (args.preset is None):
+        raise ValueError("give exactly one of --hf-config PATH or --preset NAME")
+    source = PRESETS[args.preset] if args.preset else args.hf_config
+    kv_cache = dict(context=args.context, batch=args.batch) if args.context else None
+    if args.batch != 1 and kv_cache is None:
+        raise ValueError("--batch sizes the KV cache: give --context too")
+    result = plan(source, args.budget, reserve=args.reserve, kv_cache=kv_cache, allocation=args.allocation,
+                  include_lm_head=args.lm_head)
+    result = replace(result, model_name=args.preset or str(args.hf_config))
+    _log(args, str(result) if args.layers else result.summary())
+    return result.to_dict()
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lift-ao", description="LiftQuant continuous bit-width weight quantization.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -157,6 +176,23 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("lattice", help="train or list lattices (same as python -m lift_ao.lattice)", add_help=False)
 
+    from lift_ao.budget import ALLOCATIONS, PRESETS
+
+    pl = sub.add_parser("plan", help="choose per-layer lattices so a model fits a memory budget (no weights needed)",
+                        description="Plan a model on the meta device from its Hugging Face config: what stays in high "
+                                    "precision, the KV cache, and a lattice per linear layer filling the rest.")
+    pl.add_argument("--hf-config", type=Path, default=None, help="a Hugging Face config.json or model directory")
+    pl.add_argument("--preset", choices=sorted(PRESETS), default=None, help="a built-in config with the real shapes")
+    pl.add_argument("--budget", required=True, help="memory budget: bytes or a size such as 24GiB, 24GB, 512MiB")
+    pl.add_argument("--reserve", default="0", help="bytes to keep free besides weights and KV cache (default 0)")
+    pl.add_argument("--context", type=int, default=None, help="reserve the KV cache for this many tokens per sequence")
+    pl.add_argument("--batch", type=int, default=1, help="sequences in the KV cache (default 1)")
+    pl.add_argument("--allocation", choices=ALLOCATIONS, default="sensitivity", help="mixed widths by sensitivity "
+                    "(default) or one lattice for all layers")
+    pl.add_argument("--lm-head", action="store_true", help="also quantize the output projection")
+    pl.add_argument("--layers", action="store_true", help="print the per-layer table, not only the totals")
+    pl.add_argument("--json", action="store_true", help="print the plan as one JSON document on stdout")
+
     for p in (q, e):
         p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
         p.add_argument("--json", action="store_true", help="print one JSON document on stdout (logs go to stderr)")
@@ -170,10 +206,10 @@ def main(argv=None) -> int:
 
         return lattice_main(argv[1:])
     args = _parser().parse_args(argv)
-    if args.windows == 0:
+    if getattr(args, "windows", None) == 0:
         args.windows = None
     try:
-        report = {"quantize": _cmd_quantize, "eval": _cmd_eval}[args.command](args)
+        report = {"quantize": _cmd_quantize, "eval": _cmd_eval, "plan": _cmd_plan}[args.command](args)
     except (ValueError, TypeError, FileNotFoundError) as e:  # bad input: say what and how to fix it
         print(f"lift-ao {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -28,21 +28,41 @@ class LiftQuantConfig(AOBaseConfig):
     """Weight-only LiftQuant configuration.
 
     Args:
-        lattice: shipped lattice name, ``"D/d"`` (e.g. ``"24/10"`` for 2.4 bits).
+        lattice: shipped lattice name, ``"D/d"`` (e.g. ``"24/10"`` for 2.4 bits); None with a budget.
         seed: seed of the input rotations (same K and seed → same rotation, shared by siblings).
         include_lm_head: let :func:`lift_ao.quantize` quantize the output projection too.
         progress: show a progress bar while encoding each weight.
+        memory_budget: bytes the model must fit (parsed by :func:`lift_ao.budget.parse_bytes`);
+            when set, :func:`lift_ao.quantize` plans a lattice per layer (:func:`lift_ao.plan`).
+        reserve, kv_cache, allocation: see :func:`lift_ao.plan` (budget configs only).
     """
 
-    lattice: str = "24/10"
+    lattice: Optional[str] = "24/10"
     seed: int = 0
     include_lm_head: bool = False
     progress: bool = False
+    memory_budget: Optional[int] = None
+    reserve: int = 0
+    kv_cache: Optional[dict] = None
+    allocation: str = "sensitivity"
 
     def __post_init__(self):
-        Lattice.load(self.lattice)  # fail at construction for an unknown lattice
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be a non-negative int, got {self.seed!r}")
+        if self.memory_budget is None:
+            if self.reserve or self.kv_cache is not None:
+                raise ValueError("reserve= and kv_cache= only apply with memory_budget=...")
+            Lattice.load(self.lattice)  # fail at construction for an unknown lattice
+            return
+        from lift_ao.budget import ALLOCATIONS, BudgetError, normalize_kv_cache, parse_bytes
+
+        if self.lattice is not None:
+            raise ValueError("give either lattice=... or memory_budget=..., not both")
+        self.memory_budget = parse_bytes(self.memory_budget, "memory_budget")
+        self.reserve = parse_bytes(self.reserve, "reserve", allow_zero=True)
+        self.kv_cache = normalize_kv_cache(self.kv_cache)
+        if self.allocation not in ALLOCATIONS:
+            raise BudgetError(f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
 
     @property
     def bits(self) -> float:
@@ -51,7 +71,8 @@ class LiftQuantConfig(AOBaseConfig):
 
 def liftquant(
     bits: Optional[float] = None, *, lattice: Optional[str] = None, round: str = "down", seed: int = 0,
-    include_lm_head: bool = False, progress: bool = False,
+    include_lm_head: bool = False, progress: bool = False, memory_budget=None, reserve=0,
+    kv_cache: Optional[dict] = None, allocation: str = "sensitivity",
 ) -> LiftQuantConfig:
     """Config for ``torchao.quantization.quantize_``.
 
@@ -59,12 +80,27 @@ def liftquant(
         bits: target bits per weight; picks a shipped lattice with :meth:`Lattice.for_bits`
             (largest rate ≤ bits, or the nearest with ``round="nearest"``).
         lattice: a lattice name ``"D/d"`` instead of ``bits``.
+        memory_budget: instead of bits/lattice, bytes (int) or a size such as ``"24GiB"`` the whole
+            model must fit; apply with :func:`lift_ao.quantize` (it needs the whole model to plan).
+        reserve: bytes to keep free besides the model (budget only), int or size string.
+        kv_cache: ``dict(context=..., batch=...)``: reserve the KV cache (budget only).
+        allocation: ``"sensitivity"`` (mixed per-layer widths) or ``"uniform"`` (budget only).
         round, seed, include_lm_head, progress: see :meth:`Lattice.for_bits` and :class:`LiftQuantConfig`.
     Returns:
         LiftQuantConfig.
     """
-    if (bits is None) == (lattice is None):
-        raise ValueError("liftquant needs exactly one of bits=... (e.g. 2.4) or lattice=... (e.g. '24/10')")
+    if sum(v is not None for v in (bits, lattice, memory_budget)) != 1:
+        raise ValueError(
+            "liftquant needs exactly one of bits=... (e.g. 2.4), lattice=... (e.g. '24/10') or "
+            "memory_budget=... (e.g. '24GiB')"
+        )
+    if memory_budget is None and (reserve or kv_cache is not None or allocation != "sensitivity"):
+        raise ValueError("reserve=, kv_cache= and allocation= only apply with memory_budget=...")
+    if memory_budget is not None:
+        return LiftQuantConfig(
+            lattice=None, seed=seed, include_lm_head=include_lm_head, progress=progress,
+            memory_budget=memory_budget, reserve=reserve, kv_cache=kv_cache, allocation=allocation,
+        )
     if bits is not None:
         if isinstance(bits, bool) or not isinstance(bits, (int, float)) or not math.isfinite(bits):
             raise LatticeError(f"bits must be a finite number such as 2.4, got {bits!r}")
@@ -76,6 +112,12 @@ def liftquant(
 def _liftquant_module_handler(
     module: torch.nn.Module, config: LiftQuantConfig, *, parameter_name: str = "weight"
 ) -> torch.nn.Module:
+    if config.memory_budget is not None:
+        raise ValueError(
+            "liftquant(memory_budget=...) is planned over the whole model, which torchao's quantize_ does "
+            "not show the handler: call lift_ao.quantize(model, config), or apply a plan with "
+            "quantize_(model, lift_ao.plan(model, memory_budget=...).to_fqn_config(), filter_fn=None)"
+        )
     weight = getattr(module, parameter_name, None)
     if weight is None or isinstance(weight, LiftQuantTensor):
         # Nothing to code: a module that an FqnToConfig pattern matched but that holds no weight

@@ -1,0 +1,724 @@
+"""Fit a memory budget: choose each linear layer's lattice so that the model fills the budget.
+
+``plan(model_or_config, memory_budget="24GiB")`` returns a :class:`Plan` without touching weights:
+
+1. **Byte model (exact).** What stays in high precision (embeddings, norms, biases, ``lm_head``
+   unless quantized, buffers) is counted storage by storage as :func:`lift_ao.footprint` does. A
+   quantized layer (N×K, lattice D/d, Kp from :func:`~lift_ao.transform.padded_in_features`) owns
+   its packed codes, N·ceil(Kp·D/d / 32) int32 words, and its row scales, N float32. The lattice
+   matrix M (d×D float32) and the rotation (Kp + k1² + k2² float32) are storages shared between
+   layers exactly as :func:`lift_ao.tensor._shared_constants` shares them: one rotation per
+   (lattice, K, seed, device), one M per (lattice, K, seed, device) except on CPU, where
+   ``Tensor.to`` returns the shipped lattice's own M, so all layers with that lattice share one.
+   So a layer's planned ``bytes`` equals ``LiftQuantTensor.storage_bytes()`` and the plan's
+   ``model_bytes`` equals ``lift_ao.footprint(model)`` after ``lift_ao.quantize``.
+2. **Reservations.** KV cache = layers × 2 × kv_heads × head_dim × context × batch × dtype bytes
+   (from the model's config, full attention in every layer), plus a free-form ``reserve``.
+3. **Sensitivity.** Quantizing layer i with lattice j adds about ``mse_j · ||W_i||²_F · E[x²]`` to
+   the squared error of its output (rows are coded at unit RMS, and the rotation spreads the error
+   evenly over the input coordinates, so E||ΔW x||² ≈ ||ΔW||²_F · E||x||²/K). ``E[x²]`` (the
+   Hessian trace over K) comes from calibration batches when given, else 1; on a meta-device model
+   ``||W||²_F`` is taken as N·K (every weight equally important).
+4. **Solver.** Every layer starts at its cheapest lattice; upgrades along each layer's lower convex
+   hull of (bytes, distortion) are taken in one fixed order, most distortion removed per byte
+   first, until the next one does not fit (the Lagrangian solution of the multiple-choice
+   knapsack), and the slack is filled with further hull moves, best gain per byte first. Shared
+   M/rotation storages are reserved up front, so the plan's distortion never increases with the
+   budget (see :func:`_solve_sensitivity`). ``allocation="uniform"`` instead gives every layer the
+   lowest-distortion lattice for which the whole model fits.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import re
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Optional, Union
+
+import torch
+
+from lift_ao.lattice import Lattice
+from lift_ao.transform import padded_in_features
+
+__all__ = [
+    "BudgetError", "LayerPlan", "Plan", "PRESETS", "format_bytes", "kv_cache_bytes", "layer_storage_bytes",
+    "parse_bytes", "plan",
+]
+
+# packed_codes are int32 words; row scales, M and the rotation are float32.
+_WORD_BYTES = 4
+_FLOAT32_BYTES = 4
+
+_UNITS = {
+    "": 1, "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}
+_SIZE = re.compile(r"^\s*([+-]?)\s*(\d+(?:\.\d*)?|\.\d+)(?:e([+-]?\d+))?\s*([a-z]*)\s*$", re.IGNORECASE)
+
+ALLOCATIONS = ("sensitivity", "uniform")
+
+# Real shapes of models to plan without downloading them (Hugging Face config fields).
+PRESETS = {
+    "llama3-70b": dict(
+        model_type="llama", vocab_size=128256, hidden_size=8192, intermediate_size=28672,
+        num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8, head_dim=128,
+        max_position_embeddings=8192, rope_theta=500000.0, tie_word_embeddings=False, dtype="bfloat16",
+    ),
+    "llama3-8b": dict(
+        model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+        num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+        max_position_embeddings=8192, rope_theta=500000.0, tie_word_embeddings=False, dtype="bfloat16",
+    ),
+    "qwen2.5-32b": dict(
+        model_type="qwen2", vocab_size=152064, hidden_size=5120, intermediate_size=27648,
+        num_hidden_layers=64, num_attention_heads=40, num_key_value_heads=8,
+        max_position_embeddings=32768, rope_theta=1000000.0, tie_word_embeddings=False, dtype="bfloat16",
+    ),
+}
+
+
+class BudgetError(ValueError):
+    """A memory budget is malformed or cannot be met.
+
+    Attributes:
+        needed_bytes: for a budget that cannot be met, the smallest total that would fit (else None).
+    """
+
+    def __init__(self, message: str, needed_bytes: Optional[int] = None):
+        super().__init__(message)
+        self.needed_bytes = needed_bytes
+
+
+def format_bytes(nbytes: int) -> str:
+    """``nbytes`` in the largest binary unit that keeps it ≥ 1 (e.g. ``"23.999 GiB"``)."""
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(nbytes) >= size:
+            return f"{nbytes / size:.3f} {unit}"
+    return f"{nbytes} B"
+
+
+# ----- parsing --------------------------------------------------------------------------------
+
+
+def parse_bytes(value: Union[int, str], what: str = "memory_budget", *, allow_zero: bool = False) -> int:
+    """A byte count from an int or a string such as ``"24GiB"``, ``"24 GB"``, ``"512MiB"``, ``"1.5e9"``.
+
+    Units (case-insensitive): B, KB/MB/GB/TB (powers of 10), KiB/MiB/GiB/TiB (powers of 2); no unit
+    means bytes. Fractional results are rounded down to whole bytes.
+
+    Args:
+        value: int bytes or a size string.
+        what: the argument's name, for error messages.
+        allow_zero: accept 0 (for ``reserve``).
+    Returns:
+        bytes, an int ≥ 1 (≥ 0 with ``allow_zero``).
+    Raises:
+        BudgetError: negative, zero (unless allowed), NaN/inf, bool, float or unparseable input.
+    """
+    example = "an int number of bytes or a string such as '24GiB', '24 GB' or '512MiB'"
+    if isinstance(value, bool) or not isinstance(value, (numbers.Integral, str)):
+        raise BudgetError(f"{what} must be {example}; got {value!r} ({type(value).__name__})")
+    if isinstance(value, str):
+        match = _SIZE.match(value)
+        if match is None or match.group(4).lower() not in _UNITS:
+            raise BudgetError(f"{what}={value!r} is not a size; write {example}")
+        sign, number, exponent, unit = match.groups()
+        if sign == "-":
+            raise BudgetError(f"{what}={value!r} is negative; a size must be positive")
+        # Exact arithmetic on the decimal string, so "24GiB" is exactly 24·2^30.
+        from fractions import Fraction
+
+        amount = Fraction(number) * Fraction(10) ** int(exponent or 0) * _UNITS[unit.lower()]
+        value = math.floor(amount)
+    value = int(value)
+    if value < 0 or (value == 0 and not allow_zero):
+        raise BudgetError(f"{what}={value} bytes: must be {'≥ 0' if allow_zero else 'positive'}")
+    return value
+
+
+def normalize_kv_cache(kv_cache: Optional[dict]) -> Optional[dict]:
+    """Validated ``dict(context=int > 0, batch=int > 0 (default 1), dtype=torch.dtype | name | None)``.
+
+    ``dtype=None`` means the model's own dtype. Returns None for None.
+    """
+    if kv_cache is None:
+        return None
+    if not isinstance(kv_cache, dict):
+        raise BudgetError(f"kv_cache must be a dict such as dict(context=8192, batch=1); got {kv_cache!r}")
+    unknown = set(kv_cache) - {"context", "batch", "dtype"}
+    if unknown:
+        raise BudgetError(f"kv_cache: unknown keys {sorted(unknown)}; use context=, batch= and optionally dtype=")
+    out = {"context": kv_cache.get("context"), "batch": kv_cache.get("batch", 1), "dtype": kv_cache.get("dtype")}
+    for key in ("context", "batch"):
+        v = out[key]
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+            raise BudgetError(f"kv_cache[{key!r}] must be a positive int (tokens / sequences), got {v!r}")
+        out[key] = int(v)
+    dtype = out["dtype"]
+    if isinstance(dtype, str):
+        resolved = getattr(torch, dtype.removeprefix("torch."), None)
+        if not isinstance(resolved, torch.dtype):
+            raise BudgetError(f"kv_cache['dtype']={dtype!r} is not a torch dtype; use e.g. 'bfloat16' or 'float8_e4m3fn'")
+        dtype = resolved
+    elif dtype is not None and not isinstance(dtype, torch.dtype):
+        raise BudgetError(f"kv_cache['dtype'] must be a torch.dtype or its name, got {dtype!r}")
+    out["dtype"] = dtype
+    return out
+
+
+# ----- byte model -----------------------------------------------------------------------------
+
+
+def code_bytes(out_features: int, in_features: int, lattice: Lattice) -> int:
+    """Bytes a quantized (out_features × in_features) layer owns: packed codes + row scales."""
+    kp, _, _ = padded_in_features(in_features, lattice.d)
+    words_per_row = -(-(kp // lattice.d * lattice.D) // 32)
+    return out_features * (words_per_row * _WORD_BYTES + _FLOAT32_BYTES)
+
+
+def _shared_storages(in_features: int, lattice: Lattice, seed: int, device: torch.device) -> dict:
+    """{storage key: bytes} of the M and rotation a layer points to (see the module docstring)."""
+    kp, k1, k2 = padded_in_features(in_features, lattice.d)
+    rotation = ("rotation", lattice.name, in_features, seed, str(device))
+    # On CPU, lattice.M.to(cpu) is lattice.M itself: one M per lattice whatever K.
+    mapping = ("mapping", lattice.name) if device.type == "cpu" else ("mapping", lattice.name, in_features, seed, str(device))
+    return {rotation: (kp + k1 * k1 + k2 * k2) * _FLOAT32_BYTES, mapping: lattice.d * lattice.D * _FLOAT32_BYTES}
+
+
+def layer_storage_bytes(out_features: int, in_features: int, lattice: Lattice) -> int:
+    """``LiftQuantTensor.storage_bytes()`` of an (out_features × in_features) layer coded with ``lattice``:
+    codes + row scales + M + rotation (shared storages counted in full)."""
+    kp, k1, k2 = padded_in_features(in_features, lattice.d)
+    shared = (kp + k1 * k1 + k2 * k2 + lattice.d * lattice.D) * _FLOAT32_BYTES
+    return code_bytes(out_features, in_features, lattice) + shared
+
+
+def _dtype_bytes(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def kv_cache_bytes(config, context: int, batch: int = 1, dtype: torch.dtype = torch.bfloat16) -> int:
+    """KV cache bytes: layers × 2 (K and V) × kv_heads × head_dim × context × batch × dtype bytes.
+
+    Args:
+        config: a Hugging Face config (``num_hidden_layers``, ``num_attention_heads``, optional
+            ``num_key_value_heads`` and ``head_dim``).
+        context: tokens per sequence; batch: sequences; dtype: cache dtype.
+    """
+    try:
+        layers, heads = int(config.num_hidden_layers), int(config.num_attention_heads)
+        hidden = int(config.hidden_size)
+    except (AttributeError, TypeError):
+        raise BudgetError(
+            "kv_cache= needs a model with a Hugging Face config (num_hidden_layers, num_attention_heads, "
+            "hidden_size); for other models compute the cache size yourself and pass reserve=..."
+        ) from None
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(config, "head_dim", None) or hidden // heads)
+    return layers * 2 * kv_heads * head_dim * context * batch * _dtype_bytes(dtype)
+
+
+def _storage_key(t: torch.Tensor):
+    # As lift_ao.footprint: one entry per storage. Meta tensors have no addresses; tied meta
+    # parameters are the same object, so identity stands in for the address.
+    storage = t.untyped_storage()
+    if t.device.type == "meta":
+        return ("meta", id(t)), t.nbytes
+    return (storage.device.type, storage.data_ptr(), storage.nbytes()), storage.nbytes()
+
+
+def _high_precision_bytes(model: torch.nn.Module, quantized: set) -> int:
+    """Bytes of every parameter/buffer storage except the weights of the modules in ``quantized``
+    (ids); a weight tied to a module that stays high precision is still counted."""
+    seen = {}
+    for module in model.modules():
+        tensors = [("buffer", t) for t in module._buffers.values()]
+        tensors += [(name, t) for name, t in module._parameters.items()]
+        for name, t in tensors:
+            if t is None or (name == "weight" and id(module) in quantized):
+                continue
+            key, nbytes = _storage_key(t)
+            seen[key] = nbytes
+    return sum(seen.values())
+
+
+# ----- the plan -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """One linear layer's choice.
+
+    Attributes:
+        name: module FQN; out_features, in_features: N, K of the (N, K) weight.
+        lattice: ``"D/d"``; bits: D/d code bits per weight.
+        bytes: ``LiftQuantTensor.storage_bytes()`` of the quantized layer (codes, row scales, M and
+            rotation; M and rotation are shared with siblings and counted once in the totals).
+        score: sensitivity weight; distortion: score × the lattice's MSE per coordinate (the
+            solver's estimate of the squared output error this layer adds).
+    """
+
+    name: str
+    out_features: int
+    in_features: int
+    lattice: str
+    bits: float
+    bytes: int
+    score: float
+    distortion: float
+
+    @property
+    def weights(self) -> int:
+        """N·K."""
+        return self.out_features * self.in_features
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Per-layer lattices that fit a memory budget, and the exact byte accounting.
+
+    Attributes (bytes are exact ints):
+        budget_bytes: the budget.
+        high_precision_bytes: parameters and buffers that stay unquantized.
+        quantized_bytes: all quantized layers, shared M/rotation storages counted once.
+        kv_cache_bytes, reserve_bytes: reservations.
+        layers: one :class:`LayerPlan` per quantized layer, in model order.
+        allocation: ``"sensitivity"`` or ``"uniform"``; seed: rotation seed; device: where the
+            weights are encoded (decides which storages are shared).
+    """
+
+    budget_bytes: int
+    high_precision_bytes: int
+    quantized_bytes: int
+    kv_cache_bytes: int
+    reserve_bytes: int
+    layers: tuple
+    allocation: str
+    seed: int
+    device: str
+    model_name: str = ""
+    kv_cache: Optional[dict] = field(default=None, compare=False)
+
+    @property
+    def model_bytes(self) -> int:
+        """Weights after quantization: what ``lift_ao.footprint(model)`` reports."""
+        return self.high_precision_bytes + self.quantized_bytes
+
+    @property
+    def total_bytes(self) -> int:
+        """model_bytes + KV cache + reserve; never above ``budget_bytes``."""
+        return self.model_bytes + self.kv_cache_bytes + self.reserve_bytes
+
+    @property
+    def headroom_bytes(self) -> int:
+        """budget − total (≥ 0)."""
+        return self.budget_bytes - self.total_bytes
+
+    @property
+    def distortion(self) -> float:
+        """Σ over layers of score × lattice MSE: what the sensitivity solver minimises."""
+        return sum(layer.distortion for layer in self.layers)
+
+    @property
+    def quantized_weights(self) -> int:
+        """Number of weights in the quantized layers."""
+        return sum(layer.weights for layer in self.layers)
+
+    @property
+    def code_bits(self) -> float:
+        """Average D/d over the quantized weights (codes only)."""
+        return sum(layer.weights * layer.bits for layer in self.layers) / self.quantized_weights
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Storage bits per quantized weight, row scales and shared M/rotation included."""
+        return 8 * self.quantized_bytes / self.quantized_weights
+
+    def lattice_counts(self) -> dict:
+        """{lattice: (layers, weights)}, by increasing rate."""
+        counts: dict = {}
+        for layer in sorted(self.layers, key=lambda l: (l.bits, l.lattice)):
+            n, w = counts.get(layer.lattice, (0, 0))
+            counts[layer.lattice] = (n + 1, w + layer.weights)
+        return counts
+
+    def lattices(self) -> dict:
+        """{module FQN: lattice name}."""
+        return {layer.name: layer.lattice for layer in self.layers}
+
+    def to_fqn_config(self, progress: bool = False):
+        """A torchao ``FqnToConfig`` mapping each layer's module FQN to its ``liftquant`` config.
+
+        ``quantize_(model, plan.to_fqn_config(), filter_fn=None)`` applies the plan to ``nn.Linear``
+        layers (for transformers ``Conv1D`` layers use ``lift_ao.quantize``, which transposes them).
+        """
+        from torchao.quantization import FqnToConfig
+
+        from lift_ao.config import LiftQuantConfig
+
+        return FqnToConfig(OrderedDict(
+            (layer.name, LiftQuantConfig(lattice=layer.lattice, seed=self.seed, include_lm_head=True, progress=progress))
+            for layer in self.layers
+        ))
+
+    def to_dict(self) -> dict:
+        """JSON-ready summary and per-layer table."""
+        kv = None
+        if self.kv_cache is not None:
+            kv = dict(self.kv_cache, dtype=str(self.kv_cache["dtype"]).removeprefix("torch.") if self.kv_cache["dtype"] else None)
+        return {
+            "model": self.model_name,
+            "allocation": self.allocation,
+            "device": self.device,
+            "seed": self.seed,
+            "budget_bytes": self.budget_bytes,
+            "total_bytes": self.total_bytes,
+            "headroom_bytes": self.headroom_bytes,
+            "headroom_fraction": self.headroom_bytes / self.budget_bytes,
+            "model_bytes": self.model_bytes,
+            "high_precision_bytes": self.high_precision_bytes,
+            "quantized_bytes": self.quantized_bytes,
+            "kv_cache_bytes": self.kv_cache_bytes,
+            "kv_cache": kv,
+            "reserve_bytes": self.reserve_bytes,
+            "quantized_weights": self.quantized_weights,
+            "code_bits": self.code_bits,
+            "bits_per_weight": self.bits_per_weight,
+            "distortion": self.distortion,
+            "lattices": {name: {"layers": n, "weights": w} for name, (n, w) in self.lattice_counts().items()},
+            "layers": [
+                {"name": l.name, "shape": [l.out_features, l.in_features], "lattice": l.lattice, "bits": l.bits,
+                 "bytes": l.bytes, "score": l.score, "distortion": l.distortion}
+                for l in self.layers
+            ],
+        }
+
+    def summary(self) -> str:
+        """The totals, a few lines."""
+        gib = 2**30
+        mix = ", ".join(f"{name} × {n} ({100 * w / self.quantized_weights:.1f}% of weights)"
+                        for name, (n, w) in self.lattice_counts().items())
+        lines = [
+            f"plan{' for ' + self.model_name if self.model_name else ''}: {len(self.layers)} layers, "
+            f"allocation={self.allocation}, device={self.device}",
+            f"  budget          {self.budget_bytes / gib:12.4f} GiB  ({self.budget_bytes} B)",
+            f"  high precision  {self.high_precision_bytes / gib:12.4f} GiB",
+            f"  quantized       {self.quantized_bytes / gib:12.4f} GiB  ({self.quantized_weights / 1e9:.3f} G weights, "
+            f"{self.code_bits:.4f} code bits, {self.bits_per_weight:.4f} bits/weight with scales)",
+            f"  kv cache        {self.kv_cache_bytes / gib:12.4f} GiB",
+            f"  reserve         {self.reserve_bytes / gib:12.4f} GiB",
+            f"  total           {self.total_bytes / gib:12.4f} GiB  ({self.total_bytes} B)",
+            f"  headroom        {self.headroom_bytes / 2**20:12.3f} MiB  ({100 * self.headroom_bytes / self.budget_bytes:.4f}% of budget)",
+            f"  lattices        {mix}",
+        ]
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        width = max([len("layer")] + [len(l.name) for l in self.layers])
+        rows = [f"{'layer':<{width}}  {'shape':>13}  {'lattice':>7}  {'bits':>5}  {'MiB':>10}"]
+        rows += [
+            f"{l.name:<{width}}  {f'{l.out_features}x{l.in_features}':>13}  {l.lattice:>7}  {l.bits:5.2f}  {l.bytes / 2**20:10.3f}"
+            for l in self.layers
+        ]
+        return "\n".join(rows + [self.summary()])
+
+
+# ----- sensitivity ----------------------------------------------------------------------------
+
+
+def _input_mean_squares(model: torch.nn.Module, modules: list, calibration) -> list[float]:
+    """E[x²] over the input activations of each module, from running ``calibration`` batches."""
+    batches = [calibration] if isinstance(calibration, torch.Tensor) else list(calibration)
+    if not batches or not all(isinstance(b, torch.Tensor) and b.dtype in (torch.int32, torch.int64) for b in batches):
+        raise BudgetError("calibration must be a LongTensor of token ids (batch, tokens) or a list of them")
+    sums = [0.0] * len(modules)
+    counts = [0] * len(modules)
+
+    def hook(index):
+        def record(module, args):
+            x = args[0].detach()
+            sums[index] += float(x.double().square().sum())
+            counts[index] += x.numel()
+        return record
+
+    handles = [m.register_forward_pre_hook(hook(i)) for i, m in enumerate(modules)]
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                model(batch.to(device))
+    finally:
+        for h in handles:
+            h.remove()
+    if not all(counts):
+        missing = [i for i, c in enumerate(counts) if not c]
+        raise BudgetError(f"calibration never reached {len(missing)} of the layers to plan; pass batches the model runs end to end")
+    return [s / c for s, c in zip(sums, counts)]
+
+
+def _out_in(module: torch.nn.Module) -> tuple[int, int]:
+    # transformers' Conv1D stores (in, out); lift_ao.quantize turns it into an (out, in) Linear.
+    n, k = module.weight.shape
+    return (k, n) if type(module).__name__ == "Conv1D" else (n, k)
+
+
+def _lattice_mse(lattice: Lattice) -> float:
+    # A lattice without a measured MSE is priced at the Gaussian distortion-rate bound 2^(−2b).
+    return lattice.mse if math.isfinite(lattice.mse) else 2.0 ** (-2 * lattice.bits)
+
+
+# ----- solver ---------------------------------------------------------------------------------
+
+
+def _total_bytes(choice: list, own: list, shared: list, fixed: int) -> int:
+    """Exact total of a choice (option index per layer): shared storages counted once."""
+    storages = {key: nbytes for i, j in enumerate(choice) for key, nbytes in shared[i][j].items()}
+    return fixed + sum(own[i][j] for i, j in enumerate(choice)) + sum(storages.values())
+
+
+def _lower_hull(points: list) -> list:
+    """Indices of the lower convex hull of (bytes, distortion) points, by increasing bytes, keeping
+    only points that lower the distortion."""
+    order = sorted(range(len(points)), key=lambda j: (points[j][0], points[j][1]))
+    hull: list = []
+    for j in order:
+        b, d = points[j]
+        if hull and (points[hull[-1]][0] == b or points[hull[-1]][1] <= d):
+            continue  # same bytes with no less distortion, or more bytes for no gain
+        while len(hull) >= 2:
+            (b1, d1), (b2, d2) = points[hull[-2]], points[hull[-1]]
+            # Drop the middle point when it lies on or above the chord from hull[-2] to j.
+            if (d2 - d1) * (b - b1) >= (d - d1) * (b2 - b1):
+                hull.pop()
+            else:
+                break
+        hull.append(j)
+    return hull
+
+
+def _solve_separable(own: list, distortion: list, hulls: list, capacity: int) -> Optional[list]:
+    """Least-distortion choice with Σ own bytes ≤ capacity, or None if even the cheapest exceeds it.
+
+    Every layer starts at its cheapest option; the hull steps of all layers are taken in one fixed
+    order, best distortion removed per byte first, stopping at the first that does not fit (so a
+    larger capacity takes a longer prefix of the same sequence); the slack is then filled by moves
+    to points further along a layer's hull, best gain per byte first. Hull slopes only decrease,
+    so what the fill gains is less than the next hull step would have: the distortion of the
+    result never increases with the capacity.
+    """
+    choice = [hull[0] for hull in hulls]
+    used = sum(own[i][j] for i, j in enumerate(choice))
+    if used > capacity:
+        return None
+    steps = sorted(
+        ((distortion[i][b] - distortion[i][a]) / (own[i][b] - own[i][a]), i, b)
+        for i, hull in enumerate(hulls) for a, b in zip(hull, hull[1:])
+    )
+    # Slopes decrease along each hull, so the sorted order keeps every layer's steps in sequence.
+    for _, i, new in steps:
+        cost = own[i][new] - own[i][choice[i]]
+        if used + cost > capacity:
+            break
+        choice[i], used = new, used + cost
+    while True:
+        best = None
+        for i, hull in enumerate(hulls):
+            c = choice[i]
+            for j in hull:
+                cost = own[i][j] - own[i][c]
+                if cost > 0 and used + cost <= capacity:
+                    rate = (distortion[i][c] - distortion[i][j]) / cost
+                    if best is None or rate > best[0]:
+                        best = (rate, i, j, cost)
+        if best is None:
+            return choice
+        _, i, j, cost = best
+        choice[i], used = j, used + cost
+
+
+def _solve_uniform(own, shared, distortion, fixed, budget) -> tuple[list, int]:
+    """Every layer on one lattice: the lowest-distortion lattice whose total fits (when none fits,
+    the smallest total, for the error message). Returns (choice, exact total)."""
+    candidates = []
+    for j in range(len(own[0])):
+        total = _total_bytes([j] * len(own), own, shared, fixed)
+        fits = total <= budget
+        candidates.append((not fits, sum(d[j] for d in distortion) if fits else total, j, total))
+    _, _, j, total = min(candidates)
+    return [j] * len(own), total
+
+
+def _solve_sensitivity(own, shared, distortion, fixed, budget) -> tuple[list, int]:
+    """Mixed widths: (option per layer, exact total); the total exceeds ``budget`` only when nothing fits.
+
+    The M and rotation storages a choice adds are shared, so their cost is not per layer: the
+    separable problem is solved with all the storages any hull point could use reserved up front
+    (a few KB per lattice and input size). The result is the least-distortion plan among that
+    solution, every layer's cheapest option and the best uniform plan, each that fits; each of the
+    three only improves as the budget grows, so the plan's distortion never increases with it.
+    """
+    hulls = [_lower_hull(list(zip(own[i], distortion[i]))) for i in range(len(own))]
+    reserved = {key: nbytes for i, hull in enumerate(hulls) for j in hull for key, nbytes in shared[i][j].items()}
+    options = [[hull[0] for hull in hulls], _solve_uniform(own, shared, distortion, fixed, budget)[0]]
+    separable = _solve_separable(own, distortion, hulls, budget - fixed - sum(reserved.values()))
+    if separable is not None:
+        options.append(separable)
+    scored = []
+    for choice in options:
+        total = _total_bytes(choice, own, shared, fixed)
+        scored.append((total > budget, sum(distortion[i][j] for i, j in enumerate(choice)) if total <= budget else total, total, choice))
+    _, _, total, choice = min(scored, key=lambda item: item[:3])
+    return choice, total
+
+
+# ----- entry point ----------------------------------------------------------------------------
+
+
+def _model_from_config(config, dtype: Optional[torch.dtype]) -> torch.nn.Module:
+    """A meta-device causal LM from a Hugging Face config, a config dict, or a config.json path."""
+    from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+
+    if isinstance(config, (str, Path)):
+        path = Path(config)
+        path = path / "config.json" if path.is_dir() else path
+        if not path.is_file():
+            raise FileNotFoundError(f"{config}: no such config.json or model directory")
+        config = json.loads(path.read_text())
+    if isinstance(config, dict):
+        if "model_type" not in config:
+            raise BudgetError("a config dict needs 'model_type' (e.g. 'llama', 'qwen2') and the model's sizes")
+        fields = dict(config)
+        config = AutoConfig.for_model(fields.pop("model_type"), **fields)
+    if not isinstance(config, PretrainedConfig):
+        raise TypeError(
+            "plan() takes an nn.Module, a transformers config, a config dict or a config.json path; "
+            f"got {type(config).__name__}"
+        )
+    if dtype is None:
+        dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.bfloat16
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def plan(
+    model_or_config,
+    memory_budget: Union[int, str],
+    *,
+    reserve: Union[int, str] = 0,
+    kv_cache: Optional[dict] = None,
+    allocation: str = "sensitivity",
+    calibration=None,
+    include_lm_head: bool = False,
+    filter_fn: Optional[Callable[[torch.nn.Module, str], bool]] = None,
+    seed: int = 0,
+    device=None,
+    dtype: Optional[torch.dtype] = None,
+    lattices: Optional[Iterable[Lattice]] = None,
+) -> Plan:
+    """Choose a shipped lattice per linear layer so the model fits ``memory_budget``; touches no weight.
+
+    Args:
+        model_or_config: an ``nn.Module`` (real or meta-device), or a Hugging Face config (object,
+            dict with ``model_type``, or config.json path/directory), built on the meta device.
+        memory_budget: bytes (int) or a size string (``"24GiB"``, ``"24 GB"``, ``"512MiB"``).
+        reserve: extra bytes to keep free (activations, CUDA context), same formats.
+        kv_cache: ``dict(context=tokens, batch=sequences, dtype=None)`` to reserve the KV cache
+            (dtype default: the model's embedding dtype).
+        allocation: ``"sensitivity"`` (mixed widths, see the module docstring) or ``"uniform"``.
+        calibration: token ids (batch, tokens) or a list of them, run through the model to
+            measure each layer's E[x²] (sensitivity only; needs real weights).
+        include_lm_head, filter_fn, seed: as in :func:`lift_ao.quantize`.
+        device: where the weights will be encoded (decides which M/rotation storages are shared);
+            default: where the model's weights are, ``cuda`` for a meta-device model.
+        dtype: dtype of the high-precision parts when building from a config (default: the
+            config's dtype, else bfloat16).
+        lattices: candidate lattices (default: all shipped).
+    Returns:
+        :class:`Plan` with ``total_bytes ≤ budget``.
+    Raises:
+        BudgetError: malformed sizes, or even the smallest lattice cannot fit (the message says by
+            how much and what to change).
+    """
+    from lift_ao.api import quantizable_linears
+    from lift_ao.config import LiftQuantConfig
+
+    budget = parse_bytes(memory_budget, "memory_budget")
+    reserve = parse_bytes(reserve, "reserve", allow_zero=True)
+    kv_cache = normalize_kv_cache(kv_cache)
+    if allocation not in ALLOCATIONS:
+        raise BudgetError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
+    if isinstance(model_or_config, torch.nn.Module):
+        if dtype is not None:
+            raise BudgetError("dtype= applies when planning from a config; cast the model itself instead")
+        model = model_or_config
+    else:
+        model = _model_from_config(model_or_config, dtype)
+    candidates = sorted(Lattice.shipped() if lattices is None else list(lattices), key=lambda l: (l.bits, l.d))
+    if not candidates:
+        raise BudgetError("no lattices to choose from: none is shipped in lift_ao/lattices; train one with "
+                          "`python -m lift_ao.lattice train --d 10 --D 24`")
+
+    selection = LiftQuantConfig(lattice=None, seed=seed, include_lm_head=include_lm_head, memory_budget=budget)
+    targets = quantizable_linears(model, selection, filter_fn)
+    if not targets:
+        raise BudgetError(f"{type(model).__name__} has no linear layer to quantize (after filter_fn and the lm_head rule)")
+    on_meta = targets[0][1].weight.device.type == "meta"
+    if device is None:
+        device = torch.device("cuda") if on_meta else targets[0][1].weight.device
+    device = torch.device(device)
+
+    config = getattr(model, "config", None)
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    model_dtype = embeddings.weight.dtype if embeddings is not None else targets[0][1].weight.dtype
+    kv_bytes = 0
+    if kv_cache is not None:
+        kv_bytes = kv_cache_bytes(config, kv_cache["context"], kv_cache["batch"], kv_cache["dtype"] or model_dtype)
+    high_precision = _high_precision_bytes(model, {id(m) for _, m in targets})
+    fixed = high_precision + kv_bytes + reserve
+
+    modules = [m for _, m in targets]
+    shapes = [_out_in(m) for m in modules]
+    if calibration is not None and (on_meta or allocation == "uniform"):
+        raise BudgetError("calibration= only informs allocation='sensitivity' on a model with real weights")
+    if allocation == "sensitivity" and not on_meta:
+        energy = [float(m.weight.detach().double().square().sum()) for m in modules]
+        input_ms = _input_mean_squares(model, modules, calibration) if calibration is not None else [1.0] * len(modules)
+        scores = [e * x for e, x in zip(energy, input_ms)]
+    else:
+        scores = [float(n * k) for n, k in shapes]
+
+    mses = [_lattice_mse(l) for l in candidates]
+    own = [[code_bytes(n, k, l) for l in candidates] for n, k in shapes]
+    shared = [[_shared_storages(k, l, seed, device) for l in candidates] for _, k in shapes]
+    distortion = [[s * e for e in mses] for s in scores]
+    if allocation == "uniform":
+        choice, total = _solve_uniform(own, shared, distortion, fixed, budget)
+    else:
+        choice, total = _solve_sensitivity(own, shared, distortion, fixed, budget)
+    if total > budget:
+        raise BudgetError(
+            f"memory_budget {format_bytes(budget)} is too small: even the smallest "
+            f"{'uniform ' if allocation == 'uniform' else ''}lattice choice needs {format_bytes(total)} "
+            f"({format_bytes(total - budget)} over; high precision {format_bytes(high_precision)}, "
+            f"KV cache {format_bytes(kv_bytes)}, reserve {format_bytes(reserve)}). Raise the budget to at least "
+            f"{total} bytes, shrink kv_cache context/batch or reserve, pass include_lm_head=True to quantize "
+            f"the output projection, or ship a lower-rate lattice (smallest now: {candidates[0].name})",
+            needed_bytes=total,
+        )
+    layers = tuple(
+        LayerPlan(name, n, k, candidates[j].name, candidates[j].bits, layer_storage_bytes(n, k, candidates[j]),
+                  score, distortion[i][j])
+        for i, ((name, _), (n, k), j, score) in enumerate(zip(targets, shapes, choice, scores))
+    )
+    name = getattr(config, "_name_or_path", "") or getattr(config, "model_type", "") or type(model).__name__
+    return Plan(
+        budget_bytes=budget, high_precision_bytes=high_precision, quantized_bytes=total - fixed,
+        kv_cache_bytes=kv_bytes, reserve_bytes=reserve, layers=layers, allocation=allocation, seed=seed,
+        device=str(device), model_name=name, kv_cache=kv_cache,
+    )
