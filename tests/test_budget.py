@@ -1,0 +1,282 @@
+"""Memory budgets: size parsing, the exact byte model, the solver's guarantees, errors, CLI.
+
+Everything runs on the shipped lattices through the normal API; plans of real-size models are made on
+the meta device. Only the end-to-end tests encode weights (a 2-layer Llama, a few seconds each).
+"""
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+from torchao.quantization import quantize_
+
+import lift_ao
+from lift_ao.budget import PRESETS, BudgetError, format_bytes, kv_cache_bytes, parse_bytes, plan
+from lift_ao.cli import main as cli_main
+from lift_ao.lattice import Lattice
+from tiny_models import tiny_llama, token_batch
+
+GiB = 2**30
+SHIPPED = Lattice.shipped()
+needs_lattices = pytest.mark.skipif(not SHIPPED, reason="no lattice is shipped in lift_ao/lattices yet")
+needs_two_rates = pytest.mark.skipif(
+    len({lat.bits for lat in SHIPPED}) < 2, reason="mixed widths need at least two shipped rates"
+)
+
+
+def meta_model(preset: str) -> torch.nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    fields = dict(PRESETS[preset])
+    config = AutoConfig.for_model(fields.pop("model_type"), **fields)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+
+
+@pytest.fixture(scope="module")
+def llama70b():
+    return meta_model("llama3-70b")
+
+
+@pytest.fixture(scope="module")
+def llama8b():
+    return meta_model("llama3-8b")
+
+
+def bounds(model, **kwargs) -> tuple[int, int]:
+    """(smallest budget that fits, total with every layer on its highest rate)."""
+    with pytest.raises(BudgetError) as too_small:
+        plan(model, 1, **kwargs)
+    return too_small.value.needed_bytes, plan(model, 2**50, **kwargs).total_bytes
+
+
+# ----- sizes ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("24GiB", 24 * 2**30), ("24 GB", 24 * 10**9), ("24gib", 24 * 2**30), ("512MiB", 512 * 2**20),
+    ("100MB", 10**8), ("1.5GiB", 3 * 2**29), ("1e9", 10**9), ("2KiB", 2048), ("12345", 12345),
+    (" 7 B ", 7), (4096, 4096),
+])
+def test_parse_bytes_accepts(text, expected):
+    assert parse_bytes(text) == expected
+
+
+@pytest.mark.parametrize("bad", [
+    "-1GiB", -5, 0, "0GB", float("nan"), "nan", "NaN GiB", "inf", "24 gigs", "", "GiB", "24 GiB GiB",
+    True, 2.5e9, None, [24],
+])
+def test_parse_bytes_rejects(bad):
+    with pytest.raises(BudgetError, match="memory_budget"):
+        parse_bytes(bad)
+
+
+def test_reserve_may_be_zero_and_format():
+    assert parse_bytes("0", "reserve", allow_zero=True) == 0
+    assert format_bytes(3 * 2**29) == "1.500 GiB" and format_bytes(12) == "12 B"
+
+
+@needs_lattices
+def test_liftquant_budget_config_validation():
+    config = lift_ao.liftquant(memory_budget="24 GB", reserve="1GiB", kv_cache=dict(context=4096))
+    assert (config.memory_budget, config.reserve, config.lattice) == (24 * 10**9, 2**30, None)
+    assert config.kv_cache == dict(context=4096, batch=1, dtype=None)
+    with pytest.raises(ValueError, match="exactly one of"):
+        lift_ao.liftquant(bits=2.4, memory_budget="24GiB")
+    with pytest.raises(ValueError, match="only apply with memory_budget"):
+        lift_ao.liftquant(bits=SHIPPED[0].bits, reserve="1GiB")
+    with pytest.raises(BudgetError, match="unknown keys"):
+        lift_ao.liftquant(memory_budget="24GiB", kv_cache=dict(ctx=8192))
+    with pytest.raises(BudgetError, match="positive int"):
+        lift_ao.liftquant(memory_budget="24GiB", kv_cache=dict(context=0))
+    with pytest.raises(BudgetError, match="allocation"):
+        lift_ao.liftquant(memory_budget="24GiB", allocation="greedy")
+    with pytest.raises(BudgetError, match="not a size"):
+        lift_ao.liftquant(memory_budget="lots")
+
+
+# ----- byte model on real shapes (meta device) ------------------------------------------------
+
+
+def test_kv_cache_and_high_precision_bytes_70b(llama70b):
+    # 80 layers × (K, V) × 8 kv heads × 128 × 8192 tokens × bf16.
+    assert kv_cache_bytes(llama70b.config, 8192, 1, torch.bfloat16) == 80 * 2 * 8 * 128 * 8192 * 2 == 2_684_354_560
+    if not SHIPPED:
+        return
+    p = plan(llama70b, "24GiB", kv_cache=dict(context=8192, batch=2))
+    assert p.kv_cache_bytes == 2 * 2_684_354_560
+    # embed_tokens + lm_head (bf16), 161 RMSNorms of 8192, two rotary buffers of 64 float32.
+    assert p.high_precision_bytes == 2 * 128256 * 8192 * 2 + 161 * 8192 * 2 + 2 * 64 * 4 == 4_205_330_944
+    assert len(p.layers) == 80 * 7 and p.quantized_weights == 80 * (2 * 8192 * 8192 + 2 * 1024 * 8192 + 3 * 8192 * 28672)
+
+
+@needs_lattices
+def test_70b_in_24gib_fills_the_budget(llama70b):
+    p = plan(llama70b, "24GiB")
+    assert p.budget_bytes == 24 * GiB and 0 <= p.headroom_bytes
+    lo, hi = bounds(llama70b)
+    if lo <= p.budget_bytes < hi:  # the grid straddles the budget: fill it to within 0.5%
+        assert p.headroom_bytes < 0.005 * p.budget_bytes
+    else:  # above the grid: every layer on the highest rate
+        assert p.total_bytes == hi
+    assert p.total_bytes == p.high_precision_bytes + p.quantized_bytes
+    assert sum(layer.weights for layer in p.layers) == p.quantized_weights
+
+
+@needs_lattices
+@pytest.mark.parametrize("allocation", ["sensitivity", "uniform"])
+def test_plans_never_exceed_and_improve_with_budget(llama8b, allocation):
+    lo, hi = bounds(llama8b, allocation=allocation)
+    previous = None
+    for step in range(13):
+        budget = lo + (hi - lo) * step // 12 + step  # + step: budgets that are not round numbers
+        p = plan(llama8b, budget, allocation=allocation)
+        assert p.total_bytes <= budget and p.headroom_bytes == budget - p.total_bytes
+        if previous is not None:
+            assert p.distortion <= previous.distortion
+            if allocation == "uniform":
+                assert p.code_bits >= previous.code_bits and len(p.lattice_counts()) == 1
+        previous = p
+    assert plan(llama8b, hi, allocation=allocation).total_bytes == hi
+
+
+@needs_lattices
+def test_tiny_plans_never_exceed_and_are_monotone():
+    model = tiny_llama(0)
+    lo, hi = bounds(model)
+    previous = None
+    for budget in range(lo, hi + 2000, max(1, (hi + 2000 - lo) // 60)):
+        p = plan(model, budget)
+        assert p.total_bytes <= budget
+        if previous is not None:
+            assert p.distortion <= previous.distortion
+        previous = p
+
+
+@needs_lattices
+def test_too_small_budget_names_the_fix(llama70b):
+    with pytest.raises(BudgetError, match="too small") as error:
+        plan(llama70b, "4GiB")
+    message = str(error.value)
+    assert "include_lm_head=True" in message and "Raise the budget" in message
+    assert error.value.needed_bytes > 4 * GiB
+    p = plan(llama70b, error.value.needed_bytes)  # exactly the minimum fits
+    assert p.headroom_bytes == 0 or p.total_bytes <= error.value.needed_bytes
+    with pytest.raises(BudgetError, match="KV cache 80.000 GiB"):
+        plan(llama70b, "24GiB", kv_cache=dict(context=131072, batch=2))
+    with pytest.raises(BudgetError, match="calibration"):
+        plan(llama70b, "24GiB", calibration=torch.zeros(1, 4, dtype=torch.long))
+
+
+@needs_two_rates
+def test_sensitivity_gives_bits_to_the_energetic_layer():
+    model = tiny_llama(0)
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight.mul_(30.0)
+    p = plan(model, mixed_budget(model, None))
+    bits = {layer.name: layer.bits for layer in p.layers}
+    assert bits["model.layers.1.mlp.down_proj"] == max(bits.values()) > min(bits.values())
+    assert bits["model.layers.1.mlp.down_proj"] > bits["model.layers.0.mlp.down_proj"]
+
+
+# ----- exact accounting and end to end on a tiny Llama -----------------------------------------
+
+
+def mixed_budget(model, calibration) -> int:
+    """A budget whose sensitivity plan mixes lattices (tiny models: shared storages weigh a lot)."""
+    lo, hi = bounds(model)
+    for step in range(1, 20):
+        budget = hi - (hi - lo) * step // 20
+        if len(plan(model, budget, calibration=calibration).lattice_counts()) > 1:
+            return budget
+    pytest.fail("no budget between the smallest and largest plan mixes lattices")
+
+
+@needs_two_rates
+def test_mixed_plan_end_to_end_matches_footprint_exactly():
+    calibration = token_batch(0, batch=2, length=12)
+    model = tiny_llama(0)
+    reference = copy.deepcopy(model)
+    budget = mixed_budget(model, calibration)
+    p = plan(model, budget, calibration=calibration)
+    assert len(p.lattice_counts()) > 1 and p.device == "cpu"
+
+    lift_ao.quantize(model, lift_ao.liftquant(memory_budget=budget), calibration=calibration, progress=False)
+    assert lift_ao.footprint(model) == p.model_bytes <= budget
+    for layer in p.layers:
+        weight = model.get_submodule(layer.name).weight
+        assert isinstance(weight, lift_ao.LiftQuantTensor)
+        assert weight.lattice.name == layer.lattice and weight.storage_bytes() == layer.bytes
+    tokens = token_batch(1)
+    with torch.no_grad():
+        logits, want = model(tokens).logits, reference(tokens).logits
+    assert torch.isfinite(logits).all()
+    assert torch.nn.functional.cosine_similarity(logits.flatten(), want.flatten(), dim=0) > 0.9
+
+    # The same plan through torchao's own quantize_ and FqnToConfig: the same model, bit for bit.
+    via_torchao = copy.deepcopy(reference)
+    quantize_(via_torchao, p.to_fqn_config(), filter_fn=None)
+    assert lift_ao.footprint(via_torchao) == p.model_bytes
+    with torch.no_grad():
+        torch.testing.assert_close(via_torchao(tokens).logits, logits, rtol=0, atol=0)
+
+
+@needs_lattices
+def test_uniform_plan_with_quantized_tied_lm_head_matches_footprint():
+    model = tiny_llama(1, tie=True)
+    lo, hi = bounds(model, allocation="uniform", include_lm_head=True)
+    budget = (lo + hi) // 2
+    config = lift_ao.liftquant(memory_budget=budget, allocation="uniform", include_lm_head=True)
+    p = plan(model, budget, allocation="uniform", include_lm_head=True)
+    assert "lm_head" in p.lattices() and len(p.lattice_counts()) == 1
+    lift_ao.quantize(model, config, progress=False)
+    # The embedding keeps the high-precision tied weight; lm_head gets its own codes.
+    assert lift_ao.footprint(model) == p.model_bytes <= budget
+
+
+@needs_lattices
+def test_budget_config_errors():
+    model = tiny_llama(0)
+    with pytest.raises(ValueError, match="lift_ao.quantize"):
+        quantize_(model, lift_ao.liftquant(memory_budget="1GiB"))
+    with pytest.raises(BudgetError, match="too small"):
+        lift_ao.quantize(model, lift_ao.liftquant(memory_budget=1000), progress=False)
+    with pytest.raises(ValueError, match="calibration"):
+        lift_ao.quantize(model, lift_ao.liftquant(lattice=SHIPPED[0].name), calibration=token_batch(0), progress=False)
+    assert not any(isinstance(m.weight, lift_ao.LiftQuantTensor) for _, m in lift_ao.quantizable_linears(
+        model, lift_ao.liftquant(lattice=SHIPPED[0].name)))
+
+
+# ----- reporting and CLI ------------------------------------------------------------------------
+
+
+@needs_lattices
+def test_plan_report_and_json(llama8b):
+    p = plan(llama8b, "4GiB", kv_cache=dict(context=4096))
+    text = str(p)
+    assert "model.layers.31.mlp.down_proj" in text and "headroom" in text and "14336x4096" in text
+    data = json.loads(json.dumps(p.to_dict()))
+    assert data["total_bytes"] == p.total_bytes <= data["budget_bytes"] == 4 * GiB
+    assert data["kv_cache"] == {"context": 4096, "batch": 1, "dtype": None}
+    assert data["kv_cache_bytes"] == 32 * 2 * 8 * 128 * 4096 * 2
+    assert sum(v["weights"] for v in data["lattices"].values()) == data["quantized_weights"]
+    assert math.isclose(data["code_bits"], sum(l["bits"] * l["shape"][0] * l["shape"][1] for l in data["layers"])
+                        / data["quantized_weights"])
+
+
+@needs_lattices
+def test_cli_plan(capsys, tmp_path):
+    assert cli_main(["plan", "--preset", "llama3-8b", "--budget", "4GiB", "--context", "2048", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["model"] == "llama3-8b" and data["total_bytes"] <= 4 * GiB
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(PRESETS["qwen2.5-32b"]))
+    assert cli_main(["plan", "--hf-config", str(tmp_path), "--budget", "12GiB"]) == 0
+    assert "448 layers" in capsys.readouterr().out  # Qwen2.5-32B: 64 layers × 7 linears
+    assert cli_main(["plan", "--preset", "llama3-8b", "--budget", "4 gigs"]) == 2
+    assert "not a size" in capsys.readouterr().err
+    assert cli_main(["plan", "--preset", "llama3-8b", "--budget", "1GiB"]) == 2
+    assert "too small" in capsys.readouterr().err
+    assert cli_main(["plan", "--hf-config", str(tmp_path / "missing"), "--budget", "1GiB"]) == 2
