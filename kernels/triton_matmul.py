@@ -1,22 +1,25 @@
-"""Triton kernel for ``lift_ao::lifted_matmul``: y = r ⊙ (Q · x̃) + b with Q the packed ±1 codes.
+"""Triton kernels for ``lift_ao::lifted_matmul``: y = r ⊙ (Q · x̃) + b with Q the packed ±1 codes.
 
 One kernel serves decode (1–16 tokens) and prefill (≥ 64 tokens); it never depends on the lattice
 (D, d): it only sees the L code bits of each row, in the layout of :mod:`lift_ao.packing` (no
-repacking). Each program owns a tile of ``BLOCK_N`` weight rows × ``BLOCK_B`` tokens and walks the
-code words of its (split-)K range:
+repacking of the weights). Each program owns a tile of ``BLOCK_N`` weight rows × ``BLOCK_B`` tokens
+and walks the code words of its (split-)K range:
 
-1. load a ``BLOCK_N × BLOCK_W`` tile of int32 code words (each row reads ``4·BLOCK_W`` contiguous
-   bytes);
+1. load a ``BLOCK_N × BLOCK_W`` tile of int32 code words (pipelined async copies);
 2. turn every word into 32 ±1 16-bit floats with two integer ops per *pair* of bits:
    ``((word << (15 − j)) & 0x80008000) ^ MINUS_ONE_PAIR`` moves bits j and j+16 onto the sign bits of
-   a packed pair of −1s, so a set bit flips −1 into +1 (no int→float conversion, no multiply);
-3. feed the ±1 tile to ``tl.dot`` (tensor cores, fp32 accumulation) against the lifted activation,
-   loaded in the matching order: the dot's reduction is order-free, so tile column 2j+h holds bit
-   j+16h of its word and the activation is gathered with the same permutation;
+   a packed pair of −1s, so a set bit flips −1 into +1 (no int→float conversion, no multiply). Triton
+   builds this tile directly in the register layout of the Hopper wgmma A operand;
+3. ``tl.dot`` (wgmma, fp32 accumulation) against the activation tile from shared memory;
 4. epilogue: scale by r, add the bias, store in x̃'s dtype — or, with split-K (short N or few
    tokens, to fill the GPU), write fp32 partials that :func:`_reduce_splits_kernel` sums.
 
-fp32 activations run as two bf16 dots (hi + lo split of x̃), about 16 mantissa bits, with ±1 exact.
+The ±1 tile's column ``2j + h`` holds bit ``j + 16h`` of its word; the dot's reduction is order-free,
+so :func:`_prepare_lifted_kernel` first writes x̃ in that order (a permutation inside each group of
+32), zero-padded to whole tiles and in the operand dtype. That keeps the activation loads contiguous
+and unmasked along K, so they pipeline like the code words; it costs one pass over x̃ (B·L elements,
+~1/16 of the code bytes at batch 1). fp32 activations become a bf16 high and a bf16 low part (about
+16 mantissa bits, ±1 exact) and the kernel runs two dots.
 """
 
 from __future__ import annotations
@@ -38,7 +41,9 @@ def _as_int32(value: int) -> int:
 _SIGN_BITS_PAIR = _as_int32(0x80008000)
 # Two packed −1.0 values of each 16-bit operand type.
 _MINUS_ONE_PAIR = {torch.float16: _as_int32(0xBC00BC00), torch.bfloat16: _as_int32(0xBF80BF80)}
-
+# Split boundaries and the padded activation length are multiples of this many words, so every
+# BLOCK_W below divides them and no K iteration straddles a split or runs past the padding.
+_WORD_ALIGN = 16
 _SM_COUNT_FALLBACK = 132
 
 
@@ -58,39 +63,46 @@ def _signs_from_words(words, MINUS_ONE_PAIR: tl.constexpr, SIGN_BITS_PAIR: tl.co
 
 
 @triton.jit
-def _signs_per_bit(words, MINUS_ONE: tl.constexpr, OPERAND: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
-    """(BLOCK_N, BLOCK_W) int32 words → (BLOCK_N, 32·BLOCK_W) ±1, column 32·w + j = bit j of word w.
-
-    Variant under measurement: three integer ops per bit, no permutation of the activation.
-    """
-    bit = tl.arange(0, 32)
-    sign = ((words[:, :, None] >> bit[None, None, :]) << 15).to(tl.int16)
-    return (sign ^ MINUS_ONE).to(OPERAND, bitcast=True).reshape(BLOCK_N, BLOCK_W * 32)
+def _bit_of_column(column):
+    """Code-bit index held by each ±1-tile column index (an involution inside each 32-group)."""
+    return (column // 32) * 32 + (column % 32) // 2 + (column % 2) * 16
 
 
 @triton.jit
-def _bit_of_column(BLOCK_W: tl.constexpr, PAIRED: tl.constexpr):
-    """Code-bit offset (within the K tile) of each column of the ±1 tile."""
-    column = tl.arange(0, BLOCK_W * 32)
-    if PAIRED:
-        column = (column // 32) * 32 + (column % 32) // 2 + (column % 2) * 16
-    return column
+def _prepare_lifted_kernel(
+    lifted_ptr, out_ptr, B, L, padded_length, stride_lifted, stride_lifted_k, stride_out,
+    OPERAND: tl.constexpr, SPLIT_FP32: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """out[b, c] = x̃[b, bit(c)] (0 past L) in OPERAND dtype; for fp32 x̃, rows B.. hold the low parts.
+
+    lifted (B, L) any float; out (B, padded_length) or (2B, padded_length) for SPLIT_FP32.
+    """
+    token = tl.program_id(0)
+    columns = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    bits = _bit_of_column(columns)
+    values = tl.load(lifted_ptr + token.to(tl.int64) * stride_lifted + bits * stride_lifted_k, mask=bits < L, other=0.0).to(tl.float32)
+    high = values.to(OPERAND)
+    keep = columns < padded_length
+    tl.store(out_ptr + token.to(tl.int64) * stride_out + columns, high, mask=keep)
+    if SPLIT_FP32:
+        low = (values - high.to(tl.float32)).to(OPERAND)
+        tl.store(out_ptr + (token + B).to(tl.int64) * stride_out + columns, low, mask=keep)
 
 
 @triton.jit
 def _lifted_matmul_kernel(
-    lifted_ptr, codes_ptr, scale_ptr, bias_ptr, out_ptr,
-    B, N, L, words_per_split,
-    stride_lifted_b, stride_codes_n, stride_out_split, stride_out_b,
+    prepared_ptr, codes_ptr, scale_ptr, bias_ptr, out_ptr,
+    B, N, words_total, words_per_split,
+    stride_prepared, stride_codes_n, stride_out_split, stride_out_b,
     HAS_BIAS: tl.constexpr, SPLIT_FP32: tl.constexpr,
-    OPERAND: tl.constexpr, MINUS_ONE_PAIR: tl.constexpr, SIGN_BITS_PAIR: tl.constexpr, PAIRED: tl.constexpr,
+    OPERAND: tl.constexpr, MINUS_ONE_PAIR: tl.constexpr, SIGN_BITS_PAIR: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
     """One (BLOCK_N rows × BLOCK_B tokens) output tile over one K split.
 
-    One split (grid dim 2 of size 1): out = (B, N) in x̃'s dtype, r and bias applied. S splits:
-    out = (S, B, N) fp32 partials of r ⊙ Q x̃ (bias added by split 0).
+    prepared: the output of :func:`_prepare_lifted_kernel`. One split (grid dim 2 of size 1):
+    out = (B, N) in x̃'s dtype, r and bias applied. S splits: out = (S, B, N) fp32 partials of
+    r ⊙ Q x̃ (bias added by split 0).
     """
     pid_n = tl.program_id(0)
     pid_b = tl.program_id(1)
@@ -99,34 +111,23 @@ def _lifted_matmul_kernel(
     tokens = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < N
     token_ok = tokens < B
-    words_total = tl.cdiv(L, 32)
     word_begin = pid_k * words_per_split
     word_end = tl.minimum(word_begin + words_per_split, words_total)
-    # Bits past the split or past L decode as −1: their activations load as 0 so they add nothing.
-    bit_end = tl.minimum(word_end * 32, L)
-    bit_in_tile = _bit_of_column(BLOCK_W, PAIRED)
     code_row_ptrs = codes_ptr + rows[:, None].to(tl.int64) * stride_codes_n
-    lifted_token_ptrs = lifted_ptr + tokens[None, :].to(tl.int64) * stride_lifted_b
+    tile_ptrs = prepared_ptr + tokens[None, :].to(tl.int64) * stride_prepared + tl.arange(0, BLOCK_W * 32)[:, None]
 
     acc = tl.zeros((BLOCK_N, BLOCK_B), dtype=tl.float32)
     for word0 in range(word_begin, word_end, BLOCK_W):
         word_idx = word0 + tl.arange(0, BLOCK_W)
+        # Words past the end decode as −1; their activations are the zero padding.
         words = tl.load(code_row_ptrs + word_idx[None, :],
-                        mask=row_ok[:, None] & (word_idx < word_end)[None, :], other=0)
-        if PAIRED:
-            signs = _signs_from_words(words, MINUS_ONE_PAIR, SIGN_BITS_PAIR, OPERAND, BLOCK_N, BLOCK_W)
-        else:
-            signs = _signs_per_bit(words, MINUS_ONE_PAIR >> 16, OPERAND, BLOCK_N, BLOCK_W)
-        bits = word0 * 32 + bit_in_tile
-        lifted = tl.load(lifted_token_ptrs + bits[:, None],
-                         mask=(bits < bit_end)[:, None] & token_ok[None, :], other=0.0)
+                        mask=row_ok[:, None] & (word_idx < words_total)[None, :], other=0)
+        signs = _signs_from_words(words, MINUS_ONE_PAIR, SIGN_BITS_PAIR, OPERAND, BLOCK_N, BLOCK_W)
+        high = tl.load(tile_ptrs + word0 * 32, mask=token_ok[None, :], other=0.0)
+        acc = tl.dot(signs, high, acc)
         if SPLIT_FP32:
-            high = lifted.to(OPERAND)
-            low = (lifted - high.to(tl.float32)).to(OPERAND)
-            acc = tl.dot(signs, high, acc)
+            low = tl.load(tile_ptrs + word0 * 32 + B * stride_prepared, mask=token_ok[None, :], other=0.0)
             acc = tl.dot(signs, low, acc)
-        else:
-            acc = tl.dot(signs, lifted.to(OPERAND), acc)
 
     acc = acc * tl.load(scale_ptr + rows, mask=row_ok, other=0.0)[:, None]
     if HAS_BIAS:
@@ -136,18 +137,20 @@ def _lifted_matmul_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & token_ok[None, :])
 
 
-# Hopper-oriented candidates: decode wants many rows per program (the ±1 tile is the only big
-# operand), prefill wants a squarer tile; autotuning picks per (N, L, token block, split size).
+# Hopper-oriented candidates: decode wants many code bytes in flight per SM (wide BLOCK_W, deep
+# pipelines), prefill a squarer tile; autotuning picks per (N, words, token block, split size).
 _TUNING_CONFIGS = [
-    triton.Config({"BLOCK_N": 64, "BLOCK_W": 4}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_N": 64, "BLOCK_W": 8}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_N": 64, "BLOCK_W": 8}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_N": 64, "BLOCK_W": 4}, num_warps=4, num_stages=6),
+    triton.Config({"BLOCK_N": 128, "BLOCK_W": 8}, num_warps=8, num_stages=4),
     triton.Config({"BLOCK_N": 128, "BLOCK_W": 4}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_N": 128, "BLOCK_W": 4}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_N": 128, "BLOCK_W": 4}, num_warps=8, num_stages=4),
     triton.Config({"BLOCK_N": 128, "BLOCK_W": 2}, num_warps=8, num_stages=4),
     triton.Config({"BLOCK_N": 256, "BLOCK_W": 2}, num_warps=8, num_stages=3),
 ]
 _INTERPRETER_CONFIG = {"BLOCK_N": 16, "BLOCK_W": 1}
-_lifted_matmul_tuned = triton.autotune(configs=_TUNING_CONFIGS, key=["N", "L", "BLOCK_B", "words_per_split", "PAIRED"])(
+_lifted_matmul_tuned = triton.autotune(
+    configs=_TUNING_CONFIGS, key=["N", "words_total", "BLOCK_B", "words_per_split", "SPLIT_FP32"])(
     _lifted_matmul_kernel)
 
 
@@ -186,9 +189,8 @@ def _split_count(rows: int, token_blocks: int, words: int, sm_count: int) -> int
 def lifted_matmul_triton(
     lifted: torch.Tensor, packed_codes: torch.Tensor, row_scale: torch.Tensor,
     bias: Optional[torch.Tensor], splits: Optional[int] = None, config: Optional[dict] = None,
-    paired: bool = True,
 ) -> torch.Tensor:
-    """``y = r ⊙ (Q · x̃) + b`` with the Triton kernel (CUDA, or CPU under TRITON_INTERPRET=1).
+    """``y = r ⊙ (Q · x̃) + b`` with the Triton kernels (CUDA, or CPU under TRITON_INTERPRET=1).
 
     Args:
         lifted: (..., L) fp16 / bf16 / fp32 lifted activation x̃.
@@ -198,15 +200,12 @@ def lifted_matmul_triton(
         splits: K splits (None: chosen from the problem size and SM count).
         config: fixed launch parameters ``{"BLOCK_N", "BLOCK_W", "num_warps", "num_stages"}``
             instead of autotuning (the interpreter always uses one: autotuning there is pointless).
-        paired: decode two bits per integer op pair (True) or one bit per three ops (variant).
     Returns:
         (..., N) in lifted.dtype, accumulated in fp32.
     """
     code_length = lifted.shape[-1]
     rows, words = packed_codes.shape
     x = lifted.reshape(-1, code_length)
-    if x.stride(-1) != 1:
-        x = x.contiguous()
     tokens = x.shape[0]
     codes = packed_codes if packed_codes.stride(-1) == 1 else packed_codes.contiguous()
     scale = row_scale.to(torch.float32).contiguous()
@@ -214,27 +213,34 @@ def lifted_matmul_triton(
     if tokens == 0 or rows == 0:
         return out.reshape(*lifted.shape[:-1], rows)
 
+    operand = torch.float16 if lifted.dtype == torch.float16 else torch.bfloat16
+    operand_tl = tl.float16 if operand == torch.float16 else tl.bfloat16
+    split_fp32 = lifted.dtype == torch.float32
+    padded_length = triton.cdiv(words, _WORD_ALIGN) * _WORD_ALIGN * 32
+    prepared = torch.empty((2 if split_fp32 else 1) * tokens, padded_length, dtype=operand, device=lifted.device)
+    prepare_block = 1024
+    _prepare_lifted_kernel[(tokens, triton.cdiv(padded_length, prepare_block))](
+        x, prepared, tokens, code_length, padded_length, x.stride(0), x.stride(1), prepared.stride(0),
+        OPERAND=operand_tl, SPLIT_FP32=split_fp32, BLOCK=prepare_block)
+
     block_b = token_block(tokens)
     token_blocks = triton.cdiv(tokens, block_b)
     if splits is None:
         splits = _split_count(rows, token_blocks, words, _sm_count(lifted.device))
-    # Split boundaries on multiples of 16 words, so every BLOCK_W in the configs divides a split.
-    words_per_split = triton.cdiv(triton.cdiv(words, splits), 16) * 16
+    words_per_split = triton.cdiv(triton.cdiv(words, splits), _WORD_ALIGN) * _WORD_ALIGN
     splits = triton.cdiv(words, words_per_split)
     target = out if splits == 1 else torch.empty(splits, tokens, rows, dtype=torch.float32, device=lifted.device)
 
-    operand = torch.float16 if lifted.dtype == torch.float16 else torch.bfloat16
     if config is None and lifted.device.type != "cuda":
         config = _INTERPRETER_CONFIG
     kernel = _lifted_matmul_tuned if config is None else _lifted_matmul_kernel
     grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_N"]), token_blocks, splits)
     kernel[grid](
-        x, codes, scale, bias if bias is not None else scale, target,
-        tokens, rows, code_length, words_per_split,
-        x.stride(0), codes.stride(0), tokens * rows, rows,
-        HAS_BIAS=bias is not None, SPLIT_FP32=lifted.dtype == torch.float32,
-        OPERAND=tl.float16 if operand == torch.float16 else tl.bfloat16,
-        MINUS_ONE_PAIR=_MINUS_ONE_PAIR[operand], SIGN_BITS_PAIR=_SIGN_BITS_PAIR, PAIRED=paired,
+        prepared, codes, scale, bias if bias is not None else scale, target,
+        tokens, rows, words, words_per_split,
+        prepared.stride(0), codes.stride(0), tokens * rows, rows,
+        HAS_BIAS=bias is not None, SPLIT_FP32=split_fp32,
+        OPERAND=operand_tl, MINUS_ONE_PAIR=_MINUS_ONE_PAIR[operand], SIGN_BITS_PAIR=_SIGN_BITS_PAIR,
         BLOCK_B=block_b, **(config or {}),
     )
     if splits > 1:

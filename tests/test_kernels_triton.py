@@ -58,16 +58,15 @@ def _random_codes(rows: int, length: int, generator: torch.Generator):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("tokens", [1, 3, 17])
 @pytest.mark.parametrize("with_bias", [True, False])
-@pytest.mark.parametrize("paired", [True, False])
 @pytest.mark.parametrize("rows,length,splits", [(21, 70, 1), (37, 150, 2), (5, 97, None)])
-def test_lifted_matmul_matches_float64(dtype, tokens, with_bias, rows, length, splits, paired):
+def test_lifted_matmul_matches_float64(dtype, tokens, with_bias, rows, length, splits):
     g = torch.Generator().manual_seed(hash((str(dtype), tokens, with_bias, rows, length)) % 2**31)
     signs, codes = _random_codes(rows, length, g)
     lifted = torch.randn(tokens, length, generator=g).to(dtype)
     row_scale = torch.rand(rows, generator=g) + 0.5
     bias = torch.randn(rows, generator=g).to(dtype) if with_bias else None
 
-    out = lifted_matmul_triton(lifted, codes, row_scale, bias, splits=splits, paired=paired)
+    out = lifted_matmul_triton(lifted, codes, row_scale, bias, splits=splits)
 
     ref = (lifted.double() @ (signs.double() * 2 - 1).T) * row_scale.double()
     if bias is not None:
