@@ -481,10 +481,10 @@ def _total_bytes(choice: list, own: list, shared: list, fixed: int) -> int:
     return fixed + sum(own[i][j] for i, j in enumerate(choice)) + sum(storages.values())
 
 
-def _lower_hull(points: list) -> list:
-    """Indices of the lower convex hull of (bytes, distortion) points, by increasing bytes, keeping
-    only points that lower the distortion."""
-    order = sorted(range(len(points)), key=lambda j: (points[j][0], points[j][1]))
+def _lower_hull(points: list, allowed: Iterable[int]) -> list:
+    """Indices (among ``allowed``) of the lower convex hull of (bytes, distortion) points, by
+    increasing bytes, keeping only points that lower the distortion."""
+    order = sorted(allowed, key=lambda j: (points[j][0], points[j][1]))
     hull: list = []
     for j in order:
         b, d = points[j]
@@ -553,25 +553,35 @@ def _solve_uniform(own, shared, distortion, fixed, budget) -> tuple[list, int]:
     return [j] * len(own), total
 
 
-def _solve_sensitivity(own, shared, distortion, fixed, budget) -> tuple[list, int]:
+def _solve_sensitivity(own, shared, distortion, fixed, budget, rates) -> tuple[list, int]:
     """Mixed widths: (option per layer, exact total); the total exceeds ``budget`` only when nothing fits.
+    ``rates``: bits per weight of each option.
 
-    The M and rotation storages a choice adds are shared, so their cost is not per layer: the
-    separable problem is solved with all the storages any hull point could use reserved up front
-    (a few KB per lattice and input size). The result is the least-distortion plan among that
-    solution, every layer's cheapest option and the best uniform plan, each that fits; each of the
-    three only improves as the budget grows, so the plan's distortion never increases with it.
+    The M and rotation storages a lattice brings are shared by its layers, so their cost is not
+    per layer: :func:`_solve_separable` runs on a family of lattice sets (all lattices, and each
+    pair of neighbours in rate among those on some layer's hull) with every storage the set could
+    use reserved up front (a few KB per lattice and input size; it matters on small models, where
+    two lattices fill a budget better than twenty). The plan is the least-distortion result among
+    those, every layer's cheapest option and the best uniform plan, each that fits. The family does
+    not depend on the budget and each member only improves as the budget grows, so the plan's
+    distortion never increases with the budget.
     """
-    hulls = [_lower_hull(list(zip(own[i], distortion[i]))) for i in range(len(own))]
-    reserved = {key: nbytes for i, hull in enumerate(hulls) for j in hull for key, nbytes in shared[i][j].items()}
-    options = [[hull[0] for hull in hulls], _solve_uniform(own, shared, distortion, fixed, budget)[0]]
-    separable = _solve_separable(own, distortion, hulls, budget - fixed - sum(reserved.values()))
-    if separable is not None:
-        options.append(separable)
+    n_options = len(own[0])
+    points = [list(zip(own[i], distortion[i])) for i in range(len(own))]
+    full_hulls = [_lower_hull(p, range(n_options)) for p in points]
+    on_hulls = sorted({j for hull in full_hulls for j in hull}, key=lambda j: rates[j])
+    families = [full_hulls] + [[_lower_hull(p, pair) for p in points] for pair in zip(on_hulls, on_hulls[1:])]
+    options = [[hull[0] for hull in full_hulls], _solve_uniform(own, shared, distortion, fixed, budget)[0]]
+    for hulls in families:
+        reserved = {key: b for i, hull in enumerate(hulls) for j in hull for key, b in shared[i][j].items()}
+        separable = _solve_separable(own, distortion, hulls, budget - fixed - sum(reserved.values()))
+        if separable is not None:
+            options.append(separable)
     scored = []
     for choice in options:
         total = _total_bytes(choice, own, shared, fixed)
-        scored.append((total > budget, sum(distortion[i][j] for i, j in enumerate(choice)) if total <= budget else total, total, choice))
+        fits = total <= budget
+        scored.append((not fits, sum(distortion[i][j] for i, j in enumerate(choice)) if fits else total, total, choice))
     _, _, total, choice = min(scored, key=lambda item: item[:3])
     return choice, total
 
@@ -700,7 +710,7 @@ def plan(
     if allocation == "uniform":
         choice, total = _solve_uniform(own, shared, distortion, fixed, budget)
     else:
-        choice, total = _solve_sensitivity(own, shared, distortion, fixed, budget)
+        choice, total = _solve_sensitivity(own, shared, distortion, fixed, budget, [l.bits for l in candidates])
     if total > budget:
         raise BudgetError(
             f"memory_budget {format_bytes(budget)} is too small: even the smallest "

@@ -26,6 +26,18 @@ needs_two_rates = pytest.mark.skipif(
 )
 
 
+def small_llama(seed: int = 0, tie: bool = False):
+    """A 2-layer Llama small enough to encode in a second or two (hidden 32, MLP 48)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=32, tie_word_embeddings=tie,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
 def meta_model(preset: str) -> torch.nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -50,6 +62,16 @@ def bounds(model, **kwargs) -> tuple[int, int]:
     with pytest.raises(BudgetError) as too_small:
         plan(model, 1, **kwargs)
     return too_small.value.needed_bytes, plan(model, 2**50, **kwargs).total_bytes
+
+
+def mixed_budget(model, calibration) -> int:
+    """A budget whose sensitivity plan mixes lattices (tiny models: shared storages weigh a lot)."""
+    lo, hi = bounds(model)
+    for step in range(1, 20):
+        budget = hi - (hi - lo) * step // 20
+        if len(plan(model, budget, calibration=calibration).lattice_counts()) > 1:
+            return budget
+    pytest.fail("no budget between the smallest and largest plan mixes lattices")
 
 
 # ----- sizes ----------------------------------------------------------------------------------
@@ -184,20 +206,10 @@ def test_sensitivity_gives_bits_to_the_energetic_layer():
 # ----- exact accounting and end to end on a tiny Llama -----------------------------------------
 
 
-def mixed_budget(model, calibration) -> int:
-    """A budget whose sensitivity plan mixes lattices (tiny models: shared storages weigh a lot)."""
-    lo, hi = bounds(model)
-    for step in range(1, 20):
-        budget = hi - (hi - lo) * step // 20
-        if len(plan(model, budget, calibration=calibration).lattice_counts()) > 1:
-            return budget
-    pytest.fail("no budget between the smallest and largest plan mixes lattices")
-
-
 @needs_two_rates
 def test_mixed_plan_end_to_end_matches_footprint_exactly():
-    calibration = token_batch(0, batch=2, length=12)
-    model = tiny_llama(0)
+    calibration = token_batch(0, batch=2, length=12, vocab=64)
+    model = small_llama(0)
     reference = copy.deepcopy(model)
     budget = mixed_budget(model, calibration)
     p = plan(model, budget, calibration=calibration)
@@ -209,7 +221,7 @@ def test_mixed_plan_end_to_end_matches_footprint_exactly():
         weight = model.get_submodule(layer.name).weight
         assert isinstance(weight, lift_ao.LiftQuantTensor)
         assert weight.lattice.name == layer.lattice and weight.storage_bytes() == layer.bytes
-    tokens = token_batch(1)
+    tokens = token_batch(1, vocab=64)
     with torch.no_grad():
         logits, want = model(tokens).logits, reference(tokens).logits
     assert torch.isfinite(logits).all()
@@ -225,7 +237,7 @@ def test_mixed_plan_end_to_end_matches_footprint_exactly():
 
 @needs_lattices
 def test_uniform_plan_with_quantized_tied_lm_head_matches_footprint():
-    model = tiny_llama(1, tie=True)
+    model = small_llama(1, tie=True)
     lo, hi = bounds(model, allocation="uniform", include_lm_head=True)
     budget = (lo + hi) // 2
     config = lift_ao.liftquant(memory_budget=budget, allocation="uniform", include_lm_head=True)
