@@ -4,8 +4,9 @@ Two launches, each a handful of small tensor-core products:
 
 1. :func:`_rotate_kernel` — ``U = P1ᵀ · V · P2`` per token, with ``V`` the sign-flipped, zero-padded
    activation seen as a (k1, k2) matrix (the Kronecker identity of :mod:`lift_ao.transform`). One
-   program computes ``BLOCK_I`` rows of U for one token, so the grid is tokens × ⌈k1/BLOCK_I⌉, and
-   writes them to an fp32 scratch row of length Kp.
+   program computes ``BLOCK_I`` rows of U for one token (grid tokens × ⌈k1/BLOCK_I⌉), written to an
+   fp32 scratch row of length Kp. With few tokens (decode) that grid is too small to fill the GPU, so
+   the columns of U are also split across programs, each recomputing its rows of ``P1ᵀ V``.
 2. :func:`_lift_blocks_kernel` — each d-block of U times M (d × D), cast to the activation's dtype.
 
 They are separate launches because a d-block may straddle rows of U (d need not divide k2), so a
@@ -14,6 +15,8 @@ are d, D and k2 padded to powers of two (≥ 16, tl.dot's minimum), with masked 
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import triton
@@ -32,11 +35,13 @@ def _rotate_kernel(
     x_ptr, signs_ptr, left_ptr, right_ptr, u_ptr,
     K, k1, k2, stride_x, stride_u,
     K2_PADDED: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_J: tl.constexpr,
-    PRECISION: tl.constexpr,
+    COLUMNS_PER_PROGRAM: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Rows [pid_i·BLOCK_I, +BLOCK_I) of U = P1ᵀ V P2 for token pid_b; u (B, k1·k2) fp32."""
+    """U[i, j] = (P1ᵀ V P2)[i, j] for token pid_b, rows i in [pid_i·BLOCK_I, +BLOCK_I), columns j in
+    [pid_j·COLUMNS_PER_PROGRAM, +COLUMNS_PER_PROGRAM); u (B, k1·k2) fp32."""
     pid_b = tl.program_id(0)
     pid_i = tl.program_id(1)
+    pid_j = tl.program_id(2)
     i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
     columns = tl.arange(0, K2_PADDED)
     column_ok = columns < k2
@@ -54,7 +59,7 @@ def _rotate_kernel(
         partial = tl.dot(left_t, v, partial, input_precision=PRECISION)
 
     u_rows = u_ptr + pid_b.to(tl.int64) * stride_u + i[:, None] * k2
-    for j0 in range(0, K2_PADDED, BLOCK_J):
+    for j0 in range(pid_j * COLUMNS_PER_PROGRAM, (pid_j + 1) * COLUMNS_PER_PROGRAM, BLOCK_J):
         j = j0 + tl.arange(0, BLOCK_J)
         right = tl.load(right_ptr + columns[:, None] * k2 + j[None, :],
                         mask=column_ok[:, None] & (j < k2)[None, :], other=0.0)
@@ -83,7 +88,7 @@ def _lift_blocks_kernel(
 
 def lift_activation_triton(
     x: torch.Tensor, input_signs: torch.Tensor, rotation_left: torch.Tensor,
-    rotation_right: torch.Tensor, mapping: torch.Tensor,
+    rotation_right: torch.Tensor, mapping: torch.Tensor, split_columns: Optional[bool] = None,
 ) -> torch.Tensor:
     """Lifted activation with the Triton kernels (CUDA, or CPU under TRITON_INTERPRET=1).
 
@@ -91,6 +96,8 @@ def lift_activation_triton(
         x: (..., K) fp16 / bf16 / fp32 activation, K ≤ Kp.
         input_signs: (Kp,), rotation_left: (k1, k1), rotation_right: (k2, k2) float32 rotation.
         mapping: (d, D) float32 lattice matrix M.
+        split_columns: also split U's columns across programs (None: when the row programs alone
+            would leave SMs idle).
     Returns:
         (..., Kp·D/d) in x.dtype. The rotation runs in tf32 for 16-bit activations (its error,
         ~1e-4 relative, is under their rounding) and in fp32 for fp32 activations.
@@ -111,10 +118,17 @@ def lift_activation_triton(
     signs, left, right = (t.to(f32).contiguous() for t in (input_signs, rotation_left, rotation_right))
     rotated = torch.empty(tokens, padded, dtype=f32, device=x.device)
     k2_padded = max(16, triton.next_power_of_2(k2))
-    _rotate_kernel[(tokens, triton.cdiv(k1, _ROWS_PER_PROGRAM))](
+    column_chunk = min(_COLUMN_CHUNK, k2_padded)
+    if split_columns is None:
+        row_programs = tokens * triton.cdiv(k1, _ROWS_PER_PROGRAM)
+        split_columns = (x.device.type == "cuda"
+                         and row_programs < torch.cuda.get_device_properties(x.device).multi_processor_count)
+    columns_per_program = column_chunk if split_columns else k2_padded
+    _rotate_kernel[(tokens, triton.cdiv(k1, _ROWS_PER_PROGRAM), k2_padded // columns_per_program)](
         rows, signs, left, right, rotated, features, k1, k2, rows.stride(0), rotated.stride(0),
         K2_PADDED=k2_padded, BLOCK_I=_ROWS_PER_PROGRAM, BLOCK_A=_INNER_CHUNK,
-        BLOCK_J=min(_COLUMN_CHUNK, k2_padded), PRECISION="ieee" if x.dtype == f32 else "tf32",
+        BLOCK_J=column_chunk, COLUMNS_PER_PROGRAM=columns_per_program,
+        PRECISION="ieee" if x.dtype == f32 else "tf32",
         num_warps=4,
     )
     _lift_blocks_kernel[(tokens, triton.cdiv(n_blocks, _BLOCKS_PER_PROGRAM))](

@@ -96,14 +96,15 @@ def test_cuda_entry_rejects_mismatched_codes():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("tokens", [1, 3])
-@pytest.mark.parametrize("features,d,D", [(37, 10, 24), (100, 8, 24), (64, 16, 32), (300, 6, 21), (45, 14, 30)])
-def test_lift_activation_matches_float64(dtype, tokens, features, d, D):
+@pytest.mark.parametrize("features,d,D,split_columns", [
+    (37, 10, 24, False), (100, 8, 24, True), (64, 16, 32, False), (300, 6, 21, True), (45, 14, 30, False)])
+def test_lift_activation_matches_float64(dtype, tokens, features, d, D, split_columns):
     g = torch.Generator().manual_seed(features * 131 + d)
     rotation = make_rotation(features, d, seed=3)
     mapping = torch.linalg.qr(torch.randn(D, d, generator=g)).Q.T.contiguous() * 1.3  # orthonormal rows, scaled
     x = torch.randn(tokens, features, generator=g).to(dtype)
 
-    out = lift_activation_triton(x, rotation.signs, rotation.left, rotation.right, mapping)
+    out = lift_activation_triton(x, rotation.signs, rotation.left, rotation.right, mapping, split_columns=split_columns)
 
     f64 = torch.float64
     ref = lift_activation_reference(x.to(f64), rotation.signs.to(f64), rotation.left.to(f64),
