@@ -1,0 +1,316 @@
+"""Hugging Face transformers: ``from_pretrained``/``save_pretrained`` through transformers' quantizer hooks.
+
+    from lift_ao.integrations.hf import LiftQuantHfConfig
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=LiftQuantHfConfig(bits=2.4))
+    model.save_pretrained(out_dir)                         # safetensors, quantization_config in config.json
+    model = AutoModelForCausalLM.from_pretrained(out_dir)  # after ``import lift_ao``: identical outputs
+
+Importing this module (``import lift_ao`` does) registers ``quant_method="liftquant"`` with
+``transformers.quantizers.auto``: ``LiftQuantHfConfig`` is the ``QuantizationConfigMixin`` written to
+``config.json``, ``LiftQuantHfQuantizer`` the ``HfQuantizer`` that transformers instantiates from it.
+
+Checkpoint layout (plain tensors, no pickle): a LiftQuant weight ``<module>.weight`` is stored as
+``<module>.weight_packed_codes``, ``<module>.weight_row_scale``, ``<module>.weight_mapping``,
+``<module>.weight_input_signs``, ``<module>.weight_rotation_left``, ``<module>.weight_rotation_right``
+(see :class:`~lift_ao.tensor.LiftQuantTensor` for their shapes). The suffix is joined with ``_``, as
+transformers' own ``weight_scale_inv`` is, because transformers' key patterns treat ``weight.`` as the
+end of a weight name and would rename ``weight.packed_codes`` to ``weight``. Every weight carries its
+own lattice matrix, so checkpoints with per-layer lattices (``memory_budget``) load without the
+shipped lattice files; the logical (out, in) shape and dtype come from the model being loaded.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Optional
+
+import torch
+from transformers.core_model_loading import ConversionOps
+from transformers.quantizers.auto import register_quantization_config, register_quantizer
+from transformers.quantizers.base import HfQuantizer
+from transformers.quantizers.quantizers_utils import should_convert_module
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from lift_ao.api import quantizable_linears
+from lift_ao.config import LiftQuantConfig, liftquant
+from lift_ao.io import CheckpointError
+from lift_ao.lattice import Lattice
+from lift_ao.tensor import LiftQuantTensor
+
+if TYPE_CHECKING:  # importing modeling_utils costs a second at `import lift_ao`; only annotations need it
+    from transformers import PreTrainedModel
+
+__all__ = ["QUANT_METHOD", "LiftQuantHfConfig", "LiftQuantHfQuantizer", "enable_save_pretrained"]
+
+QUANT_METHOD = "liftquant"
+# Checkpoint names of a LiftQuant weight's tensors: "weight" -> "weight_packed_codes", ...
+SERIALIZED_WEIGHT_NAMES = [f"weight_{name}" for name in LiftQuantTensor.tensor_data_names]
+
+
+@register_quantization_config(QUANT_METHOD)
+class LiftQuantHfConfig(QuantizationConfigMixin):
+    """LiftQuant settings for ``from_pretrained(..., quantization_config=...)``; saved in ``config.json``.
+
+    Give exactly one of ``bits``, ``lattice`` or ``memory_budget`` (the last only describes checkpoints
+    made with ``lift_ao.quantize(model, liftquant(memory_budget=...))``: planning needs the whole model,
+    so it cannot run while transformers loads one tensor at a time).
+
+    Args:
+        bits: target bits per weight (e.g. 2.4), resolved to a shipped lattice as :func:`lift_ao.liftquant` does.
+        lattice: a shipped lattice name ``"D/d"`` (e.g. ``"24/10"``) instead of ``bits``.
+        round: ``"down"`` or ``"nearest"``, how ``bits`` picks a lattice.
+        seed: seed of the input rotations.
+        include_lm_head: also quantize the output projection (not allowed when it is tied to the input embedding).
+        modules_to_not_convert: module names (or name prefixes) to keep in high precision.
+        memory_budget: bytes the checkpoint was planned for (informational, pre-quantized checkpoints only).
+    """
+
+    def __init__(
+        self, bits: Optional[float] = None, lattice: Optional[str] = None, round: str = "down", seed: int = 0,
+        include_lm_head: bool = False, modules_to_not_convert: Optional[list[str]] = None,
+        memory_budget: Optional[int] = None, **kwargs,
+    ):
+        quant_method = kwargs.pop("quant_method", QUANT_METHOD)
+        if quant_method != QUANT_METHOD:
+            raise ValueError(f"LiftQuantHfConfig is for quant_method={QUANT_METHOD!r}, got {quant_method!r}")
+        if kwargs:
+            raise TypeError(
+                f"LiftQuantHfConfig got unknown fields {sorted(kwargs)}; the checkpoint was written by a newer "
+                "lift_ao: upgrade lift_ao, or remove the fields from config.json's quantization_config"
+            )
+        if sum(v is not None for v in (bits, lattice, memory_budget)) != 1:
+            raise ValueError(
+                "LiftQuantHfConfig needs exactly one of bits=... (e.g. 2.4), lattice=... (e.g. '24/10') "
+                "or memory_budget=... (pre-quantized checkpoints only)"
+            )
+        if modules_to_not_convert is not None and not all(isinstance(m, str) for m in modules_to_not_convert):
+            raise TypeError(f"modules_to_not_convert must be a list of module names, got {modules_to_not_convert!r}")
+        self.quant_method = QUANT_METHOD
+        self.bits = bits
+        self.lattice = lattice
+        self.round = round
+        self.seed = seed
+        self.include_lm_head = include_lm_head
+        self.modules_to_not_convert = modules_to_not_convert
+        self.memory_budget = memory_budget
+
+    @classmethod
+    def from_liftquant(cls, config: LiftQuantConfig) -> "LiftQuantHfConfig":
+        """The Hugging Face record of a :func:`lift_ao.liftquant` config (what :func:`enable_save_pretrained` writes)."""
+        if not isinstance(config, LiftQuantConfig):
+            raise TypeError(f"config must come from lift_ao.liftquant(...), got {type(config).__name__}")
+        return cls(
+            lattice=config.lattice, seed=config.seed, include_lm_head=config.include_lm_head,
+            memory_budget=config.memory_budget,
+        )
+
+    def to_liftquant(self) -> LiftQuantConfig:
+        """The :class:`~lift_ao.config.LiftQuantConfig` that quantizes on load (needs the shipped lattices)."""
+        if self.memory_budget is not None:
+            raise ValueError(
+                "a memory_budget is planned over the whole model and cannot be applied while transformers "
+                "loads it tensor by tensor: load the model unquantized, run "
+                "lift_ao.quantize(model, lift_ao.liftquant(memory_budget=...)), then "
+                "lift_ao.integrations.hf.enable_save_pretrained(model, config) and model.save_pretrained(dir)"
+            )
+        return liftquant(
+            self.bits, lattice=self.lattice, round=self.round, seed=self.seed, include_lm_head=self.include_lm_head,
+        )
+
+
+class _EncodeOnLoad(ConversionOps):
+    """Quantizes one high-precision checkpoint weight as transformers loads it."""
+
+    def __init__(self, hf_quantizer: "LiftQuantHfQuantizer"):
+        self.hf_quantizer = hf_quantizer
+
+    def convert(self, input_dict, full_layer_name=None, **kwargs) -> dict[str, torch.nn.Parameter]:
+        """``{full_layer_name: [weight (N, K)]}`` -> ``{full_layer_name: Parameter(LiftQuantTensor (N, K))}``."""
+        (weight,) = input_dict.values()
+        weight = weight[0] if isinstance(weight, list) else weight
+        config = self.hf_quantizer.liftquant_config
+        quantized = LiftQuantTensor.from_hp(
+            weight, self.hf_quantizer.lattice, seed=config.seed, progress=config.progress, name=full_layer_name
+        )
+        return {full_layer_name: torch.nn.Parameter(quantized, requires_grad=False)}
+
+
+class _Deserialize(ConversionOps):
+    """Rebuilds a :class:`LiftQuantTensor` from its ``weight_*`` checkpoint tensors."""
+
+    def __init__(self, hf_quantizer: "LiftQuantHfQuantizer"):
+        # transformers looks for `hf_quantizer` on load ops to leave the tensors' dtypes alone
+        # (codes are int32, scales and transforms float32 whatever the model's dtype).
+        self.hf_quantizer = hf_quantizer
+
+    def convert(self, input_dict, model=None, full_layer_name=None, **kwargs) -> dict[str, torch.nn.Parameter]:
+        """``{"weight_packed_codes": [t], ...}`` -> ``{full_layer_name: Parameter(LiftQuantTensor (N, K))}``."""
+        missing = [name for name in SERIALIZED_WEIGHT_NAMES if name not in input_dict]
+        if missing:
+            raise CheckpointError(f"{full_layer_name}: the checkpoint lacks {missing}; save the model again")
+        parts = [input_dict[name][0] for name in SERIALIZED_WEIGHT_NAMES]
+        module = model.get_submodule(full_layer_name.rpartition(".")[0])
+        if not isinstance(module, torch.nn.Linear):
+            raise CheckpointError(
+                f"{full_layer_name}: LiftQuant weights load into nn.Linear, this model has a "
+                f"{type(module).__name__} there (GPT-2 Conv1D): load with lift_ao.load_quantized(dir) instead"
+            )
+        expected = module.weight  # on the meta device: gives the logical shape and dtype
+        packed_codes, row_scale, mapping, input_signs = parts[:4]
+        block, code_bits = mapping.shape
+        padded_in = input_signs.shape[0]
+        words_per_row = math.ceil(padded_in // block * code_bits / 32)
+        if (packed_codes.shape != (expected.shape[0], words_per_row) or row_scale.shape != (expected.shape[0],)
+                or padded_in < expected.shape[1] or padded_in % block):
+            raise CheckpointError(
+                f"{full_layer_name}: stored codes {tuple(packed_codes.shape)} / scales {tuple(row_scale.shape)} "
+                f"do not fit a weight of shape {tuple(expected.shape)}; load into the architecture that was saved"
+            )
+        weight = LiftQuantTensor(*parts, expected.shape, expected.dtype)
+        return {full_layer_name: torch.nn.Parameter(weight, requires_grad=False)}
+
+
+@register_quantizer(QUANT_METHOD)
+class LiftQuantHfQuantizer(HfQuantizer):
+    """transformers' side of LiftQuant: quantize on load, flatten for ``save_pretrained``, rebuild on load."""
+
+    requires_calibration = False
+    serialized_names = {"weight": SERIALIZED_WEIGHT_NAMES}
+
+    def validate_environment(self, device_map=None, **kwargs):
+        """Fail before any tensor is read: unknown lattice or budget on load, or disk offload."""
+        if not self.pre_quantized:
+            self.liftquant_config = self.quantization_config.to_liftquant()
+            self.lattice = Lattice.load(self.liftquant_config.lattice)
+        if isinstance(device_map, dict) and "disk" in device_map.values():
+            raise ValueError(
+                "LiftQuant weights cannot be offloaded to disk; give a device_map with GPU/CPU devices only"
+            )
+
+    @property
+    def quantized_element_size(self) -> Optional[float]:
+        """Bytes per weight quantized on load (D/d bits), for transformers' device-map planning."""
+        # transformers asks only for weights that param_needs_quantization selects: quantize on load.
+        return None if self.pre_quantized else self.lattice.bits / 8
+
+    def _process_model_before_weight_loading(self, model: "PreTrainedModel", **kwargs):
+        # Quantize on load: the same selection as lift_ao.quantize (output projection kept unless
+        # include_lm_head), minus modules_to_not_convert and the model's fp32 modules; nn.Linear only,
+        # because a GPT-2 Conv1D stores its weight transposed. A pre-quantized checkpoint says by its
+        # keys which weights are LiftQuant, so nothing is selected then.
+        self.quantized_modules = set()
+        if self.pre_quantized:
+            return
+        config = self.quantization_config
+        tied = getattr(model.config.get_text_config(decoder=True), "tie_word_embeddings", False)
+        if config.include_lm_head and tied:
+            raise ValueError(
+                "include_lm_head=True but the output projection is tied to the input embedding; load with "
+                "tie_word_embeddings=False or keep include_lm_head=False"
+            )
+        skipped = list(config.modules_to_not_convert or []) + list(model._keep_in_fp32_modules or [])
+        self.quantized_modules = {
+            name for name, module in quantizable_linears(model, self.liftquant_config)
+            if isinstance(module, torch.nn.Linear) and should_convert_module(name, skipped)
+        }
+        if not self.quantized_modules:
+            raise ValueError(
+                f"{type(model).__name__} has no nn.Linear layer to quantize on load (GPT-2 style Conv1D "
+                "layers are not); load it unquantized and call lift_ao.quantize(model, lift_ao.liftquant(...))"
+            )
+
+    def param_needs_quantization(self, model: "PreTrainedModel", param_name: str, **kwargs) -> bool:
+        """Whether ``param_name`` (e.g. ``model.layers.0.mlp.up_proj.weight``) is a LiftQuant weight."""
+        module_name, _, tensor_name = param_name.rpartition(".")
+        return tensor_name == "weight" and module_name in self.quantized_modules
+
+    def get_quantize_ops(self) -> ConversionOps:
+        """The op transformers applies to each high-precision weight selected for quantization."""
+        return _EncodeOnLoad(self)
+
+    def get_load_operations(self) -> dict:
+        """The op that rebuilds LiftQuant weights from a pre-quantized checkpoint."""
+        return {"deserialize": _Deserialize}
+
+    def _process_model_after_weight_loading(self, model: "PreTrainedModel", **kwargs):
+        # Our converter only makes sense when loading; left in the model's conversion record,
+        # save_pretrained would try to reverse it and rename every `.weight` key.
+        if hasattr(model, "_weight_conversions"):
+            model._weight_conversions = [
+                conversion for conversion in model._weight_conversions
+                if not any(isinstance(op, _Deserialize) for op in getattr(conversion, "operations", ()))
+            ]
+        _share_constants(model)
+        return model
+
+    def get_state_dict_and_metadata(self, model: "PreTrainedModel"):
+        """The state dict ``save_pretrained`` writes: each LiftQuant ``<m>.weight`` as ``<m>.weight_<tensor>``."""
+        state_dict = {}
+        for key, value in model.state_dict().items():
+            if isinstance(value, LiftQuantTensor):
+                prefix = key.removesuffix("weight")
+                for name, serialized in zip(LiftQuantTensor.tensor_data_names, SERIALIZED_WEIGHT_NAMES):
+                    # Clone: q/k/v share one rotation and mapping in memory, safetensors refuses shared storage.
+                    state_dict[prefix + serialized] = getattr(value, name).detach().clone()
+            else:
+                state_dict[key] = value
+        return state_dict, {}
+
+    def is_serializable(self) -> bool:
+        """LiftQuant models save with ``save_pretrained`` (safetensors)."""
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        """No: the ±1 codes have no gradient."""
+        return False
+
+    @property
+    def is_compileable(self) -> bool:
+        """Yes: the ops have fake implementations and the Inductor passes handle them."""
+        return True
+
+
+def _share_constants(model: torch.nn.Module) -> None:
+    # A checkpoint stores each layer's lattice matrix and rotation separately; in memory, layers that
+    # read the same activation shared one copy (LiftQuantTensor.from_hp), which the footprint counts
+    # and the compile passes use to compute the rotated activation once. Restore that sharing.
+    shared: dict[tuple, torch.Tensor] = {}
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, LiftQuantTensor):
+            continue
+        for name in ("mapping", "input_signs", "rotation_left", "rotation_right"):
+            tensor = getattr(weight, name)
+            key = (name, tensor.device, tensor.dtype, tuple(tensor.shape), tensor.cpu().numpy().tobytes())
+            setattr(weight, name, shared.setdefault(key, tensor))
+
+
+def enable_save_pretrained(model: "PreTrainedModel", config: LiftQuantConfig) -> "PreTrainedModel":
+    """Let ``model.save_pretrained`` write a model quantized with :func:`lift_ao.quantize`.
+
+    transformers only serializes quantized weights through the model's ``hf_quantizer``, which
+    ``from_pretrained(quantization_config=...)`` attaches; this attaches one to a model quantized
+    after loading and records ``config`` as ``quantization_config`` in ``config.json``.
+
+    Args:
+        model: a transformers ``PreTrainedModel`` whose linear weights :func:`lift_ao.quantize` coded.
+        config: the :func:`lift_ao.liftquant` config it was quantized with.
+    Returns:
+        ``model`` (modified in place).
+    """
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(
+            f"enable_save_pretrained needs a transformers PreTrainedModel, got {type(model).__name__}; "
+            "save other models with lift_ao.save_quantized(model, dir)"
+        )
+    if not any(isinstance(p, LiftQuantTensor) for p in model.parameters()):
+        raise ValueError("the model has no LiftQuant weight: run lift_ao.quantize(model, config) first")
+    quantizer = LiftQuantHfQuantizer(LiftQuantHfConfig.from_liftquant(config), pre_quantized=True)
+    model.hf_quantizer = quantizer
+    model.is_quantized = True
+    model.quantization_method = QUANT_METHOD
+    quantizer.postprocess_model(model)
+    return model
