@@ -45,8 +45,8 @@ from lift_ao.lattice import Lattice
 from lift_ao.transform import padded_in_features
 
 __all__ = [
-    "BudgetError", "LayerPlan", "Plan", "PRESETS", "format_bytes", "kv_cache_bytes", "layer_storage_bytes",
-    "parse_bytes", "plan",
+    "ALLOCATIONS", "BudgetError", "LayerPlan", "Plan", "PRESETS", "code_bytes", "format_bytes", "kv_cache_bytes",
+    "layer_storage_bytes", "normalize_kv_cache", "parse_bytes", "plan",
 ]
 
 # packed_codes are int32 words; row scales, M and the rotation are float32.
@@ -198,10 +198,6 @@ def layer_storage_bytes(out_features: int, in_features: int, lattice: Lattice) -
     return code_bytes(out_features, in_features, lattice) + shared
 
 
-def _dtype_bytes(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
-
 def kv_cache_bytes(config, context: int, batch: int = 1, dtype: torch.dtype = torch.bfloat16) -> int:
     """KV cache bytes: layers × 2 (K and V) × kv_heads × head_dim × context × batch × dtype bytes.
 
@@ -220,16 +216,24 @@ def kv_cache_bytes(config, context: int, batch: int = 1, dtype: torch.dtype = to
         ) from None
     kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
     head_dim = int(getattr(config, "head_dim", None) or hidden // heads)
-    return layers * 2 * kv_heads * head_dim * context * batch * _dtype_bytes(dtype)
+    return layers * 2 * kv_heads * head_dim * context * batch * dtype.itemsize
 
 
-def _storage_key(t: torch.Tensor):
-    # As lift_ao.footprint: one entry per storage. Meta tensors have no addresses; tied meta
-    # parameters are the same object, so identity stands in for the address.
-    storage = t.untyped_storage()
-    if t.device.type == "meta":
-        return ("meta", id(t)), t.nbytes
-    return (storage.device.type, storage.data_ptr(), storage.nbytes()), storage.nbytes()
+def _storage_entries(t: torch.Tensor):
+    """(key, bytes) of each storage behind ``t``, keyed as :func:`lift_ao.footprint` keys them.
+
+    Meta tensors have no addresses; tied meta parameters are the same object, so identity stands in
+    for the address. An already quantized weight contributes its inner tensors."""
+    from lift_ao.tensor import LiftQuantTensor
+
+    if isinstance(t, LiftQuantTensor):
+        for name in t.tensor_data_names:
+            yield from _storage_entries(getattr(t, name))
+    elif t.device.type == "meta":
+        yield ("meta", id(t)), t.nbytes
+    else:
+        storage = t.untyped_storage()
+        yield (storage.device.type, storage.data_ptr(), storage.nbytes()), storage.nbytes()
 
 
 def _high_precision_bytes(model: torch.nn.Module, quantized: set) -> int:
@@ -242,8 +246,7 @@ def _high_precision_bytes(model: torch.nn.Module, quantized: set) -> int:
         for name, t in tensors:
             if t is None or (name == "weight" and id(module) in quantized):
                 continue
-            key, nbytes = _storage_key(t)
-            seen[key] = nbytes
+            seen.update(_storage_entries(t))
     return sum(seen.values())
 
 
@@ -462,9 +465,11 @@ def _input_mean_squares(model: torch.nn.Module, modules: list, calibration) -> l
 
 
 def _out_in(module: torch.nn.Module) -> tuple[int, int]:
+    from lift_ao.api import _is_hf_conv1d
+
     # transformers' Conv1D stores (in, out); lift_ao.quantize turns it into an (out, in) Linear.
     n, k = module.weight.shape
-    return (k, n) if type(module).__name__ == "Conv1D" else (n, k)
+    return (k, n) if _is_hf_conv1d(module) else (n, k)
 
 
 def _lattice_mse(lattice: Lattice) -> float:
@@ -643,7 +648,8 @@ def plan(
         allocation: ``"sensitivity"`` (mixed widths, see the module docstring) or ``"uniform"``.
         calibration: token ids (batch, tokens) or a list of them, run through the model to
             measure each layer's E[x²] (sensitivity only; needs real weights).
-        include_lm_head, filter_fn, seed: as in :func:`lift_ao.quantize`.
+        include_lm_head, filter_fn, seed: as in :func:`lift_ao.quantize`. Layers already quantized
+            are not replanned; their storages count with the high-precision part.
         device: where the weights will be encoded (decides which M/rotation storages are shared);
             default: where the model's weights are, ``cuda`` for a meta-device model.
         dtype: dtype of the high-precision parts when building from a config (default: the
