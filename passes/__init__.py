@@ -1,0 +1,171 @@
+"""Inductor passes for LiftQuant weights (installed as ``lift_ao.passes``).
+
+Importing ``lift_ao`` calls :func:`install`, so a plain ``torch.compile(model)`` of a quantized model
+gets, in its post-grad graph (see :mod:`lift_ao.passes.rewrites`):
+
+- ``shared_transform``: q/k/v (and gate/up) compute the rotation + lift of their input once;
+- ``lift_fusion``: the lift and the matmul(s) reading it become one fused op (``lifted_linear`` /
+  ``lifted_linear_group`` from :mod:`lift_ao.kernels.fused_ops`), one launch;
+- ``scale_folding``: the rotation's sign diagonal moves into the preceding RMSNorm weight.
+
+Each rewrite adds to ``torch._dynamo.utils.counters["lift_ao"][<name>]``. The passes live in Inductor's
+``post_grad_custom_post_pass`` slot inside one :class:`LiftAOPassManager`, which first runs whatever
+pass(es) the slot held before, so user passes keep working; :func:`uninstall` puts the previous value
+back. ``uuid()`` hashes this package's sources (and the chained passes' uuids), so Inductor's FX graph
+cache stays on and is invalidated when the passes change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Any, Optional
+
+import torch.fx as fx
+from torch._inductor import config as inductor_config
+from torch._inductor import custom_graph_pass
+
+from torch._dynamo.utils import counters
+
+from .rewrites import COUNTER, fold_scales, fuse_lifts, share_transforms
+
+__all__ = ["COUNTER", "REWRITES", "SLOT", "LiftAOPassManager", "install", "uninstall", "is_installed", "run_passes"]
+
+SLOT = "post_grad_custom_post_pass"
+# Counter names, one per rewrite (see the module docstring).
+REWRITES = ("shared_transform", "lift_fusion", "scale_folding")
+
+# Inference-aware passes (torch ≥ 2.13) get ``is_inference``; older Inductor has no such class.
+_InferenceAware = getattr(custom_graph_pass, "CustomInferenceAwareGraphPass", None)
+_ManagerBase = _InferenceAware or custom_graph_pass.CustomGraphPass
+
+_SOURCES = tuple(
+    os.path.join(os.path.dirname(os.path.abspath(__file__)), *parts)
+    for parts in (("__init__.py",), ("rewrites.py",), ("..", "kernels", "fused_ops.py"))
+)
+
+
+def run_passes(graph: fx.Graph) -> dict[str, int]:
+    """Apply lift_ao's rewrites to a post-grad graph, in dependency order.
+
+    Sharing first (so siblings meet at one lift), fusion next (siblings → one group op), folding last
+    (it moves the signs of a fused op into its producer).
+
+    Returns:
+        rewrites done, by counter name (the increase of ``counters["lift_ao"]``).
+    """
+    before = dict(counters[COUNTER])
+    share_transforms(graph)
+    fuse_lifts(graph)
+    fold_scales(graph)
+    done = {name: counters[COUNTER][name] - before.get(name, 0) for name in REWRITES}
+    if any(done.values()):
+        graph.lint()
+    return done
+
+
+class LiftAOPassManager(_ManagerBase):
+    """The pass installed in the Inductor slot: the slot's previous passes, then :func:`run_passes`.
+
+    Args:
+        chained: the passes the slot held before installation, run first and in order.
+    """
+
+    def __init__(self, chained: tuple = ()):
+        self.chained = tuple(chained)
+
+    def __call__(self, graph: fx.Graph, is_inference: bool = False) -> None:
+        for chained_pass in self.chained:
+            if _InferenceAware is not None and isinstance(chained_pass, _InferenceAware):
+                chained_pass(graph, is_inference)
+            else:
+                chained_pass(graph)
+        run_passes(graph)
+
+    def uuid(self) -> Optional[Any]:
+        """Cache key: hash of lift_ao's pass sources and the chained passes' uuids.
+
+        None (Inductor bypasses its cache) when a chained pass cannot name itself, as Inductor
+        would have done for that pass alone.
+        """
+        chained_ids = []
+        for chained_pass in self.chained:
+            chained_id = chained_pass.uuid() if isinstance(chained_pass, custom_graph_pass.CustomGraphPass) else None
+            if chained_id is None:
+                return None
+            chained_ids.append(repr(chained_id))
+        digest = hashlib.sha256(custom_graph_pass.get_hash_for_files(_SOURCES))
+        digest.update("|".join(chained_ids).encode())
+        return digest.hexdigest()
+
+
+# (value we put in the slot, value it held before) while installed.
+_installed: Optional[tuple[Any, Any]] = None
+
+
+def _manager_of(value: Any) -> Optional[LiftAOPassManager]:
+    if isinstance(value, LiftAOPassManager):
+        return value
+    if isinstance(value, (list, tuple)):
+        return next((p for p in value if isinstance(p, LiftAOPassManager)), None)
+    return None
+
+
+def install() -> LiftAOPassManager:
+    """Put lift_ao's passes in Inductor's ``post_grad_custom_post_pass`` slot (idempotent).
+
+    A pass already in the slot is kept and runs first: a list or tuple (torch ≥ 2.13) gets our manager
+    appended; a single pass (any version) is chained inside our manager. Inductor reads the slot at
+    the first call of a compiled function, so install before that call.
+
+    Returns:
+        the installed manager.
+    """
+    global _installed
+    previous = getattr(inductor_config, SLOT)
+    existing = _manager_of(previous)
+    if existing is not None:
+        return existing
+    if isinstance(previous, (list, tuple)):
+        manager = LiftAOPassManager()
+        value = type(previous)([*previous, manager])
+    else:
+        manager = LiftAOPassManager(() if previous is None else (previous,))
+        value = manager
+    setattr(inductor_config, SLOT, value)
+    _installed = (value, previous)
+    return manager
+
+
+def uninstall() -> bool:
+    """Remove lift_ao's passes, restoring the slot's previous value.
+
+    If the slot was changed after :func:`install`, only our manager is taken out of it (a list keeps
+    the other passes; a manager chaining a pass is replaced by that pass).
+
+    Returns:
+        True if a lift_ao manager was removed.
+    """
+    global _installed
+    current = getattr(inductor_config, SLOT)
+    manager = _manager_of(current)
+    _installed, installed = None, _installed
+    if manager is None:
+        return False
+    if installed is not None and current is installed[0]:
+        restored = installed[1]
+    elif isinstance(current, (list, tuple)):
+        restored = type(current)(p for p in current if p is not manager)
+    else:
+        restored = manager.chained[0] if manager.chained else None
+    setattr(inductor_config, SLOT, restored)
+    return True
+
+
+def is_installed() -> bool:
+    """Whether lift_ao's manager is in Inductor's slot now."""
+    return _manager_of(getattr(inductor_config, SLOT)) is not None
+
+
+# Installed when the package is imported (``import lift_ao`` imports it), so plain torch.compile works.
+install()
