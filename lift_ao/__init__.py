@@ -12,7 +12,6 @@ __version__ = "0.1.0"
 
 from lift_ao import kernels  # noqa: F401  (registers the torch.library ops)
 from lift_ao import passes  # noqa: F401  (installs the Inductor passes; lift_ao.passes.uninstall() removes them)
-from lift_ao import passes  # noqa: F401  (installs the Inductor passes; lift_ao.passes.uninstall() removes them)
 from lift_ao.api import quantizable_linears, quantize
 from lift_ao.budget import BudgetError, Plan, plan
 from lift_ao.config import LiftQuantConfig, liftquant
