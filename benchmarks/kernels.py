@@ -44,7 +44,7 @@ from lift_ao.transform import make_rotation  # noqa: E402
 from kernels import lift_activation, lifted_matmul  # noqa: E402  (registers the CUDA kernels)
 from kernels.reference import lift_activation_reference, lifted_matmul_reference  # noqa: E402
 from kernels.triton_lift import lift_activation_triton  # noqa: E402
-from kernels.triton_matmul import _lifted_matmul_tuned, lifted_matmul_triton  # noqa: E402
+from kernels.triton_matmul import _TUNING_CONFIGS, _lifted_matmul_tuned, lifted_matmul_triton  # noqa: E402
 
 SHAPES = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336), (8192, 8192), (28672, 8192), (8192, 28672)]
 BATCHES = [1, 4, 16, 64, 256]
@@ -185,7 +185,31 @@ def int4_linear(weight: torch.Tensor, log):
         return None
 
 
-def time_shapes(copy_gbs: float, log, quick: bool) -> list[dict]:
+def sweep_configs(log) -> list[dict]:
+    """Every tuning candidate (plus a few wider ones), fixed, on the decode shapes that matter most."""
+    extra = [triton.Config({"BLOCK_N": 16, "BLOCK_W": 8}, num_warps=1, num_stages=4),
+             triton.Config({"BLOCK_N": 32, "BLOCK_W": 16}, num_warps=2, num_stages=3),
+             triton.Config({"BLOCK_N": 64, "BLOCK_W": 16}, num_warps=4, num_stages=3)]
+    sweep = []
+    for rows, features, batch in [(28672, 8192, 1), (8192, 28672, 1), (4096, 4096, 1), (28672, 8192, 16)]:
+        layer = LiftedLayer(rows, features, 2.4)
+        lifted = layer.lift(torch.randn(batch, features, device="cuda", dtype=DTYPE))
+        for cfg in _TUNING_CONFIGS + extra:
+            if cfg.kwargs["BLOCK_N"] >= 256:
+                continue
+            config = dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            try:
+                us = bench_us(lambda: lifted_matmul_triton(lifted, layer.codes, layer.row_scale, None, config=config))
+            except Exception as exc:  # a config that does not compile is a finding, not a crash
+                log(f"sweep {rows}x{features} b{batch} {config}: failed {exc!r}"[:300])
+                continue
+            sweep.append(dict(rows=rows, features=features, batch=batch, config=config, us=us))
+            log(f"sweep {rows}x{features} b{batch} {config}: {us:.1f}us")
+        del layer
+    return sweep
+
+
+def time_shapes(copy_gbs: float, log, quick: bool, save) -> list[dict]:
     rows_out = []
     shapes = SHAPES[:2] if quick else SHAPES
     for rows, features in shapes:
@@ -219,6 +243,7 @@ def time_shapes(copy_gbs: float, log, quick: bool) -> list[dict]:
                 + f"  <- {rows}x{features} b{batch}")
         del weight, int4, layers
         torch.cuda.empty_cache()
+        save(rows_out)
     return rows_out
 
 
@@ -269,7 +294,11 @@ def markdown(result: dict) -> str:
         lines.append(f"| {c['rows']}×{c['features']} | {c['bits']} | {c['batch']} | {c['dtype']} | "
                      f"{c['lift_error']:.1e} | {c['matmul_error']:.1e} | {c['op_error']:.1e} | {c['ok']} |")
     lines += ["", f"torch.compile(fullgraph=True) over both ops: {result['compile']}", "",
-              "## Split-K variants (2.4 bits, lifted_matmul µs)", "",
+              "## Config sweep (2.4 bits, lifted_matmul µs, automatic split-K)", "",
+              "| N×K | batch | config | µs |", "|---|---|---|---|"]
+    for v in result["sweep"]:
+        lines.append(f"| {v['rows']}×{v['features']} | {v['batch']} | {v['config']} | {v['us']:.1f} |")
+    lines += ["", "## Split-K variants (2.4 bits, lifted_matmul µs)", "",
               "| N×K | batch | splits | µs | config |", "|---|---|---|---|---|"]
     for v in result["variants"]:
         lines.append(f"| {v['rows']}×{v['features']} | {v['batch']} | {v['splits'] or 'auto'} | {v['us']:.1f} | {v['config']} |")
@@ -280,6 +309,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--quick", action="store_true", help="two shapes only (smoke run)")
+    parser.add_argument("--sweep", action="store_true", help="first time every tuning config on decode shapes")
     args = parser.parse_args()
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -300,12 +330,20 @@ def main():
     result["checks"] = check_correctness(log)
     if not all(c["ok"] for c in result["checks"]):
         log("CORRECTNESS FAILED: timings below are of a wrong kernel")
-    result["timings"] = time_shapes(result["copy_gbs"], log, args.quick)
-    result["variants"] = time_variants(log)
     result["compile"] = check_compile(log)
-    result["seconds"] = time.time() - started
-    (out_dir / "kernels.json").write_text(json.dumps(result, indent=1))
-    (out_dir / "kernels.md").write_text(markdown(result))
+    result["variants"] = []
+    result["sweep"] = sweep_configs(log) if args.sweep else []
+
+    def save(timings):
+        """Write what exists so far, so a run cut off at its time limit still leaves results."""
+        result["timings"] = timings
+        result["seconds"] = time.time() - started
+        (out_dir / "kernels.json").write_text(json.dumps(result, indent=1))
+        (out_dir / "kernels.md").write_text(markdown(result))
+
+    save(time_shapes(result["copy_gbs"], log, args.quick, save))
+    result["variants"] = time_variants(log)
+    save(result["timings"])
     print(markdown(result))
 
 

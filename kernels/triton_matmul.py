@@ -137,21 +137,41 @@ def _lifted_matmul_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & token_ok[None, :])
 
 
-# Hopper-oriented candidates: decode wants many code bytes in flight per SM (wide BLOCK_W, deep
-# pipelines), prefill a squarer tile; autotuning picks per (N, words, token block, split size).
+# Hopper candidates. Decode (16-token blocks) is bound by latency per K step, not by tensor-core
+# rate: two-warp programs run mma.sync with both operands in registers (no wgmma fence and wait per
+# step) and many programs fit on an SM; four/eight-warp programs use wgmma with the ±1 tile in
+# registers. Prefill (≥ 64-token blocks) wants big wgmma tiles. Pruned per token block, then tuned.
 _TUNING_CONFIGS = [
+    triton.Config({"BLOCK_N": 32, "BLOCK_W": 8}, num_warps=2, num_stages=4),
+    triton.Config({"BLOCK_N": 64, "BLOCK_W": 4}, num_warps=2, num_stages=4),
+    triton.Config({"BLOCK_N": 64, "BLOCK_W": 8}, num_warps=2, num_stages=4),
     triton.Config({"BLOCK_N": 64, "BLOCK_W": 8}, num_warps=4, num_stages=4),
     triton.Config({"BLOCK_N": 64, "BLOCK_W": 4}, num_warps=4, num_stages=6),
-    triton.Config({"BLOCK_N": 128, "BLOCK_W": 8}, num_warps=8, num_stages=4),
     triton.Config({"BLOCK_N": 128, "BLOCK_W": 4}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_N": 128, "BLOCK_W": 8}, num_warps=8, num_stages=4),
     triton.Config({"BLOCK_N": 128, "BLOCK_W": 4}, num_warps=8, num_stages=4),
     triton.Config({"BLOCK_N": 128, "BLOCK_W": 2}, num_warps=8, num_stages=4),
     triton.Config({"BLOCK_N": 256, "BLOCK_W": 2}, num_warps=8, num_stages=3),
 ]
 _INTERPRETER_CONFIG = {"BLOCK_N": 16, "BLOCK_W": 1}
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    """Big wgmma tiles for prefill-sized token blocks (≥ 64), everything but the biggest for decode."""
+    block_b = kwargs.get("BLOCK_B", named_args.get("BLOCK_B"))
+    if block_b >= 64:
+        return [c for c in configs if c.num_warps >= 4 and c.kwargs["BLOCK_N"] >= 128]
+    return [c for c in configs if c.kwargs["BLOCK_N"] < 256]
+
+
+def _quick_bench(kernel_call, quantiles):
+    """The autotuner's timer, shortened: ~100 shapes × 10 configs must tune inside one benchmark run."""
+    return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
+
+
 _lifted_matmul_tuned = triton.autotune(
-    configs=_TUNING_CONFIGS, key=["N", "words_total", "BLOCK_B", "words_per_split", "SPLIT_FP32"])(
-    _lifted_matmul_kernel)
+    configs=_TUNING_CONFIGS, key=["N", "words_total", "BLOCK_B", "words_per_split", "SPLIT_FP32"],
+    prune_configs_by={"early_config_prune": _prune_configs}, do_bench=_quick_bench)(_lifted_matmul_kernel)
 
 
 @triton.jit
