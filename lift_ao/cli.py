@@ -60,7 +60,7 @@ def _perplexity(args, model, tokens):
 
     return perplexity(
         model, tokens, context_length=args.context, stride=args.stride, max_windows=args.windows,
-        progress=not args.json,
+        progress=True,  # tqdm writes to stderr, so --json output stays clean
     )
 
 
@@ -95,7 +95,7 @@ def _cmd_quantize(args) -> dict:
         report["perplexity_before"] = _perplexity(args, model, tokens).to_dict()
         _log(args, f"perplexity before: {report['perplexity_before']['perplexity']:.3f}")
     t0 = time.perf_counter()
-    lift_ao.quantize(model, config, progress=not args.json)
+    lift_ao.quantize(model, config, progress=True)
     report["quantize_seconds"] = round(time.perf_counter() - t0, 2)
     quantized = [m.weight for _, m in targets]
     report["bytes_after"] = lift_ao.footprint(model)
@@ -210,7 +210,7 @@ def main(argv=None) -> int:
         args.windows = None
     try:
         report = {"quantize": _cmd_quantize, "eval": _cmd_eval, "plan": _cmd_plan}[args.command](args)
-    except (ValueError, TypeError, FileNotFoundError) as e:  # bad input: say what and how to fix it
+    except (ValueError, TypeError, FileNotFoundError, ImportError) as e:  # bad input or a missing package: say the fix
         print(f"lift-ao {args.command}: error: {e}", file=sys.stderr)
         return 2
     except RuntimeError as e:
