@@ -36,6 +36,7 @@ import numbers
 import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Union
 
@@ -130,9 +131,7 @@ def parse_bytes(value: Union[int, str], what: str = "memory_budget", *, allow_ze
         sign, number, exponent, unit = match.groups()
         if sign == "-":
             raise BudgetError(f"{what}={value!r} is negative; a size must be positive")
-        # Exact arithmetic on the decimal string, so "24GiB" is exactly 24·2^30.
-        from fractions import Fraction
-
+        # Exact arithmetic on the decimal string, so "1.1GB" is exactly 1_100_000_000 bytes.
         amount = Fraction(number) * Fraction(10) ** int(exponent or 0) * _UNITS[unit.lower()]
         value = math.floor(amount)
     value = int(value)
@@ -293,6 +292,7 @@ class Plan:
         layers: one :class:`LayerPlan` per quantized layer, in model order.
         allocation: ``"sensitivity"`` or ``"uniform"``; seed: rotation seed; device: where the
             weights are encoded (decides which storages are shared).
+        model_name: for reports; kv_cache: the normalized ``kv_cache`` argument (or None).
     """
 
     budget_bytes: int
