@@ -3,8 +3,8 @@
 Three searches, all batched over blocks, chunked (bounded memory) and written as plain torch so the
 same code runs on CPU and CUDA (device = ``x.device``):
 
-- :func:`nearest_codes` — the fast search the quantizer uses: a handful of starting codes from the
-  paper's padding construction, then greedy bit-flip descent on the quadratic form, then 2-flip moves.
+- :func:`nearest_codes` — the fast search the quantizer uses: a beam (K-best) tree search on the
+  Cholesky form of the error, a few bits at a time, then single-bit-flip descent.
 - :func:`enumerate_codes` — the paper's heuristic, every padding ``p ∈ {±1}^(D−d)``; the reference
   the fast search is measured against (cost 2^(D−d) candidates per block).
 - :func:`exhaustive_codes` — the true nearest neighbour over all 2^D codes (D ≤ 20 only).
@@ -12,14 +12,23 @@ same code runs on CPU and CUDA (device = ``x.device``):
 Codes are returned as bool tensors, True = +1.
 
 The quadratic form: with ``q ∈ {±1}^D``, ``||w − M q||² = qᵀ G q − 2 bᵀ q + ||w||²`` where
-``G = MᵀM`` and ``b = Mᵀ w``. Keeping ``s = G q − b`` (= ``−Mᵀ r`` for the residual ``r = w − M q``),
-flipping bit i changes the error by ``Δ_i = 4 (G_ii − q_i s_i)``, flipping bits i ≠ j by
-``Δ_i + Δ_j + 8 q_i q_j G_ij``; after flipping i, ``s ← s − 2 q_i G[:, i]``. So every move's gain is
-known for all bits at once at O(D) (1-flip) or O(D²) (2-flip) per block.
+``G = MᵀM`` and ``b = Mᵀ w``. Since ``||q||² = D`` is constant, ``G`` may be replaced by
+``A = G + λI`` (full rank) and the error becomes ``||R (q − c)||² + const`` with ``A = RᵀR``
+(Cholesky, R upper triangular) and ``c = A⁻¹ b``. Row i of ``R (q − c)`` only involves bits
+``j ≥ i``, so the error splits into non-negative terms that can be summed from the last bit up:
+a tree search. Deciding bits in groups of g makes each step a small matmul against the table of
+all 2^g patterns, which is what keeps it fast on a CPU. (Greedy bit-flip descent and sampled
+paddings alone were measured and lose 5–40% MSE against the enumeration: see
+benchmarks/NOTES_search.md.)
+
+Bit flips: keeping ``s = G q − b`` (= ``−Mᵀ r`` for the residual ``r = w − M q``), flipping bit i
+changes the error by ``4 (G_ii − q_i s_i)``, for all i at once in O(D) per block; after flipping
+i, ``s ← s − 2 q_i G[:, i]``.
 """
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -281,8 +290,27 @@ def nearest_codes(x: torch.Tensor, lattice: Lattice, *, chunk_size: int | None =
     chunk = _check_chunk(chunk_size, 2048 if x.device.type == "cpu" else 65536)
     tables = _tree_tables(lattice.fingerprint, lattice, x.device)
     out = torch.empty(x.shape[0], lattice.D, dtype=torch.bool, device=x.device)
-    for start in range(0, x.shape[0], chunk):
+
+    def encode(start: int) -> None:
         out[start : start + chunk] = _nearest_chunk(x[start : start + chunk], tables)
+
+    starts = range(0, x.shape[0], chunk)
+    workers = torch.get_num_threads() if x.device.type == "cpu" else 1
+    if workers <= 1 or len(starts) <= 1:
+        for start in starts:
+            encode(start)
+        return out
+    # On CPU, parallelise over chunks (one single-threaded chunk per worker thread) rather than
+    # inside each of the many small ops: intra-op threads meet at a barrier after every op, and
+    # when the cores are shared with other processes a descheduled thread stalls them all
+    # (measured 5–15x slower than one thread under load). torch ops release the GIL, so the
+    # workers run in parallel. The thread count is restored afterwards.
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            list(pool.map(encode, starts))
+    finally:
+        torch.set_num_threads(workers)
     return out
 
 
