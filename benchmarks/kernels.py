@@ -44,7 +44,8 @@ from lift_ao.transform import make_rotation  # noqa: E402
 from kernels import lift_activation, lifted_matmul  # noqa: E402  (registers the CUDA kernels)
 from kernels.reference import lift_activation_reference, lifted_matmul_reference  # noqa: E402
 from kernels.triton_lift import lift_activation_triton  # noqa: E402
-from kernels.triton_matmul import _TUNING_CONFIGS, _lifted_matmul_tuned, lifted_matmul_triton  # noqa: E402
+from kernels.triton_matmul import (  # noqa: E402
+    _TUNING_CONFIGS, _lifted_matmul_tuned, chunk_major_codes, lifted_matmul_triton)
 
 SHAPES = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336), (8192, 8192), (28672, 8192), (8192, 28672)]
 BATCHES = [1, 4, 16, 64, 256]
@@ -98,6 +99,7 @@ class LiftedLayer:
         self.mapping = random_mapping(self.d, self.D)
         self.length = rotation.padded_features // self.d * self.D
         self.codes = random_codes(rows, self.length)
+        self.chunked_codes = chunk_major_codes(self.codes)
         self.row_scale = (torch.rand(rows, device="cuda") + 0.5) / math.sqrt(self.length)
         self.features = features
 
@@ -211,7 +213,8 @@ def sweep_configs(log) -> list[dict]:
 
 def time_shapes(copy_gbs: float, log, quick: bool, save) -> list[dict]:
     rows_out = []
-    shapes = SHAPES[:2] if quick else SHAPES
+    # Largest first: they carry the targets, and a run cut off at its limit keeps them.
+    shapes = SHAPES[:2] if quick else sorted(SHAPES, key=lambda s: -s[0] * s[1])
     for rows, features in shapes:
         weight = torch.randn(rows, features, device="cuda", dtype=DTYPE) / math.sqrt(features)
         int4 = int4_linear(weight, log)
@@ -236,10 +239,13 @@ def time_shapes(copy_gbs: float, log, quick: bool, save) -> list[dict]:
                 matmul_bytes = layer.code_bytes() + 2 * batch * (layer.length + rows)
                 rows_out.append(dict(base, method=f"lift{bits}", bits=bits, us=matmul_us, bytes=matmul_bytes,
                                      lift_us=lift_us, lift_matmul_us=both_us, config=str(best)))
-            for entry in rows_out[-(len(LATTICES) + 1 + (int4 is not None)):]:
+                chunked_us = bench_us(lambda: lifted_matmul_triton(lifted, layer.chunked_codes, layer.row_scale, None))
+                rows_out.append(dict(base, method=f"chunked{bits}", bits=bits, us=chunked_us, bytes=matmul_bytes,
+                                     config=str(_lifted_matmul_tuned.best_config)))
+            for entry in rows_out[-(2 * len(LATTICES) + 1 + (int4 is not None)):]:
                 entry["gbs"] = entry["bytes"] / entry["us"] / 1e3
                 entry["copy_fraction"] = entry["gbs"] / copy_gbs
-            log(" | ".join(f"{e['method']} {e['us']:.1f}us {e['gbs']:.0f}GB/s" for e in rows_out[-5:])
+            log(" | ".join(f"{e['method']} {e['us']:.1f}us {e['gbs']:.0f}GB/s" for e in rows_out[-8:])
                 + f"  <- {rows}x{features} b{batch}")
         del weight, int4, layers
         torch.cuda.empty_cache()
@@ -248,16 +254,15 @@ def time_shapes(copy_gbs: float, log, quick: bool, save) -> list[dict]:
 
 
 def time_variants(log) -> list[dict]:
-    """Split-K counts (the automatic choice vs fixed ones), for the notes."""
+    """Split-K counts (the automatic choice vs fixed ones; chunk-major codes), for the notes."""
     variants = []
-    cases = [(rows, features, 1, splits) for rows, features in [(1024, 4096), (4096, 4096), (28672, 8192), (8192, 28672)]
-             for splits in (None, 1, 2, 4, 8)]
-    cases += [(4096, 4096, 16, splits) for splits in (None, 1, 4)]
+    cases = [(rows, features, 1, splits) for rows, features in [(1024, 4096), (28672, 8192), (8192, 28672)]
+             for splits in (None, 1, 4, 8, 16)]
     layers = {}
     for rows, features, batch, splits in cases:
         layer = layers.setdefault((rows, features), LiftedLayer(rows, features, 2.4))
         lifted = layer.lift(torch.randn(batch, features, device="cuda", dtype=DTYPE))
-        us = bench_us(lambda: lifted_matmul_triton(lifted, layer.codes, layer.row_scale, None, splits=splits))
+        us = bench_us(lambda: lifted_matmul_triton(lifted, layer.chunked_codes, layer.row_scale, None, splits=splits))
         variants.append(dict(rows=rows, features=features, batch=batch, bits=2.4, splits=splits,
                              us=us, config=str(_lifted_matmul_tuned.best_config)))
         log(f"variant {rows}x{features} b{batch} splits={splits}: {us:.1f}us {variants[-1]['config']}")
@@ -288,6 +293,20 @@ def markdown(result: dict) -> str:
                 cells += [f"{e['us']:.1f}", f"{100 * e['copy_fraction']:.0f}%", f"{e['lift_matmul_us']:.1f}",
                           f"{int4['us'] / e['us']:.2f}×" if int4 else "-", f"{bf16['us'] / e['us']:.2f}×"]
             lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "## Chunk-major codes (`chunk_major_codes`, 8-word chunks): lifted_matmul µs", "",
+              "| N×K | batch | " + " | ".join(f"{b} µs | {b} %copy | {b} vs int4 | {b} vs row-major" for b in LATTICES) + " |",
+              "|" + "---|" * (2 + 4 * len(LATTICES))]
+    for rows, features in SHAPES:
+        for batch in BATCHES:
+            int4 = keyed.get((rows, features, batch, "int4"))
+            if (rows, features, batch, "chunked2.4") not in keyed:
+                continue
+            cells = [f"{rows}×{features}", str(batch)]
+            for bits in LATTICES:
+                e, plain = keyed[(rows, features, batch, f"chunked{bits}")], keyed[(rows, features, batch, f"lift{bits}")]
+                cells += [f"{e['us']:.1f}", f"{100 * e['copy_fraction']:.0f}%",
+                          f"{int4['us'] / e['us']:.2f}×" if int4 else "-", f"{plain['us'] / e['us']:.2f}×"]
+            lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "## Correctness at real sizes (relative error vs kernels/reference.py)", "",
               "| N×K | bits | batch | dtype | lift | matmul | registered ops | ok |", "|---|---|---|---|---|---|---|---|"]
     for c in result["checks"]:
@@ -298,7 +317,7 @@ def markdown(result: dict) -> str:
               "| N×K | batch | config | µs |", "|---|---|---|---|"]
     for v in result["sweep"]:
         lines.append(f"| {v['rows']}×{v['features']} | {v['batch']} | {v['config']} | {v['us']:.1f} |")
-    lines += ["", "## Split-K variants (2.4 bits, lifted_matmul µs)", "",
+    lines += ["", "## Split-K variants (2.4 bits, chunk-major codes, lifted_matmul µs)", "",
               "| N×K | batch | splits | µs | config |", "|---|---|---|---|---|"]
     for v in result["variants"]:
         lines.append(f"| {v['rows']}×{v['features']} | {v['batch']} | {v['splits'] or 'auto'} | {v['us']:.1f} | {v['config']} |")
