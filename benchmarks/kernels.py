@@ -254,18 +254,20 @@ def time_shapes(copy_gbs: float, log, quick: bool, save) -> list[dict]:
 
 
 def time_variants(log) -> list[dict]:
-    """Split-K counts (the automatic choice vs fixed ones; chunk-major codes), for the notes."""
+    """Split-K counts (the automatic choice vs fixed ones) and chunk widths of chunk-major codes."""
     variants = []
-    cases = [(rows, features, 1, splits) for rows, features in [(1024, 4096), (28672, 8192), (8192, 28672)]
+    cases = [(rows, features, 1, splits, 8) for rows, features in [(1024, 4096), (28672, 8192), (8192, 28672)]
              for splits in (None, 1, 4, 8, 16)]
+    cases += [(28672, 8192, batch, None, chunk) for batch in (1, 16) for chunk in (4, 16)]
     layers = {}
-    for rows, features, batch, splits in cases:
+    for rows, features, batch, splits, chunk in cases:
         layer = layers.setdefault((rows, features), LiftedLayer(rows, features, 2.4))
+        codes = chunk_major_codes(layer.codes, chunk)
         lifted = layer.lift(torch.randn(batch, features, device="cuda", dtype=DTYPE))
-        us = bench_us(lambda: lifted_matmul_triton(lifted, layer.chunked_codes, layer.row_scale, None, splits=splits))
-        variants.append(dict(rows=rows, features=features, batch=batch, bits=2.4, splits=splits,
+        us = bench_us(lambda: lifted_matmul_triton(lifted, codes, layer.row_scale, None, splits=splits))
+        variants.append(dict(rows=rows, features=features, batch=batch, bits=2.4, splits=splits, chunk=chunk,
                              us=us, config=str(_lifted_matmul_tuned.best_config)))
-        log(f"variant {rows}x{features} b{batch} splits={splits}: {us:.1f}us {variants[-1]['config']}")
+        log(f"variant {rows}x{features} b{batch} splits={splits} chunk={chunk}: {us:.1f}us {variants[-1]['config']}")
     return variants
 
 
@@ -317,10 +319,11 @@ def markdown(result: dict) -> str:
               "| N×K | batch | config | µs |", "|---|---|---|---|"]
     for v in result["sweep"]:
         lines.append(f"| {v['rows']}×{v['features']} | {v['batch']} | {v['config']} | {v['us']:.1f} |")
-    lines += ["", "## Split-K variants (2.4 bits, chunk-major codes, lifted_matmul µs)", "",
-              "| N×K | batch | splits | µs | config |", "|---|---|---|---|---|"]
+    lines += ["", "## Variants (2.4 bits, chunk-major codes, lifted_matmul µs): split-K count, chunk width", "",
+              "| N×K | batch | splits | chunk words | µs | config |", "|---|---|---|---|---|---|"]
     for v in result["variants"]:
-        lines.append(f"| {v['rows']}×{v['features']} | {v['batch']} | {v['splits'] or 'auto'} | {v['us']:.1f} | {v['config']} |")
+        lines.append(f"| {v['rows']}×{v['features']} | {v['batch']} | {v['splits'] or 'auto'} | {v['chunk']} | "
+                     f"{v['us']:.1f} | {v['config']} |")
     return "\n".join(lines) + "\n"
 
 
