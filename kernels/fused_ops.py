@@ -56,12 +56,18 @@ def _check_fused_args(x, input_signs, rotation_left, rotation_right, mapping, pa
             )
 
 
-def _lift_float32(x, input_signs, rotation_left, rotation_right, mapping) -> torch.Tensor:
-    """x̃ in float32, (..., K) → (..., Kp·D/d); no signs when ``input_signs`` is None."""
-    if input_signs is None:
-        kp = rotation_left.shape[0] * rotation_right.shape[0]
-        input_signs = torch.ones(kp, dtype=torch.float32, device=x.device)
-    return lift_activation_reference(x.to(torch.float32), input_signs, rotation_left, rotation_right, mapping)
+def _lift_float32(x, diagonal, rotation_left, rotation_right, mapping) -> torch.Tensor:
+    """x̃ in float32, (..., K) → (..., Kp·D/d), with ``x ⊙ diagonal[:K]`` (None: no diagonal) rotated.
+
+    Only the first K entries of a diagonal matter (the padding is zero), which lets siblings with
+    different padded sizes (lattices with different d) share one folded diagonal.
+    """
+    x = x.to(torch.float32)
+    if diagonal is not None:
+        x = x * diagonal[: x.shape[-1]].to(torch.float32)
+    kp = rotation_left.shape[0] * rotation_right.shape[0]
+    no_signs = torch.ones(kp, dtype=torch.float32, device=x.device)
+    return lift_activation_reference(x, no_signs, rotation_left, rotation_right, mapping)
 
 
 @torch.library.custom_op("lift_ao::lifted_linear", mutates_args=())
@@ -108,16 +114,18 @@ def lifted_linear_group(
 ) -> list[torch.Tensor]:
     """G sibling linears reading the same activation: ``y_i = r_i ⊙ (Q_i · lift_i(R_iᵀ pad(x_i))) + b_i``.
 
-    ``x`` arrives already multiplied by ``folded_signs`` f (the scale-folding pass moved them into
-    the RMSNorm weight), so sibling i applies the diagonal ``s_i / f`` (``s_i`` without f): nothing at
-    all when ``s_i`` *is* f. Siblings whose (diagonal, left, right, mapping) are the same tensors (same
-    address and layout, as LiftQuantTensor's shared rotations are) share one lifted activation; the
-    check is on the host, so the sharing stays correct if a weight is later swapped for one with
-    another transform.
+    ``x`` arrives already multiplied by ``folded_signs[:K]`` = f (the scale-folding pass moved them
+    into the RMSNorm weight), so sibling i applies the diagonal ``s_i[:K] / f`` (``s_i`` without f):
+    nothing at all when ``s_i`` *is* f. Only the first K entries of any signs matter (the padding is
+    zero), so siblings may have different Kp (lattices with different d).
+
+    Siblings whose (diagonal, left, right, mapping) are the same tensors (same address and layout, as
+    LiftQuantTensor's shared rotations are) share one lifted activation. The check is on the host, so
+    the sharing stays correct if a weight is later swapped for one with another transform.
 
     Args:
         x: (..., K) activation.
-        folded_signs: (Kp,) float32 already applied to x, or None.
+        folded_signs: (Kp_f,) float32, Kp_f ≥ K, whose first K entries x was multiplied by; or None.
         input_signs: G × (Kp_i,) float32; rotation_left: G × (k1_i, k1_i); rotation_right: G × (k2_i, k2_i);
             mapping: G × (d_i, D_i) — each sibling's transform (see :func:`lifted_linear`).
         packed_codes: G × (N_i, ceil(L_i/32)) int32, L_i = Kp_i·D_i/d_i.
@@ -139,7 +147,10 @@ def lifted_linear_group(
             _same_tensor_key(t) for t in (left, right, lattice_map)
         )
         if key not in lifted_by_transform:
-            diagonal = None if same_as_folded else (signs if folded_signs is None else signs / folded_signs)
+            if same_as_folded or folded_signs is None:
+                diagonal = None if same_as_folded else signs
+            else:
+                diagonal = signs[: x.shape[-1]] / folded_signs[: x.shape[-1]]
             lifted_by_transform[key] = _lift_float32(x, diagonal, left, right, lattice_map)
         outputs.append(lifted_matmul_reference(lifted_by_transform[key], codes, scale, b).to(x.dtype))
     return outputs

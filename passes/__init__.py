@@ -3,12 +3,15 @@
 Importing ``lift_ao`` calls :func:`install`, so a plain ``torch.compile(model)`` of a quantized model
 gets, in its post-grad graph (see :mod:`lift_ao.passes.rewrites`):
 
-- ``shared_transform``: q/k/v (and gate/up) compute the rotation + lift of their input once;
+- ``shared_transform``: q/k/v (and gate/up) compute the rotation + lift of their input once (CSE when
+  the transform inputs are the same nodes or equal frozen constants; otherwise the group op below
+  shares the lift after a run-time check that the siblings' transforms are the same tensors);
 - ``lift_fusion``: the lift and the matmul(s) reading it become one fused op (``lifted_linear`` /
   ``lifted_linear_group`` from :mod:`lift_ao.kernels.fused_ops`), one launch;
 - ``scale_folding``: the rotation's sign diagonal moves into the preceding RMSNorm weight.
 
-Each rewrite adds to ``torch._dynamo.utils.counters["lift_ao"][<name>]``. The passes live in Inductor's
+Each rewrite adds to ``torch._dynamo.utils.counters["lift_ao"][<name>]`` (and to
+``counters["inductor"]["lift_ao_<name>"]``, which Inductor replays on FX-graph-cache hits). The passes live in Inductor's
 ``post_grad_custom_post_pass`` slot inside one :class:`LiftAOPassManager`, which first runs whatever
 pass(es) the slot held before, so user passes keep working; :func:`uninstall` puts the previous value
 back. ``uuid()`` hashes this package's sources (and the chained passes' uuids), so Inductor's FX graph
@@ -22,10 +25,9 @@ import os
 from typing import Any, Optional
 
 import torch.fx as fx
+from torch._dynamo.utils import counters
 from torch._inductor import config as inductor_config
 from torch._inductor import custom_graph_pass
-
-from torch._dynamo.utils import counters
 
 from .rewrites import COUNTER, fold_scales, fuse_lifts, share_transforms
 

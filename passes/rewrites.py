@@ -91,8 +91,11 @@ def _op(qualified_name: str) -> torch._ops.OpOverload:
 
 
 def _count(name: str, amount: int) -> None:
+    # Also in Inductor's own counters: on an FX-graph-cache hit the passes do not run, and Inductor
+    # replays only counters["inductor"] deltas, so counters["inductor"]["lift_ao_<name>"] stays exact.
     if amount:
         counters[COUNTER][name] += amount
+        counters["inductor"][f"{COUNTER}_{name}"] += amount
 
 
 def share_transforms(graph: fx.Graph) -> int:

@@ -154,6 +154,8 @@ def test_siblings_become_one_group_op_with_signs_folded_into_the_norm(siblings):
     # time because they are the same tensors.
     assert done == {"shared_transform": 2, "lift_fusion": 3, "scale_folding": 1}
     assert dict(counters["lift_ao"]) == done
+    # Mirrored where Inductor replays counters on FX-graph-cache hits.
+    assert {name: counters["inductor"][f"lift_ao_{name}"] for name in done} == done
     assert _count_targets(gm) == {"lift_activation": 0, "lifted_matmul": 0, "lifted_linear": 0, "lifted_linear_group": 1}
     (group,) = _calls(gm, "lifted_linear_group")
     assert group.args[1] is group.args[2][0]  # folded_signs = the first sibling's signs
@@ -169,6 +171,18 @@ def test_group_op_stays_correct_when_a_sibling_transform_is_swapped_after_compil
     gm.recompile()
     # A swapped weight (another signs tensor for k) reuses the compiled graph: it must still be right.
     args[2 + 6] = -siblings[1].input_signs
+    for got, want in zip(gm(*args), _norm_then_linears(*args)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_siblings_with_different_lattices_share_one_group_op_and_fold(siblings):
+    # Mixed bit-widths (e.g. from a memory budget): k at 2.0 bits has d = 8, so another padded size.
+    k_2bit = LiftQuantTensor.from_hp(torch.randn(16, K, generator=_gen(14)), Lattice.load("16/8"))
+    x, norm_weight = torch.randn(3, K, generator=_gen(15)), torch.rand(K, generator=_gen(16)) + 0.5
+    args = [x, norm_weight, *_flat(siblings[0]), *_flat(k_2bit), *_flat(siblings[2])]
+    gm = make_fx(_norm_then_linears, tracing_mode="fake")(*args)
+    assert run_passes(gm.graph) == {"shared_transform": 1, "lift_fusion": 3, "scale_folding": 1}
+    gm.recompile()
     for got, want in zip(gm(*args), _norm_then_linears(*args)):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 

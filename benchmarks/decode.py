@@ -1,0 +1,381 @@
+"""Decode speed: bf16 vs torchao int4 vs lift_ao, compiled with a static KV cache, passes on and off.
+
+    python benchmarks/decode.py                          # GPU: Llama-3-8B and Qwen2.5-1.5B shapes, all variants
+    python benchmarks/decode.py --models llama3-8b --variants bf16,int4,lift2.4,lift2.4-nopasses
+    python benchmarks/decode.py --smoke                  # CPU: tiny config, a few tokens (checks the script)
+
+Models are built from configs with random weights (real shapes, 128k/152k vocabularies). LiftQuant
+weights are built directly from random codes (``random_lift_weight``) instead of running the
+nearest-neighbour search: decode speed does not depend on code values, and searching 8B weights on
+the reference encoder would take hours. Outputs are therefore meaningless text; only speed, memory
+and bytes are measured.
+
+Per variant: batch 1, a ``--prompt-len`` prompt prefilled eagerly, then ``--new-tokens`` greedy steps
+through ``torch.compile(decode_step, fullgraph=True, mode="reduce-overhead")`` (CUDA graphs; default
+mode on CPU); one warm-up generation (compile + graph capture), then ``--repeats`` timed ones.
+Reports decode tokens/s (median), peak memory during the timed runs, model bytes (every storage once),
+recompiles, and the first generated tokens. Results: ``decode_<tag>.json`` and ``.md`` under ``--out``
+(default ``$OUT`` if set, else ``benchmarks/results``), rewritten after every variant so a run cut
+short keeps what it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+# Python puts this script's folder first on sys.path; transformers probes for the optional Hugging Face
+# `kernels` package with `import kernels`, which would import benchmarks/kernels.py instead.
+sys.path = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, StaticCache  # noqa: E402
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass  # noqa: E402
+
+import lift_ao  # noqa: E402
+from lift_ao import Lattice, LiftQuantTensor, passes  # noqa: E402
+from lift_ao.packing import words_per_row  # noqa: E402
+from lift_ao.transform import make_rotation  # noqa: E402
+
+MODEL_CONFIGS = {
+    # meta-llama/Meta-Llama-3-8B config.json
+    "llama3-8b": lambda: LlamaConfig(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0,
+        rms_norm_eps=1e-5, tie_word_embeddings=False,
+    ),
+    # Qwen/Qwen2.5-1.5B config.json (q/k/v have biases; lm_head tied to the embedding)
+    "qwen2.5-1.5b": lambda: Qwen2Config(
+        vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+        num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1000000.0,
+        rms_norm_eps=1e-6, tie_word_embeddings=True,
+    ),
+    # --smoke: a few-layer Llama that compiles in seconds on a CPU.
+    "tiny-llama": lambda: LlamaConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+    ),
+}
+MODEL_CLASSES = {LlamaConfig: LlamaForCausalLM, Qwen2Config: Qwen2ForCausalLM}
+
+LIFT_BITS = (2.0, 2.4, 3.0)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row of the table: a weight format and whether lift_ao's passes are installed."""
+
+    name: str
+    kind: str  # "bf16" | "int4" | "lift"
+    bits: Optional[float] = None
+    lm_head: bool = False  # lm_head quantized too
+    passes: bool = True
+
+
+def all_variants() -> dict[str, Variant]:
+    """Variant name → Variant: bf16, int4 (±lm_head), lift at each bit-width (±lm_head, passes on/off)."""
+    variants = [Variant("bf16", "bf16"), Variant("int4", "int4"), Variant("int4+lm_head", "int4", lm_head=True)]
+    for bits in LIFT_BITS:
+        for lm_head in (False, True):
+            for passes_on in (True, False):
+                name = f"lift{bits}{'+lm_head' if lm_head else ''}{'' if passes_on else '-nopasses'}"
+                variants.append(Variant(name, "lift", bits, lm_head, passes_on))
+    return {v.name: v for v in variants}
+
+
+DEFAULT_VARIANTS = (
+    "bf16", "int4", "lift2.0", "lift2.4", "lift3.0", "lift2.0+lm_head", "lift2.4+lm_head", "lift3.0+lm_head",
+    "lift2.4-nopasses", "lift2.4+lm_head-nopasses",
+)
+
+
+@dataclass
+class Result:
+    """Measurements of one (model, variant)."""
+
+    model: str
+    variant: str
+    tokens_per_s: Optional[float] = None
+    tokens_per_s_runs: list = field(default_factory=list)
+    peak_memory_bytes: Optional[int] = None
+    model_bytes: Optional[int] = None
+    frames_compiled: Optional[int] = None
+    lift_ao_rewrites: dict = field(default_factory=dict)
+    first_tokens: list = field(default_factory=list)
+    error: Optional[str] = None
+
+
+# ----- model construction ---------------------------------------------------------------------------
+
+
+def build_model(name: str, device: torch.device) -> nn.Module:
+    """Random-weight bf16 model of a named shape on ``device`` (HF initialisation, eval mode)."""
+    config = MODEL_CONFIGS[name]()
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with device:
+            model = MODEL_CLASSES[type(config)](config)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.eval()
+
+
+_transform_cache: dict[tuple, tuple] = {}
+
+
+def _shared_transform(lattice: Lattice, in_features: int, device: torch.device) -> tuple:
+    # One (M, signs, left, right) per (lattice, K, device), as LiftQuantTensor.from_hp shares them,
+    # so q/k/v and gate/up read the same tensors (what the shared-transform pass relies on).
+    key = (lattice.name, in_features, str(device))
+    if key not in _transform_cache:
+        rotation = make_rotation(in_features, lattice.d)
+        _transform_cache[key] = tuple(t.to(device) for t in (lattice.M, rotation.signs, rotation.left, rotation.right))
+    return _transform_cache[key]
+
+
+def random_lift_weight(weight: torch.Tensor, lattice: Lattice, generator: torch.Generator) -> LiftQuantTensor:
+    """A LiftQuantTensor of ``weight``'s shape and dtype with uniformly random codes.
+
+    Args:
+        weight: (N, K) dense weight (only its shape, dtype and device are used).
+        lattice: the lattice (d, D, M).
+        generator: CPU generator for the codes.
+    Returns:
+        LiftQuantTensor (N, K) whose dequantized entries have std ≈ 0.02 (HF's init), so activations
+        stay finite.
+    """
+    n, k = weight.shape
+    mapping, signs, left, right = _shared_transform(lattice, k, weight.device)
+    code_length = signs.shape[0] // lattice.d * lattice.D
+    words = words_per_row(code_length)
+    packed = torch.randint(-(2**31), 2**31, (n, words), generator=generator, dtype=torch.int64)
+    unused_high_bits = words * 32 - code_length
+    if unused_high_bits:  # the packing format keeps a row's unused high bits zero
+        packed[:, -1] &= (1 << (32 - unused_high_bits)) - 1
+    packed = packed.to(torch.int32).to(weight.device)
+    # A decoded coordinate (M q)_i has variance ||M||²/d for random q.
+    scale = 0.02 / float((lattice.M.square().sum() / lattice.d).sqrt())
+    row_scale = torch.full((n,), scale, dtype=torch.float32, device=weight.device)
+    return LiftQuantTensor(packed, row_scale, mapping, signs, left, right, weight.shape, weight.dtype)
+
+
+def apply_variant(model: nn.Module, variant: Variant, seed: int = 0) -> nn.Module:
+    """Quantize ``model``'s linears in place as ``variant`` says (lm_head only with ``lm_head=True``)."""
+    head = model.get_output_embeddings()
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear) and (variant.lm_head or m is not head)]
+    if variant.kind == "int4":
+        from torchao.quantization import Int4WeightOnlyConfig, quantize_
+
+        chosen = {id(m) for m in linears}
+        quantize_(model, Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d"),
+                  filter_fn=lambda module, fqn: id(module) in chosen)
+    elif variant.kind == "lift":
+        lattice = Lattice.for_bits(variant.bits)
+        generator = torch.Generator().manual_seed(seed)
+        for module in linears:
+            # A fresh Parameter also unties a tied lm_head from the (bf16) embedding.
+            quantized = random_lift_weight(module.weight, lattice, generator)
+            module.weight = nn.Parameter(quantized, requires_grad=False)
+    return model
+
+
+def model_bytes(model: nn.Module) -> int:
+    """Bytes of all parameters and buffers, every storage once (tensor subclasses by their parts)."""
+    storages: dict[tuple, int] = {}
+
+    def visit(t: torch.Tensor):
+        if is_traceable_wrapper_subclass(t):
+            names, _ = t.__tensor_flatten__()
+            for name in names:
+                visit(getattr(t, name))
+        else:
+            s = t.untyped_storage()
+            storages[(s.device.type, s.data_ptr(), s.nbytes())] = s.nbytes()
+
+    for t in list(model.parameters()) + list(model.buffers()):
+        visit(t)
+    return sum(storages.values())
+
+
+# ----- decoding ---------------------------------------------------------------------------------------
+
+
+def _sync(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def generate(model, step, prompt: torch.Tensor, cache: StaticCache, new_tokens: int) -> tuple[list, float]:
+    """Greedy decode ``new_tokens`` after an eager prefill; returns (tokens, decode seconds)."""
+    device = prompt.device
+    cache.reset()
+    with torch.no_grad():
+        logits = model(input_ids=prompt, cache=cache, cache_position=torch.arange(prompt.shape[1], device=device),
+                       use_cache=True).logits
+        token = logits[:, -1:].argmax(-1)
+        tokens = []
+        _sync(device)
+        start = time.perf_counter()
+        for i in range(new_tokens):
+            if device.type == "cuda":
+                torch.compiler.cudagraph_mark_step_begin()
+            position = torch.tensor([prompt.shape[1] + i], device=device)
+            token = step(token, cache, position)[:, -1:].argmax(-1).clone()
+            tokens.append(token)
+        _sync(device)
+        elapsed = time.perf_counter() - start
+    return [int(t) for t in torch.cat(tokens, 1)[0, :8]], elapsed
+
+
+def measure(model_name: str, variant: Variant, args, device: torch.device) -> Result:
+    """Build, quantize, compile and time one variant."""
+    from torch._dynamo.utils import counters
+
+    result = Result(model_name, variant.name)
+    torch._dynamo.reset()
+    counters.clear()
+    if variant.passes:
+        passes.install()
+    else:
+        passes.uninstall()
+    torch.manual_seed(args.seed)
+    model = apply_variant(build_model(model_name, device), variant, args.seed)
+    result.model_bytes = model_bytes(model)
+
+    def decode_step(ids, cache, position):
+        return model(input_ids=ids, cache=cache, cache_position=position, use_cache=True).logits
+
+    if device.type == "cuda":
+        step = torch.compile(decode_step, fullgraph=True, mode="reduce-overhead")
+    else:
+        step = torch.compile(decode_step, fullgraph=True)
+    prompt = torch.randint(0, model.config.vocab_size, (1, args.prompt_len),
+                           generator=torch.Generator().manual_seed(args.seed)).to(device)
+    cache = StaticCache(config=model.config, max_cache_len=args.prompt_len + args.new_tokens)
+    generate(model, step, prompt, cache, args.new_tokens)  # compile + graph capture
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for _ in range(args.repeats):
+        result.first_tokens, seconds = generate(model, step, prompt, cache, args.new_tokens)
+        result.tokens_per_s_runs.append(args.new_tokens / seconds)
+    result.tokens_per_s = statistics.median(result.tokens_per_s_runs)
+    if device.type == "cuda":
+        result.peak_memory_bytes = torch.cuda.max_memory_allocated()
+    result.frames_compiled = counters["stats"]["unique_graphs"]
+    result.lift_ao_rewrites = dict(counters["lift_ao"])
+    passes.install()
+    del model, cache, step
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def kernel_status(device: torch.device) -> dict[str, bool]:
+    """Which lift_ao ops have a kernel for ``device`` beyond the reference (CompositeExplicitAutograd)."""
+    key = "CUDA" if device.type == "cuda" else "CPU"
+    names = ("lift_activation", "lifted_matmul", "lifted_linear", "lifted_linear_group")
+    return {n: torch._C._dispatch_has_kernel_for_dispatch_key(f"lift_ao::{n}", key) for n in names}
+
+
+def _fmt_bytes(n: Optional[int]) -> str:
+    return "—" if n is None else f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.2f} MiB"
+
+
+def write_report(results: list[Result], meta: dict, out_dir: str, tag: str):
+    """``decode_<tag>.json`` (everything) and ``decode_<tag>.md`` (one table per model)."""
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, f"decode_{tag}.json"), "w") as f:
+        json.dump({"meta": meta, "results": [asdict(r) for r in results]}, f, indent=2)
+    lines = [f"# Decode benchmark ({tag})", "", f"Command: `{meta['command']}`", "",
+             f"Device: {meta['device']}; torch {meta['torch']}; batch 1, prompt {meta['prompt_len']}, "
+             f"{meta['new_tokens']} new tokens, median of {meta['repeats']}.", "", meta["note"], ""]
+    missing = [n for n, ok in meta["device_kernels"].items() if not ok]
+    if meta["cuda"] and missing:
+        lines += [f"**Warning:** these ops have no CUDA kernel and ran the PyTorch reference: {missing}", ""]
+    for model in dict.fromkeys(r.model for r in results):
+        rows = [r for r in results if r.model == model]
+        base = {r.variant: r.tokens_per_s for r in rows if r.tokens_per_s}
+        lines += [f"## {model}", "",
+                  "| variant | tokens/s | × bf16 | × int4 | peak memory | model bytes | graphs | lift_ao rewrites |",
+                  "|---|---:|---:|---:|---:|---:|---:|---|"]
+        for r in rows:
+            if r.error:
+                lines.append(f"| {r.variant} | error: {r.error} | | | | | | |")
+                continue
+            ratio = lambda ref: f"{r.tokens_per_s / base[ref]:.2f}" if ref in base else "—"  # noqa: E731
+            lines.append(f"| {r.variant} | {r.tokens_per_s:.1f} | {ratio('bf16')} | {ratio('int4')} | "
+                         f"{_fmt_bytes(r.peak_memory_bytes)} | {_fmt_bytes(r.model_bytes)} | {r.frames_compiled} | "
+                         f"{r.lift_ao_rewrites} |")
+        for r in rows:
+            off = base.get(r.variant + "-nopasses")
+            if r.variant.startswith("lift") and off and r.tokens_per_s:
+                lines.append(f"\nPasses on/off, {r.variant}: {r.tokens_per_s / off:.2f}×")
+        lines.append("")
+    with open(os.path.join(out_dir, f"decode_{tag}.md"), "w") as f:
+        f.write("\n".join(lines))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="tiny model on CPU, 8+8 tokens, 1 repeat")
+    parser.add_argument("--models", default="llama3-8b,qwen2.5-1.5b", help=f"comma list of {list(MODEL_CONFIGS)}")
+    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"comma list of {list(all_variants())}")
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--freezing", action="store_true", help="torch._inductor.config.freezing=True")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results"))
+    parser.add_argument("--tag", default=None, help="output name decode_<tag>.{json,md} (default: from models)")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.models, args.prompt_len, args.new_tokens, args.repeats = "tiny-llama", 8, 8, 1
+        if args.variants == ",".join(DEFAULT_VARIANTS):
+            args.variants = "bf16,lift2.4,lift2.4-nopasses,lift2.4+lm_head"
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    variants = all_variants()
+    chosen = [variants[v] for v in args.variants.split(",")]
+    if device.type != "cuda" and any(v.kind == "int4" for v in chosen):
+        print("skipping int4: tile_packed_to_4d needs CUDA", file=sys.stderr)
+        chosen = [v for v in chosen if v.kind != "int4"]
+    torch._inductor.config.freezing = args.freezing
+    tag = args.tag or ("smoke" if args.smoke else args.models.replace(",", "_"))
+    meta = {
+        "command": " ".join(["python", "benchmarks/decode.py", *(argv if argv is not None else sys.argv[1:])]),
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__, "lift_ao": lift_ao.__version__, "prompt_len": args.prompt_len,
+        "new_tokens": args.new_tokens, "repeats": args.repeats, "freezing": args.freezing,
+        "cuda": device.type == "cuda", "device_kernels": kernel_status(device),
+        "note": "LiftQuant weights are random codes built directly (no nearest-neighbour search): speed does "
+                "not depend on code values; all weights are random, so generated text is meaningless.",
+    }
+    if args.smoke:
+        meta["note"] += " Smoke run: a tiny CPU model and 8 tokens only check the script; its timings mean nothing."
+    print(meta["note"])
+    if meta["cuda"] and not all(meta["device_kernels"].values()):
+        print(f"warning: no CUDA kernel for some lift_ao ops: {meta['device_kernels']}", file=sys.stderr)
+    results = []
+    for model_name in args.models.split(","):
+        for variant in chosen:
+            try:
+                result = measure(model_name, variant, args, device)
+            except Exception as error:  # keep measuring the other variants; the report shows the error
+                result = Result(model_name, variant.name, error=f"{type(error).__name__}: {error}"[:300])
+                passes.install()
+            results.append(result)
+            print(json.dumps(asdict(result)), flush=True)
+            write_report(results, meta, args.out, tag)
+    print(f"wrote {os.path.join(args.out, f'decode_{tag}')}.json/.md")
+
+
+if __name__ == "__main__":
+    main()
