@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["chunk_major_codes", "lifted_matmul_triton", "token_block"]
+__all__ = ["lifted_matmul_triton", "token_block"]
 
 
 def _as_int32(value: int) -> int:
@@ -93,16 +93,14 @@ def _prepare_lifted_kernel(
 def _lifted_matmul_kernel(
     prepared_ptr, codes_ptr, scale_ptr, bias_ptr, out_ptr,
     B, N, words_total, words_per_split,
-    stride_prepared, stride_codes_n, stride_codes_chunk, stride_out_split, stride_out_b,
-    CHUNK_WORDS: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_FP32: tl.constexpr,
+    stride_prepared, stride_codes_n, stride_out_split, stride_out_b,
+    HAS_BIAS: tl.constexpr, SPLIT_FP32: tl.constexpr,
     OPERAND: tl.constexpr, MINUS_ONE_PAIR: tl.constexpr, SIGN_BITS_PAIR: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
     """One (BLOCK_N rows × BLOCK_B tokens) output tile over one K split.
 
-    prepared: the output of :func:`_prepare_lifted_kernel`. Word w of row n is at
-    ``n·stride_codes_n + (w // CHUNK_WORDS)·stride_codes_chunk + w % CHUNK_WORDS``: row-major codes
-    (CHUNK_WORDS = stride_codes_chunk = 16) or :func:`chunk_major_codes`. One split (grid dim 2 of size 1):
+    prepared: the output of :func:`_prepare_lifted_kernel`. One split (grid dim 2 of size 1):
     out = (B, N) in x̃'s dtype, r and bias applied. S splits: out = (S, B, N) fp32 partials of
     r ⊙ Q x̃ (bias added by split 0).
     """
@@ -121,9 +119,8 @@ def _lifted_matmul_kernel(
     acc = tl.zeros((BLOCK_N, BLOCK_B), dtype=tl.float32)
     for word0 in range(word_begin, word_end, BLOCK_W):
         word_idx = word0 + tl.arange(0, BLOCK_W)
-        word_offsets = (word_idx // CHUNK_WORDS) * stride_codes_chunk + word_idx % CHUNK_WORDS
         # Words past the end decode as −1; their activations are the zero padding.
-        words = tl.load(code_row_ptrs + word_offsets[None, :],
+        words = tl.load(code_row_ptrs + word_idx[None, :],
                         mask=row_ok[:, None] & (word_idx < words_total)[None, :], other=0)
         signs = _signs_from_words(words, MINUS_ONE_PAIR, SIGN_BITS_PAIR, OPERAND, BLOCK_N, BLOCK_W)
         high = tl.load(tile_ptrs + word0 * 32, mask=token_ok[None, :], other=0.0)
@@ -173,7 +170,7 @@ def _quick_bench(kernel_call, quantiles):
 
 
 _lifted_matmul_tuned = triton.autotune(
-    configs=_TUNING_CONFIGS, key=["N", "words_total", "BLOCK_B", "words_per_split", "SPLIT_FP32", "CHUNK_WORDS"],
+    configs=_TUNING_CONFIGS, key=["N", "words_total", "BLOCK_B", "words_per_split", "SPLIT_FP32"],
     prune_configs_by={"early_config_prune": _prune_configs}, do_bench=_quick_bench)(_lifted_matmul_kernel)
 
 
@@ -186,26 +183,6 @@ def _reduce_splits_kernel(partial_ptr, out_ptr, total, SPLITS: tl.constexpr, BLO
     for s in tl.static_range(SPLITS):
         acc += tl.load(partial_ptr + s * total + offsets, mask=ok, other=0.0)
     tl.store(out_ptr + offsets, acc.to(out_ptr.dtype.element_ty), mask=ok)
-
-
-def chunk_major_codes(packed_codes: torch.Tensor, chunk_words: int = 8) -> torch.Tensor:
-    """Repack row-major codes so that each program's K step reads one contiguous block.
-
-    Row-major codes make a (rows × few words) tile touch one short piece of many DRAM rows; here
-    chunk c of every row is stored together: ``out[c, n, i] = packed_codes[n, c·chunk_words + i]``.
-
-    Args:
-        packed_codes: (N, W) int32, layout of :mod:`lift_ao.packing`.
-        chunk_words: words per row per chunk (8 = one 32-byte sector); must divide 16.
-    Returns:
-        (W16 / chunk_words, N, chunk_words) int32, W16 = W rounded up to 16 words (zero words).
-    """
-    if _WORD_ALIGN % chunk_words:
-        raise ValueError(f"chunk_words must divide {_WORD_ALIGN}, got {chunk_words}")
-    rows, words = packed_codes.shape
-    padded_words = triton.cdiv(words, _WORD_ALIGN) * _WORD_ALIGN
-    padded = torch.nn.functional.pad(packed_codes, (0, padded_words - words))
-    return padded.view(rows, padded_words // chunk_words, chunk_words).transpose(0, 1).contiguous()
 
 
 def token_block(tokens: int) -> int:
@@ -239,8 +216,7 @@ def lifted_matmul_triton(
 
     Args:
         lifted: (..., L) fp16 / bf16 / fp32 lifted activation x̃.
-        packed_codes: (N, ceil(L/32)) int32 codes (layout of :mod:`lift_ao.packing`), or the same
-            codes repacked by :func:`chunk_major_codes` (3-D).
+        packed_codes: (N, ceil(L/32)) int32 codes (layout of :mod:`lift_ao.packing`).
         row_scale: (N,) float32 row scales r.
         bias: (N,) or None.
         splits: K splits (None: chosen from the problem size and SM count).
@@ -253,13 +229,8 @@ def lifted_matmul_triton(
     words = triton.cdiv(code_length, 32)
     x = lifted.reshape(-1, code_length)
     tokens = x.shape[0]
-    codes = packed_codes.contiguous()
-    if codes.dim() == 3:
-        rows, chunk_words = codes.shape[1], codes.shape[2]
-        stride_row, stride_chunk = codes.stride(1), codes.stride(0)
-    else:
-        rows, chunk_words = codes.shape[0], _WORD_ALIGN
-        stride_row, stride_chunk = codes.stride(0), _WORD_ALIGN
+    rows = packed_codes.shape[0]
+    codes = packed_codes if packed_codes.stride(-1) == 1 else packed_codes.contiguous()
     scale = row_scale.to(torch.float32).contiguous()
     out = torch.empty(tokens, rows, dtype=lifted.dtype, device=lifted.device)
     if tokens == 0 or rows == 0:
@@ -290,8 +261,8 @@ def lifted_matmul_triton(
     kernel[grid](
         prepared, codes, scale, bias if bias is not None else scale, target,
         tokens, rows, words, words_per_split,
-        prepared.stride(0), stride_row, stride_chunk, tokens * rows, rows,
-        CHUNK_WORDS=chunk_words, HAS_BIAS=bias is not None, SPLIT_FP32=split_fp32,
+        prepared.stride(0), codes.stride(0), tokens * rows, rows,
+        HAS_BIAS=bias is not None, SPLIT_FP32=split_fp32,
         OPERAND=operand_tl, MINUS_ONE_PAIR=_MINUS_ONE_PAIR[operand], SIGN_BITS_PAIR=_SIGN_BITS_PAIR,
         BLOCK_B=block_b, **(config or {}),
     )

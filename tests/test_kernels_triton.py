@@ -15,7 +15,7 @@ from lift_ao.packing import pack_codes  # noqa: E402
 from lift_ao.transform import make_rotation  # noqa: E402
 from kernels.reference import lift_activation_reference, lifted_matmul_reference  # noqa: E402
 from kernels.triton_lift import lift_activation_triton  # noqa: E402
-from kernels.triton_matmul import chunk_major_codes, lifted_matmul_triton  # noqa: E402
+from kernels.triton_matmul import lifted_matmul_triton  # noqa: E402
 from kernels.triton_register import _lifted_matmul_cuda  # noqa: E402
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
@@ -75,21 +75,6 @@ def test_lifted_matmul_matches_float64(dtype, tokens, with_bias, rows, length, s
     assert _relative_error(out, ref) < TOLERANCE[dtype]
     reference = lifted_matmul_reference(lifted, codes, row_scale, bias)
     assert _relative_error(out, reference.double()) < 2 * TOLERANCE[dtype]
-
-
-@pytest.mark.parametrize("chunk_words", [4, 8])
-@pytest.mark.parametrize("tokens,rows,length", [(1, 21, 70), (17, 37, 700)])
-def test_lifted_matmul_chunk_major_codes(chunk_words, tokens, rows, length):
-    g = torch.Generator().manual_seed(rows * length + chunk_words)
-    signs, codes = _random_codes(rows, length, g)
-    chunked = chunk_major_codes(codes, chunk_words)
-    words = codes.shape[1]
-    assert torch.equal(chunked.transpose(0, 1).reshape(rows, -1)[:, :words], codes)
-    lifted = torch.randn(tokens, length, generator=g).to(torch.float16)
-    bias = torch.randn(rows, generator=g).to(torch.float16)
-    out = lifted_matmul_triton(lifted, chunked, torch.ones(rows), bias, splits=2)
-    ref = lifted.double() @ (signs.double() * 2 - 1).T + bias.double()
-    assert _relative_error(out, ref) < TOLERANCE[torch.float16]
 
 
 def test_lifted_matmul_keeps_leading_dims_and_strides():
