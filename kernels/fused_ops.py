@@ -2,22 +2,23 @@
 
 The model itself only ever emits ``lift_activation`` → ``lifted_matmul`` (see :mod:`lift_ao.tensor`);
 these ops appear only in compiled graphs, after the passes rewrite them. Both are opaque
-``torch.library.custom_op``s so Inductor keeps each as one launch. The default implementation is the
-pure-PyTorch reference (any device); a device kernel registers itself with
-``lifted_linear.register_kernel("cuda")`` like the base ops.
+``torch.library.custom_op``s, so Inductor keeps each as one node / launch.
 
 - ``lift_ao::lifted_linear(x, input_signs?, rotation_left, rotation_right, mapping, packed_codes,
-  row_scale, bias?) -> y``: one linear, lift in the matmul's prologue.
+  row_scale, bias?) -> y``: one linear, the lift in the matmul's prologue.
 - ``lift_ao::lifted_linear_group(x, folded_signs?, input_signs[], rotation_left[], rotation_right[],
   mapping[], packed_codes[], row_scale[], bias?[]) -> y[]``: sibling linears (q/k/v, gate/up) that
   read the same activation; siblings whose transforms are the same tensors share one lift.
 
 When the scale-folding pass has multiplied the signs into the producer of ``x`` (the RMSNorm
-weight), ``lifted_linear`` gets ``input_signs=None`` and ``lifted_linear_group`` gets the folded
-signs as ``folded_signs``.
-Unlike the unfused chain, the lifted activation x̃ is never rounded to ``x.dtype`` (it stays float32
-between the lift and the matmul), so bf16 outputs may differ from the unfused path by that rounding;
-float32 outputs are identical.
+weight), ``lifted_linear`` gets ``input_signs=None`` and ``lifted_linear_group`` gets those signs as
+``folded_signs``.
+
+The default implementation (every device) composes the base ops through the dispatcher, so on a
+device where they have kernels (Triton on CUDA) it already runs them, computing a shared lift once;
+its outputs equal the unfused chain's exactly (x̃ is rounded to ``x.dtype`` as there). A fused
+device kernel registers itself with ``lifted_linear.register_kernel("cuda")``; it may keep x̃ in
+float32, which changes 16-bit outputs by at most that rounding.
 
 Like the base ops, the fused ops get their inputs with the strides they have in eager (Inductor's
 default for custom ops): kernels must take strides (the Kronecker factors of non-power-of-two sizes
@@ -30,44 +31,26 @@ from typing import Optional
 
 import torch
 
-from lift_ao.packing import words_per_row
-
-from .reference import lift_activation_reference, lifted_matmul_reference
-
 __all__ = ["lifted_linear", "lifted_linear_group"]
 
-
-def _check_fused_args(x, input_signs, rotation_left, rotation_right, mapping, packed_codes):
-    kp = rotation_left.shape[0] * rotation_right.shape[0]
-    d, D = mapping.shape
-    if kp % d or (input_signs is not None and input_signs.shape[0] != kp):
-        raise ValueError(
-            f"inconsistent transform: signs {None if input_signs is None else tuple(input_signs.shape)}, "
-            f"left {tuple(rotation_left.shape)}, right {tuple(rotation_right.shape)}, mapping {tuple(mapping.shape)}"
-        )
-    if x.shape[-1] > kp or not x.is_floating_point():
-        raise ValueError(f"activation {x.dtype} {tuple(x.shape)} does not fit a rotation of {kp} features")
-    code_length = kp // d * D
-    for codes in packed_codes:
-        if codes.dtype != torch.int32 or codes.shape[1] != words_per_row(code_length):
-            raise ValueError(
-                f"packed codes {codes.dtype} {tuple(codes.shape)} do not match a lifted activation of "
-                f"length {code_length} (expected int32 with {words_per_row(code_length)} words per row)"
-            )
+_no_signs_cache: dict[tuple, torch.Tensor] = {}
 
 
-def _lift_float32(x, diagonal, rotation_left, rotation_right, mapping) -> torch.Tensor:
-    """x̃ in float32, (..., K) → (..., Kp·D/d), with ``x ⊙ diagonal[:K]`` (None: no diagonal) rotated.
+def _no_signs(rotation_left: torch.Tensor, rotation_right: torch.Tensor) -> torch.Tensor:
+    # Ones of length Kp, kept per (Kp, device) so steady-state calls (and CUDA graph replays,
+    # captured after the eager warm-up call) allocate nothing.
+    kp, device = rotation_left.shape[0] * rotation_right.shape[0], rotation_left.device
+    key = (kp, str(device))
+    if key not in _no_signs_cache:
+        _no_signs_cache[key] = torch.ones(kp, dtype=torch.float32, device=device)
+    return _no_signs_cache[key]
 
-    Only the first K entries of a diagonal matter (the padding is zero), which lets siblings with
-    different padded sizes (lattices with different d) share one folded diagonal.
-    """
-    x = x.to(torch.float32)
-    if diagonal is not None:
-        x = x * diagonal[: x.shape[-1]].to(torch.float32)
-    kp = rotation_left.shape[0] * rotation_right.shape[0]
-    no_signs = torch.ones(kp, dtype=torch.float32, device=x.device)
-    return lift_activation_reference(x, no_signs, rotation_left, rotation_right, mapping)
+
+def _lift(x, signs, rotation_left, rotation_right, mapping) -> torch.Tensor:
+    """``lift_activation`` with ``signs`` None meaning: x already carries them."""
+    if signs is None:
+        signs = _no_signs(rotation_left, rotation_right)
+    return torch.ops.lift_ao.lift_activation(x, signs, rotation_left, rotation_right, mapping)
 
 
 @torch.library.custom_op("lift_ao::lifted_linear", mutates_args=())
@@ -80,18 +63,17 @@ def lifted_linear(
 
     Args:
         x: (..., K) activation, K ≤ Kp = k1·k2.
-        input_signs: (Kp,) float32 ±1, or None when folded into the producer of x.
+        input_signs: (Kp,) float32 ±1, or None when already multiplied into x (scale folding).
         rotation_left: (k1, k1), rotation_right: (k2, k2) float32.
         mapping: (d, D) float32 lattice matrix M.
         packed_codes: (N, ceil(L/32)) int32, L = Kp·D/d (layout of :mod:`lift_ao.packing`).
         row_scale: (N,) float32.
         bias: (N,) or None.
     Returns:
-        (..., N) in x.dtype (float32 accumulation).
+        (..., N) in x.dtype.
     """
-    _check_fused_args(x, input_signs, rotation_left, rotation_right, mapping, [packed_codes])
-    lifted = _lift_float32(x, input_signs, rotation_left, rotation_right, mapping)
-    return lifted_matmul_reference(lifted, packed_codes, row_scale, bias).to(x.dtype)
+    lifted = _lift(x, input_signs, rotation_left, rotation_right, mapping)
+    return torch.ops.lift_ao.lifted_matmul(lifted, packed_codes, row_scale, bias)
 
 
 @lifted_linear.register_fake
@@ -99,10 +81,8 @@ def _(x, input_signs, rotation_left, rotation_right, mapping, packed_codes, row_
     return x.new_empty(*x.shape[:-1], packed_codes.shape[0])
 
 
-def _same_tensor_key(t: Optional[torch.Tensor]) -> tuple:
+def _same_tensor_key(t: torch.Tensor) -> tuple:
     """Identity of a tensor's data (address, layout): equal keys ⇒ equal values, no device work."""
-    if t is None:
-        return (None,)
     return (t.device, t.dtype, t.data_ptr(), tuple(t.shape), t.stride())
 
 
@@ -112,10 +92,10 @@ def lifted_linear_group(
     rotation_left: list[torch.Tensor], rotation_right: list[torch.Tensor], mapping: list[torch.Tensor],
     packed_codes: list[torch.Tensor], row_scale: list[torch.Tensor], bias: list[Optional[torch.Tensor]],
 ) -> list[torch.Tensor]:
-    """G sibling linears reading the same activation: ``y_i = r_i ⊙ (Q_i · lift_i(R_iᵀ pad(x_i))) + b_i``.
+    """G sibling linears reading the same activation: ``y_i = r_i ⊙ (Q_i · lift_i(R_iᵀ pad(x))) + b_i``.
 
     ``x`` arrives already multiplied by ``folded_signs[:K]`` = f (the scale-folding pass moved them
-    into the RMSNorm weight), so sibling i applies the diagonal ``s_i[:K] / f`` (``s_i`` without f):
+    into the RMSNorm weight), so sibling i applies the diagonal ``s_i[:K] / f`` instead of ``s_i``:
     nothing at all when ``s_i`` *is* f. Only the first K entries of any signs matter (the padding is
     zero), so siblings may have different Kp (lattices with different d).
 
@@ -134,25 +114,27 @@ def lifted_linear_group(
     Returns:
         G tensors (..., N_i) in x.dtype.
     """
-    siblings = list(zip(input_signs, rotation_left, rotation_right, mapping, packed_codes, row_scale, bias))
-    if not siblings or len({len(input_signs), len(rotation_left), len(rotation_right), len(mapping),
-                            len(packed_codes), len(row_scale), len(bias)}) != 1:
+    per_sibling = (input_signs, rotation_left, rotation_right, mapping, packed_codes, row_scale, bias)
+    if not input_signs or len({len(column) for column in per_sibling}) != 1:
         raise ValueError("lifted_linear_group needs G ≥ 1 entries in every per-sibling list")
+    k = x.shape[-1]
     lifted_by_transform: dict[tuple, torch.Tensor] = {}
     outputs = []
-    for signs, left, right, lattice_map, codes, scale, b in siblings:
-        _check_fused_args(x, signs, left, right, lattice_map, [codes])
+    for signs, left, right, lattice_map, codes, scale, b in zip(*per_sibling):
         same_as_folded = folded_signs is not None and _same_tensor_key(signs) == _same_tensor_key(folded_signs)
         key = (None if same_as_folded else _same_tensor_key(signs),) + tuple(
             _same_tensor_key(t) for t in (left, right, lattice_map)
         )
         if key not in lifted_by_transform:
-            if same_as_folded or folded_signs is None:
-                diagonal = None if same_as_folded else signs
-            else:
-                diagonal = signs[: x.shape[-1]] / folded_signs[: x.shape[-1]]
-            lifted_by_transform[key] = _lift_float32(x, diagonal, left, right, lattice_map)
-        outputs.append(lifted_matmul_reference(lifted_by_transform[key], codes, scale, b).to(x.dtype))
+            if same_as_folded:
+                lifted = _lift(x, None, left, right, lattice_map)
+            elif folded_signs is None:
+                lifted = _lift(x, signs, left, right, lattice_map)
+            else:  # another transform than the folded one (a weight swapped after compiling)
+                undo_folded = (signs[:k] / folded_signs[:k]).to(x.dtype)
+                lifted = _lift(x * undo_folded, None, left, right, lattice_map)
+            lifted_by_transform[key] = lifted
+        outputs.append(torch.ops.lift_ao.lifted_matmul(lifted_by_transform[key], codes, scale, b))
     return outputs
 
 

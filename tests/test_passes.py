@@ -21,7 +21,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
 import lift_ao
 from lift_ao import Lattice, LiftQuantTensor, passes
 from lift_ao.passes import LiftAOPassManager, run_passes
-from tiny_models import tiny_llama, tiny_qwen2, token_batch
+from tiny_models import tiny_qwen2, token_batch
 
 ops = torch.ops.lift_ao
 SLOT = passes.SLOT
@@ -251,6 +251,15 @@ def _quantized(model):
     return model
 
 
+def _one_layer_llama():
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=96, hidden_size=64, intermediate_size=160, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
 def _compiled_logits(model, ids):
     with torch.no_grad(), fresh_cache():
         ref = model(ids).logits
@@ -259,7 +268,7 @@ def _compiled_logits(model, ids):
 
 
 def test_compiled_llama_runs_fused_ops_only_and_matches_eager():
-    model = _quantized(tiny_llama())
+    model = _quantized(_one_layer_llama())
     layers = model.config.num_hidden_layers
     ref, out, code = _compiled_logits(model, token_batch(0, batch=1, length=8))
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
@@ -283,15 +292,6 @@ def test_frozen_bf16_qwen2_folds_signs_into_norm_constants_within_bf16_tolerance
     FileCheck().check_count("_lift_ao_folded_", 2 * layers + 1, exactly=False).run(code)
     FileCheck().check_count(LIFT_CALLS["lifted_linear_group"], 2 * layers, exactly=True).run(code)
     FileCheck().check_not(LIFT_CALLS["lift_activation"]).run(code)
-
-
-def _one_layer_llama():
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=96, hidden_size=64, intermediate_size=160, num_hidden_layers=1,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(config).eval()
 
 
 def test_uninstalled_passes_leave_the_two_op_chain(user_slot):
