@@ -58,10 +58,14 @@ MODEL_CONFIGS = {
         num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1000000.0,
         rms_norm_eps=1e-6, tie_word_embeddings=True,
     ),
-    # --smoke: a few-layer Llama that compiles in seconds on a CPU.
+    # --smoke: few-layer models that compile in seconds on a CPU.
     "tiny-llama": lambda: LlamaConfig(
         vocab_size=256, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+    ),
+    "tiny-qwen2": lambda: Qwen2Config(
+        vocab_size=256, hidden_size=48, intermediate_size=112, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True,
     ),
 }
 MODEL_CLASSES = {LlamaConfig: LlamaForCausalLM, Qwen2Config: Qwen2ForCausalLM}
@@ -327,7 +331,7 @@ def write_report(results: list[Result], meta: dict, out_dir: str, tag: str):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--smoke", action="store_true", help="tiny model on CPU, 8+8 tokens, 1 repeat")
+    parser.add_argument("--smoke", action="store_true", help="tiny model(s) on CPU, 8+8 tokens, 1 repeat")
     parser.add_argument("--models", default="llama3-8b,qwen2.5-1.5b", help=f"comma list of {list(MODEL_CONFIGS)}")
     parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"comma list of {list(all_variants())}")
     parser.add_argument("--prompt-len", type=int, default=128)
@@ -339,7 +343,9 @@ def main(argv=None):
     parser.add_argument("--tag", default=None, help="output name decode_<tag>.{json,md} (default: from models)")
     args = parser.parse_args(argv)
     if args.smoke:
-        args.models, args.prompt_len, args.new_tokens, args.repeats = "tiny-llama", 8, 8, 1
+        args.prompt_len, args.new_tokens, args.repeats = 8, 8, 1
+        if args.models == parser.get_default("models"):
+            args.models = "tiny-llama"
         if args.variants == ",".join(DEFAULT_VARIANTS):
             args.variants = "bf16,lift2.4,lift2.4-nopasses,lift2.4+lm_head"
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
