@@ -21,15 +21,11 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-# Running this file puts benchmarks/ first on sys.path, and benchmarks/kernels.py would then shadow the
-# `kernels` package that transformers probes for at import.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+import torch
 
-import torch  # noqa: E402
-
-import lift_ao  # noqa: E402
-from lift_ao.budget import PRESETS, plan  # noqa: E402
-from lift_ao.lattice import Lattice  # noqa: E402
+import lift_ao
+from lift_ao.budget import PRESETS, plan
+from lift_ao.lattice import Lattice
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GiB = 2**30

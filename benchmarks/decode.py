@@ -31,19 +31,15 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
-# Python puts this script's folder first on sys.path; transformers probes for the optional Hugging Face
-# `kernels` package with `import kernels`, which would import benchmarks/kernels.py instead.
-sys.path = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+import torch
+import torch.nn as nn
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, StaticCache
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
-import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, StaticCache  # noqa: E402
-from torch.utils._python_dispatch import is_traceable_wrapper_subclass  # noqa: E402
-
-import lift_ao  # noqa: E402
-from lift_ao import Lattice, LiftQuantTensor, passes  # noqa: E402
-from lift_ao.packing import words_per_row  # noqa: E402
-from lift_ao.transform import make_rotation  # noqa: E402
+import lift_ao
+from lift_ao import Lattice, LiftQuantTensor, passes
+from lift_ao.packing import words_per_row
+from lift_ao.transform import make_rotation
 
 MODEL_CONFIGS = {
     # meta-llama/Meta-Llama-3-8B config.json

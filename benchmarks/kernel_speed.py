@@ -1,6 +1,6 @@
 """LiftQuant Triton kernels vs bf16 cuBLAS and torchao int4 weight-only, on one GPU, in one process.
 
-    PYTHONPATH=. python benchmarks/kernels.py [--out DIR] [--quick]
+    python benchmarks/kernel_speed.py [--out DIR] [--quick]
 
 1. Device facts and the measured device-to-device copy bandwidth (bytes read + written).
 2. Correctness at real sizes, before any timing: the Triton ``lifted_matmul`` and ``lift_activation``
@@ -23,28 +23,18 @@ import os
 import platform
 import sys
 import time
-import types
 from pathlib import Path
 
 import torch
 import triton
 from triton.testing import do_bench
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-# Import lift_ao's bit layout and rotation without the package __init__ (which needs torchao and the
-# installed ``lift_ao.kernels`` mapping): the GPU machine has neither lift_ao installed nor, maybe, torchao.
-if "lift_ao" not in sys.modules:
-    _package = types.ModuleType("lift_ao")
-    _package.__path__ = [str(ROOT / "lift_ao")]
-    sys.modules["lift_ao"] = _package
-
-from lift_ao.packing import words_per_row  # noqa: E402
-from lift_ao.transform import make_rotation  # noqa: E402
-from kernels import lift_activation, lifted_matmul  # noqa: E402  (registers the CUDA kernels)
-from kernels.reference import lift_activation_reference, lifted_matmul_reference  # noqa: E402
-from kernels.triton_lift import lift_activation_triton  # noqa: E402
-from kernels.triton_matmul import _TUNING_CONFIGS, _lifted_matmul_tuned, lifted_matmul_triton  # noqa: E402
+from lift_ao.packing import words_per_row
+from lift_ao.transform import make_rotation
+from lift_ao.kernels import lift_activation, lifted_matmul  # importing registers the CUDA kernels
+from lift_ao.kernels.reference import lift_activation_reference, lifted_matmul_reference
+from lift_ao.kernels.triton_lift import lift_activation_triton
+from lift_ao.kernels.triton_matmul import _TUNING_CONFIGS, _lifted_matmul_tuned, lifted_matmul_triton
 
 SHAPES = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336), (8192, 8192), (28672, 8192), (8192, 28672)]
 BATCHES = [1, 4, 16, 64, 256]
@@ -352,7 +342,7 @@ def main():
     started = time.time()
     result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                   python=platform.python_version(), date=time.strftime("%Y-%m-%d %H:%M:%S"),
-                  command="PYTHONPATH=. python benchmarks/kernels.py " + " ".join(sys.argv[1:]))
+                  command="python benchmarks/kernel_speed.py " + " ".join(sys.argv[1:]))
     result["copy_gbs"] = copy_bandwidth()
     log(f"{result['device']}: copy {result['copy_gbs']:.0f} GB/s")
     result["checks"] = check_correctness(log)

@@ -7,9 +7,8 @@
    quantized layer (N×K, lattice D/d, Kp from :func:`~lift_ao.transform.padded_in_features`) owns
    its packed codes, N·ceil(Kp·D/d / 32) int32 words, and its row scales, N float32. The lattice
    matrix M (d×D float32) and the rotation (Kp + k1² + k2² float32) are storages shared between
-   layers exactly as :func:`lift_ao.tensor._shared_constants` shares them: one rotation per
-   (lattice, K, seed, device), one M per (lattice, K, seed, device) except on CPU, where
-   ``Tensor.to`` returns the shipped lattice's own M, so all layers with that lattice share one.
+   layers exactly as :mod:`lift_ao.tensor` shares them: one rotation per (K, d, seed, device), one
+   M per (lattice, device).
    So a layer's planned ``bytes`` equals ``LiftQuantTensor.storage_bytes()`` and the plan's
    ``model_bytes`` equals ``lift_ao.footprint(model)`` after ``lift_ao.quantize``.
 2. **Reservations.** KV cache = layers × 2 × kv_heads × head_dim × context × batch × dtype bytes
@@ -183,9 +182,8 @@ def code_bytes(out_features: int, in_features: int, lattice: Lattice) -> int:
 def _shared_storages(in_features: int, lattice: Lattice, seed: int, device: torch.device) -> dict:
     """{storage key: bytes} of the M and rotation a layer points to (see the module docstring)."""
     kp, k1, k2 = padded_in_features(in_features, lattice.d)
-    rotation = ("rotation", lattice.name, in_features, seed, str(device))
-    # On CPU, lattice.M.to(cpu) is lattice.M itself: one M per lattice whatever K.
-    mapping = ("mapping", lattice.name) if device.type == "cpu" else ("mapping", lattice.name, in_features, seed, str(device))
+    rotation = ("rotation", in_features, lattice.d, seed, str(device))
+    mapping = ("mapping", lattice.name, str(device))
     return {rotation: (kp + k1 * k1 + k2 * k2) * _FLOAT32_BYTES, mapping: lattice.d * lattice.D * _FLOAT32_BYTES}
 
 

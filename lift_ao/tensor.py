@@ -38,12 +38,18 @@ __all__ = ["LiftQuantTensor"]
 aten = torch.ops.aten
 
 
+# One copy of each M and each rotation per device, so linears with the same lattice share M and
+# linears reading the same activation (q/k/v, gate/up: same K, d and seed) share the rotation, as
+# the footprint counts and the passes expect.
 @lru_cache(maxsize=64)
-def _shared_constants(lattice: Lattice, in_features: int, seed: int, device: torch.device):
-    # One copy of M and of each rotation per device, so q/k/v (same K) share storage, as the
-    # footprint counts and the passes expect.
-    rotation = make_rotation(in_features, lattice.d, seed)
-    return tuple(t.to(device) for t in (lattice.M, rotation.signs, rotation.left, rotation.right))
+def _shared_mapping(lattice: Lattice, device: torch.device) -> torch.Tensor:
+    return lattice.M.to(device)
+
+
+@lru_cache(maxsize=64)
+def _shared_rotation(in_features: int, block: int, seed: int, device: torch.device):
+    rotation = make_rotation(in_features, block, seed)
+    return tuple(t.to(device) for t in (rotation.signs, rotation.left, rotation.right))
 
 
 class LiftQuantTensor(TorchAOBaseTensor):
@@ -93,7 +99,8 @@ class LiftQuantTensor(TorchAOBaseTensor):
         if not torch.isfinite(weight).all():
             raise ValueError(f"{name}: weight has NaN/Inf entries; fix the checkpoint before quantizing")
         device = weight.device
-        mapping, signs, left, right = _shared_constants(lattice, weight.shape[1], seed, device)
+        mapping = _shared_mapping(lattice, device)
+        signs, left, right = _shared_rotation(weight.shape[1], lattice.d, seed, device)
         rotated = rotate(weight.detach().to(torch.float32), signs, left, right)
         codes, row_scale = encode_rows(rotated, lattice.to(device), progress=progress)
         return cls(pack_codes(codes), row_scale, mapping, signs, left, right, weight.shape, weight.dtype)

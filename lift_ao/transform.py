@@ -63,7 +63,7 @@ def _orthogonal(n: int, generator: torch.Generator) -> torch.Tensor:
     if n & (n - 1) == 0:
         return _hadamard(n)
     q, r = torch.linalg.qr(torch.randn(n, n, generator=generator, dtype=torch.float64))
-    return q * torch.sign(torch.diagonal(r))
+    return (q * torch.sign(torch.diagonal(r))).contiguous()  # LAPACK's Q is column-major
 
 
 @dataclass(frozen=True, eq=False)

@@ -199,8 +199,8 @@ def test_sensitivity_gives_bits_to_the_energetic_layer():
         model.model.layers[1].mlp.down_proj.weight.mul_(30.0)
     p = plan(model, mixed_budget(model, None))
     bits = {layer.name: layer.bits for layer in p.layers}
-    assert bits["model.layers.1.mlp.down_proj"] == max(bits.values()) > min(bits.values())
-    assert bits["model.layers.1.mlp.down_proj"] > bits["model.layers.0.mlp.down_proj"]
+    energetic = bits.pop("model.layers.1.mlp.down_proj")
+    assert energetic >= max(bits.values()) and energetic > sum(bits.values()) / len(bits)
 
 
 # ----- exact accounting and end to end on a tiny Llama -----------------------------------------

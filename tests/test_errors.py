@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-from torchao.quantization import quantize_
 from tiny_models import tiny_llama
 
 import lift_ao

@@ -15,6 +15,13 @@ def _gen(seed):
     return torch.Generator().manual_seed(seed)
 
 
+def assert_relative_error(actual: torch.Tensor, expected: torch.Tensor, tol: float) -> None:
+    """Relative error in norm: float32 sums reorder with thread count and matmul shape, so single
+    entries near a cancellation may differ by more than any fixed per-entry tolerance."""
+    rel = ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
+    assert rel < tol, f"relative error {rel:.3g} >= {tol:g}"
+
+
 def dense_reference_float64(w: LiftQuantTensor) -> torch.Tensor:
     """The weight the codes stand for, built in float64 from first principles."""
     n, k = w.shape
@@ -78,7 +85,7 @@ def test_nn_linear_forward_and_activation_gradient(quantized):
     linear(x).pow(2).sum().backward()
     x_ref = x.detach().double().requires_grad_()
     (x_ref @ dense_reference_float64(w).T + linear.bias.detach().double()).pow(2).sum().backward()
-    torch.testing.assert_close(x.grad.double(), x_ref.grad, rtol=1e-4, atol=1e-5)
+    assert_relative_error(x.grad, x_ref.grad, 1e-5)
     assert linear.bias.grad is not None and linear.bias.grad.shape == (37,)
 
 
@@ -112,8 +119,9 @@ def test_row_slice_keeps_whole_rows(quantized):
     _, w = quantized
     part = w[5:20]
     assert isinstance(part, LiftQuantTensor) and part.shape == (15, 53)
+    assert torch.equal(part.packed_codes, w.packed_codes[5:20]) and torch.equal(part.row_scale, w.row_scale[5:20])
     x = torch.randn(3, 53, generator=_gen(7))
-    torch.testing.assert_close(F.linear(x, part), F.linear(x, w)[:, 5:20], rtol=0, atol=0)
+    assert_relative_error(F.linear(x, part), F.linear(x, w)[:, 5:20], 1e-6)
     with pytest.raises(NotImplementedError, match="output rows only"):
         w[:, 3:10]
 
@@ -140,4 +148,4 @@ def test_compile_fullgraph_matches_eager(quantized):
     x = torch.randn(3, 53, generator=_gen(10))
     compiled = torch.compile(linear, fullgraph=True, backend="inductor")
     with torch.no_grad():
-        torch.testing.assert_close(compiled(x), linear(x), rtol=1e-5, atol=1e-5)
+        assert_relative_error(compiled(x), linear(x), 1e-6)
