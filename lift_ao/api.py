@@ -15,6 +15,8 @@ from torchao.quantization import quantize_
 from tqdm.auto import tqdm
 
 from lift_ao.config import LiftQuantConfig
+from lift_ao.io import CheckpointError, _sha256, load_shard, open_partial, save_shard
+from lift_ao.lattice import Lattice
 from lift_ao.tensor import LiftQuantTensor
 
 __all__ = ["quantize", "quantizable_linears", "resolve_device"]
@@ -84,7 +86,7 @@ def resolve_device(device) -> torch.device:
 def quantize(
     model: torch.nn.Module, config: LiftQuantConfig,
     filter_fn: Optional[Callable[[torch.nn.Module, str], bool]] = None, *, device=None,
-    progress: bool = True, calibration=None,
+    progress: bool = True, calibration=None, resume_dir=None, overwrite: bool = False,
 ) -> torch.nn.Module:
     """Quantize a model's linear weights in place with ``config``.
 
@@ -97,6 +99,11 @@ def quantize(
         progress: one progress bar over the layers.
         calibration: token ids (batch, tokens), or a list of them, to score layer sensitivity when
             ``config`` has a ``memory_budget`` (see :func:`lift_ao.plan`).
+        resume_dir: a directory where each finished layer's codes are saved as it is done; run
+            again with the same directory (after a crash or kill) and finished layers are loaded
+            instead of encoded. Encoding is deterministic, so the result is bit-identical to an
+            uninterrupted run. A directory holding another model's, config's or seed's layers is refused.
+        overwrite: discard a ``resume_dir`` that holds a different run instead of refusing.
     Returns:
         ``model`` (modified in place; transformers ``Conv1D`` layers become ``nn.Linear``).
     Raises:
@@ -130,6 +137,8 @@ def quantize(
         }
     elif calibration is not None:
         raise ValueError("calibration= only informs a memory_budget config's per-layer plan")
+    if resume_dir is not None:
+        open_partial(resume_dir, _run_identity(targets, layer_configs, config), overwrite=overwrite)
     desc = f"liftquant {config.lattice or 'budget plan'}"
     for name, module in tqdm(targets, desc=desc, unit="layer", disable=not progress):
         if _is_hf_conv1d(module):
@@ -137,8 +146,48 @@ def quantize(
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name), child, linear)
             module = linear
+        source = _sha256(module.weight) if resume_dir is not None else None
+        if source is not None and _resume_layer(resume_dir, name, module, layer_configs[name], source, device):
+            continue
         try:
             quantize_(module, layer_configs[name], filter_fn=lambda m, _: m is module, device=device)
         except (ValueError, TypeError) as e:
             raise type(e)(f"{name}: {e}") from e
+        if source is not None:
+            weight = module.weight
+            save_shard(resume_dir, name, {"packed_codes": weight.packed_codes, "row_scale": weight.row_scale},
+                       {"source_sha256": source})
     return model
+
+
+def _run_identity(targets, layer_configs: dict, config: LiftQuantConfig) -> dict:
+    """What a resumed run must share with the one that wrote the shards: seed and, per layer, the
+    shape, dtype and lattice (a hash of each layer's weight is checked per shard)."""
+    layers = {}
+    for name, module in targets:
+        shape = module.weight.shape if not _is_hf_conv1d(module) else module.weight.shape[::-1]
+        lattice = Lattice.load(layer_configs[name].lattice)
+        layers[name] = [list(shape), str(module.weight.dtype), lattice.name, lattice.fingerprint]
+    return {"seed": config.seed, "layers": layers}
+
+
+def _resume_layer(resume_dir, name: str, module: torch.nn.Module, config: LiftQuantConfig, source: str, device) -> bool:
+    """Put a finished layer's saved codes in place; False when the layer still has to be encoded."""
+    stored = load_shard(resume_dir, name)
+    if stored is None:
+        return False
+    info, tensors = stored
+    if info.get("source_sha256") != source:
+        raise CheckpointError(
+            f"{resume_dir}: the saved codes of {name} were made from a different weight (same shapes, other "
+            "values); use another resume_dir, or overwrite=True (lift-ao quantize --overwrite)"
+        )
+    if device is not None:
+        module.to(device)  # as quantize_(..., device=device) does
+    weight = module.weight
+    quantized = LiftQuantTensor.from_codes(
+        tensors["packed_codes"].to(weight.device), tensors["row_scale"].to(weight.device),
+        Lattice.load(config.lattice), seed=config.seed, shape=weight.shape, dtype=weight.dtype,
+    )
+    module.weight = torch.nn.Parameter(quantized, requires_grad=False)
+    return True

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -21,6 +22,7 @@ import torch
 __all__ = ["main"]
 
 BUILTIN = "builtin"
+PARTIAL_DIR = "lift_ao.partial"  # under --out: one shard per finished layer (lift_ao.quantize's resume_dir)
 
 
 def _log(args, message: str) -> None:
@@ -95,7 +97,9 @@ def _cmd_quantize(args) -> dict:
         report["perplexity_before"] = _perplexity(args, model, tokens).to_dict()
         _log(args, f"perplexity before: {report['perplexity_before']['perplexity']:.3f}")
     t0 = time.perf_counter()
-    lift_ao.quantize(model, config, progress=True)
+    # Finished layers are kept under --out as they are done, so a killed run resumes where it stopped.
+    partial = args.out / PARTIAL_DIR if args.out else None
+    lift_ao.quantize(model, config, progress=True, resume_dir=partial, overwrite=args.overwrite)
     report["quantize_seconds"] = round(time.perf_counter() - t0, 2)
     quantized = [m.weight for _, m in targets]
     report["bytes_after"] = lift_ao.footprint(model)
@@ -113,6 +117,7 @@ def _cmd_quantize(args) -> dict:
     if args.out:
         lift_ao.save_quantized(model, args.out)
         tokenizer.save_pretrained(args.out)
+        shutil.rmtree(partial)
         report["saved_to"] = str(args.out)
         _log(args, f"saved to {args.out}")
     return report
@@ -165,7 +170,10 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--lattice", default=None, help="a lattice name such as 24/10 instead of --bits")
     q.add_argument("--seed", type=int, default=0, help="seed of the input rotations (default 0)")
     q.add_argument("--lm-head", action="store_true", help="also quantize the output projection")
-    q.add_argument("--out", type=Path, default=None, help="save the quantized model (safetensors) to this directory")
+    q.add_argument("--out", type=Path, default=None, help="save the quantized model (safetensors) to this directory; "
+                   f"finished layers are kept in DIR/{PARTIAL_DIR} until then, so rerunning a killed run resumes it")
+    q.add_argument("--overwrite", action="store_true", help=f"discard a DIR/{PARTIAL_DIR} left by a run with another "
+                   "model, lattice or seed instead of refusing")
     q.add_argument("--skip-eval", action="store_true", help="do not measure perplexity")
     _add_eval_options(q)
 

@@ -9,6 +9,12 @@ tensor, so a truncated, tampered or mismatched file is refused with a message na
 Files are written to a temporary name and renamed, so a crash never leaves a half-written checkpoint
 under the real name. When the model is a Hugging Face model its ``config.json`` is saved beside it,
 so ``load_quantized(dir)`` can rebuild the architecture without downloads.
+
+Resumable runs (``lift_ao.quantize(..., resume_dir=DIR)``) use the same format in small pieces: a
+``manifest.json`` that identifies the run, and one *shard* per finished layer,
+``<name>.shard.safetensors``, written atomically with its own SHA-256s. :func:`open_partial`,
+:func:`save_shard` and :func:`load_shard` are generic (any named group of tensors), for any loop
+that finishes work one unit at a time.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import hashlib
 import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -27,10 +34,16 @@ from safetensors.torch import save_file
 from lift_ao.lattice import Lattice
 from lift_ao.tensor import LiftQuantTensor
 
-__all__ = ["save_quantized", "load_quantized", "CheckpointError", "FORMAT_VERSION", "CHECKPOINT_NAME"]
+__all__ = [
+    "save_quantized", "load_quantized", "CheckpointError", "FORMAT_VERSION", "CHECKPOINT_NAME",
+    "open_partial", "save_shard", "load_shard", "MANIFEST_NAME", "SHARD_SUFFIX",
+]
 
 FORMAT_VERSION = 1
 CHECKPOINT_NAME = "lift_ao.safetensors"
+MANIFEST_NAME = "manifest.json"
+SHARD_SUFFIX = ".shard.safetensors"
+_TMP_PREFIX = ".lift_ao-"
 
 
 class CheckpointError(ValueError):
@@ -38,7 +51,7 @@ class CheckpointError(ValueError):
 
 
 def _sha256(t: torch.Tensor) -> str:
-    return hashlib.sha256(t.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+    return hashlib.sha256(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
 def _library_version() -> str:
@@ -85,23 +98,35 @@ def save_quantized(model: torch.nn.Module, directory) -> Path:
         "sha256": {k: _sha256(t) for k, t in tensors.items()},
     }
     target = directory / CHECKPOINT_NAME
-    fd, tmp = tempfile.mkstemp(prefix=".lift_ao-", suffix=".tmp", dir=directory)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"lift_ao": json.dumps(header)})
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    _write_atomically(target, lambda tmp: save_file(tensors, tmp, metadata={"lift_ao": json.dumps(header)}))
     config = getattr(model, "config", None)
     if hasattr(config, "save_pretrained"):
         config.save_pretrained(directory)
     return target
 
 
+def _write_atomically(target: Path, write) -> None:
+    """``write(tmp_path)`` then rename onto ``target``: a crash leaves the old file or none, never half of one."""
+    fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:  # on disk before the rename, so a power cut cannot expose an empty file
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def _read_checkpoint(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}; write one with lift_ao.save_quantized(model, dir)")
+    return _read_verified(path)
+
+
+def _read_verified(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The ``lift_ao`` header and tensors of a file we wrote, after checking version and SHA-256s."""
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -193,3 +218,79 @@ def load_quantized(directory, model: Optional[torch.nn.Module] = None, *, device
     # Aliases get the same tensor, so tied parameters share storage again after loading.
     model.load_state_dict(plain, strict=False, assign=True)
     return model
+
+
+# ----- resumable runs: a manifest and one shard per finished unit ----------------------------------
+
+
+def open_partial(directory, manifest: dict, *, overwrite: bool = False) -> Path:
+    """Start or continue a resumable run in ``directory``.
+
+    Args:
+        directory: where the manifest and shards live (created if needed).
+        manifest: JSON-serialisable identity of the run (config, seed, layer names/shapes/lattices...).
+            A run may continue only from shards written under an equal manifest.
+        overwrite: delete the manifest and shards of a different run instead of refusing.
+    Returns:
+        ``directory`` as a Path.
+    Raises:
+        CheckpointError: ``directory`` holds a different run (the message names what differs).
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / MANIFEST_NAME
+    for stale in directory.glob(f"{_TMP_PREFIX}*.tmp"):  # left by a run killed mid-write (one run per directory)
+        stale.unlink()
+    manifest = {"format_version": FORMAT_VERSION, "library_version": _library_version(), **manifest}
+    manifest = json.loads(json.dumps(manifest))  # compare what the file will hold (tuples → lists)
+    if path.is_file():
+        try:
+            stored = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            stored = {"manifest": "unreadable"}
+        if stored == manifest:
+            return directory
+        if not overwrite:
+            differs = sorted(k for k in manifest.keys() | stored.keys() if manifest.get(k) != stored.get(k))
+            raise CheckpointError(
+                f"{directory} holds a partial run of another model, config, seed or lift_ao version (differs in: "
+                f"{', '.join(differs)}); use another directory, or overwrite it (overwrite=True; lift-ao quantize --overwrite)"
+            )
+    for shard in directory.glob(f"*{SHARD_SUFFIX}"):
+        shard.unlink()
+    _write_atomically(path, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=1, sort_keys=True)))
+    return directory
+
+
+def save_shard(directory, name: str, tensors: dict[str, torch.Tensor], info: Optional[dict] = None) -> Path:
+    """Atomically write one finished unit's tensors as ``<directory>/<name>.shard.safetensors``.
+
+    Args:
+        name: the unit's name (e.g. a module name); must be a valid file name.
+        tensors: plain tensors (copied to CPU).
+        info: JSON-serialisable facts to check on resume (e.g. a hash of the input weight).
+    """
+    tensors = {k: t.detach().cpu().contiguous() for k, t in tensors.items()}
+    header = {"format_version": FORMAT_VERSION, "info": info or {}, "sha256": {k: _sha256(t) for k, t in tensors.items()}}
+    target = Path(directory) / f"{name}{SHARD_SUFFIX}"
+    _write_atomically(target, lambda tmp: save_file(tensors, tmp, metadata={"lift_ao": json.dumps(header)}))
+    return target
+
+
+def load_shard(directory, name: str) -> Optional[tuple[dict, dict[str, torch.Tensor]]]:
+    """``(info, tensors)`` of a shard written by :func:`save_shard`, or None when the unit must be done.
+
+    A missing shard returns None. So does a truncated or corrupt one (only possible from disk faults
+    or hand edits, since shards are renamed into place whole): it is deleted with a warning, because
+    redoing a unit is always safe while loading a bad one never is.
+    """
+    path = Path(directory) / f"{name}{SHARD_SUFFIX}"
+    if not path.is_file():
+        return None
+    try:
+        header, tensors = _read_verified(path)
+    except CheckpointError as e:
+        warnings.warn(f"{e}; redoing {name}", stacklevel=2)
+        path.unlink()
+        return None
+    return header["info"], tensors

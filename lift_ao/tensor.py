@@ -28,10 +28,10 @@ import torch
 import torch.nn.functional as F
 from torchao.utils import TorchAOBaseTensor, fill_defaults
 
-from lift_ao.encode import encode_rows
+from lift_ao.encode import encode_weight
 from lift_ao.lattice import Lattice
-from lift_ao.packing import pack_codes, unpack_codes
-from lift_ao.transform import make_rotation, rotate, unrotate
+from lift_ao.packing import unpack_codes, words_per_row
+from lift_ao.transform import make_rotation, unrotate
 
 __all__ = ["LiftQuantTensor"]
 
@@ -98,12 +98,33 @@ class LiftQuantTensor(TorchAOBaseTensor):
             raise ValueError(f"{name}: cannot quantize an empty weight of shape {tuple(weight.shape)}")
         if not torch.isfinite(weight).all():
             raise ValueError(f"{name}: weight has NaN/Inf entries; fix the checkpoint before quantizing")
-        device = weight.device
+        signs, left, right = _shared_rotation(weight.shape[1], lattice.d, seed, weight.device)
+        packed, row_scale = encode_weight(weight, lattice.to(weight.device), signs, left, right, progress=progress)
+        return cls.from_codes(packed, row_scale, lattice, seed=seed, shape=weight.shape, dtype=weight.dtype)
+
+    @classmethod
+    def from_codes(
+        cls, packed_codes: torch.Tensor, row_scale: torch.Tensor, lattice: Lattice, *, seed: int,
+        shape, dtype: torch.dtype,
+    ) -> "LiftQuantTensor":
+        """Wrap stored codes (e.g. a resumed layer), sharing M and the rotation like :meth:`from_hp`.
+
+        Args:
+            packed_codes: (N, ceil(L/32)) int32, L = Kp·D/d, on the target device.
+            row_scale: (N,) float32, same device.
+            lattice, seed: as given to :meth:`from_hp`.
+            shape: (N, K); dtype: the logical dtype.
+        """
+        device = packed_codes.device
+        signs, left, right = _shared_rotation(shape[1], lattice.d, seed, device)
+        words = words_per_row(signs.shape[0] // lattice.d * lattice.D)
+        if tuple(packed_codes.shape) != (shape[0], words) or tuple(row_scale.shape) != (shape[0],):
+            raise ValueError(
+                f"codes {tuple(packed_codes.shape)} and scales {tuple(row_scale.shape)} do not fit a {tuple(shape)} "
+                f"weight with lattice {lattice.name}: expected ({shape[0]}, {words}) and ({shape[0]},)"
+            )
         mapping = _shared_mapping(lattice, device)
-        signs, left, right = _shared_rotation(weight.shape[1], lattice.d, seed, device)
-        rotated = rotate(weight.detach().to(torch.float32), signs, left, right)
-        codes, row_scale = encode_rows(rotated, lattice.to(device), progress=progress)
-        return cls(pack_codes(codes), row_scale, mapping, signs, left, right, weight.shape, weight.dtype)
+        return cls(packed_codes, row_scale, mapping, signs, left, right, torch.Size(shape), dtype)
 
     # ----- properties -----------------------------------------------------------------------
 

@@ -1,0 +1,141 @@
+"""Resumable quantization: a run killed at any point resumes from its directory, bit-identically.
+
+The kill test drives the real command (``lift-ao quantize --out DIR``) in a subprocess and SIGKILLs
+it when the output directory shows finished layers (polling, so no test-only code path ships).
+"""
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import torch
+from tiny_models import tiny_llama
+
+import lift_ao
+from lift_ao import CheckpointError, LiftQuantTensor, liftquant, load_quantized
+from lift_ao import cli
+from lift_ao.cli import PARTIAL_DIR
+from lift_ao.io import CHECKPOINT_NAME, MANIFEST_NAME, SHARD_SUFFIX
+
+LATTICE = "16/8"  # the fastest 2-bit search: these tests are about bookkeeping, not accuracy
+
+# The subprocess runs this file's run_cli: the real command with only the model loader swapped.
+DRIVER = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import test_resume; sys.exit(test_resume.run_cli(*sys.argv[1:]))"
+
+
+class _Tokenizer:
+    def save_pretrained(self, directory):
+        pass
+
+
+def run_cli(out, *extra) -> int:
+    """``lift-ao quantize --out OUT`` on the tiny Llama."""
+    args = ["quantize", "--skip-eval", "--lattice", LATTICE, "--device", "cpu", "--out", str(out), *extra]
+    with mock.patch.object(cli, "_load_model", lambda spec, device: (tiny_llama(), _Tokenizer())):
+        return cli.main(args)
+
+
+def _quantize(resume_dir=None):
+    return lift_ao.quantize(tiny_llama(), liftquant(lattice=LATTICE), progress=False, resume_dir=resume_dir)
+
+
+def _assert_bit_identical(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        x, y = sa[key], sb[key]
+        if isinstance(x, LiftQuantTensor):
+            assert isinstance(y, LiftQuantTensor) and x.dtype == y.dtype
+            for part in x.tensor_data_names:
+                assert torch.equal(getattr(x, part), getattr(y, part)), (key, part)
+        else:
+            assert torch.equal(x, y), key
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return _quantize()
+
+
+def _shards(partial: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in partial.glob(f"*{SHARD_SUFFIX}")}
+
+
+def _run_until(out: Path, shards: int, timeout: float = 120.0) -> None:
+    """Start the command and SIGKILL it as soon as at least ``shards`` layers are on disk."""
+    log = out.parent / "stderr.txt"
+    with open(log, "wb") as stderr:
+        proc = subprocess.Popen([sys.executable, "-c", DRIVER, str(out)], stdout=subprocess.DEVNULL, stderr=stderr)
+        deadline = time.monotonic() + timeout
+        while len(_shards(out / PARTIAL_DIR)) < shards:
+            assert proc.poll() is None, f"finished before it could be killed: {log.read_text()[-2000:]}"
+            assert time.monotonic() < deadline, "no progress"
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+
+
+def test_sigkilled_command_resumes_bit_identically(reference, tmp_path):
+    n_layers = len(lift_ao.quantizable_linears(tiny_llama(), liftquant(lattice=LATTICE)))
+    out = tmp_path / "out"
+    _run_until(out, 1)
+    first = _shards(out / PARTIAL_DIR)
+    assert 1 <= len(first) < n_layers and not (out / CHECKPOINT_NAME).exists()
+    _run_until(out, len(first) + 3)
+    second = _shards(out / PARTIAL_DIR)
+    assert len(second) < n_layers and not (out / CHECKPOINT_NAME).exists()
+    # Finished layers were loaded, not encoded and written again.
+    assert all(second[name] == mtime for name, mtime in first.items())
+    assert run_cli(out) == 0
+    _assert_bit_identical(reference, load_quantized(out, tiny_llama(seed=1)))
+    assert not (out / PARTIAL_DIR).exists() and not list(out.glob("*.tmp"))
+
+
+def test_half_written_and_corrupt_shards_are_redone(reference, tmp_path):
+    _quantize(resume_dir=tmp_path)
+    shards = sorted(tmp_path.glob(f"*{SHARD_SUFFIX}"))
+    data = shards[0].read_bytes()
+    # A kill mid-write leaves only a temporary file; a disk fault could leave a short or altered shard.
+    (tmp_path / ".lift_ao-killed.tmp").write_bytes(data[: len(data) // 2])
+    shards[0].write_bytes(data[: len(data) // 2])
+    tampered = bytearray(shards[1].read_bytes())
+    tampered[-1] ^= 0xFF
+    shards[1].write_bytes(bytes(tampered))
+    with pytest.warns(UserWarning, match="redoing") as caught:
+        resumed = _quantize(resume_dir=tmp_path)
+    messages = [str(w.message) for w in caught]
+    assert any(str(shards[0]) in m and "truncated" in m for m in messages)
+    assert any(str(shards[1]) in m and "SHA-256" in m for m in messages)
+    _assert_bit_identical(reference, resumed)
+    assert shards[0].read_bytes() == data and not list(tmp_path.glob("*.tmp"))
+
+
+@pytest.mark.parametrize("change", [dict(lattice="24/10"), dict(seed=1), dict(weights_seed=2)])
+def test_directory_of_another_run_is_refused(tmp_path, change):
+    _quantize(resume_dir=tmp_path)
+    kept = _shards(tmp_path)
+    model = tiny_llama(seed=change.pop("weights_seed", 0))
+    config = liftquant(lattice=change.pop("lattice", LATTICE), **change)
+    with pytest.raises(CheckpointError, match="another directory|another resume_dir") as info:
+        lift_ao.quantize(model, config, progress=False, resume_dir=tmp_path)
+    assert "overwrite" in str(info.value)
+    assert _shards(tmp_path) == kept  # nothing of the other run was touched
+
+
+def test_overwrite_starts_over(reference, tmp_path):
+    lift_ao.quantize(tiny_llama(), liftquant(lattice=LATTICE, seed=3), progress=False, resume_dir=tmp_path)
+    redone = lift_ao.quantize(tiny_llama(), liftquant(lattice=LATTICE), progress=False, resume_dir=tmp_path, overwrite=True)
+    _assert_bit_identical(reference, redone)
+    assert '"seed": 0' in (tmp_path / MANIFEST_NAME).read_text()
+
+
+def test_cli_refuses_another_run_and_names_overwrite(tmp_path, capsys):
+    lift_ao.quantize(tiny_llama(), liftquant(lattice=LATTICE, seed=1), progress=False, resume_dir=tmp_path / PARTIAL_DIR)
+    assert run_cli(tmp_path) == 2
+    assert "--overwrite" in capsys.readouterr().err and not (tmp_path / CHECKPOINT_NAME).exists()
+    assert run_cli(tmp_path, "--overwrite") == 0
+    assert (tmp_path / CHECKPOINT_NAME).exists() and not (tmp_path / PARTIAL_DIR).exists()
