@@ -33,26 +33,6 @@ import torch
 
 __all__ = ["lifted_linear", "lifted_linear_group"]
 
-_no_signs_cache: dict[tuple, torch.Tensor] = {}
-
-
-def _no_signs(rotation_left: torch.Tensor, rotation_right: torch.Tensor) -> torch.Tensor:
-    # Ones of length Kp, kept per (Kp, device) so steady-state calls (and CUDA graph replays,
-    # captured after the eager warm-up call) allocate nothing.
-    kp, device = rotation_left.shape[0] * rotation_right.shape[0], rotation_left.device
-    key = (kp, str(device))
-    if key not in _no_signs_cache:
-        _no_signs_cache[key] = torch.ones(kp, dtype=torch.float32, device=device)
-    return _no_signs_cache[key]
-
-
-def _lift(x, signs, rotation_left, rotation_right, mapping) -> torch.Tensor:
-    """``lift_activation`` with ``signs`` None meaning: x already carries them."""
-    if signs is None:
-        signs = _no_signs(rotation_left, rotation_right)
-    return torch.ops.lift_ao.lift_activation(x, signs, rotation_left, rotation_right, mapping)
-
-
 @torch.library.custom_op("lift_ao::lifted_linear", mutates_args=())
 def lifted_linear(
     x: torch.Tensor, input_signs: Optional[torch.Tensor], rotation_left: torch.Tensor,
@@ -72,7 +52,7 @@ def lifted_linear(
     Returns:
         (..., N) in x.dtype.
     """
-    lifted = _lift(x, input_signs, rotation_left, rotation_right, mapping)
+    lifted = torch.ops.lift_ao.lift_activation(x, input_signs, rotation_left, rotation_right, mapping)
     return torch.ops.lift_ao.lifted_matmul(lifted, packed_codes, row_scale, bias)
 
 
@@ -127,12 +107,12 @@ def lifted_linear_group(
         )
         if key not in lifted_by_transform:
             if same_as_folded:
-                lifted = _lift(x, None, left, right, lattice_map)
+                lifted = torch.ops.lift_ao.lift_activation(x, None, left, right, lattice_map)
             elif folded_signs is None:
-                lifted = _lift(x, signs, left, right, lattice_map)
+                lifted = torch.ops.lift_ao.lift_activation(x, signs, left, right, lattice_map)
             else:  # another transform than the folded one (a weight swapped after compiling)
                 undo_folded = (signs[:k] / folded_signs[:k]).to(x.dtype)
-                lifted = _lift(x * undo_folded, None, left, right, lattice_map)
+                lifted = torch.ops.lift_ao.lift_activation(x * undo_folded, None, left, right, lattice_map)
             lifted_by_transform[key] = lifted
         outputs.append(torch.ops.lift_ao.lifted_matmul(lifted_by_transform[key], codes, scale, b))
     return outputs

@@ -3,8 +3,9 @@
 Two opaque custom ops, so ``torch.compile`` keeps each as one graph node that the passes in
 ``lift_ao.passes`` can recognise and rewrite:
 
-- ``lift_ao::lift_activation(x, input_signs, rotation_left, rotation_right, mapping) -> lifted``
-  x (..., K) → x̃ (..., Kp·D/d): rotate then lift each d-block with Mᵀ.
+- ``lift_ao::lift_activation(x, input_signs?, rotation_left, rotation_right, mapping) -> lifted``
+  x (..., K) → x̃ (..., Kp·D/d): rotate then lift each d-block with Mᵀ. ``input_signs=None`` means
+  x already carries the signs (the scale-folding pass multiplied them into the RMSNorm weight).
 - ``lift_ao::lifted_matmul(lifted, packed_codes, row_scale, bias) -> y``
   x̃ (..., L), codes (N, ceil(L/32)) int32 → y (..., N) = r ⊙ (Q x̃) + b.
 
@@ -31,18 +32,18 @@ from .reference import (
 __all__ = ["lift_activation", "lifted_matmul"]
 
 
-def _lifted_length(x_shape, input_signs: torch.Tensor, mapping: torch.Tensor) -> int:
+def _lifted_length(rotation_left: torch.Tensor, rotation_right: torch.Tensor, mapping: torch.Tensor) -> int:
     d, D = mapping.shape
-    return input_signs.shape[0] // d * D
+    return rotation_left.shape[0] * rotation_right.shape[0] // d * D
 
 
 def _check_lift_args(x, input_signs, rotation_left, rotation_right, mapping):
-    kp = input_signs.shape[0]
+    kp = rotation_left.shape[0] * rotation_right.shape[0]
     d = mapping.shape[0]
-    if rotation_left.shape[0] * rotation_right.shape[0] != kp or kp % d:
+    if (input_signs is not None and input_signs.shape != (kp,)) or kp % d:
         raise ValueError(
-            f"inconsistent transform: signs {tuple(input_signs.shape)}, left {tuple(rotation_left.shape)}, "
-            f"right {tuple(rotation_right.shape)}, mapping {tuple(mapping.shape)}"
+            f"inconsistent transform: signs {None if input_signs is None else tuple(input_signs.shape)}, "
+            f"left {tuple(rotation_left.shape)}, right {tuple(rotation_right.shape)}, mapping {tuple(mapping.shape)}"
         )
     if x.shape[-1] > kp:
         raise ValueError(f"activation has {x.shape[-1]} input features, the weight expects at most {kp}")
@@ -52,7 +53,7 @@ def _check_lift_args(x, input_signs, rotation_left, rotation_right, mapping):
 
 @torch.library.custom_op("lift_ao::lift_activation", mutates_args=())
 def lift_activation(
-    x: torch.Tensor, input_signs: torch.Tensor, rotation_left: torch.Tensor,
+    x: torch.Tensor, input_signs: Optional[torch.Tensor], rotation_left: torch.Tensor,
     rotation_right: torch.Tensor, mapping: torch.Tensor,
 ) -> torch.Tensor:
     """Lifted activation x̃ = lift(Rᵀ pad(x)); (..., K) → (..., Kp·D/d), dtype of x."""
@@ -62,7 +63,7 @@ def lift_activation(
 
 @lift_activation.register_fake
 def _(x, input_signs, rotation_left, rotation_right, mapping):
-    return x.new_empty(*x.shape[:-1], _lifted_length(x.shape, input_signs, mapping))
+    return x.new_empty(*x.shape[:-1], _lifted_length(rotation_left, rotation_right, mapping))
 
 
 def _lift_setup_context(ctx, inputs, output):

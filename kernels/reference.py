@@ -20,27 +20,29 @@ _ROWS_PER_CHUNK = 1024
 
 
 def lift_activation_reference(
-    x: torch.Tensor, input_signs: torch.Tensor, rotation_left: torch.Tensor,
+    x: torch.Tensor, input_signs: Optional[torch.Tensor], rotation_left: torch.Tensor,
     rotation_right: torch.Tensor, mapping: torch.Tensor,
 ) -> torch.Tensor:
     """Lifted activation.
 
     Args:
         x: (..., K) activation.
-        input_signs: (Kp,), rotation_left: (k1, k1), rotation_right: (k2, k2) — the rotation.
+        input_signs: (Kp,) or None (x already carries them), rotation_left: (k1, k1),
+            rotation_right: (k2, k2) — the rotation.
         mapping: (d, D) lattice matrix M.
     Returns:
         (..., Kp·D/d) in x.dtype (computed in float32).
     """
     f32 = torch.float32
-    u = rotate(x.to(f32), input_signs.to(f32), rotation_left.to(f32), rotation_right.to(f32))
+    signs = None if input_signs is None else input_signs.to(f32)
+    u = rotate(x.to(f32), signs, rotation_left.to(f32), rotation_right.to(f32))
     d = mapping.shape[0]
     lifted = u.unflatten(-1, (-1, d)) @ mapping.to(f32)
     return lifted.flatten(-2).to(x.dtype)
 
 
 def lift_activation_backward_reference(
-    grad_lifted: torch.Tensor, input_signs: torch.Tensor, rotation_left: torch.Tensor,
+    grad_lifted: torch.Tensor, input_signs: Optional[torch.Tensor], rotation_left: torch.Tensor,
     rotation_right: torch.Tensor, mapping: torch.Tensor, in_features: int,
 ) -> torch.Tensor:
     """Adjoint of :func:`lift_activation_reference` (gradient w.r.t. x).
@@ -53,7 +55,8 @@ def lift_activation_backward_reference(
     f32 = torch.float32
     D = mapping.shape[1]
     grad_u = (grad_lifted.to(f32).unflatten(-1, (-1, D)) @ mapping.to(f32).T).flatten(-2)
-    grad_x = unrotate(grad_u, input_signs.to(f32), rotation_left.to(f32), rotation_right.to(f32), in_features)
+    signs = None if input_signs is None else input_signs.to(f32)
+    grad_x = unrotate(grad_u, signs, rotation_left.to(f32), rotation_right.to(f32), in_features)
     return grad_x.to(grad_lifted.dtype)
 
 

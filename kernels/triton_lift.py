@@ -35,7 +35,7 @@ def _rotate_kernel(
     x_ptr, signs_ptr, left_ptr, right_ptr, u_ptr,
     K, k1, k2, stride_x, stride_u,
     K2_PADDED: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_J: tl.constexpr,
-    COLUMNS_PER_PROGRAM: tl.constexpr, PRECISION: tl.constexpr,
+    COLUMNS_PER_PROGRAM: tl.constexpr, PRECISION: tl.constexpr, HAS_SIGNS: tl.constexpr,
 ):
     """U[i, j] = (P1ᵀ V P2)[i, j] for token pid_b, rows i in [pid_i·BLOCK_I, +BLOCK_I), columns j in
     [pid_j·COLUMNS_PER_PROGRAM, +COLUMNS_PER_PROGRAM); u (B, k1·k2) fp32."""
@@ -55,7 +55,8 @@ def _rotate_kernel(
         flat = a[:, None] * k2 + columns[None, :]
         in_grid = a_ok[:, None] & column_ok[None, :]
         v = tl.load(x_row + flat, mask=in_grid & (flat < K), other=0.0).to(tl.float32)
-        v = v * tl.load(signs_ptr + flat, mask=in_grid, other=0.0)
+        if HAS_SIGNS:
+            v = v * tl.load(signs_ptr + flat, mask=in_grid, other=0.0)
         partial = tl.dot(left_t, v, partial, input_precision=PRECISION)
 
     u_rows = u_ptr + pid_b.to(tl.int64) * stride_u + i[:, None] * k2
@@ -87,14 +88,15 @@ def _lift_blocks_kernel(
 
 
 def lift_activation_triton(
-    x: torch.Tensor, input_signs: torch.Tensor, rotation_left: torch.Tensor,
+    x: torch.Tensor, input_signs: Optional[torch.Tensor], rotation_left: torch.Tensor,
     rotation_right: torch.Tensor, mapping: torch.Tensor, split_columns: Optional[bool] = None,
 ) -> torch.Tensor:
     """Lifted activation with the Triton kernels (CUDA, or CPU under TRITON_INTERPRET=1).
 
     Args:
         x: (..., K) fp16 / bf16 / fp32 activation, K ≤ Kp.
-        input_signs: (Kp,), rotation_left: (k1, k1), rotation_right: (k2, k2) float32 rotation.
+        input_signs: (Kp,) or None (x already carries them), rotation_left: (k1, k1),
+            rotation_right: (k2, k2) float32 rotation.
         mapping: (d, D) float32 lattice matrix M.
         split_columns: also split U's columns across programs (None: when the row programs alone
             would leave SMs idle).
@@ -115,7 +117,9 @@ def lift_activation_triton(
     if tokens == 0:
         return out.reshape(*x.shape[:-1], n_blocks * D)
     f32 = torch.float32
-    signs, left, right = (t.to(f32).contiguous() for t in (input_signs, rotation_left, rotation_right))
+    left, right = (t.to(f32).contiguous() for t in (rotation_left, rotation_right))
+    # Without signs the pointer is never read; pass any fp32 tensor.
+    signs = left if input_signs is None else input_signs.to(f32).contiguous()
     rotated = torch.empty(tokens, padded, dtype=f32, device=x.device)
     k2_padded = max(16, triton.next_power_of_2(k2))
     column_chunk = min(_COLUMN_CHUNK, k2_padded)
@@ -128,7 +132,7 @@ def lift_activation_triton(
         rows, signs, left, right, rotated, features, k1, k2, rows.stride(0), rotated.stride(0),
         K2_PADDED=k2_padded, BLOCK_I=_ROWS_PER_PROGRAM, BLOCK_A=_INNER_CHUNK,
         BLOCK_J=column_chunk, COLUMNS_PER_PROGRAM=columns_per_program,
-        PRECISION="ieee" if x.dtype == f32 else "tf32",
+        PRECISION="ieee" if x.dtype == f32 else "tf32", HAS_SIGNS=input_signs is not None,
         num_warps=4,
     )
     _lift_blocks_kernel[(tokens, triton.cdiv(n_blocks, _BLOCKS_PER_PROGRAM))](

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -94,31 +95,37 @@ def make_rotation(in_features: int, block: int, seed: int = 0) -> Rotation:
     return Rotation(signs.to(torch.float32), left.to(torch.float32), right.to(torch.float32))
 
 
-def rotate(v: torch.Tensor, signs: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+def rotate(v: torch.Tensor, signs: Optional[torch.Tensor], left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     """``Rᵀ pad(v)`` along the last dimension.
 
     Args:
         v: (..., K) with K ≤ Kp.
-        signs, left, right: the rotation (see :class:`Rotation`), same dtype as the computation.
+        signs, left, right: the rotation (see :class:`Rotation`), same dtype as the computation;
+            ``signs=None`` when ``v`` already carries them (scale folding multiplied them in upstream).
     Returns:
         (..., Kp), same dtype as ``v``.
     """
     k1, k2 = left.shape[0], right.shape[0]
     kp = k1 * k2
-    v = torch.nn.functional.pad(v, (0, kp - v.shape[-1])) * signs
+    v = torch.nn.functional.pad(v, (0, kp - v.shape[-1]))
+    if signs is not None:
+        v = v * signs
     # (P1 ⊗ P2)ᵀ vec(V) = vec(P1ᵀ V P2) for row-major vec.
     out = torch.matmul(left.T, v.unflatten(-1, (k1, k2))) @ right
     return out.flatten(-2)
 
 
-def unrotate(u: torch.Tensor, signs: torch.Tensor, left: torch.Tensor, right: torch.Tensor, in_features: int) -> torch.Tensor:
+def unrotate(u: torch.Tensor, signs: Optional[torch.Tensor], left: torch.Tensor, right: torch.Tensor, in_features: int) -> torch.Tensor:
     """Inverse (and adjoint) of :func:`rotate`: ``R u`` cropped to the first ``in_features``.
 
     Args:
         u: (..., Kp).
+        signs: as in :func:`rotate` (None: leave them to the caller).
     Returns:
         (..., in_features).
     """
     k1, k2 = left.shape[0], right.shape[0]
-    out = (torch.matmul(left, u.unflatten(-1, (k1, k2))) @ right.T).flatten(-2) * signs
+    out = (torch.matmul(left, u.unflatten(-1, (k1, k2))) @ right.T).flatten(-2)
+    if signs is not None:
+        out = out * signs
     return out[..., :in_features]

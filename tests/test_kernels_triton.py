@@ -13,10 +13,10 @@ triton = pytest.importorskip("triton")
 
 from lift_ao.packing import pack_codes  # noqa: E402
 from lift_ao.transform import make_rotation  # noqa: E402
-from kernels.reference import lift_activation_reference, lifted_matmul_reference  # noqa: E402
-from kernels.triton_lift import lift_activation_triton  # noqa: E402
-from kernels.triton_matmul import lifted_matmul_triton  # noqa: E402
-from kernels.triton_register import _lifted_matmul_cuda  # noqa: E402
+from lift_ao.kernels.reference import lift_activation_reference, lifted_matmul_reference  # noqa: E402
+from lift_ao.kernels.triton_lift import lift_activation_triton  # noqa: E402
+from lift_ao.kernels.triton_matmul import lifted_matmul_triton  # noqa: E402
+from lift_ao.kernels.triton_register import _lifted_matmul_cuda  # noqa: E402
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 # ‖out − ref‖ / ‖ref‖ bounds: the output's own rounding dominates for 16-bit types; fp32 runs as a
@@ -111,6 +111,19 @@ def test_lift_activation_matches_float64(dtype, tokens, features, d, D, split_co
                                     rotation.right.to(f64), mapping.to(f64))
     assert out.shape == ref.shape and out.dtype == dtype
     assert _relative_error(out, ref) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("lift", [lift_activation_triton, lift_activation_reference])
+def test_lift_without_signs_takes_them_from_x(lift):
+    """``input_signs=None`` (scale folding put the signs into x) gives the same x̃."""
+    g = torch.Generator().manual_seed(11)
+    rotation = make_rotation(45, 14, seed=1)
+    mapping = torch.randn(14, 30, generator=g) / 14**0.5
+    x = torch.randn(3, 45, generator=g)
+
+    folded = lift(x * rotation.signs[:45], None, rotation.left, rotation.right, mapping)
+    expected = lift(x, rotation.signs, rotation.left, rotation.right, mapping)
+    assert _relative_error(folded, expected.double()) < 1e-6
 
 
 def test_lift_then_matmul_equals_reference_pipeline():
