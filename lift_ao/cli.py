@@ -103,7 +103,8 @@ def _cmd_quantize(args) -> dict:
     report["quantize_seconds"] = round(time.perf_counter() - t0, 2)
     quantized = [m.weight for _, m in targets]
     report["bytes_after"] = lift_ao.footprint(model)
-    report["linear_bytes_after"] = sum(w.storage_bytes() for w in quantized)
+    # Storages shared between layers (one M per lattice, one rotation per input size) count once.
+    report["linear_bytes_after"] = lift_ao.footprint(quantized)
     report["bits_per_weight"] = 8 * report["linear_bytes_after"] / linear_weights
     report["code_bits_per_weight"] = 8 * sum(w.packed_codes.nbytes for w in quantized) / linear_weights
     _log(args, f"size: {report['bytes_before'] / 2**20:.1f} MiB -> {report['bytes_after'] / 2**20:.1f} MiB "

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import lift_ao
 from lift_ao import Lattice, LiftQuantTensor
 from lift_ao.packing import unpack_codes, words_per_row
 from lift_ao.transform import unrotate
@@ -149,3 +150,10 @@ def test_compile_fullgraph_matches_eager(quantized):
     compiled = torch.compile(linear, fullgraph=True, backend="inductor")
     with torch.no_grad():
         assert_relative_error(compiled(x), linear(x), 1e-6)
+
+
+def test_footprint_counts_shared_transform_once(lattice):
+    q = LiftQuantTensor.from_hp(torch.randn(16, 53, generator=_gen(11)), lattice)
+    k = LiftQuantTensor.from_hp(torch.randn(8, 53, generator=_gen(12)), lattice)
+    shared = sum(getattr(q, n).nbytes for n in ("mapping", "input_signs", "rotation_left", "rotation_right"))
+    assert lift_ao.footprint([q, k]) == q.storage_bytes() + k.storage_bytes() - shared
