@@ -1,0 +1,239 @@
+"""Accuracy benchmark: perplexity against model bytes on the built-in SmolLM2-135M.
+
+Every row is measured by the same harness and text as ``lift-ao eval`` (lift_ao.evaluate.perplexity
+on the built-in Wikipedia *evaluation* split, 8 windows × 512 tokens by default); calibrated rows use
+the disjoint *calibration* split. Rows:
+
+    reference                 the dequantized Q4_1 GGUF model in fp32 (see lift_ao.data.DEFAULT_MODEL_NOTE)
+    rtn-int{2,3,4}-g{64,128}  round-to-nearest, asymmetric, group size g (torchao's intx quantizer)
+    lift-{bits}               lift_ao data-free at 1.6 / 2.0 / 2.4 / 2.5 / 3.0 bits
+    lift-cal-{bits}           lift_ao calibrated (lift_ao.calibrate) at the same rates
+    lift-plan-2.4             mixed widths planned by sensitivity at the bytes of uniform 2.4 bits
+
+Only linear layers inside the decoder are quantized; embeddings (tied with lm_head) and norms stay in
+fp32 in every row, so "model bytes" differ only by the linear layers. RTN INT4 asymmetric with group
+size 32 is never a row: it reproduces the reference's Q4_1 grid exactly.
+
+    python benchmarks/accuracy.py [--rows lift-2.4,lift-cal-2.4,...] [--windows 8] [--redo]
+
+Results are merged into benchmarks/results/accuracy.json row by row (a finished row is skipped unless
+--redo), then accuracy.md and accuracy.png (when matplotlib is installed) are rewritten.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import lift_ao
+from lift_ao.data import DEFAULT_MODEL_NOTE, builtin_text, load_default_model, tokenize_text
+from lift_ao.evaluate import perplexity
+
+RESULTS = Path(__file__).resolve().parent / "results"
+LIFT_BITS = ("1.6", "2.0", "2.4", "2.5", "3.0")
+RTN = [f"rtn-int{b}-g{g}" for b in (2, 3, 4) for g in (64, 128)]
+ROWS = ["reference", *RTN, *(f"lift-{b}" for b in LIFT_BITS), *(f"lift-cal-{b}" for b in LIFT_BITS), "lift-plan-2.4"]
+# RTN storage convention: b-bit codes plus one bf16 scale and one bf16 zero point per group.
+RTN_GROUP_OVERHEAD_BITS = 32
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{_cpu_name()} ({os.cpu_count()} cores, torch threads {torch.get_num_threads()})"
+
+
+def _linears(model) -> list:
+    return [m for _, m in lift_ao.quantizable_linears(model, lift_ao.liftquant(bits=2.4))]
+
+
+def _rtn(model, bits: int, group: int) -> int:
+    """RTN-quantize the decoder's linears in place with torchao's intx quantizer; returns their
+    nominal packed bytes.
+
+    torchao's ``IntxWeightOnlyConfig`` refuses a group size that does not divide K (576 = 4.5 × 128
+    here), so each weight is zero-padded to a multiple of the group, quantized by torchao's
+    ``IntxUnpackedToInt8Tensor.from_hp`` and dequantized back. Zero padding leaves the last group's
+    parameters unchanged (torchao's asymmetric range always contains 0), so this equals a ragged last
+    group; the dense dequantized weight gives the same perplexity as torchao's tensor.
+    """
+    from torchao.quantization import IntxUnpackedToInt8Tensor, MappingType
+
+    nominal = 0.0
+    with torch.no_grad():
+        for module in _linears(model):
+            weight = module.weight
+            padded = torch.nn.functional.pad(weight, (0, -weight.shape[1] % group))
+            q = IntxUnpackedToInt8Tensor.from_hp(padded, (1, group), getattr(torch, f"int{bits}"),
+                                                 mapping_type=MappingType.ASYMMETRIC)
+            module.weight.copy_(q.dequantize()[:, : weight.shape[1]])
+            nominal += weight.numel() * (bits + RTN_GROUP_OVERHEAD_BITS / group) / 8
+    return int(nominal)
+
+
+def _calibration_tokens(tokenizer, count: int, context: int) -> torch.Tensor:
+    tokens = tokenize_text(tokenizer, builtin_text("calibration"), max_tokens=count)
+    return tokens[: tokens.numel() // context * context].view(-1, context)
+
+
+def run_row(name: str, reference, tokenizer, eval_tokens, args) -> dict:
+    """Quantize a copy of ``reference`` as row ``name`` and measure it."""
+    model = copy.deepcopy(reference)
+    linears = _linears(model)
+    linear_weights = sum(m.weight.numel() for m in linears)
+    linear_bytes_before = sum(m.weight.nbytes for m in linears)
+    row = {"method": name, "load_average_before": os.getloadavg()}
+    start = time.perf_counter()
+    if name == "reference":
+        linear_bytes = linear_bytes_before
+    elif name.startswith("rtn-"):
+        bits, group = name.removeprefix("rtn-int").split("-g")
+        linear_bytes = _rtn(model, int(bits), int(group))
+    else:
+        if name == "lift-plan-2.4":
+            uniform = lift_ao.plan(model, 10**12, allocation="uniform", lattices=[lift_ao.Lattice.for_bits(2.4)])
+            config = lift_ao.liftquant(memory_budget=uniform.model_bytes)
+            calibration = _calibration_tokens(tokenizer, args.plan_tokens, args.context)
+            lift_ao.quantize(model, config, calibration=calibration, device=args.device)
+        elif name.startswith("lift-cal-"):
+            from lift_ao.calibrate import calibrate
+
+            config = lift_ao.liftquant(bits=float(name.removeprefix("lift-cal-")))
+            calibration = _calibration_tokens(tokenizer, args.calibration_tokens, args.context)
+            calibrate(model, config, calibration, device=args.device)
+            row["calibration_tokens"] = calibration.numel()
+        else:
+            lift_ao.quantize(model, lift_ao.liftquant(bits=float(name.removeprefix("lift-"))), device=args.device)
+        linear_bytes = sum(m.weight.storage_bytes() for m in linears)
+        row["lattices"] = sorted({m.weight.lattice.name for m in linears})
+    row["quantize_seconds"] = round(time.perf_counter() - start, 1)
+    row["load_average_after"] = os.getloadavg()
+    # Shared M / rotations make the per-layer sum slightly larger than the footprint's; the
+    # footprint (exact) is what the model occupies.
+    rest = lift_ao.footprint(reference) - linear_bytes_before
+    row["model_bytes"] = int(lift_ao.footprint(model) if name.startswith("lift-") else rest + linear_bytes)
+    row["bits_per_weight"] = 8 * (row["model_bytes"] - rest) / linear_weights
+    row["device"] = _device_name(torch.device(args.device))
+    result = perplexity(model, eval_tokens, context_length=args.context, max_windows=args.windows)
+    row.update(perplexity=result.perplexity, eval=result.to_dict())
+    return row
+
+
+def _markdown(doc: dict) -> str:
+    lines = [
+        "# Accuracy on SmolLM2-135M-Instruct",
+        "",
+        DEFAULT_MODEL_NOTE,
+        "",
+        f"Text: built-in Wikipedia evaluation split, {doc['windows']} windows × {doc['context']} tokens "
+        "(the harness of `lift-ao eval`); calibration uses the disjoint calibration split.",
+        f"Bits/weight: over the decoder's linear weights, everything stored included (lift_ao: codes, row "
+        f"scales, lattice M, rotation; RTN: packed codes + a bf16 scale and a bf16 zero point per group). "
+        f"Embeddings (tied with lm_head) and norms stay fp32 in every row.",
+        f"Command: `{doc['command']}`",
+        f"Machine: {doc['machine']}. The CPU is shared with other jobs: wall times are upper bounds "
+        "(load average before → after each row in the last column).",
+        "",
+        "| method | bits/weight | model MB | perplexity | quantize s | device | load avg |",
+        "|---|---:|---:|---:|---:|---|---|",
+    ]
+    for name in [r for r in ROWS if r in doc["rows"]]:
+        row = doc["rows"][name]
+        load = f"{row['load_average_before'][0]:.1f} → {row['load_average_after'][0]:.1f}"
+        lines.append(f"| {name} | {row['bits_per_weight']:.3f} | {row['model_bytes'] / 1e6:.1f} | "
+                     f"{row['perplexity']:.2f} | {row['quantize_seconds']:.0f} | {row['device']} | {load} |")
+    return "\n".join(lines) + "\n"
+
+
+def _plot(doc: dict, path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    families = {"RTN g64": "rtn-int.-g64$", "RTN g128": "rtn-int.-g128$", "lift_ao data-free": r"lift-\d",
+                "lift_ao calibrated": "lift-cal-", "lift_ao planned": "lift-plan-"}
+    import re
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, pattern in families.items():
+        points = sorted((r["model_bytes"] / 1e6, r["perplexity"]) for n, r in doc["rows"].items() if re.match(pattern, n))
+        if points:
+            ax.plot(*zip(*points), marker="o", label=label)
+    if "reference" in doc["rows"]:
+        ax.axhline(doc["rows"]["reference"]["perplexity"], color="gray", linestyle="--", label="reference (Q4_1 → fp32)")
+    ax.set(xlabel="model MB", ylabel="perplexity", yscale="log", title="SmolLM2-135M: perplexity vs model size")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return True
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated rows among {', '.join(ROWS)}")
+    parser.add_argument("--windows", type=int, default=8, help="evaluation windows (default 8)")
+    parser.add_argument("--context", type=int, default=512, help="tokens per window (default 512)")
+    parser.add_argument("--calibration-tokens", type=int, default=16384, help="calibration tokens (default 16384)")
+    parser.add_argument("--plan-tokens", type=int, default=4096, help="tokens to score layer sensitivity (plan row)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--redo", action="store_true", help="measure rows already in the results again")
+    parser.add_argument("--out", type=Path, default=RESULTS / "accuracy", help="results path without suffix")
+    args = parser.parse_args(argv)
+    names = [n.strip() for n in args.rows.split(",") if n.strip()]
+    unknown = sorted(set(names) - set(ROWS))
+    if unknown:
+        parser.error(f"unknown rows {unknown}; choose among {ROWS}")
+
+    json_path = args.out.with_suffix(".json")
+    doc = json.loads(json_path.read_text()) if json_path.is_file() else {"rows": {}}
+    if doc.get("rows") and (doc.get("windows"), doc.get("context")) != (args.windows, args.context):
+        sys.exit(f"{json_path} holds rows measured with {doc['windows']} windows × {doc['context']} tokens; "
+                 "use the same --windows/--context or another --out")
+    doc.update(windows=args.windows, context=args.context,
+               command="python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])]),
+               machine=f"{platform.node() or 'host'}: {_device_name(torch.device(args.device))}, torch {torch.__version__}")
+    todo = [n for n in names if args.redo or n not in doc["rows"]]
+    if not todo:
+        print("nothing to do: every requested row is in the results (pass --redo to measure again)")
+    else:
+        reference, tokenizer = load_default_model(device=args.device)
+        eval_tokens = tokenize_text(tokenizer, builtin_text("evaluation"))
+        for name in todo:
+            print(f"== {name}", file=sys.stderr, flush=True)
+            row = run_row(name, reference, tokenizer, eval_tokens, args)
+            print(f"{name}: perplexity {row['perplexity']:.3f}, {row['bits_per_weight']:.3f} bits/weight, "
+                  f"{row['model_bytes'] / 1e6:.1f} MB, quantized in {row['quantize_seconds']:.0f} s", flush=True)
+            doc["rows"][name] = row
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = json_path.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps(doc, indent=2))
+            os.replace(tmp, json_path)  # a killed run keeps every finished row
+    args.out.with_suffix(".md").write_text(_markdown(doc))
+    if not _plot(doc, args.out.with_suffix(".png")):
+        print("matplotlib is not installed: no accuracy.png (pip install matplotlib, then rerun with no rows to do)")
+
+
+if __name__ == "__main__":
+    main()
