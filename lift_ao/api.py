@@ -74,9 +74,12 @@ def quantizable_linears(
 
 def resolve_device(device) -> torch.device:
     """``torch.device(device)``, with a clear error when CUDA is asked for and absent."""
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device={device!r} is not a device ({e}); use 'cpu', 'cuda' or 'cuda:N'") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(
+        raise ValueError(
             f"device={str(device)!r} was requested but no CUDA GPU is available; use device='cpu' "
             "(the reference ops run anywhere) or run on a machine with a GPU"
         )
@@ -110,8 +113,12 @@ def quantize(
         ValueError/TypeError: no linear layer qualifies, or a weight cannot be coded (the message
             names the module).
     """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(config, LiftQuantConfig):
         raise TypeError(f"config must come from lift_ao.liftquant(...), got {type(config).__name__}")
+    if filter_fn is not None and not callable(filter_fn):
+        raise TypeError(f"filter_fn must be a callable (module, name) -> bool, got {type(filter_fn).__name__}")
     device = resolve_device(device) if device is not None else None
     targets = quantizable_linears(model, config, filter_fn)
     if not targets:

@@ -60,13 +60,28 @@ def _library_version() -> str:
     return __version__
 
 
+def _directory(directory, what: str) -> Path:
+    if not isinstance(directory, (str, os.PathLike)):
+        raise TypeError(f"{what} must be a directory path (str or pathlib.Path), got {type(directory).__name__}")
+    path = Path(directory)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{what} {str(path)!r} is a file; give a directory path")
+    return path
+
+
+def _check_model(model, what: str) -> None:
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"{what} must be a torch.nn.Module, got {type(model).__name__}")
+
+
 def save_quantized(model: torch.nn.Module, directory) -> Path:
     """Write ``model`` (quantized or partly quantized) to ``directory``.
 
     Returns:
         Path of the written ``lift_ao.safetensors``.
     """
-    directory = Path(directory)
+    _check_model(model, "model")
+    directory = _directory(directory, "directory")
     directory.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
     quantized: dict[str, dict] = {}
@@ -78,6 +93,8 @@ def save_quantized(model: torch.nn.Module, directory) -> Path:
             continue
         first_key_of[id(value)] = key
         data = value.detach() if isinstance(value, torch.Tensor) else value
+        if isinstance(data, torch.Tensor) and data.is_meta:
+            raise ValueError(f"{key} is on the meta device (no values to save); load or quantize the real weights first")
         if isinstance(data, LiftQuantTensor):
             quantized[key] = {
                 "shape": list(data.shape),
@@ -181,12 +198,16 @@ def load_quantized(directory, model: Optional[torch.nn.Module] = None, *, device
         CheckpointError: truncated/tampered file, unknown format version, lattice mismatch, or a
             model whose modules or shapes differ from the checkpoint's.
     """
-    directory = Path(directory)
+    from lift_ao.api import resolve_device  # lift_ao.api imports this module
+
+    directory = _directory(directory, "directory")
+    if model is not None:
+        _check_model(model, "model")
+    device = resolve_device(device or "cpu")
     path = directory / CHECKPOINT_NAME
     header, tensors = _read_checkpoint(path)
     if model is None:
         model = _model_from_hf_config(directory)
-    device = torch.device(device or "cpu")
     for key, info in header["quantized"].items():
         module_name, _, param_name = key.rpartition(".")
         try:
@@ -236,7 +257,7 @@ def open_partial(directory, manifest: dict, *, overwrite: bool = False) -> Path:
     Raises:
         CheckpointError: ``directory`` holds a different run (the message names what differs).
     """
-    directory = Path(directory)
+    directory = _directory(directory, "resume_dir")
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / MANIFEST_NAME
     for stale in directory.glob(f"{_TMP_PREFIX}*.tmp"):  # left by a run killed mid-write (one run per directory)

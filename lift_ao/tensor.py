@@ -89,11 +89,17 @@ class LiftQuantTensor(TorchAOBaseTensor):
         Returns:
             LiftQuantTensor with shape (N, K) and dtype ``weight.dtype``.
         """
+        if not isinstance(lattice, Lattice):
+            raise TypeError(f"{name}: lattice must be a lift_ao.Lattice (e.g. Lattice.load('24/10')), got {lattice!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"{name}: seed must be a non-negative int, got {seed!r}")
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
             shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
             raise ValueError(f"{name}: LiftQuant codes 2-D linear weights (out, in); got {shape}")
         if not weight.is_floating_point():
             raise TypeError(f"{name}: weight must be floating point to quantize, got {weight.dtype}")
+        if weight.is_meta:
+            raise ValueError(f"{name}: weight is on the meta device (no values); load the real weights before quantizing")
         if weight.numel() == 0:
             raise ValueError(f"{name}: cannot quantize an empty weight of shape {tuple(weight.shape)}")
         # In slices of ~4M entries: isfinite on the whole weight would briefly cost ~2x its size.
