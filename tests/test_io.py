@@ -10,7 +10,7 @@ from tiny_models import tiny_llama, token_batch
 
 import lift_ao
 from lift_ao import CheckpointError, LiftQuantTensor, liftquant, load_quantized, save_quantized
-from lift_ao.io import CHECKPOINT_NAME
+from lift_ao.io import CHECKPOINT_NAME, FORMAT_VERSION, _sha256
 
 
 @pytest.fixture(scope="module")
@@ -22,10 +22,15 @@ def saved(tmp_path_factory):
     return model, directory
 
 
+def _tensors(src):
+    with safe_open(str(src / CHECKPOINT_NAME), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
 def _rewrite(src, dst, edit_tensors=lambda t: t, edit_header=lambda h: h):
     with safe_open(str(src / CHECKPOINT_NAME), framework="pt") as f:
         header = json.loads(f.metadata()["lift_ao"])
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors = _tensors(src)
     dst.mkdir(exist_ok=True)
     save_file(edit_tensors(tensors), str(dst / CHECKPOINT_NAME), metadata={"lift_ao": json.dumps(edit_header(header))})
     return dst
@@ -92,6 +97,47 @@ def test_different_lattice_is_refused(saved, tmp_path):
     _rewrite(saved[1], tmp_path, edit_header=claim_other_lattice)
     with pytest.raises(CheckpointError, match="made with lattice"):
         load_quantized(tmp_path, tiny_llama(tie=True))
+
+
+def test_stored_lattice_differing_from_its_record_is_refused(saved, tmp_path):
+    # Codes re-saved with another lattice's M (checksums recomputed, so only the fingerprint can tell).
+    def swap_mapping(tensors):
+        key = next(k for k in tensors if k.endswith(".mapping"))
+        tensors[key] = tensors[key] + 0.01
+        return tensors
+
+    def rehash(header):
+        return {**header, "sha256": {k: _sha256(t) for k, t in swap_mapping(_tensors(saved[1])).items()}}
+
+    _rewrite(saved[1], tmp_path, edit_tensors=swap_mapping, edit_header=rehash)
+    with pytest.raises(CheckpointError, match="made with lattice 24/10 .* but stores 24/10 .*re-quantize"):
+        load_quantized(tmp_path, tiny_llama(tie=True))
+
+
+def test_header_records_versions_and_lattices(saved):
+    with safe_open(str(saved[1] / CHECKPOINT_NAME), framework="pt") as f:
+        header = json.loads(f.metadata()["lift_ao"])
+    assert header["format_version"] == FORMAT_VERSION and header["library_version"] == lift_ao.__version__
+    record = header["quantized"]["model.layers.0.self_attn.q_proj.weight"]
+    assert record["lattice"] == "24/10" and record["lattice_fingerprint"] == lift_ao.Lattice.load("24/10").fingerprint
+
+
+def test_crash_while_saving_keeps_the_previous_checkpoint(saved, tmp_path, monkeypatch):
+    model, directory = saved
+    save_quantized(model, tmp_path)
+    before = (tmp_path / CHECKPOINT_NAME).read_bytes()
+
+    def crash_halfway(tensors, path, metadata):
+        save_file(tensors, path, metadata=metadata)
+        with open(path, "r+b") as f:
+            f.truncate(len(before) // 2)
+        raise KeyboardInterrupt  # e.g. Ctrl-C in the middle of writing
+
+    monkeypatch.setattr(lift_ao.io, "save_file", crash_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        save_quantized(model, tmp_path)
+    assert (tmp_path / CHECKPOINT_NAME).read_bytes() == before and not list(tmp_path.glob("*.tmp"))
+    load_quantized(tmp_path, tiny_llama(seed=1, tie=True))
 
 
 def test_mismatched_model_is_refused(saved):
