@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 import lift_ao
+from lift_ao.calibrate import builtin_calibration_tokens, calibrate
 from lift_ao.data import DEFAULT_MODEL_NOTE, builtin_text, load_default_model, tokenize_text
 from lift_ao.evaluate import perplexity
 
@@ -90,11 +91,6 @@ def _rtn(model, bits: int, group: int) -> int:
     return int(nominal)
 
 
-def _calibration_tokens(tokenizer, count: int, context: int) -> torch.Tensor:
-    tokens = tokenize_text(tokenizer, builtin_text("calibration"), max_tokens=count)
-    return tokens[: tokens.numel() // context * context].view(-1, context)
-
-
 def run_row(name: str, reference, tokenizer, eval_tokens, args) -> dict:
     """Quantize a copy of ``reference`` as row ``name`` and measure it."""
     model = copy.deepcopy(reference)
@@ -112,13 +108,11 @@ def run_row(name: str, reference, tokenizer, eval_tokens, args) -> dict:
         if name == "lift-plan-2.4":
             uniform = lift_ao.plan(model, 10**12, allocation="uniform", lattices=[lift_ao.Lattice.for_bits(2.4)])
             config = lift_ao.liftquant(memory_budget=uniform.model_bytes)
-            calibration = _calibration_tokens(tokenizer, args.plan_tokens, args.context)
+            calibration = builtin_calibration_tokens(tokenizer, args.plan_tokens)
             lift_ao.quantize(model, config, calibration=calibration, device=args.device)
         elif name.startswith("lift-cal-"):
-            from lift_ao.calibrate import calibrate
-
             config = lift_ao.liftquant(bits=float(name.removeprefix("lift-cal-")))
-            calibration = _calibration_tokens(tokenizer, args.calibration_tokens, args.context)
+            calibration = builtin_calibration_tokens(tokenizer, args.calibration_tokens)
             calibrate(model, config, calibration, device=args.device)
             row["calibration_tokens"] = calibration.numel()
         else:

@@ -99,7 +99,14 @@ def _cmd_quantize(args) -> dict:
     t0 = time.perf_counter()
     # Finished layers are kept under --out as they are done, so a killed run resumes where it stopped.
     partial = args.out / PARTIAL_DIR if args.out else None
-    lift_ao.quantize(model, config, progress=True, resume_dir=partial, overwrite=args.overwrite)
+    if args.calibrate:
+        from lift_ao.calibrate import builtin_calibration_tokens, calibrate
+
+        calibration = builtin_calibration_tokens(tokenizer, args.calibration_tokens)
+        report["calibration_tokens"] = calibration.numel()
+        calibrate(model, config, calibration, checkpoint_dir=partial, overwrite=args.overwrite, device=device)
+    else:
+        lift_ao.quantize(model, config, progress=True, resume_dir=partial, overwrite=args.overwrite)
     report["quantize_seconds"] = round(time.perf_counter() - t0, 2)
     quantized = [m.weight for _, m in targets]
     report["bytes_after"] = lift_ao.footprint(model)
@@ -175,6 +182,10 @@ def _parser() -> argparse.ArgumentParser:
                    f"finished layers are kept in DIR/{PARTIAL_DIR} until then, so rerunning a killed run resumes it")
     q.add_argument("--overwrite", action="store_true", help=f"discard a DIR/{PARTIAL_DIR} left by a run with another "
                    "model, lattice or seed instead of refusing")
+    q.add_argument("--calibrate", action="store_true", help="calibrated mode (lift_ao.calibrate): activation-aware "
+                   "input scales and Hessian-aware rounding from the built-in calibration text, block by block")
+    q.add_argument("--calibration-tokens", type=int, default=16384, help="calibration tokens with --calibrate "
+                   "(default 16384, in sequences of 512)")
     q.add_argument("--skip-eval", action="store_true", help="do not measure perplexity")
     _add_eval_options(q)
 

@@ -1,0 +1,360 @@
+"""Calibrated LiftQuant: activation-aware input scales and Hessian-aware rounding, block by block.
+
+``lift_ao.calibrate(model, liftquant(bits=2.4), tokens)`` quantizes the linear layers of every
+decoder block using the activations that calibration tokens produce at their inputs:
+
+* **Input scales (AWQ-like).** Each input channel k is scaled by ``s_k = E[x_k²]^(α/2)`` (geometric
+  mean 1): the weight is coded as ``W diag(s)`` and the activation enters as ``x / s``, so channels
+  with large activations get finer effective resolution. ``1/s`` is multiplied into the tensor's
+  ``input_signs`` (the per-input ±1 of the rotation), which the lift already applies: inference cost
+  and the stored format are unchanged, and ``dequantize`` still returns W.
+* **Hessian-aware rounding (block LDLQ).** In the rotated domain (``u = Rᵀx``, ``H = E[u uᵀ]``),
+  the blocks of d columns are coded left to right with the lattice search, and each block's error is
+  fed back to the columns not yet coded through the Cholesky factor of ``H⁻¹`` (GPTQ's update with a
+  d-column vector quantizer, as in QuIP#'s block LDLQ). Rows are normalised to unit RMS first, as
+  data-free encoding does, so the feedback acts in the domain the lattice was trained for; the row
+  scale is then refitted by least squares in the H-metric, ``r = ⟨w, ŵ⟩_H / ⟨ŵ, ŵ⟩_H``. With
+  ``H ∝ I`` no error is fed back and the codes are those of the data-free encoding.
+* **Streaming.** One decoder block at a time is moved to ``device`` with its calibration inputs;
+  block i+1's inputs are the outputs of the *quantized* block i. Linears that read the same tensor
+  (q/k/v, gate/up) share one Hessian, one set of scales and one rotation.
+* **Resume.** With ``checkpoint_dir``, each finished block's codes are written there as one shard
+  (:func:`lift_ao.io.save_shard`: atomic, checksummed, under a manifest of the run's settings and
+  calibration tokens); a restarted run loads finished blocks instead of re-encoding them and
+  recomputes their outputs, so it ends bit-identical to an uninterrupted run.
+
+Not done (DESIGN.md): the learned block-constant refinement s2 and the paper's intra-block correction
+(Adam/STE fine-tuning of codes and transform against the full-precision block output).
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+from tqdm.auto import tqdm
+
+from lift_ao.api import quantizable_linears, resolve_device
+from lift_ao.config import LiftQuantConfig
+from lift_ao.io import load_shard, open_partial, save_shard
+from lift_ao.lattice import Lattice
+from lift_ao.packing import pack_codes
+from lift_ao.search import nearest_codes
+from lift_ao.tensor import LiftQuantTensor, _shared_mapping, _shared_rotation
+from lift_ao.transform import rotate
+
+__all__ = ["builtin_calibration_tokens", "calibrate", "hessian_encode_rows", "input_scales"]
+
+def input_scales(second_moments: torch.Tensor, alpha: float) -> torch.Tensor:
+    """AWQ-like per-input-channel scales ``s = m^(α/2)``, normalised to geometric mean 1.
+
+    Args:
+        second_moments: (K,) E[x_k²] of the layer input.
+        alpha: 0 (no scaling) to 1 (s = RMS of the channel).
+    Returns:
+        (K,) float64 positive scales. Dead channels (m = 0) get the smallest live channel's scale.
+    """
+    m = second_moments.double()
+    floor = m[m > 0].min() if (m > 0).any() else torch.ones((), dtype=torch.float64)
+    log_s = 0.5 * alpha * m.clamp_min(floor).log()
+    return (log_s - log_s.mean()).exp()
+
+
+def hessian_encode_rows(
+    rotated: torch.Tensor, hessian: torch.Tensor, lattice: Lattice, *, damping: float = 0.01,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Code rotated weight rows with block-LDLQ error feedback (the calibrated :func:`encode_rows`).
+
+    Args:
+        rotated: (N, Kp) float32 rotated rows, Kp a multiple of ``lattice.d``.
+        hessian: (Kp, Kp) symmetric PSD proxy ``E[u uᵀ]`` of the rotated inputs.
+        lattice: the lattice (``M`` on ``rotated``'s device).
+        damping: added to H's diagonal, as a fraction of its mean diagonal (GPTQ's percdamp).
+    Returns:
+        codes: (N, Kp·D/d) bool, True = +1, block-major.
+        row_scale: (N,) float32.
+    """
+    n, kp = rotated.shape
+    d = lattice.d
+    if kp % d:
+        raise ValueError(f"rotated rows have {kp} columns, not a multiple of the block length {d}")
+    if hessian.shape != (kp, kp):
+        raise ValueError(f"hessian must be ({kp}, {kp}) for rows of {kp} columns, got {tuple(hessian.shape)}")
+    h = hessian.to(rotated.device, torch.float64)
+    mean_diagonal = h.diagonal().mean()
+    h = h + (damping * mean_diagonal if mean_diagonal > 0 else 1.0) * torch.eye(kp, dtype=h.dtype, device=h.device)
+    # Upper Cholesky factor of H⁻¹: row block j of U holds how block j's error moves the later columns.
+    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    rms = rotated.pow(2).mean(1).sqrt()
+    target = rotated / torch.where(rms > 0, rms, torch.ones_like(rms))[:, None]
+    codes = torch.empty(n, kp // d, lattice.D, dtype=torch.bool, device=rotated.device)
+    decoded = torch.empty_like(target)
+    for j, start in enumerate(range(0, kp, d)):
+        stop = start + d
+        codes[:, j] = nearest_codes(target[:, start:stop], lattice)
+        decoded[:, start:stop] = lattice.decode(codes[:, j])
+        if stop < kp:
+            error = target[:, start:stop] - decoded[:, start:stop]
+            feedback = torch.linalg.solve_triangular(u[start:stop, start:stop], u[start:stop, stop:], upper=True)
+            target[:, stop:] -= error @ feedback.to(torch.float32)
+    # Least-squares scale in the H-metric against the original rows (not the fed-back targets).
+    hd = decoded.double() @ h
+    row_scale = (rotated.double() * hd).sum(1) / (decoded.double() * hd).sum(1).clamp_min(1e-30)
+    return codes.flatten(1), row_scale.to(torch.float32)
+
+
+def builtin_calibration_tokens(tokenizer, count: int, length: int = 512) -> torch.Tensor:
+    """The first ``count`` tokens of the built-in calibration text (never evaluated on) as sequences.
+
+    Returns:
+        LongTensor (count // length, length); at least one sequence (``length`` is capped at ``count``).
+    """
+    from lift_ao.data import builtin_text, tokenize_text
+
+    if count < 1 or length < 2:
+        raise ValueError(f"need count >= 1 calibration tokens in sequences of length >= 2, got {count}, {length}")
+    tokens = tokenize_text(tokenizer, builtin_text("calibration"), max_tokens=count)
+    length = min(length, tokens.numel())
+    return tokens[: tokens.numel() // length * length].view(-1, length)
+
+
+def _decoder_blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
+    # Hugging Face decoder-only models with the Llama layout (Llama, Qwen2, Mistral, ...).
+    try:
+        blocks = model.get_submodule("model.layers")
+    except AttributeError:
+        blocks = None
+    if not isinstance(blocks, torch.nn.ModuleList) or not len(blocks):
+        raise ValueError(f"{type(model).__name__}: no decoder blocks at model.layers; calibration streams a Hugging "
+                         "Face Llama-style causal LM block by block (use lift_ao.quantize for other models)")
+    return blocks
+
+
+def _check_tokens(tokens, vocabulary: int) -> torch.Tensor:
+    if tokens is None:
+        raise ValueError("calibration needs token ids: pass tokens as a LongTensor (batch, length), e.g. from "
+                         "lift_ao.data.tokenize_text(tokenizer, lift_ao.data.builtin_text('calibration'))")
+    if not isinstance(tokens, torch.Tensor) or tokens.dim() not in (1, 2):
+        shape = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
+        raise ValueError(f"calibration tokens must be a LongTensor (batch, length) or (length,), got {shape}")
+    if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
+        raise TypeError(f"calibration tokens must be integer token ids, got dtype {tokens.dtype}; "
+                        "tokenize the text (token ids, not embeddings or probabilities)")
+    if tokens.numel() == 0:
+        raise ValueError("calibration tokens are empty; give at least one sequence of token ids")
+    tokens = tokens.long().view(-1, tokens.shape[-1])
+    if int(tokens.min()) < 0 or int(tokens.max()) >= vocabulary:
+        raise ValueError(f"calibration token ids span [{int(tokens.min())}, {int(tokens.max())}] but the "
+                         f"vocabulary is [0, {vocabulary}); tokenize with this model's tokenizer")
+    return tokens
+
+
+def _to(value, device):
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _to(v, device) for k, v in value.items()}
+    return value
+
+
+class _Stop(Exception):
+    pass
+
+
+def _block_inputs(model, blocks, tokens, batch_size: int, device) -> list:
+    """[(hidden (B, T, H) on CPU, other keyword arguments)] that the first block receives per batch."""
+    captured = []
+
+    def capture(module, args, kwargs):
+        kwargs = dict(kwargs)
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        captured.append((hidden.detach().cpu(), _to(kwargs, "cpu")))
+        raise _Stop
+
+    handle = blocks[0].register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        for batch in tokens.split(batch_size):
+            try:
+                model(batch.to(device), use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def _run_block(block, inputs: list, device) -> list:
+    """Each batch of ``inputs`` through ``block``; returns the next block's inputs (CPU)."""
+    out = []
+    for hidden, kwargs in inputs:
+        result = block(hidden.to(device), **_to(kwargs, device))
+        result = result[0] if isinstance(result, (tuple, list)) else result
+        out.append((result.detach().cpu(), kwargs))
+    return out
+
+
+def _hessians(block, linears: list, inputs: list, device) -> list:
+    """Group the block's linears by the tensor they read and accumulate each group's X̃ᵀX̃.
+
+    Returns [(names, H (K, K) float64 = Σ x xᵀ / tokens)] in the order the groups first run.
+    """
+    groups: list = []  # [names, H, tokens]
+    group_of: dict = {}
+    seen: list = []  # this batch's input tensor of each group (identity decides siblings)
+
+    def hook(name):
+        def record(module, args):
+            x = args[0]
+            if name not in group_of:  # first batch: join the group whose tensor this is, or open one
+                index = next((i for i, t in enumerate(seen) if t is x), None)
+                if index is None:
+                    index = len(groups)
+                    groups.append([[], torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float64), 0])
+                    seen.append(x)
+                group_of[name] = index
+                groups[index][0].append(name)
+            group = groups[group_of[name]]
+            if group[0][0] == name:  # the first member accumulates for the group
+                flat = x.detach().reshape(-1, x.shape[-1]).float()
+                group[1] += (flat.T @ flat).double().cpu()
+                group[2] += flat.shape[0]
+        return record
+
+    handles = [module.register_forward_pre_hook(hook(name)) for name, module in linears]
+    try:
+        for hidden, kwargs in inputs:
+            block(hidden.to(device), **_to(kwargs, device))
+            seen.clear()  # tensors of the next batch are new objects
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [(names, h / max(count, 1)) for names, h, count in groups]
+
+
+def _quantize_group(modules: list, hessian: torch.Tensor, lattice: Lattice, config: LiftQuantConfig,
+                    alpha: float, damping: float, device) -> None:
+    """Code linears that read one input with a shared Hessian (K, K), scales and rotation."""
+    weight = torch.cat([m.weight.detach().to(device, torch.float32) for m in modules])
+    k = weight.shape[1]
+    scales = input_scales(hessian.diagonal(), alpha).to(device)
+    hessian = hessian.to(device) / (scales[:, None] * scales[None, :])
+    signs, left, right = _shared_rotation(k, lattice.d, config.seed, device)
+    rotated = rotate(weight * scales.to(torch.float32), signs, left, right)
+    rotated_hessian = rotate(rotate(hessian, signs.double(), left.double(), right.double()).T,
+                             signs.double(), left.double(), right.double())
+    codes, row_scale = hessian_encode_rows(rotated, rotated_hessian, lattice.to(device), damping=damping)
+    # x/s enters the rotation through its per-input signs; the padding keeps its ±1.
+    folded_signs = signs.clone()
+    folded_signs[:k] /= scales.to(torch.float32)
+    mapping, first = _shared_mapping(lattice, torch.device(device)), 0
+    for module in modules:
+        rows = slice(first, first + module.weight.shape[0])
+        first = rows.stop
+        quantized = LiftQuantTensor(pack_codes(codes[rows]), row_scale[rows].contiguous(), mapping, folded_signs,
+                                    left, right, module.weight.shape, module.weight.dtype)
+        module.weight = torch.nn.Parameter(quantized, requires_grad=False)
+
+
+# Tensors that the linears of a group share (one lattice, one transform): stored once per group.
+_SHARED = ("mapping", "input_signs", "rotation_left", "rotation_right")
+
+
+def _save_block(directory, index: int, block, groups: list) -> None:
+    tensors, weights = {}, {}
+    for names in groups:
+        for name in names:
+            weight = block.get_submodule(name).weight
+            weights[name] = {"shape": list(weight.shape), "dtype": str(weight.dtype).removeprefix("torch.")}
+            tensors.update({f"{name}.{n}": getattr(weight, n) for n in ("packed_codes", "row_scale")})
+        # Cloned: M and the rotation factors are also shared between groups, and safetensors refuses
+        # tensors that share memory.
+        leader = block.get_submodule(names[0]).weight
+        tensors.update({f"{names[0]}.{n}": getattr(leader, n).clone() for n in _SHARED})
+    save_shard(directory, f"block_{index:04d}", tensors, {"groups": groups, "weights": weights})
+
+
+def _load_block(directory, index: int, block, device) -> bool:
+    """Put a finished block's codes back into ``block``; False when it has not been finished."""
+    shard = load_shard(directory, f"block_{index:04d}")
+    if shard is None:
+        return False
+    info, tensors = shard
+    for names in info["groups"]:
+        shared = {n: tensors[f"{names[0]}.{n}"].to(device) for n in _SHARED}
+        for name in names:
+            parts = {n: tensors[f"{name}.{n}"].to(device) for n in ("packed_codes", "row_scale")} | shared
+            spec = info["weights"][name]
+            weight = LiftQuantTensor(*(parts[n] for n in LiftQuantTensor.tensor_data_names),
+                                     torch.Size(spec["shape"]), getattr(torch, spec["dtype"]))
+            block.get_submodule(name).weight = torch.nn.Parameter(weight, requires_grad=False)
+    return True
+
+
+def _manifest(config: LiftQuantConfig, tokens: torch.Tensor, alpha: float, damping: float, blocks) -> dict:
+    return {"calibrate": {"lattice": config.lattice, "seed": config.seed, "alpha": alpha, "damping": damping},
+            "tokens": {"shape": list(tokens.shape), "sha256": hashlib.sha256(tokens.numpy().tobytes()).hexdigest()},
+            "blocks": [[n, list(m.weight.shape)] for b in blocks for n, m in quantizable_linears(b, config)]}
+
+
+def calibrate(
+    model: torch.nn.Module, config: LiftQuantConfig, tokens: torch.Tensor, *, checkpoint_dir=None,
+    overwrite: bool = False, device=None, alpha: float = 0.5, damping: float = 0.01, batch_size: int = 8, progress: bool = True,
+) -> torch.nn.Module:
+    """Quantize the linears of every decoder block with calibration data, in place.
+
+    Args:
+        model: a Hugging Face Llama-style causal LM (decoder blocks at ``model.layers``: Llama, Qwen2,
+            Mistral, SmolLM2); it stays where it is except the block being coded.
+        config: ``liftquant(bits=...)`` or ``liftquant(lattice=...)`` (one lattice for all layers).
+        tokens: LongTensor (batch, length) of calibration token ids (never the evaluation text).
+        checkpoint_dir: write each finished block here and resume from it (see the module docstring);
+            a directory holding another run is refused (:class:`lift_ao.CheckpointError`) unless
+            ``overwrite``, which discards it.
+        device: where each block is coded and run (default: where the model is).
+        alpha: strength of the input scales (0 = none).
+        damping: Hessian damping, fraction of the mean diagonal.
+        batch_size: calibration sequences per forward pass.
+        progress: a tqdm bar over blocks.
+    Returns:
+        ``model``; linears outside the decoder blocks (``lm_head``) are left as they are.
+    Raises:
+        ValueError/TypeError: no or malformed tokens, a budget config, no decoder blocks, or a
+            checkpoint_dir written by another run (``CheckpointError``, a ValueError).
+    """
+    if not isinstance(config, LiftQuantConfig) or config.lattice is None:
+        raise ValueError("calibrate needs a one-lattice config such as lift_ao.liftquant(bits=2.4); plan a "
+                         "memory budget first with lift_ao.plan and calibrate per lattice")
+    if not 0 <= alpha <= 1 or damping < 0:
+        raise ValueError(f"alpha must be in [0, 1] and damping >= 0, got alpha={alpha}, damping={damping}")
+    blocks = _decoder_blocks(model)
+    tokens = _check_tokens(tokens, model.get_input_embeddings().weight.shape[0])
+    home = next(model.parameters()).device
+    device = resolve_device(device) if device is not None else home
+    lattice = Lattice.load(config.lattice)
+    if checkpoint_dir is not None:
+        open_partial(checkpoint_dir, _manifest(config, tokens, alpha, damping, blocks), overwrite=overwrite)
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            # Everything but the blocks runs where it is; the first block's inputs are captured there.
+            inputs = _block_inputs(model, blocks, tokens, batch_size, home)
+            for i, block in enumerate(tqdm(blocks, desc=f"calibrate {lattice.name}", unit="block", disable=not progress)):
+                block.to(device)
+                if checkpoint_dir is None or not _load_block(checkpoint_dir, i, block, device):
+                    linears = quantizable_linears(block, config)
+                    modules, groups = dict(linears), []
+                    for names, hessian in _hessians(block, linears, inputs, device):
+                        _quantize_group([modules[n] for n in names], hessian, lattice, config, alpha, damping, device)
+                        groups.append(names)
+                    if checkpoint_dir is not None:
+                        _save_block(checkpoint_dir, i, block, groups)
+                if i + 1 < len(blocks):
+                    inputs = _run_block(block, inputs, device)
+                block.to(home)
+    finally:
+        model.train(was_training)
+    return model

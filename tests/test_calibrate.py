@@ -1,0 +1,140 @@
+"""Calibrated LiftQuant (lift_ao.calibrate): Hessian-aware rounding, input scales, streaming, resume."""
+
+import copy
+import importlib
+
+import pytest
+import torch
+
+import lift_ao
+from lift_ao.calibrate import _quantize_group, calibrate, hessian_encode_rows, input_scales
+from lift_ao.encode import encode_rows
+from lift_ao.lattice import Lattice
+from tiny_models import tiny_llama, token_batch
+
+# The module (lift_ao.calibrate, the attribute, is the function the package exports).
+calibrate_module = importlib.import_module("lift_ao.calibrate")
+# 16/8 (2 bits) has the cheapest search of the shipped lattices: keeps the file fast.
+LATTICE = "16/8"
+
+
+def _correlated_inputs(n: int, k: int, seed: int) -> torch.Tensor:
+    """(n, k) activations with LLM-like structure: uneven channel scales and correlated channels."""
+    g = torch.Generator().manual_seed(0)  # the same distribution for every seed
+    mixing = torch.randn(k, k, generator=g) / k**0.5 + torch.eye(k)
+    channel_scale = torch.exp(torch.randn(k, generator=g))
+    return (torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) @ mixing) * channel_scale
+
+
+def _relative_output_error(weight: torch.Tensor, quantized: torch.Tensor, x: torch.Tensor) -> float:
+    reference = x.double() @ weight.double().T
+    out = torch.nn.functional.linear(x, quantized).double()
+    return ((out - reference).norm() / reference.norm()).item()
+
+
+def test_identity_hessian_gives_the_data_free_codes():
+    lattice = Lattice.load(LATTICE)
+    rows = torch.randn(24, 48, generator=torch.Generator().manual_seed(1))
+    codes, scale = encode_rows(rows, lattice)
+    ldlq_codes, ldlq_scale = hessian_encode_rows(rows, 2.5 * torch.eye(48), lattice)
+    assert torch.equal(ldlq_codes, codes)
+    torch.testing.assert_close(ldlq_scale, scale, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5])
+def test_calibrated_layer_beats_data_free_on_held_out_activations(alpha):
+    k, n_out = 64, 48
+    weight = torch.randn(n_out, k, generator=torch.Generator().manual_seed(2))
+    train, held_out = _correlated_inputs(2048, k, seed=3), _correlated_inputs(1024, k, seed=4)
+    lattice = Lattice.load(LATTICE)
+    data_free = lift_ao.LiftQuantTensor.from_hp(weight, lattice)
+    layer = torch.nn.Linear(k, n_out, bias=False)
+    layer.weight.data.copy_(weight)
+    hessian = (train.double().T @ train.double()) / train.shape[0]
+    _quantize_group([layer], hessian, lattice, lift_ao.liftquant(lattice=LATTICE), alpha, 0.01, "cpu")
+    calibrated_error = _relative_output_error(weight, layer.weight, held_out)
+    data_free_error = _relative_output_error(weight, data_free, held_out)
+    assert calibrated_error < 0.9 * data_free_error, (calibrated_error, data_free_error)
+    # The folded input scales keep the stored weight equal to W's approximation.
+    torch.testing.assert_close(torch.nn.functional.linear(held_out, layer.weight),
+                               held_out @ layer.weight.dequantize().T, rtol=1e-4, atol=1e-4)
+
+
+def test_input_scales():
+    s = input_scales(torch.tensor([4.0, 1.0, 0.0, 16.0]), alpha=1.0)
+    assert torch.all(s > 0) and torch.isclose(s.log().mean(), torch.zeros((), dtype=s.dtype), atol=1e-12)
+    assert s[3] / s[1] == pytest.approx(4.0) and s[2] == s[1]  # dead channel: smallest live scale
+    assert torch.equal(input_scales(torch.tensor([4.0, 1.0]), alpha=0.0), torch.ones(2, dtype=torch.float64))
+
+
+def _state(model) -> dict:
+    out = {}
+    for key, value in model.state_dict().items():
+        if isinstance(value, lift_ao.LiftQuantTensor):
+            out.update({f"{key}.{n}": getattr(value, n) for n in value.tensor_data_names})
+        else:
+            out[key] = value
+    return out
+
+
+def test_calibrate_tiny_llama_streams_resumes_bit_identically(tmp_path, monkeypatch):
+    model, config = tiny_llama(), lift_ao.liftquant(lattice=LATTICE)
+    tokens, held_out = token_batch(0, batch=16, length=32), token_batch(1, batch=8, length=32)
+    reference = model(held_out).logits
+
+    complete = calibrate(copy.deepcopy(model), config, tokens, checkpoint_dir=tmp_path / "complete", progress=False)
+    quantized = [m.weight for m in complete.modules() if isinstance(getattr(m, "weight", None), lift_ao.LiftQuantTensor)]
+    assert len(quantized) == 14  # 7 linears per block, lm_head kept
+    assert not isinstance(complete.lm_head.weight, lift_ao.LiftQuantTensor)
+    attention = complete.model.layers[0].self_attn
+    storage = lambda w: w.input_signs.untyped_storage().data_ptr()  # noqa: E731
+    assert storage(attention.q_proj.weight) == storage(attention.k_proj.weight)  # siblings share one transform
+
+    data_free = lift_ao.quantize(copy.deepcopy(model), config, progress=False)
+    error = lambda m: ((m(held_out).logits - reference).norm() / reference.norm()).item()  # noqa: E731
+    assert error(complete) < error(data_free)
+
+    # Crash after block 0 is saved, then resume: block 0 is loaded, not re-encoded.
+    save = calibrate_module.save_shard
+
+    def save_then_crash(*args, **kwargs):
+        save(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(calibrate_module, "save_shard", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        calibrate(copy.deepcopy(model), config, tokens, checkpoint_dir=tmp_path / "resumed", progress=False)
+    monkeypatch.setattr(calibrate_module, "save_shard", save)
+    encoded = []
+    monkeypatch.setattr(calibrate_module, "_quantize_group", lambda modules, *a: encoded.append(modules) or
+                        _quantize_group(modules, *a))
+    resumed = calibrate(copy.deepcopy(model), config, tokens, checkpoint_dir=tmp_path / "resumed", progress=False)
+    assert len(encoded) == 4  # block 1's groups only: q/k/v, o, gate/up, down
+    expected, got = _state(complete), _state(resumed)
+    assert expected.keys() == got.keys()
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
+    assert torch.equal(resumed(held_out).logits, complete(held_out).logits)
+    loaded = resumed.model.layers[0].self_attn  # block 0 came from its shard: siblings share again
+    assert storage(loaded.q_proj.weight) == storage(loaded.v_proj.weight)
+
+    with pytest.raises(lift_ao.CheckpointError, match="tokens"):
+        calibrate(copy.deepcopy(model), config, tokens[:2], checkpoint_dir=tmp_path / "resumed", progress=False)
+
+
+def test_bad_input_is_refused():
+    model, config = tiny_llama(), lift_ao.liftquant(lattice=LATTICE)
+    with pytest.raises(ValueError, match="needs token ids"):
+        calibrate(model, config, None)
+    with pytest.raises(TypeError, match="integer token ids"):
+        calibrate(model, config, torch.rand(2, 8))
+    with pytest.raises(ValueError, match="vocabulary"):
+        calibrate(model, config, torch.full((2, 8), 10_000))
+    with pytest.raises(ValueError, match="empty"):
+        calibrate(model, config, torch.zeros(0, dtype=torch.long))
+    with pytest.raises(ValueError, match="one-lattice config"):
+        calibrate(model, lift_ao.liftquant(memory_budget="1MiB"), token_batch())
+    with pytest.raises(ValueError, match="no decoder blocks"):
+        calibrate(torch.nn.Sequential(torch.nn.Linear(4, 4)), config, token_batch())
+    with pytest.raises(ValueError, match="hessian must be"):
+        hessian_encode_rows(torch.randn(4, 16), torch.eye(8), Lattice.load(LATTICE))
