@@ -145,7 +145,7 @@ def quantize(
     elif calibration is not None:
         raise ValueError("calibration= only informs a memory_budget config's per-layer plan")
     if resume_dir is not None:
-        open_partial(resume_dir, _run_identity(targets, layer_configs, config), overwrite=overwrite)
+        open_partial(resume_dir, _run_identity(targets, layer_configs, config, device), overwrite=overwrite)
     desc = f"liftquant {config.lattice or 'budget plan'}"
     for name, module in tqdm(targets, desc=desc, unit="layer", disable=not progress):
         if _is_hf_conv1d(module):
@@ -167,14 +167,16 @@ def quantize(
     return model
 
 
-def _run_identity(targets, layer_configs: dict, config: LiftQuantConfig) -> dict:
+def _run_identity(targets, layer_configs: dict, config: LiftQuantConfig, device) -> dict:
     """What a resumed run must share with the one that wrote the shards: seed and, per layer, the
-    shape, dtype and lattice (a hash of each layer's weight is checked per shard)."""
+    shape, dtype, lattice and encoding device type (CPU and GPU float sums may round differently);
+    a hash of each layer's weight is checked per shard."""
     layers = {}
     for name, module in targets:
         shape = module.weight.shape if not _is_hf_conv1d(module) else module.weight.shape[::-1]
         lattice = Lattice.load(layer_configs[name].lattice)
-        layers[name] = [list(shape), str(module.weight.dtype), lattice.name, lattice.fingerprint]
+        encode_on = (device or module.weight.device).type
+        layers[name] = [list(shape), str(module.weight.dtype), lattice.name, lattice.fingerprint, encode_on]
     return {"seed": config.seed, "layers": layers}
 
 
