@@ -59,6 +59,21 @@ def measure(rows: int, cols: int, lattice: str, dtype: torch.dtype, seed: int = 
     }
 
 
+def markdown(result: dict) -> str:
+    return (
+        "# Encoding memory\n\n"
+        f"Command: `{result['command']}`  \nMachine: {result['machine']}, {result['threads']} threads\n\n"
+        "Peak resident memory of `LiftQuantTensor.from_hp` on one weight; *encoding extra* = peak − resident "
+        "size just before (process + weight). Seconds are wall time on a CPU shared with other jobs, not a "
+        "speed measurement (see codebook.md).\n\n"
+        "| weight | lattice | weight MiB | packed output MiB | RSS before MiB | peak RSS MiB | encoding extra MiB | seconds |\n"
+        "|---|---|---|---|---|---|---|---|\n"
+        f"| {result['rows']}×{result['cols']} {result['dtype']} | {result['lattice']} | {result['weight_mib']:.0f} | "
+        f"{result['output_mib']:.1f} | {result['rss_before_mib']:.0f} | {result['peak_rss_mib']:.0f} | "
+        f"{result['encode_extra_mib']:.0f} | {result['seconds']:.0f} |\n"
+    )
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=16384)
@@ -75,15 +90,7 @@ def main(argv=None) -> int:
     result["machine"] = f"{platform.processor() or platform.machine()}, torch {torch.__version__}"
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "memory.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / "memory.md").write_text(
-        "# Encoding memory\n\n"
-        f"Command: `{result['command']}`  \nMachine: {result['machine']}, {result['threads']} threads (shared CPU)\n\n"
-        "| weight | lattice | weight MiB | packed output MiB | RSS before MiB | peak RSS MiB | encoding extra MiB | seconds |\n"
-        "|---|---|---|---|---|---|---|---|\n"
-        f"| {result['rows']}×{result['cols']} {result['dtype']} | {result['lattice']} | {result['weight_mib']:.0f} | "
-        f"{result['output_mib']:.1f} | {result['rss_before_mib']:.0f} | {result['peak_rss_mib']:.0f} | "
-        f"{result['encode_extra_mib']:.0f} | {result['seconds']:.0f} |\n"
-    )
+    (args.out / "memory.md").write_text(markdown(result))
     print(json.dumps(result, indent=2))
     return 0
 
