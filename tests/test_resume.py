@@ -4,6 +4,7 @@ The kill test drives the real command (``lift-ao quantize --out DIR``) in a subp
 it when the output directory shows finished layers (polling, so no test-only code path ships).
 """
 
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,7 +20,7 @@ import lift_ao
 from lift_ao import CheckpointError, LiftQuantTensor, liftquant, load_quantized
 from lift_ao import cli
 from lift_ao.cli import PARTIAL_DIR
-from lift_ao.io import CHECKPOINT_NAME, MANIFEST_NAME, SHARD_SUFFIX
+from lift_ao.io import CHECKPOINT_NAME, SHARD_SUFFIX
 
 LATTICE = "16/8"  # the fastest 2-bit search: these tests are about bookkeeping, not accuracy
 
@@ -61,6 +62,14 @@ def reference():
     return _quantize()
 
 
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A resume directory holding every layer of the reference run (tests work on copies)."""
+    directory = tmp_path_factory.mktemp("finished")
+    _quantize(resume_dir=directory)
+    return directory
+
+
 def _shards(partial: Path) -> dict[str, int]:
     return {p.name: p.stat().st_mtime_ns for p in partial.glob(f"*{SHARD_SUFFIX}")}
 
@@ -95,47 +104,39 @@ def test_sigkilled_command_resumes_bit_identically(reference, tmp_path):
     assert not (out / PARTIAL_DIR).exists() and not list(out.glob("*.tmp"))
 
 
-def test_half_written_and_corrupt_shards_are_redone(reference, tmp_path):
-    _quantize(resume_dir=tmp_path)
-    shards = sorted(tmp_path.glob(f"*{SHARD_SUFFIX}"))
+def test_half_written_and_corrupt_shards_are_redone(reference, finished, tmp_path):
+    run = shutil.copytree(finished, tmp_path / "run")
+    shards = sorted(run.glob(f"*{SHARD_SUFFIX}"))
     data = shards[0].read_bytes()
     # A kill mid-write leaves only a temporary file; a disk fault could leave a short or altered shard.
-    (tmp_path / ".lift_ao-killed.tmp").write_bytes(data[: len(data) // 2])
+    (run / ".lift_ao-killed.tmp").write_bytes(data[: len(data) // 2])
     shards[0].write_bytes(data[: len(data) // 2])
     tampered = bytearray(shards[1].read_bytes())
     tampered[-1] ^= 0xFF
     shards[1].write_bytes(bytes(tampered))
     with pytest.warns(UserWarning, match="redoing") as caught:
-        resumed = _quantize(resume_dir=tmp_path)
+        resumed = _quantize(resume_dir=run)
     messages = [str(w.message) for w in caught]
     assert any(str(shards[0]) in m and "truncated" in m for m in messages)
     assert any(str(shards[1]) in m and "SHA-256" in m for m in messages)
     _assert_bit_identical(reference, resumed)
-    assert shards[0].read_bytes() == data and not list(tmp_path.glob("*.tmp"))
+    assert shards[0].read_bytes() == data and not list(run.glob("*.tmp"))
 
 
 @pytest.mark.parametrize("change", [dict(lattice="24/10"), dict(seed=1), dict(weights_seed=2)])
-def test_directory_of_another_run_is_refused(tmp_path, change):
-    _quantize(resume_dir=tmp_path)
-    kept = _shards(tmp_path)
+def test_directory_of_another_run_is_refused(finished, tmp_path, change):
+    run = shutil.copytree(finished, tmp_path / "run")
     model = tiny_llama(seed=change.pop("weights_seed", 0))
     config = liftquant(lattice=change.pop("lattice", LATTICE), **change)
     with pytest.raises(CheckpointError, match="another directory|another resume_dir") as info:
-        lift_ao.quantize(model, config, progress=False, resume_dir=tmp_path)
+        lift_ao.quantize(model, config, progress=False, resume_dir=run)
     assert "overwrite" in str(info.value)
-    assert _shards(tmp_path) == kept  # nothing of the other run was touched
+    assert _shards(run) == _shards(finished)  # nothing of the other run was touched
 
 
-def test_overwrite_starts_over(reference, tmp_path):
-    lift_ao.quantize(tiny_llama(), liftquant(lattice=LATTICE, seed=3), progress=False, resume_dir=tmp_path)
-    redone = lift_ao.quantize(tiny_llama(), liftquant(lattice=LATTICE), progress=False, resume_dir=tmp_path, overwrite=True)
-    _assert_bit_identical(reference, redone)
-    assert '"seed": 0' in (tmp_path / MANIFEST_NAME).read_text()
-
-
-def test_cli_refuses_another_run_and_names_overwrite(tmp_path, capsys):
-    lift_ao.quantize(tiny_llama(), liftquant(lattice=LATTICE, seed=1), progress=False, resume_dir=tmp_path / PARTIAL_DIR)
-    assert run_cli(tmp_path) == 2
+def test_cli_refuses_another_run_and_overwrite_starts_over(finished, tmp_path, capsys):
+    shutil.copytree(finished, tmp_path / PARTIAL_DIR)
+    assert run_cli(tmp_path, "--seed", "1") == 2
     assert "--overwrite" in capsys.readouterr().err and not (tmp_path / CHECKPOINT_NAME).exists()
-    assert run_cli(tmp_path, "--overwrite") == 0
+    assert run_cli(tmp_path, "--seed", "1", "--overwrite") == 0
     assert (tmp_path / CHECKPOINT_NAME).exists() and not (tmp_path / PARTIAL_DIR).exists()
