@@ -89,9 +89,12 @@ def hessian_encode_rows(
     target = rotated / torch.where(rms > 0, rms, torch.ones_like(rms))[:, None]
     codes = torch.empty(n, kp // d, lattice.D, dtype=torch.bool, device=rotated.device)
     decoded = torch.empty_like(target)
+    # One column block of N rows is a small search: on CPU split it into one chunk per thread so the
+    # search runs its chunks in parallel, single-threaded each (intra-op threads stall under load).
+    chunk = -(-n // torch.get_num_threads()) if rotated.device.type == "cpu" else None
     for j, start in enumerate(range(0, kp, d)):
         stop = start + d
-        codes[:, j] = nearest_codes(target[:, start:stop], lattice)
+        codes[:, j] = nearest_codes(target[:, start:stop], lattice, chunk_size=chunk)
         decoded[:, start:stop] = lattice.decode(codes[:, j])
         if stop < kp:
             error = target[:, start:stop] - decoded[:, start:stop]
