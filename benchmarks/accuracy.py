@@ -6,7 +6,7 @@ the disjoint *calibration* split. Rows:
 
     reference                 the dequantized Q4_1 GGUF model in fp32 (see lift_ao.data.DEFAULT_MODEL_NOTE)
     rtn-int{2,3,4}-g{64,128}  round-to-nearest, asymmetric, group size g (torchao's intx quantizer)
-    lift-{bits}               lift_ao data-free at 1.6 / 2.0 / 2.4 / 2.5 / 3.0 bits
+    lift-{bits}               lift_ao data-free at 1.6 / 2.0 / 2.4 / 2.5 / 3.0 bits (lattices in LIFT_LATTICES)
     lift-cal-{bits}           lift_ao calibrated (lift_ao.calibrate) at the same rates
     lift-plan-2.4             mixed widths planned by sensitivity at the bytes of uniform 2.4 bits
 
@@ -40,7 +40,11 @@ from lift_ao.data import DEFAULT_MODEL_NOTE, builtin_text, load_default_model, t
 from lift_ao.evaluate import perplexity
 
 RESULTS = Path(__file__).resolve().parent / "results"
-LIFT_BITS = ("1.6", "2.0", "2.4", "2.5", "3.0")
+# The lattice of each rate, pinned (not Lattice.for_bits) so that rows measured at different times
+# compare the same codebooks as more lattices get shipped: the lowest-MSE lattice of each rate
+# among those shipped when the table was started.
+LIFT_LATTICES = {"1.6": "16/10", "2.0": "32/16", "2.4": "24/10", "2.5": "25/10", "3.0": "24/8"}
+LIFT_BITS = tuple(LIFT_LATTICES)
 RTN = [f"rtn-int{b}-g{g}" for b in (2, 3, 4) for g in (64, 128)]
 ROWS = ["reference", *RTN, *(f"lift-{b}" for b in LIFT_BITS), *(f"lift-cal-{b}" for b in LIFT_BITS), "lift-plan-2.4"]
 # RTN storage convention: b-bit codes plus one bf16 scale and one bf16 zero point per group.
@@ -106,17 +110,17 @@ def run_row(name: str, reference, tokenizer, eval_tokens, args) -> dict:
         linear_bytes = _rtn(model, int(bits), int(group))
     else:
         if name == "lift-plan-2.4":
-            uniform = lift_ao.plan(model, 10**12, allocation="uniform", lattices=[lift_ao.Lattice.for_bits(2.4)])
+            uniform = lift_ao.plan(model, 10**12, allocation="uniform", lattices=[lift_ao.Lattice.load(LIFT_LATTICES["2.4"])])
             config = lift_ao.liftquant(memory_budget=uniform.model_bytes)
             calibration = builtin_calibration_tokens(tokenizer, args.plan_tokens)
             lift_ao.quantize(model, config, calibration=calibration, device=args.device)
         elif name.startswith("lift-cal-"):
-            config = lift_ao.liftquant(bits=float(name.removeprefix("lift-cal-")))
+            config = lift_ao.liftquant(lattice=LIFT_LATTICES[name.removeprefix("lift-cal-")])
             calibration = builtin_calibration_tokens(tokenizer, args.calibration_tokens)
             calibrate(model, config, calibration, device=args.device)
             row["calibration_tokens"] = calibration.numel()
         else:
-            lift_ao.quantize(model, lift_ao.liftquant(bits=float(name.removeprefix("lift-"))), device=args.device)
+            lift_ao.quantize(model, lift_ao.liftquant(lattice=LIFT_LATTICES[name.removeprefix("lift-")]), device=args.device)
         linear_bytes = sum(m.weight.storage_bytes() for m in linears)
         row["lattices"] = sorted({m.weight.lattice.name for m in linears})
     row["quantize_seconds"] = round(time.perf_counter() - start, 1)
@@ -127,12 +131,27 @@ def run_row(name: str, reference, tokenizer, eval_tokens, args) -> dict:
     row["model_bytes"] = int(lift_ao.footprint(model) if name.startswith("lift-") else rest + linear_bytes)
     row["bits_per_weight"] = 8 * (row["model_bytes"] - rest) / linear_weights
     row["device"] = _device_name(torch.device(args.device))
+    if args.eval_dense and name.startswith("lift-"):
+        # Same weights, dense matmuls: the CPU reference op unpacks codes on every call (~5x slower).
+        for module in linears:
+            module.weight = torch.nn.Parameter(module.weight.dequantize(), requires_grad=False)
+    if name.startswith("lift-"):
+        row["eval_weights"] = "dequantized (dense)" if args.eval_dense else "as quantized"
     result = perplexity(model, eval_tokens, context_length=args.context, max_windows=args.windows)
     row.update(perplexity=result.perplexity, eval=result.to_dict())
     return row
 
 
+def _evaluated(name: str, row: dict) -> str:
+    if name == "reference":
+        return "fp32 weights"
+    if name.startswith("rtn-"):
+        return "dequantized (dense)"  # see _rtn
+    return row.get("eval_weights", "as quantized")
+
+
 def _markdown(doc: dict) -> str:
+    commands = sorted({row.get("command", doc["command"]) for row in doc["rows"].values()})
     lines = [
         "# Accuracy on SmolLM2-135M-Instruct",
         "",
@@ -140,21 +159,26 @@ def _markdown(doc: dict) -> str:
         "",
         f"Text: built-in Wikipedia evaluation split, {doc['windows']} windows × {doc['context']} tokens "
         "(the harness of `lift-ao eval`); calibration uses the disjoint calibration split.",
-        f"Bits/weight: over the decoder's linear weights, everything stored included (lift_ao: codes, row "
-        f"scales, lattice M, rotation; RTN: packed codes + a bf16 scale and a bf16 zero point per group). "
-        f"Embeddings (tied with lm_head) and norms stay fp32 in every row.",
-        f"Command: `{doc['command']}`",
-        f"Machine: {doc['machine']}. The CPU is shared with other jobs: wall times are upper bounds "
-        "(load average before → after each row in the last column).",
         "",
-        "| method | bits/weight | model MB | perplexity | quantize s | device | load avg |",
-        "|---|---:|---:|---:|---:|---|---|",
+        "Bits/weight: over the decoder's linear weights, everything stored included (lift_ao: codes, row "
+        "scales, lattice M, rotation; RTN: packed codes + a bf16 scale and a bf16 zero point per group). "
+        "Embeddings (tied with lm_head) and norms stay fp32 in every row, so model MB is dominated by them.",
+        "",
+        f"Machine: {doc['machine']}. The CPU is shared with other jobs: wall times are upper bounds; the "
+        "load average (1 min) before → after each row is listed. \"evaluated\": lift_ao rows may be evaluated "
+        "with their dequantized weights as dense matrices (the same values; the CPU reference op is ~5x slower).",
+        "",
+        "Commands: " + "; ".join(f"`{c}`" for c in commands),
+        "",
+        "| method | bits/weight | model MB | perplexity | quantize s | device | load avg | evaluated |",
+        "|---|---:|---:|---:|---:|---|---|---|",
     ]
     for name in [r for r in ROWS if r in doc["rows"]]:
         row = doc["rows"][name]
         load = f"{row['load_average_before'][0]:.1f} → {row['load_average_after'][0]:.1f}"
         lines.append(f"| {name} | {row['bits_per_weight']:.3f} | {row['model_bytes'] / 1e6:.1f} | "
-                     f"{row['perplexity']:.2f} | {row['quantize_seconds']:.0f} | {row['device']} | {load} |")
+                     f"{row['perplexity']:.2f} | {row['quantize_seconds']:.0f} | {row['device']} | {load} | "
+                     f"{_evaluated(name, row)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -192,6 +216,8 @@ def main(argv=None) -> None:
     parser.add_argument("--calibration-tokens", type=int, default=16384, help="calibration tokens (default 16384)")
     parser.add_argument("--plan-tokens", type=int, default=4096, help="tokens to score layer sensitivity (plan row)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--eval-dense", action="store_true", help="evaluate lift_ao rows with their dequantized "
+                        "weights (the same values; the CPU reference op is ~5x slower than a dense matmul)")
     parser.add_argument("--redo", action="store_true", help="measure rows already in the results again")
     parser.add_argument("--out", type=Path, default=RESULTS / "accuracy", help="results path without suffix")
     args = parser.parse_args(argv)
@@ -217,13 +243,19 @@ def main(argv=None) -> None:
         for name in todo:
             print(f"== {name}", file=sys.stderr, flush=True)
             row = run_row(name, reference, tokenizer, eval_tokens, args)
+            row["command"] = doc["command"]
             print(f"{name}: perplexity {row['perplexity']:.3f}, {row['bits_per_weight']:.3f} bits/weight, "
                   f"{row['model_bytes'] / 1e6:.1f} MB, quantized in {row['quantize_seconds']:.0f} s", flush=True)
+            # Re-read before writing: another invocation may have added rows meanwhile.
+            if json_path.is_file():
+                doc["rows"] = {**json.loads(json_path.read_text())["rows"], **doc["rows"]}
             doc["rows"][name] = row
             args.out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = json_path.with_suffix(".json.tmp")
+            tmp = json_path.with_suffix(f".json.{os.getpid()}.tmp")
             tmp.write_text(json.dumps(doc, indent=2))
             os.replace(tmp, json_path)  # a killed run keeps every finished row
+    if json_path.is_file():
+        doc["rows"] = {**json.loads(json_path.read_text())["rows"], **doc["rows"]}
     args.out.with_suffix(".md").write_text(_markdown(doc))
     if not _plot(doc, args.out.with_suffix(".png")):
         print("matplotlib is not installed: no accuracy.png (pip install matplotlib, then rerun with no rows to do)")

@@ -45,6 +45,7 @@ from lift_ao.transform import rotate
 
 __all__ = ["builtin_calibration_tokens", "calibrate", "hessian_encode_rows", "input_scales"]
 
+
 def input_scales(second_moments: torch.Tensor, alpha: float) -> torch.Tensor:
     """AWQ-like per-input-channel scales ``s = m^(α/2)``, normalised to geometric mean 1.
 
