@@ -257,7 +257,7 @@ def open_partial(directory, manifest: dict, *, overwrite: bool = False) -> Path:
     Raises:
         CheckpointError: ``directory`` holds a different run (the message names what differs).
     """
-    directory = _directory(directory, "resume_dir")
+    directory = _directory(directory, "resume directory")
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / MANIFEST_NAME
     for stale in directory.glob(f"{_TMP_PREFIX}*.tmp"):  # left by a run killed mid-write (one run per directory)
