@@ -205,14 +205,35 @@ def measure_mse(lattice: Lattice, n_vectors: int = 200_000, *, seed: int = 1234,
     return float((w - lat.decode(codes)).square().mean())
 
 
-def _softmin_loss(w: torch.Tensor, M: torch.Tensor, codes: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Soft-min (log-sum-exp) of the per-block squared error over a candidate set.
+# Up to this D the trainer uses the whole codebook (2^D points) in the soft-min and exact nearest
+# neighbours in the Lloyd steps; above it, candidates around the encoder's code.
+MAX_EXACT_TRAIN_D = 18
 
-    w: (B, d); M: (d, D) (requires grad); codes: (B, K, D) ±1 candidates. Returns the mean over
-    blocks of ``−(1/T) log Σ_k exp(−T ||w − M q_k||²)``.
+
+def _softmin_loss(w: torch.Tensor, points: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Soft-min (log-sum-exp) of the per-block squared error over candidate points.
+
+    w: (B, d); points: (B, K, d) candidate codebook points per block, or (K, d) shared by all
+    blocks (the whole codebook). Returns the mean over blocks of
+    ``−(1/T) log Σ_k exp(−T ||w − p_k||²)``.
     """
-    err = (w[:, None, :] - codes @ M.T).square().sum(dim=2)  # (B, K)
+    if points.dim() == 2:
+        # ||w||² − 2 w·p + ||p||² as one matmul: (B, K) without a (B, K, d) intermediate.
+        err = torch.addmm(points.square().sum(1), w, points.T, alpha=-2) + w.square().sum(1, keepdim=True)
+    else:
+        err = (w[:, None, :] - points).square().sum(dim=2)
     return (-torch.logsumexp(-temperature * err, dim=1) / temperature).mean()
+
+
+def _exact_codes(w: torch.Tensor, lattice: Lattice, chunk: int = 4096) -> torch.Tensor:
+    """(B, D) ±1 float codes of the true nearest neighbours when D ≤ ``MAX_EXACT_TRAIN_D``
+    (``exhaustive_codes`` in chunks of blocks, so memory stays ``chunk · 2^D`` floats), else of
+    ``nearest_codes`` (the production encoder)."""
+    from lift_ao.search import exhaustive_codes, nearest_codes
+
+    if lattice.D > MAX_EXACT_TRAIN_D:
+        return nearest_codes(w, lattice).float() * 2 - 1
+    return torch.cat([exhaustive_codes(w[i : i + chunk], lattice) for i in range(0, len(w), chunk)]).float() * 2 - 1
 
 
 def train_lattice(
@@ -225,6 +246,7 @@ def train_lattice(
     batch: int = 8192,
     lr: float = 3e-3,
     temperature: float = 10.0,
+    temperature_start: float | None = None,
     lloyd_steps: int = 30,
     lloyd_vectors: int = 200_000,
     eval_vectors: int = 200_000,
@@ -236,20 +258,28 @@ def train_lattice(
     """Fit a lattice's M to i.i.d. N(0,1) vectors (least MSE under ``nearest_codes``).
 
     Per restart (seeded ``seed + restart``): M starts with orthonormal rows; ``adam_steps`` Adam
-    steps (cosine-decayed learning rate) on the soft-min (temperature ``temperature``) of the
-    per-block squared error over a candidate set: since 2^D codewords cannot be enumerated, the
-    candidates of a block are the code found by ``nearest_codes`` and its D single-bit flips.
-    Then ``lloyd_steps`` Lloyd steps (codes Q fixed, ``M = Wᵀ Q (QᵀQ)⁻¹`` on ``lloyd_vectors``
-    vectors). The MSE is measured on held-out vectors after the Adam phase and every 5 Lloyd
+    steps (cosine-decayed learning rate) on the soft-min of the per-block squared error, its
+    temperature going geometrically from ``temperature_start`` (default: ``temperature``) to
+    ``temperature`` (optional annealing; measured no better than a constant temperature, see
+    benchmarks/NOTES_search.md). The soft-min runs over the whole codebook when
+    ``D ≤ MAX_EXACT_TRAIN_D``; above, over the code found by ``nearest_codes`` and its D
+    single-bit flips. Then ``lloyd_steps`` Lloyd steps: codes Q of ``lloyd_vectors`` fresh vectors
+    W from the exact nearest neighbour (D ≤ ``MAX_EXACT_TRAIN_D``) or ``nearest_codes``, then
+    ``M = Wᵀ Q (QᵀQ)⁻¹`` (least squares; with exact codes each step cannot raise the MSE on its
+    sample). The MSE is measured on held-out vectors after the Adam phase and every 5 Lloyd
     steps; the best M over all phases and restarts is returned.
 
     Args:
         d, D: block length and code length (0 < d < D).
         seed: base seed (restart r uses ``seed + r``); the same seed gives the same lattice.
-        restarts, adam_steps, batch, lr, temperature, lloyd_steps, lloyd_vectors: as above.
+        restarts, adam_steps, batch, lr, temperature, temperature_start, lloyd_steps,
+            lloyd_vectors: as above (with the whole codebook, the batch is capped at 2^28 / 2^D
+            blocks so the (batch, 2^D) error matrix stays ≤ 1 GiB).
         eval_vectors: fresh vectors for the stored ``mse`` (measured with ``nearest_codes``).
         max_seconds: optional wall-clock budget; each restart gets an equal share, its Adam phase
-            stops at 80% of the share and its Lloyd phase at 100%. The steps actually done are
+            stops at 80% of the share (its learning-rate and temperature schedules follow the
+            elapsed fraction of that time when it runs ahead of the step count) and its Lloyd
+            phase at 100%. The steps actually done are
             recorded in the metadata (results are deterministic only when the budget is not hit).
         device: where to train (default CPU).
         command: the command line that produced it (stored in metadata).
@@ -260,14 +290,18 @@ def train_lattice(
     """
     import time
 
-    from lift_ao.search import nearest_codes
+    from lift_ao.search import _all_sign_vectors, nearest_codes
 
     if not (isinstance(d, int) and isinstance(D, int) and 0 < d < D):
         raise LatticeError(f"train_lattice needs integers 0 < d < D, got d={d!r}, D={D!r}")
     device = torch.device(device) if device is not None else torch.device("cpu")
     log = log or (lambda *args: None)
     share = (max_seconds / restarts) if max_seconds else float("inf")
+    exact = D <= MAX_EXACT_TRAIN_D
+    codebook = _all_sign_vectors(D, device) if exact else None  # (2^D, D)
+    batch = min(batch, max(1, 2**28 >> D)) if exact else batch
     flips = 1 - 2 * torch.eye(D, device=device)  # (D, D): row i flips bit i
+    t_start = temperature if temperature_start is None else temperature_start
     best_M, best_mse, done = None, float("inf"), []
 
     def held_out_mse(M):
@@ -279,23 +313,28 @@ def train_lattice(
         gen = torch.Generator().manual_seed(seed + restart)
         M = _orthonormal_rows(d, D, gen).to(device).requires_grad_(True)
         opt = torch.optim.Adam([M], lr=lr)
-        # Cosine decay to 5% of lr: the last steps refine instead of jittering around the optimum.
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda step: 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / max(1, adam_steps)))
-        )
         adam_done = 0
         for adam_done in range(1, adam_steps + 1):
+            # Progress through the schedules: by steps, or by time when the budget is the tighter
+            # limit, so a cut-short run still ends with a small learning rate and a hard soft-min.
+            progress = max((adam_done - 1) / max(1, adam_steps - 1), (time.monotonic() - began) / (0.8 * share))
+            if progress > 1:
+                break
+            # Cosine decay to 5% of lr: the last steps refine instead of jittering around the optimum.
+            opt.param_groups[0]["lr"] = lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+            T = t_start * (temperature / t_start) ** progress
             w = torch.randn(batch, d, generator=gen).to(device)
-            with torch.no_grad():
-                q = nearest_codes(w, Lattice(d, D, M.detach())).float() * 2 - 1
-                candidates = torch.cat([q[:, None, :], q[:, None, :] * flips[None]], dim=1)
-            loss = _softmin_loss(w, M, candidates, temperature)
+            if exact:
+                points = codebook @ M.T  # (2^D, d)
+            else:
+                with torch.no_grad():
+                    q = nearest_codes(w, Lattice(d, D, M.detach())).float() * 2 - 1
+                    candidates = torch.cat([q[:, None, :], q[:, None, :] * flips[None]], dim=1)
+                points = candidates @ M.T  # (B, D + 1, d)
+            loss = _softmin_loss(w, points, T)
             opt.zero_grad()
             loss.backward()
             opt.step()
-            schedule.step()
-            if time.monotonic() - began > 0.8 * share:
-                break
         M = M.detach()
         mse = held_out_mse(M)
         log(f"[{D}/{d}] restart {restart}: adam ({adam_done} steps) mse {mse:.5f}")
@@ -304,11 +343,11 @@ def train_lattice(
         lloyd_done = 0
         for lloyd_done in range(1, lloyd_steps + 1):
             w = torch.randn(lloyd_vectors, d, generator=gen).to(device)
-            q = nearest_codes(w, Lattice(d, D, M)).float() * 2 - 1
-            M_new = torch.linalg.solve(q.T @ q, q.T @ w).T.contiguous()  # (d, D)
+            q = _exact_codes(w, Lattice(d, D, M))
+            M_new = torch.linalg.solve(q.T.double() @ q.double(), q.T.double() @ w.double()).T  # (d, D)
             if not torch.isfinite(M_new).all():
                 break
-            M = M_new
+            M = M_new.float().contiguous()
             over_time = time.monotonic() - began > share
             if lloyd_done % 5 == 0 or lloyd_done == lloyd_steps or over_time:
                 mse = held_out_mse(M)
@@ -328,8 +367,11 @@ def train_lattice(
         batch=batch,
         lr=lr,
         temperature=temperature,
+        temperature_start=t_start,
+        softmin_candidates="whole codebook" if exact else "nearest_codes + single flips",
         lloyd_steps=lloyd_steps,
         lloyd_vectors=lloyd_vectors,
+        lloyd_codes="exhaustive" if exact else "nearest_codes",
         steps_done="adam+lloyd per restart: " + ", ".join(done),
         mse_eval=f"nearest_codes on {eval_vectors} fresh N(0,1) vectors, seed 1234",
     )
@@ -350,6 +392,9 @@ def _main(argv=None) -> None:
     train.add_argument("--restarts", type=int, default=2)
     train.add_argument("--adam-steps", type=int, default=300)
     train.add_argument("--batch", type=int, default=8192)
+    train.add_argument("--lr", type=float, default=3e-3)
+    train.add_argument("--temperature", type=float, default=10.0, help="soft-min temperature at the end of Adam")
+    train.add_argument("--temperature-start", type=float, default=None, help="at the start (annealed geometrically)")
     train.add_argument("--lloyd-steps", type=int, default=30)
     train.add_argument("--lloyd-vectors", type=int, default=200_000)
     train.add_argument("--max-seconds", type=float, default=None, help="wall-clock budget (see train_lattice)")
@@ -358,10 +403,14 @@ def _main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    command = "python -m lift_ao.lattice " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--out" in argv:  # where the file goes does not change the lattice: keep it out of the record
+        del argv[argv.index("--out") : argv.index("--out") + 2]
+    command = "python -m lift_ao.lattice " + " ".join(shlex.quote(a) for a in argv)
     lattice = train_lattice(
         args.d, args.D, seed=args.seed, restarts=args.restarts, adam_steps=args.adam_steps,
-        batch=args.batch, lloyd_steps=args.lloyd_steps, lloyd_vectors=args.lloyd_vectors,
+        batch=args.batch, lr=args.lr, temperature=args.temperature, temperature_start=args.temperature_start,
+        lloyd_steps=args.lloyd_steps, lloyd_vectors=args.lloyd_vectors,
         max_seconds=args.max_seconds, device=device, command=command,
     )
     out = args.out or str(_lattice_dir() / Lattice.file_name(args.D, args.d))

@@ -7,8 +7,13 @@ import torch
 
 from lift_ao.lattice import Lattice, LatticeError, _orthonormal_rows, measure_mse, train_lattice
 
-SHIPPED_NAMES = ["16/10", "32/20", "16/8", "32/16", "30/14", "26/12", "24/10", "25/10", "20/8", "28/10", "24/8", "21/6", "24/6"]
+SHIPPED_NAMES = ["16/10", "32/20", "16/8", "32/16", "30/14", "26/12", "24/10", "25/10", "20/8", "28/10", "24/8", "21/6", "24/6",
+                 "48/24", "48/20", "40/16", "48/16", "32/10"]
 PAPER_MSE = {"16/8": 0.089, "32/16": 0.082, "30/14": 0.070, "24/10": 0.053, "32/20": 0.146}
+# Same (d, D) as the paper but above its MSE: 16/8 0.0904 (+1.6%) and 32/16 0.0830 (+1.2%); every
+# retraining recipe tried landed in the same basin (benchmarks/NOTES_search.md). At their rate,
+# 2.0 bits, the shipped 48/24 (0.0805) beats both.
+ABOVE_PAPER = {"16/8", "32/16"}
 
 
 @pytest.mark.parametrize("name", SHIPPED_NAMES)
@@ -23,9 +28,13 @@ def test_shipped_lattice_loads(name):
     assert lattice.metadata["command"].startswith("python -m lift_ao.lattice train")
     assert "seed" in lattice.metadata
     if name in PAPER_MSE:
-        # 24/10, 30/14 and 32/20 beat the paper; 16/8 (0.0904 vs 0.089) and 32/16 (0.0830 vs
-        # 0.082) are 1.6% and 1.2% above it (benchmarks/NOTES_search.md).
-        assert lattice.mse <= PAPER_MSE[name] * 1.02
+        assert lattice.mse <= PAPER_MSE[name] * (1.02 if name in ABOVE_PAPER else 1.0)
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_MSE))
+def test_best_shipped_lattice_at_each_paper_rate_beats_the_paper(name):
+    lattice = Lattice.load(name)
+    assert Lattice.for_bits(lattice.bits).mse <= PAPER_MSE[name]
 
 
 @pytest.mark.parametrize("name", ["24/10", "16/8", "32/20"])
@@ -44,18 +53,19 @@ def test_name_aliases_and_shipped_order():
 
 
 def test_for_bits_rounds_down_by_default():
-    assert Lattice.for_bits(2.4).name == "24/10"
-    assert Lattice.for_bits(2.45).bits <= 2.45
+    assert Lattice.for_bits(2.4).bits == 2.4
+    assert Lattice.for_bits(2.45).bits == 2.4
     assert Lattice.for_bits(2.0).bits == 2.0
-    assert Lattice.for_bits(3.0).name == "24/8"
-    # Same rate: the lower MSE wins (16/8 vs 32/16 at 2 bits).
-    two = [lat for lat in Lattice.shipped() if lat.bits == 2.0]
-    assert Lattice.for_bits(2.0) is min(two, key=lambda lat: lat.mse)
+    assert Lattice.for_bits(3.0).bits == 3.0
+    # Same rate: the lower MSE wins (16/8, 32/16 and 48/24 at 2 bits; 24/10 and 48/20 at 2.4).
+    for rate in (2.0, 2.4):
+        same = [lat for lat in Lattice.shipped() if lat.bits == rate]
+        assert len(same) >= 2 and Lattice.for_bits(rate) is min(same, key=lambda lat: lat.mse)
 
 
 def test_for_bits_nearest():
-    assert Lattice.for_bits(2.39, round="nearest").name == "24/10"
-    assert Lattice.for_bits(2.49, round="nearest").name == "25/10"
+    assert Lattice.for_bits(2.39, round="nearest").bits == 2.4
+    assert Lattice.for_bits(2.49, round="nearest").bits == 2.5
     assert Lattice.for_bits(1.99, round="nearest").bits == 2.0
 
 
