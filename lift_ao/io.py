@@ -4,7 +4,7 @@ One file, ``<dir>/lift_ao.safetensors``: every plain parameter/buffer under its 
 every LiftQuant weight as its plain tensors under ``<key>.<tensor name>`` (``packed_codes``,
 ``row_scale``, ``mapping``, ``input_signs``, ``rotation_left``, ``rotation_right``). The header's
 ``lift_ao`` entry is JSON with the format version, the library version, each quantized weight's
-shape, dtype, lattice name and lattice fingerprint, tied-parameter aliases, and a SHA-256 of every
+shape, dtype, lattice name, lattice and transform fingerprints, tied-parameter aliases, and a SHA-256 of every
 tensor, so a truncated, tampered or mismatched file is refused with a message naming the problem.
 Files are written to a temporary name and renamed, so a crash never leaves a half-written checkpoint
 under the real name. When the model is a Hugging Face model its ``config.json`` is saved beside it,
@@ -44,6 +44,8 @@ CHECKPOINT_NAME = "lift_ao.safetensors"
 MANIFEST_NAME = "manifest.json"
 SHARD_SUFFIX = ".shard.safetensors"
 _TMP_PREFIX = ".lift_ao-"
+# LiftQuantTensor data that layers share (per lattice, per input transform).
+_SHARED_DATA_NAMES = ("mapping", "input_signs", "rotation_left", "rotation_right")
 
 
 class CheckpointError(ValueError):
@@ -101,6 +103,7 @@ def save_quantized(model: torch.nn.Module, directory) -> Path:
                 "dtype": str(data.dtype).removeprefix("torch."),
                 "lattice": data.lattice.name,
                 "lattice_fingerprint": data.lattice.fingerprint,
+                "transform_fingerprint": data.transform_fingerprint,
             }
             for name in data.tensor_data_names:
                 # Clone: safetensors refuses tensors that share storage (one rotation for q/k/v).
@@ -208,6 +211,7 @@ def load_quantized(directory, model: Optional[torch.nn.Module] = None, *, device
     header, tensors = _read_checkpoint(path)
     if model is None:
         model = _model_from_hf_config(directory)
+    shared: dict[tuple, torch.Tensor] = {}  # (SHA-256, shape, dtype) → loaded M / rotation tensor
     for key, info in header["quantized"].items():
         module_name, _, param_name = key.rpartition(".")
         try:
@@ -217,13 +221,27 @@ def load_quantized(directory, model: Optional[torch.nn.Module] = None, *, device
             raise CheckpointError(f"{path}: the model has no {key!r}; load into the architecture that was saved") from e
         if list(current.shape) != info["shape"]:
             raise CheckpointError(f"{path}: {key} has shape {info['shape']}, the model expects {list(current.shape)}")
-        parts = [tensors.pop(f"{key}.{name}").to(device) for name in LiftQuantTensor.tensor_data_names]
+        parts = []
+        for name in LiftQuantTensor.tensor_data_names:
+            stored = tensors.pop(f"{key}.{name}")
+            if name in _SHARED_DATA_NAMES:
+                # One tensor per distinct M / rotation again, as after quantizing: the footprint counts
+                # them once and the passes share one lift among q/k/v only when the tensors are the same.
+                identity = (header["sha256"][f"{key}.{name}"], tuple(stored.shape), stored.dtype)
+                stored = shared.setdefault(identity, stored.to(device))
+            parts.append(stored.to(device))
         weight = LiftQuantTensor(*parts, torch.Size(info["shape"]), getattr(torch, info["dtype"]))
         fingerprint = Lattice(weight.block_size, weight.code_bits, weight.mapping.cpu()).fingerprint
         if fingerprint != info["lattice_fingerprint"] or weight.lattice.name != info["lattice"]:
             raise CheckpointError(
                 f"{path}: {key} was made with lattice {info['lattice']} ({info['lattice_fingerprint']}) "
                 f"but stores {weight.lattice.name} ({fingerprint}); the file is inconsistent, re-quantize"
+            )
+        recorded = info["transform_fingerprint"]
+        if recorded != weight.transform_fingerprint:
+            raise CheckpointError(
+                f"{path}: {key}'s input transform does not match its recorded fingerprint ({recorded}); "
+                "the file is inconsistent, re-quantize"
             )
         setattr(module, param_name, torch.nn.Parameter(weight, requires_grad=False))
     plain = {k: t.to(device) for k, t in tensors.items()}

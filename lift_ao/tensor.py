@@ -160,6 +160,15 @@ class LiftQuantTensor(TorchAOBaseTensor):
         """The lattice this weight is coded with."""
         return Lattice(self.block_size, self.code_bits, self.mapping.cpu())
 
+    @property
+    def transform_fingerprint(self) -> str:
+        """SHA-256 (hex, 16 chars) of the input transform (signs and both rotation factors, float32)."""
+        h = hashlib.sha256()
+        for t in (self.input_signs, self.rotation_left, self.rotation_right):
+            h.update(f"{tuple(t.shape)},".encode())
+            h.update(t.detach().to(torch.float32).cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
+
     def storage_bytes(self) -> int:
         """Bytes of all stored tensors (codes, scales, lattice and rotation)."""
         return sum(getattr(self, n).nbytes for n in self.tensor_data_names)

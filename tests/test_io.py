@@ -49,8 +49,13 @@ def test_round_trip_is_bit_exact_with_identical_outputs(saved):
     tokens = token_batch()
     with torch.no_grad():
         assert torch.equal(model(tokens).logits, loaded(tokens).logits)
-    # Tied embeddings share storage again.
+    # Tied embeddings share storage again, and so do the transforms of layers reading one activation.
     assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+    attention = loaded.model.layers[0].self_attn
+    q_proj, k_proj = attention.q_proj.weight, attention.k_proj.weight
+    assert q_proj.rotation_left.data_ptr() == k_proj.rotation_left.data_ptr()
+    assert q_proj.mapping.data_ptr() == loaded.model.layers[1].mlp.down_proj.weight.mapping.data_ptr()
+    assert lift_ao.footprint(loaded) == lift_ao.footprint(model)
     assert not list(directory.glob("*.tmp"))
 
 
@@ -115,6 +120,21 @@ def test_stored_lattice_differing_from_its_record_is_refused(saved, tmp_path):
         load_quantized(tmp_path, tiny_llama(tie=True))
 
 
+def test_stored_transform_differing_from_its_record_is_refused(saved, tmp_path):
+    # A rotation factor re-saved with valid checksums: only the transform fingerprint can tell.
+    def perturb_rotation(tensors):
+        key = next(k for k in tensors if k.endswith(".rotation_left"))
+        tensors[key] = tensors[key].flip(0)
+        return tensors
+
+    def rehash(header):
+        return {**header, "sha256": {k: _sha256(t) for k, t in perturb_rotation(_tensors(saved[1])).items()}}
+
+    _rewrite(saved[1], tmp_path, edit_tensors=perturb_rotation, edit_header=rehash)
+    with pytest.raises(CheckpointError, match="input transform does not match its recorded fingerprint"):
+        load_quantized(tmp_path, tiny_llama(tie=True))
+
+
 def test_header_records_versions_and_lattices(saved):
     with safe_open(str(saved[1] / CHECKPOINT_NAME), framework="pt") as f:
         header = json.loads(f.metadata()["lift_ao"])
@@ -122,6 +142,8 @@ def test_header_records_versions_and_lattices(saved):
     record = header["quantized"]["model.layers.0.self_attn.q_proj.weight"]
     lattice = lift_ao.Lattice.for_bits(2.4)  # the fixture's lattice
     assert record["lattice"] == lattice.name and record["lattice_fingerprint"] == lattice.fingerprint
+    q_proj = saved[0].model.layers[0].self_attn.q_proj.weight
+    assert record["transform_fingerprint"] == q_proj.transform_fingerprint
 
 
 def test_crash_while_saving_keeps_the_previous_checkpoint(saved, tmp_path, monkeypatch):
