@@ -32,7 +32,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from lift_ao.lattice import Lattice
-from lift_ao.tensor import LiftQuantTensor
+from lift_ao.tensor import LiftQuantTensor, share_constants
 
 __all__ = [
     "save_quantized", "load_quantized", "CheckpointError", "FORMAT_VERSION", "CHECKPOINT_NAME",
@@ -44,8 +44,6 @@ CHECKPOINT_NAME = "lift_ao.safetensors"
 MANIFEST_NAME = "manifest.json"
 SHARD_SUFFIX = ".shard.safetensors"
 _TMP_PREFIX = ".lift_ao-"
-# LiftQuantTensor data that layers share (per lattice, per input transform).
-_SHARED_DATA_NAMES = ("mapping", "input_signs", "rotation_left", "rotation_right")
 
 
 class CheckpointError(ValueError):
@@ -211,7 +209,6 @@ def load_quantized(directory, model: Optional[torch.nn.Module] = None, *, device
     header, tensors = _read_checkpoint(path)
     if model is None:
         model = _model_from_hf_config(directory)
-    shared: dict[tuple, torch.Tensor] = {}  # (SHA-256, shape, dtype) → loaded M / rotation tensor
     for key, info in header["quantized"].items():
         module_name, _, param_name = key.rpartition(".")
         try:
@@ -221,15 +218,7 @@ def load_quantized(directory, model: Optional[torch.nn.Module] = None, *, device
             raise CheckpointError(f"{path}: the model has no {key!r}; load into the architecture that was saved") from e
         if list(current.shape) != info["shape"]:
             raise CheckpointError(f"{path}: {key} has shape {info['shape']}, the model expects {list(current.shape)}")
-        parts = []
-        for name in LiftQuantTensor.tensor_data_names:
-            stored = tensors.pop(f"{key}.{name}")
-            if name in _SHARED_DATA_NAMES:
-                # One tensor per distinct M / rotation again, as after quantizing: the footprint counts
-                # them once and the passes share one lift among q/k/v only when the tensors are the same.
-                identity = (header["sha256"][f"{key}.{name}"], tuple(stored.shape), stored.dtype)
-                stored = shared.setdefault(identity, stored.to(device))
-            parts.append(stored.to(device))
+        parts = [tensors.pop(f"{key}.{name}").to(device) for name in LiftQuantTensor.tensor_data_names]
         weight = LiftQuantTensor(*parts, torch.Size(info["shape"]), getattr(torch, info["dtype"]))
         fingerprint = Lattice(weight.block_size, weight.code_bits, weight.mapping.cpu()).fingerprint
         if fingerprint != info["lattice_fingerprint"] or weight.lattice.name != info["lattice"]:
@@ -256,6 +245,7 @@ def load_quantized(directory, model: Optional[torch.nn.Module] = None, *, device
         )
     # Aliases get the same tensor, so tied parameters share storage again after loading.
     model.load_state_dict(plain, strict=False, assign=True)
+    share_constants(model)
     return model
 
 

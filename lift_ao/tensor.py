@@ -33,7 +33,7 @@ from lift_ao.lattice import Lattice
 from lift_ao.packing import unpack_codes, words_per_row
 from lift_ao.transform import make_rotation, unrotate
 
-__all__ = ["LiftQuantTensor"]
+__all__ = ["LiftQuantTensor", "share_constants"]
 
 aten = torch.ops.aten
 
@@ -252,3 +252,22 @@ def _(func, types, args, kwargs):
 
 # Allow torch.load(weights_only=True) of checkpoints that pickle this class.
 torch.serialization.add_safe_globals([LiftQuantTensor])
+
+
+def share_constants(model: torch.nn.Module) -> None:
+    """Make equal lattice matrices and rotations of a model's LiftQuant weights one tensor each.
+
+    A checkpoint stores each layer's M and rotation separately; in memory, layers that read the same
+    activation shared one copy (:meth:`LiftQuantTensor.from_hp`), which :func:`lift_ao.footprint`
+    counts once and the compile passes need to compute the rotated activation once. Loaders call this
+    to restore that sharing.
+    """
+    shared: dict[tuple, torch.Tensor] = {}
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, LiftQuantTensor):
+            continue
+        for name in ("mapping", "input_signs", "rotation_left", "rotation_right"):
+            tensor = getattr(weight, name)
+            key = (name, tensor.device, tensor.dtype, tuple(tensor.shape), tensor.cpu().numpy().tobytes())
+            setattr(weight, name, shared.setdefault(key, tensor))

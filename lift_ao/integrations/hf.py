@@ -35,7 +35,7 @@ from lift_ao.api import quantizable_linears
 from lift_ao.config import LiftQuantConfig, liftquant
 from lift_ao.io import CheckpointError
 from lift_ao.lattice import Lattice
-from lift_ao.tensor import LiftQuantTensor
+from lift_ao.tensor import LiftQuantTensor, share_constants
 
 if TYPE_CHECKING:  # importing modeling_utils costs a second at `import lift_ao`; only annotations need it
     from transformers import PreTrainedModel
@@ -240,7 +240,7 @@ class LiftQuantHfQuantizer(HfQuantizer):
                 conversion for conversion in model._weight_conversions
                 if not any(isinstance(op, _Deserialize) for op in getattr(conversion, "operations", ()))
             ]
-        _share_constants(model)
+        share_constants(model)
         return model
 
     def get_state_dict_and_metadata(self, model: "PreTrainedModel"):
@@ -269,21 +269,6 @@ class LiftQuantHfQuantizer(HfQuantizer):
     def is_compileable(self) -> bool:
         """Yes: the ops have fake implementations and the Inductor passes handle them."""
         return True
-
-
-def _share_constants(model: torch.nn.Module) -> None:
-    # A checkpoint stores each layer's lattice matrix and rotation separately; in memory, layers that
-    # read the same activation shared one copy (LiftQuantTensor.from_hp), which the footprint counts
-    # and the compile passes use to compute the rotated activation once. Restore that sharing.
-    shared: dict[tuple, torch.Tensor] = {}
-    for module in model.modules():
-        weight = getattr(module, "weight", None)
-        if not isinstance(weight, LiftQuantTensor):
-            continue
-        for name in ("mapping", "input_signs", "rotation_left", "rotation_right"):
-            tensor = getattr(weight, name)
-            key = (name, tensor.device, tensor.dtype, tuple(tensor.shape), tensor.cpu().numpy().tobytes())
-            setattr(weight, name, shared.setdefault(key, tensor))
 
 
 def enable_save_pretrained(model: "PreTrainedModel", config: LiftQuantConfig) -> "PreTrainedModel":
