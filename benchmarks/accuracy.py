@@ -168,6 +168,10 @@ def _markdown(doc: dict) -> str:
         "load average (1 min) before → after each row is listed. \"evaluated\": lift_ao rows may be evaluated "
         "with their dequantized weights as dense matrices (the same values; the CPU reference op is ~5x slower).",
         "",
+        "Calibrated rows (`lift-cal-*`): `lift_ao.calibrate` with the first --calibration-tokens tokens of the "
+        "calibration split in sequences of 512, input-scale strength α = 0.5, Hessian damping 1%, decoder blocks "
+        "streamed one at a time; no intra-block fine-tuning.",
+        "",
         "Commands: " + "; ".join(f"`{c}`" for c in commands),
         "",
         "| method | bits/weight | model MB | perplexity | quantize s | device | load avg | evaluated |",
@@ -176,7 +180,8 @@ def _markdown(doc: dict) -> str:
     for name in [r for r in ROWS if r in doc["rows"]]:
         row = doc["rows"][name]
         load = f"{row['load_average_before'][0]:.1f} → {row['load_average_after'][0]:.1f}"
-        lines.append(f"| {name} | {row['bits_per_weight']:.3f} | {row['model_bytes'] / 1e6:.1f} | "
+        method = f"{name} ({', '.join(row['lattices'])})" if row.get("lattices") else name
+        lines.append(f"| {method} | {row['bits_per_weight']:.3f} | {row['model_bytes'] / 1e6:.1f} | "
                      f"{row['perplexity']:.2f} | {row['quantize_seconds']:.0f} | {row['device']} | {load} | "
                      f"{_evaluated(name, row)} |")
     return "\n".join(lines) + "\n"
