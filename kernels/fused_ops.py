@@ -43,7 +43,8 @@ def lifted_linear(
 
     Args:
         x: (..., K) activation, K ≤ Kp = k1·k2.
-        input_signs: (Kp,) float32 ±1, or None when already multiplied into x (scale folding).
+        input_signs: (Kp,) float32 (±1, or ±1/s when calibrated), or None when already multiplied into
+            x (scale folding).
         rotation_left: (k1, k1), rotation_right: (k2, k2) float32.
         mapping: (d, D) float32 lattice matrix M.
         packed_codes: (N, ceil(L/32)) int32, L = Kp·D/d (layout of :mod:`lift_ao.packing`).

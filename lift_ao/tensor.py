@@ -12,7 +12,9 @@ Tensor data (all plain tensors, so the subclass flattens for ``torch.compile`` a
                     D bits per block), bit j in word j//32 at bit j%32, LSB first, 1 = +1.
     row_scale:      (N,) float32, r.
     mapping:        (d, D) float32, the lattice matrix M.
-    input_signs:    (Kp,) float32 ±1, rotation_left (k1, k1), rotation_right (k2, k2) float32: R.
+    input_signs:    (Kp,) float32: the random ±1 signs, divided by activation-aware input scales
+                    when calibrated (lift_ao.calibrate); rotation_left (k1, k1), rotation_right (k2, k2)
+                    float32: R.
 Attributes: ``shape`` (N, K) and ``dtype`` (the logical dtype that ``F.linear`` returns and
 ``dequantize`` produces; the stored data keeps its own dtypes).
 """
