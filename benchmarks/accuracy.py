@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 import lift_ao
-from lift_ao.calibrate import builtin_calibration_tokens, calibrate
+from lift_ao.calibration import builtin_calibration_tokens, calibrate
 from lift_ao.data import DEFAULT_MODEL_NOTE, builtin_text, load_default_model, tokenize_text
 from lift_ao.evaluate import perplexity
 

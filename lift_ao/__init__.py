@@ -14,7 +14,7 @@ from lift_ao import kernels  # noqa: F401  (registers the torch.library ops)
 from lift_ao import passes  # noqa: F401  (installs the Inductor passes; lift_ao.passes.uninstall() removes them)
 from lift_ao.api import quantizable_linears, quantize
 from lift_ao.budget import BudgetError, Plan, plan
-from lift_ao.calibrate import calibrate
+from lift_ao.calibration import calibrate
 from lift_ao.config import LiftQuantConfig, liftquant
 from lift_ao.footprint import footprint
 from lift_ao.io import CheckpointError, load_quantized, save_quantized

@@ -100,7 +100,7 @@ def _cmd_quantize(args) -> dict:
     # Finished layers are kept under --out as they are done, so a killed run resumes where it stopped.
     partial = args.out / PARTIAL_DIR if args.out else None
     if args.calibrate:
-        from lift_ao.calibrate import builtin_calibration_tokens, calibrate
+        from lift_ao.calibration import builtin_calibration_tokens, calibrate
 
         calibration = builtin_calibration_tokens(tokenizer, args.calibration_tokens)
         report["calibration_tokens"] = calibration.numel()

@@ -1,19 +1,17 @@
 """Calibrated LiftQuant (lift_ao.calibrate): Hessian-aware rounding, input scales, streaming, resume."""
 
 import copy
-import importlib
 
 import pytest
 import torch
 
 import lift_ao
-from lift_ao.calibrate import _quantize_group, calibrate, hessian_encode_rows, input_scales
+from lift_ao import calibration
+from lift_ao.calibration import _quantize_group, calibrate, hessian_encode_rows, input_scales
 from lift_ao.encode import encode_rows
 from lift_ao.lattice import Lattice
 from tiny_models import tiny_llama, token_batch
 
-# The module (lift_ao.calibrate, the attribute, is the function the package exports).
-calibrate_module = importlib.import_module("lift_ao.calibrate")
 # 16/8 (2 bits) has the cheapest search of the shipped lattices: keeps the file fast.
 LATTICE = "16/8"
 
@@ -95,18 +93,18 @@ def test_calibrate_tiny_llama_streams_resumes_bit_identically(tmp_path, monkeypa
     assert error(complete) < error(data_free)
 
     # Crash after block 0 is saved, then resume: block 0 is loaded, not re-encoded.
-    save = calibrate_module.save_shard
+    save = calibration.save_shard
 
     def save_then_crash(*args, **kwargs):
         save(*args, **kwargs)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(calibrate_module, "save_shard", save_then_crash)
+    monkeypatch.setattr(calibration, "save_shard", save_then_crash)
     with pytest.raises(KeyboardInterrupt):
         calibrate(copy.deepcopy(model), config, tokens, checkpoint_dir=tmp_path / "resumed", progress=False)
-    monkeypatch.setattr(calibrate_module, "save_shard", save)
+    monkeypatch.setattr(calibration, "save_shard", save)
     encoded = []
-    monkeypatch.setattr(calibrate_module, "_quantize_group", lambda modules, *a: encoded.append(modules) or
+    monkeypatch.setattr(calibration, "_quantize_group", lambda modules, *a: encoded.append(modules) or
                         _quantize_group(modules, *a))
     resumed = calibrate(copy.deepcopy(model), config, tokens, checkpoint_dir=tmp_path / "resumed", progress=False)
     assert len(encoded) == 4  # block 1's groups only: q/k/v, o, gate/up, down
