@@ -14,11 +14,11 @@ from unittest import mock
 
 import pytest
 import torch
-from tiny_models import tiny_llama
+from tiny_models import tiny_llama, token_batch
 
 import lift_ao
 from lift_ao import CheckpointError, LiftQuantTensor, liftquant, load_quantized
-from lift_ao import cli
+from lift_ao import calibration, cli
 from lift_ao.cli import PARTIAL_DIR
 from lift_ao.io import CHECKPOINT_NAME, SHARD_SUFFIX
 
@@ -34,9 +34,11 @@ class _Tokenizer:
 
 
 def run_cli(out, *extra) -> int:
-    """``lift-ao quantize --out OUT`` on the tiny Llama."""
+    """``lift-ao quantize --out OUT`` on the tiny Llama (``--calibrate``: on random calibration tokens)."""
     args = ["quantize", "--skip-eval", "--lattice", LATTICE, "--device", "cpu", "--out", str(out), *extra]
-    with mock.patch.object(cli, "_load_model", lambda spec, device: (tiny_llama(), _Tokenizer())):
+    calibration_tokens = lambda tokenizer, count: token_batch(seed=5, batch=4, length=32)
+    with mock.patch.object(cli, "_load_model", lambda spec, device: (tiny_llama(), _Tokenizer())), \
+            mock.patch.object(calibration, "builtin_calibration_tokens", calibration_tokens):
         return cli.main(args)
 
 
@@ -74,11 +76,11 @@ def _shards(partial: Path) -> dict[str, int]:
     return {p.name: p.stat().st_mtime_ns for p in partial.glob(f"*{SHARD_SUFFIX}")}
 
 
-def _run_until(out: Path, shards: int, timeout: float = 120.0) -> None:
-    """Start the command and SIGKILL it as soon as at least ``shards`` layers are on disk."""
+def _run_until(out: Path, shards: int, *extra: str, timeout: float = 120.0) -> None:
+    """Start the command and SIGKILL it as soon as at least ``shards`` layers (blocks) are on disk."""
     log = out.parent / "stderr.txt"
     with open(log, "wb") as stderr:
-        proc = subprocess.Popen([sys.executable, "-c", DRIVER, str(out)], stdout=subprocess.DEVNULL, stderr=stderr)
+        proc = subprocess.Popen([sys.executable, "-c", DRIVER, str(out), *extra], stdout=subprocess.DEVNULL, stderr=stderr)
         deadline = time.monotonic() + timeout
         while len(_shards(out / PARTIAL_DIR)) < shards:
             assert proc.poll() is None, f"finished before it could be killed: {log.read_text()[-2000:]}"
@@ -102,6 +104,19 @@ def test_sigkilled_command_resumes_bit_identically(reference, tmp_path):
     assert run_cli(out) == 0
     _assert_bit_identical(reference, load_quantized(out, tiny_llama(seed=1)))
     assert not (out / PARTIAL_DIR).exists() and not list(out.glob("*.tmp"))
+
+
+def test_sigkilled_calibrated_command_resumes_bit_identically(tmp_path):
+    # Calibration keeps one shard per decoder block; the tiny Llama has two.
+    uninterrupted = tmp_path / "uninterrupted"
+    assert run_cli(uninterrupted, "--calibrate") == 0
+    out = tmp_path / "out"
+    _run_until(out, 1, "--calibrate")
+    first = _shards(out / PARTIAL_DIR)
+    assert len(first) == 1 and not (out / CHECKPOINT_NAME).exists()
+    assert run_cli(out, "--calibrate") == 0
+    _assert_bit_identical(load_quantized(uninterrupted, tiny_llama(seed=1)), load_quantized(out, tiny_llama(seed=1)))
+    assert not (out / PARTIAL_DIR).exists()
 
 
 def test_half_written_and_corrupt_shards_are_redone(reference, finished, tmp_path):
