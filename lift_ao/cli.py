@@ -4,6 +4,7 @@
     lift-ao eval [--checkpoint DIR]             perplexity of a model on text
     lift-ao lattice ...                         train / list lattices (python -m lift_ao.lattice)
     lift-ao plan --preset llama3-70b --budget 24GiB   per-layer lattices that fit a memory budget
+    lift-ao bench [--shape 4096 4096] [--bits 2.4]    time one quantized linear against the dense one
 
 Exit codes: 0 success, 1 the work failed, 2 bad arguments or input (argparse's convention).
 """
@@ -165,6 +166,45 @@ def _cmd_plan(args) -> dict:
     return result.to_dict()
 
 
+def _cmd_bench(args) -> dict:
+    import torch.nn.functional as F
+    from torch.utils.benchmark import Timer
+
+    import lift_ao
+    from lift_ao.api import resolve_device
+    from lift_ao.packing import words_per_row
+
+    device = resolve_device(args.device or _default_device())
+    dtype = getattr(torch, args.dtype)
+    rows, features = args.shape
+    if rows <= 0 or features <= 0 or args.batch <= 0:
+        raise ValueError(f"--shape and --batch must be positive, got {args.shape} and {args.batch}")
+    lattice = lift_ao.Lattice.for_bits(args.bits) if args.lattice is None else lift_ao.Lattice.load(args.lattice)
+    # Speed does not depend on code values: random codes skip the search (seconds per layer on CPU).
+    generator = torch.Generator().manual_seed(0)
+    padded = -(-features // lattice.d) * lattice.d
+    words = words_per_row(padded // lattice.d * lattice.D)
+    codes = torch.randint(-2**31, 2**31, (rows, words), generator=generator, dtype=torch.int64).to(torch.int32)
+    weight = lift_ao.LiftQuantTensor.from_codes(
+        codes.to(device), torch.rand(rows, generator=generator).to(device) + 0.5, lattice, seed=0,
+        shape=(rows, features), dtype=dtype)
+    dense = torch.randn(rows, features, generator=generator).to(device, dtype)
+    x = torch.randn(args.batch, features, generator=generator).to(device, dtype)
+    report = {"device": str(device), "dtype": args.dtype, "shape": [rows, features], "batch": args.batch,
+              "lattice": lattice.name, "bits_per_weight": weight.bits_per_weight(),
+              "dense_bytes": dense.nbytes, "quantized_bytes": weight.storage_bytes()}
+    with torch.no_grad():
+        for name, w in (("dense", dense), ("liftquant", weight)):
+            # Timer synchronizes CUDA around each measurement; blocked_autorange picks the repeat count.
+            measured = Timer("F.linear(x, w)", globals={"F": F, "x": x, "w": w}).blocked_autorange(min_run_time=1.0)
+            report[f"{name}_us"] = measured.median * 1e6
+    report["speedup"] = report["dense_us"] / report["liftquant_us"]
+    _log(args, f"{rows}x{features} batch {args.batch} {args.dtype} on {device}: dense {report['dense_us']:.1f} us, "
+               f"liftquant {lattice.name} {report['liftquant_us']:.1f} us ({report['speedup']:.2f}x), "
+               f"{report['dense_bytes'] / 2**20:.1f} -> {report['quantized_bytes'] / 2**20:.2f} MiB")
+    return report
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lift-ao", description="LiftQuant continuous bit-width weight quantization.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -213,7 +253,18 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--layers", action="store_true", help="print the per-layer table, not only the totals")
     pl.add_argument("--json", action="store_true", help="print the plan as one JSON document on stdout")
 
-    for p in (q, e):
+    b = sub.add_parser("bench", help="time one quantized linear layer against the dense one (random codes)",
+                       description="Median time of F.linear with a LiftQuant weight and with a dense weight of the "
+                                   "same shape, on this machine's device. Full benchmarks: benchmarks/ in the repository.")
+    b.add_argument("--shape", type=int, nargs=2, default=[4096, 4096], metavar=("N", "K"),
+                   help="output and input features (default 4096 4096)")
+    b.add_argument("--batch", type=int, default=1, help="activation rows (tokens), default 1")
+    b.add_argument("--bits", type=float, default=2.4, help="bits per weight, as for quantize (default 2.4)")
+    b.add_argument("--lattice", default=None, help="a lattice name such as 24/10 instead of --bits")
+    b.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16",
+                   help="activation / logical weight dtype (default bfloat16)")
+
+    for p in (q, e, b):
         p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
         p.add_argument("--json", action="store_true", help="print one JSON document on stdout (logs go to stderr)")
     return parser
@@ -229,7 +280,8 @@ def main(argv=None) -> int:
     if getattr(args, "windows", None) == 0:
         args.windows = None
     try:
-        report = {"quantize": _cmd_quantize, "eval": _cmd_eval, "plan": _cmd_plan}[args.command](args)
+        commands = {"quantize": _cmd_quantize, "eval": _cmd_eval, "plan": _cmd_plan, "bench": _cmd_bench}
+        report = commands[args.command](args)
     except (ValueError, TypeError, FileNotFoundError, ImportError) as e:  # bad input or a missing package: say the fix
         print(f"lift-ao {args.command}: error: {e}", file=sys.stderr)
         return 2
