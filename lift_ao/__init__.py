@@ -19,7 +19,7 @@ from lift_ao.config import LiftQuantConfig, liftquant
 from lift_ao.footprint import footprint
 from lift_ao.io import CheckpointError, load_quantized, save_quantized
 from lift_ao.lattice import Lattice, LatticeError
-from lift_ao.tensor import LiftQuantTensor
+from lift_ao.tensor import LiftQuantTensor, share_constants
 from lift_ao.integrations.hf import LiftQuantHfConfig  # noqa: F401  (registers quant_method "liftquant" with transformers)
 
 __all__ = [
@@ -38,4 +38,5 @@ __all__ = [
     "quantizable_linears",
     "quantize",
     "save_quantized",
+    "share_constants",
 ]
