@@ -38,6 +38,7 @@ import lift_ao
 from lift_ao.calibration import builtin_calibration_tokens, calibrate
 from lift_ao.data import DEFAULT_MODEL_NOTE, builtin_text, load_default_model, tokenize_text
 from lift_ao.evaluate import perplexity
+from machine import cpu_name
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # The lattice of each rate, pinned (not Lattice.for_bits) so that rows measured at different times
@@ -51,20 +52,10 @@ ROWS = ["reference", *RTN, *(f"lift-{b}" for b in LIFT_BITS), *(f"lift-cal-{b}" 
 RTN_GROUP_OVERHEAD_BITS = 32
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{_cpu_name()} ({os.cpu_count()} cores, torch threads {torch.get_num_threads()})"
+    return f"{cpu_name()} ({os.cpu_count()} cores, torch threads {torch.get_num_threads()})"
 
 
 def _linears(model) -> list:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import sys
 import time
@@ -26,6 +25,7 @@ import torch
 
 from lift_ao.lattice import Lattice
 from lift_ao.search import code_errors, enumerate_codes, nearest_codes
+from machine import cpu_name
 
 PAPER_MSE = {"16/8": 0.089, "32/16": 0.082, "30/14": 0.070, "24/10": 0.053, "32/20": 0.146}
 ENUMERATED = ("24/10", "16/8", "32/16")
@@ -45,16 +45,6 @@ def _timed(fn, repeats: int):
             best, best_cpu = wall, cpu
         result = out if result is None else result
     return result, best, best_cpu
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def main(argv=None) -> None:
@@ -100,7 +90,7 @@ def main(argv=None) -> None:
         print(json.dumps(row), flush=True)
 
     command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])])
-    device = f"CPU: {_cpu_name()}, torch {torch.__version__}, {torch.get_num_threads()} threads (shared machine)"
+    device = f"CPU: {cpu_name()}, torch {torch.__version__}, {torch.get_num_threads()} threads (shared machine)"
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "codebook.json").write_text(json.dumps(dict(command=command, device=device, rows=rows), indent=1))
 

@@ -28,6 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch_only  # noqa: E402
+from machine import cpu_name  # noqa: E402
 
 torch_only.install()
 from lift_ao.lattice import Lattice  # noqa: E402
@@ -62,8 +63,7 @@ def _seconds(fn, device: torch.device, repeats: int) -> float:
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), "unknown CPU")
+    cpu = cpu_name()
     return (f"CPU: {cpu}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
             f"1-min load {os.getloadavg()[0]:.1f} at start (shared machine)")
 

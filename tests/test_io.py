@@ -6,10 +6,11 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from checks import assert_bit_identical
 from tiny_models import tiny_llama, token_batch
 
 import lift_ao
-from lift_ao import CheckpointError, LiftQuantTensor, liftquant, load_quantized, save_quantized
+from lift_ao import CheckpointError, liftquant, load_quantized, save_quantized
 from lift_ao.io import CHECKPOINT_NAME, FORMAT_VERSION, _sha256
 
 
@@ -39,13 +40,7 @@ def _rewrite(src, dst, edit_tensors=lambda t: t, edit_header=lambda h: h):
 def test_round_trip_is_bit_exact_with_identical_outputs(saved):
     model, directory = saved
     loaded = load_quantized(directory, tiny_llama(seed=1, tie=True))
-    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
-        if isinstance(a, LiftQuantTensor):
-            assert isinstance(b, LiftQuantTensor) and a.dtype == b.dtype
-            for part in a.tensor_data_names:
-                assert torch.equal(getattr(a, part), getattr(b, part)), (name, part)
-        else:
-            assert torch.equal(a, b), name
+    assert_bit_identical(model, loaded)
     tokens = token_batch()
     with torch.no_grad():
         assert torch.equal(model(tokens).logits, loaded(tokens).logits)

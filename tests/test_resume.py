@@ -13,11 +13,11 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
-import torch
+from checks import assert_bit_identical
 from tiny_models import tiny_llama, token_batch
 
 import lift_ao
-from lift_ao import CheckpointError, LiftQuantTensor, liftquant, load_quantized
+from lift_ao import CheckpointError, liftquant, load_quantized
 from lift_ao import calibration, cli
 from lift_ao.cli import PARTIAL_DIR
 from lift_ao.io import CHECKPOINT_NAME, SHARD_SUFFIX
@@ -44,19 +44,6 @@ def run_cli(out, *extra) -> int:
 
 def _quantize(resume_dir=None):
     return lift_ao.quantize(tiny_llama(), liftquant(lattice=LATTICE), progress=False, resume_dir=resume_dir)
-
-
-def _assert_bit_identical(a: torch.nn.Module, b: torch.nn.Module) -> None:
-    sa, sb = a.state_dict(), b.state_dict()
-    assert sa.keys() == sb.keys()
-    for key in sa:
-        x, y = sa[key], sb[key]
-        if isinstance(x, LiftQuantTensor):
-            assert isinstance(y, LiftQuantTensor) and x.dtype == y.dtype
-            for part in x.tensor_data_names:
-                assert torch.equal(getattr(x, part), getattr(y, part)), (key, part)
-        else:
-            assert torch.equal(x, y), key
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +89,7 @@ def test_sigkilled_command_resumes_bit_identically(reference, tmp_path):
     # Finished layers were loaded, not encoded and written again.
     assert all(second[name] == mtime for name, mtime in first.items())
     assert run_cli(out) == 0
-    _assert_bit_identical(reference, load_quantized(out, tiny_llama(seed=1)))
+    assert_bit_identical(reference, load_quantized(out, tiny_llama(seed=1)))
     assert not (out / PARTIAL_DIR).exists() and not list(out.glob("*.tmp"))
 
 
@@ -115,7 +102,7 @@ def test_sigkilled_calibrated_command_resumes_bit_identically(tmp_path):
     first = _shards(out / PARTIAL_DIR)
     assert len(first) == 1 and not (out / CHECKPOINT_NAME).exists()
     assert run_cli(out, "--calibrate") == 0
-    _assert_bit_identical(load_quantized(uninterrupted, tiny_llama(seed=1)), load_quantized(out, tiny_llama(seed=1)))
+    assert_bit_identical(load_quantized(uninterrupted, tiny_llama(seed=1)), load_quantized(out, tiny_llama(seed=1)))
     assert not (out / PARTIAL_DIR).exists()
 
 
@@ -134,7 +121,7 @@ def test_half_written_and_corrupt_shards_are_redone(reference, finished, tmp_pat
     messages = [str(w.message) for w in caught]
     assert any(str(shards[0]) in m and "truncated" in m for m in messages)
     assert any(str(shards[1]) in m and "SHA-256" in m for m in messages)
-    _assert_bit_identical(reference, resumed)
+    assert_bit_identical(reference, resumed)
     assert shards[0].read_bytes() == data and not list(run.glob("*.tmp"))
 
 

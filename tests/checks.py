@@ -1,0 +1,19 @@
+"""Assertions shared by the test modules."""
+
+import torch
+
+from lift_ao import LiftQuantTensor
+
+
+def assert_bit_identical(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    """Same state-dict keys, and every tensor (each LiftQuant weight's every part) bit-identical."""
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        x, y = sa[key], sb[key]
+        if isinstance(x, LiftQuantTensor):
+            assert isinstance(y, LiftQuantTensor) and x.dtype == y.dtype
+            for part in x.tensor_data_names:
+                assert torch.equal(getattr(x, part), getattr(y, part)), (key, part)
+        else:
+            assert torch.equal(x, y), key
