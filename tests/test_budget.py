@@ -203,6 +203,19 @@ def test_sensitivity_gives_bits_to_the_energetic_layer():
     assert energetic >= max(bits.values()) and energetic > sum(bits.values()) / len(bits)
 
 
+def test_sensitivity_rates_stay_within_the_window_around_the_uniform_rate():
+    model = tiny_llama(0)
+    with torch.no_grad():  # one layer far more sensitive than the rest pulls the plan apart
+        model.model.layers[1].mlp.down_proj.weight.mul_(30.0)
+    lo, hi = bounds(model)
+    budget = lo + (hi - lo) * 8 // 10  # tiny models mix lattices only near the top (shared storages)
+    rate = plan(model, budget, allocation="uniform").layers[0].bits
+    windowed = {layer.bits for layer in plan(model, budget, rate_window=0.2).layers}
+    assert len(windowed) > 1 and all(abs(bits - rate) <= 0.2 + 1e-9 for bits in windowed), (rate, windowed)
+    unbounded = {layer.bits for layer in plan(model, budget, rate_window=None).layers}
+    assert max(abs(bits - rate) for bits in unbounded) > 0.2, (rate, unbounded)
+
+
 # ----- exact accounting and end to end on a tiny Llama -----------------------------------------
 
 
