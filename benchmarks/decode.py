@@ -5,7 +5,7 @@
     python benchmarks/decode.py --smoke                  # CPU: tiny config, a few tokens (checks the script)
 
 Models are built from configs with random weights (real shapes, 128k/152k vocabularies). LiftQuant
-weights are built directly from random codes (``random_lift_weight``) instead of running the
+weights are built directly from random codes (``LiftQuantTensor.from_random_codes``) instead of running the
 nearest-neighbour search: decode speed does not depend on code values, and searching 8B weights on
 the reference encoder would take hours. Outputs are therefore meaningless text; only speed, memory
 and bytes are measured.
@@ -34,12 +34,9 @@ from typing import Optional
 import torch
 import torch.nn as nn
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, StaticCache
-from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 import lift_ao
 from lift_ao import Lattice, LiftQuantTensor, passes
-from lift_ao.packing import words_per_row
-from lift_ao.transform import make_rotation
 
 MODEL_CONFIGS = {
     # meta-llama/Meta-Llama-3-8B config.json
@@ -129,45 +126,6 @@ def build_model(name: str, device: torch.device) -> nn.Module:
     return model.eval()
 
 
-_transform_cache: dict[tuple, tuple] = {}
-
-
-def _shared_transform(lattice: Lattice, in_features: int, device: torch.device) -> tuple:
-    # One (M, signs, left, right) per (lattice, K, device), as LiftQuantTensor.from_hp shares them,
-    # so q/k/v and gate/up read the same tensors (what the shared-transform pass relies on).
-    key = (lattice.name, in_features, str(device))
-    if key not in _transform_cache:
-        rotation = make_rotation(in_features, lattice.d)
-        _transform_cache[key] = tuple(t.to(device) for t in (lattice.M, rotation.signs, rotation.left, rotation.right))
-    return _transform_cache[key]
-
-
-def random_lift_weight(weight: torch.Tensor, lattice: Lattice, generator: torch.Generator) -> LiftQuantTensor:
-    """A LiftQuantTensor of ``weight``'s shape and dtype with uniformly random codes.
-
-    Args:
-        weight: (N, K) dense weight (only its shape, dtype and device are used).
-        lattice: the lattice (d, D, M).
-        generator: CPU generator for the codes.
-    Returns:
-        LiftQuantTensor (N, K) whose dequantized entries have std ≈ 0.02 (HF's init), so activations
-        stay finite.
-    """
-    n, k = weight.shape
-    mapping, signs, left, right = _shared_transform(lattice, k, weight.device)
-    code_length = signs.shape[0] // lattice.d * lattice.D
-    words = words_per_row(code_length)
-    packed = torch.randint(-(2**31), 2**31, (n, words), generator=generator, dtype=torch.int64)
-    unused_high_bits = words * 32 - code_length
-    if unused_high_bits:  # the packing format keeps a row's unused high bits zero
-        packed[:, -1] &= (1 << (32 - unused_high_bits)) - 1
-    packed = packed.to(torch.int32).to(weight.device)
-    # A decoded coordinate (M q)_i has variance ||M||²/d for random q.
-    scale = 0.02 / float((lattice.M.square().sum() / lattice.d).sqrt())
-    row_scale = torch.full((n,), scale, dtype=torch.float32, device=weight.device)
-    return LiftQuantTensor(packed, row_scale, mapping, signs, left, right, weight.shape, weight.dtype)
-
-
 def apply_variant(model: nn.Module, variant: Variant, seed: int = 0) -> nn.Module:
     """Quantize ``model``'s linears in place as ``variant`` says (lm_head only with ``lm_head=True``)."""
     head = model.get_output_embeddings()
@@ -183,27 +141,10 @@ def apply_variant(model: nn.Module, variant: Variant, seed: int = 0) -> nn.Modul
         generator = torch.Generator().manual_seed(seed)
         for module in linears:
             # A fresh Parameter also unties a tied lm_head from the (bf16) embedding.
-            quantized = random_lift_weight(module.weight, lattice, generator)
+            quantized = LiftQuantTensor.from_random_codes(
+                module.weight.shape, lattice, dtype=module.weight.dtype, device=module.weight.device, generator=generator)
             module.weight = nn.Parameter(quantized, requires_grad=False)
     return model
-
-
-def model_bytes(model: nn.Module) -> int:
-    """Bytes of all parameters and buffers, every storage once (tensor subclasses by their parts)."""
-    storages: dict[tuple, int] = {}
-
-    def visit(t: torch.Tensor):
-        if is_traceable_wrapper_subclass(t):
-            names, _ = t.__tensor_flatten__()
-            for name in names:
-                visit(getattr(t, name))
-        else:
-            s = t.untyped_storage()
-            storages[(s.device.type, s.data_ptr(), s.nbytes())] = s.nbytes()
-
-    for t in list(model.parameters()) + list(model.buffers()):
-        visit(t)
-    return sum(storages.values())
 
 
 # ----- decoding ---------------------------------------------------------------------------------------
@@ -249,7 +190,7 @@ def measure(model_name: str, variant: Variant, args, device: torch.device) -> Re
         passes.uninstall()
     torch.manual_seed(args.seed)
     model = apply_variant(build_model(model_name, device), variant, args.seed)
-    result.model_bytes = model_bytes(model)
+    result.model_bytes = lift_ao.footprint(model)
 
     def decode_step(ids, cache, position):
         return model(input_ids=ids, cache=cache, cache_position=position, use_cache=True).logits

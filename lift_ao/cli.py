@@ -172,7 +172,6 @@ def _cmd_bench(args) -> dict:
 
     import lift_ao
     from lift_ao.api import resolve_device
-    from lift_ao.packing import words_per_row
 
     device = resolve_device(args.device or _default_device())
     dtype = getattr(torch, args.dtype)
@@ -182,12 +181,8 @@ def _cmd_bench(args) -> dict:
     lattice = lift_ao.Lattice.for_bits(args.bits) if args.lattice is None else lift_ao.Lattice.load(args.lattice)
     # Speed does not depend on code values: random codes skip the search (seconds per layer on CPU).
     generator = torch.Generator().manual_seed(0)
-    padded = -(-features // lattice.d) * lattice.d
-    words = words_per_row(padded // lattice.d * lattice.D)
-    codes = torch.randint(-2**31, 2**31, (rows, words), generator=generator, dtype=torch.int64).to(torch.int32)
-    weight = lift_ao.LiftQuantTensor.from_codes(
-        codes.to(device), torch.rand(rows, generator=generator).to(device) + 0.5, lattice, seed=0,
-        shape=(rows, features), dtype=dtype)
+    weight = lift_ao.LiftQuantTensor.from_random_codes((rows, features), lattice, dtype=dtype, device=device,
+                                                       generator=generator)
     dense = torch.randn(rows, features, generator=generator).to(device, dtype)
     x = torch.randn(args.batch, features, generator=generator).to(device, dtype)
     report = {"device": str(device), "dtype": args.dtype, "shape": [rows, features], "batch": args.batch,

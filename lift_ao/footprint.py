@@ -5,15 +5,15 @@ from __future__ import annotations
 from typing import Iterable, Union
 
 import torch
-
-from lift_ao.tensor import LiftQuantTensor
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 __all__ = ["footprint"]
 
 
 def _storages(t: torch.Tensor):
-    if isinstance(t, LiftQuantTensor):
-        for name in t.tensor_data_names:
+    # Tensor subclasses (LiftQuantTensor, torchao's int4 tensors...) hold their data in inner tensors.
+    if is_traceable_wrapper_subclass(t):
+        for name in t.__tensor_flatten__()[0]:
             yield from _storages(getattr(t, name))
     else:
         yield t.untyped_storage()
@@ -22,7 +22,8 @@ def _storages(t: torch.Tensor):
 def footprint(model: Union[torch.nn.Module, Iterable[torch.Tensor]]) -> int:
     """Bytes held by a model's parameters and buffers (or by the given tensors), each storage once.
 
-    Quantized weights count their codes, row scales, lattice and rotation; tensors shared between
+    Quantized weights (any traceable tensor subclass) count their inner tensors: for LiftQuant the
+    codes, row scales, lattice and rotation; tensors shared between
     modules (tied embeddings, one rotation used by q/k/v) are counted once, as in memory.
     """
     tensors = [*model.parameters(), *model.buffers()] if isinstance(model, torch.nn.Module) else list(model)

@@ -33,7 +33,7 @@ from torchao.utils import TorchAOBaseTensor, fill_defaults
 from lift_ao.encode import encode_weight
 from lift_ao.lattice import Lattice
 from lift_ao.packing import unpack_codes, words_per_row
-from lift_ao.transform import make_rotation, unrotate
+from lift_ao.transform import make_rotation, padded_in_features, unrotate
 
 __all__ = ["LiftQuantTensor", "share_constants"]
 
@@ -134,6 +134,31 @@ class LiftQuantTensor(TorchAOBaseTensor):
             )
         mapping = _shared_mapping(lattice, device)
         return cls(packed_codes, row_scale, mapping, signs, left, right, torch.Size(shape), dtype)
+
+    @classmethod
+    def from_random_codes(
+        cls, shape, lattice: Lattice, *, dtype: torch.dtype, device, generator: torch.Generator, seed: int = 0,
+    ) -> "LiftQuantTensor":
+        """A weight with uniformly random codes, for speed and memory measurements (no search).
+
+        Args:
+            shape: (N, K); lattice, seed: as for :meth:`from_hp`; dtype: the logical dtype.
+            device: where the tensors live; generator: CPU generator for the codes.
+        Returns:
+            LiftQuantTensor (N, K) whose dequantized entries have std ≈ 0.02 (Hugging Face's init), so
+            activations through a model of them stay finite.
+        """
+        n, k = shape
+        code_length = padded_in_features(k, lattice.d)[0] // lattice.d * lattice.D
+        words = words_per_row(code_length)
+        packed = torch.randint(-(2**31), 2**31, (n, words), generator=generator, dtype=torch.int64)
+        unused_high_bits = words * 32 - code_length
+        if unused_high_bits:  # the packing format keeps a row's unused high bits zero
+            packed[:, -1] &= (1 << (32 - unused_high_bits)) - 1
+        # A decoded coordinate (M q)_i has variance ||M||²/d for random q.
+        scale = 0.02 / float((lattice.M.square().sum() / lattice.d).sqrt())
+        row_scale = torch.full((n,), scale, dtype=torch.float32, device=device)
+        return cls.from_codes(packed.to(torch.int32).to(device), row_scale, lattice, seed=seed, shape=shape, dtype=dtype)
 
     # ----- properties -----------------------------------------------------------------------
 
