@@ -40,7 +40,7 @@ from lift_ao.io import load_shard, open_partial, save_shard
 from lift_ao.lattice import Lattice
 from lift_ao.packing import pack_codes
 from lift_ao.search import nearest_codes
-from lift_ao.tensor import LiftQuantTensor, _shared_mapping, _shared_rotation
+from lift_ao.tensor import LiftQuantTensor, _shared_mapping, _shared_rotation, share_constants
 from lift_ao.transform import rotate
 
 __all__ = ["builtin_calibration_tokens", "calibrate", "hessian_encode_rows", "input_scales"]
@@ -359,6 +359,9 @@ def calibrate(
                 if i + 1 < len(blocks):
                     inputs = _run_block(block, inputs, device)
                 block.to(home)
+        # Blocks loaded from checkpoint_dir hold their own copies of M and the rotation factors: share
+        # them as a run without a resume does, so both give the same footprint.
+        share_constants(model)
     finally:
         model.train(was_training)
     return model

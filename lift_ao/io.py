@@ -31,7 +31,6 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from lift_ao.lattice import Lattice
 from lift_ao.tensor import LiftQuantTensor, share_constants
 
 __all__ = [
@@ -220,11 +219,11 @@ def load_quantized(directory, model: Optional[torch.nn.Module] = None, *, device
             raise CheckpointError(f"{path}: {key} has shape {info['shape']}, the model expects {list(current.shape)}")
         parts = [tensors.pop(f"{key}.{name}").to(device) for name in LiftQuantTensor.tensor_data_names]
         weight = LiftQuantTensor(*parts, torch.Size(info["shape"]), getattr(torch, info["dtype"]))
-        fingerprint = Lattice(weight.block_size, weight.code_bits, weight.mapping.cpu()).fingerprint
-        if fingerprint != info["lattice_fingerprint"] or weight.lattice.name != info["lattice"]:
+        stored = weight.lattice
+        if stored.fingerprint != info["lattice_fingerprint"] or stored.name != info["lattice"]:
             raise CheckpointError(
                 f"{path}: {key} was made with lattice {info['lattice']} ({info['lattice_fingerprint']}) "
-                f"but stores {weight.lattice.name} ({fingerprint}); the file is inconsistent, re-quantize"
+                f"but stores {stored.name} ({stored.fingerprint}); the file is inconsistent, re-quantize"
             )
         recorded = info["transform_fingerprint"]
         if recorded != weight.transform_fingerprint:

@@ -115,6 +115,7 @@ def test_calibrate_tiny_llama_streams_resumes_bit_identically(tmp_path, monkeypa
     assert torch.equal(resumed(held_out).logits, complete(held_out).logits)
     loaded = resumed.model.layers[0].self_attn  # block 0 came from its shard: siblings share again
     assert storage(loaded.q_proj.weight) == storage(loaded.v_proj.weight)
+    assert lift_ao.footprint(resumed) == lift_ao.footprint(complete)  # M and rotations shared across blocks too
 
     with pytest.raises(lift_ao.CheckpointError, match="tokens"):
         calibrate(copy.deepcopy(model), config, tokens[:2], checkpoint_dir=tmp_path / "resumed", progress=False)
