@@ -8,7 +8,8 @@
 3. Times (median of ``triton.testing.do_bench``, L2 flushed between repetitions) for Llama-3 8B/70B
    linear shapes × batch 1/4/16/64/256 × 2.0/2.4/3.0 bits, beside ``x @ W.T`` in bf16 and torchao's
    ``Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d")``.
-4. Split-K variants for the notes; with --sweep, every tuning candidate on decode shapes.
+4. Split-K variants for the notes; with --sweep, every tuning candidate on decode shapes; with
+   --lookup-study, the table-lookup decode kernel's configs × split counts beside the ±1 GEMM.
 
 Writes ``kernels.json`` and ``kernels.md`` to --out (default $OUT or the working directory).
 Random codes and mappings are enough for speed: the kernels' cost does not depend on their values.
@@ -34,6 +35,7 @@ from lift_ao.transform import make_rotation
 from lift_ao.kernels import lift_activation, lifted_matmul  # importing registers the CUDA kernels
 from lift_ao.kernels.reference import lift_activation_reference, lifted_matmul_reference
 from lift_ao.kernels.triton_lift import lift_activation_triton
+from lift_ao.kernels import triton_lut
 from lift_ao.kernels.triton_matmul import _TUNING_CONFIGS, _lifted_matmul_tuned, lifted_matmul_triton
 
 SHAPES = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336), (8192, 8192), (28672, 8192), (8192, 28672)]
@@ -120,7 +122,8 @@ def check_correctness(log) -> list[dict]:
     cases = [(4096, 4096, 2.4, 1, torch.bfloat16), (1024, 4096, 2.0, 4, torch.float16),
              (14336, 4096, 3.0, 16, torch.bfloat16), (4096, 14336, 2.4, 256, torch.bfloat16),
              (8192, 8192, 2.4, 64, torch.float16), (1024, 4096, 2.4, 3, torch.float32),
-             (28672, 8192, 2.4, 1, torch.bfloat16)]
+             (28672, 8192, 2.4, 1, torch.bfloat16), (8192, 28672, 3.0, 8, torch.bfloat16),
+             (14336, 4096, 2.0, 2, torch.float16)]
     bounds = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-4}
     for rows, features, bits, batch, dtype in cases:
         layer = LiftedLayer(rows, features, bits)
@@ -131,11 +134,15 @@ def check_correctness(log) -> list[dict]:
         poison_allocator(batch * rows * 4)
         y_out = lifted_matmul_triton(lifted_ref, layer.codes, layer.row_scale, bias)
         y_ref = lifted_matmul_reference(lifted_ref.float(), layer.codes, layer.row_scale, bias.float())
+        matmul_errors = [relative_error(y_out, y_ref)]
+        if batch <= triton_lut.MAX_TOKENS:  # the GEMM above and the lookup kernel must both be right
+            matmul_errors.append(relative_error(
+                triton_lut.lookup_matmul(lifted_ref, layer.codes, layer.row_scale, bias), y_ref))
         op_out = lifted_matmul(lift_activation(x, layer.signs, layer.left, layer.right, layer.mapping),
                                layer.codes, layer.row_scale, bias)
         entry = dict(rows=rows, features=features, bits=bits, batch=batch, dtype=str(dtype),
                      lift_error=relative_error(lifted, lifted_ref.float()),
-                     matmul_error=relative_error(y_out, y_ref), op_error=relative_error(op_out, y_ref))
+                     matmul_error=max(matmul_errors), op_error=relative_error(op_out, y_ref))
         entry["ok"] = all(e < bounds[dtype] for e in (entry["lift_error"], entry["matmul_error"], entry["op_error"]))
         checks.append(entry)
         log(f"check {entry}")
@@ -166,6 +173,22 @@ def check_every_config(log) -> list[dict]:
                 continue
             entry = dict(rows=rows, features=features, bits=2.4, batch=batch, dtype=str(DTYPE), config=config,
                          lift_error=0.0, matmul_error=max(errors), op_error=0.0)
+            entry["ok"] = all(e < 1e-2 for e in errors)
+            checks.append(entry)
+            log(f"check {entry}")
+    for rows, features, batch in [(4096, 14336, 1), (1024, 4096, 8)]:
+        layer = LiftedLayer(rows, features, 2.4)
+        lifted = layer.lift(torch.randn(batch, features, device="cuda", dtype=DTYPE))
+        y_ref = lifted_matmul_reference(lifted.float(), layer.codes, layer.row_scale, None)
+        for cfg in triton_lut._TUNING_CONFIGS:
+            config = dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            errors = []
+            for splits in (1, 5, None):
+                poison_allocator(batch * rows * 4)
+                errors.append(relative_error(triton_lut.lookup_matmul(
+                    lifted, layer.codes, layer.row_scale, None, splits=splits, config=config), y_ref))
+            entry = dict(rows=rows, features=features, bits=2.4, batch=batch, dtype=str(DTYPE),
+                         config=dict(config, kernel="lookup"), lift_error=0.0, matmul_error=max(errors), op_error=0.0)
             entry["ok"] = all(e < 1e-2 for e in errors)
             checks.append(entry)
             log(f"check {entry}")
@@ -227,6 +250,35 @@ def sweep_configs(log) -> list[dict]:
             log(f"sweep {rows}x{features} b{batch} {config}: {us:.1f}us")
         del layer
     return sweep
+
+
+def study_lookup(log) -> list[dict]:
+    """The table-lookup decode kernel, every config × split count, beside the ±1 GEMM (2.4 bits)."""
+    study = []
+    for rows, features in [(28672, 8192), (8192, 28672), (14336, 4096), (4096, 4096), (1024, 4096)]:
+        layer = LiftedLayer(rows, features, 2.4)
+        for batch in (1, 2, 4, 8):
+            lifted = layer.lift(torch.randn(batch, features, device="cuda", dtype=DTYPE))
+            base = dict(rows=rows, features=features, batch=batch, bytes=layer.code_bytes())
+            study.append(dict(base, kernel="gemm", us=bench_us(
+                lambda: lifted_matmul_triton(lifted, layer.codes, layer.row_scale, None))))
+            tables = lambda: triton_lut.build_tables(lifted, layer.codes.shape[1], triton.next_power_of_2(batch))
+            study.append(dict(base, kernel="tables", us=bench_us(tables)))
+            for cfg in triton_lut._TUNING_CONFIGS:
+                config = dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                for splits in (None, 1, 2, 4, 8, 16):
+                    us = bench_us(lambda: triton_lut.lookup_matmul(lifted, layer.codes, layer.row_scale, None,
+                                                                     splits=splits, config=config))
+                    study.append(dict(base, kernel="lookup", config=config, splits=splits, us=us))
+            lines = [e for e in study if e["rows"] == rows and e["batch"] == batch]
+            best = min((e for e in lines if e["kernel"] == "lookup"), key=lambda e: e["us"])
+            auto = [e for e in lines if e["kernel"] == "lookup" and e["splits"] is None]
+            log(f"lookup {rows}x{features} b{batch}: gemm {lines[0]['us']:.1f}us tables {lines[1]['us']:.1f}us "
+                f"best lookup {best['us']:.1f}us {best['config']} splits={best['splits']} "
+                f"({best['bytes'] / best['us'] / 1e3:.0f} GB/s); auto splits: "
+                + ", ".join(f"{e['config']['BLOCK_N']}:{e['us']:.1f}" for e in auto))
+        del layer
+    return study
 
 
 def time_shapes(copy_gbs: float, log, quick: bool, save) -> list[dict]:
@@ -328,6 +380,8 @@ def main():
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--quick", action="store_true", help="two shapes only (smoke run)")
     parser.add_argument("--sweep", action="store_true", help="first time every tuning config on decode shapes")
+    parser.add_argument("--lookup-study", action="store_true",
+                        help="only the checks and the lookup kernel's configs × splits (writes kernels_lookup.json)")
     args = parser.parse_args()
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -349,6 +403,10 @@ def main():
     if not all(c["ok"] for c in result["checks"]):
         log("CORRECTNESS FAILED: timings below are of a wrong kernel")
     result["compile"] = check_compile(log)
+    if args.lookup_study:
+        result["lookup_study"] = study_lookup(log)
+        (out_dir / "kernels_lookup.json").write_text(json.dumps(result, indent=1))
+        return
     result["variants"] = []
     result["sweep"] = sweep_configs(log) if args.sweep else []
 

@@ -47,7 +47,7 @@ def lifted_linear(
             x (scale folding).
         rotation_left: (k1, k1), rotation_right: (k2, k2) float32.
         mapping: (d, D) float32 lattice matrix M.
-        packed_codes: (N, ceil(L/32)) int32, L = Kp·D/d (layout of :mod:`lift_ao.packing`).
+        packed_codes: (N, words_per_row(L)) int32, L = Kp·D/d (layout of :mod:`lift_ao.packing`).
         row_scale: (N,) float32.
         bias: (N,) or None.
     Returns:

@@ -7,7 +7,7 @@ Two opaque custom ops, so ``torch.compile`` keeps each as one graph node that th
   x (..., K) → x̃ (..., Kp·D/d): rotate then lift each d-block with Mᵀ. ``input_signs=None`` means
   x already carries the signs (the scale-folding pass multiplied them into the RMSNorm weight).
 - ``lift_ao::lifted_matmul(lifted, packed_codes, row_scale, bias) -> y``
-  x̃ (..., L), codes (N, ceil(L/32)) int32 → y (..., N) = r ⊙ (Q x̃) + b.
+  x̃ (..., L), codes (N, words_per_row(L)) int32 → y (..., N) = r ⊙ (Q x̃) + b.
 
 The default implementation of each is the pure-PyTorch reference (CPU and any device); faster
 device kernels register themselves per device type with ``op.register_kernel(...)``. Both have fake
@@ -87,7 +87,7 @@ lift_activation.register_autograd(_lift_backward, setup_context=_lift_setup_cont
 def lifted_matmul(
     lifted: torch.Tensor, packed_codes: torch.Tensor, row_scale: torch.Tensor, bias: Optional[torch.Tensor],
 ) -> torch.Tensor:
-    """y = r ⊙ (Q x̃) + b; x̃ (..., L), packed_codes (N, ceil(L/32)) int32 → (..., N), dtype of x̃."""
+    """y = r ⊙ (Q x̃) + b; x̃ (..., L), packed_codes (N, words_per_row(L)) int32 → (..., N), dtype of x̃."""
     if packed_codes.dtype != torch.int32 or packed_codes.shape[1] != words_per_row(lifted.shape[-1]):
         raise ValueError(
             f"packed codes {packed_codes.dtype} {tuple(packed_codes.shape)} do not match a lifted "

@@ -71,7 +71,7 @@ def lifted_matmul_reference(
 
     Args:
         lifted: (..., L) lifted activation x̃.
-        packed_codes: (N, ceil(L/32)) int32, layout of :mod:`lift_ao.packing`.
+        packed_codes: (N, words_per_row(L)) int32, layout of :mod:`lift_ao.packing`.
         row_scale: (N,) row scales r.
         bias: (N,) or None.
     Returns:

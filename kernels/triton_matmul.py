@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["lifted_matmul_triton", "token_block"]
+__all__ = ["lifted_matmul_triton", "quick_bench", "reduce_splits", "sm_count", "token_block"]
 
 
 def _as_int32(value: int) -> int:
@@ -164,14 +164,14 @@ def _prune_configs(configs, named_args, **kwargs):
     return [c for c in configs if c.kwargs["BLOCK_N"] < 256]
 
 
-def _quick_bench(kernel_call, quantiles):
+def quick_bench(kernel_call, quantiles):
     """The autotuner's timer, shortened: ~100 shapes × 10 configs must tune inside one benchmark run."""
     return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
 
 
 _lifted_matmul_tuned = triton.autotune(
     configs=_TUNING_CONFIGS, key=["N", "words_total", "BLOCK_B", "words_per_split", "SPLIT_FP32"],
-    prune_configs_by={"early_config_prune": _prune_configs}, do_bench=_quick_bench)(_lifted_matmul_kernel)
+    prune_configs_by={"early_config_prune": _prune_configs}, do_bench=quick_bench)(_lifted_matmul_kernel)
 
 
 @triton.jit
@@ -185,18 +185,26 @@ def _reduce_splits_kernel(partial_ptr, out_ptr, total, SPLITS: tl.constexpr, BLO
     tl.store(out_ptr + offsets, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
+def reduce_splits(partials: torch.Tensor, out: torch.Tensor) -> None:
+    """out = Σ_s partials[s] (partials (S, B, N) fp32, out (B, N) contiguous, any float dtype)."""
+    total = out.numel()
+    block = 1024
+    _reduce_splits_kernel[(triton.cdiv(total, block),)](partials, out, total, SPLITS=partials.shape[0], BLOCK=block)
+
+
 def token_block(tokens: int) -> int:
     """Tokens per program: 16 (tl.dot's minimum) up to 128 for prefill."""
     return min(128, max(16, triton.next_power_of_2(tokens)))
 
 
-def _sm_count(device: torch.device) -> int:
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (the H100's count elsewhere, e.g. the interpreter)."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return _SM_COUNT_FALLBACK
 
 
-def _split_count(rows: int, token_blocks: int, words: int, sm_count: int) -> int:
+def _split_count(rows: int, token_blocks: int, words: int, sms: int) -> int:
     """K splits: decode is latency-bound, so aim at ~8 programs per SM (measured on the H100: 4
     splits took 28672×8192 from 122 to 103 µs); prefill only needs ~2 per SM.
 
@@ -204,7 +212,7 @@ def _split_count(rows: int, token_blocks: int, words: int, sm_count: int) -> int
     """
     programs = triton.cdiv(rows, 64) * token_blocks
     per_sm = 8 if token_blocks == 1 else 2
-    wanted = triton.cdiv(per_sm * sm_count, programs)
+    wanted = triton.cdiv(per_sm * sms, programs)
     return max(1, min(wanted, words // 32, 16))
 
 
@@ -216,7 +224,7 @@ def lifted_matmul_triton(
 
     Args:
         lifted: (..., L) fp16 / bf16 / fp32 lifted activation x̃.
-        packed_codes: (N, ceil(L/32)) int32 codes (layout of :mod:`lift_ao.packing`).
+        packed_codes: (N, words_per_row(L)) int32 codes (layout of :mod:`lift_ao.packing`).
         row_scale: (N,) float32 row scales r.
         bias: (N,) or None.
         splits: K splits (None: chosen from the problem size and SM count).
@@ -249,7 +257,7 @@ def lifted_matmul_triton(
     block_b = token_block(tokens)
     token_blocks = triton.cdiv(tokens, block_b)
     if splits is None:
-        splits = _split_count(rows, token_blocks, words, _sm_count(lifted.device))
+        splits = _split_count(rows, token_blocks, words, sm_count(lifted.device))
     words_per_split = triton.cdiv(triton.cdiv(words, splits), _WORD_ALIGN) * _WORD_ALIGN
     splits = triton.cdiv(words, words_per_split)
     target = out if splits == 1 else torch.empty(splits, tokens, rows, dtype=torch.float32, device=lifted.device)
@@ -267,8 +275,5 @@ def lifted_matmul_triton(
         BLOCK_B=block_b, **(config or {}),
     )
     if splits > 1:
-        total = tokens * rows
-        reduce_block = 1024
-        _reduce_splits_kernel[(triton.cdiv(total, reduce_block),)](
-            target, out, total, SPLITS=splits, BLOCK=reduce_block)
+        reduce_splits(target, out)
     return out.reshape(*lifted.shape[:-1], rows)

@@ -13,12 +13,16 @@ import torch
 from lift_ao.packing import words_per_row
 
 from .ops import _check_lift_args, lift_activation, lifted_matmul
+from . import triton_lut
 from .triton_lift import lift_activation_triton
 from .triton_matmul import lifted_matmul_triton
 
 __all__ = ["register_cuda_kernels"]
 
 _registered = False
+# Token counts up to this take the table-lookup kernel (kernels/triton_lut.py), larger ones the ±1
+# GEMM (kernels/triton_matmul.py); set from benchmarks/results/kernels_h100.md.
+LOOKUP_MAX_TOKENS = 4
 
 
 def _lift_activation_cuda(x, input_signs, rotation_left, rotation_right, mapping):
@@ -32,6 +36,9 @@ def _lifted_matmul_cuda(lifted, packed_codes, row_scale, bias: Optional[torch.Te
             f"packed codes {packed_codes.dtype} {tuple(packed_codes.shape)} do not match a lifted "
             f"activation of length {lifted.shape[-1]}"
         )
+    tokens = lifted.numel() // max(lifted.shape[-1], 1)
+    if tokens <= LOOKUP_MAX_TOKENS:
+        return triton_lut.lookup_matmul(lifted, packed_codes.contiguous(), row_scale, bias)
     return lifted_matmul_triton(lifted, packed_codes, row_scale, bias)
 
 

@@ -38,7 +38,7 @@ __all__ = [
     "open_partial", "save_shard", "load_shard", "MANIFEST_NAME", "SHARD_SUFFIX",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: code rows padded to 16-byte quads (lift_ao.packing)
 CHECKPOINT_NAME = "lift_ao.safetensors"
 MANIFEST_NAME = "manifest.json"
 SHARD_SUFFIX = ".shard.safetensors"

@@ -8,7 +8,7 @@ Kp/d blocks of d coordinates, and block j of row n is the lattice point ``M q_nj
 x̃ = lift(Rᵀ x) (length Kp·D/d) and ``y = r ⊙ (Q x̃) + b`` through the ops in ``lift_ao.kernels``.
 
 Tensor data (all plain tensors, so the subclass flattens for ``torch.compile`` and safetensors):
-    packed_codes:   (N, ceil(L/32)) int32, L = Kp·D/d; row n's code bits in order (block-major,
+    packed_codes:   (N, words_per_row(L)) int32, L = Kp·D/d; row n's code bits in order (block-major,
                     D bits per block), bit j in word j//32 at bit j%32, LSB first, 1 = +1.
     row_scale:      (N,) float32, r.
     mapping:        (d, D) float32, the lattice matrix M.
@@ -78,7 +78,7 @@ class LiftQuantTensor(TorchAOBaseTensor):
     @classmethod
     def from_hp(
         cls, weight: torch.Tensor, lattice: Lattice, *, seed: int = 0, progress: bool = False,
-        name: str = "weight",
+        name: str = "weight", beam_width: int | None = None,
     ) -> "LiftQuantTensor":
         """Quantize a high-precision weight.
 
@@ -88,6 +88,8 @@ class LiftQuantTensor(TorchAOBaseTensor):
             seed: seed of the input rotation (linears sharing K, d and seed share it).
             progress: show a progress bar over row chunks.
             name: used in error messages (e.g. the module's name).
+            beam_width: the search's beam width (None = the lattice's default,
+                :func:`lift_ao.search.default_beam_width`).
         Returns:
             LiftQuantTensor with shape (N, K) and dtype ``weight.dtype``.
         """
@@ -108,7 +110,9 @@ class LiftQuantTensor(TorchAOBaseTensor):
         if not all(torch.isfinite(rows).all() for rows in weight.split(max(1, 2**22 // weight.shape[1]))):
             raise ValueError(f"{name}: weight has NaN/Inf entries; fix the checkpoint before quantizing")
         signs, left, right = _shared_rotation(weight.shape[1], lattice.d, seed, weight.device)
-        packed, row_scale = encode_weight(weight, lattice.to(weight.device), signs, left, right, progress=progress)
+        packed, row_scale = encode_weight(
+            weight, lattice.to(weight.device), signs, left, right, progress=progress, beam_width=beam_width
+        )
         return cls.from_codes(packed, row_scale, lattice, seed=seed, shape=weight.shape, dtype=weight.dtype)
 
     @classmethod
@@ -119,7 +123,7 @@ class LiftQuantTensor(TorchAOBaseTensor):
         """Wrap stored codes (e.g. a resumed layer), sharing M and the rotation like :meth:`from_hp`.
 
         Args:
-            packed_codes: (N, ceil(L/32)) int32, L = Kp·D/d, on the target device.
+            packed_codes: (N, words_per_row(L)) int32, L = Kp·D/d, on the target device.
             row_scale: (N,) float32, same device.
             lattice, seed: as given to :meth:`from_hp`.
             shape: (N, K); dtype: the logical dtype.

@@ -208,7 +208,8 @@ def test_sensitivity_rates_stay_within_the_window_around_the_uniform_rate():
     with torch.no_grad():  # one layer far more sensitive than the rest pulls the plan apart
         model.model.layers[1].mlp.down_proj.weight.mul_(30.0)
     lo, hi = bounds(model)
-    budget = lo + (hi - lo) * 8 // 10  # tiny models mix lattices only near the top (shared storages)
+    # Tiny rows pad to whole 128-bit quads, so storage moves in coarse steps: this budget mixes rates.
+    budget = lo + (hi - lo) * 4 // 10
     rate = plan(model, budget, allocation="uniform").layers[0].bits
     windowed = {layer.bits for layer in plan(model, budget, rate_window=0.2).layers}
     assert len(windowed) > 1 and all(abs(bits - rate) <= 0.2 + 1e-9 for bits in windowed), (rate, windowed)

@@ -15,6 +15,7 @@ from lift_ao.packing import pack_codes  # noqa: E402
 from lift_ao.transform import make_rotation  # noqa: E402
 from lift_ao.kernels.reference import lift_activation_reference, lifted_matmul_reference  # noqa: E402
 from lift_ao.kernels.triton_lift import lift_activation_triton  # noqa: E402
+from lift_ao.kernels.triton_lut import MAX_TOKENS, build_tables, lookup_matmul  # noqa: E402
 from lift_ao.kernels.triton_matmul import lifted_matmul_triton  # noqa: E402
 from lift_ao.kernels.triton_register import _lifted_matmul_cuda  # noqa: E402
 
@@ -75,6 +76,60 @@ def test_lifted_matmul_matches_float64(dtype, tokens, with_bias, rows, length, s
     assert _relative_error(out, ref) < TOLERANCE[dtype]
     reference = lifted_matmul_reference(lifted, codes, row_scale, bias)
     assert _relative_error(out, reference.double()) < 2 * TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens", [1, 3, MAX_TOKENS])
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("rows,length,splits", [(21, 70, 1), (70, 300, 2), (5, 97, None)])
+def test_lookup_matmul_matches_float64(dtype, tokens, with_bias, rows, length, splits):
+    """The table-lookup decode kernel: partial last quad of words, rows past the 32-row tile, splits."""
+    g = torch.Generator().manual_seed(hash(("lut", str(dtype), tokens, with_bias, rows, length)) % 2**31)
+    signs, codes = _random_codes(rows, length, g)
+    lifted = torch.randn(tokens, length, generator=g).to(dtype)
+    row_scale = torch.rand(rows, generator=g) + 0.5
+    bias = torch.randn(rows, generator=g).to(dtype) if with_bias else None
+
+    out = lookup_matmul(lifted, codes, row_scale, bias, splits=splits)
+
+    ref = (lifted.double() @ (signs.double() * 2 - 1).T) * row_scale.double()
+    if bias is not None:
+        ref = ref + bias.double()
+    assert out.shape == (tokens, rows) and out.dtype == dtype
+    # fp32 tables and accumulation: only the output's rounding remains (fp32: 1e-6).
+    assert _relative_error(out, ref) < min(TOLERANCE[dtype], 1e-6 if dtype == torch.float32 else 1.0)
+
+
+def test_lookup_tables_hold_signed_sums():
+    g = torch.Generator().manual_seed(4)
+    lifted = torch.randn(3, 37, generator=g)
+    tables = build_tables(lifted, words=4, token_block=4)   # 128 positions: 37 real, the rest zero
+    padded = torch.zeros(4, 128, dtype=torch.float64)
+    padded[:3, :37] = lifted.double()
+    entry = torch.arange(16)
+    signs = ((entry[:, None] >> torch.arange(4)) & 1).double() * 2 - 1               # (16, 4)
+    expected = torch.einsum("it,bgt->gib", signs, padded.view(4, 32, 4))            # (32, 16, 4)
+    assert tables.shape == (32, 16, 4)
+    assert (tables.double() - expected).abs().max() < 1e-6
+
+
+def test_lookup_matmul_rejects_bad_input():
+    codes = torch.zeros(4, 4, dtype=torch.int32)
+    with pytest.raises(ValueError, match="at most"):
+        lookup_matmul(torch.randn(MAX_TOKENS + 1, 100), codes, torch.ones(4), None)
+    with pytest.raises(ValueError, match="quads"):
+        lookup_matmul(torch.randn(1, 100), torch.zeros(4, 6, dtype=torch.int32), torch.ones(4), None)
+
+
+@pytest.mark.parametrize("tokens", [2, 17])
+def test_cuda_entry_picks_a_kernel_by_token_count(tokens):
+    """Few tokens take the lookup kernel, more the ±1 GEMM; both give the reference's result."""
+    g = torch.Generator().manual_seed(tokens)
+    signs, codes = _random_codes(19, 150, g)
+    lifted = torch.randn(tokens, 150, generator=g).to(torch.float16)
+    out = _lifted_matmul_cuda(lifted, codes, torch.ones(19), None)
+    ref = lifted.double() @ (signs.double() * 2 - 1).T
+    assert _relative_error(out, ref) < TOLERANCE[torch.float16]
 
 
 def test_lifted_matmul_keeps_leading_dims_and_strides():
