@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from lift_ao.config import LiftQuantConfig
 from lift_ao.io import CheckpointError, _sha256, load_shard, open_partial, save_shard
 from lift_ao.lattice import Lattice
+from lift_ao.search import check_beam_width, default_beam_width
 from lift_ao.tensor import LiftQuantTensor
 
 __all__ = ["quantize", "quantizable_linears", "resolve_device"]
@@ -177,6 +178,10 @@ def _run_identity(targets, layer_configs: dict, config: LiftQuantConfig, device)
         lattice = Lattice.load(layer_configs[name].lattice)
         encode_on = (device or module.weight.device).type
         layers[name] = [list(shape), str(module.weight.dtype), lattice.name, lattice.fingerprint, encode_on]
+        # Another beam width gives other codes: recorded per layer when it is not the default.
+        beam_width = check_beam_width(layer_configs[name].beam_width, lattice)
+        if beam_width != default_beam_width(lattice):
+            layers[name].append(beam_width)
     return {"seed": config.seed, "layers": layers}
 
 

@@ -18,6 +18,7 @@ from torchao.core.config import AOBaseConfig
 from torchao.quantization.transform_module import register_quantize_module_handler
 
 from lift_ao.lattice import Lattice, LatticeError
+from lift_ao.search import check_beam_width
 from lift_ao.tensor import LiftQuantTensor
 
 __all__ = ["LiftQuantConfig", "liftquant"]
@@ -35,6 +36,8 @@ class LiftQuantConfig(AOBaseConfig):
         memory_budget: bytes the model must fit (parsed by :func:`lift_ao.budget.parse_bytes`);
             when set, :func:`lift_ao.quantize` plans a lattice per layer (:func:`lift_ao.plan`).
         reserve, kv_cache, allocation: see :func:`lift_ao.plan` (budget configs only).
+        beam_width: beam width of the nearest-code search (positive int); None = each lattice's
+            default (:func:`lift_ao.search.default_beam_width`). Wider: lower error, slower encode.
     """
 
     lattice: Optional[str] = "24/10"
@@ -45,10 +48,12 @@ class LiftQuantConfig(AOBaseConfig):
     reserve: int = 0
     kv_cache: Optional[dict] = None
     allocation: str = "sensitivity"
+    beam_width: Optional[int] = None
 
     def __post_init__(self):
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be a non-negative int, got {self.seed!r}")
+        check_beam_width(self.beam_width)
         if self.memory_budget is None:
             if self.reserve or self.kv_cache is not None:
                 raise ValueError("reserve= and kv_cache= only apply with memory_budget=...")
@@ -72,7 +77,7 @@ class LiftQuantConfig(AOBaseConfig):
 def liftquant(
     bits: Optional[float] = None, *, lattice: Optional[str] = None, round: str = "down", seed: int = 0,
     include_lm_head: bool = False, progress: bool = False, memory_budget=None, reserve=0,
-    kv_cache: Optional[dict] = None, allocation: str = "sensitivity",
+    kv_cache: Optional[dict] = None, allocation: str = "sensitivity", beam_width: Optional[int] = None,
 ) -> LiftQuantConfig:
     """Config for ``torchao.quantization.quantize_``.
 
@@ -85,7 +90,8 @@ def liftquant(
         reserve: bytes to keep free besides the model (budget only), int or size string.
         kv_cache: ``dict(context=..., batch=...)``: reserve the KV cache (budget only).
         allocation: ``"sensitivity"`` (mixed per-layer widths) or ``"uniform"`` (budget only).
-        round, seed, include_lm_head, progress: see :meth:`Lattice.for_bits` and :class:`LiftQuantConfig`.
+        round, seed, include_lm_head, progress, beam_width: see :meth:`Lattice.for_bits` and
+            :class:`LiftQuantConfig`.
     Returns:
         LiftQuantConfig.
     """
@@ -100,12 +106,15 @@ def liftquant(
         return LiftQuantConfig(
             lattice=None, seed=seed, include_lm_head=include_lm_head, progress=progress,
             memory_budget=memory_budget, reserve=reserve, kv_cache=kv_cache, allocation=allocation,
+            beam_width=beam_width,
         )
     if bits is not None:
         if isinstance(bits, bool) or not isinstance(bits, (int, float)) or not math.isfinite(bits):
             raise LatticeError(f"bits must be a finite number such as 2.4, got {bits!r}")
         lattice = Lattice.for_bits(bits, round=round).name
-    return LiftQuantConfig(lattice=lattice, seed=seed, include_lm_head=include_lm_head, progress=progress)
+    return LiftQuantConfig(
+        lattice=lattice, seed=seed, include_lm_head=include_lm_head, progress=progress, beam_width=beam_width
+    )
 
 
 @register_quantize_module_handler(LiftQuantConfig)
@@ -127,7 +136,8 @@ def _liftquant_module_handler(
         raise TypeError(f"{type(module).__name__}.{parameter_name} is a {type(weight).__name__}, not a tensor")
     name = f"{type(module).__name__}.{parameter_name} {tuple(weight.shape)}"
     quantized = LiftQuantTensor.from_hp(
-        weight, Lattice.load(config.lattice), seed=config.seed, progress=config.progress, name=name
+        weight, Lattice.load(config.lattice), seed=config.seed, progress=config.progress, name=name,
+        beam_width=config.beam_width,
     )
     setattr(module, parameter_name, torch.nn.Parameter(quantized, requires_grad=False))
     return module

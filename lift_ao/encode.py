@@ -29,13 +29,16 @@ def _rows_per_step(kp: int, lattice: Lattice) -> int:
     return max(1, _BLOCKS_PER_STEP * lattice.d // kp)
 
 
-def encode_rows(rotated: torch.Tensor, lattice: Lattice, *, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_rows(
+    rotated: torch.Tensor, lattice: Lattice, *, progress: bool = False, beam_width: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Code rotated weight rows.
 
     Args:
         rotated: (N, Kp) float32, Kp a multiple of ``lattice.d``.
         lattice: the lattice (``M`` on the same device as ``rotated``).
         progress: show a tqdm bar over row chunks.
+        beam_width: the search's beam width (None = the lattice's default; see ``nearest_codes``).
     Returns:
         codes: (N, Kp·D/d) bool, True = +1, block-major (D bits per block).
         row_scale: (N,) float32.
@@ -52,7 +55,7 @@ def encode_rows(rotated: torch.Tensor, lattice: Lattice, *, progress: bool = Fal
         rms = rows.pow(2).mean(1).sqrt()
         # An all-zero row codes anything with a zero scale; divide by 1 to stay finite.
         unit = rows / torch.where(rms > 0, rms, torch.ones_like(rms))[:, None]
-        block_codes = nearest_codes(unit.reshape(-1, lattice.d), lattice)
+        block_codes = nearest_codes(unit.reshape(-1, lattice.d), lattice, beam_width=beam_width)
         decoded = lattice.decode(block_codes).view(rows.shape)
         norm2 = decoded.pow(2).sum(1)
         row_scale[start : start + rows.shape[0]] = (rows * decoded).sum(1) / norm2.clamp_min(1e-30)
@@ -62,7 +65,7 @@ def encode_rows(rotated: torch.Tensor, lattice: Lattice, *, progress: bool = Fal
 
 def encode_weight(
     weight: torch.Tensor, lattice: Lattice, signs: torch.Tensor, left: torch.Tensor, right: torch.Tensor,
-    *, progress: bool = False,
+    *, progress: bool = False, beam_width: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate, code and pack a weight, one chunk of rows at a time.
 
@@ -71,6 +74,7 @@ def encode_weight(
         lattice: the lattice (``M`` on ``weight``'s device).
         signs, left, right: the input rotation (:class:`lift_ao.transform.Rotation`), Kp = k1·k2.
         progress: show a tqdm bar over row chunks.
+        beam_width: the search's beam width (None = the lattice's default; see ``nearest_codes``).
     Returns:
         packed_codes: (N, ceil(L/32)) int32, L = Kp·D/d (layout in :mod:`lift_ao.packing`).
         row_scale: (N,) float32.
@@ -82,7 +86,7 @@ def encode_weight(
     steps = range(0, n, rows_per_step)
     for start in tqdm(steps, desc="encode", unit="chunk", leave=False, disable=not progress):
         rows = rotate(weight[start : start + rows_per_step].detach().to(torch.float32), signs, left, right)
-        codes, scale = encode_rows(rows, lattice)
+        codes, scale = encode_rows(rows, lattice, beam_width=beam_width)
         packed[start : start + rows.shape[0]] = pack_codes(codes)
         row_scale[start : start + rows.shape[0]] = scale
     return packed, row_scale

@@ -184,7 +184,9 @@ def _orthonormal_rows(d: int, D: int, gen: torch.Generator) -> torch.Tensor:
     return q.T.to(torch.float32).contiguous()
 
 
-def measure_mse(lattice: Lattice, n_vectors: int = 200_000, *, seed: int = 1234, device=None) -> float:
+def measure_mse(
+    lattice: Lattice, n_vectors: int = 200_000, *, seed: int = 1234, device=None, beam_width: int | None = None
+) -> float:
     """MSE per coordinate of ``lattice`` on ``n_vectors`` fresh N(0,1) vectors, with ``nearest_codes``.
 
     Args:
@@ -192,6 +194,7 @@ def measure_mse(lattice: Lattice, n_vectors: int = 200_000, *, seed: int = 1234,
         n_vectors: number of d-dimensional Gaussian vectors (blocks).
         seed: seed of the vectors (fixed so measurements are comparable).
         device: where to run (default: where ``lattice.M`` lives).
+        beam_width: the search's beam width (None = the lattice's default).
     Returns:
         mean of ``||w − M q||² / d`` over the vectors.
     """
@@ -201,8 +204,8 @@ def measure_mse(lattice: Lattice, n_vectors: int = 200_000, *, seed: int = 1234,
     gen = torch.Generator().manual_seed(seed)
     w = torch.randn(n_vectors, lattice.d, generator=gen).to(device)
     lat = lattice.to(device)
-    codes = nearest_codes(w, lat)
-    return float((w - lat.decode(codes)).square().mean())
+    codes = nearest_codes(w, lat, beam_width=beam_width)
+    return float((w - lat.decode(codes)).square().double().mean())
 
 
 # Up to this D the trainer uses the whole codebook (2^D points) in the soft-min and exact nearest
@@ -225,14 +228,14 @@ def _softmin_loss(w: torch.Tensor, points: torch.Tensor, temperature: float) -> 
     return (-torch.logsumexp(-temperature * err, dim=1) / temperature).mean()
 
 
-def _exact_codes(w: torch.Tensor, lattice: Lattice, chunk: int = 4096) -> torch.Tensor:
+def _exact_codes(w: torch.Tensor, lattice: Lattice, chunk: int = 4096, beam_width: int | None = None) -> torch.Tensor:
     """(B, D) ±1 float codes of the true nearest neighbours when D ≤ ``MAX_EXACT_TRAIN_D``
     (``exhaustive_codes`` in chunks of blocks, so memory stays ``chunk · 2^D`` floats), else of
-    ``nearest_codes`` (the production encoder)."""
+    ``nearest_codes`` (the production encoder) with ``beam_width``."""
     from lift_ao.search import exhaustive_codes, nearest_codes
 
     if lattice.D > MAX_EXACT_TRAIN_D:
-        return nearest_codes(w, lattice).float() * 2 - 1
+        return nearest_codes(w, lattice, beam_width=beam_width).float() * 2 - 1
     return torch.cat([exhaustive_codes(w[i : i + chunk], lattice) for i in range(0, len(w), chunk)]).float() * 2 - 1
 
 
@@ -254,6 +257,8 @@ def train_lattice(
     device=None,
     command: str = "",
     log=print,
+    beam_width: int | None = None,
+    init: Lattice | None = None,
 ) -> Lattice:
     """Fit a lattice's M to i.i.d. N(0,1) vectors (least MSE under ``nearest_codes``).
 
@@ -284,6 +289,12 @@ def train_lattice(
         device: where to train (default CPU).
         command: the command line that produced it (stored in metadata).
         log: a print-like callable for progress (None = silent).
+        beam_width: beam width of ``nearest_codes`` for the soft-min candidates, the Lloyd codes and
+            every MSE measurement (D > ``MAX_EXACT_TRAIN_D``). When given, it is stored in the
+            metadata as ``beam_width`` and becomes the lattice's default
+            (:func:`lift_ao.search.default_beam_width`): M is fitted to that search.
+        init: start every restart from this lattice's M (same d, D; fine-tuning) instead of
+            orthonormal rows; recorded in the metadata by name and fingerprint.
     Returns:
         the trained :class:`Lattice`; ``mse`` is its measured MSE per coordinate on
         ``eval_vectors`` fresh N(0,1) vectors, metadata holds command, seed and training settings.
@@ -292,8 +303,13 @@ def train_lattice(
 
     from lift_ao.search import _all_sign_vectors, nearest_codes
 
+    from lift_ao.search import check_beam_width
+
     if not (isinstance(d, int) and isinstance(D, int) and 0 < d < D):
         raise LatticeError(f"train_lattice needs integers 0 < d < D, got d={d!r}, D={D!r}")
+    check_beam_width(beam_width)
+    if init is not None and (init.d, init.D) != (d, D):
+        raise LatticeError(f"init lattice {init.name} does not have d={d}, D={D}")
     device = torch.device(device) if device is not None else torch.device("cpu")
     log = log or (lambda *args: None)
     share = (max_seconds / restarts) if max_seconds else float("inf")
@@ -306,12 +322,14 @@ def train_lattice(
 
     def held_out_mse(M):
         # Held-out vectors during training use a different seed from the final measurement.
-        return measure_mse(Lattice(d, D, M.detach()), min(eval_vectors, 50_000), seed=10_000 + seed, device=device)
+        return measure_mse(
+            Lattice(d, D, M.detach()), min(eval_vectors, 50_000), seed=10_000 + seed, device=device, beam_width=beam_width
+        )
 
     for restart in range(restarts):
         began = time.monotonic()
         gen = torch.Generator().manual_seed(seed + restart)
-        M = _orthonormal_rows(d, D, gen).to(device).requires_grad_(True)
+        M = (init.M.clone() if init is not None else _orthonormal_rows(d, D, gen)).to(device).requires_grad_(True)
         opt = torch.optim.Adam([M], lr=lr)
         adam_done = 0
         for adam_done in range(1, adam_steps + 1):
@@ -328,7 +346,7 @@ def train_lattice(
                 points = codebook @ M.T  # (2^D, d)
             else:
                 with torch.no_grad():
-                    q = nearest_codes(w, Lattice(d, D, M.detach())).float() * 2 - 1
+                    q = nearest_codes(w, Lattice(d, D, M.detach()), beam_width=beam_width).float() * 2 - 1
                     candidates = torch.cat([q[:, None, :], q[:, None, :] * flips[None]], dim=1)
                 points = candidates @ M.T  # (B, D + 1, d)
             loss = _softmin_loss(w, points, T)
@@ -343,7 +361,7 @@ def train_lattice(
         lloyd_done = 0
         for lloyd_done in range(1, lloyd_steps + 1):
             w = torch.randn(lloyd_vectors, d, generator=gen).to(device)
-            q = _exact_codes(w, Lattice(d, D, M))
+            q = _exact_codes(w, Lattice(d, D, M), beam_width=beam_width)
             M_new = torch.linalg.solve(q.T.double() @ q.double(), q.T.double() @ w.double()).T  # (d, D)
             if not torch.isfinite(M_new).all():
                 break
@@ -358,7 +376,12 @@ def train_lattice(
                 break
         done.append(f"{adam_done}+{lloyd_done}")
     lattice = Lattice(d, D, best_M.cpu())
-    mse = measure_mse(lattice, eval_vectors, device=device)
+    mse = measure_mse(lattice, eval_vectors, device=device, beam_width=beam_width)
+    extra = {}
+    if beam_width is not None:
+        extra["beam_width"] = beam_width
+    if init is not None:
+        extra["init"] = f"{init.name} fingerprint {init.fingerprint}"
     metadata = dict(
         command=command or f"train_lattice(d={d}, D={D}, seed={seed})",
         seed=seed,
@@ -373,9 +396,16 @@ def train_lattice(
         lloyd_vectors=lloyd_vectors,
         lloyd_codes="exhaustive" if exact else "nearest_codes",
         steps_done="adam+lloyd per restart: " + ", ".join(done),
-        mse_eval=f"nearest_codes on {eval_vectors} fresh N(0,1) vectors, seed 1234",
+        mse_eval=f"nearest_codes on {eval_vectors} fresh N(0,1) vectors, seed 1234"
+        + (f", beam width {beam_width}" if beam_width is not None else ""),
+        **extra,
     )
     return Lattice(d, D, best_M.cpu(), mse, metadata)
+
+
+def _lattice_arg(value: str) -> Lattice:
+    """A lattice named on the command line: a ``.safetensors`` path or a shipped name ``D/d``."""
+    return Lattice.from_file(value) if str(value).endswith(".safetensors") else Lattice.load(value)
 
 
 def _main(argv=None) -> None:
@@ -397,8 +427,12 @@ def _main(argv=None) -> None:
     train.add_argument("--temperature-start", type=float, default=None, help="at the start (annealed geometrically)")
     train.add_argument("--lloyd-steps", type=int, default=30)
     train.add_argument("--lloyd-vectors", type=int, default=200_000)
+    train.add_argument("--eval-vectors", type=int, default=200_000, help="fresh vectors for the stored mse")
     train.add_argument("--max-seconds", type=float, default=None, help="wall-clock budget (see train_lattice)")
     train.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    train.add_argument("--beam-width", type=int, default=None,
+                       help="search beam width used in training and stored as the lattice's default")
+    train.add_argument("--init", default=None, help="start from this lattice (shipped name 'D/d' or a .safetensors file)")
     train.add_argument("--out", default=None, help="output file (default lift_ao/lattices/lq_{D}_{d}.safetensors)")
     args = parser.parse_args(argv)
 
@@ -410,8 +444,9 @@ def _main(argv=None) -> None:
     lattice = train_lattice(
         args.d, args.D, seed=args.seed, restarts=args.restarts, adam_steps=args.adam_steps,
         batch=args.batch, lr=args.lr, temperature=args.temperature, temperature_start=args.temperature_start,
-        lloyd_steps=args.lloyd_steps, lloyd_vectors=args.lloyd_vectors,
-        max_seconds=args.max_seconds, device=device, command=command,
+        lloyd_steps=args.lloyd_steps, lloyd_vectors=args.lloyd_vectors, eval_vectors=args.eval_vectors,
+        max_seconds=args.max_seconds, device=device, command=command, beam_width=args.beam_width,
+        init=_lattice_arg(args.init) if args.init else None,
     )
     out = args.out or str(_lattice_dir() / Lattice.file_name(args.D, args.d))
     lattice.save(out)

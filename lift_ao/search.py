@@ -36,7 +36,7 @@ import torch
 
 from lift_ao.lattice import Lattice
 
-__all__ = ["nearest_codes", "enumerate_codes", "exhaustive_codes", "code_errors"]
+__all__ = ["nearest_codes", "default_beam_width", "check_beam_width", "enumerate_codes", "exhaustive_codes", "code_errors"]
 
 # Largest D for which the exhaustive search is allowed (2^20 codes per block).
 MAX_EXHAUSTIVE_D = 20
@@ -48,7 +48,17 @@ MAX_EXHAUSTIVE_D = 20
 # _RIDGE_PER_SHANNON · 2^(−2·bits) (trained lattices land at 1.3–1.5× the Shannon bound).
 _FIRST_GROUP_BITS = 8
 _GROUP_BITS = 4
+#
+# Default beam width per lattice (benchmarks/results/encode_beam_cpu.md: same 20k N(0,1) blocks for
+# every K, MSE relative to K = 32). D < 40: K = 64 gains only 0.4-1.0% (24/10 0.4%, 32/16 0.5%,
+# 24/8 0.8%, 32/10 1.0%), so K stays 32 and those codes are unchanged. D ≥ 40: K = 64 gains
+# 1.1-2.0% (48/24 1.1%, 40/16 1.2%, 48/20 1.5%, 48/16 2.0%) and K = 128 only 0.4-0.8% more at
+# twice the cost again, so K = 64 there: ~2× the CPU time of K = 32, ~1.6× on an H100 (K = 32 → 128
+# measured 2.5-3× there). A lattice that records its own beam width (metadata ``beam_width``,
+# e.g. one trained with ``--beam-width``) uses that.
 _BEAM_WIDTH = 32
+_WIDE_BEAM_WIDTH = 64
+_WIDE_BEAM_MIN_D = 40
 _RIDGE_PER_SHANNON = 1.4
 _MAX_FLIP_STEPS = 16
 
@@ -91,13 +101,34 @@ def code_errors(x: torch.Tensor, codes: torch.Tensor, lattice: Lattice) -> torch
 # ----- per-lattice tables ---------------------------------------------------------------------
 
 
+class _Uncached:
+    """Passes a value through ``lru_cache`` without making it part of the key.
+
+    The table caches are keyed by the lattice's fingerprint (and device); a :class:`Lattice` hashes
+    by identity, and ``lattice.to(device)`` (done per weight by the encoder) makes a new object, so
+    keying on it rebuilt the tables for every weight.
+    """
+
+    __slots__ = ("value",)
+
+    def __init__(self, value):
+        self.value = value
+
+    def __hash__(self) -> int:
+        return 0
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, _Uncached)
+
+
 @lru_cache(maxsize=64)
-def _null_space_tables(fingerprint: str, lattice: Lattice, device: torch.device):
+def _null_space_tables(fingerprint: str, carried: _Uncached, device: torch.device):
     """(pseudo-inverse as (d, D) so that ``u = x @ it`` is M⁺x, null-space basis N (D−d, D)).
 
     ``[M; N]⁻¹ [w; p] = M⁺ w + Nᵀ p`` when N's rows are an orthonormal basis of M's null space,
     which is what the SVD gives. Computed in float64 once per lattice and device.
     """
+    lattice = carried.value
     M = lattice.M.detach().cpu().to(torch.float64)
     U, S, Vh = torch.linalg.svd(M, full_matrices=True)
     pinv_t = (Vh[: lattice.d].T / S) @ U.T  # (D, d)
@@ -152,11 +183,12 @@ def _group_sizes(D: int) -> list[int]:
 
 
 @lru_cache(maxsize=64)
-def _tree_tables(fingerprint: str, lattice: Lattice, device: torch.device) -> _TreeTables:
+def _tree_tables(fingerprint: str, carried: _Uncached, device: torch.device) -> _TreeTables:
     """Cholesky form of the search: ``qᵀ(G + λI)q − 2bᵀq = ||R(q − c)||² + const`` (q ∈ ±1^D).
 
     Computed in float64 once per lattice and device; stored in float32 on ``device``.
     """
+    lattice = carried.value
     M = lattice.M.detach().cpu().to(torch.float64)
     D = lattice.D
     ridge = _RIDGE_PER_SHANNON * 2 ** (-2 * lattice.bits)
@@ -261,15 +293,57 @@ def _descend_single_flips(q: torch.Tensor, s: torch.Tensor, G: torch.Tensor, G_d
         q[rows_i, bit_i] = -q_old
 
 
-def _nearest_chunk(x: torch.Tensor, tables: _TreeTables) -> torch.Tensor:
-    q = _beam_search(x, tables, _BEAM_WIDTH)
+def _nearest_chunk(x: torch.Tensor, tables: _TreeTables, beam_width: int) -> torch.Tensor:
+    q = _beam_search(x, tables, beam_width)
     # The beam's cost is the true error up to a constant (λ(||q||² − D) = 0), but a beam can drop
     # the optimum on the way: a single-flip polish fixes the cheap cases (0.03–0.05% MSE, measured).
     _descend_single_flips(q, q @ tables.G - x @ tables.M, tables.G, tables.G_diag)
     return q > 0
 
 
-def nearest_codes(x: torch.Tensor, lattice: Lattice, *, chunk_size: int | None = None) -> torch.Tensor:
+def default_beam_width(lattice: Lattice) -> int:
+    """The beam width K that :func:`nearest_codes` uses for ``lattice`` when none is given.
+
+    A lattice trained or fine-tuned for a given search records it (metadata ``beam_width``,
+    ``python -m lift_ao.lattice train --beam-width K``): its M and stated MSE belong to that search.
+    Otherwise ``_WIDE_BEAM_WIDTH`` for D ≥ ``_WIDE_BEAM_MIN_D`` and ``_BEAM_WIDTH`` below (see there
+    for the measurements).
+
+    Args:
+        lattice: the lattice (its ``D`` and ``metadata``).
+    Returns:
+        K, a positive int.
+    """
+    stored = lattice.metadata.get("beam_width")
+    if stored is not None:
+        return int(stored)
+    return _WIDE_BEAM_WIDTH if lattice.D >= _WIDE_BEAM_MIN_D else _BEAM_WIDTH
+
+
+def check_beam_width(beam_width, lattice: Lattice | None = None) -> int | None:
+    """Validate a beam width; with a lattice, resolve None to the lattice's default.
+
+    Args:
+        beam_width: None or a positive int (partial codes kept per block after each group of bits).
+        lattice: the lattice, for the default; without one, None stays None (a config checked
+            before its lattice is known).
+    Returns:
+        the beam width K to use (or None, see above). Raises ValueError for anything but None or a
+        positive int.
+    """
+    if beam_width is None:
+        return default_beam_width(lattice) if lattice is not None else None
+    if isinstance(beam_width, bool) or not isinstance(beam_width, int) or beam_width < 1:
+        raise ValueError(
+            f"beam_width must be a positive int (partial codes kept per block, e.g. 32 or 128) or None "
+            f"for the lattice's default (default_beam_width), got {beam_width!r}"
+        )
+    return beam_width
+
+
+def nearest_codes(
+    x: torch.Tensor, lattice: Lattice, *, chunk_size: int | None = None, beam_width: int | None = None
+) -> torch.Tensor:
     """Fast (near-)nearest codes: the production search of the quantizer.
 
     Beam search over a tree: the error is written as ``||R(q − c)||² + const`` (Cholesky of the
@@ -283,16 +357,19 @@ def nearest_codes(x: torch.Tensor, lattice: Lattice, *, chunk_size: int | None =
         chunk_size: blocks per chunk (bounds memory; None = 2048 on CPU, where cache-sized chunks
             are fastest, 65536 elsewhere, where fewer kernel launches are). Results do not depend
             on it.
+        beam_width: partial codes kept per block after each group of bits (K); None = the
+            lattice's :func:`default_beam_width`. Wider finds closer codes, at roughly linear cost.
     Returns:
         (B, D) bool codes, True = +1.
     """
     x = _check_input(x, lattice)
     chunk = _check_chunk(chunk_size, 2048 if x.device.type == "cpu" else 65536)
-    tables = _tree_tables(lattice.fingerprint, lattice, x.device)
+    beam = check_beam_width(beam_width, lattice)
+    tables = _tree_tables(lattice.fingerprint, _Uncached(lattice), x.device)
     out = torch.empty(x.shape[0], lattice.D, dtype=torch.bool, device=x.device)
 
     def encode(start: int) -> None:
-        out[start : start + chunk] = _nearest_chunk(x[start : start + chunk], tables)
+        out[start : start + chunk] = _nearest_chunk(x[start : start + chunk], tables, beam)
 
     starts = range(0, x.shape[0], chunk)
     workers = torch.get_num_threads() if x.device.type == "cpu" else 1
@@ -344,7 +421,7 @@ def enumerate_codes(
     """
     x = _check_input(x, lattice)
     chunk = _check_chunk(chunk_size, 256)
-    pinv, null_basis = _null_space_tables(lattice.fingerprint, lattice, x.device)
+    pinv, null_basis = _null_space_tables(lattice.fingerprint, _Uncached(lattice), x.device)
     M = lattice.M.to(x.device)
     n_pad = lattice.D - lattice.d
     out = torch.empty(x.shape[0], lattice.D, dtype=torch.bool, device=x.device)

@@ -45,6 +45,26 @@ def test_metadata_mse_matches_remeasurement(name):
     assert remeasured == pytest.approx(lattice.mse, rel=0.03)
 
 
+def _with_stored_beam():
+    return [lat.name for lat in Lattice.shipped() if "beam_width" in lat.metadata]
+
+
+@pytest.mark.parametrize("name", _with_stored_beam())
+def test_lattice_meets_its_stated_mse_at_its_beam_width(name):
+    """A lattice that records its search (metadata beam_width) meets its stated MSE with it."""
+    from lift_ao.search import default_beam_width
+
+    lattice = Lattice.load(name)
+    assert default_beam_width(lattice) == int(lattice.metadata["beam_width"])
+    assert "seed" in lattice.metadata and lattice.metadata["command"].startswith("python -m lift_ao.lattice train")
+    # 8k blocks (seed 99, not the 200k of the stated MSE): the standard error of the mean is ~1%.
+    assert measure_mse(lattice, 8_000, seed=99) == pytest.approx(lattice.mse, rel=0.03)
+
+
+def test_wide_lattices_record_their_beam_width():
+    assert {"40/16", "48/16", "48/20", "48/24"} <= set(_with_stored_beam())
+
+
 def test_name_aliases_and_shipped_order():
     assert Lattice.load("LQ-24/10") is Lattice.load("24/10") is Lattice.load("lq_24_10")
     shipped = Lattice.shipped()
@@ -113,3 +133,19 @@ def test_trainer_lowers_mse_on_tiny_case():
     assert trained.mse < 0.9 * init_mse
     assert trained.metadata["seed"] == 3
     assert torch.equal(train_lattice(4, 8, **settings).M, trained.M), "training is deterministic for a fixed seed"
+
+
+def test_trainer_fine_tunes_from_init_with_a_beam_width():
+    """--init starts from a given M; --beam-width is used, recorded and becomes the default search."""
+    from lift_ao.search import default_beam_width
+
+    settings = dict(seed=4, restarts=1, batch=256, lloyd_vectors=2000, eval_vectors=2000, log=None)
+    start = train_lattice(6, 20, adam_steps=10, lloyd_steps=0, **settings)
+    tuned = train_lattice(6, 20, adam_steps=0, lloyd_steps=3, beam_width=8, init=start, **settings)
+    assert tuned.metadata["beam_width"] == 8 and default_beam_width(tuned) == 8
+    assert tuned.metadata["init"] == f"20/6 fingerprint {start.fingerprint}"
+    assert tuned.mse <= measure_mse(start, 2000, beam_width=8) * 1.01
+    with pytest.raises(LatticeError, match="init lattice"):
+        train_lattice(4, 8, init=start, **settings)
+    with pytest.raises(ValueError, match="beam_width"):
+        train_lattice(4, 8, beam_width=0, **settings)
