@@ -25,12 +25,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import shlex
 import sys
 import time
+import types
 from pathlib import Path
 
 import torch
@@ -88,6 +88,12 @@ def _encoder(beam_width):
     try:
         from lift_ao.tensor import LiftQuantTensor
     except ImportError:
+        try:
+            import tqdm.auto  # noqa: F401  (lift_ao.encode's progress bar)
+        except ImportError:  # a bare GPU machine: progress bars are off here anyway
+            sys.modules["tqdm"] = types.ModuleType("tqdm")
+            sys.modules["tqdm.auto"] = stub = types.ModuleType("tqdm.auto")
+            stub.tqdm = lambda iterable, **_: iterable
         from lift_ao.encode import encode_weight
         from lift_ao.transform import make_rotation
 

@@ -19,7 +19,6 @@ import json
 import math
 import os
 import shlex
-import statistics
 import sys
 import time
 from pathlib import Path
