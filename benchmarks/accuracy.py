@@ -8,13 +8,14 @@ the disjoint *calibration* split. Rows:
     rtn-int{2,3,4}-g{64,128}  round-to-nearest, asymmetric, group size g (torchao's intx quantizer)
     lift-{bits}               lift_ao data-free at 1.6 / 2.0 / 2.4 / 2.5 / 3.0 bits (lattices in LIFT_LATTICES)
     lift-cal-{bits}           lift_ao calibrated (lift_ao.calibrate) at the same rates
+    lift-cal-ft-{bits}        the same with intra-block fine-tuning (--finetune-steps, --finetune-lr, --finetune-batch)
     lift-plan-2.4             mixed widths planned by sensitivity at the bytes of uniform 2.4 bits
 
 Only linear layers inside the decoder are quantized; embeddings (tied with lm_head) and norms stay in
 fp32 in every row, so "model bytes" differ only by the linear layers. RTN INT4 asymmetric with group
 size 32 is never a row: it reproduces the reference's Q4_1 grid exactly.
 
-    python benchmarks/accuracy.py [--rows lift-2.4,lift-cal-2.4,...] [--windows 8] [--redo]
+    python benchmarks/accuracy.py [--rows lift-2.4,lift-cal-2.4,...] [--windows 8] [--redo] [--checkpoint-root DIR]
 
 Results are merged into benchmarks/results/accuracy.json row by row (a finished row is skipped unless
 --redo), then accuracy.md and accuracy.png (when matplotlib is installed) are rewritten.
@@ -47,7 +48,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 LIFT_LATTICES = {"1.6": "16/10", "2.0": "32/16", "2.4": "24/10", "2.5": "25/10", "3.0": "24/8"}
 LIFT_BITS = tuple(LIFT_LATTICES)
 RTN = [f"rtn-int{b}-g{g}" for b in (2, 3, 4) for g in (64, 128)]
-ROWS = ["reference", *RTN, *(f"lift-{b}" for b in LIFT_BITS), *(f"lift-cal-{b}" for b in LIFT_BITS), "lift-plan-2.4"]
+ROWS = ["reference", *RTN, *(f"lift-{b}" for b in LIFT_BITS), *(f"lift-cal-{b}" for b in LIFT_BITS),
+        *(f"lift-cal-ft-{b}" for b in LIFT_BITS), "lift-plan-2.4"]
 # RTN storage convention: b-bit codes plus one bf16 scale and one bf16 zero point per group.
 RTN_GROUP_OVERHEAD_BITS = 32
 
@@ -106,9 +108,15 @@ def run_row(name: str, reference, tokenizer, eval_tokens, args) -> dict:
             calibration = builtin_calibration_tokens(tokenizer, args.plan_tokens)
             lift_ao.quantize(model, config, calibration=calibration, device=args.device)
         elif name.startswith("lift-cal-"):
-            config = lift_ao.liftquant(lattice=LIFT_LATTICES[name.removeprefix("lift-cal-")])
+            config = lift_ao.liftquant(lattice=LIFT_LATTICES[name.rpartition("-")[2]])
             calibration = builtin_calibration_tokens(tokenizer, args.calibration_tokens)
-            calibrate(model, config, calibration, device=args.device)
+            checkpoint = None if args.checkpoint_root is None else args.checkpoint_root / name
+            finetune = {}
+            if name.startswith("lift-cal-ft-"):
+                finetune = dict(finetune_steps=args.finetune_steps, finetune_lr=args.finetune_lr,
+                                batch_size=args.finetune_batch)
+                row["finetune"] = finetune
+            calibrate(model, config, calibration, device=args.device, checkpoint_dir=checkpoint, **finetune)
             row["calibration_tokens"] = calibration.numel()
         else:
             lift_ao.quantize(model, lift_ao.liftquant(lattice=LIFT_LATTICES[name.removeprefix("lift-")]), device=args.device)
@@ -214,6 +222,11 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--eval-dense", action="store_true", help="evaluate lift_ao rows with their dequantized "
                         "weights (the same values; the CPU reference op is ~5x slower than a dense matmul)")
+    parser.add_argument("--finetune-steps", type=int, default=16, help="lift-cal-ft rows: Adam steps per decoder block")
+    parser.add_argument("--finetune-lr", type=float, default=1e-2, help="lift-cal-ft rows: Adam's peak learning rate")
+    parser.add_argument("--finetune-batch", type=int, default=4, help="lift-cal-ft rows: sequences per step")
+    parser.add_argument("--checkpoint-root", type=Path, default=None, help="calibrated rows save each finished "
+                        "decoder block under ROOT/<row>/ and a rerun resumes from there (bit-identical)")
     parser.add_argument("--redo", action="store_true", help="measure rows already in the results again")
     parser.add_argument("--out", type=Path, default=RESULTS / "accuracy", help="results path without suffix")
     args = parser.parse_args(argv)

@@ -22,14 +22,23 @@ decoder block using the activations that calibration tokens produce at their inp
   (:func:`lift_ao.io.save_shard`: atomic, checksummed, under a manifest of the run's settings and
   calibration tokens); a restarted run loads finished blocks instead of re-encoding them and
   recomputes their outputs, so it ends bit-identical to an uninterrupted run.
+* **Intra-block fine-tuning** (``finetune_steps > 0``). After a block's linears are coded, the
+  continuous parameters of its quantized weights are tuned with Adam to bring the block's output on
+  the calibration activations closer to the full-precision model's: each linear's row scales r and
+  each group's input scales (the real-valued ``input_signs``, which carry 1/s) are multiplied by
+  learned factors ``exp(a)``, so a learned block-constant scale (s2) is one of the directions they
+  cover and the stored format is unchanged. Inputs are the quantized model's activations (as for
+  coding); the target is the full-precision model's output of the block (a second, unquantized
+  stream of activations is kept), so a block also corrects some of the error its predecessors left.
+  The codes stay those of the Hessian-aware rounding.
 
-Not done (DESIGN.md): the learned block-constant refinement s2 and the paper's intra-block correction
-(Adam/STE fine-tuning of codes and transform against the full-precision block output).
+Not done (DESIGN.md): fine-tuning the codes themselves (straight-through estimator) and the rotation.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 
 import torch
 from tqdm.auto import tqdm
@@ -38,12 +47,12 @@ from lift_ao.api import quantizable_linears, resolve_device
 from lift_ao.config import LiftQuantConfig
 from lift_ao.io import load_shard, open_partial, save_shard
 from lift_ao.lattice import Lattice
-from lift_ao.packing import pack_codes
+from lift_ao.packing import pack_codes, unpack_codes
 from lift_ao.search import nearest_codes
 from lift_ao.tensor import LiftQuantTensor, _shared_mapping, _shared_rotation, share_constants
-from lift_ao.transform import rotate
+from lift_ao.transform import rotate, unrotate
 
-__all__ = ["builtin_calibration_tokens", "calibrate", "hessian_encode_rows", "input_scales"]
+__all__ = ["builtin_calibration_tokens", "calibrate", "finetune_block", "hessian_encode_rows", "input_scales"]
 
 
 def input_scales(second_moments: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -261,6 +270,90 @@ def _quantize_group(modules: list, hessian: torch.Tensor, lattice: Lattice, conf
         module.weight = torch.nn.Parameter(quantized, requires_grad=False)
 
 
+def _unit_weight(weight: LiftQuantTensor) -> torch.Tensor:
+    """(N, K) float32 C with ``weight.dequantize() == r[:, None] * C * input_signs[:K]``."""
+    n = weight.shape[0]
+    codes = unpack_codes(weight.packed_codes, weight.code_length).view(n, -1, weight.code_bits)
+    blocks = ((codes.to(torch.float32) * 2 - 1) @ weight.mapping.T).flatten(1)
+    return unrotate(blocks, None, weight.rotation_left, weight.rotation_right, weight.shape[1])
+
+
+def _output_error(block, weights: dict, batch, target: torch.Tensor, device) -> torch.Tensor:
+    """Mean squared error of ``block`` (its linears' weights replaced by ``weights``) on one batch."""
+    hidden, kwargs = batch
+    out = torch.func.functional_call(block, weights, (hidden.to(device),), _to(kwargs, device))
+    out = out[0] if isinstance(out, (tuple, list)) else out
+    return (out - target.to(device)).pow(2).mean()
+
+
+def finetune_block(block: torch.nn.Module, groups: list, inputs: list, targets: list, *, steps: int, lr: float,
+                   device) -> tuple[float, float]:
+    """Tune the row and input scales of a coded block's LiftQuant weights against target outputs, in place.
+
+    Each linear's weight is ``W = diag(r) C diag(σ)`` with C fixed by its codes, r its row scales and
+    σ the group's ``input_signs`` (cropped to K); Adam (cosine-decayed ``lr``) learns log-factors
+    ``r ← r·exp(a)`` (one per row) and ``σ ← σ·exp(b)`` (one per input channel, shared by the group)
+    that minimise the mean squared error of the block's output, one calibration batch per step in
+    turn. The factors are kept only if they lower the error on the first batch.
+
+    Args:
+        block: a decoder block whose linears in ``groups`` hold :class:`LiftQuantTensor` weights.
+        groups: [[names of linears sharing one input transform]] (names relative to ``block``).
+        inputs: [(hidden (B, T, H), keyword arguments)] the block's inputs, per batch.
+        targets: [(hidden (B, T, H), ...)] the outputs to match, per batch.
+        steps: Adam steps (0: nothing changes).
+        lr: peak learning rate of the log-factors.
+        device: where the block runs.
+    Returns:
+        (error before, error after): mean squared output error on the first batch.
+    """
+    names = [name for group in groups for name in group]
+    old = {name: block.get_submodule(name).weight for name in names}
+    unit = {name: _unit_weight(w) for name, w in old.items()}
+    log_r = {name: torch.zeros(w.shape[0], device=device, requires_grad=True) for name, w in old.items()}
+    log_s = [torch.zeros(old[group[0]].shape[1], device=device, requires_grad=True) for group in groups]
+
+    def dense(name: str, group: int) -> torch.Tensor:
+        weight, k = old[name], old[name].shape[1]
+        r = weight.row_scale * log_r[name].exp()
+        sigma = weight.input_signs[:k] * log_s[group].exp()
+        return (r[:, None] * unit[name] * sigma[None, :]).to(weight.dtype)
+
+    def weights() -> dict:
+        return {f"{name}.weight": dense(name, g) for g, group in enumerate(groups) for name in group}
+
+    with torch.no_grad():
+        before = _output_error(block, weights(), inputs[0], targets[0][0], device).item()
+    if not steps:
+        return before, before
+    parameters = [*log_r.values(), *log_s]
+    optimizer = torch.optim.Adam(parameters, lr=lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: 0.5 * (1 + math.cos(math.pi * t / steps)))
+    with torch.enable_grad():
+        for step in range(steps):
+            hidden, kwargs = inputs[step % len(inputs)]
+            loss = _output_error(block, weights(), (hidden, kwargs), targets[step % len(inputs)][0], device)
+            for parameter, grad in zip(parameters, torch.autograd.grad(loss, parameters)):
+                parameter.grad = grad
+            optimizer.step()
+            schedule.step()
+    with torch.no_grad():
+        after = _output_error(block, weights(), inputs[0], targets[0][0], device).item()
+        if not after < before:
+            return before, before
+        for g, group in enumerate(groups):
+            lead = old[group[0]]
+            signs = lead.input_signs.clone()
+            signs[: lead.shape[1]] *= log_s[g].exp()
+            for name in group:
+                weight = old[name]
+                row_scale = weight.row_scale * log_r[name].exp()
+                tuned = LiftQuantTensor(weight.packed_codes, row_scale, weight.mapping, signs, weight.rotation_left,
+                                        weight.rotation_right, weight.shape, weight.dtype)
+                block.get_submodule(name).weight = torch.nn.Parameter(tuned, requires_grad=False)
+    return before, after
+
+
 # Tensors that the linears of a group share (one lattice, one transform): stored once per group.
 _SHARED = ("mapping", "input_signs", "rotation_left", "rotation_right")
 
@@ -296,15 +389,20 @@ def _load_block(directory, index: int, block, device) -> bool:
     return True
 
 
-def _manifest(config: LiftQuantConfig, tokens: torch.Tensor, alpha: float, damping: float, blocks) -> dict:
-    return {"calibrate": {"lattice": config.lattice, "seed": config.seed, "alpha": alpha, "damping": damping},
+def _manifest(config: LiftQuantConfig, tokens: torch.Tensor, alpha: float, damping: float, blocks,
+              finetune: dict) -> dict:
+    settings = {"lattice": config.lattice, "seed": config.seed, "alpha": alpha, "damping": damping}
+    if finetune["steps"]:  # absent without fine-tuning: directories of earlier runs stay resumable
+        settings["finetune"] = finetune
+    return {"calibrate": settings,
             "tokens": {"shape": list(tokens.shape), "sha256": hashlib.sha256(tokens.numpy().tobytes()).hexdigest()},
             "blocks": [[n, list(m.weight.shape)] for b in blocks for n, m in quantizable_linears(b, config)]}
 
 
 def calibrate(
     model: torch.nn.Module, config: LiftQuantConfig, tokens: torch.Tensor, *, checkpoint_dir=None,
-    overwrite: bool = False, device=None, alpha: float = 0.5, damping: float = 0.01, batch_size: int = 8, progress: bool = True,
+    overwrite: bool = False, device=None, alpha: float = 0.5, damping: float = 0.01, batch_size: int = 8,
+    finetune_steps: int = 0, finetune_lr: float = 1e-2, progress: bool = True,
 ) -> torch.nn.Module:
     """Quantize the linears of every decoder block with calibration data, in place.
 
@@ -319,8 +417,14 @@ def calibrate(
         device: where each block is coded and run (default: where the model is).
         alpha: strength of the input scales (0 = none).
         damping: Hessian damping, fraction of the mean diagonal.
-        batch_size: calibration sequences per forward pass.
-        progress: a tqdm bar over blocks.
+        batch_size: calibration sequences per forward pass (and per fine-tuning step).
+        finetune_steps: Adam steps of intra-block fine-tuning per decoder block (0: none), each on one
+            batch of ``batch_size`` sequences (cycling): row scales and input scales learn factors that
+            bring the block's output closer to the full-precision model's (:func:`finetune_block`).
+            Costs about one forward and backward pass of a block per step, plus one full-precision
+            forward pass of each block over all tokens.
+        finetune_lr: Adam's peak learning rate (cosine decay to 0) for the log-factors.
+        progress: a tqdm bar over blocks (with fine-tuning: the last block's output error after/before).
     Returns:
         ``model``; linears outside the decoder blocks (``lm_head``) are left as they are.
     Raises:
@@ -332,13 +436,17 @@ def calibrate(
                          "memory budget first with lift_ao.plan and calibrate per lattice")
     if not 0 <= alpha <= 1 or damping < 0:
         raise ValueError(f"alpha must be in [0, 1] and damping >= 0, got alpha={alpha}, damping={damping}")
+    if isinstance(finetune_steps, bool) or not isinstance(finetune_steps, int) or finetune_steps < 0 \
+            or not finetune_lr > 0:
+        raise ValueError(f"finetune_steps must be an int >= 0 and finetune_lr > 0, got {finetune_steps!r}, {finetune_lr!r}")
     blocks = _decoder_blocks(model)
     tokens = _check_tokens(tokens, model.get_input_embeddings().weight.shape[0])
     home = next(model.parameters()).device
     device = resolve_device(device) if device is not None else home
     lattice = Lattice.load(config.lattice)
     if checkpoint_dir is not None:
-        open_partial(checkpoint_dir, _manifest(config, tokens, alpha, damping, blocks), overwrite=overwrite)
+        finetune = {"steps": finetune_steps, "lr": finetune_lr, "batch_size": batch_size}
+        open_partial(checkpoint_dir, _manifest(config, tokens, alpha, damping, blocks, finetune), overwrite=overwrite)
 
     was_training = model.training
     model.eval()
@@ -346,18 +454,27 @@ def calibrate(
         with torch.no_grad():
             # Everything but the blocks runs where it is; the first block's inputs are captured there.
             inputs = _block_inputs(model, blocks, tokens, batch_size, home)
-            for i, block in enumerate(tqdm(blocks, desc=f"calibrate {lattice.name}", unit="block", disable=not progress)):
+            # With fine-tuning, the full-precision model's activations run alongside as the targets.
+            full_precision = inputs if finetune_steps else None
+            bar = tqdm(blocks, desc=f"calibrate {lattice.name}", unit="block", disable=not progress)
+            for i, block in enumerate(bar):
                 block.to(device)
+                targets = _run_block(block, full_precision, device) if finetune_steps else None
                 if checkpoint_dir is None or not _load_block(checkpoint_dir, i, block, device):
                     linears = quantizable_linears(block, config)
                     modules, groups = dict(linears), []
                     for names, hessian in _hessians(block, linears, inputs, device):
                         _quantize_group([modules[n] for n in names], hessian, lattice, config, alpha, damping, device)
                         groups.append(names)
+                    if finetune_steps:
+                        before, after = finetune_block(block, groups, inputs, targets, steps=finetune_steps,
+                                                       lr=finetune_lr, device=device)
+                        bar.set_postfix(finetune=f"{after / before:.3f}" if before else "-")
                     if checkpoint_dir is not None:
                         _save_block(checkpoint_dir, i, block, groups)
                 if i + 1 < len(blocks):
                     inputs = _run_block(block, inputs, device)
+                full_precision = targets
                 block.to(home)
         # Blocks loaded from checkpoint_dir hold their own copies of M and the rotation factors: share
         # them as a run without a resume does, so both give the same footprint.
