@@ -105,7 +105,9 @@ def _cmd_quantize(args) -> dict:
 
         calibration = builtin_calibration_tokens(tokenizer, args.calibration_tokens)
         report["calibration_tokens"] = calibration.numel()
-        calibrate(model, config, calibration, checkpoint_dir=partial, overwrite=args.overwrite, device=device)
+        report["finetune_steps"] = args.finetune_steps
+        calibrate(model, config, calibration, checkpoint_dir=partial, overwrite=args.overwrite, device=device,
+                  finetune_steps=args.finetune_steps)
     else:
         lift_ao.quantize(model, config, progress=True, resume_dir=partial, overwrite=args.overwrite)
     report["quantize_seconds"] = round(time.perf_counter() - t0, 2)
@@ -221,6 +223,9 @@ def _parser() -> argparse.ArgumentParser:
                    "input scales and Hessian-aware rounding from the built-in calibration text, block by block")
     q.add_argument("--calibration-tokens", type=int, default=16384, help="calibration tokens with --calibrate "
                    "(default 16384, in sequences of 512)")
+    q.add_argument("--finetune-steps", type=int, default=0, help="with --calibrate: Adam steps per decoder block "
+                   "tuning row and input scales against the full-precision block outputs (default 0: none; 16 is "
+                   "what benchmarks/results/accuracy.md measured)")
     q.add_argument("--skip-eval", action="store_true", help="do not measure perplexity")
     _add_eval_options(q)
 

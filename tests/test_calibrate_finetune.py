@@ -138,3 +138,15 @@ def test_finetuned_calibration_resumes_bit_identically(tmp_path, monkeypatch):
 def test_bad_finetune_settings_are_refused(options):
     with pytest.raises(ValueError, match="finetune_steps"):
         calibrate(tiny_llama(), lift_ao.liftquant(lattice=LATTICE), token_batch(), **options)
+
+
+def test_command_line_fine_tunes(tmp_path):
+    from test_resume import run_cli
+
+    assert run_cli(tmp_path / "plain", "--calibrate") == 0
+    assert run_cli(tmp_path / "tuned", "--calibrate", "--finetune-steps", "2") == 0
+    plain, tuned = lift_ao.load_quantized(tmp_path / "plain"), lift_ao.load_quantized(tmp_path / "tuned")
+    q_plain, q_tuned = plain.model.layers[0].mlp.up_proj.weight, tuned.model.layers[0].mlp.up_proj.weight
+    assert torch.equal(q_plain.packed_codes, q_tuned.packed_codes)
+    assert not torch.equal(q_plain.row_scale, q_tuned.row_scale)
+    assert run_cli(tmp_path / "bad", "--calibrate", "--finetune-steps", "-1") == 2
