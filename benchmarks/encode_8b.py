@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import sys
 import time
@@ -37,11 +36,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch_only  # noqa: E402
-from machine import cpu_name  # noqa: E402
 
 torch_only.install()
 from lift_ao.lattice import Lattice  # noqa: E402
 from lift_ao.search import check_beam_width  # noqa: E402
+from encoder import device_name  # noqa: E402
 
 # meta-llama/Meta-Llama-3-8B: hidden 4096, intermediate 14336, 32 layers, 8 KV heads of 128.
 LLAMA3_8B_LAYERS = 32
@@ -118,13 +117,6 @@ def _encoder(beam_width):
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
-    return (f"CPU: {cpu_name() or platform.processor()}, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} thread(s), 1-min load {os.getloadavg()[0]:.1f} at start")
 
 
 def summarize(per_layer: list[dict], n_layers_model: int) -> dict:
@@ -211,7 +203,7 @@ def main(argv=None) -> dict:
     path, encode = _encoder(args.beam_width)
     command = "python " + " ".join(shlex.quote(a) for a in ["benchmarks/encode_8b.py", *(sys.argv[1:] if argv is None else argv)])
     result = dict(
-        command=command, device=_device_name(device), path=path,
+        command=command, device=device_name(device), path=path,
         settings=dict(lattice=lattice.name, bits=round(lattice.bits, 4), beam_width=beam_width, scale=args.scale,
                       model_layers=LLAMA3_8B_LAYERS, layers=args.layers, seed=args.seed),
         per_shape={name: dict(shape=list(shape), count=0, seconds=0.0) for name, shape in shapes.items()},

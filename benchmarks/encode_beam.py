@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shlex
 import sys
 import time
@@ -27,11 +26,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch_only  # noqa: E402
-from machine import cpu_name  # noqa: E402
 
 torch_only.install()
 from lift_ao.lattice import Lattice  # noqa: E402
 from lift_ao.search import code_errors, default_beam_width, nearest_codes  # noqa: E402
+from encoder import device_name, write_results  # noqa: E402
 
 LATTICES = ("24/10", "24/8", "32/16", "32/10", "40/16", "48/24", "48/20", "48/16@256")
 WIDTHS = (16, 32, 64, 128)
@@ -77,13 +76,6 @@ def measure(lattice: Lattice, widths, device: torch.device, blocks: int, repeats
     return rows
 
 
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
-    return (f"CPU: {cpu_name()}, torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
-            f"1-min load {os.getloadavg()[0]:.1f} at start (shared machine)")
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -101,7 +93,7 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     widths = sorted({int(k) for k in args.widths.split(",")} | {args.base})
-    device_name = _device_name(device)
+    device_desc = device_name(device)
     rows = []
     for entry in args.lattices.split(","):
         name, _, extra = entry.partition("@")
@@ -115,11 +107,10 @@ def main(argv=None) -> None:
 
     command = "python " + " ".join(shlex.quote(a) for a in ["benchmarks/encode_beam.py", *(argv or sys.argv[1:])])
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     stem = f"encode_beam_{device.type}"
-    (out / f"{stem}.json").write_text(json.dumps(dict(command=command, device=device_name, rows=rows), indent=1))
+    payload = dict(command=command, device=device_desc, rows=rows)
     lines = [
-        f"# Beam width of `nearest_codes` ({device.type})", "", f"Command: `{command}`  ", f"Device: {device_name}  ",
+        f"# Beam width of `nearest_codes` ({device.type})", "", f"Command: `{command}`  ", f"Device: {device_desc}  ",
         f"{args.blocks} N(0,1) blocks per lattice (seed {args.seed}), the same blocks for every K. MSE per "
         f"coordinate; ratios against K = {args.base}; info bits = −½·log2(MSE), gap = rate − info bits "
         "(issue 9's target: ≤ 0.2). Time = fastest of the repeats; on a shared CPU read the ratios, "
@@ -135,8 +126,7 @@ def main(argv=None) -> None:
             f"{r['info_bits']:.3f} | {r['gap_bits']:.3f} | {r['s_per_1m']:.3f} | {r['cpu_s_per_1m']:.3f} | "
             f"{r['time_ratio']:.2f} | {r['cpu_time_ratio']:.2f} |"
         )
-    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(out, stem, payload, lines)
 
 
 if __name__ == "__main__":

@@ -60,7 +60,9 @@ def _seconds(fn, device: torch.device, repeats: int) -> float:
     return statistics.median(times)
 
 
-def _device_name(device: torch.device) -> str:
+def device_name(device: torch.device) -> str:
+    """The device a benchmark ran on, for its results: GPU name and torch version, or the CPU
+    model, torch version, thread count and the 1-minute load average (the CPU may be shared)."""
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
     cpu = cpu_name()
@@ -95,6 +97,14 @@ def bench(lattice: Lattice, device: torch.device, weights: int, enum_blocks: int
     return row
 
 
+def write_results(out: Path, stem: str, payload: dict, lines: list[str]) -> None:
+    """Write ``out/stem.json`` (``payload``) and ``out/stem.md`` (``lines``) and print the Markdown."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(payload, indent=1))
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -109,7 +119,7 @@ def main(argv=None) -> None:
     if device.type == "cpu":
         torch.set_num_threads(min(2, torch.get_num_threads()))
 
-    device_name = _device_name(device)
+    device_desc = device_name(device)
     rows = []
     for name in args.lattices.split(","):
         rows.append(bench(Lattice.load(name), device, args.weights, args.enum_blocks, args.repeats, args.seed))
@@ -117,11 +127,10 @@ def main(argv=None) -> None:
 
     command = "python " + " ".join(shlex.quote(a) for a in ["benchmarks/encoder.py", *(argv or sys.argv[1:])])
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     stem = f"encoder_{device.type}"
-    (out / f"{stem}.json").write_text(json.dumps(dict(command=command, device=device_name, rows=rows), indent=1))
+    payload = dict(command=command, device=device_desc, rows=rows)
     lines = [
-        f"# Encoder benchmark ({device.type})", "", f"Command: `{command}`  ", f"Device: {device_name}  ",
+        f"# Encoder benchmark ({device.type})", "", f"Command: `{command}`  ", f"Device: {device_desc}  ",
         f"`nearest_codes` (beam search) on {args.weights} N(0,1) weights; the paper's enumeration "
         "(`enumerate_codes`, all 2^(D−d) paddings) and, for D ≤ 16, the exhaustive search on the "
         "first blocks of the same sample. MSE per coordinate; ratio = nearest / enumeration on "
@@ -137,8 +146,7 @@ def main(argv=None) -> None:
             f"{r['enum_s_per_1m']:.3f} | {r['speedup']:.0f}× | {r['nearest_mse_on_enum_blocks']:.4f} | "
             f"{r['enum_mse']:.4f} | {r['nearest_over_enum_mse']:.4f} | {exhaustive} |"
         )
-    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(out, stem, payload, lines)
 
 
 if __name__ == "__main__":
