@@ -106,16 +106,21 @@ class Result:
     model_bytes: Optional[int] = None
     frames_compiled: Optional[int] = None
     lift_ao_rewrites: dict = field(default_factory=dict)
+    cudagraph_counters: dict = field(default_factory=dict)
     first_tokens: list = field(default_factory=list)
+    profile: Optional[str] = None
     error: Optional[str] = None
 
 
 # ----- model construction ---------------------------------------------------------------------------
 
 
-def build_model(name: str, device: torch.device) -> nn.Module:
-    """Random-weight bf16 model of a named shape on ``device`` (HF initialisation, eval mode)."""
+def build_model(name: str, device: torch.device, layers: Optional[int] = None) -> nn.Module:
+    """Random-weight bf16 model of a named shape on ``device`` (HF initialisation, eval mode);
+    ``layers`` overrides the number of decoder layers (profiling runs)."""
     config = MODEL_CONFIGS[name]()
+    if layers is not None:
+        config.num_hidden_layers = layers
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
@@ -189,7 +194,7 @@ def measure(model_name: str, variant: Variant, args, device: torch.device) -> Re
     else:
         passes.uninstall()
     torch.manual_seed(args.seed)
-    model = apply_variant(build_model(model_name, device), variant, args.seed)
+    model = apply_variant(build_model(model_name, device, args.layers), variant, args.seed)
     result.model_bytes = lift_ao.footprint(model)
 
     def decode_step(ids, cache, position):
@@ -213,11 +218,28 @@ def measure(model_name: str, variant: Variant, args, device: torch.device) -> Re
         result.peak_memory_bytes = torch.cuda.max_memory_allocated()
     result.frames_compiled = counters["stats"]["unique_graphs"]
     result.lift_ao_rewrites = dict(counters["lift_ao"])
+    result.cudagraph_counters = {k: v for k, v in counters["inductor"].items() if "cudagraph" in k}
+    if args.profile:
+        result.profile = profile_decode(model, step, prompt, cache, args.profile)
     passes.install()
     del model, cache, step
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return result
+
+
+def profile_decode(model, step, prompt: torch.Tensor, cache: StaticCache, new_tokens: int) -> str:
+    """torch.profiler table of one ``new_tokens`` generation: kernels by total device time (divide
+    by ``new_tokens`` for per-token figures), so a slow decode names what it spends its time on."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if prompt.device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        _, seconds = generate(model, step, prompt, cache, new_tokens)
+    averages = prof.key_averages()
+    sort_key = "self_device_time_total" if prompt.device.type == "cuda" else "self_cpu_time_total"
+    table = averages.table(sort_by=sort_key, row_limit=30, max_name_column_width=70)
+    return f"{new_tokens} tokens in {seconds:.3f} s under the profiler\n{table}"
 
 
 def kernel_status(device: torch.device) -> dict[str, bool]:
@@ -262,6 +284,11 @@ def write_report(results: list[Result], meta: dict, out_dir: str, tag: str):
             if r.variant.startswith("lift") and off and r.tokens_per_s:
                 lines.append(f"\nPasses on/off, {r.variant}: {r.tokens_per_s / off:.2f}×")
         lines.append("")
+        for r in rows:
+            if r.cudagraph_counters:
+                lines.append(f"{r.variant}: inductor CUDA-graph counters {r.cudagraph_counters}  ")
+            if r.profile:
+                lines += ["", f"### Profile: {r.variant}", "", "```", r.profile, "```", ""]
     with open(os.path.join(out_dir, f"decode_{tag}.md"), "w") as f:
         f.write("\n".join(lines))
 
@@ -276,6 +303,9 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--freezing", action="store_true", help="torch._inductor.config.freezing=True")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--layers", type=int, default=None, help="override the decoder layer count (profiling)")
+    parser.add_argument("--profile", type=int, default=0, metavar="TOKENS",
+                        help="after timing, profile a generation of TOKENS tokens (kernel table in the report)")
     parser.add_argument("--out", default=os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results"))
     parser.add_argument("--tag", default=None, help="output name decode_<tag>.{json,md} (default: from models)")
     args = parser.parse_args(argv)
@@ -297,11 +327,13 @@ def main(argv=None):
         "command": " ".join(["python", "benchmarks/decode.py", *(argv if argv is not None else sys.argv[1:])]),
         "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "lift_ao": lift_ao.__version__, "prompt_len": args.prompt_len,
-        "new_tokens": args.new_tokens, "repeats": args.repeats, "freezing": args.freezing,
+        "new_tokens": args.new_tokens, "repeats": args.repeats, "freezing": args.freezing, "layers": args.layers,
         "cuda": device.type == "cuda", "device_kernels": kernel_status(device),
         "note": "LiftQuant weights are random codes built directly (no nearest-neighbour search): speed does "
                 "not depend on code values; all weights are random, so generated text is meaningless.",
     }
+    if args.layers is not None:
+        meta["note"] += f" Decoder layers overridden to {args.layers} (profiling run): not the full model's speed."
     if args.smoke:
         meta["note"] += " Smoke run: a tiny CPU model and 8 tokens only check the script; its timings mean nothing."
     print(meta["note"])

@@ -36,6 +36,7 @@ from lift_ao.kernels import lift_activation, lifted_matmul  # importing register
 from lift_ao.kernels.reference import lift_activation_reference, lifted_matmul_reference
 from lift_ao.kernels.triton_lift import lift_activation_triton
 from lift_ao.kernels import triton_lut
+from lift_ao.kernels.triton_register import LOOKUP_MAX_TOKENS, _lifted_matmul_cuda
 from lift_ao.kernels.triton_matmul import _TUNING_CONFIGS, _lifted_matmul_tuned, lifted_matmul_triton
 
 SHAPES = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336), (8192, 8192), (28672, 8192), (8192, 28672)]
@@ -257,7 +258,7 @@ def study_lookup(log) -> list[dict]:
     study = []
     for rows, features in [(28672, 8192), (8192, 28672), (14336, 4096), (4096, 4096), (1024, 4096)]:
         layer = LiftedLayer(rows, features, 2.4)
-        for batch in (1, 2, 4, 8):
+        for batch in (1, 2):
             lifted = layer.lift(torch.randn(batch, features, device="cuda", dtype=DTYPE))
             base = dict(rows=rows, features=features, batch=batch, bytes=layer.code_bytes())
             study.append(dict(base, kernel="gemm", us=bench_us(
@@ -271,12 +272,12 @@ def study_lookup(log) -> list[dict]:
                                                                      splits=splits, config=config))
                     study.append(dict(base, kernel="lookup", config=config, splits=splits, us=us))
             lines = [e for e in study if e["rows"] == rows and e["batch"] == batch]
-            best = min((e for e in lines if e["kernel"] == "lookup"), key=lambda e: e["us"])
-            auto = [e for e in lines if e["kernel"] == "lookup" and e["splits"] is None]
-            log(f"lookup {rows}x{features} b{batch}: gemm {lines[0]['us']:.1f}us tables {lines[1]['us']:.1f}us "
-                f"best lookup {best['us']:.1f}us {best['config']} splits={best['splits']} "
-                f"({best['bytes'] / best['us'] / 1e3:.0f} GB/s); auto splits: "
-                + ", ".join(f"{e['config']['BLOCK_N']}:{e['us']:.1f}" for e in auto))
+            summary = [f"gemm {lines[0]['us']:.1f}us tables {lines[1]['us']:.1f}us"]
+            for variant in sorted({e["kernel"] for e in lines[2:]}):
+                best = min((e for e in lines if e["kernel"] == variant), key=lambda e: e["us"])
+                summary.append(f"{variant} {best['us']:.1f}us (BLOCK_N {best['config']['BLOCK_N']}, splits "
+                               f"{best['splits']}, {best['bytes'] / best['us'] / 1e3:.0f} GB/s)")
+            log(f"lookup {rows}x{features} b{batch}: " + "; ".join(summary))
         del layer
     return study
 
@@ -302,10 +303,12 @@ def time_shapes(copy_gbs: float, log, quick: bool, save) -> list[dict]:
                 rows_out.append(dict(base, method="int4", us=int4_us, bytes=int4_bytes))
             for bits, layer in layers.items():
                 lifted = layer.lift(x)
-                matmul_us = bench_us(lambda: lifted_matmul_triton(lifted, layer.codes, layer.row_scale, None))
+                # What the registered op runs: the lookup kernel for few tokens, else the ±1 GEMM.
+                matmul_us = bench_us(lambda: _lifted_matmul_cuda(lifted, layer.codes, layer.row_scale, None))
                 lift_us = bench_us(lambda: layer.lift(x))
-                both_us = bench_us(lambda: lifted_matmul_triton(layer.lift(x), layer.codes, layer.row_scale, None))
-                best = _lifted_matmul_tuned.best_config
+                both_us = bench_us(lambda: _lifted_matmul_cuda(layer.lift(x), layer.codes, layer.row_scale, None))
+                best = (f"lookup {triton_lut._lookup_tuned.best_config}" if batch <= LOOKUP_MAX_TOKENS
+                        else _lifted_matmul_tuned.best_config)
                 matmul_bytes = layer.code_bytes() + 2 * batch * (layer.length + rows)
                 rows_out.append(dict(base, method=f"lift{bits}", bits=bits, us=matmul_us, bytes=matmul_bytes,
                                      lift_us=lift_us, lift_matmul_us=both_us, config=str(best)))
@@ -340,7 +343,8 @@ def markdown(result: dict) -> str:
              f"Command: `{result['command']}`  ", f"torch {result['torch']}, triton {result['triton']}, "
              f"copy bandwidth {result['copy_gbs']:.0f} GB/s (read+write), {result['date']}", "",
              "µs = median of do_bench over a CUDA-graph replay (L2 flushed); GB/s = minimal bytes / time; %copy = GB/s / copy bandwidth. "
-             "lift columns time `lifted_matmul` alone (x̃ given); `+lift` is lift_activation + lifted_matmul.", "",
+             "lift columns time the registered `lifted_matmul` CUDA kernel alone (x̃ given; the table-lookup kernel "
+             f"up to {LOOKUP_MAX_TOKENS} tokens, the ±1 GEMM above); `+lift` is lift_activation + lifted_matmul.", "",
              "| N×K | batch | bf16 µs | int4 µs | int4 %copy | " + " | ".join(
                  f"{b} µs | {b} %copy | {b} +lift µs | {b} vs int4 | {b} vs bf16" for b in LATTICES) + " |",
              "|" + "---|" * (5 + 5 * len(LATTICES))]

@@ -133,10 +133,11 @@ def build_tables(lifted: torch.Tensor, words: int, token_block: int) -> torch.Te
 
 
 def _split_count(rows: int, words: int, sms: int) -> int:
-    """K splits so that ≥ 16 warps per SM run (assuming 4-warp, 128-row programs); ≥ 16 words each."""
-    programs = triton.cdiv(rows, 128)
-    wanted = triton.cdiv(4 * sms, programs)
-    return max(1, min(wanted, words // 16, 32))
+    """K splits for ~32 resident 32-row programs per SM: on the H100 the 1-warp config won every
+    shape, at 8–16 splits (benchmarks/NOTES_kernels.md); each split keeps ≥ 16 words."""
+    programs = triton.cdiv(rows, 32)
+    wanted = triton.cdiv(32 * sms, programs)
+    return max(1, min(wanted, words // 16, 16))
 
 
 def lookup_matmul(
@@ -157,11 +158,11 @@ def lookup_matmul(
     """
     length = lifted.shape[-1]
     x = lifted.reshape(-1, length)
-    tokens, rows = x.shape[0], packed_codes.shape[0]
+    tokens = x.shape[0]
     if tokens > MAX_TOKENS:
         raise ValueError(f"lookup_matmul takes at most {MAX_TOKENS} tokens, got {tokens}; use lifted_matmul_triton")
-    words = packed_codes.shape[1]
-    if words % 4 or packed_codes.stride(1) != 1 or packed_codes.stride(0) != words:
+    rows, words = packed_codes.shape
+    if not packed_codes.is_contiguous() or words % 4:
         raise ValueError(f"packed codes must be contiguous rows of whole 4-word quads, got shape {tuple(packed_codes.shape)}")
     out = torch.empty(tokens, rows, dtype=lifted.dtype, device=lifted.device)
     if tokens == 0 or rows == 0:

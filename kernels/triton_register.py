@@ -22,7 +22,7 @@ __all__ = ["register_cuda_kernels"]
 _registered = False
 # Token counts up to this take the table-lookup kernel (kernels/triton_lut.py), larger ones the ±1
 # GEMM (kernels/triton_matmul.py); set from benchmarks/results/kernels_h100.md.
-LOOKUP_MAX_TOKENS = 4
+LOOKUP_MAX_TOKENS = 2
 
 
 def _lift_activation_cuda(x, input_signs, rotation_left, rotation_right, mapping):

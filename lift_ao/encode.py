@@ -76,7 +76,7 @@ def encode_weight(
         progress: show a tqdm bar over row chunks.
         beam_width: the search's beam width (None = the lattice's default; see ``nearest_codes``).
     Returns:
-        packed_codes: (N, ceil(L/32)) int32, L = Kp·D/d (layout in :mod:`lift_ao.packing`).
+        packed_codes: (N, words_per_row(L)) int32, L = Kp·D/d (layout in :mod:`lift_ao.packing`).
         row_scale: (N,) float32.
     """
     n, kp = weight.shape[0], signs.shape[0]

@@ -155,10 +155,11 @@ class LiftQuantTensor(TorchAOBaseTensor):
         n, k = shape
         code_length = padded_in_features(k, lattice.d)[0] // lattice.d * lattice.D
         words = words_per_row(code_length)
-        packed = torch.randint(-(2**31), 2**31, (n, words), generator=generator, dtype=torch.int64)
-        unused_high_bits = words * 32 - code_length
-        if unused_high_bits:  # the packing format keeps a row's unused high bits zero
-            packed[:, -1] &= (1 << (32 - unused_high_bits)) - 1
+        packed = torch.randint(0, 2**32, (n, words), generator=generator, dtype=torch.int64)
+        # The packing format keeps the bits past code_length (to the end of the row's last quad) zero.
+        valid_bits = (code_length - 32 * torch.arange(words, dtype=torch.int64)).clamp(0, 32)
+        packed &= (1 << valid_bits) - 1
+        packed = torch.where(packed >= 2**31, packed - 2**32, packed)  # as int32 two's complement
         # A decoded coordinate (M q)_i has variance ||M||²/d for random q.
         scale = 0.02 / float((lattice.M.square().sum() / lattice.d).sqrt())
         row_scale = torch.full((n,), scale, dtype=torch.float32, device=device)
