@@ -169,7 +169,11 @@ def _markdown(doc: dict) -> str:
         "",
         "Calibrated rows (`lift-cal-*`): `lift_ao.calibrate` with the first --calibration-tokens tokens of the "
         "calibration split in sequences of 512, input-scale strength α = 0.5, Hessian damping 1%, decoder blocks "
-        "streamed one at a time; no intra-block fine-tuning.",
+        "streamed one at a time; no intra-block fine-tuning. `lift-cal-ft-*`: the same plus intra-block "
+        "fine-tuning (row and input scales, Adam against the full-precision model's block outputs): "
+        + (", ".join(sorted({f"{r['finetune']['finetune_steps']} steps per block of {r['finetune']['batch_size']} "
+                             f"sequences, peak lr {r['finetune']['finetune_lr']:g}" for r in doc["rows"].values()
+                             if r.get("finetune")})) or "none measured yet") + ".",
         "",
         "Commands: " + "; ".join(f"`{c}`" for c in commands),
         "",
@@ -195,7 +199,8 @@ def _plot(doc: dict, path: Path) -> bool:
     except ImportError:
         return False
     families = {"RTN g64": "rtn-int.-g64$", "RTN g128": "rtn-int.-g128$", "lift_ao data-free": r"lift-\d",
-                "lift_ao calibrated": "lift-cal-", "lift_ao planned": "lift-plan-"}
+                "lift_ao calibrated": r"lift-cal-\d",
+                "lift_ao calibrated + fine-tuned": "lift-cal-ft-", "lift_ao planned": "lift-plan-"}
     import re
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
