@@ -281,6 +281,23 @@ def test_compiled_llama_runs_fused_ops_only_and_matches_eager():
     FileCheck().check_not(LIFT_CALLS["lift_activation"]).check_not(LIFT_CALLS["lifted_matmul"]).run(code)
 
 
+def test_calibrated_llama_folds_real_valued_input_scales_and_matches_eager():
+    """After lift_ao.calibrate the input "signs" carry the activation-aware scales (not ±1); the
+    passes must fold and share them all the same (calibrate leaves lm_head in full precision)."""
+    model = _one_layer_llama()
+    lift_ao.calibrate(model, lift_ao.liftquant(bits=2.4), token_batch(2, batch=4, length=16), progress=False)
+    attention = model.model.layers[0].self_attn
+    signs = attention.q_proj.weight.input_signs
+    assert (signs.abs() - 1).abs().max() > 1e-3 and attention.k_proj.weight.input_signs is signs
+    layers = model.config.num_hidden_layers
+    ref, out, code = _compiled_logits(model, token_batch(0, batch=1, length=8))
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    assert dict(counters["lift_ao"]) == {"shared_transform": 3 * layers, "lift_fusion": 7 * layers,
+                                         "scale_folding": 2 * layers}
+    FileCheck().check_count(LIFT_CALLS["lifted_linear_group"], 2 * layers, exactly=True).run(code)
+    FileCheck().check_not(LIFT_CALLS["lift_activation"]).check_not(LIFT_CALLS["lifted_matmul"]).run(code)
+
+
 def test_frozen_bf16_qwen2_folds_signs_into_norm_constants_within_bf16_tolerance():
     model = _quantized(tiny_qwen2()).to(torch.bfloat16)  # q/k/v carry biases
     layers = model.config.num_hidden_layers
