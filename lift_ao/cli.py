@@ -81,7 +81,7 @@ def _cmd_quantize(args) -> dict:
 
     device = str(resolve_device(args.device or _default_device()))
     config = lift_ao.liftquant(bits=None if args.lattice else args.bits, lattice=args.lattice, seed=args.seed,
-                               include_lm_head=args.lm_head)
+                               include_lm_head=args.lm_head, beam_width=args.beam_width)
     t0 = time.perf_counter()
     model, tokenizer = _load_model(args.model, device)
     report = {"model": args.model, "device": device, "lattice": config.lattice, "bits_requested": args.bits,
@@ -214,6 +214,8 @@ def _parser() -> argparse.ArgumentParser:
                    "is used (default 2.4)")
     q.add_argument("--lattice", default=None, help="a lattice name such as 24/10 instead of --bits")
     q.add_argument("--seed", type=int, default=0, help="seed of the input rotations (default 0)")
+    q.add_argument("--beam-width", type=int, default=None, help="beam width of the nearest-code search (default: "
+                   "the lattice's, 64 for D >= 40, else 32); wider is slower and a little more accurate")
     q.add_argument("--lm-head", action="store_true", help="also quantize the output projection")
     q.add_argument("--out", type=Path, default=None, help="save the quantized model (safetensors) to this directory; "
                    f"finished layers are kept in DIR/{PARTIAL_DIR} until then, so rerunning a killed run resumes it")
