@@ -31,7 +31,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["lifted_linear", "lifted_linear_group"]
+__all__ = ["compose_group", "lifted_linear", "lifted_linear_group"]
 
 @torch.library.custom_op("lift_ao::lifted_linear", mutates_args=())
 def lifted_linear(
@@ -89,12 +89,21 @@ def lifted_linear_group(
         folded_signs: (Kp_f,) float32, Kp_f ≥ K, whose first K entries x was multiplied by; or None.
         input_signs: G × (Kp_i,) float32; rotation_left: G × (k1_i, k1_i); rotation_right: G × (k2_i, k2_i);
             mapping: G × (d_i, D_i) — each sibling's transform (see :func:`lifted_linear`).
-        packed_codes: G × (N_i, ceil(L_i/32)) int32, L_i = Kp_i·D_i/d_i.
+        packed_codes: G × (N_i, words_per_row(L_i)) int32, L_i = Kp_i·D_i/d_i.
         row_scale: G × (N_i,) float32.
         bias: G entries, each (N_i,) or None.
     Returns:
         G tensors (..., N_i) in x.dtype.
     """
+    return compose_group(x, folded_signs, input_signs, rotation_left, rotation_right, mapping, packed_codes,
+                         row_scale, bias, matmul=torch.ops.lift_ao.lifted_matmul)
+
+
+def compose_group(x, folded_signs, input_signs, rotation_left, rotation_right, mapping, packed_codes, row_scale,
+                  bias, *, matmul) -> list[torch.Tensor]:
+    """:func:`lifted_linear_group` from the base ops, each shared lift computed once; ``matmul(lifted,
+    packed_codes, row_scale, bias)`` computes each sibling's output (a device kernel may pass one
+    that also shares per-lift work, such as the decode kernel's lookup tables)."""
     per_sibling = (input_signs, rotation_left, rotation_right, mapping, packed_codes, row_scale, bias)
     if not input_signs or len({len(column) for column in per_sibling}) != 1:
         raise ValueError("lifted_linear_group needs G ≥ 1 entries in every per-sibling list")
@@ -115,7 +124,7 @@ def lifted_linear_group(
                 undo_folded = (signs[:k] / folded_signs[:k]).to(x.dtype)
                 lifted = torch.ops.lift_ao.lift_activation(x * undo_folded, None, left, right, lattice_map)
             lifted_by_transform[key] = lifted
-        outputs.append(torch.ops.lift_ao.lifted_matmul(lifted_by_transform[key], codes, scale, b))
+        outputs.append(matmul(lifted_by_transform[key], codes, scale, b))
     return outputs
 
 

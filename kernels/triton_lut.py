@@ -29,7 +29,7 @@ import triton.language as tl
 
 from .triton_matmul import quick_bench, reduce_splits, sm_count
 
-__all__ = ["MAX_TOKENS", "build_tables", "lookup_matmul"]
+__all__ = ["MAX_TOKENS", "build_tables", "lookup_matmul", "token_block"]
 
 # Code words per thread per step: one 16-byte load.
 _WORDS_PER_STEP = 4
@@ -132,6 +132,11 @@ def build_tables(lifted: torch.Tensor, words: int, token_block: int) -> torch.Te
     return tables
 
 
+def token_block(tokens: int) -> int:
+    """Tokens per table entry for ``tokens`` tokens: the next power of two."""
+    return triton.next_power_of_2(tokens)
+
+
 def _split_count(rows: int, words: int, sms: int) -> int:
     """K splits for ~32 resident 32-row programs per SM: on the H100 the 1-warp config won every
     shape, at 8–16 splits (benchmarks/NOTES_kernels.md); each split keeps ≥ 16 words."""
@@ -143,6 +148,7 @@ def _split_count(rows: int, words: int, sms: int) -> int:
 def lookup_matmul(
     lifted: torch.Tensor, packed_codes: torch.Tensor, row_scale: torch.Tensor,
     bias: Optional[torch.Tensor], splits: Optional[int] = None, config: Optional[dict] = None,
+    tables: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """``y = r ⊙ (Q · x̃) + b`` for up to :data:`MAX_TOKENS` tokens by table lookup.
 
@@ -153,6 +159,8 @@ def lookup_matmul(
         bias: (N,) or None.
         splits: K splits (None: chosen from the problem size and SM count).
         config: fixed ``{"BLOCK_N", "num_warps", "num_stages"}`` instead of autotuning.
+        tables: :func:`build_tables` of this x̃ (computed here when None; siblings reading the same
+            x̃ can share them).
     Returns:
         (..., N) in lifted.dtype, accumulated in fp32.
     """
@@ -167,8 +175,11 @@ def lookup_matmul(
     out = torch.empty(tokens, rows, dtype=lifted.dtype, device=lifted.device)
     if tokens == 0 or rows == 0:
         return out.reshape(*lifted.shape[:-1], rows)
-    block_b = triton.next_power_of_2(tokens)
-    tables = build_tables(x, words, block_b)
+    block_b = token_block(tokens)
+    if tables is None:
+        tables = build_tables(x, words, block_b)
+    elif tables.shape != (8 * words, 16, block_b):
+        raise ValueError(f"tables {tuple(tables.shape)} are not those of {tokens} tokens × {words} words per row")
     if splits is None:
         splits = _split_count(rows, words, sm_count(lifted.device))
     words_per_split = triton.cdiv(triton.cdiv(words, splits), 4) * 4

@@ -1,7 +1,10 @@
 """CUDA registrations of the Triton kernels for the ``lift_ao`` custom ops.
 
-The ops keep their names and fake impls (``kernels/ops.py``); this only adds a CUDA kernel to each,
-so CPU keeps the reference and ``torch.compile(fullgraph=True)`` still sees one opaque op node.
+The ops keep their names and fake impls (``kernels/ops.py``, ``kernels/fused_ops.py``); this only adds
+a CUDA kernel to each, so CPU keeps the reference and ``torch.compile(fullgraph=True)`` still sees one
+opaque op node. ``lifted_matmul`` picks the table-lookup kernel for up to ``LOOKUP_MAX_TOKENS`` tokens
+and the ±1 GEMM above; ``lifted_linear_group`` composes the base kernels like its default but builds
+the lookup tables once per shared lift. ``lifted_linear`` keeps its composing default.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import torch
 
 from lift_ao.packing import words_per_row
 
+from .fused_ops import compose_group, lifted_linear_group
 from .ops import _check_lift_args, lift_activation, lifted_matmul
 from . import triton_lut
 from .triton_lift import lift_activation_triton
@@ -42,6 +46,27 @@ def _lifted_matmul_cuda(lifted, packed_codes, row_scale, bias: Optional[torch.Te
     return lifted_matmul_triton(lifted, packed_codes, row_scale, bias)
 
 
+def _lifted_linear_group_cuda(x, folded_signs, input_signs, rotation_left, rotation_right, mapping,
+                              packed_codes, row_scale, bias):
+    """The group op's composition, with the decode kernel's lookup tables built once per shared lift
+    (q/k/v, gate/up) instead of once per sibling."""
+    tables_of_lift: dict[int, torch.Tensor] = {}
+
+    def matmul(lifted, codes, scale, b):
+        length = lifted.shape[-1]
+        tokens = lifted.numel() // max(length, 1)
+        if tokens > LOOKUP_MAX_TOKENS or codes.shape[1] != words_per_row(length):
+            return _lifted_matmul_cuda(lifted, codes, scale, b)
+        # compose_group keeps every shared lift alive for the whole call, so its id is a stable key.
+        if id(lifted) not in tables_of_lift:
+            tables_of_lift[id(lifted)] = triton_lut.build_tables(
+                lifted.reshape(tokens, length), codes.shape[1], triton_lut.token_block(tokens))
+        return triton_lut.lookup_matmul(lifted, codes.contiguous(), scale, b, tables=tables_of_lift[id(lifted)])
+
+    return compose_group(x, folded_signs, input_signs, rotation_left, rotation_right, mapping, packed_codes,
+                         row_scale, bias, matmul=matmul)
+
+
 def register_cuda_kernels() -> None:
     """Make the CUDA dispatch of both ops run the Triton kernels (idempotent)."""
     global _registered
@@ -49,4 +74,5 @@ def register_cuda_kernels() -> None:
         return
     lift_activation.register_kernel("cuda")(_lift_activation_cuda)
     lifted_matmul.register_kernel("cuda")(_lifted_matmul_cuda)
+    lifted_linear_group.register_kernel("cuda")(_lifted_linear_group_cuda)
     _registered = True

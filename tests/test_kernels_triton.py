@@ -17,7 +17,8 @@ from lift_ao.kernels.reference import lift_activation_reference, lifted_matmul_r
 from lift_ao.kernels.triton_lift import lift_activation_triton  # noqa: E402
 from lift_ao.kernels.triton_lut import MAX_TOKENS, build_tables, lookup_matmul  # noqa: E402
 from lift_ao.kernels.triton_matmul import lifted_matmul_triton  # noqa: E402
-from lift_ao.kernels.triton_register import _lifted_matmul_cuda  # noqa: E402
+from lift_ao.kernels.triton_register import _lifted_linear_group_cuda, _lifted_matmul_cuda  # noqa: E402
+from lift_ao.kernels.fused_ops import lifted_linear_group  # noqa: E402
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 # ‖out − ref‖ / ‖ref‖ bounds: the output's own rounding dominates for 16-bit types; fp32 runs as a
@@ -196,3 +197,32 @@ def test_lift_then_matmul_equals_reference_pipeline():
     ref = lifted_matmul_reference(lift_activation_reference(x, rotation.signs, rotation.left, rotation.right, mapping),
                                   codes, scale, bias)
     assert _relative_error(out, ref.double()) < 2 * TOLERANCE[torch.bfloat16]
+
+
+@pytest.mark.parametrize("tokens", [1, 5])
+def test_cuda_group_kernel_shares_tables_and_matches_the_composition(tokens, monkeypatch):
+    """q/k/v-like siblings: two share a transform (one table build for both at ≤ 2 tokens), the third
+    has its own; outputs equal the default composition of the reference ops."""
+    import lift_ao.kernels.triton_lut as lut
+
+    g = torch.Generator().manual_seed(21 + tokens)
+    features, d, D = 60, 10, 24
+    shared, other = make_rotation(features, d, seed=0), make_rotation(features, d, seed=1)
+    mapping = torch.randn(d, D, generator=g) / d**0.5
+    length = shared.padded_features // d * D
+    siblings = [(shared, 13), (shared, 7), (other, 9)]
+    codes = [_random_codes(rows, length, g)[1] for _, rows in siblings]
+    scales = [torch.rand(rows, generator=g) + 0.5 for _, rows in siblings]
+    args = (torch.randn(tokens, features, generator=g).to(torch.float16), None,
+            [r.signs for r, _ in siblings], [r.left for r, _ in siblings], [r.right for r, _ in siblings],
+            [mapping] * 3, codes, scales, [None, torch.randn(7, generator=g).to(torch.float16), None])
+    builds = []
+    original = lut.build_tables
+    monkeypatch.setattr(lut, "build_tables", lambda *a, **k: builds.append(1) or original(*a, **k))
+
+    out = _lifted_linear_group_cuda(*args)
+
+    assert len(builds) == (2 if tokens <= 2 else 0)
+    for got, want in zip(out, lifted_linear_group(*args)):  # CPU: the reference ops' composition
+        assert got.shape == want.shape
+        assert _relative_error(got, want.double()) < 2 * TOLERANCE[torch.float16]
