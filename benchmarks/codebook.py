@@ -18,33 +18,17 @@ import json
 import os
 import shlex
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 from lift_ao.lattice import Lattice
 from lift_ao.search import code_errors, enumerate_codes, nearest_codes
-from machine import cpu_name
+from machine import cpu_name, fastest
 
 PAPER_MSE = {"16/8": 0.089, "32/16": 0.082, "30/14": 0.070, "24/10": 0.053, "32/20": 0.146}
 ENUMERATED = ("24/10", "16/8", "32/16")
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def _timed(fn, repeats: int):
-    """(result of the first call, fastest wall time, process CPU time of that call) over
-    ``repeats`` calls: the CPU is shared, so the minimum is the least disturbed measurement, and
-    CPU time (all our threads) / threads estimates the wall time on idle cores."""
-    best, best_cpu, result = float("inf"), float("nan"), None
-    for _ in range(repeats):
-        start, start_cpu = time.perf_counter(), time.process_time()
-        out = fn()
-        wall, cpu = time.perf_counter() - start, time.process_time() - start_cpu
-        if wall < best:
-            best, best_cpu = wall, cpu
-        result = out if result is None else result
-    return result, best, best_cpu
 
 
 def main(argv=None) -> None:
@@ -65,7 +49,7 @@ def main(argv=None) -> None:
         codes = nearest_codes(x, lattice)
         mse = float(code_errors(x, codes, lattice).mean()) / lattice.d
         x_time = torch.randn(args.timing_weights // lattice.d, lattice.d, generator=gen)
-        _, seconds, cpu_seconds = _timed(lambda: nearest_codes(x_time, lattice), args.repeats)
+        _, seconds, cpu_seconds = fastest(lambda: nearest_codes(x_time, lattice), args.repeats)
         seconds_per_1m = seconds * 1e6 / x_time.numel()
         row = dict(
             lattice=lattice.name, d=lattice.d, D=lattice.D, bits=round(lattice.bits, 4), mse=mse,
@@ -78,7 +62,7 @@ def main(argv=None) -> None:
         if lattice.name in ENUMERATED:
             n = args.enum_blocks_32 if lattice.D - lattice.d > 14 else args.enum_blocks
             sub = x[:n]
-            enum_codes, enum_seconds, _ = _timed(lambda: enumerate_codes(sub, lattice), 1)
+            enum_codes, enum_seconds, _ = fastest(lambda: enumerate_codes(sub, lattice), 1)
             enum_mse = float(code_errors(sub, enum_codes, lattice).mean()) / lattice.d
             fast_sub_mse = float(code_errors(sub, codes[:n], lattice).mean()) / lattice.d
             row.update(

@@ -19,7 +19,6 @@ import json
 import math
 import shlex
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -31,28 +30,11 @@ torch_only.install()
 from lift_ao.lattice import Lattice  # noqa: E402
 from lift_ao.search import code_errors, default_beam_width, nearest_codes  # noqa: E402
 from encoder import device_name, write_results  # noqa: E402
+from machine import fastest  # noqa: E402
 
 LATTICES = ("24/10", "24/8", "32/16", "32/10", "40/16", "48/24", "48/20", "48/16@256")
 WIDTHS = (16, 32, 64, 128)
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def _seconds(fn, device: torch.device, repeats: int) -> tuple[float, float]:
-    """(wall, process CPU) seconds of the fastest of ``repeats`` calls (CUDA: synchronised, after
-    one warm-up call). On a shared CPU the process CPU time is the steadier of the two."""
-    if device.type == "cuda":
-        fn()
-        torch.cuda.synchronize()
-    best = (float("inf"), float("nan"))
-    for _ in range(repeats):
-        start, start_cpu = time.perf_counter(), time.process_time()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        wall = time.perf_counter() - start
-        if wall < best[0]:
-            best = (wall, time.process_time() - start_cpu)
-    return best
 
 
 def measure(lattice: Lattice, widths, device: torch.device, blocks: int, repeats: int, seed: int) -> list[dict]:
@@ -63,7 +45,7 @@ def measure(lattice: Lattice, widths, device: torch.device, blocks: int, repeats
     rows = []
     for K in widths:
         codes = nearest_codes(x, lat, beam_width=K)
-        seconds, cpu_seconds = _seconds(lambda: nearest_codes(x, lat, beam_width=K), device, repeats)
+        _, seconds, cpu_seconds = fastest(lambda: nearest_codes(x, lat, beam_width=K), repeats, device)
         mse = float(code_errors(x, codes, lat).double().mean()) / lat.d
         info_bits = -0.5 * math.log2(mse)
         rows.append(dict(

@@ -3,8 +3,9 @@
 For 16/8, 32/16, 24/10, 30/14 and 24/8: time per 1M weights and MSE per coordinate of
 ``nearest_codes`` on N(0,1) blocks, and of ``enumerate_codes`` (every padding in {±1}^(D−d)) on a
 subsample of the same blocks, in the same run on the same device; for D ≤ 16 also the true nearest
-neighbour (``exhaustive_codes``). On CUDA times are medians of CUDA-event-timed repeats after a
-warm-up; on CPU the fastest of the repeats (the CPU may be shared).
+neighbour (``exhaustive_codes``). Times are the fastest of the repeats (``machine.fastest``: on CUDA
+after a warm-up, synchronised; the CPU may be shared). results/encoder_cuda.md (2026-11-25 16:05) timed
+CUDA as the median of CUDA events.
 
     python benchmarks/encoder.py --device cuda                       # GPU
     python benchmarks/encoder.py --device cpu --enum-blocks 500      # CPU: small sample, ratios
@@ -19,16 +20,14 @@ import argparse
 import json
 import os
 import shlex
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch_only  # noqa: E402
-from machine import cpu_name  # noqa: E402
+from machine import cpu_name, fastest  # noqa: E402
 
 torch_only.install()
 from lift_ao.lattice import Lattice  # noqa: E402
@@ -36,28 +35,6 @@ from lift_ao.search import code_errors, enumerate_codes, exhaustive_codes, neare
 
 LATTICES = ("16/8", "32/16", "24/10", "30/14", "24/8")
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def _seconds(fn, device: torch.device, repeats: int) -> float:
-    """Wall seconds of ``fn()``: median of CUDA-event timings after a warm-up on CUDA, the fastest
-    of ``repeats`` on CPU (other jobs only ever slow a run down)."""
-    if device.type != "cuda":
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return min(times)
-    fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times)
 
 
 def device_name(device: torch.device) -> str:
@@ -76,13 +53,13 @@ def bench(lattice: Lattice, device: torch.device, weights: int, enum_blocks: int
     lat = lattice.to(device)
     x = torch.randn(weights // lat.d, lat.d, generator=torch.Generator().manual_seed(seed)).to(device)
     codes = nearest_codes(x, lat)
-    nearest_s = _seconds(lambda: nearest_codes(x, lat), device, repeats)
+    _, nearest_s, _ = fastest(lambda: nearest_codes(x, lat), repeats, device)
     n = enum_blocks // 4 if lat.D - lat.d > 14 else enum_blocks
     sub = x[:n]
     # Big chunks on CUDA (fewer launches), the function's defaults on CPU.
     enum_kw = dict(chunk_size=512, padding_chunk=8192) if device.type == "cuda" else {}
     enum = enumerate_codes(sub, lat, **enum_kw)
-    enum_s = _seconds(lambda: enumerate_codes(sub, lat, **enum_kw), device, 1)
+    _, enum_s, _ = fastest(lambda: enumerate_codes(sub, lat, **enum_kw), 1, device)
     mse = lambda c, v: float(code_errors(v, c, lat).mean()) / lat.d  # noqa: E731
     row = dict(
         lattice=lat.name, bits=round(lat.bits, 4), blocks=len(x), mse=mse(codes, x),
