@@ -9,7 +9,9 @@ x̃ = lift(Rᵀ x) (length Kp·D/d) and ``y = r ⊙ (Q x̃) + b`` through the op
 
 Tensor data (all plain tensors, so the subclass flattens for ``torch.compile`` and safetensors):
     packed_codes:   (N, words_per_row(L)) int32, L = Kp·D/d; row n's code bits in order (block-major,
-                    D bits per block), bit j in word j//32 at bit j%32, LSB first, 1 = +1.
+                    D bits per block), bit j in word j//32 at bit j%32, LSB first, 1 = +1; rows padded
+                    with zero bits to whole 16-byte quads of words, so the decode kernel loads 4 words
+                    of a row with one vector load (kernels/triton_lut.py; format version 2).
     row_scale:      (N,) float32, r.
     mapping:        (d, D) float32, the lattice matrix M.
     input_signs:    (Kp,) float32: the random ±1 signs, divided by activation-aware input scales
