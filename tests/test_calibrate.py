@@ -75,6 +75,20 @@ def _state(model) -> dict:
     return out
 
 
+def crash_after_first_block(monkeypatch, run) -> None:
+    """Call ``run`` (a calibration with a checkpoint_dir) and stop it, as a crash would, once block 0 is saved."""
+    save = calibration.save_shard
+
+    def save_then_crash(*args, **kwargs):
+        save(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(calibration, "save_shard", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    monkeypatch.setattr(calibration, "save_shard", save)
+
+
 def test_calibrate_tiny_llama_streams_resumes_bit_identically(tmp_path, monkeypatch):
     model, config = tiny_llama(), lift_ao.liftquant(lattice=LATTICE)
     tokens, held_out = token_batch(0, batch=16, length=32), token_batch(1, batch=8, length=32)
@@ -93,16 +107,8 @@ def test_calibrate_tiny_llama_streams_resumes_bit_identically(tmp_path, monkeypa
     assert error(complete) < error(data_free)
 
     # Crash after block 0 is saved, then resume: block 0 is loaded, not re-encoded.
-    save = calibration.save_shard
-
-    def save_then_crash(*args, **kwargs):
-        save(*args, **kwargs)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(calibration, "save_shard", save_then_crash)
-    with pytest.raises(KeyboardInterrupt):
-        calibrate(copy.deepcopy(model), config, tokens, checkpoint_dir=tmp_path / "resumed", progress=False)
-    monkeypatch.setattr(calibration, "save_shard", save)
+    crash_after_first_block(monkeypatch, lambda: calibrate(copy.deepcopy(model), config, tokens,
+                                                           checkpoint_dir=tmp_path / "resumed", progress=False))
     encoded = []
     monkeypatch.setattr(calibration, "_quantize_group", lambda modules, *a: encoded.append(modules) or
                         _quantize_group(modules, *a))

@@ -8,6 +8,7 @@ import torch
 import lift_ao
 from lift_ao import calibration
 from lift_ao.calibration import _block_inputs, _run_block, calibrate, finetune_block
+from test_calibrate import crash_after_first_block
 from tiny_models import tiny_llama, token_batch
 
 LATTICE = "16/8"  # the cheapest search of the shipped lattices
@@ -103,16 +104,8 @@ def test_finetuned_calibration_resumes_bit_identically(tmp_path, monkeypatch):
     options = dict(batch_size=BATCH, finetune_steps=4, finetune_lr=LR, progress=False)
     complete = calibrate(copy.deepcopy(model), config, tokens, checkpoint_dir=tmp_path / "complete", **options)
 
-    save = calibration.save_shard
-
-    def save_then_crash(*args, **kwargs):
-        save(*args, **kwargs)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(calibration, "save_shard", save_then_crash)
-    with pytest.raises(KeyboardInterrupt):
-        calibrate(copy.deepcopy(model), config, tokens, checkpoint_dir=tmp_path / "resumed", **options)
-    monkeypatch.setattr(calibration, "save_shard", save)
+    crash_after_first_block(monkeypatch, lambda: calibrate(copy.deepcopy(model), config, tokens,
+                                                           checkpoint_dir=tmp_path / "resumed", **options))
     tuned = []
     monkeypatch.setattr(calibration, "finetune_block", lambda *a, **k: tuned.append(1) or finetune_block(*a, **k))
     resumed = calibrate(copy.deepcopy(model), config, tokens, checkpoint_dir=tmp_path / "resumed", **options)
