@@ -187,6 +187,9 @@ def _markdown(doc: dict) -> str:
         lines.append(f"| {method} | {row['bits_per_weight']:.3f} | {row['model_bytes'] / 1e6:.1f} | "
                      f"{row['perplexity']:.2f} | {row['quantize_seconds']:.0f} | {row['device']} | {load} | "
                      f"{_evaluated(name, row)} |")
+    notes = [f"- {name}: {doc['rows'][name]['note']}" for name in ROWS if doc["rows"].get(name, {}).get("note")]
+    if notes:
+        lines += ["", "Notes:", *notes]
     return "\n".join(lines) + "\n"
 
 
