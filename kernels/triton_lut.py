@@ -12,8 +12,8 @@ address and one cached load, about one integer instruction per weight bit.
 
 Two launches (plus the split reduction of :mod:`.triton_matmul`):
 
-1. :func:`_build_tables_kernel` — (B, L) x̃ → (B, G, 16) fp32 tables, G = 8 · words (zero past L,
-   so the zero code bits past a row's end add nothing).
+1. :func:`_build_tables_kernel` — (B, L) x̃ → (G, 16, BLOCK_B) fp32 tables, G = 8 · words (zero
+   past L, so the zero code bits past a row's end add nothing; the tokens of an entry contiguous).
 2. :func:`_lookup_kernel` — each program owns ``BLOCK_N`` rows and one K split; a thread owns one
    row and loads 4 consecutive code words (16 bytes) per step, so the 32 lanes of a warp read the
    *same* table (one 64-byte segment, one L1 wavefront) with different nibbles.
@@ -30,10 +30,6 @@ import triton.language as tl
 from .triton_matmul import quick_bench, reduce_splits, sm_count
 
 __all__ = ["MAX_TOKENS", "build_tables", "lookup_matmul", "token_block"]
-
-# Code words per thread per step: one 16-byte load.
-_WORDS_PER_STEP = 4
-
 
 @triton.jit
 def _build_tables_kernel(lifted_ptr, table_ptr, B, L, groups, stride_lifted,

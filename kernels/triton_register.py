@@ -9,6 +9,7 @@ the lookup tables once per shared lift. ``lifted_linear`` keeps its composing de
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -34,41 +35,43 @@ def _lift_activation_cuda(x, input_signs, rotation_left, rotation_right, mapping
     return lift_activation_triton(x, input_signs, rotation_left, rotation_right, mapping)
 
 
-def _lifted_matmul_cuda(lifted, packed_codes, row_scale, bias: Optional[torch.Tensor]):
-    if packed_codes.dtype != torch.int32 or packed_codes.shape[1] != words_per_row(lifted.shape[-1]):
+def _matmul_cuda(lifted, packed_codes, row_scale, bias: Optional[torch.Tensor],
+                 tables_of_lift: Optional[dict] = None):
+    """The lookup kernel for up to LOOKUP_MAX_TOKENS tokens, else the ±1 GEMM. ``tables_of_lift``
+    (id of x̃ → its lookup tables) lets siblings reading the same x̃ build the tables once; the
+    caller keeps those x̃ alive while it holds the dict, so their ids stay unique."""
+    length = lifted.shape[-1]
+    if packed_codes.dtype != torch.int32 or packed_codes.shape[1] != words_per_row(length):
         raise ValueError(
             f"packed codes {packed_codes.dtype} {tuple(packed_codes.shape)} do not match a lifted "
-            f"activation of length {lifted.shape[-1]}"
+            f"activation of length {length}"
         )
-    tokens = lifted.numel() // max(lifted.shape[-1], 1)
-    if tokens <= LOOKUP_MAX_TOKENS:
-        return triton_lut.lookup_matmul(lifted, packed_codes.contiguous(), row_scale, bias)
-    return lifted_matmul_triton(lifted, packed_codes, row_scale, bias)
+    tokens = lifted.numel() // max(length, 1)
+    if tokens > LOOKUP_MAX_TOKENS:
+        return lifted_matmul_triton(lifted, packed_codes, row_scale, bias)
+    tables = None
+    if tables_of_lift is not None and tokens > 0:
+        if id(lifted) not in tables_of_lift:
+            tables_of_lift[id(lifted)] = triton_lut.build_tables(
+                lifted.reshape(tokens, length), packed_codes.shape[1], triton_lut.token_block(tokens))
+        tables = tables_of_lift[id(lifted)]
+    return triton_lut.lookup_matmul(lifted, packed_codes.contiguous(), row_scale, bias, tables=tables)
+
+
+def _lifted_matmul_cuda(lifted, packed_codes, row_scale, bias: Optional[torch.Tensor]):
+    return _matmul_cuda(lifted, packed_codes, row_scale, bias)
 
 
 def _lifted_linear_group_cuda(x, folded_signs, input_signs, rotation_left, rotation_right, mapping,
                               packed_codes, row_scale, bias):
     """The group op's composition, with the decode kernel's lookup tables built once per shared lift
-    (q/k/v, gate/up) instead of once per sibling."""
-    tables_of_lift: dict[int, torch.Tensor] = {}
-
-    def matmul(lifted, codes, scale, b):
-        length = lifted.shape[-1]
-        tokens = lifted.numel() // max(length, 1)
-        if tokens > LOOKUP_MAX_TOKENS or codes.shape[1] != words_per_row(length):
-            return _lifted_matmul_cuda(lifted, codes, scale, b)
-        # compose_group keeps every shared lift alive for the whole call, so its id is a stable key.
-        if id(lifted) not in tables_of_lift:
-            tables_of_lift[id(lifted)] = triton_lut.build_tables(
-                lifted.reshape(tokens, length), codes.shape[1], triton_lut.token_block(tokens))
-        return triton_lut.lookup_matmul(lifted, codes.contiguous(), scale, b, tables=tables_of_lift[id(lifted)])
-
+    (q/k/v, gate/up) instead of once per sibling (compose_group keeps each shared lift alive)."""
     return compose_group(x, folded_signs, input_signs, rotation_left, rotation_right, mapping, packed_codes,
-                         row_scale, bias, matmul=matmul)
+                         row_scale, bias, matmul=functools.partial(_matmul_cuda, tables_of_lift={}))
 
 
 def register_cuda_kernels() -> None:
-    """Make the CUDA dispatch of both ops run the Triton kernels (idempotent)."""
+    """Make the CUDA dispatch of the ops run the Triton kernels (idempotent)."""
     global _registered
     if _registered:
         return
