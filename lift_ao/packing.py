@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["pack_codes", "unpack_codes", "words_per_row"]
+__all__ = ["pack_codes", "unpack_codes", "words_from_uint32", "words_per_row"]
 
 _BITS = 32
 _WORDS_PER_QUAD = 4
@@ -37,9 +37,13 @@ def pack_codes(codes: torch.Tensor) -> torch.Tensor:
     padded = torch.zeros(n, words * _BITS, dtype=torch.int64, device=codes.device)
     padded[:, :length] = codes.to(torch.int64)
     weights = torch.ones(_BITS, dtype=torch.int64, device=codes.device) << torch.arange(_BITS, device=codes.device)
-    as_int64 = (padded.view(n, words, _BITS) * weights).sum(-1)
-    # Reinterpret the unsigned 32-bit values as int32 (two's complement).
-    return torch.where(as_int64 >= 2**31, as_int64 - 2**32, as_int64).to(torch.int32)
+    return words_from_uint32((padded.view(n, words, _BITS) * weights).sum(-1))
+
+
+def words_from_uint32(values: torch.Tensor) -> torch.Tensor:
+    """Unsigned 32-bit word values held in int64 (any shape, each in [0, 2³²)) → the same bits as
+    int32 (two's complement), the dtype of packed codes."""
+    return torch.where(values >= 2**31, values - 2**32, values).to(torch.int32)
 
 
 def unpack_codes(packed: torch.Tensor, code_length: int) -> torch.Tensor:

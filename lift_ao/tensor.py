@@ -34,7 +34,7 @@ from torchao.utils import TorchAOBaseTensor, fill_defaults
 
 from lift_ao.encode import encode_weight
 from lift_ao.lattice import Lattice
-from lift_ao.packing import unpack_codes, words_per_row
+from lift_ao.packing import unpack_codes, words_from_uint32, words_per_row
 from lift_ao.transform import make_rotation, padded_in_features, unrotate
 
 __all__ = ["LiftQuantTensor", "share_constants"]
@@ -160,12 +160,11 @@ class LiftQuantTensor(TorchAOBaseTensor):
         packed = torch.randint(0, 2**32, (n, words), generator=generator, dtype=torch.int64)
         # The packing format keeps the bits past code_length (to the end of the row's last quad) zero.
         valid_bits = (code_length - 32 * torch.arange(words, dtype=torch.int64)).clamp(0, 32)
-        packed &= (1 << valid_bits) - 1
-        packed = torch.where(packed >= 2**31, packed - 2**32, packed)  # as int32 two's complement
+        packed = words_from_uint32(packed & ((1 << valid_bits) - 1))
         # A decoded coordinate (M q)_i has variance ||M||²/d for random q.
         scale = 0.02 / float((lattice.M.square().sum() / lattice.d).sqrt())
         row_scale = torch.full((n,), scale, dtype=torch.float32, device=device)
-        return cls.from_codes(packed.to(torch.int32).to(device), row_scale, lattice, seed=seed, shape=shape, dtype=dtype)
+        return cls.from_codes(packed.to(device), row_scale, lattice, seed=seed, shape=shape, dtype=dtype)
 
     # ----- properties -----------------------------------------------------------------------
 
