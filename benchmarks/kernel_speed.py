@@ -271,13 +271,11 @@ def study_lookup(log) -> list[dict]:
                     us = bench_us(lambda: triton_lut.lookup_matmul(lifted, layer.codes, layer.row_scale, None,
                                                                      splits=splits, config=config))
                     study.append(dict(base, kernel="lookup", config=config, splits=splits, us=us))
-            lines = [e for e in study if e["rows"] == rows and e["batch"] == batch]
-            summary = [f"gemm {lines[0]['us']:.1f}us tables {lines[1]['us']:.1f}us"]
-            for variant in sorted({e["kernel"] for e in lines[2:]}):
-                best = min((e for e in lines if e["kernel"] == variant), key=lambda e: e["us"])
-                summary.append(f"{variant} {best['us']:.1f}us (BLOCK_N {best['config']['BLOCK_N']}, splits "
-                               f"{best['splits']}, {best['bytes'] / best['us'] / 1e3:.0f} GB/s)")
-            log(f"lookup {rows}x{features} b{batch}: " + "; ".join(summary))
+            gemm, tables_entry, *lookups = [e for e in study if e["rows"] == rows and e["batch"] == batch]
+            best = min(lookups, key=lambda e: e["us"])
+            log(f"lookup {rows}x{features} b{batch}: gemm {gemm['us']:.1f}us tables {tables_entry['us']:.1f}us; "
+                f"lookup {best['us']:.1f}us (BLOCK_N {best['config']['BLOCK_N']}, splits {best['splits']}, "
+                f"{best['bytes'] / best['us'] / 1e3:.0f} GB/s)")
         del layer
     return study
 
