@@ -13,8 +13,13 @@ and bytes are measured.
 Per variant: batch 1, a ``--prompt-len`` prompt prefilled eagerly, then ``--new-tokens`` greedy steps
 through ``torch.compile(decode_step, fullgraph=True, mode="reduce-overhead")`` (CUDA graphs; default
 mode on CPU); one warm-up generation (compile + graph capture), then ``--repeats`` timed ones.
-Reports decode tokens/s (median), peak memory during the timed runs, model bytes (every storage once),
-recompiles, and the first generated tokens. Results: ``decode_<tag>.json`` and ``.md`` under ``--out``
+Every variant compiles with ``torch._inductor.config.freezing = True`` (``--no-freezing`` turns it off):
+without it, torch 2.11 unwraps each tensor-subclass weight on the host at every call (AOTAutograd's
+``runtime_unwrap_tensor_subclasses``), ~40 µs per weight, which made both torchao int4 (9.4 ms/token)
+and lift_ao (10.4 ms/token) host-bound on the Llama-3-8B shape (H100, benchmarks/results); freezing
+folds the weights into the graph as constants. Plain bf16 is unaffected (0.6 ms/token on the host).
+Reports decode tokens/s (median), the loop's host time per token, peak memory during the timed
+runs, model bytes (every storage once), recompiles, and the first generated tokens. Results: ``decode_<tag>.json`` and ``.md`` under ``--out``
 (default ``$OUT`` if set, else ``benchmarks/results``), rewritten after every variant so a run cut
 short keeps what it measured.
 """
@@ -102,6 +107,7 @@ class Result:
     variant: str
     tokens_per_s: Optional[float] = None
     tokens_per_s_runs: list = field(default_factory=list)
+    host_ms_per_token: Optional[float] = None  # the decode loop's host time before its final sync
     peak_memory_bytes: Optional[int] = None
     model_bytes: Optional[int] = None
     frames_compiled: Optional[int] = None
@@ -160,26 +166,34 @@ def _sync(device: torch.device):
         torch.cuda.synchronize()
 
 
-def generate(model, step, prompt: torch.Tensor, cache: StaticCache, new_tokens: int) -> tuple[list, float]:
-    """Greedy decode ``new_tokens`` after an eager prefill; returns (tokens, decode seconds)."""
+def generate(model, step, prompt: torch.Tensor, cache: StaticCache, new_tokens: int) -> tuple[list, float, float]:
+    """Greedy decode ``new_tokens`` after an eager prefill; returns (tokens, decode seconds, host seconds).
+
+    Like a serving loop (gpt-fast), nothing in the loop waits for the GPU: the position is a device
+    tensor advanced in place (``torch.tensor([p], device=cuda)`` per token would be a pageable host
+    copy, which waits for the previous token, so the host's own per-token work would add to the GPU's
+    instead of overlapping it). Host seconds is the loop's time before the final sync: when it is
+    close to the decode seconds, the host (guards, graph replay) and not the GPU sets the speed."""
     device = prompt.device
     cache.reset()
     with torch.no_grad():
         logits = model(input_ids=prompt, cache=cache, cache_position=torch.arange(prompt.shape[1], device=device),
                        use_cache=True).logits
         token = logits[:, -1:].argmax(-1)
+        position = torch.tensor([prompt.shape[1]], device=device)
         tokens = []
         _sync(device)
         start = time.perf_counter()
-        for i in range(new_tokens):
+        for _ in range(new_tokens):
             if device.type == "cuda":
                 torch.compiler.cudagraph_mark_step_begin()
-            position = torch.tensor([prompt.shape[1] + i], device=device)
-            token = step(token, cache, position)[:, -1:].argmax(-1).clone()
+            token = step(token, cache, position)[:, -1:].argmax(-1)
+            position += 1
             tokens.append(token)
+        host = time.perf_counter() - start
         _sync(device)
         elapsed = time.perf_counter() - start
-    return [int(t) for t in torch.cat(tokens, 1)[0, :8]], elapsed
+    return [int(t) for t in torch.cat(tokens, 1)[0, :8]], elapsed, host
 
 
 def measure(model_name: str, variant: Variant, args, device: torch.device) -> Result:
@@ -210,10 +224,13 @@ def measure(model_name: str, variant: Variant, args, device: torch.device) -> Re
     generate(model, step, prompt, cache, args.new_tokens)  # compile + graph capture
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    host_seconds = []
     for _ in range(args.repeats):
-        result.first_tokens, seconds = generate(model, step, prompt, cache, args.new_tokens)
+        result.first_tokens, seconds, host = generate(model, step, prompt, cache, args.new_tokens)
         result.tokens_per_s_runs.append(args.new_tokens / seconds)
+        host_seconds.append(host)
     result.tokens_per_s = statistics.median(result.tokens_per_s_runs)
+    result.host_ms_per_token = 1e3 * statistics.median(host_seconds) / args.new_tokens
     if device.type == "cuda":
         result.peak_memory_bytes = torch.cuda.max_memory_allocated()
     result.frames_compiled = counters["stats"]["unique_graphs"]
@@ -229,17 +246,30 @@ def measure(model_name: str, variant: Variant, args, device: torch.device) -> Re
 
 
 def profile_decode(model, step, prompt: torch.Tensor, cache: StaticCache, new_tokens: int) -> str:
-    """torch.profiler table of one ``new_tokens`` generation: kernels by total device time (divide
-    by ``new_tokens`` for per-token figures), so a slow decode names what it spends its time on."""
+    """A ``new_tokens`` generation under torch.profiler (kernels by total device time; divide by
+    ``new_tokens`` for per-token figures), then one under cProfile (host functions by own time), so
+    a slow decode names what it spends its time on, on the GPU and on the host."""
+    import cProfile
+    import io
+    import pstats
+
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if prompt.device.type == "cuda" else [])
     with profile(activities=activities) as prof:
-        _, seconds = generate(model, step, prompt, cache, new_tokens)
+        _, seconds, _ = generate(model, step, prompt, cache, new_tokens)
     averages = prof.key_averages()
     sort_key = "self_device_time_total" if prompt.device.type == "cuda" else "self_cpu_time_total"
     table = averages.table(sort_by=sort_key, row_limit=30, max_name_column_width=70)
-    return f"{new_tokens} tokens in {seconds:.3f} s under the profiler\n{table}"
+    host = cProfile.Profile()
+    host.enable()
+    _, host_seconds, _ = generate(model, step, prompt, cache, new_tokens)
+    host.disable()
+    host_table = io.StringIO()
+    pstats.Stats(host, stream=host_table).sort_stats("tottime").print_stats(25)
+    return (f"{new_tokens} tokens in {seconds:.3f} s under the profiler\n{table}\n"
+            f"{new_tokens} tokens in {host_seconds:.3f} s under cProfile (host functions by own time)\n"
+            f"{host_table.getvalue()}")
 
 
 def kernel_status(device: torch.device) -> dict[str, bool]:
@@ -269,14 +299,16 @@ def write_report(results: list[Result], meta: dict, out_dir: str, tag: str):
         rows = [r for r in results if r.model == model]
         base = {r.variant: r.tokens_per_s for r in rows if r.tokens_per_s}
         lines += [f"## {model}", "",
-                  "| variant | tokens/s | × bf16 | × int4 | peak memory | model bytes | graphs | lift_ao rewrites |",
-                  "|---|---:|---:|---:|---:|---:|---:|---|"]
+                  "| variant | tokens/s | ms/token | host ms/token | × bf16 | × int4 | peak memory | model bytes | graphs "
+                  "| lift_ao rewrites |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
         for r in rows:
             if r.error:
-                lines.append(f"| {r.variant} | error: {r.error} | | | | | | |")
+                lines.append(f"| {r.variant} | error: {r.error} | | | | | | | | |")
                 continue
             ratio = lambda ref: f"{r.tokens_per_s / base[ref]:.2f}" if ref in base else "—"  # noqa: E731
-            lines.append(f"| {r.variant} | {r.tokens_per_s:.1f} | {ratio('bf16')} | {ratio('int4')} | "
+            lines.append(f"| {r.variant} | {r.tokens_per_s:.1f} | {1e3 / r.tokens_per_s:.2f} | {r.host_ms_per_token:.2f} | "
+                         f"{ratio('bf16')} | {ratio('int4')} | "
                          f"{_fmt_bytes(r.peak_memory_bytes)} | {_fmt_bytes(r.model_bytes)} | {r.frames_compiled} | "
                          f"{r.lift_ao_rewrites} |")
         for r in rows:
@@ -301,7 +333,8 @@ def main(argv=None):
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--freezing", action="store_true", help="torch._inductor.config.freezing=True")
+    parser.add_argument("--no-freezing", dest="freezing", action="store_false",
+                        help="compile without torch._inductor.config.freezing (the default freezes, see the docstring)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--layers", type=int, default=None, help="override the decoder layer count (profiling)")
     parser.add_argument("--profile", type=int, default=0, metavar="TOKENS",
@@ -322,6 +355,10 @@ def main(argv=None):
         print("skipping int4: tile_packed_to_4d needs CUDA", file=sys.stderr)
         chosen = [v for v in chosen if v.kind != "int4"]
     torch._inductor.config.freezing = args.freezing
+    # A compile served from the FX-graph or AOTAutograd cache skips the passes, so their counters
+    # (the report's rewrite column) would read {} although the cached code has the rewrites.
+    torch._inductor.config.fx_graph_cache = False
+    torch._functorch.config.enable_autograd_cache = False
     tag = args.tag or ("smoke" if args.smoke else args.models.replace(",", "_"))
     meta = {
         "command": " ".join(["python", "benchmarks/decode.py", *(argv if argv is not None else sys.argv[1:])]),
