@@ -9,7 +9,8 @@
    linear shapes × batch 1/4/16/64/256 × 2.0/2.4/3.0 bits, beside ``x @ W.T`` in bf16 and torchao's
    ``Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d")``.
 4. Split-K variants for the notes; with --sweep, every tuning candidate on decode shapes; with
-   --lookup-study, the table-lookup decode kernel's configs × split counts beside the ±1 GEMM.
+   --lookup-study, the table-lookup decode kernel's configs × split counts beside the ±1 GEMM; with
+   --decode-study, one Llama-3-8B decoder layer's LiftQuant work, fused decode ops vs composition.
 
 Writes ``kernels.json`` and ``kernels.md`` to --out (default $OUT or the working directory).
 Random codes and mappings are enough for speed: the kernels' cost does not depend on their values.
@@ -34,6 +35,8 @@ from lift_ao.packing import words_per_row
 from lift_ao.transform import make_rotation
 from lift_ao.kernels import lift_activation, lifted_matmul  # importing registers the CUDA kernels
 from lift_ao.kernels.reference import lift_activation_reference, lifted_matmul_reference
+from lift_ao.kernels import triton_lift
+from lift_ao.kernels.fused_ops import compose_group
 from lift_ao.kernels.triton_lift import lift_activation_triton
 from lift_ao.kernels import triton_lut
 from lift_ao.kernels.triton_register import LOOKUP_MAX_TOKENS, _lifted_matmul_cuda
@@ -148,6 +151,7 @@ def check_correctness(log) -> list[dict]:
         checks.append(entry)
         log(f"check {entry}")
     checks += check_every_config(log)
+    checks += check_fused_decode(log)
     return checks
 
 
@@ -194,6 +198,85 @@ def check_every_config(log) -> list[dict]:
             checks.append(entry)
             log(f"check {entry}")
     return checks
+
+
+def sibling_weights(layer: "LiftedLayer", rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes and row scales of another linear reading ``layer``'s lift (k/v beside q, up beside gate)."""
+    return random_codes(rows, layer.length), (torch.rand(rows, device="cuda") + 0.5) / math.sqrt(layer.length)
+
+
+def decode_layer_ops(bits: float = 2.4):
+    """One Llama-3-8B decoder layer's LiftQuant work as two callables of (x_4096, x_14336): the fused
+    ops (what the passes install: group ops for q/k/v and gate/up) and the base-op composition."""
+    q, o, gate, down = (LiftedLayer(4096, 4096, bits), LiftedLayer(4096, 4096, bits),
+                        LiftedLayer(14336, 4096, bits), LiftedLayer(4096, 14336, bits))
+    groups = [(q, [(q.codes, q.row_scale), sibling_weights(q, 1024), sibling_weights(q, 1024)]),
+              (gate, [(gate.codes, gate.row_scale), sibling_weights(gate, 14336)])]
+
+    def group_args(x, layer, members):
+        n = len(members)
+        return (x, None, [layer.signs] * n, [layer.left] * n, [layer.right] * n, [layer.mapping] * n,
+                [c for c, _ in members], [r for _, r in members], [None] * n)
+
+    def fused(x, h):
+        outs = [torch.ops.lift_ao.lifted_linear_group(*group_args(x, layer, members)) for layer, members in groups]
+        outs += [torch.ops.lift_ao.lifted_linear(inp, layer.signs, layer.left, layer.right, layer.mapping, layer.codes,
+                                                 layer.row_scale, None) for inp, layer in ((x, o), (h, down))]
+        return outs
+
+    def composed(x, h):
+        outs = [compose_group(*group_args(x, layer, members)) for layer, members in groups]
+        outs += [lifted_matmul(lift_activation(inp, layer.signs, layer.left, layer.right, layer.mapping),
+                               layer.codes, layer.row_scale, None) for inp, layer in ((x, o), (h, down))]
+        return outs
+
+    return fused, composed
+
+
+def check_fused_decode(log) -> list[dict]:
+    """The fused ops' decode path (rotation, tables from the rotated activation, one lookup launch per
+    shared lift with its split reduction inside) against the base-op composition, at Llama-3-8B sizes."""
+    checks = []
+    fused, composed = decode_layer_ops()
+    for batch in (1, 2):
+        x = torch.randn(batch, 4096, device="cuda", dtype=DTYPE)
+        h = torch.randn(batch, 14336, device="cuda", dtype=DTYPE)
+        want = composed(x, h)
+        errors = []
+        for _ in range(3):  # a race in the split reduction shows up as an error that moves between runs
+            poison_allocator(batch * 14336 * 4)
+            got = fused(x, h)
+            errors.append(max(relative_error(a, b) for a, b in zip(_flat(got), _flat(want))))
+        entry = dict(rows="llama3-8b layer", features=4096, bits=2.4, batch=batch, dtype=str(DTYPE),
+                     config="fused decode ops", lift_error=0.0, matmul_error=max(errors), op_error=0.0)
+        entry["ok"] = max(errors) < 1e-2
+        checks.append(entry)
+        log(f"check {entry}")
+    return checks
+
+
+def _flat(outputs) -> list[torch.Tensor]:
+    return [t for item in outputs for t in (item if isinstance(item, list) else [item])]
+
+
+def study_decode_layer(log) -> dict:
+    """Batch-1 time of one 8B decoder layer's LiftQuant work (2.4 bits), fused ops vs the composition,
+    and the rotation kernel at one vs three pipeline stages."""
+    fused, composed = decode_layer_ops()
+    x = torch.randn(1, 4096, device="cuda", dtype=DTYPE)
+    h = torch.randn(1, 14336, device="cuda", dtype=DTYPE)
+    study = dict(fused_us=bench_us(lambda: fused(x, h)), composed_us=bench_us(lambda: composed(x, h)), rotate=[])
+    log(f"decode layer (2.4 bits, batch 1): fused {study['fused_us']:.1f} us, composed {study['composed_us']:.1f} us")
+    for features in (4096, 14336):
+        layer = LiftedLayer(4096, features, 2.4)
+        inp = x if features == 4096 else h
+        for chunk, stages in ((16, 1), (32, 3)):
+            triton_lift._INNER_CHUNK, triton_lift._ROTATE_STAGES = chunk, stages
+            us = bench_us(lambda: triton_lift.rotate_triton(inp, layer.signs, layer.left, layer.right))
+            study["rotate"].append(dict(features=features, chunk=chunk, stages=stages, us=us))
+            log(f"rotate K={features} chunk {chunk} stages {stages}: {us:.1f} us")
+    triton_lift._INNER_CHUNK, triton_lift._ROTATE_STAGES = 16, 1
+    return study
 
 
 def check_compile(log) -> dict:
@@ -382,6 +465,8 @@ def main():
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--quick", action="store_true", help="two shapes only (smoke run)")
     parser.add_argument("--sweep", action="store_true", help="first time every tuning config on decode shapes")
+    parser.add_argument("--decode-study", action="store_true",
+                        help="only the checks and one 8B decoder layer, fused ops vs composition (kernels_decode.json)")
     parser.add_argument("--lookup-study", action="store_true",
                         help="only the checks and the lookup kernel's configs × splits (writes kernels_lookup.json)")
     args = parser.parse_args()
@@ -405,6 +490,10 @@ def main():
     if not all(c["ok"] for c in result["checks"]):
         log("CORRECTNESS FAILED: timings below are of a wrong kernel")
     result["compile"] = check_compile(log)
+    if args.decode_study:
+        result["decode_study"] = study_decode_layer(log)
+        (out_dir / "kernels_decode.json").write_text(json.dumps(result, indent=1))
+        return
     if args.lookup_study:
         result["lookup_study"] = study_lookup(log)
         (out_dir / "kernels_lookup.json").write_text(json.dumps(result, indent=1))

@@ -31,7 +31,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["compose_group", "lifted_linear", "lifted_linear_group"]
+__all__ = ["compose_group", "lifted_linear", "lifted_linear_group", "shared_lifts"]
 
 @torch.library.custom_op("lift_ao::lifted_linear", mutates_args=())
 def lifted_linear(
@@ -96,35 +96,47 @@ def lifted_linear_group(
         G tensors (..., N_i) in x.dtype.
     """
     return compose_group(x, folded_signs, input_signs, rotation_left, rotation_right, mapping, packed_codes,
-                         row_scale, bias, matmul=torch.ops.lift_ao.lifted_matmul)
+                         row_scale, bias)
 
 
-def compose_group(x, folded_signs, input_signs, rotation_left, rotation_right, mapping, packed_codes, row_scale,
-                  bias, *, matmul) -> list[torch.Tensor]:
-    """:func:`lifted_linear_group` from the base ops, each shared lift computed once; ``matmul(lifted,
-    packed_codes, row_scale, bias)`` computes each sibling's output (a device kernel may pass one
-    that also shares per-lift work, such as the decode kernel's lookup tables)."""
-    per_sibling = (input_signs, rotation_left, rotation_right, mapping, packed_codes, row_scale, bias)
-    if not input_signs or len({len(column) for column in per_sibling}) != 1:
+def shared_lifts(x, folded_signs, input_signs, rotation_left, rotation_right, mapping) -> list[tuple[tuple, list[int]]]:
+    """The distinct lifts of a sibling group: ``[(lift_args, siblings)]`` where ``lift_args`` =
+    (x', signs or None, left, right, mapping) are :func:`lift_activation`'s arguments and ``siblings``
+    the indices of the linears that read that lift (same diagonal, rotation and M tensors).
+
+    Args: as :func:`lifted_linear_group` (x, folded_signs and the per-sibling transform lists).
+    """
+    if not input_signs or len({len(column) for column in (input_signs, rotation_left, rotation_right, mapping)}) != 1:
         raise ValueError("lifted_linear_group needs G ≥ 1 entries in every per-sibling list")
     k = x.shape[-1]
-    lifted_by_transform: dict[tuple, torch.Tensor] = {}
-    outputs = []
-    for signs, left, right, lattice_map, codes, scale, b in zip(*per_sibling):
+    lifts: dict[tuple, tuple[tuple, list[int]]] = {}
+    for index, (signs, left, right, lattice_map) in enumerate(zip(input_signs, rotation_left, rotation_right, mapping)):
         same_as_folded = folded_signs is not None and _same_tensor_key(signs) == _same_tensor_key(folded_signs)
         key = (None if same_as_folded else _same_tensor_key(signs),) + tuple(
             _same_tensor_key(t) for t in (left, right, lattice_map)
         )
-        if key not in lifted_by_transform:
+        if key not in lifts:
             if same_as_folded:
-                lifted = torch.ops.lift_ao.lift_activation(x, None, left, right, lattice_map)
+                lift_args = (x, None, left, right, lattice_map)
             elif folded_signs is None:
-                lifted = torch.ops.lift_ao.lift_activation(x, signs, left, right, lattice_map)
+                lift_args = (x, signs, left, right, lattice_map)
             else:  # another transform than the folded one (a weight swapped after compiling)
-                undo_folded = (signs[:k] / folded_signs[:k]).to(x.dtype)
-                lifted = torch.ops.lift_ao.lift_activation(x * undo_folded, None, left, right, lattice_map)
-            lifted_by_transform[key] = lifted
-        outputs.append(matmul(lifted_by_transform[key], codes, scale, b))
+                lift_args = (x * (signs[:k] / folded_signs[:k]).to(x.dtype), None, left, right, lattice_map)
+            lifts[key] = (lift_args, [])
+        lifts[key][1].append(index)
+    return list(lifts.values())
+
+
+def compose_group(x, folded_signs, input_signs, rotation_left, rotation_right, mapping, packed_codes, row_scale,
+                  bias) -> list[torch.Tensor]:
+    """:func:`lifted_linear_group` from the base ops, each shared lift computed once."""
+    if len({len(column) for column in (input_signs, packed_codes, row_scale, bias)}) != 1:
+        raise ValueError("lifted_linear_group needs G ≥ 1 entries in every per-sibling list")
+    outputs: list = [None] * len(packed_codes)
+    for lift_args, siblings in shared_lifts(x, folded_signs, input_signs, rotation_left, rotation_right, mapping):
+        lifted = torch.ops.lift_ao.lift_activation(*lift_args)
+        for i in siblings:
+            outputs[i] = torch.ops.lift_ao.lifted_matmul(lifted, packed_codes[i], row_scale[i], bias[i])
     return outputs
 
 

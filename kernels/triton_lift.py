@@ -10,7 +10,9 @@ Two launches, each a handful of small tensor-core products:
 2. :func:`_lift_blocks_kernel` — each d-block of U times M (d × D), cast to the activation's dtype.
 
 They are separate launches because a d-block may straddle rows of U (d need not divide k2), so a
-program computing rows of U cannot own whole blocks. Any (D, d) and any k1, k2 work: tile sizes
+program computing rows of U cannot own whole blocks. The decode path of the fused ops replaces the
+second launch by :func:`lift_ao.kernels.triton_lut.lift_tables`, which reads U and writes the lookup
+tables directly. Any (D, d) and any k1, k2 work: tile sizes
 are d, D and k2 padded to powers of two (≥ 16, tl.dot's minimum), with masked loads and stores.
 """
 
@@ -22,10 +24,15 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["lift_activation_triton"]
+from .triton_matmul import sm_count
+
+__all__ = ["lift_activation_triton", "rotate_triton"]
 
 _ROWS_PER_PROGRAM = 16   # BLOCK_I: tl.dot's minimum M
-_INNER_CHUNK = 32        # reduction chunk over P1's rows
+_INNER_CHUNK = 16        # reduction chunk over P1's rows
+# One stage: Triton's default 3-deep pipelining of the masked loads kept ~250 registers (with
+# spills) at K2_PADDED = 256; one stage and 16-row chunks need ~90 (offline sm_90 compile, NOTES_kernels.md).
+_ROTATE_STAGES = 1
 _COLUMN_CHUNK = 32       # output columns of U per product with P2
 _BLOCKS_PER_PROGRAM = 64
 
@@ -87,6 +94,51 @@ def _lift_blocks_kernel(
              lifted.to(out_ptr.dtype.element_ty), mask=block_ok[:, None] & (f < D)[None, :])
 
 
+def rotate_triton(
+    x: torch.Tensor, input_signs: Optional[torch.Tensor], rotation_left: torch.Tensor,
+    rotation_right: torch.Tensor, split_columns: Optional[bool] = None,
+) -> torch.Tensor:
+    """The rotated activation u = Rᵀ pad(signs ⊙ x) of every token, in fp32 (first launch of the lift).
+
+    Args:
+        x: (..., K) fp16 / bf16 / fp32 activation, K ≤ Kp = k1·k2.
+        input_signs: (Kp,) or None (x already carries them), rotation_left: (k1, k1),
+            rotation_right: (k2, k2) float32 rotation.
+        split_columns: also split u's columns across programs (None: when the row programs alone
+            would leave SMs idle).
+    Returns:
+        (B, Kp) float32, B = x.numel() / K. The products run in tf32 for 16-bit activations (their
+        error, ~1e-4 relative, is under the activations' rounding) and in fp32 for fp32 activations.
+    """
+    k1, k2 = rotation_left.shape[0], rotation_right.shape[0]
+    features = x.shape[-1]
+    rows = x.reshape(-1, features)
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    tokens = rows.shape[0]
+    rotated = torch.empty(tokens, k1 * k2, dtype=torch.float32, device=x.device)
+    if tokens == 0:
+        return rotated
+    f32 = torch.float32
+    left, right = (t.to(f32).contiguous() for t in (rotation_left, rotation_right))
+    # Without signs the pointer is never read; pass any fp32 tensor.
+    signs = left if input_signs is None else input_signs.to(f32).contiguous()
+    k2_padded = max(16, triton.next_power_of_2(k2))
+    column_chunk = min(_COLUMN_CHUNK, k2_padded)
+    if split_columns is None:
+        row_programs = tokens * triton.cdiv(k1, _ROWS_PER_PROGRAM)
+        split_columns = x.device.type == "cuda" and row_programs < sm_count(x.device)
+    columns_per_program = column_chunk if split_columns else k2_padded
+    _rotate_kernel[(tokens, triton.cdiv(k1, _ROWS_PER_PROGRAM), k2_padded // columns_per_program)](
+        rows, signs, left, right, rotated, features, k1, k2, rows.stride(0), rotated.stride(0),
+        K2_PADDED=k2_padded, BLOCK_I=_ROWS_PER_PROGRAM, BLOCK_A=_INNER_CHUNK,
+        BLOCK_J=column_chunk, COLUMNS_PER_PROGRAM=columns_per_program,
+        PRECISION="ieee" if x.dtype == f32 else "tf32", HAS_SIGNS=input_signs is not None,
+        num_warps=4, num_stages=_ROTATE_STAGES,
+    )
+    return rotated
+
+
 def lift_activation_triton(
     x: torch.Tensor, input_signs: Optional[torch.Tensor], rotation_left: torch.Tensor,
     rotation_right: torch.Tensor, mapping: torch.Tensor, split_columns: Optional[bool] = None,
@@ -94,50 +146,20 @@ def lift_activation_triton(
     """Lifted activation with the Triton kernels (CUDA, or CPU under TRITON_INTERPRET=1).
 
     Args:
-        x: (..., K) fp16 / bf16 / fp32 activation, K ≤ Kp.
-        input_signs: (Kp,) or None (x already carries them), rotation_left: (k1, k1),
-            rotation_right: (k2, k2) float32 rotation.
+        x, input_signs, rotation_left, rotation_right, split_columns: as in :func:`rotate_triton`.
         mapping: (d, D) float32 lattice matrix M.
-        split_columns: also split U's columns across programs (None: when the row programs alone
-            would leave SMs idle).
     Returns:
-        (..., Kp·D/d) in x.dtype. The rotation runs in tf32 for 16-bit activations (its error,
-        ~1e-4 relative, is under their rounding) and in fp32 for fp32 activations.
+        (..., Kp·D/d) in x.dtype.
     """
-    k1, k2 = rotation_left.shape[0], rotation_right.shape[0]
-    padded = k1 * k2
+    rotated = rotate_triton(x, input_signs, rotation_left, rotation_right, split_columns)
+    tokens, padded = rotated.shape
     d, D = mapping.shape
-    features = x.shape[-1]
-    rows = x.reshape(-1, features)
-    if rows.stride(-1) != 1:
-        rows = rows.contiguous()
-    tokens = rows.shape[0]
     n_blocks = padded // d
     out = torch.empty(tokens, n_blocks * D, dtype=x.dtype, device=x.device)
-    if tokens == 0:
-        return out.reshape(*x.shape[:-1], n_blocks * D)
-    f32 = torch.float32
-    left, right = (t.to(f32).contiguous() for t in (rotation_left, rotation_right))
-    # Without signs the pointer is never read; pass any fp32 tensor.
-    signs = left if input_signs is None else input_signs.to(f32).contiguous()
-    rotated = torch.empty(tokens, padded, dtype=f32, device=x.device)
-    k2_padded = max(16, triton.next_power_of_2(k2))
-    column_chunk = min(_COLUMN_CHUNK, k2_padded)
-    if split_columns is None:
-        row_programs = tokens * triton.cdiv(k1, _ROWS_PER_PROGRAM)
-        split_columns = (x.device.type == "cuda"
-                         and row_programs < torch.cuda.get_device_properties(x.device).multi_processor_count)
-    columns_per_program = column_chunk if split_columns else k2_padded
-    _rotate_kernel[(tokens, triton.cdiv(k1, _ROWS_PER_PROGRAM), k2_padded // columns_per_program)](
-        rows, signs, left, right, rotated, features, k1, k2, rows.stride(0), rotated.stride(0),
-        K2_PADDED=k2_padded, BLOCK_I=_ROWS_PER_PROGRAM, BLOCK_A=_INNER_CHUNK,
-        BLOCK_J=column_chunk, COLUMNS_PER_PROGRAM=columns_per_program,
-        PRECISION="ieee" if x.dtype == f32 else "tf32", HAS_SIGNS=input_signs is not None,
-        num_warps=4,
-    )
-    _lift_blocks_kernel[(tokens, triton.cdiv(n_blocks, _BLOCKS_PER_PROGRAM))](
-        rotated, mapping.to(f32).contiguous(), out, n_blocks, d, D, rotated.stride(0), out.stride(0),
-        BLOCKS=_BLOCKS_PER_PROGRAM, D_IN_PADDED=max(16, triton.next_power_of_2(d)),
-        D_OUT_PADDED=max(16, triton.next_power_of_2(D)), num_warps=4,
-    )
+    if tokens > 0:
+        _lift_blocks_kernel[(tokens, triton.cdiv(n_blocks, _BLOCKS_PER_PROGRAM))](
+            rotated, mapping.to(torch.float32).contiguous(), out, n_blocks, d, D, rotated.stride(0), out.stride(0),
+            BLOCKS=_BLOCKS_PER_PROGRAM, D_IN_PADDED=max(16, triton.next_power_of_2(d)),
+            D_OUT_PADDED=max(16, triton.next_power_of_2(D)), num_warps=4,
+        )
     return out.reshape(*x.shape[:-1], n_blocks * D)

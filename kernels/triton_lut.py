@@ -27,9 +27,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_matmul import quick_bench, reduce_splits, sm_count
+from .triton_matmul import quick_bench, sm_count
 
-__all__ = ["MAX_TOKENS", "build_tables", "lookup_matmul", "token_block"]
+__all__ = ["MAX_TOKENS", "build_tables", "lift_tables", "lookup_matmul", "lookup_siblings", "token_block"]
 
 @triton.jit
 def _build_tables_kernel(lifted_ptr, table_ptr, B, L, groups, stride_lifted,
@@ -53,19 +53,77 @@ def _build_tables_kernel(lifted_ptr, table_ptr, B, L, groups, stride_lifted,
 
 
 @triton.jit
-def _lookup_kernel(
-    table_ptr, codes_ptr, scale_ptr, bias_ptr, out_ptr,
-    B, N, words_total, words_per_split, quads_per_row, stride_out_split, stride_out_b,
-    HAS_BIAS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    """out[split, b, n] = r[n] · Σ_{words of this split} Σ_nibbles table[g, nibble, b] (+ bias by split 0).
+def _lift_tables_kernel(rotated_ptr, mapping_ptr, table_ptr, B, L, groups, d, D, stride_rotated,
+                        BLOCK_B: tl.constexpr, BLOCK_G: tl.constexpr, D_IN_PADDED: tl.constexpr):
+    """The tables of x̃ straight from the rotated activation u (the lift fused into the table build):
+    x̃[b, p] = Σ_e u[b, d·blk + e] · M[e, f] with p = D·blk + f, so no x̃ is written or read.
 
-    codes (N, 4·quads_per_row) int32; one split: out (B, N) in the output dtype; several: (S, B, N)
-    fp32 partials. BLOCK_B ≥ B tokens (a power of two) share each code word and table address.
+    rotated (B, Kp) fp32; mapping (d, D) fp32; table as in :func:`_build_tables_kernel`. Each
+    position is computed on its own (a gather of its block's d rotated values and one column of M),
+    so D need not be a multiple of 4: a group of 4 positions may straddle two lattice blocks.
+    """
+    g = tl.program_id(0) * BLOCK_G + tl.arange(0, BLOCK_G)
+    t = tl.arange(0, 4)
+    e = tl.arange(0, D_IN_PADDED)
+    i = tl.arange(0, 16)
+    b = tl.arange(0, BLOCK_B)
+    position = g[:, None] * 4 + t[None, :]                                                # (BLOCK_G, 4)
+    block = position // D
+    column = position - block * D
+    inside = (position < L)[:, :, None] & (e < d)[None, None, :]                           # (BLOCK_G, 4, E)
+    m = tl.load(mapping_ptr + e[None, None, :] * D + column[:, :, None], mask=inside, other=0.0)
+    u = tl.load(rotated_ptr + b[None, None, None, :].to(tl.int64) * stride_rotated
+                + (block * d)[:, :, None, None] + e[None, None, :, None],
+                mask=inside[:, :, :, None] & (b < B)[None, None, None, :], other=0.0)      # (BLOCK_G, 4, E, BLOCK_B)
+    x = tl.sum(u * m[:, :, :, None], axis=2)                                              # (BLOCK_G, 4, BLOCK_B)
+    signs = (((i[:, None] >> t[None, :]) & 1) * 2 - 1).to(tl.float32)                    # (16, 4)
+    table = tl.sum(x[:, None, :, :] * signs[None, :, :, None], axis=2)                   # (BLOCK_G, 16, BLOCK_B)
+    offsets = (g[:, None, None] * 16 + i[None, :, None]) * BLOCK_B + b[None, None, :]
+    tl.store(table_ptr + offsets, table, mask=(g < groups)[:, None, None])
+
+
+@triton.jit
+def _finish_rows(total, scale_ptr, bias_ptr, out_ptr, rows, N, tokens, B, HAS_BIAS: tl.constexpr):
+    """out[b, n] = r[n] · total[n, b] (+ bias[n]) in out's dtype, for the BLOCK_N rows ``rows``;
+    out (B, N) contiguous."""
+    row_ok = rows < N
+    total = total * tl.load(scale_ptr + rows, mask=row_ok, other=0.0)[:, None]
+    if HAS_BIAS:
+        total += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+    tl.store(out_ptr + tokens[None, :] * N + rows[:, None], total.to(out_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & (tokens < B)[None, :])
+
+
+@triton.jit(do_not_specialize=["rows0", "rows1", "rows2", "splits"])
+def _lookup_kernel(
+    table_ptr, partial_ptr, counter_ptr,
+    codes0, scale0, bias0, out0, rows0,
+    codes1, scale1, bias1, out1, rows1,
+    codes2, scale2, bias2, out2, rows2,
+    B, words_total, words_per_split, quads_per_row, splits,
+    SIBLINGS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """out_s[b, n] = r_s[n] · Σ_words Σ_nibbles table[g, nibble, b] (+ bias_s[n]) for up to 3 siblings s
+    that read the same x̃ (one launch for q/k/v or gate/up); their row blocks are laid end to end
+    along program axis 0. codes_s (N_s, 4·quads_per_row) int32; out_s (B, N_s) in the output dtype.
+
+    With ``splits`` > 1 each program sums one K split, writes it to ``partial`` and counts itself in
+    ``counter[pid_n]``; the last of a row block's splits to arrive adds the others' partials, writes
+    the output: no reduction launch. The counters arrive zeroed.
     """
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # Which sibling's rows this program owns.
+    codes_ptr, scale_ptr, bias_ptr, out_ptr, N, block = codes0, scale0, bias0, out0, rows0, pid_n
+    next_first = tl.cdiv(rows0, BLOCK_N)
+    if SIBLINGS > 1:
+        if pid_n >= next_first:
+            codes_ptr, scale_ptr, bias_ptr, out_ptr, N, block = codes1, scale1, bias1, out1, rows1, pid_n - next_first
+        next_first += tl.cdiv(rows1, BLOCK_N)
+    if SIBLINGS > 2:
+        if pid_n >= next_first:
+            codes_ptr, scale_ptr, bias_ptr, out_ptr, N, block = codes2, scale2, bias2, out2, rows2, pid_n - next_first
+    rows = block * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     tokens = tl.arange(0, BLOCK_B)
     word_begin = pid_k * words_per_split
@@ -85,12 +143,26 @@ def _lookup_kernel(
         values = tl.load(table_ptr + word0 * (128 * BLOCK_B) + table_offset
                          + (nibbles * BLOCK_B)[:, :, :, None])                              # (BLOCK_N, 4, 8, BLOCK_B)
         acc += tl.sum(values, axis=2)
-    total = tl.sum(acc, axis=1) * tl.load(scale_ptr + rows, mask=row_ok, other=0.0)[:, None]   # (BLOCK_N, BLOCK_B)
-    if HAS_BIAS:
-        if pid_k == 0:
-            total += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]
-    tl.store(out_ptr + pid_k * stride_out_split + tokens[None, :] * stride_out_b + rows[:, None],
-             total.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & (tokens < B)[None, :])
+    total = tl.sum(acc, axis=1)                                                             # (BLOCK_N, BLOCK_B)
+    if splits == 1:
+        _finish_rows(total, scale_ptr, bias_ptr, out_ptr, rows, N, tokens, B, HAS_BIAS)
+    else:
+        programs_n = tl.num_programs(0)
+        local = tl.arange(0, BLOCK_N)[:, None] * BLOCK_B + tokens[None, :]
+        tl.store(partial_ptr + (pid_k * programs_n + pid_n) * (BLOCK_N * BLOCK_B) + local, total)
+        # Every thread's partial is written before one thread's release-ordered count.
+        tl.debug_barrier()
+        arrived = tl.atomic_add(counter_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+        # Modulo: the autotuner launches each config several times on the same counters, and every
+        # launch adds exactly ``splits`` to each counter it uses.
+        if arrived % splits == splits - 1:
+            tl.debug_barrier()
+            total = tl.zeros((BLOCK_N, BLOCK_B), dtype=tl.float32)
+            for split in range(0, splits):
+                # .cg: read L2, where the other programs' partials are, never a stale L1 line.
+                total += tl.load(partial_ptr + (split * programs_n + pid_n) * (BLOCK_N * BLOCK_B) + local,
+                                 cache_modifier=".cg")
+            _finish_rows(total, scale_ptr, bias_ptr, out_ptr, rows, N, tokens, B, HAS_BIAS)
 
 
 # Hopper candidates: 1, 2 or 4 warps of one-row threads, for many resident programs per SM.
@@ -102,14 +174,17 @@ _TUNING_CONFIGS = [
 ]
 _INTERPRETER_CONFIG = {"BLOCK_N": 32}
 
-_lookup_tuned = triton.autotune(configs=_TUNING_CONFIGS, key=["N", "words_total", "words_per_split", "BLOCK_B"],
-                                do_bench=quick_bench)(_lookup_kernel)
+_lookup_tuned = triton.autotune(
+    configs=_TUNING_CONFIGS, key=["rows0", "rows1", "rows2", "words_total", "words_per_split", "BLOCK_B", "SIBLINGS"],
+    do_bench=quick_bench)(_lookup_kernel)
 
 # The largest token count the lookup kernel takes (one power-of-two token block per program).
 MAX_TOKENS = 8
 _BUILD_GROUPS = 64
-
-
+_LIFT_GROUPS = 32
+_MAX_SIBLINGS = 3          # sibling slots of _lookup_kernel
+_LARGEST_BLOCK_N = max(c.kwargs["BLOCK_N"] for c in _TUNING_CONFIGS)
+_SMALLEST_BLOCK_N = min(c.kwargs["BLOCK_N"] for c in _TUNING_CONFIGS)
 def build_tables(lifted: torch.Tensor, words: int, token_block: int) -> torch.Tensor:
     """Lookup tables of a lifted activation.
 
@@ -128,6 +203,28 @@ def build_tables(lifted: torch.Tensor, words: int, token_block: int) -> torch.Te
     return tables
 
 
+def lift_tables(rotated: torch.Tensor, mapping: torch.Tensor, words: int, token_block: int) -> torch.Tensor:
+    """Lookup tables of x̃ = lift(u) computed from the rotated activation u, x̃ never materialised.
+
+    Args:
+        rotated: (B, Kp) fp32 rotated activation (``triton_lift.rotate_triton``), B ≤ token_block.
+        mapping: (d, D) lattice matrix M; Kp a multiple of d.
+        words: code words per row (``words_per_row(Kp·D/d)``).
+        token_block: tokens per table entry (power of two ≥ B).
+    Returns:
+        (8·words, 16, token_block) fp32, as :func:`build_tables` of x̃ kept in fp32.
+    """
+    tokens, padded = rotated.shape
+    d, D = mapping.shape
+    groups = 8 * words
+    tables = torch.empty(groups, 16, token_block, dtype=torch.float32, device=rotated.device)
+    _lift_tables_kernel[(triton.cdiv(groups, _LIFT_GROUPS),)](
+        rotated, mapping.to(torch.float32).contiguous(), tables, tokens, padded // d * D, groups, d, D,
+        rotated.stride(0), BLOCK_B=token_block, BLOCK_G=_LIFT_GROUPS,
+        D_IN_PADDED=triton.next_power_of_2(d), num_warps=4)
+    return tables
+
+
 def token_block(tokens: int) -> int:
     """Tokens per table entry for ``tokens`` tokens: the next power of two."""
     return triton.next_power_of_2(tokens)
@@ -139,6 +236,73 @@ def _split_count(rows: int, words: int, sms: int) -> int:
     programs = triton.cdiv(rows, 32)
     wanted = triton.cdiv(32 * sms, programs)
     return max(1, min(wanted, words // 16, 16))
+
+
+def lookup_siblings(
+    tables: torch.Tensor, tokens: int, packed_codes: list[torch.Tensor], row_scale: list[torch.Tensor],
+    bias: list[Optional[torch.Tensor]], out_dtype: torch.dtype, splits: Optional[int] = None,
+    config: Optional[dict] = None,
+) -> list[torch.Tensor]:
+    """``y_s = r_s ⊙ (Q_s · x̃) + b_s`` for siblings that read the same x̃, from its lookup tables.
+
+    Siblings go up to three per launch (one launch for q/k/v, another only where bias presence
+    differs); split-K partials are reduced inside the launch.
+
+    Args:
+        tables: (8·words, 16, token_block(tokens)) fp32 (:func:`build_tables` / :func:`lift_tables`).
+        tokens: activation rows B ≤ MAX_TOKENS.
+        packed_codes: per sibling (N_s, words) int32, rows contiguous whole 4-word quads.
+        row_scale: per sibling (N_s,) float32; bias: per sibling (N_s,) or None.
+        out_dtype: dtype of the outputs.
+        splits: K splits (None: from the rows of the launch and the SM count).
+        config: fixed ``{"BLOCK_N", "num_warps", "num_stages"}`` instead of autotuning.
+    Returns:
+        per sibling (B, N_s) in out_dtype, accumulated in fp32.
+    """
+    if tokens > MAX_TOKENS:
+        raise ValueError(f"lookup kernel takes at most {MAX_TOKENS} tokens, got {tokens}; use lifted_matmul_triton")
+    words = packed_codes[0].shape[1]
+    for codes in packed_codes:
+        if codes.dtype != torch.int32 or not codes.is_contiguous() or codes.shape[1] != words or words % 4:
+            raise ValueError(f"packed codes must be contiguous int32 rows of whole 4-word quads, {words} words "
+                             f"like the first sibling; got {codes.dtype} {tuple(codes.shape)}")
+    device = tables.device
+    outs = [torch.empty(tokens, codes.shape[0], dtype=out_dtype, device=device) for codes in packed_codes]
+    if tokens == 0:
+        return outs
+    block_b = token_block(tokens)
+    if tables.shape != (8 * words, 16, block_b):
+        raise ValueError(f"tables {tuple(tables.shape)} are not those of {tokens} tokens × {words} words per row")
+    scales = [scale.to(torch.float32).contiguous() for scale in row_scale]
+    if config is None and device.type != "cuda":
+        config = _INTERPRETER_CONFIG
+    kernel = _lookup_tuned if config is None else _lookup_kernel
+    launches: list[list[int]] = []
+    for with_bias in (False, True):
+        members = [i for i, b in enumerate(bias) if (b is not None) == with_bias and packed_codes[i].shape[0] > 0]
+        launches += [members[at:at + _MAX_SIBLINGS] for at in range(0, len(members), _MAX_SIBLINGS)]
+    for members in launches:
+        rows = [packed_codes[i].shape[0] for i in members]
+        launch_splits = splits or _split_count(sum(rows), words, sm_count(device))
+        words_per_split = triton.cdiv(triton.cdiv(words, launch_splits), 4) * 4
+        launch_splits = triton.cdiv(words, words_per_split)
+        most_rows = sum(triton.cdiv(n, _LARGEST_BLOCK_N) * _LARGEST_BLOCK_N for n in rows)
+        partials = (torch.empty(launch_splits * most_rows * block_b, dtype=torch.float32, device=device)
+                    if launch_splits > 1 else scales[members[0]])
+        # One zeroed counter per row block, fresh per launch: no state shared across streams or graphs
+        # (a memset-sized launch; zeroing them inside the tables kernel would save it).
+        counters = torch.zeros(sum(triton.cdiv(n, _SMALLEST_BLOCK_N) for n in rows), dtype=torch.int32,
+                               device=device) if launch_splits > 1 else partials
+        slots = []
+        for slot in range(_MAX_SIBLINGS):
+            i = members[min(slot, len(members) - 1)]   # unused slots repeat a real sibling (never read)
+            slots += [packed_codes[i], scales[i], bias[i] if bias[i] is not None else scales[i], outs[i],
+                      packed_codes[i].shape[0]]
+        grid = lambda meta, rows=rows, launch_splits=launch_splits: (  # noqa: E731
+            sum(triton.cdiv(n, meta["BLOCK_N"]) for n in rows), launch_splits)
+        kernel[grid](tables, partials, counters, *slots, tokens, words, words_per_split, words // 4, launch_splits,
+                     SIBLINGS=len(members), HAS_BIAS=bias[members[0]] is not None, BLOCK_B=block_b, **(config or {}))
+    return outs
 
 
 def lookup_matmul(
@@ -153,10 +317,8 @@ def lookup_matmul(
         packed_codes: (N, words_per_row(L)) int32 codes (layout of :mod:`lift_ao.packing`), rows contiguous.
         row_scale: (N,) float32 row scales r.
         bias: (N,) or None.
-        splits: K splits (None: chosen from the problem size and SM count).
-        config: fixed ``{"BLOCK_N", "num_warps", "num_stages"}`` instead of autotuning.
-        tables: :func:`build_tables` of this x̃ (computed here when None; siblings reading the same
-            x̃ can share them).
+        splits, config: as in :func:`lookup_siblings`.
+        tables: :func:`build_tables` of this x̃ (computed here when None).
     Returns:
         (..., N) in lifted.dtype, accumulated in fp32.
     """
@@ -165,31 +327,12 @@ def lookup_matmul(
     tokens = x.shape[0]
     if tokens > MAX_TOKENS:
         raise ValueError(f"lookup_matmul takes at most {MAX_TOKENS} tokens, got {tokens}; use lifted_matmul_triton")
-    rows, words = packed_codes.shape
+    words = packed_codes.shape[1]
     if not packed_codes.is_contiguous() or words % 4:
         raise ValueError(f"packed codes must be contiguous rows of whole 4-word quads, got shape {tuple(packed_codes.shape)}")
-    out = torch.empty(tokens, rows, dtype=lifted.dtype, device=lifted.device)
-    if tokens == 0 or rows == 0:
-        return out.reshape(*lifted.shape[:-1], rows)
-    block_b = token_block(tokens)
+    if tokens == 0:
+        return lifted.new_empty(*lifted.shape[:-1], packed_codes.shape[0])
     if tables is None:
-        tables = build_tables(x, words, block_b)
-    elif tables.shape != (8 * words, 16, block_b):
-        raise ValueError(f"tables {tuple(tables.shape)} are not those of {tokens} tokens × {words} words per row")
-    if splits is None:
-        splits = _split_count(rows, words, sm_count(lifted.device))
-    words_per_split = triton.cdiv(triton.cdiv(words, splits), 4) * 4
-    splits = triton.cdiv(words, words_per_split)
-    target = out if splits == 1 else torch.empty(splits, tokens, rows, dtype=torch.float32, device=lifted.device)
-    if config is None and lifted.device.type != "cuda":
-        config = _INTERPRETER_CONFIG
-    kernel = _lookup_tuned if config is None else _lookup_kernel
-    grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_N"]), splits)
-    kernel[grid](
-        tables, packed_codes, row_scale.to(torch.float32).contiguous(), bias if bias is not None else row_scale,
-        target, tokens, rows, words, words_per_split, words // 4, tokens * rows, rows,
-        HAS_BIAS=bias is not None, BLOCK_B=block_b, **(config or {}),
-    )
-    if splits > 1:
-        reduce_splits(target, out)
-    return out.reshape(*lifted.shape[:-1], rows)
+        tables = build_tables(x, words, token_block(tokens))
+    out, = lookup_siblings(tables, tokens, [packed_codes], [row_scale], [bias], lifted.dtype, splits, config)
+    return out.reshape(*lifted.shape[:-1], packed_codes.shape[0])

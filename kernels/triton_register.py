@@ -2,24 +2,25 @@
 
 The ops keep their names and fake impls (``kernels/ops.py``, ``kernels/fused_ops.py``); this only adds
 a CUDA kernel to each, so CPU keeps the reference and ``torch.compile(fullgraph=True)`` still sees one
-opaque op node. ``lifted_matmul`` picks the table-lookup kernel for up to ``LOOKUP_MAX_TOKENS`` tokens
-and the ±1 GEMM above; ``lifted_linear_group`` composes the base kernels like its default but builds
-the lookup tables once per shared lift. ``lifted_linear`` keeps its composing default.
+opaque op node. Up to ``LOOKUP_MAX_TOKENS`` tokens (decode) take the table-lookup kernel, more the ±1
+GEMM. The fused ops (``lifted_linear``, ``lifted_linear_group``, put in place by the passes) decode
+in three launches per shared lift: the rotation, the lift written straight into lookup tables, and
+one lookup launch for all siblings reading that lift (q/k/v, gate/up) with its split-K reduction
+inside; x̃ stays in fp32 there (the composition rounds it to the activation dtype).
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
 
 from lift_ao.packing import words_per_row
 
-from .fused_ops import compose_group, lifted_linear_group
+from .fused_ops import compose_group, lifted_linear, lifted_linear_group, shared_lifts
 from .ops import _check_lift_args, lift_activation, lifted_matmul
 from . import triton_lut
-from .triton_lift import lift_activation_triton
+from .triton_lift import lift_activation_triton, rotate_triton
 from .triton_matmul import lifted_matmul_triton
 
 __all__ = ["register_cuda_kernels"]
@@ -30,44 +31,72 @@ _registered = False
 LOOKUP_MAX_TOKENS = 2
 
 
-def _lift_activation_cuda(x, input_signs, rotation_left, rotation_right, mapping):
-    _check_lift_args(x, input_signs, rotation_left, rotation_right, mapping)
-    return lift_activation_triton(x, input_signs, rotation_left, rotation_right, mapping)
-
-
-def _matmul_cuda(lifted, packed_codes, row_scale, bias: Optional[torch.Tensor],
-                 tables_of_lift: Optional[dict] = None):
-    """The lookup kernel for up to LOOKUP_MAX_TOKENS tokens, else the ±1 GEMM. ``tables_of_lift``
-    (id of x̃ → its lookup tables) lets siblings reading the same x̃ build the tables once; the
-    caller keeps those x̃ alive while it holds the dict, so their ids stay unique."""
-    length = lifted.shape[-1]
+def _check_codes(packed_codes: torch.Tensor, length: int) -> None:
     if packed_codes.dtype != torch.int32 or packed_codes.shape[1] != words_per_row(length):
         raise ValueError(
             f"packed codes {packed_codes.dtype} {tuple(packed_codes.shape)} do not match a lifted "
             f"activation of length {length}"
         )
-    tokens = lifted.numel() // max(length, 1)
-    if tokens > LOOKUP_MAX_TOKENS:
-        return lifted_matmul_triton(lifted, packed_codes, row_scale, bias)
-    tables = None
-    if tables_of_lift is not None and tokens > 0:
-        if id(lifted) not in tables_of_lift:
-            tables_of_lift[id(lifted)] = triton_lut.build_tables(
-                lifted.reshape(tokens, length), packed_codes.shape[1], triton_lut.token_block(tokens))
-        tables = tables_of_lift[id(lifted)]
-    return triton_lut.lookup_matmul(lifted, packed_codes.contiguous(), row_scale, bias, tables=tables)
+
+
+def _lift_activation_cuda(x, input_signs, rotation_left, rotation_right, mapping):
+    _check_lift_args(x, input_signs, rotation_left, rotation_right, mapping)
+    return lift_activation_triton(x, input_signs, rotation_left, rotation_right, mapping)
 
 
 def _lifted_matmul_cuda(lifted, packed_codes, row_scale, bias: Optional[torch.Tensor]):
-    return _matmul_cuda(lifted, packed_codes, row_scale, bias)
+    """The lookup kernel for up to LOOKUP_MAX_TOKENS tokens, else the ±1 GEMM."""
+    length = lifted.shape[-1]
+    _check_codes(packed_codes, length)
+    if lifted.numel() // max(length, 1) > LOOKUP_MAX_TOKENS:
+        return lifted_matmul_triton(lifted, packed_codes, row_scale, bias)
+    return triton_lut.lookup_matmul(lifted, packed_codes.contiguous(), row_scale, bias)
+
+
+def _decode_siblings(lift_args: tuple, packed_codes: list, row_scale: list, bias: list) -> list[torch.Tensor]:
+    """Siblings reading one lift, at most LOOKUP_MAX_TOKENS tokens: rotation, tables built from the
+    rotated activation, one lookup launch (per ≤ 3 siblings of equal bias presence)."""
+    x, signs, left, right, mapping = lift_args
+    _check_lift_args(x, signs, left, right, mapping)
+    length = left.shape[0] * right.shape[0] // mapping.shape[0] * mapping.shape[1]
+    for codes in packed_codes:
+        _check_codes(codes, length)
+    tokens = x.numel() // x.shape[-1]
+    rotated = rotate_triton(x, signs, left, right)
+    tables = triton_lut.lift_tables(rotated, mapping, words_per_row(length), triton_lut.token_block(tokens))
+    outs = triton_lut.lookup_siblings(tables, tokens, [c.contiguous() for c in packed_codes], row_scale, bias, x.dtype)
+    return [out.reshape(*x.shape[:-1], out.shape[-1]) for out in outs]
+
+
+def _is_decode(x: torch.Tensor) -> bool:
+    return 0 < x.numel() // max(x.shape[-1], 1) <= LOOKUP_MAX_TOKENS
+
+
+def _lifted_linear_cuda(x, input_signs, rotation_left, rotation_right, mapping, packed_codes, row_scale, bias):
+    """Decode: three launches (rotation, tables, lookup); otherwise the lift then the ±1 GEMM."""
+    if not _is_decode(x):
+        lifted = lift_activation(x, input_signs, rotation_left, rotation_right, mapping)
+        return lifted_matmul(lifted, packed_codes, row_scale, bias)
+    return _decode_siblings((x, input_signs, rotation_left, rotation_right, mapping), [packed_codes], [row_scale],
+                            [bias])[0]
 
 
 def _lifted_linear_group_cuda(x, folded_signs, input_signs, rotation_left, rotation_right, mapping,
                               packed_codes, row_scale, bias):
-    """The group op's composition, with the decode kernel's lookup tables built once per shared lift
-    (q/k/v, gate/up) instead of once per sibling (compose_group keeps each shared lift alive)."""
-    return compose_group(x, folded_signs, input_signs, rotation_left, rotation_right, mapping, packed_codes,
-                         row_scale, bias, matmul=functools.partial(_matmul_cuda, tables_of_lift={}))
+    """Decode: per shared lift, the rotation, its tables and one lookup launch for its siblings;
+    otherwise the composition (each shared lift once, then the ±1 GEMM per sibling)."""
+    if not _is_decode(x):
+        return compose_group(x, folded_signs, input_signs, rotation_left, rotation_right, mapping, packed_codes,
+                             row_scale, bias)
+    if len({len(column) for column in (input_signs, packed_codes, row_scale, bias)}) != 1:
+        raise ValueError("lifted_linear_group needs G ≥ 1 entries in every per-sibling list")
+    outputs: list = [None] * len(packed_codes)
+    for lift_args, siblings in shared_lifts(x, folded_signs, input_signs, rotation_left, rotation_right, mapping):
+        outs = _decode_siblings(lift_args, [packed_codes[i] for i in siblings], [row_scale[i] for i in siblings],
+                                [bias[i] for i in siblings])
+        for i, out in zip(siblings, outs):
+            outputs[i] = out
+    return outputs
 
 
 def register_cuda_kernels() -> None:
@@ -77,5 +106,6 @@ def register_cuda_kernels() -> None:
         return
     lift_activation.register_kernel("cuda")(_lift_activation_cuda)
     lifted_matmul.register_kernel("cuda")(_lifted_matmul_cuda)
+    lifted_linear.register_kernel("cuda")(_lifted_linear_cuda)
     lifted_linear_group.register_kernel("cuda")(_lifted_linear_group_cuda)
     _registered = True

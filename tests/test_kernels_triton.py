@@ -13,13 +13,15 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from lift_ao.packing import pack_codes  # noqa: E402
+from lift_ao.packing import pack_codes, words_per_row  # noqa: E402
 from lift_ao.transform import make_rotation  # noqa: E402
 from lift_ao.kernels.reference import lift_activation_reference, lifted_matmul_reference  # noqa: E402
-from lift_ao.kernels.triton_lift import lift_activation_triton  # noqa: E402
-from lift_ao.kernels.triton_lut import MAX_TOKENS, build_tables, lookup_matmul  # noqa: E402
+from lift_ao.kernels.triton_lift import lift_activation_triton, rotate_triton  # noqa: E402
+from lift_ao.kernels.triton_lut import (  # noqa: E402
+    MAX_TOKENS, build_tables, lift_tables, lookup_matmul, lookup_siblings, token_block)
 from lift_ao.kernels.triton_matmul import lifted_matmul_triton  # noqa: E402
-from lift_ao.kernels.triton_register import _lifted_linear_group_cuda, _lifted_matmul_cuda  # noqa: E402
+from lift_ao.kernels.triton_register import (  # noqa: E402
+    _lifted_linear_cuda, _lifted_linear_group_cuda, _lifted_matmul_cuda)
 from lift_ao.kernels.fused_ops import lifted_linear_group  # noqa: E402
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
@@ -193,10 +195,11 @@ def test_lift_then_matmul_equals_reference_pipeline():
     assert _relative_error(out, ref.double()) < 2 * TOLERANCE[torch.bfloat16]
 
 
-@pytest.mark.parametrize("tokens", [1, 5])
-def test_cuda_group_kernel_shares_tables_and_matches_the_composition(tokens, monkeypatch):
-    """q/k/v-like siblings: two share a transform (one table build for both at ≤ 2 tokens), the third
-    has its own; outputs equal the default composition of the reference ops."""
+@pytest.mark.parametrize("tokens", [1, 2, 5])
+def test_cuda_group_kernel_decodes_each_shared_lift_once_and_matches_the_composition(tokens, monkeypatch):
+    """q/k/v-like siblings: two share a transform, the third has its own. Decoding (≤ 2 tokens) builds
+    tables once per lift and makes one lookup call per lift; every token count gives the reference
+    composition's outputs (x̃ kept in fp32 by the fused decode: within twice the fp16 bound)."""
     import lift_ao.kernels.triton_lut as lut
 
     g = torch.Generator().manual_seed(21 + tokens)
@@ -210,13 +213,84 @@ def test_cuda_group_kernel_shares_tables_and_matches_the_composition(tokens, mon
     args = (torch.randn(tokens, features, generator=g).to(torch.float16), None,
             [r.signs for r, _ in siblings], [r.left for r, _ in siblings], [r.right for r, _ in siblings],
             [mapping] * 3, codes, scales, [None, torch.randn(7, generator=g).to(torch.float16), None])
-    builds = []
-    original = lut.build_tables
-    monkeypatch.setattr(lut, "build_tables", lambda *a, **k: builds.append(1) or original(*a, **k))
+    calls = {"lift_tables": 0, "lookup_siblings": 0}
+    for name in calls:
+        original = getattr(lut, name)
+        monkeypatch.setattr(lut, name, lambda *a, _name=name, _f=original, **k: calls.__setitem__(
+            _name, calls[_name] + 1) or _f(*a, **k))
 
     out = _lifted_linear_group_cuda(*args)
 
-    assert len(builds) == (2 if tokens <= 2 else 0)
+    expected_calls = 2 if tokens <= 2 else 0
+    assert calls == {"lift_tables": expected_calls, "lookup_siblings": expected_calls}
     for got, want in zip(out, lifted_linear_group(*args)):  # CPU: the reference ops' composition
         assert got.shape == want.shape
         assert _relative_error(got, want.double()) < 2 * TOLERANCE[torch.float16]
+
+
+@pytest.mark.parametrize("tokens", [1, 2])
+@pytest.mark.parametrize("features,d,D", [(37, 10, 24), (45, 14, 30), (300, 6, 21)])
+def test_lift_tables_equal_the_tables_of_the_float64_lift(tokens, features, d, D):
+    """Tables built from the rotated activation (D not a multiple of 4 included: groups of 4 positions
+    straddle lattice blocks) equal the signed sums of the float64 lift."""
+    g = torch.Generator().manual_seed(_seed("lift_tables", tokens, features, d, D))
+    rotation = make_rotation(features, d, seed=2)
+    mapping = torch.randn(d, D, generator=g) / d**0.5
+    x = torch.randn(tokens, features, generator=g)
+    length = rotation.padded_features // d * D
+    words = words_per_row(length)
+
+    tables = lift_tables(rotate_triton(x, rotation.signs, rotation.left, rotation.right), mapping, words,
+                         token_block(tokens))
+
+    f64 = torch.float64
+    lifted = lift_activation_reference(x.to(f64), rotation.signs.to(f64), rotation.left.to(f64),
+                                       rotation.right.to(f64), mapping.to(f64))
+    padded = torch.zeros(token_block(tokens), 32 * words, dtype=f64)
+    padded[:tokens, :length] = lifted
+    entry = torch.arange(16)
+    signs = ((entry[:, None] >> torch.arange(4)) & 1).double() * 2 - 1
+    expected = torch.einsum("it,bgt->gib", signs, padded.view(padded.shape[0], 8 * words, 4))
+    assert tables.shape == expected.shape
+    assert (tables.double() - expected).abs().max() < 1e-5 * expected.abs().max()
+
+
+@pytest.mark.parametrize("splits", [1, 3, None])
+def test_lookup_siblings_one_launch_with_split_reduction_inside(splits):
+    """Four siblings (three per launch, bias on two) with split-K reduced inside the launch: each equals
+    its float64 product."""
+    g = torch.Generator().manual_seed(_seed("siblings", splits))
+    length, tokens = 300, 2
+    rows = [40, 7, 33, 70]
+    signs, codes = zip(*(_random_codes(n, length, g) for n in rows))
+    scales = [torch.rand(n, generator=g) + 0.5 for n in rows]
+    biases = [torch.randn(n, generator=g).to(torch.bfloat16) if i % 2 else None for i, n in enumerate(rows)]
+    lifted = torch.randn(tokens, length, generator=g).to(torch.bfloat16)
+    tables = build_tables(lifted, codes[0].shape[1], token_block(tokens))
+
+    outs = lookup_siblings(tables, tokens, list(codes), scales, biases, torch.bfloat16, splits=splits)
+
+    for out, sign, scale, bias in zip(outs, signs, scales, biases):
+        ref = (lifted.double() @ (sign.double() * 2 - 1).T) * scale.double()
+        ref = ref if bias is None else ref + bias.double()
+        assert out.shape == ref.shape and out.dtype == torch.bfloat16
+        assert _relative_error(out, ref) < TOLERANCE[torch.bfloat16]
+
+
+@pytest.mark.parametrize("tokens", [1, 2, 5])
+def test_cuda_lifted_linear_matches_the_reference_chain(tokens):
+    g = torch.Generator().manual_seed(_seed("lifted_linear", tokens))
+    features, d, D, rows = 45, 14, 30, 19
+    rotation = make_rotation(features, d, seed=4)
+    mapping = torch.randn(d, D, generator=g) / d**0.5
+    length = rotation.padded_features // d * D
+    _, codes = _random_codes(rows, length, g)
+    scale, bias = torch.rand(rows, generator=g) + 0.5, torch.randn(rows, generator=g).to(torch.float16)
+    x = torch.randn(tokens, features, generator=g).to(torch.float16)
+
+    out = _lifted_linear_cuda(x, rotation.signs, rotation.left, rotation.right, mapping, codes, scale, bias)
+
+    ref = lifted_matmul_reference(lift_activation_reference(x, rotation.signs, rotation.left, rotation.right,
+                                                            mapping), codes, scale, bias)
+    assert out.shape == (tokens, rows)
+    assert _relative_error(out, ref.double()) < 2 * TOLERANCE[torch.float16]
