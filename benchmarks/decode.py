@@ -27,6 +27,7 @@ short keeps what it measured.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -109,6 +110,8 @@ class Result:
     tokens_per_s_runs: list = field(default_factory=list)
     host_ms_per_token: Optional[float] = None  # the decode loop's host time before its final sync
     peak_memory_bytes: Optional[int] = None
+    allocated_bytes: Optional[int] = None  # allocated after compiling, before the timed runs
+    # Both memory figures exclude what was allocated before this variant was built.
     model_bytes: Optional[int] = None
     frames_compiled: Optional[int] = None
     lift_ao_rewrites: dict = field(default_factory=dict)
@@ -203,6 +206,10 @@ def measure(model_name: str, variant: Variant, args, device: torch.device) -> Re
     result = Result(model_name, variant.name)
     torch._dynamo.reset()
     counters.clear()
+    gc.collect()
+    # Memory figures are this variant's own: with freezing, an earlier variant's compiled graph keeps
+    # its weights allocated (measured: each later variant's allocation grew by the earlier model's bytes).
+    baseline = torch.cuda.memory_allocated() if device.type == "cuda" else 0
     if variant.passes:
         passes.install()
     else:
@@ -223,7 +230,9 @@ def measure(model_name: str, variant: Variant, args, device: torch.device) -> Re
     cache = StaticCache(config=model.config, max_cache_len=args.prompt_len + args.new_tokens)
     generate(model, step, prompt, cache, args.new_tokens)  # compile + graph capture
     if device.type == "cuda":
+        gc.collect()
         torch.cuda.reset_peak_memory_stats()
+        result.allocated_bytes = torch.cuda.memory_allocated() - baseline
     host_seconds = []
     for _ in range(args.repeats):
         result.first_tokens, seconds, host = generate(model, step, prompt, cache, args.new_tokens)
@@ -232,7 +241,7 @@ def measure(model_name: str, variant: Variant, args, device: torch.device) -> Re
     result.tokens_per_s = statistics.median(result.tokens_per_s_runs)
     result.host_ms_per_token = 1e3 * statistics.median(host_seconds) / args.new_tokens
     if device.type == "cuda":
-        result.peak_memory_bytes = torch.cuda.max_memory_allocated()
+        result.peak_memory_bytes = torch.cuda.max_memory_allocated() - baseline
     result.frames_compiled = counters["stats"]["unique_graphs"]
     result.lift_ao_rewrites = dict(counters["lift_ao"])
     result.cudagraph_counters = {k: v for k, v in counters["inductor"].items() if "cudagraph" in k}
@@ -240,6 +249,7 @@ def measure(model_name: str, variant: Variant, args, device: torch.device) -> Re
         result.profile = profile_decode(model, step, prompt, cache, args.profile)
     passes.install()
     del model, cache, step
+    gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return result
@@ -299,17 +309,17 @@ def write_report(results: list[Result], meta: dict, out_dir: str, tag: str):
         rows = [r for r in results if r.model == model]
         base = {r.variant: r.tokens_per_s for r in rows if r.tokens_per_s}
         lines += [f"## {model}", "",
-                  "| variant | tokens/s | ms/token | host ms/token | × bf16 | × int4 | peak memory | model bytes | graphs "
-                  "| lift_ao rewrites |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+                  "| variant | tokens/s | ms/token | host ms/token | × bf16 | × int4 | peak memory | allocated before "
+                  "timing | model bytes | graphs | lift_ao rewrites |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
         for r in rows:
             if r.error:
-                lines.append(f"| {r.variant} | error: {r.error} | | | | | | | | |")
+                lines.append(f"| {r.variant} | error: {r.error} | | | | | | | | | |")
                 continue
             ratio = lambda ref: f"{r.tokens_per_s / base[ref]:.2f}" if ref in base else "—"  # noqa: E731
             lines.append(f"| {r.variant} | {r.tokens_per_s:.1f} | {1e3 / r.tokens_per_s:.2f} | {r.host_ms_per_token:.2f} | "
                          f"{ratio('bf16')} | {ratio('int4')} | "
-                         f"{_fmt_bytes(r.peak_memory_bytes)} | {_fmt_bytes(r.model_bytes)} | {r.frames_compiled} | "
+                         f"{_fmt_bytes(r.peak_memory_bytes)} | {_fmt_bytes(r.allocated_bytes)} | {_fmt_bytes(r.model_bytes)} | {r.frames_compiled} | "
                          f"{r.lift_ao_rewrites} |")
         for r in rows:
             off = base.get(r.variant + "-nopasses")

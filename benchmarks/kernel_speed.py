@@ -261,7 +261,7 @@ def _flat(outputs) -> list[torch.Tensor]:
 
 def study_decode_layer(log) -> dict:
     """Batch-1 time of one 8B decoder layer's LiftQuant work (2.4 bits), fused ops vs the composition,
-    and the rotation kernel at one vs three pipeline stages."""
+    and the rotation kernel at each of its tuning configs."""
     fused, composed = decode_layer_ops()
     x = torch.randn(1, 4096, device="cuda", dtype=DTYPE)
     h = torch.randn(1, 14336, device="cuda", dtype=DTYPE)
@@ -270,12 +270,11 @@ def study_decode_layer(log) -> dict:
     for features in (4096, 14336):
         layer = LiftedLayer(4096, features, 2.4)
         inp = x if features == 4096 else h
-        for chunk, stages in ((16, 1), (32, 3)):
-            triton_lift._INNER_CHUNK, triton_lift._ROTATE_STAGES = chunk, stages
-            us = bench_us(lambda: triton_lift.rotate_triton(inp, layer.signs, layer.left, layer.right))
-            study["rotate"].append(dict(features=features, chunk=chunk, stages=stages, us=us))
-            log(f"rotate K={features} chunk {chunk} stages {stages}: {us:.1f} us")
-    triton_lift._INNER_CHUNK, triton_lift._ROTATE_STAGES = 16, 1
+        for cfg in triton_lift._ROTATE_CONFIGS:
+            config = dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            us = bench_us(lambda: triton_lift.rotate_triton(inp, layer.signs, layer.left, layer.right, config=config))
+            study["rotate"].append(dict(features=features, config=config, us=us))
+            log(f"rotate K={features} {config}: {us:.1f} us")
     return study
 
 

@@ -24,15 +24,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_matmul import sm_count
+from .triton_matmul import quick_bench, sm_count
 
 __all__ = ["lift_activation_triton", "rotate_triton"]
 
 _ROWS_PER_PROGRAM = 16   # BLOCK_I: tl.dot's minimum M
-_INNER_CHUNK = 16        # reduction chunk over P1's rows
-# One stage: Triton's default 3-deep pipelining of the masked loads kept ~250 registers (with
-# spills) at K2_PADDED = 256; one stage and 16-row chunks need ~90 (offline sm_90 compile, NOTES_kernels.md).
-_ROTATE_STAGES = 1
 _COLUMN_CHUNK = 32       # output columns of U per product with P2
 _BLOCKS_PER_PROGRAM = 64
 
@@ -40,12 +36,13 @@ _BLOCKS_PER_PROGRAM = 64
 @triton.jit
 def _rotate_kernel(
     x_ptr, signs_ptr, left_ptr, right_ptr, u_ptr,
-    K, k1, k2, stride_x, stride_u,
+    K, k1, k2, stride_x, stride_u, token_bucket,
     K2_PADDED: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_J: tl.constexpr,
     COLUMNS_PER_PROGRAM: tl.constexpr, PRECISION: tl.constexpr, HAS_SIGNS: tl.constexpr,
 ):
     """U[i, j] = (P1ᵀ V P2)[i, j] for token pid_b, rows i in [pid_i·BLOCK_I, +BLOCK_I), columns j in
-    [pid_j·COLUMNS_PER_PROGRAM, +COLUMNS_PER_PROGRAM); u (B, k1·k2) fp32."""
+    [pid_j·COLUMNS_PER_PROGRAM, +COLUMNS_PER_PROGRAM); u (B, k1·k2) fp32. ``token_bucket`` only keys
+    the autotuner (decode and prefill want different chunks)."""
     pid_b = tl.program_id(0)
     pid_i = tl.program_id(1)
     pid_j = tl.program_id(2)
@@ -75,6 +72,17 @@ def _rotate_kernel(
         tl.store(u_rows + j[None, :], u, mask=(i < k1)[:, None] & (j < k2)[None, :])
 
 
+# The chunk over P1's rows and the pipelining depth, tuned per (k1, k2, token bucket): on the H100
+# at batch 1, Triton's default 3 stages with 32-row chunks took 11.0 µs at K = 4096 but 18.5 µs at
+# K = 14336, where 1 stage with 16-row chunks took 15.6 (12.6 at 4096): the 3-deep pipeline of masked
+# loads spills at K2_PADDED ≥ 128 (~250 registers, offline sm_90 compile; NOTES_kernels.md).
+_ROTATE_CONFIGS = [triton.Config({"BLOCK_A": chunk}, num_warps=4, num_stages=stages)
+                   for chunk in (16, 32, 64) for stages in (1, 3)]
+_ROTATE_INTERPRETER_CONFIG = {"BLOCK_A": 16}
+_rotate_tuned = triton.autotune(configs=_ROTATE_CONFIGS, key=["k1", "k2", "token_bucket", "COLUMNS_PER_PROGRAM", "PRECISION"],
+                                do_bench=quick_bench)(_rotate_kernel)
+
+
 @triton.jit
 def _lift_blocks_kernel(
     u_ptr, mapping_ptr, out_ptr, n_blocks, d, D, stride_u, stride_out,
@@ -96,7 +104,7 @@ def _lift_blocks_kernel(
 
 def rotate_triton(
     x: torch.Tensor, input_signs: Optional[torch.Tensor], rotation_left: torch.Tensor,
-    rotation_right: torch.Tensor, split_columns: Optional[bool] = None,
+    rotation_right: torch.Tensor, split_columns: Optional[bool] = None, config: Optional[dict] = None,
 ) -> torch.Tensor:
     """The rotated activation u = Rᵀ pad(signs ⊙ x) of every token, in fp32 (first launch of the lift).
 
@@ -106,6 +114,7 @@ def rotate_triton(
             rotation_right: (k2, k2) float32 rotation.
         split_columns: also split u's columns across programs (None: when the row programs alone
             would leave SMs idle).
+        config: fixed ``{"BLOCK_A", "num_warps", "num_stages"}`` instead of autotuning.
     Returns:
         (B, Kp) float32, B = x.numel() / K. The products run in tf32 for 16-bit activations (their
         error, ~1e-4 relative, is under the activations' rounding) and in fp32 for fp32 activations.
@@ -129,12 +138,14 @@ def rotate_triton(
         row_programs = tokens * triton.cdiv(k1, _ROWS_PER_PROGRAM)
         split_columns = x.device.type == "cuda" and row_programs < sm_count(x.device)
     columns_per_program = column_chunk if split_columns else k2_padded
-    _rotate_kernel[(tokens, triton.cdiv(k1, _ROWS_PER_PROGRAM), k2_padded // columns_per_program)](
+    if config is None and x.device.type != "cuda":
+        config = _ROTATE_INTERPRETER_CONFIG
+    kernel = _rotate_tuned if config is None else _rotate_kernel
+    kernel[(tokens, triton.cdiv(k1, _ROWS_PER_PROGRAM), k2_padded // columns_per_program)](
         rows, signs, left, right, rotated, features, k1, k2, rows.stride(0), rotated.stride(0),
-        K2_PADDED=k2_padded, BLOCK_I=_ROWS_PER_PROGRAM, BLOCK_A=_INNER_CHUNK,
-        BLOCK_J=column_chunk, COLUMNS_PER_PROGRAM=columns_per_program,
-        PRECISION="ieee" if x.dtype == f32 else "tf32", HAS_SIGNS=input_signs is not None,
-        num_warps=4, num_stages=_ROTATE_STAGES,
+        min(triton.next_power_of_2(tokens), 256),
+        K2_PADDED=k2_padded, BLOCK_I=_ROWS_PER_PROGRAM, BLOCK_J=column_chunk, COLUMNS_PER_PROGRAM=columns_per_program,
+        PRECISION="ieee" if x.dtype == f32 else "tf32", HAS_SIGNS=input_signs is not None, **(config or {}),
     )
     return rotated
 
