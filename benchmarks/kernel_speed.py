@@ -156,47 +156,40 @@ def check_correctness(log) -> list[dict]:
 
 
 def check_every_config(log) -> list[dict]:
-    """Each tuning candidate, fixed, on a decode and a prefill problem: the autotuner runs whichever
-    is fastest, so every one must be right (one prefill check once failed with NaN/garbage, config
-    unknown — see benchmarks/NOTES_kernels.md)."""
+    """Each tuning candidate of both matmul kernels, fixed, on a decode and a prefill (or multi-token)
+    problem: the autotuner runs whichever is fastest, so every one must be right (one prefill check
+    once failed with NaN/garbage, config unknown — see benchmarks/NOTES_kernels.md). Each config runs
+    three times (the lookup kernel at 1, 5 and automatic splits): a race shows up as an error that
+    moves between runs."""
+    gemm = lambda layer, lifted, bias, config, attempt: lifted_matmul_triton(  # noqa: E731
+        lifted, layer.codes, layer.row_scale, bias, config=config)
+    lookup = lambda layer, lifted, bias, config, attempt: triton_lut.lookup_matmul(  # noqa: E731
+        lifted, layer.codes, layer.row_scale, bias, splits=(1, 5, None)[attempt], config=config)
+    kernels = [("gemm", gemm, _TUNING_CONFIGS, [(4096, 14336, 256), (4096, 14336, 1)], True),
+               ("lookup", lookup, triton_lut._TUNING_CONFIGS, [(4096, 14336, 1), (1024, 4096, 8)], False)]
     checks = []
-    for rows, features, batch in [(4096, 14336, 256), (4096, 14336, 1)]:
-        layer = LiftedLayer(rows, features, 2.4)
-        lifted = layer.lift(torch.randn(batch, features, device="cuda", dtype=DTYPE))
-        bias = torch.randn(rows, device="cuda", dtype=DTYPE)
-        y_ref = lifted_matmul_reference(lifted.float(), layer.codes, layer.row_scale, bias.float())
-        for cfg in _TUNING_CONFIGS:
-            config = dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-            errors = []
-            try:
-                for _ in range(3):  # a race shows up as an error that moves between runs
-                    poison_allocator(batch * rows * 4)
-                    errors.append(relative_error(lifted_matmul_triton(lifted, layer.codes, layer.row_scale, bias,
-                                                                      config=config), y_ref))
-            except Exception as exc:  # e.g. out of shared memory for this tile: the autotuner skips it too
-                log(f"check {config} did not run: {exc!r}"[:300])
-                continue
-            entry = dict(rows=rows, features=features, bits=2.4, batch=batch, dtype=str(DTYPE), config=config,
-                         lift_error=0.0, matmul_error=max(errors), op_error=0.0)
-            entry["ok"] = all(e < 1e-2 for e in errors)
-            checks.append(entry)
-            log(f"check {entry}")
-    for rows, features, batch in [(4096, 14336, 1), (1024, 4096, 8)]:
-        layer = LiftedLayer(rows, features, 2.4)
-        lifted = layer.lift(torch.randn(batch, features, device="cuda", dtype=DTYPE))
-        y_ref = lifted_matmul_reference(lifted.float(), layer.codes, layer.row_scale, None)
-        for cfg in triton_lut._TUNING_CONFIGS:
-            config = dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-            errors = []
-            for splits in (1, 5, None):
-                poison_allocator(batch * rows * 4)
-                errors.append(relative_error(triton_lut.lookup_matmul(
-                    lifted, layer.codes, layer.row_scale, None, splits=splits, config=config), y_ref))
-            entry = dict(rows=rows, features=features, bits=2.4, batch=batch, dtype=str(DTYPE),
-                         config=dict(config, kernel="lookup"), lift_error=0.0, matmul_error=max(errors), op_error=0.0)
-            entry["ok"] = all(e < 1e-2 for e in errors)
-            checks.append(entry)
-            log(f"check {entry}")
+    for name, run, configs, problems, with_bias in kernels:
+        for rows, features, batch in problems:
+            layer = LiftedLayer(rows, features, 2.4)
+            lifted = layer.lift(torch.randn(batch, features, device="cuda", dtype=DTYPE))
+            bias = torch.randn(rows, device="cuda", dtype=DTYPE) if with_bias else None
+            y_ref = lifted_matmul_reference(lifted.float(), layer.codes, layer.row_scale,
+                                            None if bias is None else bias.float())
+            for cfg in configs:
+                config = dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                errors = []
+                try:
+                    for attempt in range(3):
+                        poison_allocator(batch * rows * 4)
+                        errors.append(relative_error(run(layer, lifted, bias, config, attempt), y_ref))
+                except Exception as exc:  # e.g. out of shared memory for this tile: the autotuner skips it too
+                    log(f"check {name} {config} did not run: {exc!r}"[:300])
+                    continue
+                entry = dict(rows=rows, features=features, bits=2.4, batch=batch, dtype=str(DTYPE),
+                             config=dict(config, kernel=name), lift_error=0.0, matmul_error=max(errors), op_error=0.0)
+                entry["ok"] = all(e < 1e-2 for e in errors)
+                checks.append(entry)
+                log(f"check {entry}")
     return checks
 
 

@@ -29,7 +29,8 @@ import triton.language as tl
 
 from .triton_matmul import quick_bench, sm_count
 
-__all__ = ["MAX_TOKENS", "build_tables", "lift_tables", "lookup_matmul", "lookup_siblings", "token_block"]
+__all__ = ["MAX_TOKENS", "build_tables", "lift_tables", "lookup_matmul", "lookup_siblings", "split_counter_count",
+           "token_block"]
 
 @triton.jit
 def _build_tables_kernel(lifted_ptr, table_ptr, B, L, groups, stride_lifted,
@@ -53,15 +54,20 @@ def _build_tables_kernel(lifted_ptr, table_ptr, B, L, groups, stride_lifted,
 
 
 @triton.jit
-def _lift_tables_kernel(rotated_ptr, mapping_ptr, table_ptr, B, L, groups, d, D, stride_rotated,
-                        BLOCK_B: tl.constexpr, BLOCK_G: tl.constexpr, D_IN_PADDED: tl.constexpr):
+def _lift_tables_kernel(rotated_ptr, mapping_ptr, table_ptr, counter_ptr, B, L, groups, d, D, stride_rotated,
+                        n_counters, BLOCK_B: tl.constexpr, BLOCK_G: tl.constexpr, D_IN_PADDED: tl.constexpr):
     """The tables of x̃ straight from the rotated activation u (the lift fused into the table build):
     x̃[b, p] = Σ_e u[b, d·blk + e] · M[e, f] with p = D·blk + f, so no x̃ is written or read.
 
     rotated (B, Kp) fp32; mapping (d, D) fp32; table as in :func:`_build_tables_kernel`. Each
     position is computed on its own (a gather of its block's d rotated values and one column of M),
     so D need not be a multiple of 4: a group of 4 positions may straddle two lattice blocks.
+    The programs also zero ``n_counters`` int32 split counters for the lookup launch that follows
+    (which saves it a memset launch).
     """
+    zero_at = tl.program_id(0) * 64 + tl.arange(0, 64)
+    for start in range(0, n_counters, tl.num_programs(0) * 64):
+        tl.store(counter_ptr + start + zero_at, 0, mask=start + zero_at < n_counters)
     g = tl.program_id(0) * BLOCK_G + tl.arange(0, BLOCK_G)
     t = tl.arange(0, 4)
     e = tl.arange(0, D_IN_PADDED)
@@ -109,7 +115,7 @@ def _lookup_kernel(
 
     With ``splits`` > 1 each program sums one K split, writes it to ``partial`` and counts itself in
     ``counter[pid_n]``; the last of a row block's splits to arrive adds the others' partials, writes
-    the output: no reduction launch. The counters arrive zeroed.
+    the output: no reduction launch. The counters arrive zeroed (:func:`lift_tables` can do it).
     """
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -203,7 +209,8 @@ def build_tables(lifted: torch.Tensor, words: int, token_block: int) -> torch.Te
     return tables
 
 
-def lift_tables(rotated: torch.Tensor, mapping: torch.Tensor, words: int, token_block: int) -> torch.Tensor:
+def lift_tables(rotated: torch.Tensor, mapping: torch.Tensor, words: int, token_block: int,
+                zero_counters: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Lookup tables of x̃ = lift(u) computed from the rotated activation u, x̃ never materialised.
 
     Args:
@@ -211,6 +218,8 @@ def lift_tables(rotated: torch.Tensor, mapping: torch.Tensor, words: int, token_
         mapping: (d, D) lattice matrix M; Kp a multiple of d.
         words: code words per row (``words_per_row(Kp·D/d)``).
         token_block: tokens per table entry (power of two ≥ B).
+        zero_counters: int32 split counters that this launch zeroes for the :func:`lookup_siblings`
+            call that reads these tables (see :func:`split_counter_count`), or None.
     Returns:
         (8·words, 16, token_block) fp32, as :func:`build_tables` of x̃ kept in fp32.
     """
@@ -218,9 +227,10 @@ def lift_tables(rotated: torch.Tensor, mapping: torch.Tensor, words: int, token_
     d, D = mapping.shape
     groups = 8 * words
     tables = torch.empty(groups, 16, token_block, dtype=torch.float32, device=rotated.device)
+    counters = tables if zero_counters is None else zero_counters
     _lift_tables_kernel[(triton.cdiv(groups, _LIFT_GROUPS),)](
-        rotated, mapping.to(torch.float32).contiguous(), tables, tokens, padded // d * D, groups, d, D,
-        rotated.stride(0), BLOCK_B=token_block, BLOCK_G=_LIFT_GROUPS,
+        rotated, mapping.to(torch.float32).contiguous(), tables, counters, tokens, padded // d * D, groups, d, D,
+        rotated.stride(0), 0 if zero_counters is None else zero_counters.numel(), BLOCK_B=token_block, BLOCK_G=_LIFT_GROUPS,
         D_IN_PADDED=triton.next_power_of_2(d), num_warps=4)
     return tables
 
@@ -238,10 +248,15 @@ def _split_count(rows: int, words: int, sms: int) -> int:
     return max(1, min(wanted, words // 16, 16))
 
 
+def split_counter_count(rows: list[int]) -> int:
+    """Split counters a :func:`lookup_siblings` call over siblings of ``rows`` output rows needs."""
+    return sum(triton.cdiv(n, _SMALLEST_BLOCK_N) for n in rows)
+
+
 def lookup_siblings(
     tables: torch.Tensor, tokens: int, packed_codes: list[torch.Tensor], row_scale: list[torch.Tensor],
     bias: list[Optional[torch.Tensor]], out_dtype: torch.dtype, splits: Optional[int] = None,
-    config: Optional[dict] = None,
+    config: Optional[dict] = None, counters: Optional[torch.Tensor] = None,
 ) -> list[torch.Tensor]:
     """``y_s = r_s ⊙ (Q_s · x̃) + b_s`` for siblings that read the same x̃, from its lookup tables.
 
@@ -256,6 +271,8 @@ def lookup_siblings(
         out_dtype: dtype of the outputs.
         splits: K splits (None: from the rows of the launch and the SM count).
         config: fixed ``{"BLOCK_N", "num_warps", "num_stages"}`` instead of autotuning.
+        counters: ≥ ``split_counter_count(N_s…)`` zeroed int32 (e.g. by :func:`lift_tables`), used up
+            by this call; None: allocated zeroed here.
     Returns:
         per sibling (B, N_s) in out_dtype, accumulated in fp32.
     """
@@ -281,6 +298,12 @@ def lookup_siblings(
     for with_bias in (False, True):
         members = [i for i, b in enumerate(bias) if (b is not None) == with_bias and packed_codes[i].shape[0] > 0]
         launches += [members[at:at + _MAX_SIBLINGS] for at in range(0, len(members), _MAX_SIBLINGS)]
+    needed = split_counter_count([codes.shape[0] for codes in packed_codes])
+    if counters is None:
+        counters = torch.zeros(needed, dtype=torch.int32, device=device)
+    elif counters.dtype != torch.int32 or counters.numel() < needed:
+        raise ValueError(f"split counters must be ≥ {needed} int32, got {counters.dtype} × {counters.numel()}")
+    counter_offset = 0
     for members in launches:
         rows = [packed_codes[i].shape[0] for i in members]
         launch_splits = splits or _split_count(sum(rows), words, sm_count(device))
@@ -289,10 +312,9 @@ def lookup_siblings(
         most_rows = sum(triton.cdiv(n, _LARGEST_BLOCK_N) * _LARGEST_BLOCK_N for n in rows)
         partials = (torch.empty(launch_splits * most_rows * block_b, dtype=torch.float32, device=device)
                     if launch_splits > 1 else scales[members[0]])
-        # One zeroed counter per row block, fresh per launch: no state shared across streams or graphs
-        # (a memset-sized launch; zeroing them inside the tables kernel would save it).
-        counters = torch.zeros(sum(triton.cdiv(n, _SMALLEST_BLOCK_N) for n in rows), dtype=torch.int32,
-                               device=device) if launch_splits > 1 else partials
+        used = sum(triton.cdiv(n, _SMALLEST_BLOCK_N) for n in rows)
+        launch_counters = counters[counter_offset:counter_offset + used]
+        counter_offset += used
         slots = []
         for slot in range(_MAX_SIBLINGS):
             i = members[min(slot, len(members) - 1)]   # unused slots repeat a real sibling (never read)
@@ -300,7 +322,7 @@ def lookup_siblings(
                       packed_codes[i].shape[0]]
         grid = lambda meta, rows=rows, launch_splits=launch_splits: (  # noqa: E731
             sum(triton.cdiv(n, meta["BLOCK_N"]) for n in rows), launch_splits)
-        kernel[grid](tables, partials, counters, *slots, tokens, words, words_per_split, words // 4, launch_splits,
+        kernel[grid](tables, partials, launch_counters, *slots, tokens, words, words_per_split, words // 4, launch_splits,
                      SIBLINGS=len(members), HAS_BIAS=bias[members[0]] is not None, BLOCK_B=block_b, **(config or {}))
     return outs
 

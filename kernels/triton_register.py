@@ -63,8 +63,12 @@ def _decode_siblings(lift_args: tuple, packed_codes: list, row_scale: list, bias
         _check_codes(codes, length)
     tokens = x.numel() // x.shape[-1]
     rotated = rotate_triton(x, signs, left, right)
-    tables = triton_lut.lift_tables(rotated, mapping, words_per_row(length), triton_lut.token_block(tokens))
-    outs = triton_lut.lookup_siblings(tables, tokens, [c.contiguous() for c in packed_codes], row_scale, bias, x.dtype)
+    counters = torch.empty(triton_lut.split_counter_count([c.shape[0] for c in packed_codes]), dtype=torch.int32,
+                           device=x.device)
+    tables = triton_lut.lift_tables(rotated, mapping, words_per_row(length), triton_lut.token_block(tokens),
+                                    zero_counters=counters)
+    outs = triton_lut.lookup_siblings(tables, tokens, [c.contiguous() for c in packed_codes], row_scale, bias, x.dtype,
+                                      counters=counters)
     return [out.reshape(*x.shape[:-1], out.shape[-1]) for out in outs]
 
 

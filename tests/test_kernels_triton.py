@@ -18,7 +18,7 @@ from lift_ao.transform import make_rotation  # noqa: E402
 from lift_ao.kernels.reference import lift_activation_reference, lifted_matmul_reference  # noqa: E402
 from lift_ao.kernels.triton_lift import lift_activation_triton, rotate_triton  # noqa: E402
 from lift_ao.kernels.triton_lut import (  # noqa: E402
-    MAX_TOKENS, build_tables, lift_tables, lookup_matmul, lookup_siblings, token_block)
+    MAX_TOKENS, build_tables, lift_tables, lookup_matmul, lookup_siblings, split_counter_count, token_block)
 from lift_ao.kernels.triton_matmul import lifted_matmul_triton  # noqa: E402
 from lift_ao.kernels.triton_register import (  # noqa: E402
     _lifted_linear_cuda, _lifted_linear_group_cuda, _lifted_matmul_cuda)
@@ -232,7 +232,8 @@ def test_cuda_group_kernel_decodes_each_shared_lift_once_and_matches_the_composi
 @pytest.mark.parametrize("features,d,D", [(37, 10, 24), (45, 14, 30), (300, 6, 21)])
 def test_lift_tables_equal_the_tables_of_the_float64_lift(tokens, features, d, D):
     """Tables built from the rotated activation (D not a multiple of 4 included: groups of 4 positions
-    straddle lattice blocks) equal the signed sums of the float64 lift."""
+    straddle lattice blocks) equal the signed sums of the float64 lift; the launch zeroes the split
+    counters it is given."""
     g = torch.Generator().manual_seed(_seed("lift_tables", tokens, features, d, D))
     rotation = make_rotation(features, d, seed=2)
     mapping = torch.randn(d, D, generator=g) / d**0.5
@@ -240,8 +241,12 @@ def test_lift_tables_equal_the_tables_of_the_float64_lift(tokens, features, d, D
     length = rotation.padded_features // d * D
     words = words_per_row(length)
 
+    counters = torch.full((150,), 7, dtype=torch.int32)   # more than the tables kernel has programs × 64
+
     tables = lift_tables(rotate_triton(x, rotation.signs, rotation.left, rotation.right), mapping, words,
-                         token_block(tokens))
+                         token_block(tokens), zero_counters=counters)
+
+    assert int(counters.abs().sum()) == 0   # zeroed for the lookup launch that follows
 
     f64 = torch.float64
     lifted = lift_activation_reference(x.to(f64), rotation.signs.to(f64), rotation.left.to(f64),
@@ -268,7 +273,11 @@ def test_lookup_siblings_one_launch_with_split_reduction_inside(splits):
     lifted = torch.randn(tokens, length, generator=g).to(torch.bfloat16)
     tables = build_tables(lifted, codes[0].shape[1], token_block(tokens))
 
-    outs = lookup_siblings(tables, tokens, list(codes), scales, biases, torch.bfloat16, splits=splits)
+    outs = lookup_siblings(tables, tokens, list(codes), scales, biases, torch.bfloat16, splits=splits,
+                           counters=torch.zeros(split_counter_count(rows), dtype=torch.int32))
+    with pytest.raises(ValueError, match="split counters"):
+        lookup_siblings(tables, tokens, list(codes), scales, biases, torch.bfloat16,
+                        counters=torch.zeros(split_counter_count(rows) - 1, dtype=torch.int32))
 
     for out, sign, scale, bias in zip(outs, signs, scales, biases):
         ref = (lifted.double() @ (sign.double() * 2 - 1).T) * scale.double()
