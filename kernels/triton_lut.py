@@ -10,13 +10,17 @@ so a row's 4 code bits at positions 4g..4g+3 (one nibble of a code word) select 
 row's dot product is the sum of L/4 looked-up values. Per nibble that is a shift, a mask, an
 address and one cached load, about one integer instruction per weight bit.
 
-Two launches (plus the split reduction of :mod:`.triton_matmul`):
+Launches:
 
-1. :func:`_build_tables_kernel` — (B, L) x̃ → (G, 16, BLOCK_B) fp32 tables, G = 8 · words (zero
-   past L, so the zero code bits past a row's end add nothing; the tokens of an entry contiguous).
-2. :func:`_lookup_kernel` — each program owns ``BLOCK_N`` rows and one K split; a thread owns one
-   row and loads 4 consecutive code words (16 bytes) per step, so the 32 lanes of a warp read the
-   *same* table (one 64-byte segment, one L1 wavefront) with different nibbles.
+1. the tables, (G, 16, BLOCK_B) fp32 with G = 8 · words (zero past L, so the zero code bits past a
+   row's end add nothing; the tokens of an entry contiguous): :func:`_build_tables_kernel` from x̃,
+   or, in the fused decode ops, :func:`_lift_tables_kernel` straight from the rotated activation
+   (x̃ is never written);
+2. :func:`_lookup_kernel` — each program owns ``BLOCK_N`` rows of one of up to 3 sibling weights that
+   read the same x̃ (q/k/v, gate/up) and one K split; a thread owns one row and loads 4 consecutive
+   code words (16 bytes) per step, so the 32 lanes of a warp read the *same* table (one 64-byte
+   segment, one L1 wavefront) with different nibbles. The last split of a row block to finish adds
+   the others' partials (per-row-block counters), so there is no reduction launch.
 """
 
 from __future__ import annotations
