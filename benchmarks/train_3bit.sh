@@ -15,9 +15,10 @@
 # MODE=lloyd (round 4): Lloyd-only trainings with `torch_only.py refine` (resumable; each job writes
 # OUT_DIR/NAME/{state.pt,best.safetensors,final.safetensors,log.txt}). On the CPU, Lloyd from
 # orthonormal rows beat the Adam recipe (60/20: 0.02101 at K = 64 after 25 steps of 20k vectors,
-# then 0.02053 at K = 128 on 200k blocks: the shipped lq_60_20, see results/train_3bit_cpu.md).
-# INIT (default the shipped 60/20) is continued at K = 128 and K = 256;
-# fresh Lloyd-only 60/20 (seed 1), 72/24 and 48/16 at K = 128 run beside them:
+# then 0.02053 at K = 128 on 200k blocks: the shipped lq_60_20; 72/24 at K = 64: 0.020526, the
+# shipped lq_72_24; see results/train_3bit_cpu.md). Continued here with 1M vectors per step: the
+# shipped 72/24 at K = 64 and K = 128, the shipped 60/20 at K = 128; beside them fresh Lloyd-only
+# 72/24 (seed 1) and 84/28 at K = 64:
 #   MODE=lloyd SECONDS_EACH=200 bash benchmarks/train_3bit.sh OUT_DIR
 # Running it again with the same OUT_DIR (and a larger SECONDS_EACH budget or LLOYD_STEPS) resumes
 # every job from its state.pt.
@@ -31,16 +32,15 @@ eval_vectors=${EVAL_VECTORS:-$((vectors < 200000 ? vectors : 200000))}
 here=$(dirname "$0")
 common="--seed 0 --restarts 1 --batch $batch --lloyd-vectors $vectors --eval-vectors $eval_vectors --max-seconds $secs"
 if [ "${MODE:-}" = lloyd ]; then
-    init=${INIT:-lift_ao/lattices/lq_60_20.safetensors}
     steps=${LLOYD_STEPS:-200}
     vecs=${VECTORS:-1000000}
     lcommon="--lloyd-vectors $vecs --lloyd-memory 0.5 --lloyd-steps $steps --holdout ${HOLDOUT:-50000} --eval-vectors ${EVAL_VECTORS:-200000} --max-seconds $secs"
     ljobs=(
-        "c_60_20_k128 --d 20 --D 60 --init $init --lloyd-beam 128"
-        "c_60_20_k256 --d 20 --D 60 --init $init --lloyd-beam 256"
-        "l_60_20_k128_s1 --d 20 --D 60 --seed 1 --lloyd-beam 128"
-        "l_72_24_k128 --d 24 --D 72 --lloyd-beam 128"
-        "l_48_16_k128 --d 16 --D 48 --lloyd-beam 128"
+        "c_72_24_k64 --d 24 --D 72 --init lift_ao/lattices/lq_72_24.safetensors --lloyd-beam 64"
+        "c_72_24_k128 --d 24 --D 72 --init lift_ao/lattices/lq_72_24.safetensors --lloyd-beam 128"
+        "c_60_20_k128 --d 20 --D 60 --init lift_ao/lattices/lq_60_20.safetensors --lloyd-beam 128"
+        "l_72_24_k64_s1 --d 24 --D 72 --seed 1 --lloyd-beam 64"
+        "l_84_28_k64 --d 28 --D 84 --lloyd-beam 64"
     )
     mkdir -p "$out"
     for job in "${ljobs[@]}"; do
