@@ -115,6 +115,7 @@ class Result:
     model_bytes: Optional[int] = None
     frames_compiled: Optional[int] = None
     lift_ao_rewrites: dict = field(default_factory=dict)
+    lattice: Optional[str] = None  # lift variants: Lattice.for_bits(bits).name
     cudagraph_counters: dict = field(default_factory=dict)
     first_tokens: list = field(default_factory=list)
     profile: Optional[str] = None
@@ -216,6 +217,7 @@ def measure(model_name: str, variant: Variant, args, device: torch.device) -> Re
         passes.uninstall()
     torch.manual_seed(args.seed)
     model = apply_variant(build_model(model_name, device, args.layers), variant, args.seed)
+    result.lattice = Lattice.for_bits(variant.bits).name if variant.kind == "lift" else None
     result.model_bytes = lift_ao.footprint(model)
 
     def decode_step(ids, cache, position):
@@ -317,7 +319,7 @@ def write_report(results: list[Result], meta: dict, out_dir: str, tag: str):
                 lines.append(f"| {r.variant} | error: {r.error} | | | | | | | | | |")
                 continue
             ratio = lambda ref: f"{r.tokens_per_s / base[ref]:.2f}" if ref in base else "—"  # noqa: E731
-            lines.append(f"| {r.variant} | {r.tokens_per_s:.1f} | {1e3 / r.tokens_per_s:.2f} | {r.host_ms_per_token:.2f} | "
+            lines.append(f"| {r.variant}{f' ({r.lattice})' if r.lattice else ''} | {r.tokens_per_s:.1f} | {1e3 / r.tokens_per_s:.2f} | {r.host_ms_per_token:.2f} | "
                          f"{ratio('bf16')} | {ratio('int4')} | "
                          f"{_fmt_bytes(r.peak_memory_bytes)} | {_fmt_bytes(r.allocated_bytes)} | {_fmt_bytes(r.model_bytes)} | {r.frames_compiled} | "
                          f"{r.lift_ao_rewrites} |")
