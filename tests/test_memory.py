@@ -35,10 +35,11 @@ def test_encoding_memory_scales_with_output_not_with_rows():
     small, large = json.loads(done.stdout.strip().splitlines()[-1])
     # 16384×2048 float32 is 128 MiB; an unchunked encoder adds at least a float32 rotated copy
     # (128 MiB) and the unpacked code bits (77 MiB) on top of it. What remains is one chunk's
-    # working set (~30-50 MiB, mostly pack_codes' int64 staging) and allocator noise (up to ~25 MiB
-    # seen): bounded by the weight's size, well under the ≥ 205 MiB an unchunked encoder adds.
+    # working set (~30-50 MiB, mostly pack_codes' int64 staging) and allocator noise (up to ~29 MiB
+    # seen, on a loaded 2-core machine): bounded by the weight's size, and the 64 MiB allowance stays
+    # far under the ≥ 205 MiB an unchunked encoder adds.
     assert large["weight_mib"] == 128
     growth = large["encode_extra_mib"] - small["encode_extra_mib"]
     output_growth = large["output_mib"] - small["output_mib"]  # 8.5 MiB more packed codes
-    assert growth < output_growth + 24, (small, large)
+    assert growth < output_growth + 64, (small, large)
     assert large["encode_extra_mib"] < large["weight_mib"], large
