@@ -9,6 +9,8 @@ the disjoint *calibration* split. Rows:
     hqq-int{2,3,4}-g{64,128}  HQQ (half-quadratic optimisation of scale and zero per group), torchao's
                               built-in implementation (``_choose_qparams_and_quantize_affine_hqq``)
     lift-{bits}               lift_ao data-free at 1.6 / 2.0 / 2.4 / 2.5 / 3.0 bits (lattices in LIFT_LATTICES)
+                              or ``lift-{D}/{d}`` (any shipped lattice, e.g. lift-cal-ft-72/24: the
+                              library's 3.0-bit pick; the same suffix works for the two rows below)
     lift-cal-{bits}           lift_ao calibrated (lift_ao.calibrate) at the same rates
     lift-cal-ft-{bits}        the same with intra-block fine-tuning (--finetune-steps, --finetune-lr, --finetune-batch)
     lift-plan-2.4             mixed widths planned by sensitivity at the bytes of uniform 2.4 bits
@@ -30,6 +32,7 @@ import copy
 import json
 import os
 import platform
+import re
 import shlex
 import sys
 import time
@@ -101,6 +104,17 @@ def _group_quantize(model, method: str, bits: int, group: int) -> int:
     return int(nominal)
 
 
+def _lattice_of(row: str) -> str:
+    """The lattice of a lift row: its rate's entry in LIFT_LATTICES, or the D/d the row names."""
+    suffix = row.rpartition("-")[2]
+    return LIFT_LATTICES.get(suffix, suffix)
+
+
+def _is_row(name: str) -> bool:
+    lattice_row = re.fullmatch(r"lift-(cal-(ft-)?)?(\d+/\d+)", name)
+    return name in ROWS or (lattice_row is not None and lattice_row.group(3) in {lat.name for lat in lift_ao.Lattice.shipped()})
+
+
 def run_row(name: str, reference, tokenizer, eval_tokens, args) -> dict:
     """Quantize a copy of ``reference`` as row ``name`` and measure it."""
     model = copy.deepcopy(reference)
@@ -122,7 +136,7 @@ def run_row(name: str, reference, tokenizer, eval_tokens, args) -> dict:
             calibration = builtin_calibration_tokens(tokenizer, args.plan_tokens)
             lift_ao.quantize(model, config, calibration=calibration, device=args.device)
         elif name.startswith("lift-cal-"):
-            config = lift_ao.liftquant(lattice=LIFT_LATTICES[name.rpartition("-")[2]])
+            config = lift_ao.liftquant(lattice=_lattice_of(name))
             calibration = builtin_calibration_tokens(tokenizer, args.calibration_tokens)
             checkpoint = None if args.checkpoint_root is None else args.checkpoint_root / name
             finetune = {}
@@ -133,7 +147,7 @@ def run_row(name: str, reference, tokenizer, eval_tokens, args) -> dict:
             calibrate(model, config, calibration, device=args.device, checkpoint_dir=checkpoint, **finetune)
             row["calibration_tokens"] = calibration.numel()
         else:
-            lift_ao.quantize(model, lift_ao.liftquant(lattice=LIFT_LATTICES[name.removeprefix("lift-")]), device=args.device)
+            lift_ao.quantize(model, lift_ao.liftquant(lattice=_lattice_of(name)), device=args.device)
         linear_bytes = sum(m.weight.storage_bytes() for m in linears)
         row["lattices"] = sorted({m.weight.lattice.name for m in linears})
     row["quantize_seconds"] = round(time.perf_counter() - start, 1)
@@ -259,9 +273,9 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, default=RESULTS / "accuracy", help="results path without suffix")
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.rows.split(",") if n.strip()]
-    unknown = sorted(set(names) - set(ROWS))
+    unknown = sorted(n for n in names if not _is_row(n))
     if unknown:
-        parser.error(f"unknown rows {unknown}; choose among {ROWS}")
+        parser.error(f"unknown rows {unknown}; choose among {ROWS} or lift[-cal[-ft]]-D/d with a shipped lattice")
 
     json_path = args.out.with_suffix(".json")
     doc = json.loads(json_path.read_text()) if json_path.is_file() else {"rows": {}}

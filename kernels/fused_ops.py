@@ -31,7 +31,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["compose_group", "lifted_linear", "lifted_linear_group", "shared_lifts"]
+__all__ = ["check_siblings", "compose_group", "lifted_linear", "lifted_linear_group", "shared_lifts"]
 
 @torch.library.custom_op("lift_ao::lifted_linear", mutates_args=())
 def lifted_linear(
@@ -99,6 +99,12 @@ def lifted_linear_group(
                          row_scale, bias)
 
 
+def check_siblings(*per_sibling: list) -> None:
+    """Every per-sibling list of a group op has the same G ≥ 1 entries."""
+    if not per_sibling[0] or len({len(column) for column in per_sibling}) != 1:
+        raise ValueError("lifted_linear_group needs G ≥ 1 entries in every per-sibling list")
+
+
 def shared_lifts(x, folded_signs, input_signs, rotation_left, rotation_right, mapping) -> list[tuple[tuple, list[int]]]:
     """The distinct lifts of a sibling group: ``[(lift_args, siblings)]`` where ``lift_args`` =
     (x', signs or None, left, right, mapping) are :func:`lift_activation`'s arguments and ``siblings``
@@ -106,8 +112,7 @@ def shared_lifts(x, folded_signs, input_signs, rotation_left, rotation_right, ma
 
     Args: as :func:`lifted_linear_group` (x, folded_signs and the per-sibling transform lists).
     """
-    if not input_signs or len({len(column) for column in (input_signs, rotation_left, rotation_right, mapping)}) != 1:
-        raise ValueError("lifted_linear_group needs G ≥ 1 entries in every per-sibling list")
+    check_siblings(input_signs, rotation_left, rotation_right, mapping)
     k = x.shape[-1]
     lifts: dict[tuple, tuple[tuple, list[int]]] = {}
     for index, (signs, left, right, lattice_map) in enumerate(zip(input_signs, rotation_left, rotation_right, mapping)):
@@ -130,8 +135,7 @@ def shared_lifts(x, folded_signs, input_signs, rotation_left, rotation_right, ma
 def compose_group(x, folded_signs, input_signs, rotation_left, rotation_right, mapping, packed_codes, row_scale,
                   bias) -> list[torch.Tensor]:
     """:func:`lifted_linear_group` from the base ops, each shared lift computed once."""
-    if len({len(column) for column in (input_signs, packed_codes, row_scale, bias)}) != 1:
-        raise ValueError("lifted_linear_group needs G ≥ 1 entries in every per-sibling list")
+    check_siblings(input_signs, packed_codes, row_scale, bias)
     outputs: list = [None] * len(packed_codes)
     for lift_args, siblings in shared_lifts(x, folded_signs, input_signs, rotation_left, rotation_right, mapping):
         lifted = torch.ops.lift_ao.lift_activation(*lift_args)

@@ -17,7 +17,7 @@ import torch
 
 from lift_ao.packing import words_per_row
 
-from .fused_ops import compose_group, lifted_linear, lifted_linear_group, shared_lifts
+from .fused_ops import check_siblings, compose_group, lifted_linear, lifted_linear_group, shared_lifts
 from .ops import _check_lift_args, lift_activation, lifted_matmul
 from . import triton_lut
 from .triton_lift import lift_activation_triton, rotate_triton
@@ -92,8 +92,7 @@ def _lifted_linear_group_cuda(x, folded_signs, input_signs, rotation_left, rotat
     if not _is_decode(x):
         return compose_group(x, folded_signs, input_signs, rotation_left, rotation_right, mapping, packed_codes,
                              row_scale, bias)
-    if len({len(column) for column in (input_signs, packed_codes, row_scale, bias)}) != 1:
-        raise ValueError("lifted_linear_group needs G ≥ 1 entries in every per-sibling list")
+    check_siblings(input_signs, packed_codes, row_scale, bias)
     outputs: list = [None] * len(packed_codes)
     for lift_args, siblings in shared_lifts(x, folded_signs, input_signs, rotation_left, rotation_right, mapping):
         outs = _decode_siblings(lift_args, [packed_codes[i] for i in siblings], [row_scale[i] for i in siblings],

@@ -303,3 +303,14 @@ def test_cuda_lifted_linear_matches_the_reference_chain(tokens):
                                                             mapping), codes, scale, bias)
     assert out.shape == (tokens, rows)
     assert _relative_error(out, ref.double()) < 2 * TOLERANCE[torch.float16]
+
+
+@pytest.mark.parametrize("group", [lifted_linear_group, _lifted_linear_group_cuda])
+def test_group_op_rejects_sibling_lists_of_different_lengths(group):
+    rotation = make_rotation(20, 10, seed=0)
+    mapping = torch.randn(10, 24)
+    codes = _random_codes(3, rotation.padded_features // 10 * 24, torch.Generator().manual_seed(0))[1]
+    x = torch.randn(1, 20)
+    with pytest.raises(ValueError, match="G ≥ 1 entries"):
+        group(x, None, [rotation.signs] * 2, [rotation.left] * 2, [rotation.right] * 2, [mapping] * 2,
+              [codes], [torch.ones(3)], [None])
