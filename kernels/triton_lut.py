@@ -316,7 +316,7 @@ def lookup_siblings(
         most_rows = sum(triton.cdiv(n, _LARGEST_BLOCK_N) * _LARGEST_BLOCK_N for n in rows)
         partials = (torch.empty(launch_splits * most_rows * block_b, dtype=torch.float32, device=device)
                     if launch_splits > 1 else scales[members[0]])
-        used = sum(triton.cdiv(n, _SMALLEST_BLOCK_N) for n in rows)
+        used = split_counter_count(rows)
         launch_counters = counters[counter_offset:counter_offset + used]
         counter_offset += used
         slots = []

@@ -18,7 +18,7 @@ import torch
 from lift_ao.packing import words_per_row
 
 from .fused_ops import check_siblings, compose_group, lifted_linear, lifted_linear_group, shared_lifts
-from .ops import _check_lift_args, lift_activation, lifted_matmul
+from .ops import _check_lift_args, _lifted_length, lift_activation, lifted_matmul
 from . import triton_lut
 from .triton_lift import lift_activation_triton, rotate_triton
 from .triton_matmul import lifted_matmul_triton
@@ -39,6 +39,11 @@ def _check_codes(packed_codes: torch.Tensor, length: int) -> None:
         )
 
 
+def _is_decode(x: torch.Tensor) -> bool:
+    """1 to LOOKUP_MAX_TOKENS rows of activations: the table-lookup path."""
+    return 0 < x.numel() // max(x.shape[-1], 1) <= LOOKUP_MAX_TOKENS
+
+
 def _lift_activation_cuda(x, input_signs, rotation_left, rotation_right, mapping):
     _check_lift_args(x, input_signs, rotation_left, rotation_right, mapping)
     return lift_activation_triton(x, input_signs, rotation_left, rotation_right, mapping)
@@ -46,9 +51,8 @@ def _lift_activation_cuda(x, input_signs, rotation_left, rotation_right, mapping
 
 def _lifted_matmul_cuda(lifted, packed_codes, row_scale, bias: Optional[torch.Tensor]):
     """The lookup kernel for up to LOOKUP_MAX_TOKENS tokens, else the ±1 GEMM."""
-    length = lifted.shape[-1]
-    _check_codes(packed_codes, length)
-    if lifted.numel() // max(length, 1) > LOOKUP_MAX_TOKENS:
+    _check_codes(packed_codes, lifted.shape[-1])
+    if not _is_decode(lifted):
         return lifted_matmul_triton(lifted, packed_codes, row_scale, bias)
     return triton_lut.lookup_matmul(lifted, packed_codes.contiguous(), row_scale, bias)
 
@@ -58,7 +62,7 @@ def _decode_siblings(lift_args: tuple, packed_codes: list, row_scale: list, bias
     rotated activation, one lookup launch (per ≤ 3 siblings of equal bias presence)."""
     x, signs, left, right, mapping = lift_args
     _check_lift_args(x, signs, left, right, mapping)
-    length = left.shape[0] * right.shape[0] // mapping.shape[0] * mapping.shape[1]
+    length = _lifted_length(left, right, mapping)
     for codes in packed_codes:
         _check_codes(codes, length)
     tokens = x.numel() // x.shape[-1]
@@ -70,10 +74,6 @@ def _decode_siblings(lift_args: tuple, packed_codes: list, row_scale: list, bias
     outs = triton_lut.lookup_siblings(tables, tokens, [c.contiguous() for c in packed_codes], row_scale, bias, x.dtype,
                                       counters=counters)
     return [out.reshape(*x.shape[:-1], out.shape[-1]) for out in outs]
-
-
-def _is_decode(x: torch.Tensor) -> bool:
-    return 0 < x.numel() // max(x.shape[-1], 1) <= LOOKUP_MAX_TOKENS
 
 
 def _lifted_linear_cuda(x, input_signs, rotation_left, rotation_right, mapping, packed_codes, row_scale, bias):
