@@ -93,9 +93,13 @@ class LiftedLayer:
         self.signs, self.left, self.right = (t.cuda() for t in (rotation.signs, rotation.left, rotation.right))
         self.mapping = random_mapping(self.d, self.D)
         self.length = rotation.padded_features // self.d * self.D
-        self.codes = random_codes(rows, self.length)
-        self.row_scale = (torch.rand(rows, device="cuda") + 0.5) / math.sqrt(self.length)
+        self.codes, self.row_scale = self.sibling_weights(rows)
         self.features = features
+
+    def sibling_weights(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Random codes and row scales of ``rows`` outputs that read this layer's lift (its own, or
+        k/v beside q, up beside gate)."""
+        return random_codes(rows, self.length), (torch.rand(rows, device="cuda") + 0.5) / math.sqrt(self.length)
 
     def lift(self, x):
         return lift_activation_triton(x, self.signs, self.left, self.right, self.mapping)
@@ -193,18 +197,13 @@ def check_every_config(log) -> list[dict]:
     return checks
 
 
-def sibling_weights(layer: "LiftedLayer", rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Codes and row scales of another linear reading ``layer``'s lift (k/v beside q, up beside gate)."""
-    return random_codes(rows, layer.length), (torch.rand(rows, device="cuda") + 0.5) / math.sqrt(layer.length)
-
-
 def decode_layer_ops(bits: float = 2.4):
     """One Llama-3-8B decoder layer's LiftQuant work as two callables of (x_4096, x_14336): the fused
     ops (what the passes install: group ops for q/k/v and gate/up) and the base-op composition."""
     q, o, gate, down = (LiftedLayer(4096, 4096, bits), LiftedLayer(4096, 4096, bits),
                         LiftedLayer(14336, 4096, bits), LiftedLayer(4096, 14336, bits))
-    groups = [(q, [(q.codes, q.row_scale), sibling_weights(q, 1024), sibling_weights(q, 1024)]),
-              (gate, [(gate.codes, gate.row_scale), sibling_weights(gate, 14336)])]
+    groups = [(q, [(q.codes, q.row_scale), q.sibling_weights(1024), q.sibling_weights(1024)]),
+              (gate, [(gate.codes, gate.row_scale), gate.sibling_weights(14336)])]
 
     def group_args(x, layer, members):
         n = len(members)
