@@ -24,7 +24,8 @@ def install() -> None:
 
 def refine(argv) -> None:
     """Resumable lattice training for long CPU runs (issue 9, 3.0 bits): Adam on the soft-min over
-    the beam's code and its single flips (as ``train_lattice``), then Lloyd refits with a wide beam.
+    the beam's code and its single flips (as ``train_lattice``; like it, exact codes at D ≤
+    ``MAX_EXACT_TRAIN_D``), then Lloyd refits with a wide beam.
 
     Everything lives in ``--dir``: ``state.pt`` (M, Adam state, generator, step; written every
     ``--save-every`` Adam steps and after every Lloyd step, so a killed run resumes where it
@@ -41,8 +42,7 @@ def refine(argv) -> None:
 
     import torch
 
-    from lift_ao.lattice import Lattice, _orthonormal_rows, _softmin_loss, measure_mse
-    from lift_ao.search import nearest_codes
+    from lift_ao.lattice import Lattice, _cosine_lr, _exact_codes, _flip_candidates, _orthonormal_rows, _softmin_loss, measure_mse
 
     ap = argparse.ArgumentParser(prog="torch_only.py refine")
     ap.add_argument("--d", type=int, required=True)
@@ -97,16 +97,13 @@ def refine(argv) -> None:
         st["phase"] = "lloyd"  # resumed with more Lloyd steps
     gen = torch.Generator().manual_seed(args.seed)
     gen.set_state(st["gen"])
-    hold = torch.randn(args.holdout, d, generator=torch.Generator().manual_seed(10_000 + args.seed)).to(dev)
-    flips = 1 - 2 * torch.eye(D, device=dev)
     began = time.monotonic()
 
     def over_time():
         return args.max_seconds is not None and time.monotonic() - began > args.max_seconds
 
     def held_out(M, beam):
-        lat = Lattice(d, D, M)
-        return float((hold - lat.decode(nearest_codes(hold, lat, beam_width=beam))).square().double().mean())
+        return measure_mse(Lattice(d, D, M), args.holdout, seed=10_000 + args.seed, device=dev, beam_width=beam)
 
     def save(M_eval=None, mse=None):
         if M_eval is not None and mse < st["best_mse"]:
@@ -126,12 +123,9 @@ def refine(argv) -> None:
             opt.load_state_dict(st["opt"])
         while st["step"] < args.adam_steps and not over_time():
             progress = st["step"] / max(1, args.adam_steps - 1)
-            opt.param_groups[0]["lr"] = args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+            opt.param_groups[0]["lr"] = _cosine_lr(args.lr, progress)
             w = torch.randn(args.batch, d, generator=gen).to(dev)
-            with torch.no_grad():
-                q = nearest_codes(w, Lattice(d, D, M.detach()), beam_width=args.adam_beam).float() * 2 - 1
-                candidates = torch.cat([q[:, None, :], q[:, None, :] * flips[None]], dim=1)
-            loss = _softmin_loss(w, candidates @ M.T, args.temperature)
+            loss = _softmin_loss(w, _flip_candidates(w, M, args.adam_beam) @ M.T, args.temperature)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -160,7 +154,7 @@ def refine(argv) -> None:
         while st["step"] < args.lloyd_steps and not over_time():
             t0 = time.monotonic()
             w = torch.randn(args.lloyd_vectors, d, generator=gen).to(dev)
-            q = nearest_codes(w, Lattice(d, D, M), beam_width=args.lloyd_beam).double() * 2 - 1
+            q = _exact_codes(w, Lattice(d, D, M), beam_width=args.lloyd_beam).double()
             A, B = q.T @ q, q.T @ w.double()
             if st["A"] is not None and args.lloyd_memory > 0:
                 A, B = A + args.lloyd_memory * st["A"].to(dev), B + args.lloyd_memory * st["B"].to(dev)

@@ -239,6 +239,22 @@ def _exact_codes(w: torch.Tensor, lattice: Lattice, chunk: int = 4096, beam_widt
     return torch.cat([exhaustive_codes(w[i : i + chunk], lattice) for i in range(0, len(w), chunk)]).float() * 2 - 1
 
 
+def _flip_candidates(w: torch.Tensor, M: torch.Tensor, beam_width: int | None) -> torch.Tensor:
+    """(B, D + 1, D) ±1 soft-min candidates of each block above ``MAX_EXACT_TRAIN_D``: the code of
+    :func:`_exact_codes` (the encoder's) and its D single-bit flips. No gradient flows through them."""
+    d, D = M.shape
+    with torch.no_grad():
+        q = _exact_codes(w, Lattice(d, D, M.detach()), beam_width=beam_width)
+        flips = 1 - 2 * torch.eye(D, device=w.device)  # (D, D): row i flips bit i
+        return torch.cat([q[:, None, :], q[:, None, :] * flips[None]], dim=1)
+
+
+def _cosine_lr(lr: float, progress: float) -> float:
+    """Adam's learning rate at ``progress`` ∈ [0, 1]: cosine decay to 5% of ``lr``, so the last
+    steps refine instead of jittering around the optimum."""
+    return lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
 def train_lattice(
     d: int,
     D: int,
@@ -301,7 +317,7 @@ def train_lattice(
     """
     import time
 
-    from lift_ao.search import _all_sign_vectors, nearest_codes
+    from lift_ao.search import _all_sign_vectors
 
     from lift_ao.search import check_beam_width
 
@@ -316,7 +332,6 @@ def train_lattice(
     exact = D <= MAX_EXACT_TRAIN_D
     codebook = _all_sign_vectors(D, device) if exact else None  # (2^D, D)
     batch = min(batch, max(1, 2**28 >> D)) if exact else batch
-    flips = 1 - 2 * torch.eye(D, device=device)  # (D, D): row i flips bit i
     t_start = temperature if temperature_start is None else temperature_start
     best_M, best_mse, done = None, float("inf"), []
 
@@ -338,17 +353,13 @@ def train_lattice(
             progress = max((adam_done - 1) / max(1, adam_steps - 1), (time.monotonic() - began) / (0.8 * share))
             if progress > 1:
                 break
-            # Cosine decay to 5% of lr: the last steps refine instead of jittering around the optimum.
-            opt.param_groups[0]["lr"] = lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+            opt.param_groups[0]["lr"] = _cosine_lr(lr, progress)
             T = t_start * (temperature / t_start) ** progress
             w = torch.randn(batch, d, generator=gen).to(device)
             if exact:
                 points = codebook @ M.T  # (2^D, d)
             else:
-                with torch.no_grad():
-                    q = nearest_codes(w, Lattice(d, D, M.detach()), beam_width=beam_width).float() * 2 - 1
-                    candidates = torch.cat([q[:, None, :], q[:, None, :] * flips[None]], dim=1)
-                points = candidates @ M.T  # (B, D + 1, d)
+                points = _flip_candidates(w, M, beam_width) @ M.T  # (B, D + 1, d)
             loss = _softmin_loss(w, points, T)
             opt.zero_grad()
             loss.backward()
