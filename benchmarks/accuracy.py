@@ -13,6 +13,7 @@ the disjoint *calibration* split. Rows:
                               library's 3.0-bit pick; the same suffix works for the two rows below)
     lift-cal-{bits}           lift_ao calibrated (lift_ao.calibrate) at the same rates
     lift-cal-ft-{bits}        the same with intra-block fine-tuning (--finetune-steps, --finetune-lr, --finetune-batch)
+    lift-cal-ftc-{bits}       the same, the codes fine-tuned first (--code-rounds flip rounds per block)
     lift-plan-2.4             mixed widths planned by sensitivity at the bytes of uniform 2.4 bits
 
 Only linear layers inside the decoder are quantized; embeddings (tied with lm_head) and norms stay in
@@ -55,7 +56,7 @@ LIFT_BITS = tuple(LIFT_LATTICES)
 RTN = [f"rtn-int{b}-g{g}" for b in (2, 3, 4) for g in (64, 128)]
 HQQ = [f"hqq-int{b}-g{g}" for b in (2, 3, 4) for g in (64, 128)]
 ROWS = ["reference", *RTN, *HQQ, *(f"lift-{b}" for b in LIFT_BITS), *(f"lift-cal-{b}" for b in LIFT_BITS),
-        *(f"lift-cal-ft-{b}" for b in LIFT_BITS), "lift-plan-2.4"]
+        *(f"lift-cal-ft-{b}" for b in LIFT_BITS), *(f"lift-cal-ftc-{b}" for b in LIFT_BITS), "lift-plan-2.4"]
 # RTN / HQQ storage convention: b-bit codes plus one bf16 scale and one bf16 zero point per group.
 GROUP_OVERHEAD_BITS = 32
 
@@ -111,7 +112,7 @@ def _lattice_of(row: str) -> str:
 
 
 def _is_row(name: str) -> bool:
-    lattice_row = re.fullmatch(r"lift-(cal-(ft-)?)?(\d+/\d+)", name)
+    lattice_row = re.fullmatch(r"lift-(cal-(ftc?-)?)?(\d+/\d+)", name)
     return name in ROWS or (lattice_row is not None and lattice_row.group(3) in {lat.name for lat in lift_ao.Lattice.shipped()})
 
 
@@ -140,9 +141,11 @@ def run_row(name: str, reference, tokenizer, eval_tokens, args) -> dict:
             calibration = builtin_calibration_tokens(tokenizer, args.calibration_tokens)
             checkpoint = None if args.checkpoint_root is None else args.checkpoint_root / name
             finetune = {}
-            if name.startswith("lift-cal-ft-"):
+            if name.startswith(("lift-cal-ft-", "lift-cal-ftc-")):
                 finetune = dict(finetune_steps=args.finetune_steps, finetune_lr=args.finetune_lr,
                                 batch_size=args.finetune_batch)
+                if name.startswith("lift-cal-ftc-"):
+                    finetune["code_rounds"] = args.code_rounds
                 row["finetune"] = finetune
             calibrate(model, config, calibration, device=args.device, checkpoint_dir=checkpoint, **finetune)
             row["calibration_tokens"] = calibration.numel()
@@ -201,7 +204,11 @@ def _markdown(doc: dict) -> str:
         "fine-tuning (row and input scales, Adam against the full-precision model's block outputs): "
         + (", ".join(sorted({f"{r['finetune']['finetune_steps']} steps per block of {r['finetune']['batch_size']} "
                              f"sequences, peak lr {r['finetune']['finetune_lr']:g}" for r in doc["rows"].values()
-                             if r.get("finetune")})) or "none measured yet") + ".",
+                             if r.get("finetune")})) or "none measured yet") + ". `lift-cal-ftc-*`: the codes are "
+        "fine-tuned first (straight-through gradient and Gauss-Newton curvature of the block output error "
+        "pick the codes to flip; a round is kept when the error over the calibration batches drops): "
+        + (", ".join(sorted({f"{r['finetune']['code_rounds']} rounds per block" for r in doc["rows"].values()
+                             if r.get("finetune", {}).get("code_rounds")})) or "none measured yet") + ".",
         "",
         "HQQ rows (`hqq-*`): torchao's HQQ optimiser with its defaults (per-group scale and zero fitted by "
         "half-quadratic splitting of an ℓp<1 error, 20 iterations, groups along K). On this model it beats "
@@ -237,7 +244,8 @@ def _plot(doc: dict, path: Path) -> bool:
     families = {"RTN g64": "rtn-int.-g64$", "RTN g128": "rtn-int.-g128$", "HQQ g64": "hqq-int.-g64$",
                 "HQQ g128": "hqq-int.-g128$", "lift_ao data-free": r"lift-\d",
                 "lift_ao calibrated": r"lift-cal-\d",
-                "lift_ao calibrated + fine-tuned": "lift-cal-ft-", "lift_ao planned": "lift-plan-"}
+                "lift_ao calibrated + fine-tuned": "lift-cal-ft-", "lift_ao calibrated + codes fine-tuned": "lift-cal-ftc-",
+                "lift_ao planned": "lift-plan-"}
     import re
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -267,6 +275,7 @@ def main(argv=None) -> None:
     parser.add_argument("--finetune-steps", type=int, default=16, help="lift-cal-ft rows: Adam steps per decoder block")
     parser.add_argument("--finetune-lr", type=float, default=1e-2, help="lift-cal-ft rows: Adam's peak learning rate")
     parser.add_argument("--finetune-batch", type=int, default=4, help="lift-cal-ft rows: sequences per step")
+    parser.add_argument("--code-rounds", type=int, default=16, help="lift-cal-ftc rows: code flipping rounds per block")
     parser.add_argument("--checkpoint-root", type=Path, default=None, help="calibrated rows save each finished "
                         "decoder block under ROOT/<row>/ and a rerun resumes from there (bit-identical)")
     parser.add_argument("--redo", action="store_true", help="measure rows already in the results again")

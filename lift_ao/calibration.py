@@ -30,19 +30,21 @@ decoder block using the activations that calibration tokens produce at their inp
   cover and the stored format is unchanged. Inputs are the quantized model's activations (as for
   coding); the target is the full-precision model's output of the block (a second, unquantized
   stream of activations is kept), so a block also corrects some of the error its predecessors left.
-  The codes stay those of the Hessian-aware rounding.
 
-Not done (DESIGN.md): fine-tuning the codes themselves and the rotation. A straight-through
-estimator for the codes (latent reals started at ±1, sign forward, Adam) was tried on the tiny test
-model: Adam moves every latent at about the same speed, so bits flipped en masse and the block error
-rose (the keep-if-better check rejected it every time), and it did not even recover 2% of deliberately
-flipped bits of a synthetic target. It needs a different optimiser or a flip criterion first.
+* **Code fine-tuning** (``code_rounds > 0``, before the scales). The paper's straight-through
+  estimator, made to work by a flip criterion: the gradient of the block's output error with
+  respect to the ±1 codes (relaxed to reals) and a Gauss-Newton estimate of each flip's curvature
+  predict what flipping one bit of a code does; the codes with the largest predicted gains are
+  flipped together and kept if the error over the calibration batches drops (:func:`_flip_codes`).
+
+Not done (DESIGN.md): fine-tuning the rotation itself.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+from typing import Optional
 
 import torch
 from tqdm.auto import tqdm
@@ -274,11 +276,18 @@ def _quantize_group(modules: list, hessian: torch.Tensor, lattice: Lattice, conf
         module.weight = torch.nn.Parameter(quantized, requires_grad=False)
 
 
-def _unit_weight(weight: LiftQuantTensor) -> torch.Tensor:
-    """(N, K) float32 C with ``weight.dequantize() == r[:, None] * C * input_signs[:K]``."""
-    n = weight.shape[0]
-    codes = unpack_codes(weight.packed_codes, weight.code_length).view(n, -1, weight.code_bits)
-    blocks = ((codes.to(torch.float32) * 2 - 1) @ weight.mapping.T).flatten(1)
+def _code_signs(weight: LiftQuantTensor) -> torch.Tensor:
+    """(N, K·D/d / D, D) float32 ±1 codes of ``weight``, block-major."""
+    codes = unpack_codes(weight.packed_codes, weight.code_length).view(weight.shape[0], -1, weight.code_bits)
+    return codes.to(torch.float32) * 2 - 1
+
+
+def _unit_weight(weight: LiftQuantTensor, signs: torch.Tensor) -> torch.Tensor:
+    """(N, K) float32 C with ``weight.dequantize() == r[:, None] * C * input_signs[:K]`` for codes ``signs``.
+
+    ``signs`` is :func:`_code_signs`'s (N, blocks, D) ±1 tensor (differentiable: C is linear in it).
+    """
+    blocks = (signs @ weight.mapping.T).flatten(1)
     return unrotate(blocks, None, weight.rotation_left, weight.rotation_right, weight.shape[1])
 
 
@@ -290,69 +299,208 @@ def _output_error(block, weights: dict, batch, target: torch.Tensor, device) -> 
     return (out - target.to(device)).pow(2).mean()
 
 
-def finetune_block(block: torch.nn.Module, groups: list, inputs: list, targets: list, *, steps: int, lr: float,
-                   device) -> tuple[float, float]:
-    """Tune the row and input scales of a coded block's LiftQuant weights against target outputs, in place.
+# Code flipping: the first round flips this fraction of the block's code bits; an accepted round
+# doubles it (up to the cap), a rejected one quarters it.
+_FIRST_FLIP_FRACTION = 1e-3
+_MAX_FLIP_FRACTION = 0.02
 
-    Each linear's weight is ``W = diag(r) C diag(σ)`` with C fixed by its codes, r its row scales and
-    σ the group's ``input_signs`` (cropped to K); Adam (cosine-decayed ``lr``) learns log-factors
+
+def _flip_curvature(weight: LiftQuantTensor, sigma: torch.Tensor, row_scale: torch.Tensor,
+                    inputs: torch.Tensor, output_gain: torch.Tensor) -> torch.Tensor:
+    """(N, blocks, D) second-order change of the block's output MSE when one code bit of ``weight`` flips.
+
+    Flipping bit j of block b in row n changes that row by ``-2cᵢ·r_n·v`` with v = σ ⊙ R·(M[:, j]
+    placed at block b), so output n of the linear moves by ``Δy_t = -2cᵢ·r_n·(v·x_t)`` at token t,
+    and the loss by about ``g_n · Σ_t Δy_t² = 4 g_n r_n² vᵀ(XᵀX)v`` (Gauss-Newton, with g_n the
+    diagonal of JᵀJ / count for output n averaged over tokens, J the Jacobian of the block output).
+    Computed in the rotated domain, where v is M[:, j] on the d coordinates of block b.
+
+    Args:
+        weight: the linear's quantized weight (its rotation and M).
+        sigma: (K,) its current input scales (``input_signs`` with their tuned factors).
+        row_scale: (N,) its current row scales.
+        inputs: (tokens, K) the linear's inputs on the batch.
+        output_gain: (N,) g_n.
+    """
+    x = rotate(inputs.double() * sigma.double(), None, weight.rotation_left.double(), weight.rotation_right.double())
+    d, blocks = weight.mapping.shape[0], x.shape[1] // weight.mapping.shape[0]
+    x = x.view(-1, blocks, d)
+    second = torch.einsum("tbi,tbj->bij", x, x)  # the d×d diagonal blocks of the rotated XᵀX
+    mapping = weight.mapping.double()
+    per_bit = torch.einsum("ij,bik,kj->bj", mapping, second, mapping)  # diag(Mᵀ S_b M), (blocks, D)
+    return (4 * (output_gain.double() * row_scale.double() ** 2)[:, None, None] * per_bit[None]).float()
+
+
+def _flip_codes(loss_of, signs: dict, curvature_of, rounds: int, batches: int) -> tuple[int, int]:
+    """Flip the code bits that the straight-through gradient says lower the loss, keeping what helps.
+
+    Each round takes the gradient ``g`` of the loss over all calibration batches with respect to the
+    ±1 codes ``c`` (relaxed to reals: the straight-through estimator). Flipping bit i changes the
+    loss by about ``-2·cᵢ·gᵢ + hᵢ`` (``h``: :func:`_flip_curvature`); in each code (one block of d
+    weights) the bit of largest gain ``2·cᵢ·gᵢ - hᵢ`` is the candidate, and the codes with the largest
+    positive gains over the whole decoder block are flipped together (a fraction of all codes,
+    doubled after a round that lowered the loss, quartered after one that did not; rejected rounds
+    are undone). Measured on the tiny test model: Adam on latent reals flips bits en masse and
+    raised the error; several bits of one code, or checking on one batch only, were rejected almost
+    every round.
+
+    Args:
+        loss_of: ``(signs dict, batch index, record dict or None) -> scalar loss`` (differentiable in
+            the signs); with a dict, it records what ``curvature_of`` needs (the linears' inputs and
+            outputs, the block's output).
+        signs: {name: (N, blocks, D) float32 ±1 codes}, updated in place.
+        curvature_of: ``(record dict, probe seed) -> {name: (N, blocks, D)}`` the flips' curvature on
+            the recorded batch.
+        rounds: flip rounds (fewer when no code has a positive gain or the fraction falls below one code).
+        batches: number of calibration batches (every round uses all of them).
+    Returns:
+        (bits flipped and kept, rounds accepted).
+    """
+    names, total = list(signs), sum(s[..., 0].numel() for s in signs.values())
+    fraction, kept, accepted = _FIRST_FLIP_FRACTION, 0, 0
+    for t in range(rounds):
+        count = int(fraction * total)
+        if count < 1:
+            break
+        # Gradient, curvature and loss over all calibration batches (one batch's graph at a time).
+        grads = {name: torch.zeros_like(signs[name]) for name in names}
+        curvature = {name: torch.zeros_like(signs[name]) for name in names}
+        current = 0.0
+        for batch in range(batches):
+            relaxed, seen = {name: signs[name].clone().requires_grad_() for name in names}, {}
+            with torch.enable_grad():
+                loss = loss_of(relaxed, batch, seen)
+                for name, g in zip(names, torch.autograd.grad(loss, [relaxed[n] for n in names], retain_graph=True)):
+                    grads[name] += g
+                for name, h in curvature_of(seen, t * batches + batch).items():
+                    curvature[name] += h
+            current += loss.item()
+        # At most one bit per code: flips within one block move the same d weights, so their gains
+        # do not add up.
+        best = [(2 * signs[n] * grads[n] - curvature[n]).max(-1) for n in names]
+        values, flat = torch.cat([b.values.flatten() for b in best]).topk(count)
+        flat = flat[values > 0]
+        if not flat.numel():
+            break
+        proposal, first = {}, 0
+        for name, choice in zip(names, best):  # split the block-wide indices back into each linear's codes
+            size = choice.indices.numel()
+            mine = flat[(flat >= first) & (flat < first + size)] - first
+            proposal[name] = signs[name].clone()
+            codes = proposal[name].view(-1, proposal[name].shape[-1])
+            codes[mine, choice.indices.flatten()[mine]] *= -1
+            first += size
+        with torch.no_grad():
+            better = sum(loss_of(proposal, batch).item() for batch in range(batches)) < current
+        if better:
+            signs.update(proposal)
+            kept, accepted = kept + flat.numel(), accepted + 1
+            fraction = min(2 * fraction, _MAX_FLIP_FRACTION)
+        else:
+            fraction /= 4
+    return kept, accepted
+
+
+def finetune_block(block: torch.nn.Module, groups: list, inputs: list, targets: list, *, steps: int, lr: float,
+                   device, code_rounds: int = 0) -> tuple[float, float]:
+    """Tune a coded block's LiftQuant weights against target outputs, in place: codes, then scales.
+
+    Each linear's weight is ``W = diag(r) C(c) diag(σ)`` with C linear in its ±1 codes c, r its row
+    scales and σ the group's ``input_signs`` (cropped to K). First ``code_rounds`` rounds of code
+    flipping (:func:`_flip_codes`: straight-through gradient and curvature over all batches, flip the
+    codes they rank best, keep the flips if the error drops); then Adam (cosine-decayed ``lr``) learns log-factors
     ``r ← r·exp(a)`` (one per row) and ``σ ← σ·exp(b)`` (one per input channel, shared by the group)
     that minimise the mean squared error of the block's output, one calibration batch per step in
-    turn. The factors are kept only if they lower the error on the first batch.
+    turn. The result is kept only if it lowers the error on the first batch.
 
     Args:
         block: a decoder block whose linears in ``groups`` hold :class:`LiftQuantTensor` weights.
         groups: [[names of linears sharing one input transform]] (names relative to ``block``).
         inputs: [(hidden (B, T, H), keyword arguments)] the block's inputs, per batch.
         targets: [(hidden (B, T, H), ...)] the outputs to match, per batch.
-        steps: Adam steps (0: nothing changes).
+        steps: Adam steps for the scales (0: they stay).
         lr: peak learning rate of the log-factors.
         device: where the block runs.
+        code_rounds: code flipping rounds (0: the codes stay).
     Returns:
         (error before, error after): mean squared output error on the first batch.
     """
     names = [name for group in groups for name in group]
+    group_of = {name: g for g, group in enumerate(groups) for name in group}
     old = {name: block.get_submodule(name).weight for name in names}
-    unit = {name: _unit_weight(w) for name, w in old.items()}
+    signs = {name: _code_signs(w) for name, w in old.items()}
     log_r = {name: torch.zeros(w.shape[0], device=device, requires_grad=True) for name, w in old.items()}
     log_s = [torch.zeros(old[group[0]].shape[1], device=device, requires_grad=True) for group in groups]
 
-    def dense(name: str, group: int) -> torch.Tensor:
+    def dense(name: str, group: int, codes: torch.Tensor) -> torch.Tensor:
         weight, k = old[name], old[name].shape[1]
         r = weight.row_scale * log_r[name].exp()
         sigma = weight.input_signs[:k] * log_s[group].exp()
-        return (r[:, None] * unit[name] * sigma[None, :]).to(weight.dtype)
+        return (r[:, None] * _unit_weight(weight, codes) * sigma[None, :]).to(weight.dtype)
 
-    def weights() -> dict:
-        return {f"{name}.weight": dense(name, g) for g, group in enumerate(groups) for name in group}
+    def weights(codes: dict) -> dict:
+        return {f"{name}.weight": dense(name, g, codes[name]) for g, group in enumerate(groups) for name in group}
+
+    def loss_of(codes: dict, batch: int, record: Optional[dict] = None) -> torch.Tensor:
+        def keep(name):
+            return lambda module, args, out: record.__setitem__(name, (args[0].detach().flatten(0, -2), out))
+
+        hooks = [block.get_submodule(n).register_forward_hook(keep(n)) for n in names] if record is not None else []
+        hidden, kwargs = inputs[batch]
+        try:
+            out = torch.func.functional_call(block, weights(codes), (hidden.to(device),), _to(kwargs, device))
+        finally:
+            for hook in hooks:
+                hook.remove()
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        if record is not None:
+            record[None] = out
+        return (out - targets[batch][0].to(device)).pow(2).mean()
+
+    def curvature_of(record: dict, seed: int) -> dict:
+        # diag(JᵀJ) of each linear's outputs by one Hutchinson probe: E[(Jᵀz)²] for z ~ N(0, I).
+        out = record[None]
+        probe = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out)
+        jz = torch.autograd.grad(out, [record[n][1] for n in names], probe)
+        with torch.no_grad():
+            curvature = {}
+            for name, j in zip(names, jz):
+                weight, g = old[name], group_of[name]
+                gain = j.flatten(0, -2).double().pow(2).mean(0) / out.numel()
+                sigma = weight.input_signs[: weight.shape[1]] * log_s[g].exp()
+                curvature[name] = _flip_curvature(weight, sigma, weight.row_scale * log_r[name].exp(), record[name][0],
+                                                  gain)
+            return curvature
 
     with torch.no_grad():
-        before = _output_error(block, weights(), inputs[0], targets[0][0], device).item()
-    if not steps:
+        before = loss_of(signs, 0).item()
+    if not steps and not code_rounds:
         return before, before
-    parameters = [*log_r.values(), *log_s]
-    optimizer = torch.optim.Adam(parameters, lr=lr)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: 0.5 * (1 + math.cos(math.pi * t / steps)))
-    with torch.enable_grad():
-        for step in range(steps):
-            hidden, kwargs = inputs[step % len(inputs)]
-            loss = _output_error(block, weights(), (hidden, kwargs), targets[step % len(inputs)][0], device)
-            for parameter, grad in zip(parameters, torch.autograd.grad(loss, parameters)):
-                parameter.grad = grad
-            optimizer.step()
-            schedule.step()
+    _flip_codes(loss_of, signs, curvature_of, code_rounds, len(inputs))
+    if steps:
+        parameters = [*log_r.values(), *log_s]
+        optimizer = torch.optim.Adam(parameters, lr=lr)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: 0.5 * (1 + math.cos(math.pi * t / steps)))
+        with torch.enable_grad():
+            for step in range(steps):
+                loss = loss_of(signs, step % len(inputs))
+                for parameter, grad in zip(parameters, torch.autograd.grad(loss, parameters)):
+                    parameter.grad = grad
+                optimizer.step()
+                schedule.step()
     with torch.no_grad():
-        after = _output_error(block, weights(), inputs[0], targets[0][0], device).item()
+        after = loss_of(signs, 0).item()
         if not after < before:
             return before, before
         for g, group in enumerate(groups):
             lead = old[group[0]]
-            signs = lead.input_signs.clone()
-            signs[: lead.shape[1]] *= log_s[g].exp()
+            input_signs = lead.input_signs.clone()
+            input_signs[: lead.shape[1]] *= log_s[g].exp()
             for name in group:
                 weight = old[name]
                 row_scale = weight.row_scale * log_r[name].exp()
-                tuned = LiftQuantTensor(weight.packed_codes, row_scale, weight.mapping, signs, weight.rotation_left,
+                codes = pack_codes((signs[name] > 0).flatten(1))
+                tuned = LiftQuantTensor(codes, row_scale, weight.mapping, input_signs, weight.rotation_left,
                                         weight.rotation_right, weight.shape, weight.dtype)
                 block.get_submodule(name).weight = torch.nn.Parameter(tuned, requires_grad=False)
     return before, after
@@ -396,7 +544,7 @@ def _load_block(directory, index: int, block, device) -> bool:
 def _manifest(config: LiftQuantConfig, tokens: torch.Tensor, alpha: float, damping: float, blocks,
               finetune: dict) -> dict:
     settings = {"lattice": config.lattice, "seed": config.seed, "alpha": alpha, "damping": damping}
-    if finetune["steps"]:  # absent without fine-tuning: directories of earlier runs stay resumable
+    if finetune["steps"] or "code_rounds" in finetune:  # absent without fine-tuning: earlier runs stay resumable
         settings["finetune"] = finetune
     return {"calibrate": settings,
             "tokens": {"shape": list(tokens.shape), "sha256": hashlib.sha256(tokens.numpy().tobytes()).hexdigest()},
@@ -406,7 +554,7 @@ def _manifest(config: LiftQuantConfig, tokens: torch.Tensor, alpha: float, dampi
 def calibrate(
     model: torch.nn.Module, config: LiftQuantConfig, tokens: torch.Tensor, *, checkpoint_dir=None,
     overwrite: bool = False, device=None, alpha: float = 0.5, damping: float = 0.01, batch_size: int = 8,
-    finetune_steps: int = 0, finetune_lr: float = 1e-2, progress: bool = True,
+    finetune_steps: int = 0, finetune_lr: float = 1e-2, code_rounds: int = 0, progress: bool = True,
 ) -> torch.nn.Module:
     """Quantize the linears of every decoder block with calibration data, in place.
 
@@ -428,6 +576,9 @@ def calibrate(
             Costs about one forward and backward pass of a block per step, plus one full-precision
             forward pass of each block over all tokens.
         finetune_lr: Adam's peak learning rate (cosine decay to 0) for the log-factors.
+        code_rounds: rounds of code flipping per decoder block before the scales are tuned (0: the
+            codes stay those of the Hessian-aware rounding): each costs about two forward and two
+            backward passes of the block over all calibration tokens (:func:`finetune_block`).
         progress: a tqdm bar over blocks (with fine-tuning: the last block's output error after/before).
     Returns:
         ``model``; linears outside the decoder blocks (``lm_head``) are left as they are.
@@ -443,6 +594,8 @@ def calibrate(
     if isinstance(finetune_steps, bool) or not isinstance(finetune_steps, int) or finetune_steps < 0 \
             or not finetune_lr > 0:
         raise ValueError(f"finetune_steps must be an int >= 0 and finetune_lr > 0, got {finetune_steps!r}, {finetune_lr!r}")
+    if isinstance(code_rounds, bool) or not isinstance(code_rounds, int) or code_rounds < 0:
+        raise ValueError(f"code_rounds must be an int >= 0, got {code_rounds!r}")
     blocks = _decoder_blocks(model)
     tokens = _check_tokens(tokens, model.get_input_embeddings().weight.shape[0])
     home = next(model.parameters()).device
@@ -450,6 +603,8 @@ def calibrate(
     lattice = Lattice.load(config.lattice)
     if checkpoint_dir is not None:
         finetune = {"steps": finetune_steps, "lr": finetune_lr, "batch_size": batch_size}
+        if code_rounds:  # absent without code flipping: directories of earlier runs stay resumable
+            finetune["code_rounds"] = code_rounds
         open_partial(checkpoint_dir, _manifest(config, tokens, alpha, damping, blocks, finetune), overwrite=overwrite)
 
     was_training = model.training
@@ -459,20 +614,21 @@ def calibrate(
             # Everything but the blocks runs where it is; the first block's inputs are captured there.
             inputs = _block_inputs(model, blocks, tokens, batch_size, home)
             # With fine-tuning, the full-precision model's activations run alongside as the targets.
-            full_precision = inputs if finetune_steps else None
+            tuning = bool(finetune_steps or code_rounds)
+            full_precision = inputs if tuning else None
             bar = tqdm(blocks, desc=f"calibrate {lattice.name}", unit="block", disable=not progress)
             for i, block in enumerate(bar):
                 block.to(device)
-                targets = _run_block(block, full_precision, device) if finetune_steps else None
+                targets = _run_block(block, full_precision, device) if tuning else None
                 if checkpoint_dir is None or not _load_block(checkpoint_dir, i, block, device):
                     linears = quantizable_linears(block, config)
                     modules, groups = dict(linears), []
                     for names, hessian in _hessians(block, linears, inputs, device):
                         _quantize_group([modules[n] for n in names], hessian, lattice, config, alpha, damping, device)
                         groups.append(names)
-                    if finetune_steps:
+                    if tuning:
                         before, after = finetune_block(block, groups, inputs, targets, steps=finetune_steps,
-                                                       lr=finetune_lr, device=device)
+                                                       lr=finetune_lr, device=device, code_rounds=code_rounds)
                         bar.set_postfix(finetune=f"{after / before:.3f}" if before else "-")
                     if checkpoint_dir is not None:
                         _save_block(checkpoint_dir, i, block, groups)

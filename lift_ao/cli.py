@@ -105,9 +105,9 @@ def _cmd_quantize(args) -> dict:
 
         calibration = builtin_calibration_tokens(tokenizer, args.calibration_tokens)
         report["calibration_tokens"] = calibration.numel()
-        report["finetune_steps"] = args.finetune_steps
+        report["finetune_steps"], report["code_rounds"] = args.finetune_steps, args.code_rounds
         calibrate(model, config, calibration, checkpoint_dir=partial, overwrite=args.overwrite, device=device,
-                  finetune_steps=args.finetune_steps)
+                  finetune_steps=args.finetune_steps, code_rounds=args.code_rounds)
     else:
         lift_ao.quantize(model, config, progress=True, resume_dir=partial, overwrite=args.overwrite)
     report["quantize_seconds"] = round(time.perf_counter() - t0, 2)
@@ -228,6 +228,9 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--finetune-steps", type=int, default=0, help="with --calibrate: Adam steps per decoder block "
                    "tuning row and input scales against the full-precision block outputs (default 0: none; 16 is "
                    "what benchmarks/results/accuracy.md measured)")
+    q.add_argument("--code-rounds", type=int, default=0, help="with --calibrate: rounds of code fine-tuning per "
+                   "decoder block before the scales (flip the codes the straight-through gradient ranks best, keep "
+                   "what lowers the block's output error; default 0: none)")
     q.add_argument("--skip-eval", action="store_true", help="do not measure perplexity")
     _add_eval_options(q)
 
