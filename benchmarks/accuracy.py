@@ -116,6 +116,11 @@ def _is_row(name: str) -> bool:
     return name in ROWS or (lattice_row is not None and lattice_row.group(3) in {lat.name for lat in lift_ao.Lattice.shipped()})
 
 
+def _table_order(rows: dict) -> list[str]:
+    """The measured rows in ROWS order, then lattice-named rows (``lift-cal-ft-72/24``) sorted."""
+    return [r for r in ROWS if r in rows] + sorted(r for r in rows if r not in ROWS)
+
+
 def run_row(name: str, reference, tokenizer, eval_tokens, args) -> dict:
     """Quantize a copy of ``reference`` as row ``name`` and measure it."""
     model = copy.deepcopy(reference)
@@ -220,14 +225,14 @@ def _markdown(doc: dict) -> str:
         "| method | bits/weight | model MB | perplexity | quantize s | device | load avg | evaluated |",
         "|---|---:|---:|---:|---:|---|---|---|",
     ]
-    for name in [r for r in ROWS if r in doc["rows"]]:
+    for name in _table_order(doc["rows"]):
         row = doc["rows"][name]
         load = f"{row['load_average_before'][0]:.1f} → {row['load_average_after'][0]:.1f}"
         method = f"{name} ({', '.join(row['lattices'])})" if row.get("lattices") else name
         lines.append(f"| {method} | {row['bits_per_weight']:.3f} | {row['model_bytes'] / 1e6:.1f} | "
                      f"{row['perplexity']:.2f} | {row['quantize_seconds']:.0f} | {row['device']} | {load} | "
                      f"{_evaluated(name, row)} |")
-    notes = [f"- {name}: {doc['rows'][name]['note']}" for name in ROWS if doc["rows"].get(name, {}).get("note")]
+    notes = [f"- {name}: {doc['rows'][name]['note']}" for name in _table_order(doc["rows"]) if doc["rows"][name].get("note")]
     if notes:
         lines += ["", "Notes:", *notes]
     return "\n".join(lines) + "\n"
@@ -284,7 +289,7 @@ def main(argv=None) -> None:
     names = [n.strip() for n in args.rows.split(",") if n.strip()]
     unknown = sorted(n for n in names if not _is_row(n))
     if unknown:
-        parser.error(f"unknown rows {unknown}; choose among {ROWS} or lift[-cal[-ft]]-D/d with a shipped lattice")
+        parser.error(f"unknown rows {unknown}; choose among {ROWS} or lift[-cal[-ft|-ftc]]-D/d with a shipped lattice")
 
     json_path = args.out.with_suffix(".json")
     doc = json.loads(json_path.read_text()) if json_path.is_file() else {"rows": {}}
