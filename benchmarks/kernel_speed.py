@@ -1,16 +1,24 @@
 """LiftQuant Triton kernels vs bf16 cuBLAS and torchao int4 weight-only, on one GPU, in one process.
 
     python benchmarks/kernel_speed.py [--out DIR] [--quick]
+    python benchmarks/kernel_speed.py --prefill-study --out DIR   # the prefill path alone, ~1-2 min
 
 1. Device facts and the measured device-to-device copy bandwidth (bytes read + written).
 2. Correctness at real sizes, before any timing: the Triton ``lifted_matmul`` and ``lift_activation``
-   (and the registered CUDA ops) against ``kernels/reference.py`` on fresh random inputs.
+   (and the registered CUDA ops) against ``kernels/reference.py`` on fresh random inputs; the prefill
+   path's weight rebuild (every tuning config) against its float64 value and the fused ops' rebuilt-
+   weight branch against the reference chain.
 3. Times (median of ``triton.testing.do_bench``, L2 flushed between repetitions) for Llama-3 8B/70B
    linear shapes × batch 1/4/16/64/256 × 2.0/2.4/3.0 bits, beside ``x @ W.T`` in bf16 and torchao's
-   ``Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d")``.
+   ``Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d")``; at batch
+   16/64/256 also the prefill path (rotation + rebuilt weight + cuBLAS), the rotation and the rebuild
+   kernel alone (with its GB/s).
 4. Split-K variants for the notes; with --sweep, every tuning candidate on decode shapes; with
    --lookup-study, the table-lookup decode kernel's configs × split counts beside the ±1 GEMM; with
-   --decode-study, one Llama-3-8B decoder layer's LiftQuant work, fused decode ops vs composition.
+   --decode-study, one Llama-3-8B decoder layer's LiftQuant work, fused decode ops vs composition; with
+   --prefill-study, only the prefill checks and the prefill path at 2.4 bits on two 8B shapes ×
+   batch 16/64/256/1024 beside the lift + ±1 GEMM and bf16 (kernels_prefill.json / .md), to set
+   ``REBUILD_MIN_TOKENS``.
 
 Writes ``kernels.json`` and ``kernels.md`` to --out (default $OUT or the working directory).
 Random codes and mappings are enough for speed: the kernels' cost does not depend on their values.
@@ -37,13 +45,17 @@ from lift_ao.kernels import lift_activation, lifted_matmul  # importing register
 from lift_ao.kernels.reference import lift_activation_reference, lifted_matmul_reference
 from lift_ao.kernels import triton_lift
 from lift_ao.kernels.fused_ops import compose_group
-from lift_ao.kernels.triton_lift import lift_activation_triton
-from lift_ao.kernels import triton_lut
-from lift_ao.kernels.triton_register import LOOKUP_MAX_TOKENS, _lifted_matmul_cuda
+from lift_ao.kernels.triton_lift import lift_activation_triton, rotate_triton
+from lift_ao.kernels import triton_dequant, triton_lut
+from lift_ao.kernels.triton_dequant import padded_columns, rebuild_rotated_weight
+from lift_ao.kernels.triton_register import (
+    LOOKUP_MAX_TOKENS, REBUILD_MIN_TOKENS, _lifted_linear_group_cuda, _lifted_matmul_cuda, _prefill_siblings)
+from lift_ao.packing import unpack_codes
 from lift_ao.kernels.triton_matmul import _TUNING_CONFIGS, _lifted_matmul_tuned, lifted_matmul_triton
 
 SHAPES = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336), (8192, 8192), (28672, 8192), (8192, 28672)]
 BATCHES = [1, 4, 16, 64, 256]
+PREFILL_BATCHES = [16, 64, 256]   # where the prefill path is timed beside the ±1 GEMM
 LATTICES = {2.0: (32, 16), 2.4: (24, 10), 3.0: (24, 8)}  # bits: (D, d)
 DTYPE = torch.bfloat16
 
@@ -110,6 +122,29 @@ class LiftedLayer:
     def code_bytes(self) -> int:
         return self.codes.numel() * 4 + self.row_scale.numel() * 4
 
+    @property
+    def padded_features(self) -> int:
+        return self.signs.shape[0]
+
+    def prefill(self, x, bias=None):
+        """The fused ops' prefill branch for this layer alone: rotation, rebuilt weight, cuBLAS."""
+        return _prefill_siblings((x, self.signs, self.left, self.right, self.mapping), [self.codes],
+                                 [self.row_scale], [bias])[0]
+
+    def rebuild(self, config=None):
+        """(N, padded_columns(Kp)) rotated-domain weight in DTYPE."""
+        return rebuild_rotated_weight(self.codes, self.row_scale, self.mapping, self.padded_features, DTYPE,
+                                      config=config)
+
+    def rebuild_bytes(self) -> int:
+        """Codes and scales read plus the bf16 weight written."""
+        return self.code_bytes() + 2 * self.codes.shape[0] * padded_columns(self.padded_features)
+
+    def rotated_weight_float64(self) -> torch.Tensor:
+        """(N, Kp) float64 W_rot = diag(r) · blocks(M q), the rebuild's reference."""
+        signs = unpack_codes(self.codes, self.length).double().view(self.codes.shape[0], -1, self.D) * 2 - 1
+        return (signs @ self.mapping.double().T).flatten(1) * self.row_scale.double()[:, None]
+
 
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     if not torch.isfinite(out).all():
@@ -156,6 +191,7 @@ def check_correctness(log) -> list[dict]:
         log(f"check {entry}")
     checks += check_every_config(log)
     checks += check_fused_decode(log)
+    checks += check_prefill(log, LATTICES)
     return checks
 
 
@@ -244,6 +280,60 @@ def check_fused_decode(log) -> list[dict]:
         entry["ok"] = max(errors) < 1e-2
         checks.append(entry)
         log(f"check {entry}")
+    return checks
+
+
+def check_prefill(log, lattices) -> list[dict]:
+    """The prefill path at real sizes: each rebuild tuning config, fixed, against the float64 W_rot
+    (the autotuner may pick any; the row padding must come back zero), then the fused ops' rebuilt-
+    weight branch against the reference chain (one linear; a q/k/v-like group against the ±1-GEMM
+    composition)."""
+    checks = []
+    for bits in lattices:
+        layer = LiftedLayer(4096, 14336, bits)
+        kp = layer.padded_features
+        want = layer.rotated_weight_float64()
+        for cfg in triton_dequant._TUNING_CONFIGS:
+            config = dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            poison_allocator(layer.rebuild_bytes() // 4)
+            try:
+                weight = layer.rebuild(config)
+            except Exception as exc:  # e.g. out of registers for this tile: the autotuner skips it too
+                log(f"check rebuild {config} did not run: {exc!r}"[:300])
+                continue
+            error = relative_error(weight[:, :kp], want)
+            entry = dict(rows=4096, features=14336, bits=bits, batch=0, dtype=str(DTYPE),
+                         config=dict(config, kernel="rebuild"), lift_error=0.0, matmul_error=error, op_error=0.0)
+            entry["ok"] = error < 5e-3 and bool((weight[:, kp:] == 0).all())
+            checks.append(entry)
+            log(f"check {entry}")
+    bounds = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-4}
+    for rows, features, bits, batch, dtype in [(4096, 14336, 2.4, 256, torch.bfloat16),
+                                               (14336, 4096, 3.0, 64, torch.float16),
+                                               (1024, 4096, 2.0, 300, torch.bfloat16),
+                                               (4096, 4096, 2.4, 17, torch.float32)]:
+        layer = LiftedLayer(rows, features, bits)
+        x = torch.randn(batch, features, device="cuda").to(dtype)
+        bias = torch.randn(rows, device="cuda").to(dtype)
+        poison_allocator(batch * rows * 4)
+        y = layer.prefill(x, bias)
+        y_ref = lifted_matmul_reference(layer.lift_reference(x.float()), layer.codes, layer.row_scale, bias.float())
+        entry = dict(rows=rows, features=features, bits=bits, batch=batch, dtype=str(dtype), config="prefill path",
+                     lift_error=0.0, matmul_error=0.0, op_error=relative_error(y, y_ref))
+        entry["ok"] = entry["op_error"] < bounds[dtype]
+        checks.append(entry)
+        log(f"check {entry}")
+    q = LiftedLayer(4096, 4096, 2.4)
+    members = [(q.codes, q.row_scale), q.sibling_weights(1024), q.sibling_weights(1024)]
+    x = torch.randn(max(256, REBUILD_MIN_TOKENS), 4096, device="cuda", dtype=DTYPE)
+    group_args = (x, None, [q.signs] * 3, [q.left] * 3, [q.right] * 3, [q.mapping] * 3, [c for c, _ in members],
+                  [r for _, r in members], [None, torch.randn(1024, device="cuda", dtype=DTYPE), None])
+    errors = [relative_error(a, b) for a, b in zip(_lifted_linear_group_cuda(*group_args), compose_group(*group_args))]
+    entry = dict(rows="q/k/v group", features=4096, bits=2.4, batch=x.shape[0], dtype=str(DTYPE),
+                 config="fused prefill group op", lift_error=0.0, matmul_error=0.0, op_error=max(errors))
+    entry["ok"] = max(errors) < 1e-2
+    checks.append(entry)
+    log(f"check {entry}")
     return checks
 
 
@@ -359,40 +449,71 @@ def time_shapes(copy_gbs: float, log, quick: bool, save) -> list[dict]:
     # Largest first: they carry the targets, and a run cut off at its limit keeps them.
     shapes = SHAPES[:2] if quick else sorted(SHAPES, key=lambda s: -s[0] * s[1])
     for rows, features in shapes:
-        weight = torch.randn(rows, features, device="cuda", dtype=DTYPE) / math.sqrt(features)
-        int4 = int4_linear(weight, log)
-        layers = {bits: LiftedLayer(rows, features, bits) for bits in LATTICES}
-        for batch in BATCHES:
-            x = torch.randn(batch, features, device="cuda", dtype=DTYPE)
-            act_bytes = 2 * batch * (features + rows)
-            bf16_us = bench_us(lambda: x @ weight.T)
-            base = dict(rows=rows, features=features, batch=batch)
-            rows_out.append(dict(base, method="bf16", us=bf16_us, bytes=2 * rows * features + act_bytes))
-            if int4 is not None:
-                with torch.no_grad():
-                    int4_us = bench_us(lambda: int4(x))
-                int4_bytes = rows * features // 2 + 2 * 2 * rows * (features // 128) + act_bytes
-                rows_out.append(dict(base, method="int4", us=int4_us, bytes=int4_bytes))
-            for bits, layer in layers.items():
-                lifted = layer.lift(x)
-                # What the registered op runs: the lookup kernel for few tokens, else the ±1 GEMM.
-                matmul_us = bench_us(lambda: _lifted_matmul_cuda(lifted, layer.codes, layer.row_scale, None))
-                lift_us = bench_us(lambda: layer.lift(x))
-                both_us = bench_us(lambda: _lifted_matmul_cuda(layer.lift(x), layer.codes, layer.row_scale, None))
-                best = (f"lookup {triton_lut._lookup_tuned.best_config}" if batch <= LOOKUP_MAX_TOKENS
-                        else _lifted_matmul_tuned.best_config)
-                matmul_bytes = layer.code_bytes() + 2 * batch * (layer.length + rows)
-                rows_out.append(dict(base, method=f"lift{bits}", bits=bits, us=matmul_us, bytes=matmul_bytes,
-                                     lift_us=lift_us, lift_matmul_us=both_us, config=str(best)))
-            for entry in rows_out[-(len(LATTICES) + 1 + (int4 is not None)):]:
-                entry["gbs"] = entry["bytes"] / entry["us"] / 1e3
-                entry["copy_fraction"] = entry["gbs"] / copy_gbs
-            log(" | ".join(f"{e['method']} {e['us']:.1f}us {e['gbs']:.0f}GB/s" for e in rows_out[-5:])
-                + f"  <- {rows}x{features} b{batch}")
-        del weight, int4, layers
-        torch.cuda.empty_cache()
+        rows_out += time_shape(rows, features, BATCHES, LATTICES, copy_gbs, log, with_int4=True)
         save(rows_out)
     return rows_out
+
+
+def time_shape(rows: int, features: int, batches, lattices, copy_gbs: float, log, with_int4: bool) -> list[dict]:
+    """bf16, optionally int4, and each lattice's kernels at one (N, K) over the batches: the registered
+    ``lifted_matmul`` alone and after the lift; at PREFILL_BATCHES and beyond 256 also the prefill path,
+    its rotation, and (once per lattice) the rebuild kernel alone."""
+    entries = []
+    weight = torch.randn(rows, features, device="cuda", dtype=DTYPE) / math.sqrt(features)
+    int4 = int4_linear(weight, log) if with_int4 else None
+    layers = {bits: LiftedLayer(rows, features, bits) for bits in lattices}
+    rebuild_us = {bits: bench_us(layer.rebuild) for bits, layer in layers.items()}
+    for batch in batches:
+        x = torch.randn(batch, features, device="cuda", dtype=DTYPE)
+        act_bytes = 2 * batch * (features + rows)
+        bf16_us = bench_us(lambda: x @ weight.T)
+        base = dict(rows=rows, features=features, batch=batch)
+        shape_entries = [dict(base, method="bf16", us=bf16_us, bytes=2 * rows * features + act_bytes)]
+        if int4 is not None:
+            with torch.no_grad():
+                int4_us = bench_us(lambda: int4(x))
+            int4_bytes = rows * features // 2 + 2 * 2 * rows * (features // 128) + act_bytes
+            shape_entries.append(dict(base, method="int4", us=int4_us, bytes=int4_bytes))
+        for bits, layer in layers.items():
+            lifted = layer.lift(x)
+            # What the registered op runs: the lookup kernel for few tokens, else the ±1 GEMM.
+            matmul_us = bench_us(lambda: _lifted_matmul_cuda(lifted, layer.codes, layer.row_scale, None))
+            lift_us = bench_us(lambda: layer.lift(x))
+            both_us = bench_us(lambda: _lifted_matmul_cuda(layer.lift(x), layer.codes, layer.row_scale, None))
+            best = (f"lookup {triton_lut._lookup_tuned.best_config}" if batch <= LOOKUP_MAX_TOKENS
+                    else _lifted_matmul_tuned.best_config)
+            matmul_bytes = layer.code_bytes() + 2 * batch * (layer.length + rows)
+            entry = dict(base, method=f"lift{bits}", bits=bits, us=matmul_us, bytes=matmul_bytes,
+                         lift_us=lift_us, lift_matmul_us=both_us, config=str(best))
+            if batch in PREFILL_BATCHES or batch > 256:
+                rotated = torch.empty(batch, padded_columns(layer.padded_features), device="cuda", dtype=DTYPE)
+                entry.update(
+                    prefill_us=bench_us(lambda: layer.prefill(x)),
+                    rotate_us=bench_us(lambda: rotate_triton(x, layer.signs, layer.left, layer.right,
+                                                             out=rotated[:, :layer.padded_features])),
+                    rebuild_us=rebuild_us[bits], rebuild_gbs=layer.rebuild_bytes() / rebuild_us[bits] / 1e3,
+                    rebuild_config=str(triton_dequant._rebuild_tuned.best_config))
+            shape_entries.append(entry)
+        for entry in shape_entries:
+            entry["gbs"] = entry["bytes"] / entry["us"] / 1e3
+            entry["copy_fraction"] = entry["gbs"] / copy_gbs
+        log(" | ".join(f"{e['method']} {e['us']:.1f}us {e['gbs']:.0f}GB/s"
+                       + (f" prefill {e['prefill_us']:.1f}us" if "prefill_us" in e else "") for e in shape_entries)
+            + f"  <- {rows}x{features} b{batch}")
+        entries += shape_entries
+    del weight, int4, layers
+    torch.cuda.empty_cache()
+    return entries
+
+
+def study_prefill(copy_gbs: float, log) -> list[dict]:
+    """The prefill path at 2.4 bits on the 8B MLP shapes, batch 16 to 1024, beside bf16 and the lift
+    + ±1 GEMM: where the rebuilt weight starts to pay (REBUILD_MIN_TOKENS)."""
+    entries = []
+    for rows, features in [(4096, 14336), (14336, 4096)]:
+        entries += time_shape(rows, features, PREFILL_BATCHES + [1024], {2.4: LATTICES[2.4]}, copy_gbs, log,
+                              with_int4=False)
+    return entries
 
 
 def time_variants(log) -> list[dict]:
@@ -434,6 +555,7 @@ def markdown(result: dict) -> str:
                 cells += [f"{e['us']:.1f}", f"{100 * e['copy_fraction']:.0f}%", f"{e['lift_matmul_us']:.1f}",
                           f"{int4['us'] / e['us']:.2f}×" if int4 else "-", f"{bf16['us'] / e['us']:.2f}×"]
             lines.append("| " + " | ".join(cells) + " |")
+    lines += prefill_table(timed, LATTICES)
     lines += ["", "## Correctness at real sizes (relative error vs kernels/reference.py)", "",
               "| N×K | bits | batch | dtype | lift | matmul | registered ops | ok |", "|---|---|---|---|---|---|---|---|"]
     for c in result["checks"]:
@@ -451,6 +573,42 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def prefill_table(timed: list[dict], lattices) -> list[str]:
+    """Markdown lines: the prefill path beside the lift + ±1 GEMM and bf16, where it was timed."""
+    keyed = {(e["rows"], e["features"], e["batch"], e["method"]): e for e in timed}
+    lines = ["", "## Prefill path (fused ops from REBUILD_MIN_TOKENS tokens): rotation + rebuilt weight + cuBLAS", "",
+             f"REBUILD_MIN_TOKENS = {REBUILD_MIN_TOKENS}. `±1` = lift_activation + lifted_matmul (the ±1 GEMM); "
+             "`rebuilt` = the whole prefill path; `rotate` and `rebuild` its two Triton kernels alone "
+             "(rebuild GB/s: codes read + bf16 weight written).", "",
+             "| N×K | batch | bf16 µs | " + " | ".join(
+                 f"{b} ±1 µs | {b} rebuilt µs | {b} rebuilt / bf16 | {b} rotate µs | {b} rebuild µs | {b} rebuild GB/s"
+                 for b in lattices) + " |",
+             "|" + "---|" * (3 + 6 * len(lattices))]
+    for (rows, features, batch, method), bf16 in keyed.items():
+        entries = [keyed.get((rows, features, batch, f"lift{b}")) for b in lattices]
+        if method != "bf16" or not all(e and "prefill_us" in e for e in entries):
+            continue
+        cells = [f"{rows}×{features}", str(batch), f"{bf16['us']:.1f}"]
+        for e in entries:
+            cells += [f"{e['lift_matmul_us']:.1f}", f"{e['prefill_us']:.1f}", f"{e['prefill_us'] / bf16['us']:.2f}×",
+                      f"{e['rotate_us']:.1f}", f"{e['rebuild_us']:.1f}", f"{e['rebuild_gbs']:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def prefill_markdown(result: dict) -> str:
+    """kernels_prefill.md: the --prefill-study table and its checks."""
+    lines = [f"# lift_ao prefill path on {result['device']}", "", f"Command: `{result['command']}`  ",
+             f"torch {result['torch']}, triton {result['triton']}, copy bandwidth {result['copy_gbs']:.0f} GB/s, "
+             f"{result['date']}; µs = median of do_bench over a CUDA-graph replay (L2 flushed)."]
+    lines += prefill_table(result["timings"], {2.4: LATTICES[2.4]})
+    lines += ["", "## Checks", "", "| N×K | bits | batch | dtype / config | error | ok |", "|---|---|---|---|---|---|"]
+    for c in result["checks"]:
+        lines.append(f"| {c['rows']}×{c['features']} | {c['bits']} | {c['batch']} | {c['dtype']} {c.get('config', '')} "
+                     f"| {max(c['matmul_error'], c['op_error']):.1e} | {c['ok']} |")
+    return "\n".join(lines) + "\n"
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -460,6 +618,9 @@ def main():
                         help="only the checks and one 8B decoder layer, fused ops vs composition (kernels_decode.json)")
     parser.add_argument("--lookup-study", action="store_true",
                         help="only the checks and the lookup kernel's configs × splits (writes kernels_lookup.json)")
+    parser.add_argument("--prefill-study", action="store_true",
+                        help="only the prefill checks and the prefill path at 2.4 bits, 2 shapes × batch 16-1024 "
+                             "(writes kernels_prefill.json / .md; ~1-2 min)")
     args = parser.parse_args()
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -477,6 +638,16 @@ def main():
                   command="python benchmarks/kernel_speed.py " + " ".join(sys.argv[1:]))
     result["copy_gbs"] = copy_bandwidth()
     log(f"{result['device']}: copy {result['copy_gbs']:.0f} GB/s")
+    if args.prefill_study:
+        result["checks"] = check_prefill(log, {2.4: LATTICES[2.4]})
+        if not all(c["ok"] for c in result["checks"]):
+            log("CORRECTNESS FAILED: timings below are of a wrong kernel")
+        result["timings"] = study_prefill(result["copy_gbs"], log)
+        result["seconds"] = time.time() - started
+        (out_dir / "kernels_prefill.json").write_text(json.dumps(result, indent=1))
+        (out_dir / "kernels_prefill.md").write_text(prefill_markdown(result))
+        print(prefill_markdown(result))
+        return
     result["checks"] = check_correctness(log)
     if not all(c["ok"] for c in result["checks"]):
         log("CORRECTNESS FAILED: timings below are of a wrong kernel")

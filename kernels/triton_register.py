@@ -7,6 +7,14 @@ GEMM. The fused ops (``lifted_linear``, ``lifted_linear_group``, put in place by
 in three launches per shared lift: the rotation, the lift written straight into lookup tables, and
 one lookup launch for all siblings reading that lift (q/k/v, gate/up) with its split-K reduction
 inside; x̃ stays in fp32 there (the composition rounds it to the activation dtype).
+
+From ``REBUILD_MIN_TOKENS`` tokens (prefill) the fused ops skip the lift: per shared lift the rotation
+writes u = Rᵀ pad(x) in the activation dtype, and per sibling the weight is rebuilt in the rotated
+domain (:func:`~lift_ao.kernels.triton_dequant.rebuild_rotated_weight`, one pass over its codes)
+for a cuBLAS GEMM ``u · W_rotᵀ + b`` (addmm): D/d times fewer MACs than the ±1 GEMM over
+x̃, for a fixed cost per weight. Between the two thresholds the ±1 GEMM stays: on the H100 at 2.4 bits
+the rebuild plus the rotation cost more than it below ~256 tokens (NOTES_kernels.md, round 5).
+``lifted_matmul`` itself (given x̃, not x) always takes the lookup kernel or the ±1 GEMM.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from lift_ao.packing import words_per_row
 from .fused_ops import check_siblings, compose_group, lifted_linear, lifted_linear_group, shared_lifts
 from .ops import _check_lift_args, _lifted_length, lift_activation, lifted_matmul
 from . import triton_lut
+from .triton_dequant import padded_columns, rebuild_rotated_weight
 from .triton_lift import lift_activation_triton, rotate_triton
 from .triton_matmul import lifted_matmul_triton
 
@@ -29,6 +38,12 @@ _registered = False
 # Token counts up to this take the table-lookup kernel (kernels/triton_lut.py), larger ones the ±1
 # GEMM (kernels/triton_matmul.py); set from benchmarks/results/kernels_h100.md.
 LOOKUP_MAX_TOKENS = 2
+# From this many tokens the fused ops rebuild the weight in the rotated domain and run cuBLAS. H100,
+# 2.4 bits (benchmarks/results/kernels_prefill_h100.md), rebuilt vs lift + ±1 GEMM, µs: 4096×14336
+# 176 vs 96 at 64 tokens, 262 vs 298 at 256, 644 vs 1004 at 1024; 14336×4096 162 vs 76, 188 vs 188,
+# 368 vs 612. The rebuild costs ~95 µs per call whatever the tokens; the ±1 GEMM grows ~1 µs a token.
+# Re-measure with ``kernel_speed.py --prefill-study`` when either side changes.
+REBUILD_MIN_TOKENS = 256
 
 
 def _check_codes(packed_codes: torch.Tensor, length: int) -> None:
@@ -39,9 +54,18 @@ def _check_codes(packed_codes: torch.Tensor, length: int) -> None:
         )
 
 
+def _tokens(x: torch.Tensor) -> int:
+    return x.numel() // max(x.shape[-1], 1)
+
+
 def _is_decode(x: torch.Tensor) -> bool:
     """1 to LOOKUP_MAX_TOKENS rows of activations: the table-lookup path."""
-    return 0 < x.numel() // max(x.shape[-1], 1) <= LOOKUP_MAX_TOKENS
+    return 0 < _tokens(x) <= LOOKUP_MAX_TOKENS
+
+
+def _is_prefill(x: torch.Tensor) -> bool:
+    """At least REBUILD_MIN_TOKENS rows of activations: the rebuilt-weight path of the fused ops."""
+    return _tokens(x) >= REBUILD_MIN_TOKENS
 
 
 def _lift_activation_cuda(x, input_signs, rotation_left, rotation_right, mapping):
@@ -65,7 +89,7 @@ def _decode_siblings(lift_args: tuple, packed_codes: list, row_scale: list, bias
     length = _lifted_length(left, right, mapping)
     for codes in packed_codes:
         _check_codes(codes, length)
-    tokens = x.numel() // x.shape[-1]
+    tokens = _tokens(x)
     rotated = rotate_triton(x, signs, left, right)
     counters = torch.empty(triton_lut.split_counter_count([c.shape[0] for c in packed_codes]), dtype=torch.int32,
                            device=x.device)
@@ -76,27 +100,57 @@ def _decode_siblings(lift_args: tuple, packed_codes: list, row_scale: list, bias
     return [out.reshape(*x.shape[:-1], out.shape[-1]) for out in outs]
 
 
+def _prefill_siblings(lift_args: tuple, packed_codes: list, row_scale: list, bias: list) -> list[torch.Tensor]:
+    """Siblings reading one lift, at least REBUILD_MIN_TOKENS tokens: the rotation once, then per
+    sibling its rotated-domain weight and one cuBLAS GEMM with the bias.
+
+    Both GEMM operands have rows zero-padded to ``padded_columns(Kp)`` (cuBLAS's fast kernels need
+    aligned rows). One GEMM per sibling: a GEMM over siblings concatenated along N would return
+    column slices of one tensor, and a custom op's outputs may not alias each other.
+    """
+    x, signs, left, right, mapping = lift_args
+    _check_lift_args(x, signs, left, right, mapping)
+    length = _lifted_length(left, right, mapping)
+    for codes in packed_codes:
+        _check_codes(codes, length)
+    kp = left.shape[0] * right.shape[0]
+    columns = padded_columns(kp)
+    rotated = x.new_empty(_tokens(x), columns)
+    rotated[:, kp:].zero_()
+    rotate_triton(x, signs, left, right, out=rotated[:, :kp])
+    outs = []
+    for codes, scale, b in zip(packed_codes, row_scale, bias):
+        weight_t = rebuild_rotated_weight(codes, scale, mapping, kp, x.dtype).T
+        out = torch.mm(rotated, weight_t) if b is None else torch.addmm(b.to(x.dtype), rotated, weight_t)
+        outs.append(out.reshape(*x.shape[:-1], out.shape[-1]))
+    return outs
+
+
 def _lifted_linear_cuda(x, input_signs, rotation_left, rotation_right, mapping, packed_codes, row_scale, bias):
-    """Decode: three launches (rotation, tables, lookup); otherwise the lift then the ±1 GEMM."""
-    if not _is_decode(x):
-        lifted = lift_activation(x, input_signs, rotation_left, rotation_right, mapping)
-        return lifted_matmul(lifted, packed_codes, row_scale, bias)
-    return _decode_siblings((x, input_signs, rotation_left, rotation_right, mapping), [packed_codes], [row_scale],
-                            [bias])[0]
+    """Decode: three launches (rotation, tables, lookup); prefill: rotation, rebuilt weight, cuBLAS;
+    in between the lift then the ±1 GEMM."""
+    lift_args = (x, input_signs, rotation_left, rotation_right, mapping)
+    if _is_decode(x):
+        return _decode_siblings(lift_args, [packed_codes], [row_scale], [bias])[0]
+    if _is_prefill(x):
+        return _prefill_siblings(lift_args, [packed_codes], [row_scale], [bias])[0]
+    return lifted_matmul(lift_activation(*lift_args), packed_codes, row_scale, bias)
 
 
 def _lifted_linear_group_cuda(x, folded_signs, input_signs, rotation_left, rotation_right, mapping,
                               packed_codes, row_scale, bias):
-    """Decode: per shared lift, the rotation, its tables and one lookup launch for its siblings;
-    otherwise the composition (each shared lift once, then the ±1 GEMM per sibling)."""
-    if not _is_decode(x):
+    """Per shared lift: decode, the rotation, its tables and one lookup launch for its siblings;
+    prefill, the rotation and per sibling its rebuilt weight and a cuBLAS GEMM. In between the
+    composition (each shared lift once, then the ±1 GEMM per sibling)."""
+    if not (_is_decode(x) or _is_prefill(x)):
         return compose_group(x, folded_signs, input_signs, rotation_left, rotation_right, mapping, packed_codes,
                              row_scale, bias)
+    siblings_path = _decode_siblings if _is_decode(x) else _prefill_siblings
     check_siblings(input_signs, packed_codes, row_scale, bias)
     outputs: list = [None] * len(packed_codes)
     for lift_args, siblings in shared_lifts(x, folded_signs, input_signs, rotation_left, rotation_right, mapping):
-        outs = _decode_siblings(lift_args, [packed_codes[i] for i in siblings], [row_scale[i] for i in siblings],
-                                [bias[i] for i in siblings])
+        outs = siblings_path(lift_args, [packed_codes[i] for i in siblings], [row_scale[i] for i in siblings],
+                             [bias[i] for i in siblings])
         for i, out in zip(siblings, outs):
             outputs[i] = out
     return outputs
