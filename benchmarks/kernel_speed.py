@@ -40,12 +40,12 @@ import triton
 from triton.testing import do_bench
 
 from lift_ao.packing import words_per_row
-from lift_ao.transform import make_rotation, rotate
+from lift_ao.transform import make_rotation
 from lift_ao.kernels import lift_activation, lifted_matmul  # importing registers the CUDA kernels
 from lift_ao.kernels.reference import lift_activation_reference, lifted_matmul_reference
 from lift_ao.kernels import triton_lift
 from lift_ao.kernels.fused_ops import compose_group
-from lift_ao.kernels.triton_lift import lift_activation_triton
+from lift_ao.kernels.triton_lift import lift_activation_triton, rotate_triton
 from lift_ao.kernels import triton_dequant, triton_lut
 from lift_ao.kernels.triton_dequant import padded_columns, rebuild_rotated_weight
 from lift_ao.kernels.triton_register import (
@@ -486,9 +486,11 @@ def time_shape(rows: int, features: int, batches, lattices, copy_gbs: float, log
             entry = dict(base, method=f"lift{bits}", bits=bits, us=matmul_us, bytes=matmul_bytes,
                          lift_us=lift_us, lift_matmul_us=both_us, config=str(best))
             if batch in PREFILL_BATCHES or batch > 256:
+                rotated = torch.empty(batch, padded_columns(layer.padded_features), device="cuda", dtype=DTYPE)
                 entry.update(
                     prefill_us=bench_us(lambda: layer.prefill(x)),
-                    rotate_us=bench_us(lambda: rotate(x.float(), layer.signs, layer.left, layer.right)),
+                    rotate_us=bench_us(lambda: rotate_triton(x, layer.signs, layer.left, layer.right,
+                                                             out=rotated[:, :layer.padded_features])),
                     rebuild_us=rebuild_us[bits], rebuild_gbs=layer.rebuild_bytes() / rebuild_us[bits] / 1e3,
                     rebuild_config=str(triton_dequant._rebuild_tuned.best_config))
             shape_entries.append(entry)
@@ -576,8 +578,8 @@ def prefill_table(timed: list[dict], lattices) -> list[str]:
     keyed = {(e["rows"], e["features"], e["batch"], e["method"]): e for e in timed}
     lines = ["", "## Prefill path (fused ops from REBUILD_MIN_TOKENS tokens): rotation + rebuilt weight + cuBLAS", "",
              f"REBUILD_MIN_TOKENS = {REBUILD_MIN_TOKENS}. `±1` = lift_activation + lifted_matmul (the ±1 GEMM); "
-             "`rebuilt` = the whole prefill path; `rotate` its rotation alone (two fp32 cuBLAS GEMMs) and "
-             "`rebuild` its Triton kernel alone (rebuild GB/s: codes read + bf16 weight written).", "",
+             "`rebuilt` = the whole prefill path; `rotate` and `rebuild` its two Triton kernels alone "
+             "(rebuild GB/s: codes read + bf16 weight written).", "",
              "| N×K | batch | bf16 µs | " + " | ".join(
                  f"{b} ±1 µs | {b} rebuilt µs | {b} rebuilt / bf16 | {b} rotate µs | {b} rebuild µs | {b} rebuild GB/s"
                  for b in lattices) + " |",

@@ -41,8 +41,8 @@ def _rotate_kernel(
     COLUMNS_PER_PROGRAM: tl.constexpr, PRECISION: tl.constexpr, HAS_SIGNS: tl.constexpr,
 ):
     """U[i, j] = (P1ᵀ V P2)[i, j] for token pid_b, rows i in [pid_i·BLOCK_I, +BLOCK_I), columns j in
-    [pid_j·COLUMNS_PER_PROGRAM, +COLUMNS_PER_PROGRAM); u (B, k1·k2) fp32. ``token_bucket`` only keys
-    the autotuner (decode and prefill want different chunks)."""
+    [pid_j·COLUMNS_PER_PROGRAM, +COLUMNS_PER_PROGRAM); u (B, k1·k2) fp32, or 16-bit for the prefill GEMM.
+    ``token_bucket`` only keys the autotuner (decode and prefill want different chunks)."""
     pid_b = tl.program_id(0)
     pid_i = tl.program_id(1)
     pid_j = tl.program_id(2)
@@ -69,7 +69,7 @@ def _rotate_kernel(
         right = tl.load(right_ptr + columns[:, None] * k2 + j[None, :],
                         mask=column_ok[:, None] & (j < k2)[None, :], other=0.0)
         u = tl.dot(partial, right, input_precision=PRECISION)
-        tl.store(u_rows + j[None, :], u, mask=(i < k1)[:, None] & (j < k2)[None, :])
+        tl.store(u_rows + j[None, :], u.to(u_ptr.dtype.element_ty), mask=(i < k1)[:, None] & (j < k2)[None, :])
 
 
 # The chunk over P1's rows and the pipelining depth, tuned per (k1, k2, token bucket): on the H100
@@ -105,8 +105,9 @@ def _lift_blocks_kernel(
 def rotate_triton(
     x: torch.Tensor, input_signs: Optional[torch.Tensor], rotation_left: torch.Tensor,
     rotation_right: torch.Tensor, split_columns: Optional[bool] = None, config: Optional[dict] = None,
+    out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """The rotated activation u = Rᵀ pad(signs ⊙ x) of every token, in fp32 (first launch of the lift).
+    """The rotated activation u = Rᵀ pad(signs ⊙ x) of every token (first launch of the lift).
 
     Args:
         x: (..., K) fp16 / bf16 / fp32 activation, K ≤ Kp = k1·k2.
@@ -115,9 +116,12 @@ def rotate_triton(
         split_columns: also split u's columns across programs (None: when the row programs alone
             would leave SMs idle).
         config: fixed ``{"BLOCK_A", "num_warps", "num_stages"}`` instead of autotuning.
+        out: (B, Kp) tensor to write into, any float dtype and row stride (the prefill GEMM's
+            16-bit operand, rows padded for cuBLAS); None: a new fp32 one.
     Returns:
-        (B, Kp) float32, B = x.numel() / K. The products run in tf32 for 16-bit activations (their
-        error, ~1e-4 relative, is under the activations' rounding) and in fp32 for fp32 activations.
+        ``out`` or a new (B, Kp) fp32 tensor, B = x.numel() / K. The products run in tf32 for 16-bit
+        activations (their error, ~1e-4 relative, is under the activations' rounding) and in fp32 for
+        fp32 activations.
     """
     k1, k2 = rotation_left.shape[0], rotation_right.shape[0]
     features = x.shape[-1]
@@ -125,7 +129,10 @@ def rotate_triton(
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
     tokens = rows.shape[0]
-    rotated = torch.empty(tokens, k1 * k2, dtype=torch.float32, device=x.device)
+    rotated = torch.empty(tokens, k1 * k2, dtype=torch.float32, device=x.device) if out is None else out
+    if rotated.shape != (tokens, k1 * k2) or rotated.stride(-1) != 1:
+        raise ValueError(f"out {tuple(rotated.shape)} stride {rotated.stride()} is not a ({tokens}, {k1 * k2}) "
+                         "tensor with unit column stride")
     if tokens == 0:
         return rotated
     f32 = torch.float32

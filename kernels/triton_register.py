@@ -24,7 +24,6 @@ from typing import Optional
 import torch
 
 from lift_ao.packing import words_per_row
-from lift_ao.transform import rotate
 
 from .fused_ops import check_siblings, compose_group, lifted_linear, lifted_linear_group, shared_lifts
 from .ops import _check_lift_args, _lifted_length, lift_activation, lifted_matmul
@@ -118,10 +117,7 @@ def _prefill_siblings(lift_args: tuple, packed_codes: list, row_scale: list, bia
     columns = padded_columns(kp)
     rotated = x.new_empty(_tokens(x), columns)
     rotated[:, kp:].zero_()
-    # Two cuBLAS GEMMs in fp32 (the Kronecker identity, lift_ao.transform.rotate): the Triton rotation
-    # is built for a few tokens and re-reads P2 per 16-row chunk of every token (106 µs at 256 tokens,
-    # K = 14336, on the H100).
-    rotated[:, :kp] = rotate(x.reshape(-1, x.shape[-1]).float(), signs, left, right)
+    rotate_triton(x, signs, left, right, out=rotated[:, :kp])
     outs = []
     for codes, scale, b in zip(packed_codes, row_scale, bias):
         weight_t = rebuild_rotated_weight(codes, scale, mapping, kp, x.dtype).T

@@ -164,7 +164,7 @@ def test_cuda_group_prefill_rotates_each_shared_lift_once_and_matches_the_refere
     per shared lift, one rebuild per sibling, each output the reference op's. ``folded``: x already
     carries the shared transform's signs (the scale-folding pass), the third sibling's differ."""
     monkeypatch.setattr(triton_register, "REBUILD_MIN_TOKENS", 17)
-    rotations = _count_calls(monkeypatch, triton_register, "rotate")
+    rotations = _count_calls(monkeypatch, triton_register, "rotate_triton")
     rebuilds = _count_calls(monkeypatch, triton_register, "rebuild_rotated_weight")
     g = torch.Generator().manual_seed(_seed("group prefill", tokens, folded))
     lat = Lattice.load("24/10")
