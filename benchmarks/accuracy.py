@@ -14,6 +14,8 @@ the disjoint *calibration* split. Rows:
     lift-cal-{bits}           lift_ao calibrated (lift_ao.calibrate) at the same rates
     lift-cal-ft-{bits}        the same with intra-block fine-tuning (--finetune-steps, --finetune-lr, --finetune-batch)
     lift-cal-ftc-{bits}       the same, the codes fine-tuned first (--code-rounds flip rounds per block)
+    lift-cal-fte-{bits}       lift-cal-ft, then end-to-end fine-tuning of all scales against the reference
+                              model's logits (lift_ao.finetune_end_to_end: --e2e-steps, --e2e-lr)
     lift-plan-2.4             mixed widths planned by sensitivity at the bytes of uniform 2.4 bits
 
 Only linear layers inside the decoder are quantized; embeddings (tied with lm_head) and norms stay in
@@ -43,6 +45,7 @@ import torch
 
 import lift_ao
 from lift_ao.calibration import builtin_calibration_tokens, calibrate
+from lift_ao.finetune import finetune_end_to_end
 from lift_ao.data import DEFAULT_MODEL_NOTE, builtin_text, load_default_model, tokenize_text
 from lift_ao.evaluate import perplexity
 from machine import cpu_name
@@ -56,7 +59,8 @@ LIFT_BITS = tuple(LIFT_LATTICES)
 RTN = [f"rtn-int{b}-g{g}" for b in (2, 3, 4) for g in (64, 128)]
 HQQ = [f"hqq-int{b}-g{g}" for b in (2, 3, 4) for g in (64, 128)]
 ROWS = ["reference", *RTN, *HQQ, *(f"lift-{b}" for b in LIFT_BITS), *(f"lift-cal-{b}" for b in LIFT_BITS),
-        *(f"lift-cal-ft-{b}" for b in LIFT_BITS), *(f"lift-cal-ftc-{b}" for b in LIFT_BITS), "lift-plan-2.4"]
+        *(f"lift-cal-ft-{b}" for b in LIFT_BITS), *(f"lift-cal-ftc-{b}" for b in LIFT_BITS),
+        *(f"lift-cal-fte-{b}" for b in LIFT_BITS), "lift-plan-2.4"]
 # RTN / HQQ storage convention: b-bit codes plus one bf16 scale and one bf16 zero point per group.
 GROUP_OVERHEAD_BITS = 32
 
@@ -112,7 +116,7 @@ def _lattice_of(row: str) -> str:
 
 
 def _is_row(name: str) -> bool:
-    lattice_row = re.fullmatch(r"lift-(cal-(ftc?-)?)?(\d+/\d+)", name)
+    lattice_row = re.fullmatch(r"lift-(cal-(ft[ce]?-)?)?(\d+/\d+)", name)
     return name in ROWS or (lattice_row is not None and lattice_row.group(3) in {lat.name for lat in lift_ao.Lattice.shipped()})
 
 
@@ -146,13 +150,17 @@ def run_row(name: str, reference, tokenizer, eval_tokens, args) -> dict:
             calibration = builtin_calibration_tokens(tokenizer, args.calibration_tokens)
             checkpoint = None if args.checkpoint_root is None else args.checkpoint_root / name
             finetune = {}
-            if name.startswith(("lift-cal-ft-", "lift-cal-ftc-")):
+            if name.startswith(("lift-cal-ft-", "lift-cal-ftc-", "lift-cal-fte-")):
                 finetune = dict(finetune_steps=args.finetune_steps, finetune_lr=args.finetune_lr,
                                 batch_size=args.finetune_batch)
                 if name.startswith("lift-cal-ftc-"):
                     finetune["code_rounds"] = args.code_rounds
                 row["finetune"] = finetune
             calibrate(model, config, calibration, device=args.device, checkpoint_dir=checkpoint, **finetune)
+            if name.startswith("lift-cal-fte-"):
+                row["end_to_end"] = dict(steps=args.e2e_steps, lr=args.e2e_lr, batch_size=args.finetune_batch)
+                row["end_to_end"]["kl_before_after"] = finetune_end_to_end(
+                    model, reference, calibration, steps=args.e2e_steps, lr=args.e2e_lr, batch_size=args.finetune_batch)
             row["calibration_tokens"] = calibration.numel()
         else:
             lift_ao.quantize(model, lift_ao.liftquant(lattice=_lattice_of(name)), device=args.device)
@@ -213,7 +221,12 @@ def _markdown(doc: dict) -> str:
         "fine-tuned first (straight-through gradient and Gauss-Newton curvature of the block output error "
         "pick the codes to flip; a round is kept when the error over the calibration batches drops): "
         + (", ".join(sorted({f"{r['finetune']['code_rounds']} rounds per block" for r in doc["rows"].values()
-                             if r.get("finetune", {}).get("code_rounds")})) or "none measured yet") + ".",
+                             if r.get("finetune", {}).get("code_rounds")})) or "none measured yet") + ". `lift-cal-fte-*`: "
+        "lift-cal-ft, then every row and input scale of the model tuned at once against the reference model's "
+        "next-token distributions (KL, Adam, `lift_ao.finetune_end_to_end`): "
+        + (", ".join(sorted({f"{r['end_to_end']['steps']} steps of {r['end_to_end']['batch_size']} sequences, peak lr "
+                             f"{r['end_to_end']['lr']:g}" for r in doc["rows"].values() if r.get("end_to_end")}))
+           or "none measured yet") + ".",
         "",
         "HQQ rows (`hqq-*`): torchao's HQQ optimiser with its defaults (per-group scale and zero fitted by "
         "half-quadratic splitting of an ℓp<1 error, 20 iterations, groups along K). On this model it beats "
@@ -250,6 +263,7 @@ def _plot(doc: dict, path: Path) -> bool:
                 "HQQ g128": "hqq-int.-g128$", "lift_ao data-free": r"lift-\d",
                 "lift_ao calibrated": r"lift-cal-\d",
                 "lift_ao calibrated + fine-tuned": "lift-cal-ft-", "lift_ao calibrated + codes fine-tuned": "lift-cal-ftc-",
+                "lift_ao calibrated + end-to-end fine-tuned": "lift-cal-fte-",
                 "lift_ao planned": "lift-plan-"}
     import re
 
@@ -281,6 +295,8 @@ def main(argv=None) -> None:
     parser.add_argument("--finetune-lr", type=float, default=1e-2, help="lift-cal-ft rows: Adam's peak learning rate")
     parser.add_argument("--finetune-batch", type=int, default=4, help="lift-cal-ft rows: sequences per step")
     parser.add_argument("--code-rounds", type=int, default=16, help="lift-cal-ftc rows: code flipping rounds per block")
+    parser.add_argument("--e2e-steps", type=int, default=128, help="lift-cal-fte rows: end-to-end Adam steps")
+    parser.add_argument("--e2e-lr", type=float, default=1e-2, help="lift-cal-fte rows: end-to-end peak learning rate")
     parser.add_argument("--checkpoint-root", type=Path, default=None, help="calibrated rows save each finished "
                         "decoder block under ROOT/<row>/ and a rerun resumes from there (bit-identical)")
     parser.add_argument("--redo", action="store_true", help="measure rows already in the results again")
@@ -289,7 +305,7 @@ def main(argv=None) -> None:
     names = [n.strip() for n in args.rows.split(",") if n.strip()]
     unknown = sorted(n for n in names if not _is_row(n))
     if unknown:
-        parser.error(f"unknown rows {unknown}; choose among {ROWS} or lift[-cal[-ft|-ftc]]-D/d with a shipped lattice")
+        parser.error(f"unknown rows {unknown}; choose among {ROWS} or lift[-cal[-ft|-ftc|-fte]]-D/d with a shipped lattice")
 
     json_path = args.out.with_suffix(".json")
     doc = json.loads(json_path.read_text()) if json_path.is_file() else {"rows": {}}

@@ -16,6 +16,7 @@ from lift_ao.api import quantizable_linears, quantize
 from lift_ao.budget import BudgetError, Plan, plan
 from lift_ao.calibration import calibrate
 from lift_ao.config import LiftQuantConfig, liftquant
+from lift_ao.finetune import finetune_end_to_end
 from lift_ao.footprint import footprint
 from lift_ao.io import CheckpointError, load_quantized, save_quantized
 from lift_ao.lattice import Lattice, LatticeError
@@ -30,6 +31,7 @@ __all__ = [
     "LiftQuantConfig",
     "LiftQuantTensor",
     "calibrate",
+    "finetune_end_to_end",
     "footprint",
     "liftquant",
     "load_quantized",

@@ -12,6 +12,7 @@ Exit codes: 0 success, 1 the work failed, 2 bad arguments or input (argparse's c
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import shutil
 import sys
@@ -106,8 +107,16 @@ def _cmd_quantize(args) -> dict:
         calibration = builtin_calibration_tokens(tokenizer, args.calibration_tokens)
         report["calibration_tokens"] = calibration.numel()
         report["finetune_steps"], report["code_rounds"] = args.finetune_steps, args.code_rounds
+        if args.e2e_steps < 0:
+            raise ValueError(f"--e2e-steps must be >= 0, got {args.e2e_steps}")
+        # The teacher of end-to-end fine-tuning is the model before quantization (a second copy).
+        teacher = copy.deepcopy(model) if args.e2e_steps else None
         calibrate(model, config, calibration, checkpoint_dir=partial, overwrite=args.overwrite, device=device,
                   finetune_steps=args.finetune_steps, code_rounds=args.code_rounds)
+        if args.e2e_steps:
+            report["e2e_kl_before_after"] = lift_ao.finetune_end_to_end(model, teacher, calibration,
+                                                                        steps=args.e2e_steps)
+            del teacher
     else:
         lift_ao.quantize(model, config, progress=True, resume_dir=partial, overwrite=args.overwrite)
     report["quantize_seconds"] = round(time.perf_counter() - t0, 2)
@@ -231,6 +240,9 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--code-rounds", type=int, default=0, help="with --calibrate: rounds of code fine-tuning per "
                    "decoder block before the scales (flip the codes the straight-through gradient ranks best, keep "
                    "what lowers the block's output error; default 0: none)")
+    q.add_argument("--e2e-steps", type=int, default=0, help="with --calibrate: Adam steps of end-to-end fine-tuning "
+                   "of all scales against the unquantized model's logits after calibration (needs the model twice "
+                   "in memory; not resumable: a restarted run redoes it; default 0: none)")
     q.add_argument("--skip-eval", action="store_true", help="do not measure perplexity")
     _add_eval_options(q)
 

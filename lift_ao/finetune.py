@@ -1,0 +1,134 @@
+"""End-to-end fine-tuning of a quantized model's scales against its full-precision teacher.
+
+After :func:`lift_ao.calibrate` (which tunes one decoder block at a time), the remaining error is the
+sum of every block's: ``finetune_end_to_end(model, teacher, tokens)`` trains, for the whole model at
+once, log-factors of every LiftQuant weight's row scales and of each shared input transform's input
+scales (``input_signs``, which carry the activation-aware 1/s) so that the quantized model's next-token
+distribution matches the teacher's (KL divergence on calibration tokens, as QuIP#'s and AQLM's
+end-to-end fine-tuning do for their continuous parameters). The codes, M and the rotation stay; the
+learned factors are folded into ``row_scale`` and ``input_signs``, so the format, the kernels and the
+footprint are unchanged.
+
+Memory: unlike calibration, the whole model runs at once (as dense weights rebuilt from the codes,
+each step), next to the teacher: meant for models that fit the device twice.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from lift_ao.packing import unpack_codes
+from lift_ao.tensor import LiftQuantTensor, share_constants
+from lift_ao.transform import unrotate
+
+__all__ = ["finetune_end_to_end"]
+
+
+def _unit_weight(weight: LiftQuantTensor) -> torch.Tensor:
+    """(N, K) float32 C with ``weight.dequantize() == r[:, None] * C * input_signs[:K]``."""
+    codes = unpack_codes(weight.packed_codes, weight.code_length).view(weight.shape[0], -1, weight.code_bits)
+    blocks = ((codes.to(torch.float32) * 2 - 1) @ weight.mapping.T).flatten(1)
+    return unrotate(blocks, None, weight.rotation_left, weight.rotation_right, weight.shape[1])
+
+
+def _distillation_loss(model, weights: dict, teacher, batch: torch.Tensor) -> torch.Tensor:
+    """KL(teacher ‖ model) per token, averaged, on one batch of token ids (B, T)."""
+    with torch.no_grad():
+        target = F.log_softmax(teacher(batch).logits.float(), -1)
+    logits = torch.func.functional_call(model, weights, (batch,)).logits.float()
+    return F.kl_div(F.log_softmax(logits, -1).flatten(0, 1), target.flatten(0, 1), log_target=True,
+                    reduction="batchmean")
+
+
+def finetune_end_to_end(
+    model: torch.nn.Module, teacher: torch.nn.Module, tokens: torch.Tensor, *, steps: int, lr: float = 1e-2,
+    batch_size: int = 4, progress: bool = True,
+) -> tuple[float, float]:
+    """Tune the row and input scales of every LiftQuant weight of ``model`` end to end, in place.
+
+    Adam (cosine-decayed ``lr``) learns ``r ← r·exp(a)`` per row of each weight and ``σ ← σ·exp(b)``
+    per input channel of each distinct ``input_signs`` tensor (siblings that share one keep sharing
+    it) to minimise KL(teacher ‖ model) of the next-token distributions, one batch of ``batch_size``
+    sequences per step in turn. The factors are kept only if the loss on the first batch drops.
+
+    Args:
+        model: a causal LM (``model(ids).logits``) whose quantized linears hold LiftQuantTensor weights.
+        teacher: the same model in full precision, on the same device (its outputs are the targets).
+        tokens: LongTensor (sequences, length) of calibration token ids (never the evaluation text).
+        steps: Adam steps (0: nothing changes).
+        lr: peak learning rate of the log-factors.
+        batch_size: sequences per step.
+        progress: a tqdm bar over steps (postfix: the current loss).
+    Returns:
+        (loss before, loss after) on the first batch, in nats per token.
+    Raises:
+        ValueError: no LiftQuant weights, bad ``steps``/``lr``/``batch_size``, or malformed tokens.
+    """
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0 or not lr > 0 or batch_size < 1:
+        raise ValueError(f"steps must be an int >= 0, lr > 0 and batch_size >= 1, got {steps!r}, {lr!r}, {batch_size!r}")
+    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.dtype.is_floating_point:
+        raise ValueError("tokens must be a LongTensor (sequences, length) of token ids, e.g. from "
+                         "lift_ao.calibration.builtin_calibration_tokens")
+    # Siblings' equal input transforms become one tensor again (a deepcopy or a load separates them),
+    # so that they get one factor vector and keep sharing after the fold.
+    share_constants(model)
+    quantized = {f"{name}.weight": module.weight for name, module in model.named_modules()
+                 if isinstance(getattr(module, "weight", None), LiftQuantTensor)}
+    if not quantized:
+        raise ValueError("the model has no LiftQuant weights; quantize or calibrate it first")
+    device = next(iter(quantized.values())).packed_codes.device
+    batches = [b.to(device) for b in tokens.long().split(batch_size)]
+    unit = {name: _unit_weight(w) for name, w in quantized.items()}
+    log_r = {name: torch.zeros(w.shape[0], device=device, requires_grad=True) for name, w in quantized.items()}
+    # One factor vector per distinct input transform: siblings (q/k/v, gate/up) share input_signs.
+    groups: dict[int, torch.Tensor] = {}
+    for w in quantized.values():
+        groups.setdefault(id(w.input_signs), torch.zeros(w.input_signs.shape[0], device=device, requires_grad=True))
+
+    def weights() -> dict:
+        out = {}
+        for name, w in quantized.items():
+            k = w.shape[1]
+            sigma = w.input_signs[:k] * groups[id(w.input_signs)][:k].exp()
+            out[name] = ((w.row_scale * log_r[name].exp())[:, None] * unit[name] * sigma).to(w.dtype)
+        return out
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            before = _distillation_loss(model, weights(), teacher, batches[0]).item()
+        if not steps:
+            return before, before
+        parameters = [*log_r.values(), *groups.values()]
+        optimizer = torch.optim.Adam(parameters, lr=lr)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: 0.5 * (1 + math.cos(math.pi * t / steps)))
+        bar = tqdm(range(steps), desc="end-to-end fine-tuning", unit="step", disable=not progress)
+        with torch.enable_grad():
+            for step in bar:
+                loss = _distillation_loss(model, weights(), teacher, batches[step % len(batches)])
+                for parameter, grad in zip(parameters, torch.autograd.grad(loss, parameters)):
+                    parameter.grad = grad
+                optimizer.step()
+                schedule.step()
+                bar.set_postfix(kl=f"{loss.item():.4f}")
+        with torch.no_grad():
+            after = _distillation_loss(model, weights(), teacher, batches[0]).item()
+            if not after < before:
+                return before, before
+            folded = {key: None for key in groups}
+            for name, w in quantized.items():
+                key = id(w.input_signs)
+                if folded[key] is None:
+                    folded[key] = w.input_signs * groups[key].exp()  # padding entries: exp(0) = 1
+                tuned = LiftQuantTensor(w.packed_codes, w.row_scale * log_r[name].exp(), w.mapping, folded[key],
+                                        w.rotation_left, w.rotation_right, w.shape, w.dtype)
+                model.get_submodule(name.removesuffix(".weight")).weight = torch.nn.Parameter(tuned, requires_grad=False)
+            share_constants(model)  # wrapping in a Parameter copied the shared tensors apart
+    finally:
+        model.train(was_training)
+    return before, after
