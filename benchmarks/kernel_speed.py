@@ -15,7 +15,9 @@
    kernel alone (with its GB/s).
 4. Split-K variants for the notes; with --sweep, every tuning candidate on decode shapes; with
    --lookup-study, the table-lookup decode kernel's configs × split counts beside the ±1 GEMM; with
-   --decode-study, one Llama-3-8B decoder layer's LiftQuant work, fused decode ops vs composition; with
+   --decode-study, the decode rotation kernel checked at real sizes, one Llama-3-8B decoder layer's LiftQuant
+   work (fused decode ops with the decode or the chunked rotation, vs composition) and the rotation
+   alone, chunked vs decode kernel, at Llama-3-8B and Qwen2.5-1.5B K (kernels_decode.json / .md); with
    --prefill-study, only the prefill checks and the prefill path at 2.4 bits on two 8B shapes ×
    batch 16/64/256/1024 beside the lift + ±1 GEMM and bf16 (kernels_prefill.json / .md), to set
    ``REBUILD_MIN_TOKENS``.
@@ -40,7 +42,7 @@ import triton
 from triton.testing import do_bench
 
 from lift_ao.packing import words_per_row
-from lift_ao.transform import make_rotation
+from lift_ao.transform import make_rotation, rotate
 from lift_ao.kernels import lift_activation, lifted_matmul  # importing registers the CUDA kernels
 from lift_ao.kernels.reference import lift_activation_reference, lifted_matmul_reference
 from lift_ao.kernels import triton_lift
@@ -125,6 +127,11 @@ class LiftedLayer:
     @property
     def padded_features(self) -> int:
         return self.signs.shape[0]
+
+    @property
+    def factors(self) -> tuple[int, int]:
+        """(k1, k2): the rotation's Kronecker factor sizes."""
+        return self.left.shape[0], self.right.shape[0]
 
     def prefill(self, x, bias=None):
         """The fused ops' prefill branch for this layer alone: rotation, rebuilt weight, cuBLAS."""
@@ -341,16 +348,86 @@ def _flat(outputs) -> list[torch.Tensor]:
     return [t for item in outputs for t in (item if isinstance(item, list) else [item])]
 
 
+# K of the decode-rotation study: Llama-3-8B (hidden, MLP) and Qwen2.5-1.5B (hidden, MLP).
+DECODE_ROTATION_FEATURES = {"llama3-8b": (4096, 14336), "qwen2.5-1.5b": (1536, 8960)}
+
+
+def _distinct_factorisations(features: int) -> list[tuple[float, "LiftedLayer"]]:
+    """(bits, 16-row layer) of the study lattices, one per distinct (k1, k2) at this K (2.0 and 3.0
+    bits, d = 16 and 8, factor every study K alike)."""
+    layers = {}
+    for bits in LATTICES:
+        layer = LiftedLayer(16, features, bits)
+        layers.setdefault(layer.factors, (bits, layer))
+    return list(layers.values())
+
+
+def check_decode_rotation(log) -> list[dict]:
+    """The decode rotation (``rotate_triton(decode=True)``) and the chunked kernel against float64
+    Rᵀ pad(signs ⊙ x) at every study K × lattice × 1..LOOKUP_MAX_TOKENS tokens (bf16: tf32 products;
+    one fp32 case per K: exact fp32 products)."""
+    checks = []
+    bounds = {torch.bfloat16: 3e-3, torch.float32: 1e-5}
+    for features in [k for pair in DECODE_ROTATION_FEATURES.values() for k in pair]:
+        for bits, layer in _distinct_factorisations(features):
+            f64 = torch.float64
+            cases = [(tokens, DTYPE) for tokens in range(1, LOOKUP_MAX_TOKENS + 1)] + [(1, torch.float32)]
+            for tokens, dtype in cases if bits == 2.4 else cases[:LOOKUP_MAX_TOKENS]:
+                x = torch.randn(tokens, features, device="cuda").to(dtype)
+                want = rotate(x.to(f64), layer.signs.to(f64), layer.left.to(f64), layer.right.to(f64))
+                errors = {}
+                for decode in (True, False):
+                    poison_allocator(tokens * layer.padded_features)
+                    errors[decode] = relative_error(
+                        rotate_triton(x, layer.signs, layer.left, layer.right, decode=decode), want)
+                entry = dict(rows="rotation", features=features, bits=bits, batch=tokens, dtype=str(dtype),
+                             config=f"decode kernel {'on' if triton_lift._decode_plan(*layer.factors) else 'off'}"
+                                    f" (k1, k2) = {layer.factors}",
+                             lift_error=errors[True], matmul_error=errors[False], op_error=0.0)
+                entry["ok"] = max(errors.values()) < bounds[dtype]
+                checks.append(entry)
+                log(f"check {entry}")
+    return checks
+
+
+def _rotate_without_decode_kernel(*args, decode=False, **keywords):
+    """``rotate_triton`` as before the decode kernel: what _decode_siblings calls for the baseline."""
+    return rotate_triton(*args, **keywords)
+
+
 def study_decode_layer(log) -> dict:
-    """Batch-1 time of one 8B decoder layer's LiftQuant work (2.4 bits), fused ops vs the composition,
-    and the rotation kernel at each of its tuning configs."""
+    """Batch-1 time of one 8B decoder layer's LiftQuant work (2.4 bits): the fused ops with the decode
+    rotation, with the chunked rotation, and the composition; then the rotation alone, chunked
+    (autotuned) vs decode kernel, per model K × lattice × token count; and the chunked kernel at each
+    of its tuning configs."""
+    from lift_ao.kernels import triton_register
+
     fused, composed = decode_layer_ops()
     x = torch.randn(1, 4096, device="cuda", dtype=DTYPE)
     h = torch.randn(1, 14336, device="cuda", dtype=DTYPE)
-    study = dict(fused_us=bench_us(lambda: fused(x, h)), composed_us=bench_us(lambda: composed(x, h)), rotate=[])
-    log(f"decode layer (2.4 bits, batch 1): fused {study['fused_us']:.1f} us, composed {study['composed_us']:.1f} us")
+    study = dict(fused_us=bench_us(lambda: fused(x, h)), composed_us=bench_us(lambda: composed(x, h)),
+                 rotation=[], rotate=[])
+    triton_register.rotate_triton = _rotate_without_decode_kernel
+    try:
+        study["fused_chunked_rotation_us"] = bench_us(lambda: fused(x, h))
+    finally:
+        triton_register.rotate_triton = rotate_triton
+    log(f"decode layer (2.4 bits, batch 1): fused {study['fused_us']:.1f} us (chunked rotation "
+        f"{study['fused_chunked_rotation_us']:.1f}), composed {study['composed_us']:.1f} us")
+    for model, features_pair in DECODE_ROTATION_FEATURES.items():
+        for features in features_pair:
+            for bits, layer in _distinct_factorisations(features):
+                for tokens in range(1, LOOKUP_MAX_TOKENS + 1):
+                    inp = torch.randn(tokens, features, device="cuda", dtype=DTYPE)
+                    entry = dict(model=model, features=features, bits=bits, factors=layer.factors, tokens=tokens,
+                                 decode_kernel=triton_lift._decode_plan(*layer.factors) is not None)
+                    for name, decode in (("chunked_us", False), ("decode_us", True)):
+                        entry[name] = bench_us(lambda: rotate_triton(inp, layer.signs, layer.left, layer.right,
+                                                                     decode=decode))
+                    study["rotation"].append(entry)
+                    log(f"rotation {entry}")
     for features in (4096, 14336):
-        layer = LiftedLayer(4096, features, 2.4)
+        layer = LiftedLayer(16, features, 2.4)
         inp = x if features == 4096 else h
         for cfg in triton_lift._ROTATE_CONFIGS:
             config = dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -358,6 +435,30 @@ def study_decode_layer(log) -> dict:
             study["rotate"].append(dict(features=features, config=config, us=us))
             log(f"rotate K={features} {config}: {us:.1f} us")
     return study
+
+
+def decode_markdown(result: dict) -> str:
+    """kernels_decode.md: the --decode-study tables and the decode rotation's checks."""
+    study = result["decode_study"]
+    lines = [f"# lift_ao decode rotation and one 8B layer at batch 1 on {result['device']}", "",
+             f"Command: `{result['command']}`  ",
+             f"torch {result['torch']}, triton {result['triton']}, {result['date']}; µs = median of do_bench over a "
+             "CUDA-graph replay (L2 flushed).", "",
+             f"One Llama-3-8B layer's LiftQuant work (2.4 bits, fused ops): {study['fused_us']:.1f} µs with the decode "
+             f"rotation, {study['fused_chunked_rotation_us']:.1f} µs with the chunked rotation; base-op composition "
+             f"{study['composed_us']:.1f} µs.", "",
+             "## Rotation alone: chunked kernel (autotuned) vs decode kernel", "",
+             "| model | K | bits | (k1, k2) | tokens | chunked µs | decode µs | speed-up |", "|---|---|---|---|---|---|---|---|"]
+    for e in study["rotation"]:
+        decode = f"{e['decode_us']:.1f}" if e["decode_kernel"] else f"(chunked) {e['decode_us']:.1f}"
+        lines.append(f"| {e['model']} | {e['features']} | {e['bits']} | {tuple(e['factors'])} | {e['tokens']} | "
+                     f"{e['chunked_us']:.1f} | {decode} | {e['chunked_us'] / e['decode_us']:.2f}× |")
+    lines += ["", "## Checks (rotation rows: decode kernel error under `lift`, chunked kernel under `matmul`)", "",
+              "| N×K | bits | batch | dtype / config | lift | matmul | op | ok |", "|---|---|---|---|---|---|---|---|"]
+    for c in result["checks"]:
+        lines.append(f"| {c['rows']}×{c['features']} | {c['bits']} | {c['batch']} | {c['dtype']} {c.get('config', '')} "
+                     f"| {c['lift_error']:.1e} | {c['matmul_error']:.1e} | {c['op_error']:.1e} | {c['ok']} |")
+    return "\n".join(lines) + "\n"
 
 
 def check_compile(log) -> dict:
@@ -615,7 +716,9 @@ def main():
     parser.add_argument("--quick", action="store_true", help="two shapes only (smoke run)")
     parser.add_argument("--sweep", action="store_true", help="first time every tuning config on decode shapes")
     parser.add_argument("--decode-study", action="store_true",
-                        help="only the checks and one 8B decoder layer, fused ops vs composition (kernels_decode.json)")
+                        help="only the checks (with the decode rotation's), one 8B decoder layer with either rotation "
+                             "vs the composition, and the rotation alone at Llama-3-8B / Qwen2.5-1.5B K "
+                             "(kernels_decode.json / .md)")
     parser.add_argument("--lookup-study", action="store_true",
                         help="only the checks and the lookup kernel's configs × splits (writes kernels_lookup.json)")
     parser.add_argument("--prefill-study", action="store_true",
@@ -648,13 +751,16 @@ def main():
         (out_dir / "kernels_prefill.md").write_text(prefill_markdown(result))
         print(prefill_markdown(result))
         return
-    result["checks"] = check_correctness(log)
+    result["checks"] = check_correctness(log) + (check_decode_rotation(log) if args.decode_study else [])
     if not all(c["ok"] for c in result["checks"]):
         log("CORRECTNESS FAILED: timings below are of a wrong kernel")
     result["compile"] = check_compile(log)
     if args.decode_study:
         result["decode_study"] = study_decode_layer(log)
+        result["seconds"] = time.time() - started
         (out_dir / "kernels_decode.json").write_text(json.dumps(result, indent=1))
+        (out_dir / "kernels_decode.md").write_text(decode_markdown(result))
+        print(decode_markdown(result))
         return
     if args.lookup_study:
         result["lookup_study"] = study_lookup(log)

@@ -7,6 +7,10 @@ Two launches, each a handful of small tensor-core products:
    program computes ``BLOCK_I`` rows of U for one token (grid tokens × ⌈k1/BLOCK_I⌉), written to an
    fp32 scratch row of length Kp. With few tokens (decode) that grid is too small to fill the GPU, so
    the columns of U are also split across programs, each recomputing its rows of ``P1ᵀ V``.
+   For decode (``rotate_triton(..., decode=True)``) :func:`_rotate_decode_kernel` computes the same
+   tiles without loops: one program per (token, 16 rows, BLOCK_J columns) of U issues all its loads
+   (the whole V, its columns of P1 and of P2) before its two products, so it waits for memory once
+   instead of once per chunk. It holds V in registers, so it serves k1·k2 (padded) ≤ 16384 only.
 2. :func:`_lift_blocks_kernel` — each d-block of U times M (d × D), cast to the activation's dtype.
 
 They are separate launches because a d-block may straddle rows of U (d need not divide k2), so a
@@ -31,6 +35,59 @@ __all__ = ["lift_activation_triton", "rotate_triton"]
 _ROWS_PER_PROGRAM = 16   # BLOCK_I: tl.dot's minimum M
 _COLUMN_CHUNK = 32       # output columns of U per product with P2
 _BLOCKS_PER_PROGRAM = 64
+# The decode kernel holds the token's whole padded V in registers: 16384 fp32 values are 64 per
+# thread at 8 warps (its signs tile as many again while they load). That covers every shipped lattice
+# at K = 4096, 14336 (but 104 × 138 at d = 24), 8192, 1536, 8960, 896 and 4864; K = 28672 (128–162 ×
+# 177–239) and 14336 at d = 24 keep the chunked kernel.
+_DECODE_MAX_TILE = 16384
+# Programs per token the decode kernel aims for: enough to overlap their load latencies on 132 SMs,
+# few enough that recomputing P1ᵀ V per column chunk stays cheap (16 · k1 · k2 MACs a program).
+_DECODE_PROGRAMS = 32
+
+
+def _decode_plan(k1: int, k2: int) -> Optional[dict]:
+    """The decode kernel's tile sizes and warps for (k1, k2), or None when V does not fit its registers."""
+    k1_padded, k2_padded = (max(16, triton.next_power_of_2(k)) for k in (k1, k2))
+    if k1_padded * k2_padded > _DECODE_MAX_TILE:
+        return None
+    row_blocks = triton.cdiv(k1, _ROWS_PER_PROGRAM)
+    block_j = 16
+    while row_blocks * triton.cdiv(k2, block_j) > _DECODE_PROGRAMS and block_j < k2_padded:
+        block_j *= 2
+    return dict(K1_PADDED=k1_padded, K2_PADDED=k2_padded, BLOCK_I=_ROWS_PER_PROGRAM, BLOCK_J=block_j,
+                num_warps=4 if k1_padded * k2_padded <= 8192 else 8)
+
+
+@triton.jit
+def _left_columns_transposed(left_ptr, a, i, k1):
+    """P1[a, i]ᵀ: a (len(i), len(a)) tile of the (k1, k1) left factor, zero outside it."""
+    return tl.load(left_ptr + a[None, :] * k1 + i[:, None], mask=(a < k1)[None, :] & (i < k1)[:, None], other=0.0)
+
+
+@triton.jit
+def _signed_activation(x_row, signs_ptr, a, columns, K, k1, k2, HAS_SIGNS: tl.constexpr):
+    """V[a, columns] = (signs ⊙ pad(x))[a·k2 + columns] in fp32: a (len(a), len(columns)) tile of the
+    token's (k1, k2) view, zero outside the grid and past x's K features."""
+    flat = a[:, None] * k2 + columns[None, :]
+    in_grid = (a < k1)[:, None] & (columns < k2)[None, :]
+    v = tl.load(x_row + flat, mask=in_grid & (flat < K), other=0.0).to(tl.float32)
+    if HAS_SIGNS:
+        v = v * tl.load(signs_ptr + flat, mask=in_grid, other=0.0)
+    return v
+
+
+@triton.jit
+def _right_columns(right_ptr, columns, j, k2):
+    """P2[columns, j]: a (len(columns), len(j)) tile of the (k2, k2) right factor, zero outside it."""
+    return tl.load(right_ptr + columns[:, None] * k2 + j[None, :],
+                   mask=(columns < k2)[:, None] & (j < k2)[None, :], other=0.0)
+
+
+@triton.jit
+def _store_u(u_row, i, j, u, k1, k2):
+    """U[i, j] of one token's row ``u_row`` (k1·k2 long), in that row's dtype."""
+    tl.store(u_row + i[:, None] * k2 + j[None, :], u.to(u_row.dtype.element_ty),
+             mask=(i < k1)[:, None] & (j < k2)[None, :])
 
 
 @triton.jit
@@ -48,28 +105,45 @@ def _rotate_kernel(
     pid_j = tl.program_id(2)
     i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
     columns = tl.arange(0, K2_PADDED)
-    column_ok = columns < k2
     x_row = x_ptr + pid_b.to(tl.int64) * stride_x
 
     partial = tl.zeros((BLOCK_I, K2_PADDED), dtype=tl.float32)  # (P1ᵀ V)[i, :]
     for a0 in range(0, k1, BLOCK_A):
         a = a0 + tl.arange(0, BLOCK_A)
-        a_ok = a < k1
-        left_t = tl.load(left_ptr + a[None, :] * k1 + i[:, None], mask=a_ok[None, :] & (i < k1)[:, None], other=0.0)
-        flat = a[:, None] * k2 + columns[None, :]
-        in_grid = a_ok[:, None] & column_ok[None, :]
-        v = tl.load(x_row + flat, mask=in_grid & (flat < K), other=0.0).to(tl.float32)
-        if HAS_SIGNS:
-            v = v * tl.load(signs_ptr + flat, mask=in_grid, other=0.0)
+        left_t = _left_columns_transposed(left_ptr, a, i, k1)
+        v = _signed_activation(x_row, signs_ptr, a, columns, K, k1, k2, HAS_SIGNS)
         partial = tl.dot(left_t, v, partial, input_precision=PRECISION)
 
-    u_rows = u_ptr + pid_b.to(tl.int64) * stride_u + i[:, None] * k2
+    u_row = u_ptr + pid_b.to(tl.int64) * stride_u
     for j0 in range(pid_j * COLUMNS_PER_PROGRAM, (pid_j + 1) * COLUMNS_PER_PROGRAM, BLOCK_J):
         j = j0 + tl.arange(0, BLOCK_J)
-        right = tl.load(right_ptr + columns[:, None] * k2 + j[None, :],
-                        mask=column_ok[:, None] & (j < k2)[None, :], other=0.0)
-        u = tl.dot(partial, right, input_precision=PRECISION)
-        tl.store(u_rows + j[None, :], u.to(u_ptr.dtype.element_ty), mask=(i < k1)[:, None] & (j < k2)[None, :])
+        right = _right_columns(right_ptr, columns, j, k2)
+        _store_u(u_row, i, j, tl.dot(partial, right, input_precision=PRECISION), k1, k2)
+
+
+@triton.jit
+def _rotate_decode_kernel(
+    x_ptr, signs_ptr, left_ptr, right_ptr, u_ptr,
+    K, k1, k2, stride_x, stride_u,
+    K1_PADDED: tl.constexpr, K2_PADDED: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
+    PRECISION: tl.constexpr, HAS_SIGNS: tl.constexpr,
+):
+    """U[i, j] = (P1[:, i]ᵀ V) P2[:, j] for token pid_b, rows i in [pid_i·BLOCK_I, +BLOCK_I), columns j
+    in [pid_j·BLOCK_J, +BLOCK_J); the whole (K1_PADDED, K2_PADDED) V in one load, no loop.
+
+    At decode the rotation is latency-bound (a few KB per program), so every load is issued before
+    the first product: the program waits for memory once, where the chunked kernel waits once per
+    chunk of P1's rows and again for P2."""
+    pid_b = tl.program_id(0)
+    i = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+    j = tl.program_id(2) * BLOCK_J + tl.arange(0, BLOCK_J)
+    a = tl.arange(0, K1_PADDED)
+    columns = tl.arange(0, K2_PADDED)
+    left_t = _left_columns_transposed(left_ptr, a, i, k1)
+    v = _signed_activation(x_ptr + pid_b.to(tl.int64) * stride_x, signs_ptr, a, columns, K, k1, k2, HAS_SIGNS)
+    right = _right_columns(right_ptr, columns, j, k2)
+    partial = tl.dot(left_t, v, input_precision=PRECISION)  # (P1ᵀ V)[i, :]
+    _store_u(u_ptr + pid_b.to(tl.int64) * stride_u, i, j, tl.dot(partial, right, input_precision=PRECISION), k1, k2)
 
 
 # The chunk over P1's rows and the pipelining depth, tuned per (k1, k2, token bucket): on the H100
@@ -105,7 +179,7 @@ def _lift_blocks_kernel(
 def rotate_triton(
     x: torch.Tensor, input_signs: Optional[torch.Tensor], rotation_left: torch.Tensor,
     rotation_right: torch.Tensor, split_columns: Optional[bool] = None, config: Optional[dict] = None,
-    out: Optional[torch.Tensor] = None,
+    out: Optional[torch.Tensor] = None, decode: bool = False,
 ) -> torch.Tensor:
     """The rotated activation u = Rᵀ pad(signs ⊙ x) of every token (first launch of the lift).
 
@@ -118,6 +192,9 @@ def rotate_triton(
         config: fixed ``{"BLOCK_A", "num_warps", "num_stages"}`` instead of autotuning.
         out: (B, Kp) tensor to write into, any float dtype and row stride (the prefill GEMM's
             16-bit operand, rows padded for cuBLAS); None: a new fp32 one.
+        decode: the caller has a few tokens (the lookup path): take the one-load-phase kernel
+            (:func:`_rotate_decode_kernel`) where the padded k1·k2 fits it; split_columns and config
+            then do not apply. Same result either way.
     Returns:
         ``out`` or a new (B, Kp) fp32 tensor, B = x.numel() / K. The products run in tf32 for 16-bit
         activations (their error, ~1e-4 relative, is under the activations' rounding) and in fp32 for
@@ -139,6 +216,14 @@ def rotate_triton(
     left, right = (t.to(f32).contiguous() for t in (rotation_left, rotation_right))
     # Without signs the pointer is never read; pass any fp32 tensor.
     signs = left if input_signs is None else input_signs.to(f32).contiguous()
+    precision = "ieee" if x.dtype == f32 else "tf32"
+    plan = _decode_plan(k1, k2) if decode else None
+    if plan is not None:
+        _rotate_decode_kernel[(tokens, triton.cdiv(k1, plan["BLOCK_I"]), triton.cdiv(k2, plan["BLOCK_J"]))](
+            rows, signs, left, right, rotated, features, k1, k2, rows.stride(0), rotated.stride(0),
+            PRECISION=precision, HAS_SIGNS=input_signs is not None, **plan,
+        )
+        return rotated
     k2_padded = max(16, triton.next_power_of_2(k2))
     column_chunk = min(_COLUMN_CHUNK, k2_padded)
     if split_columns is None:
@@ -152,7 +237,7 @@ def rotate_triton(
         rows, signs, left, right, rotated, features, k1, k2, rows.stride(0), rotated.stride(0),
         min(triton.next_power_of_2(tokens), 256),
         K2_PADDED=k2_padded, BLOCK_I=_ROWS_PER_PROGRAM, BLOCK_J=column_chunk, COLUMNS_PER_PROGRAM=columns_per_program,
-        PRECISION="ieee" if x.dtype == f32 else "tf32", HAS_SIGNS=input_signs is not None, **(config or {}),
+        PRECISION=precision, HAS_SIGNS=input_signs is not None, **(config or {}),
     )
     return rotated
 

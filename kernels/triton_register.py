@@ -90,7 +90,7 @@ def _decode_siblings(lift_args: tuple, packed_codes: list, row_scale: list, bias
     for codes in packed_codes:
         _check_codes(codes, length)
     tokens = _tokens(x)
-    rotated = rotate_triton(x, signs, left, right)
+    rotated = rotate_triton(x, signs, left, right, decode=True)
     counters = torch.empty(triton_lut.split_counter_count([c.shape[0] for c in packed_codes]), dtype=torch.int32,
                            device=x.device)
     tables = triton_lut.lift_tables(rotated, mapping, words_per_row(length), triton_lut.token_block(tokens),
