@@ -37,7 +37,7 @@ _COLUMN_CHUNK = 32       # output columns of U per product with P2
 _BLOCKS_PER_PROGRAM = 64
 # The decode kernel holds the token's whole padded V in registers: 16384 fp32 values are 64 per
 # thread at 8 warps (its signs tile as many again while they load). That covers every shipped lattice
-# at K = 4096, 14336 (but 104 × 138 at d = 24), 8192, 1536, 8960, 896 and 4864; K = 28672 (128–162 ×
+# at K = 4096, 14336 (but 104 × 138 at d = 24), 8192, 1536, 8960, 896 and 4864; K = 28672 (120–162 ×
 # 177–239) and 14336 at d = 24 keep the chunked kernel.
 _DECODE_MAX_TILE = 16384
 # Programs per token the decode kernel aims for: enough to overlap their load latencies on 132 SMs,
