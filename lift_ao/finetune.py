@@ -21,18 +21,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from lift_ao.packing import unpack_codes
+from lift_ao.calibration import _code_signs, _unit_weight
 from lift_ao.tensor import LiftQuantTensor, share_constants
-from lift_ao.transform import unrotate
 
 __all__ = ["finetune_end_to_end"]
-
-
-def _unit_weight(weight: LiftQuantTensor) -> torch.Tensor:
-    """(N, K) float32 C with ``weight.dequantize() == r[:, None] * C * input_signs[:K]``."""
-    codes = unpack_codes(weight.packed_codes, weight.code_length).view(weight.shape[0], -1, weight.code_bits)
-    blocks = ((codes.to(torch.float32) * 2 - 1) @ weight.mapping.T).flatten(1)
-    return unrotate(blocks, None, weight.rotation_left, weight.rotation_right, weight.shape[1])
 
 
 def _distillation_loss(model, weights: dict, teacher, batch: torch.Tensor) -> torch.Tensor:
@@ -82,7 +74,7 @@ def finetune_end_to_end(
         raise ValueError("the model has no LiftQuant weights; quantize or calibrate it first")
     device = next(iter(quantized.values())).packed_codes.device
     batches = [b.to(device) for b in tokens.long().split(batch_size)]
-    unit = {name: _unit_weight(w) for name, w in quantized.items()}
+    unit = {name: _unit_weight(w, _code_signs(w)) for name, w in quantized.items()}
     log_r = {name: torch.zeros(w.shape[0], device=device, requires_grad=True) for name, w in quantized.items()}
     # One factor vector per distinct input transform: siblings (q/k/v, gate/up) share input_signs.
     groups: dict[int, torch.Tensor] = {}
