@@ -58,7 +58,7 @@ from lift_ao.search import nearest_codes
 from lift_ao.tensor import LiftQuantTensor, _shared_mapping, _shared_rotation, share_constants
 from lift_ao.transform import rotate, unrotate
 
-__all__ = ["builtin_calibration_tokens", "calibrate", "finetune_block", "hessian_encode_rows", "input_scales"]
+__all__ = ["adam_steps", "builtin_calibration_tokens", "calibrate", "finetune_block", "hessian_encode_rows", "input_scales"]
 
 
 def input_scales(second_moments: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -403,6 +403,24 @@ def _flip_codes(loss_of, signs: dict, curvature_of, rounds: int, batches: int) -
     return kept, accepted
 
 
+def adam_steps(parameters: list, lr: float, steps: int, loss_at, on_step=None) -> None:
+    """``steps`` Adam steps on ``parameters`` minimising ``loss_at(step)`` (a scalar tensor), the
+    learning rate cosine-decayed from ``lr`` to 0; ``on_step(loss)`` after each (a progress bar)."""
+    if not steps:
+        return
+    optimizer = torch.optim.Adam(parameters, lr=lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: 0.5 * (1 + math.cos(math.pi * t / steps)))
+    with torch.enable_grad():
+        for step in range(steps):
+            loss = loss_at(step)
+            for parameter, grad in zip(parameters, torch.autograd.grad(loss, parameters)):
+                parameter.grad = grad
+            optimizer.step()
+            schedule.step()
+            if on_step is not None:
+                on_step(loss)
+
+
 def finetune_block(block: torch.nn.Module, groups: list, inputs: list, targets: list, *, steps: int, lr: float,
                    device, code_rounds: int = 0) -> tuple[float, float]:
     """Tune a coded block's LiftQuant weights against target outputs, in place: codes, then scales.
@@ -479,17 +497,7 @@ def finetune_block(block: torch.nn.Module, groups: list, inputs: list, targets: 
     if not steps and not code_rounds:
         return before, before
     _flip_codes(loss_of, signs, curvature_of, code_rounds, len(inputs))
-    if steps:
-        parameters = [*log_r.values(), *log_s]
-        optimizer = torch.optim.Adam(parameters, lr=lr)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: 0.5 * (1 + math.cos(math.pi * t / steps)))
-        with torch.enable_grad():
-            for step in range(steps):
-                loss = loss_of(signs, step % len(inputs))
-                for parameter, grad in zip(parameters, torch.autograd.grad(loss, parameters)):
-                    parameter.grad = grad
-                optimizer.step()
-                schedule.step()
+    adam_steps([*log_r.values(), *log_s], lr, steps, lambda step: loss_of(signs, step % len(inputs)))
     with torch.no_grad():
         after = loss_of(signs, 0).item()
         if not after < before:

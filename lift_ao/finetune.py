@@ -15,13 +15,11 @@ each step), next to the teacher: meant for models that fit the device twice.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from lift_ao.calibration import _code_signs, _unit_weight
+from lift_ao.calibration import _code_signs, _unit_weight, adam_steps
 from lift_ao.tensor import LiftQuantTensor, share_constants
 
 __all__ = ["finetune_end_to_end"]
@@ -96,18 +94,15 @@ def finetune_end_to_end(
             before = _distillation_loss(model, weights(), teacher, batches[0]).item()
         if not steps:
             return before, before
-        parameters = [*log_r.values(), *groups.values()]
-        optimizer = torch.optim.Adam(parameters, lr=lr)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: 0.5 * (1 + math.cos(math.pi * t / steps)))
-        bar = tqdm(range(steps), desc="end-to-end fine-tuning", unit="step", disable=not progress)
-        with torch.enable_grad():
-            for step in bar:
-                loss = _distillation_loss(model, weights(), teacher, batches[step % len(batches)])
-                for parameter, grad in zip(parameters, torch.autograd.grad(loss, parameters)):
-                    parameter.grad = grad
-                optimizer.step()
-                schedule.step()
-                bar.set_postfix(kl=f"{loss.item():.4f}")
+        bar = tqdm(total=steps, desc="end-to-end fine-tuning", unit="step", disable=not progress)
+
+        def advance(loss: torch.Tensor) -> None:
+            bar.update()
+            bar.set_postfix(kl=f"{loss.item():.4f}")
+
+        adam_steps([*log_r.values(), *groups.values()], lr, steps,
+                   lambda step: _distillation_loss(model, weights(), teacher, batches[step % len(batches)]), advance)
+        bar.close()
         with torch.no_grad():
             after = _distillation_loss(model, weights(), teacher, batches[0]).item()
             if not after < before:
