@@ -1,0 +1,28 @@
+"""benchmarks/decode.py: each variant compiles under the Inductor settings the run started with."""
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import decode  # noqa: E402
+
+
+def test_a_variant_that_changes_inductor_settings_does_not_leak_them(tmp_path, monkeypatch):
+    # torchao's int4 quantize_ switches coordinate_descent_tuning on for the process; the variants
+    # after it must not inherit that (it turned their frozen bf16 lm_head into a slow reduction).
+    # int4 needs CUDA, so here the first variant plays its part.
+    seen = {}
+
+    def fake_measure(model_name, variant, args, device):
+        seen[variant.name] = torch._inductor.config.coordinate_descent_tuning
+        torch._inductor.config.coordinate_descent_tuning = not seen[variant.name]
+        return decode.Result(model_name, variant.name, tokens_per_s=1.0, host_ms_per_token=1.0, frames_compiled=1)
+
+    monkeypatch.setattr(decode, "measure", fake_measure)
+    before = torch._inductor.config.coordinate_descent_tuning
+    decode.main(["--smoke", "--variants", "bf16,lift2.4,lift2.0", "--out", str(tmp_path)])
+    assert seen == {"bf16": before, "lift2.4": before, "lift2.0": before}
+    assert torch._inductor.config.coordinate_descent_tuning == before
+    assert (tmp_path / "decode_smoke.json").is_file()
