@@ -3,13 +3,24 @@
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import decode  # noqa: E402
 
 
-def test_a_variant_that_changes_inductor_settings_does_not_leak_them(tmp_path, monkeypatch):
+@pytest.fixture
+def restored_compile_settings():
+    """decode.main sets freezing and turns the compile caches off for the process: undo it, or the
+    tests that run after this one compile frozen graphs (the passes' counters differ then)."""
+    inductor, functorch = torch._inductor.config.save_config(), torch._functorch.config.save_config()
+    yield
+    torch._inductor.config.load_config(inductor)
+    torch._functorch.config.load_config(functorch)
+
+
+def test_a_variant_that_changes_inductor_settings_does_not_leak_them(tmp_path, monkeypatch, restored_compile_settings):
     # torchao's int4 quantize_ switches coordinate_descent_tuning on for the process; the variants
     # after it must not inherit that (it turned their frozen bf16 lm_head into a slow reduction).
     # int4 needs CUDA, so here the first variant plays its part.
