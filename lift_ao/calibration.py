@@ -291,12 +291,14 @@ def _unit_weight(weight: LiftQuantTensor, signs: torch.Tensor) -> torch.Tensor:
     return unrotate(blocks, None, weight.rotation_left, weight.rotation_right, weight.shape[1])
 
 
-def _output_error(block, weights: dict, batch, target: torch.Tensor, device) -> torch.Tensor:
-    """Mean squared error of ``block`` (its linears' weights replaced by ``weights``) on one batch."""
-    hidden, kwargs = batch
-    out = torch.func.functional_call(block, weights, (hidden.to(device),), _to(kwargs, device))
-    out = out[0] if isinstance(out, (tuple, list)) else out
-    return (out - target.to(device)).pow(2).mean()
+def _dense_weight(weight: LiftQuantTensor, unit: torch.Tensor, log_r: torch.Tensor, log_s: torch.Tensor) -> torch.Tensor:
+    """(N, K) ``diag(r·exp(log_r)) C diag(σ·exp(log_s))`` in the weight's dtype: ``weight`` with learned
+    log-factors on its row scales r and input scales σ (``input_signs`` cropped to K; ``log_s`` may be
+    longer than K), C its :func:`_unit_weight`."""
+    k = weight.shape[1]
+    r = weight.row_scale * log_r.exp()
+    sigma = weight.input_signs[:k] * log_s[:k].exp()
+    return (r[:, None] * unit * sigma[None, :]).to(weight.dtype)
 
 
 # Code flipping: the first round flips one bit in this fraction of the decoder block's weight rows; an
@@ -331,6 +333,25 @@ def _flip_curvature(weight: LiftQuantTensor, sigma: torch.Tensor, row_scale: tor
     return (4 * (output_gain.double() * row_scale.double() ** 2)[:, None, None] * per_bit[None]).float()
 
 
+def _flip_statistics(loss_of, signs: dict, curvature_of, batches: int, round_: int) -> tuple[dict, dict, float]:
+    """Gradient and flip curvature of the loss summed over all calibration batches with respect to the
+    codes ``signs`` (one batch's graph at a time), and that summed loss; arguments as in :func:`_flip_codes`."""
+    names = list(signs)
+    grads = {name: torch.zeros_like(signs[name]) for name in names}
+    curvature = {name: torch.zeros_like(signs[name]) for name in names}
+    current = 0.0
+    for batch in range(batches):
+        relaxed, seen = {name: signs[name].clone().requires_grad_() for name in names}, {}
+        with torch.enable_grad():
+            loss = loss_of(relaxed, batch, seen)
+            for name, g in zip(names, torch.autograd.grad(loss, [relaxed[n] for n in names], retain_graph=True)):
+                grads[name] += g
+            for name, h in curvature_of(seen, round_ * batches + batch).items():
+                curvature[name] += h
+        current += loss.item()
+    return grads, curvature, current
+
+
 def _flip_codes(loss_of, signs: dict, curvature_of, rounds: int, batches: int) -> tuple[int, int]:
     """Flip the code bits that the straight-through gradient says lower the loss, keeping what helps.
 
@@ -342,7 +363,8 @@ def _flip_codes(loss_of, signs: dict, curvature_of, rounds: int, batches: int) -
     lowered the loss, quartered after one that did not; rejected rounds are undone). Measured on the
     tiny test model: Adam on latent reals flips bits en masse and raised the error; several bits per
     row, or checking on one batch only, were rejected almost every round. On SmolLM2 the predicted gains overstate the real ones by 10-100× (flips are large
-    steps), so the acceptance test does the real work there.
+    steps), so the acceptance test does the real work there. A rejected round leaves the codes as they
+    were, so the next one reuses their gradient and curvature and only tries fewer flips.
 
     Args:
         loss_of: ``(signs dict, batch index, record dict or None) -> scalar loss`` (differentiable in
@@ -358,23 +380,14 @@ def _flip_codes(loss_of, signs: dict, curvature_of, rounds: int, batches: int) -
     """
     names, total = list(signs), sum(s.shape[0] for s in signs.values())
     fraction, kept, accepted = _FIRST_FLIP_FRACTION, 0, 0
+    changed = True
     for t in range(rounds):
         count = int(fraction * total)
         if count < 1:
             break
-        # Gradient, curvature and loss over all calibration batches (one batch's graph at a time).
-        grads = {name: torch.zeros_like(signs[name]) for name in names}
-        curvature = {name: torch.zeros_like(signs[name]) for name in names}
-        current = 0.0
-        for batch in range(batches):
-            relaxed, seen = {name: signs[name].clone().requires_grad_() for name in names}, {}
-            with torch.enable_grad():
-                loss = loss_of(relaxed, batch, seen)
-                for name, g in zip(names, torch.autograd.grad(loss, [relaxed[n] for n in names], retain_graph=True)):
-                    grads[name] += g
-                for name, h in curvature_of(seen, t * batches + batch).items():
-                    curvature[name] += h
-            current += loss.item()
+        if changed:  # after a rejected round the codes, and so all of this, are what they were
+            grads, curvature, current = _flip_statistics(loss_of, signs, curvature_of, batches, t)
+            changed = False
         # At most one bit per row: flips in one row move the same output, so their gains do not add
         # up (the curvature is per flip); the bit is the row's best over its codes.
         best = []
@@ -396,7 +409,7 @@ def _flip_codes(loss_of, signs: dict, curvature_of, rounds: int, batches: int) -
             better = sum(loss_of(proposal, batch).item() for batch in range(batches)) < current
         if better:
             signs.update(proposal)
-            kept, accepted = kept + flat.numel(), accepted + 1
+            kept, accepted, changed = kept + flat.numel(), accepted + 1, True
             fraction = min(2 * fraction, _MAX_FLIP_FRACTION)
         else:
             fraction /= 4
@@ -452,23 +465,20 @@ def finetune_block(block: torch.nn.Module, groups: list, inputs: list, targets: 
     log_r = {name: torch.zeros(w.shape[0], device=device, requires_grad=True) for name, w in old.items()}
     log_s = [torch.zeros(old[group[0]].shape[1], device=device, requires_grad=True) for group in groups]
 
-    def dense(name: str, group: int, codes: torch.Tensor) -> torch.Tensor:
-        weight, k = old[name], old[name].shape[1]
-        r = weight.row_scale * log_r[name].exp()
-        sigma = weight.input_signs[:k] * log_s[group].exp()
-        return (r[:, None] * _unit_weight(weight, codes) * sigma[None, :]).to(weight.dtype)
+    def units(codes: dict) -> dict:
+        return {name: _unit_weight(old[name], codes[name]) for name in names}
 
-    def weights(codes: dict) -> dict:
-        return {f"{name}.weight": dense(name, g, codes[name]) for g, group in enumerate(groups) for name in group}
-
-    def loss_of(codes: dict, batch: int, record: Optional[dict] = None) -> torch.Tensor:
+    def loss_with(unit: dict, batch: int, record: Optional[dict] = None) -> torch.Tensor:
+        """The block's output error with unit weights ``unit`` and the current scale factors."""
+        weights = {f"{name}.weight": _dense_weight(old[name], unit[name], log_r[name], log_s[group_of[name]])
+                   for name in names}
         def keep(name):
             return lambda module, args, out: record.__setitem__(name, (args[0].detach().flatten(0, -2), out))
 
         hooks = [block.get_submodule(n).register_forward_hook(keep(n)) for n in names] if record is not None else []
         hidden, kwargs = inputs[batch]
         try:
-            out = torch.func.functional_call(block, weights(codes), (hidden.to(device),), _to(kwargs, device))
+            out = torch.func.functional_call(block, weights, (hidden.to(device),), _to(kwargs, device))
         finally:
             for hook in hooks:
                 hook.remove()
@@ -476,6 +486,9 @@ def finetune_block(block: torch.nn.Module, groups: list, inputs: list, targets: 
         if record is not None:
             record[None] = out
         return (out - targets[batch][0].to(device)).pow(2).mean()
+
+    def loss_of(codes: dict, batch: int, record: Optional[dict] = None) -> torch.Tensor:
+        return loss_with(units(codes), batch, record)
 
     def curvature_of(record: dict, seed: int) -> dict:
         # diag(JᵀJ) of each linear's outputs by one Hutchinson probe: E[(Jᵀz)²] for z ~ N(0, I).
@@ -497,9 +510,11 @@ def finetune_block(block: torch.nn.Module, groups: list, inputs: list, targets: 
     if not steps and not code_rounds:
         return before, before
     _flip_codes(loss_of, signs, curvature_of, code_rounds, len(inputs))
-    adam_steps([*log_r.values(), *log_s], lr, steps, lambda step: loss_of(signs, step % len(inputs)))
+    with torch.no_grad():  # the codes are final: their unit weights once, not per Adam step
+        unit = units(signs)
+    adam_steps([*log_r.values(), *log_s], lr, steps, lambda step: loss_with(unit, step % len(inputs)))
     with torch.no_grad():
-        after = loss_of(signs, 0).item()
+        after = loss_with(unit, 0).item()
         if not after < before:
             return before, before
         for g, group in enumerate(groups):

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from lift_ao.calibration import _code_signs, _unit_weight, adam_steps
+from lift_ao.calibration import _code_signs, _dense_weight, _unit_weight, adam_steps
 from lift_ao.tensor import LiftQuantTensor, share_constants
 
 __all__ = ["finetune_end_to_end"]
@@ -80,12 +80,7 @@ def finetune_end_to_end(
         groups.setdefault(id(w.input_signs), torch.zeros(w.input_signs.shape[0], device=device, requires_grad=True))
 
     def weights() -> dict:
-        out = {}
-        for name, w in quantized.items():
-            k = w.shape[1]
-            sigma = w.input_signs[:k] * groups[id(w.input_signs)][:k].exp()
-            out[name] = ((w.row_scale * log_r[name].exp())[:, None] * unit[name] * sigma).to(w.dtype)
-        return out
+        return {name: _dense_weight(w, unit[name], log_r[name], groups[id(w.input_signs)]) for name, w in quantized.items()}
 
     was_training = model.training
     model.eval()
