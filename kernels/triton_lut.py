@@ -334,7 +334,6 @@ def lookup_siblings(
 def lookup_matmul(
     lifted: torch.Tensor, packed_codes: torch.Tensor, row_scale: torch.Tensor,
     bias: Optional[torch.Tensor], splits: Optional[int] = None, config: Optional[dict] = None,
-    tables: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """``y = r ⊙ (Q · x̃) + b`` for up to :data:`MAX_TOKENS` tokens by table lookup.
 
@@ -344,7 +343,6 @@ def lookup_matmul(
         row_scale: (N,) float32 row scales r.
         bias: (N,) or None.
         splits, config: as in :func:`lookup_siblings`.
-        tables: :func:`build_tables` of this x̃ (computed here when None).
     Returns:
         (..., N) in lifted.dtype, accumulated in fp32.
     """
@@ -358,7 +356,6 @@ def lookup_matmul(
         raise ValueError(f"packed codes must be contiguous rows of whole 4-word quads, got shape {tuple(packed_codes.shape)}")
     if tokens == 0:
         return lifted.new_empty(*lifted.shape[:-1], packed_codes.shape[0])
-    if tables is None:
-        tables = build_tables(x, words, token_block(tokens))
+    tables = build_tables(x, words, token_block(tokens))
     out, = lookup_siblings(tables, tokens, [packed_codes], [row_scale], [bias], lifted.dtype, splits, config)
     return out.reshape(*lifted.shape[:-1], packed_codes.shape[0])

@@ -81,14 +81,20 @@ def _lifted_matmul_cuda(lifted, packed_codes, row_scale, bias: Optional[torch.Te
     return triton_lut.lookup_matmul(lifted, packed_codes.contiguous(), row_scale, bias)
 
 
+def _check_siblings_of_lift(lift_args: tuple, packed_codes: list) -> int:
+    """Check one shared lift's arguments and its siblings' codes; returns the lifted length L."""
+    _check_lift_args(*lift_args)
+    length = _lifted_length(*lift_args[2:])
+    for codes in packed_codes:
+        _check_codes(codes, length)
+    return length
+
+
 def _decode_siblings(lift_args: tuple, packed_codes: list, row_scale: list, bias: list) -> list[torch.Tensor]:
     """Siblings reading one lift, at most LOOKUP_MAX_TOKENS tokens: rotation, tables built from the
     rotated activation, one lookup launch (per ≤ 3 siblings of equal bias presence)."""
     x, signs, left, right, mapping = lift_args
-    _check_lift_args(x, signs, left, right, mapping)
-    length = _lifted_length(left, right, mapping)
-    for codes in packed_codes:
-        _check_codes(codes, length)
+    length = _check_siblings_of_lift(lift_args, packed_codes)
     tokens = _tokens(x)
     rotated = rotate_triton(x, signs, left, right, decode=True)
     counters = torch.empty(triton_lut.split_counter_count([c.shape[0] for c in packed_codes]), dtype=torch.int32,
@@ -109,10 +115,7 @@ def _prefill_siblings(lift_args: tuple, packed_codes: list, row_scale: list, bia
     column slices of one tensor, and a custom op's outputs may not alias each other.
     """
     x, signs, left, right, mapping = lift_args
-    _check_lift_args(x, signs, left, right, mapping)
-    length = _lifted_length(left, right, mapping)
-    for codes in packed_codes:
-        _check_codes(codes, length)
+    _check_siblings_of_lift(lift_args, packed_codes)
     kp = left.shape[0] * right.shape[0]
     columns = padded_columns(kp)
     rotated = x.new_empty(_tokens(x), columns)
