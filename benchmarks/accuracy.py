@@ -158,9 +158,11 @@ def run_row(name: str, reference, tokenizer, eval_tokens, args) -> dict:
                 row["finetune"] = finetune
             calibrate(model, config, calibration, device=args.device, checkpoint_dir=checkpoint, **finetune)
             if name.startswith("lift-cal-fte-"):
-                row["end_to_end"] = dict(steps=args.e2e_steps, lr=args.e2e_lr, batch_size=args.finetune_batch)
-                row["end_to_end"]["kl_before_after"] = finetune_end_to_end(
-                    model, reference, calibration, steps=args.e2e_steps, lr=args.e2e_lr, batch_size=args.finetune_batch)
+                row["end_to_end"] = dict(steps=args.e2e_steps, lr=args.e2e_lr, batch_size=args.finetune_batch,
+                                         held_out=0.125)
+                row["end_to_end"]["held_out_kl_before_after"] = finetune_end_to_end(
+                    model, reference, calibration, steps=args.e2e_steps, lr=args.e2e_lr, batch_size=args.finetune_batch,
+                    held_out=row["end_to_end"]["held_out"])
             row["calibration_tokens"] = calibration.numel()
         else:
             lift_ao.quantize(model, lift_ao.liftquant(lattice=_lattice_of(name)), device=args.device)
@@ -225,7 +227,9 @@ def _markdown(doc: dict) -> str:
         "lift-cal-ft, then every row and input scale of the model tuned at once against the reference model's "
         "next-token distributions (KL, Adam, `lift_ao.finetune_end_to_end`): "
         + (", ".join(sorted({f"{r['end_to_end']['steps']} steps of {r['end_to_end']['batch_size']} sequences, peak lr "
-                             f"{r['end_to_end']['lr']:g}" for r in doc["rows"].values() if r.get("end_to_end")}))
+                             f"{r['end_to_end']['lr']:g}" + (f", {r['end_to_end']['held_out']:g} of the sequences held out "
+                                                            "to pick the kept scales" if "held_out" in r['end_to_end'] else "")
+                             for r in doc["rows"].values() if r.get("end_to_end")}))
            or "none measured yet") + ".",
         "",
         "HQQ rows (`hqq-*`): torchao's HQQ optimiser with its defaults (per-group scale and zero fitted by "

@@ -114,7 +114,7 @@ def _cmd_quantize(args) -> dict:
         calibrate(model, config, calibration, checkpoint_dir=partial, overwrite=args.overwrite, device=device,
                   finetune_steps=args.finetune_steps, code_rounds=args.code_rounds)
         if args.e2e_steps:
-            report["e2e_kl_before_after"] = lift_ao.finetune_end_to_end(model, teacher, calibration,
+            report["e2e_held_out_kl_before_after"] = lift_ao.finetune_end_to_end(model, teacher, calibration,
                                                                         steps=args.e2e_steps)
             del teacher
     else:
@@ -242,7 +242,8 @@ def _parser() -> argparse.ArgumentParser:
                    "what lowers the block's output error; default 0: none)")
     q.add_argument("--e2e-steps", type=int, default=0, help="with --calibrate: Adam steps of end-to-end fine-tuning "
                    "of all scales against the unquantized model's logits after calibration (needs the model twice "
-                   "in memory; not resumable: a restarted run redoes it; default 0: none)")
+                   "in memory; not resumable: a restarted run redoes it; an eighth of the calibration sequences is held "
+                   "out and the scales with the lowest KL there are kept; default 0: none)")
     q.add_argument("--skip-eval", action="store_true", help="do not measure perplexity")
     _add_eval_options(q)
 
