@@ -41,7 +41,7 @@ import torch
 import triton
 from triton.testing import do_bench
 
-from lift_ao.packing import words_per_row
+from lift_ao.packing import interleave_rows, words_per_row
 from lift_ao.transform import make_rotation, rotate
 from lift_ao.kernels import lift_activation, lifted_matmul  # importing registers the CUDA kernels
 from lift_ao.kernels.reference import lift_activation_reference, lifted_matmul_reference
@@ -85,12 +85,13 @@ def copy_bandwidth() -> float:
 
 
 def random_codes(rows: int, length: int) -> torch.Tensor:
-    """(rows, ceil(length/32)) int32 of random bits, padding bits of the last word cleared."""
+    """packed_shape(rows, length) int32 of random code bits, zero past ``length`` as packed codes are."""
     words = torch.randint(-2**31, 2**31 - 1, (rows, words_per_row(length)), dtype=torch.int32, device="cuda")
-    tail = length % 32
-    if tail:
-        words[:, -1] &= (1 << tail) - 1
-    return words
+    used = -(-length // 32)
+    words[:, used:] = 0
+    if length % 32:
+        words[:, used - 1] &= (1 << length % 32) - 1
+    return interleave_rows(words)
 
 
 def random_mapping(d: int, D: int) -> torch.Tensor:
@@ -145,11 +146,12 @@ class LiftedLayer:
 
     def rebuild_bytes(self) -> int:
         """Codes and scales read plus the bf16 weight written."""
-        return self.code_bytes() + 2 * self.codes.shape[0] * padded_columns(self.padded_features)
+        return self.code_bytes() + 2 * self.row_scale.shape[0] * padded_columns(self.padded_features)
 
     def rotated_weight_float64(self) -> torch.Tensor:
         """(N, Kp) float64 W_rot = diag(r) · blocks(M q), the rebuild's reference."""
-        signs = unpack_codes(self.codes, self.length).double().view(self.codes.shape[0], -1, self.D) * 2 - 1
+        rows = self.row_scale.shape[0]
+        signs = unpack_codes(self.codes, self.length, rows).double().view(rows, -1, self.D) * 2 - 1
         return (signs @ self.mapping.double().T).flatten(1) * self.row_scale.double()[:, None]
 
 
@@ -528,7 +530,7 @@ def study_lookup(log) -> list[dict]:
             base = dict(rows=rows, features=features, batch=batch, bytes=layer.code_bytes())
             study.append(dict(base, kernel="gemm", us=bench_us(
                 lambda: lifted_matmul_triton(lifted, layer.codes, layer.row_scale, None))))
-            tables = lambda: triton_lut.build_tables(lifted, layer.codes.shape[1], triton.next_power_of_2(batch))
+            tables = lambda: triton_lut.build_tables(lifted, words_per_row(layer.length), triton.next_power_of_2(batch))
             study.append(dict(base, kernel="tables", us=bench_us(tables)))
             for cfg in triton_lut._TUNING_CONFIGS:
                 config = dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)

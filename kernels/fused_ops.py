@@ -47,8 +47,8 @@ def lifted_linear(
             x (scale folding).
         rotation_left: (k1, k1), rotation_right: (k2, k2) float32.
         mapping: (d, D) float32 lattice matrix M.
-        packed_codes: (N, words_per_row(L)) int32, L = Kp·D/d (layout of :mod:`lift_ao.packing`).
-        row_scale: (N,) float32.
+        packed_codes: packed_shape(N, L) int32, L = Kp·D/d (layout of :mod:`lift_ao.packing`).
+        row_scale: (N,) float32 (N counts the rows).
         bias: (N,) or None.
     Returns:
         (..., N) in x.dtype.
@@ -59,7 +59,7 @@ def lifted_linear(
 
 @lifted_linear.register_fake
 def _(x, input_signs, rotation_left, rotation_right, mapping, packed_codes, row_scale, bias):
-    return x.new_empty(*x.shape[:-1], packed_codes.shape[0])
+    return x.new_empty(*x.shape[:-1], row_scale.shape[0])
 
 
 def _same_tensor_key(t: torch.Tensor) -> tuple:
@@ -89,7 +89,7 @@ def lifted_linear_group(
         folded_signs: (Kp_f,) float32, Kp_f ≥ K, whose first K entries x was multiplied by; or None.
         input_signs: G × (Kp_i,) float32; rotation_left: G × (k1_i, k1_i); rotation_right: G × (k2_i, k2_i);
             mapping: G × (d_i, D_i) — each sibling's transform (see :func:`lifted_linear`).
-        packed_codes: G × (N_i, words_per_row(L_i)) int32, L_i = Kp_i·D_i/d_i.
+        packed_codes: G × packed_shape(N_i, L_i) int32, L_i = Kp_i·D_i/d_i.
         row_scale: G × (N_i,) float32.
         bias: G entries, each (N_i,) or None.
     Returns:
@@ -146,4 +146,4 @@ def compose_group(x, folded_signs, input_signs, rotation_left, rotation_right, m
 
 @lifted_linear_group.register_fake
 def _(x, folded_signs, input_signs, rotation_left, rotation_right, mapping, packed_codes, row_scale, bias):
-    return [x.new_empty(*x.shape[:-1], codes.shape[0]) for codes in packed_codes]
+    return [x.new_empty(*x.shape[:-1], scale.shape[0]) for scale in row_scale]

@@ -7,7 +7,8 @@ Two opaque custom ops, so ``torch.compile`` keeps each as one graph node that th
   x (..., K) → x̃ (..., Kp·D/d): rotate then lift each d-block with Mᵀ. ``input_signs=None`` means
   x already carries the signs (the scale-folding pass multiplied them into the RMSNorm weight).
 - ``lift_ao::lifted_matmul(lifted, packed_codes, row_scale, bias) -> y``
-  x̃ (..., L), codes (N, words_per_row(L)) int32 → y (..., N) = r ⊙ (Q x̃) + b.
+  x̃ (..., L), codes packed_shape(N, L) int32 (lift_ao.packing), r (N,) → y (..., N) = r ⊙ (Q x̃) + b;
+  N is the row scales' length (the packed codes hold whole groups of 32 rows).
 
 The default implementation of each is the pure-PyTorch reference (CPU and any device); faster
 device kernels register themselves per device type with ``op.register_kernel(...)``. Both have fake
@@ -20,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from lift_ao.packing import words_per_row
+from lift_ao.packing import packed_shape
 
 from .reference import (
     lift_activation_backward_reference,
@@ -35,6 +36,16 @@ __all__ = ["lift_activation", "lifted_matmul"]
 def _lifted_length(rotation_left: torch.Tensor, rotation_right: torch.Tensor, mapping: torch.Tensor) -> int:
     d, D = mapping.shape
     return rotation_left.shape[0] * rotation_right.shape[0] // d * D
+
+
+def check_codes(packed_codes: torch.Tensor, row_scale: torch.Tensor, length: int) -> None:
+    """Packed codes fit ``row_scale``'s N rows of ``length`` bits (:func:`lift_ao.packing.packed_shape`)."""
+    expected = packed_shape(row_scale.shape[0], length)
+    if packed_codes.dtype != torch.int32 or tuple(packed_codes.shape) != expected:
+        raise ValueError(
+            f"packed codes {packed_codes.dtype} {tuple(packed_codes.shape)} do not match {row_scale.shape[0]} rows "
+            f"of a lifted activation of length {length} (expected int32 {expected})"
+        )
 
 
 def _check_lift_args(x, input_signs, rotation_left, rotation_right, mapping):
@@ -87,18 +98,15 @@ lift_activation.register_autograd(_lift_backward, setup_context=_lift_setup_cont
 def lifted_matmul(
     lifted: torch.Tensor, packed_codes: torch.Tensor, row_scale: torch.Tensor, bias: Optional[torch.Tensor],
 ) -> torch.Tensor:
-    """y = r ⊙ (Q x̃) + b; x̃ (..., L), packed_codes (N, words_per_row(L)) int32 → (..., N), dtype of x̃."""
-    if packed_codes.dtype != torch.int32 or packed_codes.shape[1] != words_per_row(lifted.shape[-1]):
-        raise ValueError(
-            f"packed codes {packed_codes.dtype} {tuple(packed_codes.shape)} do not match a lifted "
-            f"activation of length {lifted.shape[-1]} (expected int32 with {words_per_row(lifted.shape[-1])} words per row)"
-        )
+    """y = r ⊙ (Q x̃) + b; x̃ (..., L), packed_codes packed_shape(N, L) int32, row_scale (N,) → (..., N),
+    dtype of x̃."""
+    check_codes(packed_codes, row_scale, lifted.shape[-1])
     return lifted_matmul_reference(lifted, packed_codes, row_scale, bias)
 
 
 @lifted_matmul.register_fake
 def _(lifted, packed_codes, row_scale, bias):
-    return lifted.new_empty(*lifted.shape[:-1], packed_codes.shape[0])
+    return lifted.new_empty(*lifted.shape[:-1], row_scale.shape[0])
 
 
 def _matmul_setup_context(ctx, inputs, output):

@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from lift_ao.packing import unpack_codes
+from lift_ao.packing import GROUP_ROWS, unpack_codes
 from lift_ao.transform import rotate, unrotate
 
 # Rows of Q unpacked at a time: 1024 rows × L = 2.4·4096 floats ≈ 40 MB.
@@ -60,8 +60,10 @@ def lift_activation_backward_reference(
     return grad_x.to(grad_lifted.dtype)
 
 
-def _unpacked_signs(packed_codes: torch.Tensor, code_length: int, start: int, stop: int) -> torch.Tensor:
-    return unpack_codes(packed_codes[start:stop], code_length).to(torch.float32) * 2 - 1
+def _unpacked_signs(packed_codes: torch.Tensor, code_length: int, rows: int, start: int) -> torch.Tensor:
+    """±1 float32 codes of rows [start, start + _ROWS_PER_CHUNK) ∩ [0, rows); start a multiple of 32."""
+    groups = packed_codes[start // GROUP_ROWS:(start + _ROWS_PER_CHUNK) // GROUP_ROWS]
+    return unpack_codes(groups, code_length, min(rows - start, _ROWS_PER_CHUNK)).to(torch.float32) * 2 - 1
 
 
 def lifted_matmul_reference(
@@ -71,17 +73,17 @@ def lifted_matmul_reference(
 
     Args:
         lifted: (..., L) lifted activation x̃.
-        packed_codes: (N, words_per_row(L)) int32, layout of :mod:`lift_ao.packing`.
-        row_scale: (N,) row scales r.
+        packed_codes: packed_shape(N, L) int32, layout of :mod:`lift_ao.packing`.
+        row_scale: (N,) row scales r (N counts the rows).
         bias: (N,) or None.
     Returns:
         (..., N) in lifted.dtype (accumulated in float32).
     """
     code_length = lifted.shape[-1]
     x = lifted.to(torch.float32)
-    n = packed_codes.shape[0]
+    n = row_scale.shape[0]
     out = torch.cat(
-        [x @ _unpacked_signs(packed_codes, code_length, s, s + _ROWS_PER_CHUNK).T
+        [x @ _unpacked_signs(packed_codes, code_length, n, s).T
          for s in range(0, n, _ROWS_PER_CHUNK)],
         dim=-1,
     ) if n else x.new_zeros(*x.shape[:-1], 0)
@@ -102,8 +104,8 @@ def lifted_matmul_backward_reference(
         (..., code_length) in grad_out.dtype.
     """
     g = grad_out.to(torch.float32) * row_scale.to(torch.float32)
-    n = packed_codes.shape[0]
+    n = row_scale.shape[0]
     grad = g.new_zeros(*g.shape[:-1], code_length)
     for s in range(0, n, _ROWS_PER_CHUNK):
-        grad += g[..., s : s + _ROWS_PER_CHUNK] @ _unpacked_signs(packed_codes, code_length, s, s + _ROWS_PER_CHUNK)
+        grad += g[..., s : s + _ROWS_PER_CHUNK] @ _unpacked_signs(packed_codes, code_length, n, s)
     return grad.to(grad_out.dtype)

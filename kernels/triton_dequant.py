@@ -35,7 +35,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_matmul import _MINUS_ONE_PAIR, _SIGN_BITS_PAIR, _bit_of_column, _signs_from_words, quick_bench
+from lift_ao.packing import packed_shape
+
+from .triton_matmul import (_MINUS_ONE_PAIR, _SIGN_BITS_PAIR, _bit_of_column, _code_word_offset, _signs_from_words,
+                            quick_bench)
 
 __all__ = ["padded_columns", "rebuild_rotated_weight"]
 
@@ -53,7 +56,7 @@ def padded_columns(padded_features: int) -> int:
 @triton.jit
 def _rebuild_kernel(
     codes_ptr, scale_ptr, mapping_ptr, out_ptr,
-    N, n_blocks, words_total, columns, stride_codes, stride_out, d: tl.constexpr, D: tl.constexpr,
+    N, n_blocks, words_total, columns, stride_out, d: tl.constexpr, D: tl.constexpr,
     SPLIT_MAPPING: tl.constexpr, MINUS_ONE_PAIR: tl.constexpr, SIGN_BITS_PAIR: tl.constexpr,
     CHUNKS: tl.constexpr, D_OUT_PADDED: tl.constexpr, COLUMN_ALIGN: tl.constexpr, ROWS: tl.constexpr,
     BLOCKS: tl.constexpr,
@@ -61,8 +64,9 @@ def _rebuild_kernel(
     """out[n, b·d + e] = r[n] · Σ_f M[e, f] q_{n,b}[f] for ROWS rows × BLOCKS blocks; the last
     column of programs also zeroes columns [n_blocks·d, columns) of its rows.
 
-    codes (N, words_total) int32 (layout of :mod:`lift_ao.packing`), scale (N,) fp32, mapping (d, D)
-    fp32 contiguous, out (N, columns) with unit column stride, columns - n_blocks·d ≤ COLUMN_ALIGN.
+    codes (⌈N/32⌉, words_total/4, 32, 4) int32 contiguous (layout of :mod:`lift_ao.packing`), scale
+    (N,) fp32, mapping (d, D) fp32 contiguous, out (N, columns) with unit column stride,
+    columns - n_blocks·d ≤ COLUMN_ALIGN.
     """
     TILE: tl.constexpr = ROWS * BLOCKS
     tile = tl.arange(0, TILE)
@@ -73,9 +77,11 @@ def _rebuild_kernel(
     # Chunk c of a block: its bits [32c, 32c + 32), i.e. stream bits from b·D + 32c, spanning two words.
     first_bit = blocks[:, None] * D + 32 * tl.arange(0, CHUNKS)[None, :]
     word = first_bit // 32
-    code_row = codes_ptr + rows[:, None].to(tl.int64) * stride_codes + word
-    low = tl.load(code_row, mask=in_range[:, None] & (word < words_total), other=0)
-    high = tl.load(code_row + 1, mask=in_range[:, None] & (word + 1 < words_total), other=0)
+    code_row = codes_ptr + _code_word_offset(rows[:, None].to(tl.int64), 0, words_total // 4)
+    low = tl.load(code_row + _code_word_offset(0, word, words_total // 4),
+                  mask=in_range[:, None] & (word < words_total), other=0)
+    high = tl.load(code_row + _code_word_offset(0, word + 1, words_total // 4),
+                   mask=in_range[:, None] & (word + 1 < words_total), other=0)
     pair = (high.to(tl.int64) << 32) | (low.to(tl.int64) & 0xFFFFFFFF)
     chunks = (pair >> (first_bit % 32).to(tl.int64)).to(tl.int32)
     # Bits past D (the next block's) meet zero rows of Mᵀ below.
@@ -128,8 +134,8 @@ def rebuild_rotated_weight(
     """The weight in the rotated domain, W_rot = diag(r) · blocks(M q) (CUDA, or CPU under TRITON_INTERPRET=1).
 
     Args:
-        packed_codes: (N, words_per_row(L)) int32, L = Kp·D/d (layout of :mod:`lift_ao.packing`).
-        row_scale: (N,) row scales r.
+        packed_codes: packed_shape(N, L) int32, L = Kp·D/d (layout of :mod:`lift_ao.packing`).
+        row_scale: (N,) row scales r (N counts the rows).
         mapping: (d, D) lattice matrix M.
         padded_features: Kp, the rotated input size (a multiple of d).
         dtype: fp16 / bf16 / fp32 of the result (the activation's).
@@ -139,23 +145,24 @@ def rebuild_rotated_weight(
         activation (zero-padded alike) is the linear's output before the bias.
     """
     d, D = mapping.shape
-    rows, words = packed_codes.shape
+    rows = row_scale.shape[0]
     n_blocks = padded_features // d
-    if padded_features % d or words * 32 < n_blocks * D:
-        raise ValueError(f"codes ({rows}, {words}) words do not hold a row of {padded_features} features "
-                         f"at lattice {D}/{d}")
+    if padded_features % d or tuple(packed_codes.shape) != packed_shape(rows, n_blocks * D):
+        raise ValueError(f"codes {tuple(packed_codes.shape)} are not those of {rows} rows of {padded_features} "
+                         f"features at lattice {D}/{d}: expected {packed_shape(rows, n_blocks * D)}")
+    words = 4 * packed_codes.shape[1]
     columns = padded_columns(padded_features)
     out = torch.empty(rows, columns, dtype=dtype, device=packed_codes.device)
     if rows == 0 or n_blocks == 0:
         return out.zero_()
-    codes = packed_codes if packed_codes.stride(-1) == 1 else packed_codes.contiguous()
+    codes = packed_codes.contiguous()
     if config is None and packed_codes.device.type != "cuda":
         config = _INTERPRETER_CONFIG
     kernel = _rebuild_tuned if config is None else _rebuild_kernel
     grid = lambda meta: (triton.cdiv(rows, meta["ROWS"]), triton.cdiv(n_blocks, meta["BLOCKS"]))  # noqa: E731
     kernel[grid](
         codes, row_scale.to(torch.float32).contiguous(), mapping.to(torch.float32).contiguous(), out,
-        rows, n_blocks, words, columns, codes.stride(0), out.stride(0), d=d, D=D,
+        rows, n_blocks, words, columns, out.stride(0), d=d, D=D,
         SPLIT_MAPPING=dtype == torch.float32, MINUS_ONE_PAIR=_MINUS_ONE_PAIR[torch.float16],
         SIGN_BITS_PAIR=_SIGN_BITS_PAIR, CHUNKS=max(32, triton.next_power_of_2(D)) // 32,
         D_OUT_PADDED=max(16, triton.next_power_of_2(d)), COLUMN_ALIGN=COLUMN_ALIGN, **(config or {}),

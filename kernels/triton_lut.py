@@ -19,8 +19,9 @@ Launches:
 2. :func:`_lookup_kernel` — each program owns ``BLOCK_N`` rows of one of up to 3 sibling weights that
    read the same x̃ (q/k/v, gate/up) and one K split; a thread owns one row and loads 4 consecutive
    code words (16 bytes) per step, so the 32 lanes of a warp read the *same* table (one 64-byte
-   segment, one L1 wavefront) with different nibbles. The last split of a row block to finish adds
-   the others' partials (per-row-block counters), so there is no reduction launch.
+   segment, one L1 wavefront) with different nibbles, and their code quads are 512 contiguous bytes
+   (rows interleaved in groups of 32, :mod:`lift_ao.packing`). The last split of a row block to
+   finish adds the others' partials (per-row-block counters), so there is no reduction launch.
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_matmul import quick_bench, sm_count
+from lift_ao.packing import GROUP_ROWS, words_per_row
+
+from .triton_matmul import _code_word_offset, quick_bench, sm_count
 
 __all__ = ["MAX_TOKENS", "build_tables", "lift_tables", "lookup_matmul", "lookup_siblings", "split_counter_count",
            "token_block"]
@@ -115,7 +118,8 @@ def _lookup_kernel(
 ):
     """out_s[b, n] = r_s[n] · Σ_words Σ_nibbles table[g, nibble, b] (+ bias_s[n]) for up to 3 siblings s
     that read the same x̃ (one launch for q/k/v or gate/up); their row blocks are laid end to end
-    along program axis 0. codes_s (N_s, 4·quads_per_row) int32; out_s (B, N_s) in the output dtype.
+    along program axis 0. codes_s (⌈N_s/32⌉, quads_per_row, 32, 4) int32 (lift_ao.packing); out_s
+    (B, N_s) in the output dtype.
 
     With ``splits`` > 1 each program sums one K split, writes it to ``partial`` and counts itself in
     ``counter[pid_n]``; the last of a row block's splits to arrive adds the others' partials, writes
@@ -143,12 +147,15 @@ def _lookup_kernel(
     # Table offset of (word w, nibble j, token): group 8w + j, 16 entries of BLOCK_B tokens each.
     table_offset = ((w[:, None] * 8 + tl.arange(0, 8)[None, :]) * 16 * BLOCK_B)[None, :, :, None] \
         + tokens[None, None, None, :]                                                      # (1, 4, 8, BLOCK_B)
-    # Rows are padded to whole 16-byte quads of words, so each thread's 4 words are one vector load.
-    code_ptrs = codes_ptr + (rows * quads_per_row * 4)[:, None] + w[None, :]
+    # A thread's 4 words per step are one quad (one 16-byte vector load), and the warp's 32 rows'
+    # quads are 512 contiguous bytes (rows interleaved in groups of 32, lift_ao.packing).
+    code_ptrs = codes_ptr + _code_word_offset(rows[:, None], w[None, :], quads_per_row)
 
     acc = tl.zeros((BLOCK_N, 4, BLOCK_B), dtype=tl.float32)
     for word0 in range(word_begin, word_end, 4):
-        words = tl.load(code_ptrs + tl.multiple_of(word0, 4), mask=row_ok[:, None], other=0)
+        # Word word0 + w of each row: offset(row, w) + offset(0, word0), word0 starting a quad.
+        words = tl.load(code_ptrs + _code_word_offset(0, tl.multiple_of(word0, 4), quads_per_row),
+                        mask=row_ok[:, None], other=0)
         nibbles = (words[:, :, None] >> nibble_shift[None, None, :]) & 15                   # (BLOCK_N, 4, 8)
         values = tl.load(table_ptr + word0 * (128 * BLOCK_B) + table_offset
                          + (nibbles * BLOCK_B)[:, :, :, None])                              # (BLOCK_N, 4, 8, BLOCK_B)
@@ -270,8 +277,9 @@ def lookup_siblings(
     Args:
         tables: (8·words, 16, token_block(tokens)) fp32 (:func:`build_tables` / :func:`lift_tables`).
         tokens: activation rows B ≤ MAX_TOKENS.
-        packed_codes: per sibling (N_s, words) int32, rows contiguous whole 4-word quads.
-        row_scale: per sibling (N_s,) float32; bias: per sibling (N_s,) or None.
+        packed_codes: per sibling (⌈N_s/32⌉, words/4, 32, 4) int32, contiguous (layout of
+            :mod:`lift_ao.packing`); the same words per row for all.
+        row_scale: per sibling (N_s,) float32 (N_s counts the rows); bias: per sibling (N_s,) or None.
         out_dtype: dtype of the outputs.
         splits: K splits (None: from the rows of the launch and the SM count).
         config: fixed ``{"BLOCK_N", "num_warps", "num_stages"}`` instead of autotuning.
@@ -282,13 +290,17 @@ def lookup_siblings(
     """
     if tokens > MAX_TOKENS:
         raise ValueError(f"lookup kernel takes at most {MAX_TOKENS} tokens, got {tokens}; use lifted_matmul_triton")
-    words = packed_codes[0].shape[1]
-    for codes in packed_codes:
-        if codes.dtype != torch.int32 or not codes.is_contiguous() or codes.shape[1] != words or words % 4:
-            raise ValueError(f"packed codes must be contiguous int32 rows of whole 4-word quads, {words} words "
-                             f"like the first sibling; got {codes.dtype} {tuple(codes.shape)}")
+    quads = packed_codes[0].shape[1] if packed_codes[0].dim() == 4 else 0
+    words = 4 * quads
+    rows_of = [scale.shape[0] for scale in row_scale]
+    for codes, n in zip(packed_codes, rows_of):
+        if (codes.dtype != torch.int32 or not codes.is_contiguous()
+                or tuple(codes.shape) != (triton.cdiv(n, GROUP_ROWS), quads, GROUP_ROWS, 4)):
+            raise ValueError(f"packed codes of {n} rows must be contiguous int32 ({triton.cdiv(n, GROUP_ROWS)}, "
+                             f"{quads}, {GROUP_ROWS}, 4) like the first sibling's quads; got {codes.dtype} "
+                             f"{tuple(codes.shape)}")
     device = tables.device
-    outs = [torch.empty(tokens, codes.shape[0], dtype=out_dtype, device=device) for codes in packed_codes]
+    outs = [torch.empty(tokens, n, dtype=out_dtype, device=device) for n in rows_of]
     if tokens == 0:
         return outs
     block_b = token_block(tokens)
@@ -300,16 +312,16 @@ def lookup_siblings(
     kernel = _lookup_tuned if config is None else _lookup_kernel
     launches: list[list[int]] = []
     for with_bias in (False, True):
-        members = [i for i, b in enumerate(bias) if (b is not None) == with_bias and packed_codes[i].shape[0] > 0]
+        members = [i for i, b in enumerate(bias) if (b is not None) == with_bias and rows_of[i] > 0]
         launches += [members[at:at + _MAX_SIBLINGS] for at in range(0, len(members), _MAX_SIBLINGS)]
-    needed = split_counter_count([codes.shape[0] for codes in packed_codes])
+    needed = split_counter_count(rows_of)
     if counters is None:
         counters = torch.zeros(needed, dtype=torch.int32, device=device)
     elif counters.dtype != torch.int32 or counters.numel() < needed:
         raise ValueError(f"split counters must be ≥ {needed} int32, got {counters.dtype} × {counters.numel()}")
     counter_offset = 0
     for members in launches:
-        rows = [packed_codes[i].shape[0] for i in members]
+        rows = [rows_of[i] for i in members]
         launch_splits = splits or _split_count(sum(rows), words, sm_count(device))
         words_per_split = triton.cdiv(triton.cdiv(words, launch_splits), 4) * 4
         launch_splits = triton.cdiv(words, words_per_split)
@@ -323,10 +335,10 @@ def lookup_siblings(
         for slot in range(_MAX_SIBLINGS):
             i = members[min(slot, len(members) - 1)]   # unused slots repeat a real sibling (never read)
             slots += [packed_codes[i], scales[i], bias[i] if bias[i] is not None else scales[i], outs[i],
-                      packed_codes[i].shape[0]]
+                      rows_of[i]]
         grid = lambda meta, rows=rows, launch_splits=launch_splits: (  # noqa: E731
             sum(triton.cdiv(n, meta["BLOCK_N"]) for n in rows), launch_splits)
-        kernel[grid](tables, partials, launch_counters, *slots, tokens, words, words_per_split, words // 4, launch_splits,
+        kernel[grid](tables, partials, launch_counters, *slots, tokens, words, words_per_split, quads, launch_splits,
                      SIBLINGS=len(members), HAS_BIAS=bias[members[0]] is not None, BLOCK_B=block_b, **(config or {}))
     return outs
 
@@ -339,8 +351,8 @@ def lookup_matmul(
 
     Args:
         lifted: (..., L) float lifted activation x̃ with at most MAX_TOKENS rows.
-        packed_codes: (N, words_per_row(L)) int32 codes (layout of :mod:`lift_ao.packing`), rows contiguous.
-        row_scale: (N,) float32 row scales r.
+        packed_codes: packed_shape(N, L) int32 codes (layout of :mod:`lift_ao.packing`), contiguous.
+        row_scale: (N,) float32 row scales r (N counts the rows).
         bias: (N,) or None.
         splits, config: as in :func:`lookup_siblings`.
     Returns:
@@ -351,11 +363,9 @@ def lookup_matmul(
     tokens = x.shape[0]
     if tokens > MAX_TOKENS:
         raise ValueError(f"lookup_matmul takes at most {MAX_TOKENS} tokens, got {tokens}; use lifted_matmul_triton")
-    words = packed_codes.shape[1]
-    if not packed_codes.is_contiguous() or words % 4:
-        raise ValueError(f"packed codes must be contiguous rows of whole 4-word quads, got shape {tuple(packed_codes.shape)}")
+    rows = row_scale.shape[0]
     if tokens == 0:
-        return lifted.new_empty(*lifted.shape[:-1], packed_codes.shape[0])
-    tables = build_tables(x, words, token_block(tokens))
+        return lifted.new_empty(*lifted.shape[:-1], rows)
+    tables = build_tables(x, words_per_row(length), token_block(tokens))
     out, = lookup_siblings(tables, tokens, [packed_codes], [row_scale], [bias], lifted.dtype, splits, config)
-    return out.reshape(*lifted.shape[:-1], packed_codes.shape[0])
+    return out.reshape(*lifted.shape[:-1], rows)

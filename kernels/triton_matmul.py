@@ -2,8 +2,9 @@
 
 One kernel serves decode (1–16 tokens) and prefill (≥ 64 tokens); it never depends on the lattice
 (D, d): it only sees the L code bits of each row, in the layout of :mod:`lift_ao.packing` (no
-repacking of the weights). Each program owns a tile of ``BLOCK_N`` weight rows × ``BLOCK_B`` tokens
-and walks the code words of its (split-)K range:
+repacking of the weights; :func:`_code_word_offset` is the one place that knows that layout). Each
+program owns a tile of ``BLOCK_N`` weight rows × ``BLOCK_B`` tokens and walks the code words of its
+(split-)K range:
 
 1. load a ``BLOCK_N × BLOCK_W`` tile of int32 code words (pipelined async copies);
 2. turn every word into 32 ±1 16-bit floats with two integer ops per *pair* of bits:
@@ -30,6 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
+from lift_ao.packing import packed_shape
+
 __all__ = ["lifted_matmul_triton", "quick_bench", "reduce_splits", "sm_count", "token_block"]
 
 
@@ -45,6 +48,17 @@ _MINUS_ONE_PAIR = {torch.float16: _as_int32(0xBC00BC00), torch.bfloat16: _as_int
 # BLOCK_W below divides them and no K iteration straddles a split or runs past the padding.
 _WORD_ALIGN = 16
 _SM_COUNT_FALLBACK = 132
+
+
+@triton.jit
+def _code_word_offset(rows, word, quads):
+    """Offset of word ``word`` of row ``rows`` in packed codes of ``quads`` quads per row (broadcast
+    together): rows interleaved in groups of 32, quad-major inside a group (:mod:`lift_ao.packing`).
+
+    Separable: ``offset(n, w) = offset(n, 0) + offset(0, w)``, so a kernel computes each row's base
+    once, outside its K loop, and adds word offsets per step.
+    """
+    return ((rows // 32) * quads + word // 4) * 128 + (rows % 32) * 4 + word % 4
 
 
 @triton.jit
@@ -92,15 +106,16 @@ def _prepare_lifted_kernel(
 @triton.jit
 def _lifted_matmul_kernel(
     prepared_ptr, codes_ptr, scale_ptr, bias_ptr, out_ptr,
-    B, N, words_total, words_per_split,
-    stride_prepared, stride_codes_n, stride_out_split, stride_out_b,
+    B, N, words_total, words_per_split, quads,
+    stride_prepared, stride_out_split, stride_out_b,
     HAS_BIAS: tl.constexpr, SPLIT_FP32: tl.constexpr,
     OPERAND: tl.constexpr, MINUS_ONE_PAIR: tl.constexpr, SIGN_BITS_PAIR: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
     """One (BLOCK_N rows × BLOCK_B tokens) output tile over one K split.
 
-    prepared: the output of :func:`_prepare_lifted_kernel`. One split (grid dim 2 of size 1):
+    prepared: the output of :func:`_prepare_lifted_kernel`; codes (⌈N/32⌉, quads, 32, 4) int32
+    contiguous (:func:`_code_word_offset`), words_total = ⌈L/32⌉ ≤ 4·quads. One split (grid dim 2 of size 1):
     out = (B, N) in x̃'s dtype, r and bias applied. S splits: out = (S, B, N) fp32 partials of
     r ⊙ Q x̃ (bias added by split 0).
     """
@@ -113,14 +128,14 @@ def _lifted_matmul_kernel(
     token_ok = tokens < B
     word_begin = pid_k * words_per_split
     word_end = tl.minimum(word_begin + words_per_split, words_total)
-    code_row_ptrs = codes_ptr + rows[:, None].to(tl.int64) * stride_codes_n
+    code_row_ptrs = codes_ptr + _code_word_offset(rows[:, None].to(tl.int64), 0, quads)
     tile_ptrs = prepared_ptr + tokens[None, :].to(tl.int64) * stride_prepared + tl.arange(0, BLOCK_W * 32)[:, None]
 
     acc = tl.zeros((BLOCK_N, BLOCK_B), dtype=tl.float32)
     for word0 in range(word_begin, word_end, BLOCK_W):
         word_idx = word0 + tl.arange(0, BLOCK_W)
         # Words past the end decode as −1; their activations are the zero padding.
-        words = tl.load(code_row_ptrs + word_idx[None, :],
+        words = tl.load(code_row_ptrs + _code_word_offset(0, word_idx[None, :], quads),
                         mask=row_ok[:, None] & (word_idx < words_total)[None, :], other=0)
         signs = _signs_from_words(words, MINUS_ONE_PAIR, SIGN_BITS_PAIR, OPERAND, BLOCK_N, BLOCK_W)
         high = tl.load(tile_ptrs + word0 * 32, mask=token_ok[None, :], other=0.0)
@@ -224,8 +239,8 @@ def lifted_matmul_triton(
 
     Args:
         lifted: (..., L) fp16 / bf16 / fp32 lifted activation x̃.
-        packed_codes: (N, words_per_row(L)) int32 codes (layout of :mod:`lift_ao.packing`).
-        row_scale: (N,) float32 row scales r.
+        packed_codes: packed_shape(N, L) int32 codes (layout of :mod:`lift_ao.packing`).
+        row_scale: (N,) float32 row scales r (N counts the rows).
         bias: (N,) or None.
         splits: K splits (None: chosen from the problem size and SM count).
         config: fixed launch parameters ``{"BLOCK_N", "BLOCK_W", "num_warps", "num_stages"}``
@@ -237,8 +252,11 @@ def lifted_matmul_triton(
     words = triton.cdiv(code_length, 32)
     x = lifted.reshape(-1, code_length)
     tokens = x.shape[0]
-    rows = packed_codes.shape[0]
-    codes = packed_codes if packed_codes.stride(-1) == 1 else packed_codes.contiguous()
+    rows = row_scale.shape[0]
+    if packed_codes.dtype != torch.int32 or tuple(packed_codes.shape) != packed_shape(rows, code_length):
+        raise ValueError(f"packed codes {packed_codes.dtype} {tuple(packed_codes.shape)} are not those of {rows} rows "
+                         f"of {code_length} bits: expected int32 {packed_shape(rows, code_length)}")
+    codes = packed_codes.contiguous()
     scale = row_scale.to(torch.float32).contiguous()
     out = torch.empty(tokens, rows, dtype=lifted.dtype, device=lifted.device)
     if tokens == 0 or rows == 0:
@@ -268,8 +286,8 @@ def lifted_matmul_triton(
     grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_N"]), token_blocks, splits)
     kernel[grid](
         prepared, codes, scale, bias if bias is not None else scale, target,
-        tokens, rows, words, words_per_split,
-        prepared.stride(0), codes.stride(0), tokens * rows, rows,
+        tokens, rows, words, words_per_split, codes.shape[1],
+        prepared.stride(0), tokens * rows, rows,
         HAS_BIAS=bias is not None, SPLIT_FP32=split_fp32,
         OPERAND=operand_tl, MINUS_ONE_PAIR=_MINUS_ONE_PAIR[operand], SIGN_BITS_PAIR=_SIGN_BITS_PAIR,
         BLOCK_B=block_b, **(config or {}),

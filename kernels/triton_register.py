@@ -23,7 +23,7 @@ from typing import Optional
 
 import torch
 
-from lift_ao.packing import words_per_row
+from lift_ao.packing import packed_shape, words_per_row
 
 from .fused_ops import check_siblings, compose_group, lifted_linear, lifted_linear_group, shared_lifts
 from .ops import _check_lift_args, _lifted_length, lift_activation, lifted_matmul
@@ -47,7 +47,9 @@ REBUILD_MIN_TOKENS = 256
 
 
 def _check_codes(packed_codes: torch.Tensor, length: int) -> None:
-    if packed_codes.dtype != torch.int32 or packed_codes.shape[1] != words_per_row(length):
+    """int32 codes of rows of ``length`` bits; each kernel's host function checks the group count
+    against its row scales."""
+    if packed_codes.dtype != torch.int32 or packed_codes.shape[1:] != packed_shape(0, length)[1:]:
         raise ValueError(
             f"packed codes {packed_codes.dtype} {tuple(packed_codes.shape)} do not match a lifted "
             f"activation of length {length}"
@@ -97,7 +99,7 @@ def _decode_siblings(lift_args: tuple, packed_codes: list, row_scale: list, bias
     length = _check_siblings_of_lift(lift_args, packed_codes)
     tokens = _tokens(x)
     rotated = rotate_triton(x, signs, left, right, decode=True)
-    counters = torch.empty(triton_lut.split_counter_count([c.shape[0] for c in packed_codes]), dtype=torch.int32,
+    counters = torch.empty(triton_lut.split_counter_count([s.shape[0] for s in row_scale]), dtype=torch.int32,
                            device=x.device)
     tables = triton_lut.lift_tables(rotated, mapping, words_per_row(length), triton_lut.token_block(tokens),
                                     zero_counters=counters)

@@ -5,7 +5,8 @@
 1. **Byte model (exact).** What stays in high precision (embeddings, norms, biases, ``lm_head``
    unless quantized, buffers) is counted storage by storage as :func:`lift_ao.footprint` does. A
    quantized layer (N×K, lattice D/d, Kp from :func:`~lift_ao.transform.padded_in_features`) owns
-   its packed codes, N·words_per_row(Kp·D/d) int32 words (whole 16-byte quads), and its row scales, N float32. The lattice
+   its packed codes, 32·⌈N/32⌉·words_per_row(Kp·D/d) int32 words (rows of whole 16-byte quads, in
+   groups of 32 rows: :func:`~lift_ao.packing.packed_shape`), and its row scales, N float32. The lattice
    matrix M (d×D float32) and the rotation (Kp + k1² + k2² float32) are storages shared between
    layers exactly as :mod:`lift_ao.tensor` shares them: one rotation per (K, d, seed, device), one
    M per (lattice, device).
@@ -42,7 +43,7 @@ from typing import Callable, Iterable, Optional, Union
 import torch
 
 from lift_ao.lattice import Lattice
-from lift_ao.packing import words_per_row
+from lift_ao.packing import packed_shape
 from lift_ao.transform import padded_in_features
 
 __all__ = [
@@ -176,7 +177,8 @@ def normalize_kv_cache(kv_cache: Optional[dict]) -> Optional[dict]:
 def code_bytes(out_features: int, in_features: int, lattice: Lattice) -> int:
     """Bytes a quantized (out_features × in_features) layer owns: packed codes + row scales."""
     kp, _, _ = padded_in_features(in_features, lattice.d)
-    return out_features * (words_per_row(kp // lattice.d * lattice.D) * _WORD_BYTES + _FLOAT32_BYTES)
+    code_words = math.prod(packed_shape(out_features, kp // lattice.d * lattice.D))
+    return code_words * _WORD_BYTES + out_features * _FLOAT32_BYTES
 
 
 def _shared_storages(in_features: int, lattice: Lattice, seed: int, device: torch.device) -> dict:

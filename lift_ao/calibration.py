@@ -278,7 +278,8 @@ def _quantize_group(modules: list, hessian: torch.Tensor, lattice: Lattice, conf
 
 def _code_signs(weight: LiftQuantTensor) -> torch.Tensor:
     """(N, K·D/d / D, D) float32 ±1 codes of ``weight``, block-major."""
-    codes = unpack_codes(weight.packed_codes, weight.code_length).view(weight.shape[0], -1, weight.code_bits)
+    n = weight.shape[0]
+    codes = unpack_codes(weight.packed_codes, weight.code_length, n).view(n, -1, weight.code_bits)
     return codes.to(torch.float32) * 2 - 1
 
 

@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lift_ao.lattice import Lattice
-from lift_ao.packing import pack_codes, words_per_row
+from lift_ao.packing import interleave_rows, pack_row_words, words_per_row
 from lift_ao.search import nearest_codes
 from lift_ao.transform import rotate
 
@@ -76,17 +76,18 @@ def encode_weight(
         progress: show a tqdm bar over row chunks.
         beam_width: the search's beam width (None = the lattice's default; see ``nearest_codes``).
     Returns:
-        packed_codes: (N, words_per_row(L)) int32, L = Kp·D/d (layout in :mod:`lift_ao.packing`).
+        packed_codes: packed_shape(N, L) int32, L = Kp·D/d (layout in :mod:`lift_ao.packing`).
         row_scale: (N,) float32.
     """
     n, kp = weight.shape[0], signs.shape[0]
     rows_per_step = _rows_per_step(kp, lattice)
-    packed = torch.empty(n, words_per_row(kp // lattice.d * lattice.D), dtype=torch.int32, device=weight.device)
+    # Row-major words first (chunks need not be whole groups of 32 rows), interleaved at the end.
+    words = torch.empty(n, words_per_row(kp // lattice.d * lattice.D), dtype=torch.int32, device=weight.device)
     row_scale = torch.empty(n, dtype=torch.float32, device=weight.device)
     steps = range(0, n, rows_per_step)
     for start in tqdm(steps, desc="encode", unit="chunk", leave=False, disable=not progress):
         rows = rotate(weight[start : start + rows_per_step].detach().to(torch.float32), signs, left, right)
         codes, scale = encode_rows(rows, lattice, beam_width=beam_width)
-        packed[start : start + rows.shape[0]] = pack_codes(codes)
+        words[start : start + rows.shape[0]] = pack_row_words(codes)
         row_scale[start : start + rows.shape[0]] = scale
-    return packed, row_scale
+    return interleave_rows(words), row_scale

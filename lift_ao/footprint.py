@@ -23,8 +23,9 @@ def footprint(model: Union[torch.nn.Module, Iterable[torch.Tensor]]) -> int:
     """Bytes held by a model's parameters and buffers (or by the given tensors), each storage once.
 
     Quantized weights (any traceable tensor subclass) count their inner tensors: for LiftQuant the
-    codes, row scales, lattice and rotation; tensors shared between
-    modules (tied embeddings, one rotation used by q/k/v) are counted once, as in memory.
+    codes (whole groups of 32 rows, :func:`lift_ao.packing.packed_shape`), row scales, lattice and
+    rotation; tensors shared between modules (tied embeddings, one rotation used by q/k/v) are
+    counted once, as in memory.
     """
     tensors = [*model.parameters(), *model.buffers()] if isinstance(model, torch.nn.Module) else list(model)
     seen: dict[tuple, int] = {}

@@ -8,7 +8,9 @@ shape, dtype, lattice name, lattice and transform fingerprints, tied-parameter a
 tensor, so a truncated, tampered or mismatched file is refused with a message naming the problem.
 Files are written to a temporary name and renamed, so a crash never leaves a half-written checkpoint
 under the real name. When the model is a Hugging Face model its ``config.json`` is saved beside it,
-so ``load_quantized(dir)`` can rebuild the architecture without downloads.
+so ``load_quantized(dir)`` can rebuild the architecture without downloads. Checkpoints of format 2
+(code rows one after another, before the rows were interleaved in groups of 32) load too: their codes
+are regrouped exactly (:func:`lift_ao.packing.interleave_rows`).
 
 Resumable runs (``lift_ao.quantize(..., resume_dir=DIR)``) use the same format in small pieces: a
 ``manifest.json`` that identifies the run, and one *shard* per finished layer,
@@ -31,6 +33,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from lift_ao.packing import interleave_rows
 from lift_ao.tensor import LiftQuantTensor, share_constants
 
 __all__ = [
@@ -38,7 +41,9 @@ __all__ = [
     "open_partial", "save_shard", "load_shard", "MANIFEST_NAME", "SHARD_SUFFIX",
 ]
 
-FORMAT_VERSION = 2  # 2: code rows padded to 16-byte quads (lift_ao.packing)
+FORMAT_VERSION = 3  # 2: code rows padded to 16-byte quads; 3: rows interleaved in groups of 32 (lift_ao.packing)
+# Older formats that load_quantized converts exactly on load (resume shards must match FORMAT_VERSION).
+_CONVERTED_VERSIONS = (2,)
 CHECKPOINT_NAME = "lift_ao.safetensors"
 MANIFEST_NAME = "manifest.json"
 SHARD_SUFFIX = ".shard.safetensors"
@@ -139,11 +144,12 @@ def _write_atomically(target: Path, write) -> None:
 def _read_checkpoint(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}; write one with lift_ao.save_quantized(model, dir)")
-    return _read_verified(path)
+    return _read_verified(path, readable=(FORMAT_VERSION, *_CONVERTED_VERSIONS))
 
 
-def _read_verified(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """The ``lift_ao`` header and tensors of a file we wrote, after checking version and SHA-256s."""
+def _read_verified(path: Path, readable: tuple[int, ...] = (FORMAT_VERSION,)) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The ``lift_ao`` header and tensors of a file we wrote, after checking that its version is
+    one of ``readable`` and its SHA-256s."""
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -157,10 +163,11 @@ def _read_verified(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: the lift_ao header is corrupt ({e})") from e
     version = header.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in readable:
         raise CheckpointError(
             f"{path} has checkpoint format {version!r}; this lift_ao ({_library_version()}) reads format "
-            f"{FORMAT_VERSION}; install the lift_ao version that wrote it ({header.get('library_version')})"
+            f"{' and '.join(map(str, readable))}; install the lift_ao version that wrote it "
+            f"({header.get('library_version')})"
         )
     digests = header.get("sha256", {})
     if set(digests) != set(tensors):
@@ -217,6 +224,8 @@ def load_quantized(directory, model: Optional[torch.nn.Module] = None, *, device
             raise CheckpointError(f"{path}: the model has no {key!r}; load into the architecture that was saved") from e
         if list(current.shape) != info["shape"]:
             raise CheckpointError(f"{path}: {key} has shape {info['shape']}, the model expects {list(current.shape)}")
+        if header["format_version"] == 2:  # rows one after another: regrouped exactly (lift_ao.packing)
+            tensors[f"{key}.packed_codes"] = interleave_rows(tensors[f"{key}.packed_codes"])
         parts = [tensors.pop(f"{key}.{name}").to(device) for name in LiftQuantTensor.tensor_data_names]
         weight = LiftQuantTensor(*parts, torch.Size(info["shape"]), getattr(torch, info["dtype"]))
         stored = weight.lattice

@@ -8,10 +8,15 @@ Kp/d blocks of d coordinates, and block j of row n is the lattice point ``M q_nj
 x̃ = lift(Rᵀ x) (length Kp·D/d) and ``y = r ⊙ (Q x̃) + b`` through the ops in ``lift_ao.kernels``.
 
 Tensor data (all plain tensors, so the subclass flattens for ``torch.compile`` and safetensors):
-    packed_codes:   (N, words_per_row(L)) int32, L = Kp·D/d; row n's code bits in order (block-major,
-                    D bits per block), bit j in word j//32 at bit j%32, LSB first, 1 = +1; rows padded
-                    with zero bits to whole 16-byte quads of words, so the decode kernel loads 4 words
-                    of a row with one vector load (kernels/triton_lut.py; format version 2).
+    packed_codes:   (⌈N/32⌉, W/4, 32, 4) int32 = packed_shape(N, L), L = Kp·D/d, W = words_per_row(L)
+                    (lift_ao.packing; checkpoint format version 3). Row n's code bits in order
+                    (block-major, D bits per block), bit j in the row's word j//32 at bit j%32, LSB
+                    first, 1 = +1, zero past L to a whole 16-byte quad of 4 words. Rows are interleaved
+                    in groups of 32: group, quad, row in the group, word in the quad, so word w of row n
+                    is element [n//32, w//4, n%32, w%4]; rows past N in the last group are zero. The
+                    decode kernel (kernels/triton_lut.py) gives each thread one row and loads a quad per
+                    step: interleaved, a warp's 32 quads are 512 contiguous bytes. N is
+                    ``shape[0]`` (= len(row_scale)), not the codes' first dimension.
     row_scale:      (N,) float32, r.
     mapping:        (d, D) float32, the lattice matrix M.
     input_signs:    (Kp,) float32: the random ±1 signs, divided by activation-aware input scales
@@ -34,7 +39,8 @@ from torchao.utils import TorchAOBaseTensor, fill_defaults
 
 from lift_ao.encode import encode_weight
 from lift_ao.lattice import Lattice
-from lift_ao.packing import unpack_codes, words_from_uint32, words_per_row
+from lift_ao.packing import (GROUP_ROWS, interleave_rows, packed_shape, row_words, unpack_codes, words_from_uint32,
+                             words_per_row)
 from lift_ao.transform import make_rotation, padded_in_features, unrotate
 
 __all__ = ["LiftQuantTensor", "share_constants"]
@@ -131,18 +137,18 @@ class LiftQuantTensor(TorchAOBaseTensor):
         """Wrap stored codes (e.g. a resumed layer), sharing M and the rotation like :meth:`from_hp`.
 
         Args:
-            packed_codes: (N, words_per_row(L)) int32, L = Kp·D/d, on the target device.
+            packed_codes: packed_shape(N, L) int32, L = Kp·D/d (lift_ao.packing), on the target device.
             row_scale: (N,) float32, same device.
             lattice, seed: as given to :meth:`from_hp`.
             shape: (N, K); dtype: the logical dtype.
         """
         device = packed_codes.device
         signs, left, right = _shared_rotation(shape[1], lattice.d, seed, device)
-        words = words_per_row(signs.shape[0] // lattice.d * lattice.D)
-        if tuple(packed_codes.shape) != (shape[0], words) or tuple(row_scale.shape) != (shape[0],):
+        expected = packed_shape(shape[0], signs.shape[0] // lattice.d * lattice.D)
+        if tuple(packed_codes.shape) != expected or tuple(row_scale.shape) != (shape[0],):
             raise ValueError(
                 f"codes {tuple(packed_codes.shape)} and scales {tuple(row_scale.shape)} do not fit a {tuple(shape)} "
-                f"weight with lattice {lattice.name}: expected ({shape[0]}, {words}) and ({shape[0]},)"
+                f"weight with lattice {lattice.name}: expected {expected} and ({shape[0]},)"
             )
         mapping = _shared_mapping(lattice, device)
         return cls(packed_codes, row_scale, mapping, signs, left, right, torch.Size(shape), dtype)
@@ -166,7 +172,7 @@ class LiftQuantTensor(TorchAOBaseTensor):
         packed = torch.randint(0, 2**32, (n, words), generator=generator, dtype=torch.int64)
         # The packing format keeps the bits past code_length (to the end of the row's last quad) zero.
         valid_bits = (code_length - 32 * torch.arange(words, dtype=torch.int64)).clamp(0, 32)
-        packed = words_from_uint32(packed & ((1 << valid_bits) - 1))
+        packed = interleave_rows(words_from_uint32(packed & ((1 << valid_bits) - 1)))
         # A decoded coordinate (M q)_i has variance ||M||²/d for random q.
         scale = 0.02 / float((lattice.M.square().sum() / lattice.d).sqrt())
         row_scale = torch.full((n,), scale, dtype=torch.float32, device=device)
@@ -209,7 +215,8 @@ class LiftQuantTensor(TorchAOBaseTensor):
         return h.hexdigest()[:16]
 
     def storage_bytes(self) -> int:
-        """Bytes of all stored tensors (codes, scales, lattice and rotation)."""
+        """Bytes of all stored tensors (codes with their padding to whole groups of 32 rows, scales,
+        lattice and rotation)."""
         return sum(getattr(self, n).nbytes for n in self.tensor_data_names)
 
     def bits_per_weight(self) -> float:
@@ -219,7 +226,7 @@ class LiftQuantTensor(TorchAOBaseTensor):
     def dequantize(self, output_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """Dense (N, K) weight in ``output_dtype`` (default: ``self.dtype``)."""
         n = self.shape[0]
-        codes = unpack_codes(self.packed_codes, self.code_length).view(n, -1, self.code_bits)
+        codes = unpack_codes(self.packed_codes, self.code_length, n).view(n, -1, self.code_bits)
         blocks = (codes.to(torch.float32) * 2 - 1) @ self.mapping.T  # (N, Kp/d, d)
         rotated = blocks.flatten(1) * self.row_scale[:, None]
         dense = unrotate(rotated, self.input_signs, self.rotation_left, self.rotation_right, self.shape[1])
@@ -273,7 +280,9 @@ def _(func, types, args, kwargs):
 @implements(aten.slice.Tensor)
 def _(func, types, args, kwargs):
     # Row slices (tensor-parallel / vLLM-style loaders) keep whole rows of codes; the input
-    # dimension is rotated as a whole and cannot be sliced.
+    # dimension is rotated as a whole and cannot be sliced. Rows are interleaved in groups of 32:
+    # a slice of whole groups (or one that ends at the last row, whose group's padding rows are
+    # zero already) is a view of them; other boundaries regroup the rows (an exact copy).
     self, dim, start, end, step = fill_defaults(args, 5, [0, None, None, 1])
     dim = dim % 2
     if dim != 0 or step != 1:
@@ -283,8 +292,12 @@ def _(func, types, args, kwargs):
         )
     start, end, _ = slice(start, end).indices(self.shape[0])
     end = max(start, end)
+    if start % GROUP_ROWS == 0 and (end % GROUP_ROWS == 0 or end == self.shape[0]):
+        codes = self.packed_codes[start // GROUP_ROWS:-(-end // GROUP_ROWS)]
+    else:
+        codes = interleave_rows(row_words(self.packed_codes, self.shape[0])[start:end])
     return LiftQuantTensor(
-        self.packed_codes[start:end], self.row_scale[start:end], self.mapping, self.input_signs,
+        codes, self.row_scale[start:end], self.mapping, self.input_signs,
         self.rotation_left, self.rotation_right, torch.Size([end - start, self.shape[1]]), self.dtype,
     )
 

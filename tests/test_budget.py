@@ -13,7 +13,7 @@ import torch
 from torchao.quantization import quantize_
 
 import lift_ao
-from lift_ao.budget import PRESETS, BudgetError, format_bytes, kv_cache_bytes, parse_bytes, plan
+from lift_ao.budget import PRESETS, BudgetError, code_bytes, format_bytes, kv_cache_bytes, parse_bytes, plan
 from lift_ao.cli import main as cli_main
 from lift_ao.lattice import Lattice
 from tiny_models import tiny_llama, token_batch
@@ -24,6 +24,16 @@ needs_lattices = pytest.mark.skipif(not SHIPPED, reason="no lattice is shipped i
 needs_two_rates = pytest.mark.skipif(
     len({lat.bits for lat in SHIPPED}) < 2, reason="mixed widths need at least two shipped rates"
 )
+
+
+@pytest.mark.parametrize("rows", [1, 32, 37, 70])
+def test_code_bytes_count_the_row_padding_to_groups_of_32(rows):
+    """Packed codes hold whole groups of 32 rows (lift_ao.packing): the byte model counts them."""
+    lattice = Lattice.load("24/10")
+    weight = lift_ao.LiftQuantTensor.from_random_codes((rows, 53), lattice, dtype=torch.float32, device="cpu",
+                                                       generator=torch.Generator().manual_seed(rows))
+    assert code_bytes(rows, 53, lattice) == weight.packed_codes.nbytes + weight.row_scale.nbytes
+    assert weight.packed_codes.shape[0] * 32 >= rows
 
 
 def small_llama(seed: int = 0, tie: bool = False):

@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import lift_ao
 from lift_ao.integrations.hf import LiftQuantHfConfig, enable_save_pretrained
+from lift_ao.packing import row_words
 from lift_ao.integrations.torchchat import TORCHCHAT_KEY, LiftQuantHandler, register_with_torchchat
 from lift_ao.integrations.torchtune import TORCHTUNE_MODE, LiftQuantQuantizer, register_with_torchtune
 
@@ -108,6 +109,21 @@ def test_hf_save_pretrained_round_trip_is_exact(loaded_quantized, tmp_path):
     reloaded.save_pretrained(tmp_path / "again")
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "again")
     assert torch.equal(logits(again), logits(loaded_quantized))
+
+
+def test_hf_format_2_codes_load_by_exact_regrouping(loaded_quantized, tmp_path):
+    """save_pretrained output of lift_ao's format 2 (code rows one after another) loads bit-exactly."""
+    loaded_quantized.save_pretrained(tmp_path)
+    path = str(tmp_path / "model.safetensors")
+    with safe_open(path, framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        metadata = f.metadata()
+    for key in [k for k in tensors if k.endswith("weight_packed_codes")]:
+        tensors[key] = row_words(tensors[key], tensors[key.replace("packed_codes", "row_scale")].shape[0]).contiguous()
+    save_file(tensors, path, metadata=metadata)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    for name, module in llama_linears(reloaded).items():
+        assert_same_weight(module.weight, llama_linears(loaded_quantized)[name].weight)
 
 
 def test_hf_truncated_checkpoint_is_refused(loaded_quantized, tmp_path):

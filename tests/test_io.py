@@ -12,6 +12,7 @@ from tiny_models import tiny_llama, token_batch
 import lift_ao
 from lift_ao import CheckpointError, liftquant, load_quantized, save_quantized
 from lift_ao.io import CHECKPOINT_NAME, FORMAT_VERSION, _sha256
+from lift_ao.packing import row_words
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +87,40 @@ def test_wrong_format_version_is_refused(saved, tmp_path):
     _rewrite(saved[1], tmp_path, edit_header=lambda h: {**h, "format_version": 99})
     with pytest.raises(CheckpointError, match="format 99"):
         load_quantized(tmp_path, tiny_llama(tie=True))
+
+
+def _as_format_2(directory, dst):
+    """A copy of a checkpoint in format 2: code rows one after another, (N, words) int32."""
+    with safe_open(str(directory / CHECKPOINT_NAME), framework="pt") as f:
+        header = json.loads(f.metadata()["lift_ao"])
+    tensors = _tensors(directory)
+    for key, info in header["quantized"].items():
+        tensors[f"{key}.packed_codes"] = row_words(tensors[f"{key}.packed_codes"], info["shape"][0]).contiguous()
+    header = {**header, "format_version": 2, "sha256": {k: _sha256(t) for k, t in tensors.items()}}
+    dst.mkdir(exist_ok=True)
+    save_file(tensors, str(dst / CHECKPOINT_NAME), metadata={"lift_ao": json.dumps(header)})
+    return dst
+
+
+def _two_linears(seed: int) -> torch.nn.Module:
+    """Row counts that are not multiples of 32 (37 and 70): the last group of each is partial."""
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(53, 37), torch.nn.Linear(37, 70)).eval()
+
+
+def test_format_2_checkpoint_loads_by_exact_regrouping(saved, tmp_path):
+    model = _two_linears(0)
+    for layer in model:
+        layer.weight = torch.nn.Parameter(lift_ao.LiftQuantTensor.from_hp(layer.weight.detach(),
+                                                                          lift_ao.Lattice.load("24/10")),
+                                          requires_grad=False)
+    save_quantized(model, tmp_path / "new")
+    for directory, fresh, original in ((tmp_path / "new", _two_linears(1), model),
+                                       (saved[1], tiny_llama(seed=1, tie=True), saved[0])):
+        old = _as_format_2(directory, tmp_path / "old")
+        assert all(t.dim() == 2 for k, t in _tensors(old).items() if k.endswith("packed_codes"))
+        loaded = load_quantized(old, fresh)
+        assert_bit_identical(original, loaded)
 
 
 def test_different_lattice_is_refused(saved, tmp_path):

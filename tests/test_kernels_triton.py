@@ -13,7 +13,7 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from lift_ao.packing import pack_codes, words_per_row  # noqa: E402
+from lift_ao.packing import pack_codes, unpack_codes, words_per_row  # noqa: E402
 from lift_ao.transform import make_rotation  # noqa: E402
 from lift_ao.kernels.reference import lift_activation_reference, lifted_matmul_reference  # noqa: E402
 from lift_ao.kernels.triton_lift import lift_activation_triton, rotate_triton  # noqa: E402
@@ -23,6 +23,8 @@ from lift_ao.kernels.triton_matmul import lifted_matmul_triton  # noqa: E402
 from lift_ao.kernels.triton_register import (  # noqa: E402
     _lifted_linear_cuda, _lifted_linear_group_cuda, _lifted_matmul_cuda)
 from lift_ao.kernels.fused_ops import lifted_linear_group  # noqa: E402
+from lift_ao.lattice import Lattice  # noqa: E402
+from lift_ao.tensor import LiftQuantTensor  # noqa: E402
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 # ‖out − ref‖ / ‖ref‖ bounds: the output's own rounding dominates for 16-bit types; fp32 runs as a
@@ -97,6 +99,25 @@ def test_lifted_matmul_kernels_match_float64(dtype, kernel, tokens, with_bias, r
     assert _relative_error(out, reference.double()) < 2 * TOLERANCE[dtype]
 
 
+@pytest.mark.parametrize("kernel,tokens", [("gemm", 3), ("lookup", 2)])
+@pytest.mark.parametrize("start,end", [(32, 70), (5, 40), (33, 70)])
+def test_kernels_on_row_slices(kernel, tokens, start, end):
+    """Row slices of a weight (whole groups: views; other boundaries: regrouped) give the rows of the
+    whole weight's float64 product."""
+    g = torch.Generator().manual_seed(_seed("slices", kernel, start, end))
+    weight = LiftQuantTensor.from_random_codes((70, 100), Lattice.load("24/10"), dtype=torch.bfloat16, device="cpu",
+                                               generator=g)
+    part = weight[start:end]
+    length = weight.code_length
+    signs = unpack_codes(weight.packed_codes, length, 70).double() * 2 - 1
+    lifted = torch.randn(tokens, length, generator=g).to(torch.bfloat16)
+    function, tolerance = KERNELS[kernel]
+    out = function(lifted, part.packed_codes, part.row_scale, None)
+    ref = (lifted.double() @ signs[start:end].T) * weight.row_scale[start:end].double()
+    assert out.shape == (tokens, end - start)
+    assert _relative_error(out, ref) < tolerance[torch.bfloat16]
+
+
 def test_lookup_tables_hold_signed_sums():
     g = torch.Generator().manual_seed(4)
     lifted = torch.randn(3, 37, generator=g)
@@ -111,11 +132,13 @@ def test_lookup_tables_hold_signed_sums():
 
 
 def test_lookup_matmul_rejects_bad_input():
-    codes = torch.zeros(4, 4, dtype=torch.int32)
+    codes = pack_codes(torch.zeros(4, 100, dtype=torch.bool))
     with pytest.raises(ValueError, match="at most"):
         lookup_matmul(torch.randn(MAX_TOKENS + 1, 100), codes, torch.ones(4), None)
-    with pytest.raises(ValueError, match="quads"):
-        lookup_matmul(torch.randn(1, 100), torch.zeros(4, 6, dtype=torch.int32), torch.ones(4), None)
+    with pytest.raises(ValueError, match="codes of 4 rows must be"):  # format 2: rows one after another
+        lookup_matmul(torch.randn(1, 100), torch.zeros(4, 4, dtype=torch.int32), torch.ones(4), None)
+    with pytest.raises(ValueError, match="codes of 33 rows must be"):  # one group holds 32 rows
+        lookup_matmul(torch.randn(1, 100), codes, torch.ones(33), None)
 
 
 @pytest.mark.parametrize("tokens", [2, 17])
@@ -271,7 +294,7 @@ def test_lookup_siblings_one_launch_with_split_reduction_inside(splits):
     scales = [torch.rand(n, generator=g) + 0.5 for n in rows]
     biases = [torch.randn(n, generator=g).to(torch.bfloat16) if i % 2 else None for i, n in enumerate(rows)]
     lifted = torch.randn(tokens, length, generator=g).to(torch.bfloat16)
-    tables = build_tables(lifted, codes[0].shape[1], token_block(tokens))
+    tables = build_tables(lifted, words_per_row(length), token_block(tokens))
 
     outs = lookup_siblings(tables, tokens, list(codes), scales, biases, torch.bfloat16, splits=splits,
                            counters=torch.zeros(split_counter_count(rows), dtype=torch.int32))

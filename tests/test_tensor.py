@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import lift_ao
 from lift_ao import Lattice, LiftQuantTensor
-from lift_ao.packing import unpack_codes, words_per_row
+from lift_ao.packing import packed_shape, unpack_codes, words_per_row
 from lift_ao.transform import unrotate
 
 
@@ -26,7 +26,7 @@ def assert_relative_error(actual: torch.Tensor, expected: torch.Tensor, tol: flo
 def dense_reference_float64(w: LiftQuantTensor) -> torch.Tensor:
     """The weight the codes stand for, built in float64 from first principles."""
     n, k = w.shape
-    q = unpack_codes(w.packed_codes, w.code_length).view(n, -1, w.code_bits).double() * 2 - 1
+    q = unpack_codes(w.packed_codes, w.code_length, n).view(n, -1, w.code_bits).double() * 2 - 1
     rows = (q @ w.mapping.double().T).flatten(1) * w.row_scale.double()[:, None]
     return unrotate(rows, w.input_signs.double(), w.rotation_left.double(), w.rotation_right.double(), k)
 
@@ -46,8 +46,8 @@ def test_codes_are_exactly_D_over_d_bits_per_weight_plus_row_padding(quantized, 
     weight, w = quantized
     assert w.shape == weight.shape and w.dtype == weight.dtype
     assert w.code_length == w.padded_in_features // lattice.d * lattice.D
-    assert w.packed_codes.shape == (37, words_per_row(w.code_length))
-    assert w.packed_codes.shape[1] * 32 - w.code_length < 32
+    assert w.packed_codes.shape == packed_shape(37, w.code_length) == (2, words_per_row(w.code_length) // 4, 32, 4)
+    assert words_per_row(w.code_length) * 32 - w.code_length < 128
 
 
 def test_quantization_error_matches_the_lattice_mse(quantized, lattice):
@@ -116,13 +116,28 @@ def test_copy_and_state_dict_round_trip(quantized, lattice):
     torch.testing.assert_close(dst(x), src(x), rtol=0, atol=0)
 
 
-def test_row_slice_keeps_whole_rows(quantized):
+@pytest.mark.parametrize("start, end, view", [(5, 20, False), (0, 32, True), (32, 37, True), (32, None, True),
+                                             (0, 33, False), (31, 37, False), (7, 7, False), (-3, None, False)])
+def test_row_slice_keeps_whole_rows(quantized, start, end, view):
+    """Slices of whole groups of 32 rows (or to the last row) are views; others regroup exactly."""
     _, w = quantized
-    part = w[5:20]
-    assert isinstance(part, LiftQuantTensor) and part.shape == (15, 53)
-    assert torch.equal(part.packed_codes, w.packed_codes[5:20]) and torch.equal(part.row_scale, w.row_scale[5:20])
-    x = torch.randn(3, 53, generator=_gen(7))
-    assert_relative_error(F.linear(x, part), F.linear(x, w)[:, 5:20], 1e-6)
+    rows = range(37)[start:end]
+    part = w[start:end]
+    assert isinstance(part, LiftQuantTensor) and part.shape == (len(rows), 53)
+    assert part.packed_codes.shape == packed_shape(len(rows), w.code_length)
+    assert (part.packed_codes.untyped_storage().data_ptr() == w.packed_codes.untyped_storage().data_ptr()) == view
+    unpacked = unpack_codes(w.packed_codes, w.code_length, 37)
+    assert torch.equal(unpack_codes(part.packed_codes, w.code_length, len(rows)), unpacked[start:end])
+    assert not unpack_codes(part.packed_codes, w.code_length, part.packed_codes.shape[0] * 32)[len(rows):].any()
+    assert torch.equal(part.row_scale, w.row_scale[start:end])
+    if rows:
+        x = torch.randn(3, 53, generator=_gen(7))
+        assert_relative_error(F.linear(x, part), F.linear(x, w)[:, start:end], 1e-6)
+        assert torch.equal(part.dequantize(), w.dequantize()[start:end])
+
+
+def test_row_slice_of_the_input_dimension_is_refused(quantized):
+    _, w = quantized
     with pytest.raises(NotImplementedError, match="output rows only"):
         w[:, 3:10]
 

@@ -14,7 +14,8 @@ import torch
 pytest.importorskip("triton")
 
 from lift_ao.lattice import Lattice  # noqa: E402
-from lift_ao.packing import pack_codes  # noqa: E402
+from lift_ao.packing import pack_codes, unpack_codes  # noqa: E402
+from lift_ao.tensor import LiftQuantTensor  # noqa: E402
 from lift_ao.transform import make_rotation  # noqa: E402
 from lift_ao.kernels import triton_register  # noqa: E402
 from lift_ao.kernels.fused_ops import lifted_linear_group  # noqa: E402
@@ -65,7 +66,8 @@ def nan_filled_empty(monkeypatch):
     ("72/24", None), ("25/10", {"ROWS": 2, "BLOCKS": 8})])
 def test_rebuilt_weight_matches_float64(lattice, config, dtype, nan_filled_empty):
     """Shipped lattices (blocks starting mid-word, several chunks a block at D = 72), odd N, K not a
-    multiple of d, tiles past the last row and block; the row padding comes back zero."""
+    multiple of d, tiles past the last row and block; the row padding comes back zero. (Rows past one
+    group of 32: test_rebuilt_row_slice_matches_float64.)"""
     lat = Lattice.load(lattice)
     g = torch.Generator().manual_seed(_seed(lattice, str(dtype)))
     rows = 13
@@ -91,8 +93,23 @@ def test_rebuilt_weight_matches_float64(lattice, config, dtype, nan_filled_empty
 def test_rebuild_rejects_codes_too_short_for_the_features():
     lat = Lattice.load("24/10")
     codes = pack_codes(torch.zeros(3, 5 * 24, dtype=torch.bool))   # 4 words: 128 bits
-    with pytest.raises(ValueError, match="do not hold"):
+    with pytest.raises(ValueError, match="not those of 3 rows of 60 features"):
         rebuild_rotated_weight(codes, torch.ones(3), lat.M, 60, torch.float16)   # 6 blocks need 144 bits
+    with pytest.raises(ValueError, match="not those of 3 rows"):  # format 2: rows one after another
+        rebuild_rotated_weight(torch.zeros(3, 4, dtype=torch.int32), torch.ones(3), lat.M, 50, torch.float16)
+
+
+@pytest.mark.parametrize("start,end", [(32, 70), (5, 40)])
+def test_rebuilt_row_slice_matches_float64(start, end):
+    """A row slice of a weight (a view of whole groups, or regrouped rows) rebuilds its rows."""
+    lat = Lattice.load("24/10")
+    weight = LiftQuantTensor.from_random_codes((70, 53), lat, dtype=torch.float32, device="cpu",
+                                               generator=torch.Generator().manual_seed(start))
+    part = weight[start:end]
+    out = rebuild_rotated_weight(part.packed_codes, part.row_scale, lat.M, weight.padded_in_features, torch.float32)
+    signs = unpack_codes(weight.packed_codes, weight.code_length, 70)[start:end]
+    ref = _rotated_weight_float64(signs, lat.M, part.row_scale)
+    assert _relative_error(out[:, :weight.padded_in_features], ref) < REBUILD_TOLERANCE[torch.float32]
 
 
 def _random_codes(rows: int, length: int, generator: torch.Generator):

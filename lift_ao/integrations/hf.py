@@ -34,7 +34,7 @@ from lift_ao.api import quantizable_linears
 from lift_ao.config import LiftQuantConfig, liftquant
 from lift_ao.io import CheckpointError
 from lift_ao.lattice import Lattice
-from lift_ao.packing import words_per_row
+from lift_ao.packing import interleave_rows, packed_shape, words_per_row
 from lift_ao.tensor import LiftQuantTensor, share_constants
 
 if TYPE_CHECKING:  # importing modeling_utils costs a second at `import lift_ao`; only annotations need it
@@ -159,8 +159,12 @@ class _Deserialize(ConversionOps):
         packed_codes, row_scale, mapping, input_signs = parts[:4]
         block, code_bits = mapping.shape
         padded_in = input_signs.shape[0]
-        if (packed_codes.shape != (expected.shape[0], words_per_row(padded_in // block * code_bits)) or row_scale.shape != (expected.shape[0],)
-                or padded_in < expected.shape[1] or padded_in % block):
+        length = padded_in // block * code_bits
+        if packed_codes.shape == (expected.shape[0], words_per_row(length)):
+            # lift_ao's checkpoint format 2 (rows one after another): regrouped exactly into format 3.
+            packed_codes = parts[0] = interleave_rows(packed_codes)
+        if (packed_codes.shape != packed_shape(expected.shape[0], length)
+                or row_scale.shape != (expected.shape[0],) or padded_in < expected.shape[1] or padded_in % block):
             raise CheckpointError(
                 f"{full_layer_name}: stored codes {tuple(packed_codes.shape)} / scales {tuple(row_scale.shape)} "
                 f"do not fit a weight of shape {tuple(expected.shape)}; load into the architecture that was saved"
