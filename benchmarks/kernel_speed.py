@@ -15,9 +15,10 @@
    kernel alone (with its GB/s).
 4. Split-K variants for the notes; with --sweep, every tuning candidate on decode shapes; with
    --lookup-study, the table-lookup decode kernel's configs × split counts beside the ±1 GEMM; with
-   --decode-study, the decode rotation kernel checked at real sizes, one Llama-3-8B decoder layer's LiftQuant
-   work (fused decode ops with the decode or the chunked rotation, vs composition) and the rotation
-   alone, chunked vs decode kernel, at Llama-3-8B and Qwen2.5-1.5B K (kernels_decode.json / .md); with
+   --decode-study, the one-launch decode tables (``rotate_lift_tables``, every config) checked against
+   float64 at real sizes, one Llama-3-8B decoder layer's LiftQuant work (fused decode ops with one
+   tables launch or with rotation + tables-from-u, vs composition) and the tables alone, two launches
+   vs one per config, at Llama-3-8B and Qwen2.5-1.5B K (kernels_decode.json / .md); with
    --prefill-study, only the prefill checks and the prefill path at 2.4 bits on two 8B shapes ×
    batch 16/64/256/1024 beside the lift + ±1 GEMM and bf16 (kernels_prefill.json / .md), to set
    ``REBUILD_MIN_TOKENS``.
@@ -42,12 +43,12 @@ import triton
 from triton.testing import do_bench
 
 from lift_ao.packing import interleave_rows, words_per_row
-from lift_ao.transform import make_rotation, rotate
+from lift_ao.transform import make_rotation
 from lift_ao.kernels import lift_activation, lifted_matmul  # importing registers the CUDA kernels
 from lift_ao.kernels.reference import lift_activation_reference, lifted_matmul_reference
 from lift_ao.kernels import triton_lift
 from lift_ao.kernels.fused_ops import compose_group
-from lift_ao.kernels.triton_lift import lift_activation_triton, rotate_triton
+from lift_ao.kernels.triton_lift import ROTATE_TABLES_CONFIGS, lift_activation_triton, rotate_lift_tables, rotate_triton
 from lift_ao.kernels import triton_dequant, triton_lut
 from lift_ao.kernels.triton_dequant import padded_columns, rebuild_rotated_weight
 from lift_ao.kernels.triton_register import (
@@ -271,7 +272,7 @@ def decode_layer_ops(bits: float = 2.4):
 
 
 def check_fused_decode(log) -> list[dict]:
-    """The fused ops' decode path (rotation, tables from the rotated activation, one lookup launch per
+    """The fused ops' decode path (tables straight from x in one launch, one lookup launch per
     shared lift with its split reduction inside) against the base-op composition, at Llama-3-8B sizes."""
     checks = []
     fused, composed = decode_layer_ops()
@@ -350,8 +351,8 @@ def _flat(outputs) -> list[torch.Tensor]:
     return [t for item in outputs for t in (item if isinstance(item, list) else [item])]
 
 
-# K of the decode-rotation study: Llama-3-8B (hidden, MLP) and Qwen2.5-1.5B (hidden, MLP).
-DECODE_ROTATION_FEATURES = {"llama3-8b": (4096, 14336), "qwen2.5-1.5b": (1536, 8960)}
+# K of the decode-tables study: Llama-3-8B (hidden, MLP) and Qwen2.5-1.5B (hidden, MLP).
+DECODE_STUDY_FEATURES = {"llama3-8b": (4096, 14336), "qwen2.5-1.5b": (1536, 8960)}
 
 
 def _distinct_factorisations(features: int) -> list[tuple[float, "LiftedLayer"]]:
@@ -364,98 +365,123 @@ def _distinct_factorisations(features: int) -> list[tuple[float, "LiftedLayer"]]
     return list(layers.values())
 
 
-def check_decode_rotation(log) -> list[dict]:
-    """The decode rotation (``rotate_triton(decode=True)``) and the chunked kernel against float64
-    Rᵀ pad(signs ⊙ x) at every study K × lattice × 1..LOOKUP_MAX_TOKENS tokens (bf16: tf32 products;
-    one fp32 case per K: exact fp32 products)."""
+def _tables_float64(x, layer, words, block) -> torch.Tensor:
+    """(8·words, 16, block) float64 tables: Rᵀ pad(signs ⊙ x) → blockwise M → signed 4-sums."""
+    f64 = torch.float64
+    lifted = lift_activation_reference(x.to(f64), layer.signs.to(f64), layer.left.to(f64), layer.right.to(f64),
+                                       layer.mapping.to(f64))
+    padded = torch.zeros(block, 32 * words, dtype=f64, device=x.device)
+    padded[:x.shape[0], :lifted.shape[-1]] = lifted
+    signs = ((torch.arange(16, device=x.device)[:, None] >> torch.arange(4, device=x.device)) & 1).to(f64) * 2 - 1
+    return torch.einsum("it,bgt->gib", signs, padded.view(block, 8 * words, 4))
+
+
+def _old_decode_tables(x, signs, left, right, mapping, words, block, zero_counters=None):
+    """``rotate_lift_tables``'s stand-in for the baseline: the rotation, then the tables from u."""
+    return triton_lut.lift_tables(rotate_triton(x, signs, left, right), mapping, words, block, zero_counters)
+
+
+def check_decode_tables(log, features_list=None) -> list[dict]:
+    """``rotate_lift_tables`` (every config) and the two-launch path against the float64 tables at every
+    study K × lattice × 1..LOOKUP_MAX_TOKENS tokens (bf16: tf32 products, ~1e-3 like the rotation
+    alone; one fp32 case per K at 2.4 bits, default config: fp32 products). Each launch also zeroes
+    split counters."""
     checks = []
-    bounds = {torch.bfloat16: 3e-3, torch.float32: 1e-5}
-    for features in [k for pair in DECODE_ROTATION_FEATURES.values() for k in pair]:
+    bounds = {torch.bfloat16: 5e-3, torch.float32: 2e-5}
+    for features in features_list or [k for pair in DECODE_STUDY_FEATURES.values() for k in pair]:
         for bits, layer in _distinct_factorisations(features):
-            f64 = torch.float64
+            words = words_per_row(layer.length)
             cases = [(tokens, DTYPE) for tokens in range(1, LOOKUP_MAX_TOKENS + 1)] + [(1, torch.float32)]
             for tokens, dtype in cases if bits == 2.4 else cases[:LOOKUP_MAX_TOKENS]:
-                x = torch.randn(tokens, features, device="cuda").to(dtype)
-                want = rotate(x.to(f64), layer.signs.to(f64), layer.left.to(f64), layer.right.to(f64))
+                block = triton_lut.token_block(tokens)
+                x = torch.randn(tokens, features, device=layer.signs.device).to(dtype)
+                want = _tables_float64(x, layer, words, block)
                 errors = {}
-                for decode in (True, False):
-                    poison_allocator(tokens * layer.padded_features)
-                    errors[decode] = relative_error(
-                        rotate_triton(x, layer.signs, layer.left, layer.right, decode=decode), want)
-                entry = dict(rows="rotation", features=features, bits=bits, batch=tokens, dtype=str(dtype),
-                             config=f"decode kernel {'on' if triton_lift._decode_plan(*layer.factors) else 'off'}"
-                                    f" (k1, k2) = {layer.factors}",
-                             lift_error=errors[True], matmul_error=errors[False], op_error=0.0)
-                entry["ok"] = max(errors.values()) < bounds[dtype]
+                # fp32: the default config only (each config is one more compile in a short GPU call).
+                configs = ROTATE_TABLES_CONFIGS if dtype == DTYPE else [
+                    triton_lift._rotate_tables_config(8 * words, x.device)]
+                for config in configs:
+                    poison_allocator(block * 8 * words * 16)
+                    counters = torch.full((4096,), 7, dtype=torch.int32, device=x.device)
+                    tables = rotate_lift_tables(x, layer.signs, layer.left, layer.right, layer.mapping, words, block,
+                                                zero_counters=counters, config=config)
+                    errors[f"G{config['BLOCK_G']}w{config['num_warps']}"] = (
+                        relative_error(tables, want) if int(counters.abs().sum()) == 0 else float("nan"))
+                two_launches = relative_error(_old_decode_tables(x, layer.signs, layer.left, layer.right, layer.mapping,
+                                                                words, block), want)
+                entry = dict(rows="decode tables", features=features, bits=bits, batch=tokens, dtype=str(dtype),
+                             config=f"(k1, k2) = {layer.factors}, one launch per config: " + ", ".join(
+                                 f"{name} {e:.1e}" for name, e in errors.items()),
+                             lift_error=float(torch.tensor(list(errors.values())).max()),  # nan if any is
+                             matmul_error=two_launches, op_error=0.0)
+                entry["ok"] = all(e < bounds[dtype] for e in (entry["lift_error"], two_launches))  # nan fails
                 checks.append(entry)
                 log(f"check {entry}")
     return checks
 
 
-def _rotate_without_decode_kernel(*args, decode=False, **keywords):
-    """``rotate_triton`` as before the decode kernel: what _decode_siblings calls for the baseline."""
-    return rotate_triton(*args, **keywords)
-
-
-def study_decode_layer(log) -> dict:
-    """Batch-1 time of one 8B decoder layer's LiftQuant work (2.4 bits): the fused ops with the decode
-    rotation, with the chunked rotation, and the composition; then the rotation alone, chunked
-    (autotuned) vs decode kernel, per model K × lattice × token count; and the chunked kernel at each
-    of its tuning configs."""
+def study_decode_tables(log, save) -> dict:
+    """Batch-1 time of one 8B decoder layer's LiftQuant work (2.4 bits): the fused ops with the one
+    tables launch, with the rotation + tables-from-u launches, and the composition; then the tables
+    alone, two launches vs one (each config), per model K × lattice × token count. ``save(study)``
+    after each number, so a call cut off at its time limit still leaves what it measured."""
     from lift_ao.kernels import triton_register
 
     fused, composed = decode_layer_ops()
     x = torch.randn(1, 4096, device="cuda", dtype=DTYPE)
     h = torch.randn(1, 14336, device="cuda", dtype=DTYPE)
-    study = dict(fused_us=bench_us(lambda: fused(x, h)), composed_us=bench_us(lambda: composed(x, h)),
-                 rotation=[], rotate=[])
-    triton_register.rotate_triton = _rotate_without_decode_kernel
+    study = dict(fused_us=bench_us(lambda: fused(x, h)), composed_us=bench_us(lambda: composed(x, h)), tables=[])
+    triton_register.rotate_lift_tables = _old_decode_tables
     try:
-        study["fused_chunked_rotation_us"] = bench_us(lambda: fused(x, h))
+        study["fused_two_launch_us"] = bench_us(lambda: fused(x, h))
     finally:
-        triton_register.rotate_triton = rotate_triton
-    log(f"decode layer (2.4 bits, batch 1): fused {study['fused_us']:.1f} us (chunked rotation "
-        f"{study['fused_chunked_rotation_us']:.1f}), composed {study['composed_us']:.1f} us")
-    for model, features_pair in DECODE_ROTATION_FEATURES.items():
+        triton_register.rotate_lift_tables = rotate_lift_tables
+    log(f"decode layer (2.4 bits, batch 1): fused {study['fused_us']:.1f} us (rotation + tables-from-u launches "
+        f"{study['fused_two_launch_us']:.1f}), composed {study['composed_us']:.1f} us")
+    save(study)
+    for model, features_pair in DECODE_STUDY_FEATURES.items():
         for features in features_pair:
             for bits, layer in _distinct_factorisations(features):
+                words = words_per_row(layer.length)
                 for tokens in range(1, LOOKUP_MAX_TOKENS + 1):
+                    block = triton_lut.token_block(tokens)
                     inp = torch.randn(tokens, features, device="cuda", dtype=DTYPE)
+                    args = (inp, layer.signs, layer.left, layer.right, layer.mapping, words, block)
+                    default = triton_lift._rotate_tables_config(8 * words, inp.device)
                     entry = dict(model=model, features=features, bits=bits, factors=layer.factors, tokens=tokens,
-                                 decode_kernel=triton_lift._decode_plan(*layer.factors) is not None)
-                    for name, decode in (("chunked_us", False), ("decode_us", True)):
-                        entry[name] = bench_us(lambda: rotate_triton(inp, layer.signs, layer.left, layer.right,
-                                                                     decode=decode))
-                    study["rotation"].append(entry)
-                    log(f"rotation {entry}")
-    for features in (4096, 14336):
-        layer = LiftedLayer(16, features, 2.4)
-        inp = x if features == 4096 else h
-        for cfg in triton_lift._ROTATE_CONFIGS:
-            config = dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-            us = bench_us(lambda: triton_lift.rotate_triton(inp, layer.signs, layer.left, layer.right, config=config))
-            study["rotate"].append(dict(features=features, config=config, us=us))
-            log(f"rotate K={features} {config}: {us:.1f} us")
+                                 two_launch_us=bench_us(lambda: _old_decode_tables(*args)),
+                                 rotate_us=bench_us(lambda: rotate_triton(inp, layer.signs, layer.left, layer.right)),
+                                 default=f"G{default['BLOCK_G']}w{default['num_warps']}", configs={})
+                    for config in ROTATE_TABLES_CONFIGS:
+                        entry["configs"][f"G{config['BLOCK_G']}w{config['num_warps']}"] = bench_us(
+                            lambda: rotate_lift_tables(*args, config=config))
+                    study["tables"].append(entry)
+                    log(f"tables {entry}")
+                    save(study)
     return study
 
 
 def decode_markdown(result: dict) -> str:
-    """kernels_decode.md: the --decode-study tables and the decode rotation's checks."""
+    """kernels_decode.md: the --decode-study tables and the decode checks."""
     study = result["decode_study"]
-    lines = [f"# lift_ao decode rotation and one 8B layer at batch 1 on {result['device']}", "",
+    names = [f"G{c['BLOCK_G']}w{c['num_warps']}" for c in ROTATE_TABLES_CONFIGS]
+    lines = [f"# lift_ao decode tables (one launch from x) and one 8B layer at batch 1 on {result['device']}", "",
              f"Command: `{result['command']}`  ",
              f"torch {result['torch']}, triton {result['triton']}, {result['date']}; µs = median of do_bench over a "
              "CUDA-graph replay (L2 flushed).", "",
-             f"One Llama-3-8B layer's LiftQuant work (2.4 bits, fused ops): {study['fused_us']:.1f} µs with the decode "
-             f"rotation, {study['fused_chunked_rotation_us']:.1f} µs with the chunked rotation; base-op composition "
-             f"{study['composed_us']:.1f} µs.", "",
-             "## Rotation alone: chunked kernel (autotuned) vs decode kernel", "",
-             "| model | K | bits | (k1, k2) | tokens | chunked µs | decode µs | speed-up |", "|---|---|---|---|---|---|---|---|"]
-    for e in study["rotation"]:
-        decode = f"{e['decode_us']:.1f}" if e["decode_kernel"] else f"(chunked) {e['decode_us']:.1f}"
+             f"One Llama-3-8B layer's LiftQuant work (2.4 bits, fused ops): {study['fused_us']:.1f} µs with one tables "
+             f"launch per shared lift, {study['fused_two_launch_us']:.1f} µs with the rotation + tables-from-u "
+             f"launches; base-op composition {study['composed_us']:.1f} µs.", "",
+             "## Tables of one shared lift: rotation + tables-from-u (two launches) vs `rotate_lift_tables` (one)", "",
+             "GxwY = BLOCK_G groups per program, Y warps; * = the default for the shape; rotation = `rotate_triton` alone.",
+             "", "| model | K | bits | (k1, k2) | tokens | rotation µs | two launches µs | "
+             + " | ".join(names) + " | speed-up (default) |", "|---|---|---|---|---|---|---|" + "---|" * (len(names) + 1)]
+    for e in study["tables"]:
+        cells = [f"{e['configs'][n]:.1f}{'*' if n == e['default'] else ''}" for n in names]
         lines.append(f"| {e['model']} | {e['features']} | {e['bits']} | {tuple(e['factors'])} | {e['tokens']} | "
-                     f"{e['chunked_us']:.1f} | {decode} | {e['chunked_us'] / e['decode_us']:.2f}× |")
-    lines += ["", "## Checks (rotation rows: decode kernel error under `lift`, chunked kernel under `matmul`)", "",
+                     f"{e['rotate_us']:.1f} | {e['two_launch_us']:.1f} | " + " | ".join(cells)
+                     + f" | {e['two_launch_us'] / e['configs'][e['default']]:.2f}× |")
+    lines += ["", "## Checks (decode tables: worst config under `lift`, two-launch path under `matmul`)", "",
               "| N×K | bits | batch | dtype / config | lift | matmul | op | ok |", "|---|---|---|---|---|---|---|---|"]
     for c in result["checks"]:
         lines.append(f"| {c['rows']}×{c['features']} | {c['bits']} | {c['batch']} | {c['dtype']} {c.get('config', '')} "
@@ -718,9 +744,9 @@ def main():
     parser.add_argument("--quick", action="store_true", help="two shapes only (smoke run)")
     parser.add_argument("--sweep", action="store_true", help="first time every tuning config on decode shapes")
     parser.add_argument("--decode-study", action="store_true",
-                        help="only the decode kernels' checks (fused decode ops, the decode rotation), one 8B decoder layer with either rotation "
-                             "vs the composition, and the rotation alone at Llama-3-8B / Qwen2.5-1.5B K "
-                             "(kernels_decode.json / .md)")
+                        help="only the decode checks (fused decode ops, the one-launch tables), one 8B decoder layer "
+                             "with one or two tables launches vs the composition, and the tables alone per config at "
+                             "Llama-3-8B / Qwen2.5-1.5B K (kernels_decode.json / .md)")
     parser.add_argument("--lookup-study", action="store_true",
                         help="only the checks and the lookup kernel's configs × splits (writes kernels_lookup.json)")
     parser.add_argument("--prefill-study", action="store_true",
@@ -756,13 +782,17 @@ def main():
     if args.decode_study:
         # Only the decode kernels' checks: the full set (every tuning config of every kernel) took the
         # whole of a 130 s call on an H200 before any timing.
-        result["checks"] = check_fused_decode(log) + check_decode_rotation(log)
+        result["checks"] = check_fused_decode(log) + check_decode_tables(log)
         if not all(c["ok"] for c in result["checks"]):
             log("CORRECTNESS FAILED: timings below are of a wrong kernel")
-        result["decode_study"] = study_decode_layer(log)
-        result["seconds"] = time.time() - started
-        (out_dir / "kernels_decode.json").write_text(json.dumps(result, indent=1))
-        (out_dir / "kernels_decode.md").write_text(decode_markdown(result))
+
+        def save_decode(study):
+            result["decode_study"] = study
+            result["seconds"] = time.time() - started
+            (out_dir / "kernels_decode.json").write_text(json.dumps(result, indent=1))
+            (out_dir / "kernels_decode.md").write_text(decode_markdown(result))
+
+        save_decode(study_decode_tables(log, save_decode))
         print(decode_markdown(result))
         return
     result["checks"] = check_correctness(log)
