@@ -15,10 +15,9 @@
    kernel alone (with its GB/s).
 4. Split-K variants for the notes; with --sweep, every tuning candidate on decode shapes; with
    --lookup-study, the table-lookup decode kernel's configs × split counts beside the ±1 GEMM; with
-   --decode-study, the one-launch decode tables (``rotate_lift_tables``, every config) checked against
-   float64 at real sizes, one Llama-3-8B decoder layer's LiftQuant work (fused decode ops with one
-   tables launch or with rotation + tables-from-u, vs composition) and the tables alone, two launches
-   vs one per config, at Llama-3-8B and Qwen2.5-1.5B K (kernels_decode.json / .md); with
+   --decode-study, the decode tables (rotation + tables from u) checked against float64 at real
+   sizes, one Llama-3-8B decoder layer's LiftQuant work (fused decode ops vs composition) and the
+   rotation and tables alone at Llama-3-8B and Qwen2.5-1.5B K (kernels_decode.json / .md); with
    --prefill-study, only the prefill checks and the prefill path at 2.4 bits on two 8B shapes ×
    batch 16/64/256/1024 beside the lift + ±1 GEMM and bf16 (kernels_prefill.json / .md), to set
    ``REBUILD_MIN_TOKENS``.
@@ -46,9 +45,8 @@ from lift_ao.packing import interleave_rows, words_per_row
 from lift_ao.transform import make_rotation
 from lift_ao.kernels import lift_activation, lifted_matmul  # importing registers the CUDA kernels
 from lift_ao.kernels.reference import lift_activation_reference, lifted_matmul_reference
-from lift_ao.kernels import triton_lift
 from lift_ao.kernels.fused_ops import compose_group
-from lift_ao.kernels.triton_lift import ROTATE_TABLES_CONFIGS, lift_activation_triton, rotate_lift_tables, rotate_triton
+from lift_ao.kernels.triton_lift import lift_activation_triton, rotate_triton
 from lift_ao.kernels import triton_dequant, triton_lut
 from lift_ao.kernels.triton_dequant import padded_columns, rebuild_rotated_weight
 from lift_ao.kernels.triton_register import (
@@ -272,8 +270,8 @@ def decode_layer_ops(bits: float = 2.4):
 
 
 def check_fused_decode(log) -> list[dict]:
-    """The fused ops' decode path (tables straight from x in one launch, one lookup launch per
-    shared lift with its split reduction inside) against the base-op composition, at Llama-3-8B sizes."""
+    """The fused ops' decode path (rotation, tables from u, one lookup launch per shared lift with its
+    split reduction inside) against the base-op composition, at Llama-3-8B sizes."""
     checks = []
     fused, composed = decode_layer_ops()
     for batch in (1, 2):
@@ -376,16 +374,15 @@ def _tables_float64(x, layer, words, block) -> torch.Tensor:
     return torch.einsum("it,bgt->gib", signs, padded.view(block, 8 * words, 4))
 
 
-def _old_decode_tables(x, signs, left, right, mapping, words, block, zero_counters=None):
-    """``rotate_lift_tables``'s stand-in for the baseline: the rotation, then the tables from u."""
+def decode_tables(x, signs, left, right, mapping, words, block, zero_counters=None):
+    """What the fused decode ops run per shared lift before the lookup: the rotation, then the tables from u."""
     return triton_lut.lift_tables(rotate_triton(x, signs, left, right), mapping, words, block, zero_counters)
 
 
 def check_decode_tables(log, features_list=None) -> list[dict]:
-    """``rotate_lift_tables`` (every config) and the two-launch path against the float64 tables at every
-    study K × lattice × 1..LOOKUP_MAX_TOKENS tokens (bf16: tf32 products, ~1e-3 like the rotation
-    alone; one fp32 case per K at 2.4 bits, default config: fp32 products). Each launch also zeroes
-    split counters."""
+    """The decode tables (rotation + tables from u) against the float64 tables at every study K ×
+    lattice × 1..LOOKUP_MAX_TOKENS tokens (bf16: tf32 products, ~1e-3 like the rotation alone; one
+    fp32 case per K at 2.4 bits: fp32 products); the launch must also zero the split counters."""
     checks = []
     bounds = {torch.bfloat16: 5e-3, torch.float32: 2e-5}
     for features in features_list or [k for pair in DECODE_STUDY_FEATURES.values() for k in pair]:
@@ -395,66 +392,41 @@ def check_decode_tables(log, features_list=None) -> list[dict]:
             for tokens, dtype in cases if bits == 2.4 else cases[:LOOKUP_MAX_TOKENS]:
                 block = triton_lut.token_block(tokens)
                 x = torch.randn(tokens, features, device=layer.signs.device).to(dtype)
-                want = _tables_float64(x, layer, words, block)
-                errors = {}
-                # fp32: the default config only (each config is one more compile in a short GPU call).
-                configs = ROTATE_TABLES_CONFIGS if dtype == DTYPE else [
-                    triton_lift._rotate_tables_config(8 * words, x.device)]
-                for config in configs:
-                    poison_allocator(block * 8 * words * 16)
-                    counters = torch.full((4096,), 7, dtype=torch.int32, device=x.device)
-                    tables = rotate_lift_tables(x, layer.signs, layer.left, layer.right, layer.mapping, words, block,
-                                                zero_counters=counters, config=config)
-                    errors[f"G{config['BLOCK_G']}w{config['num_warps']}"] = (
-                        relative_error(tables, want) if int(counters.abs().sum()) == 0 else float("nan"))
-                two_launches = relative_error(_old_decode_tables(x, layer.signs, layer.left, layer.right, layer.mapping,
-                                                                words, block), want)
+                poison_allocator(block * 8 * words * 16)
+                counters = torch.full((4096,), 7, dtype=torch.int32, device=x.device)
+                tables = decode_tables(x, layer.signs, layer.left, layer.right, layer.mapping, words, block, counters)
+                error = (relative_error(tables, _tables_float64(x, layer, words, block))
+                         if int(counters.abs().sum()) == 0 else float("nan"))
                 entry = dict(rows="decode tables", features=features, bits=bits, batch=tokens, dtype=str(dtype),
-                             config=f"(k1, k2) = {layer.factors}, one launch per config: " + ", ".join(
-                                 f"{name} {e:.1e}" for name, e in errors.items()),
-                             lift_error=float(torch.tensor(list(errors.values())).max()),  # nan if any is
-                             matmul_error=two_launches, op_error=0.0)
-                entry["ok"] = all(e < bounds[dtype] for e in (entry["lift_error"], two_launches))  # nan fails
+                             config=f"(k1, k2) = {layer.factors}, rotation + tables from u", lift_error=error,
+                             matmul_error=0.0, op_error=0.0)
+                entry["ok"] = error < bounds[dtype]  # nan fails
                 checks.append(entry)
                 log(f"check {entry}")
     return checks
 
 
-def study_decode_tables(log, save) -> dict:
-    """Batch-1 time of one 8B decoder layer's LiftQuant work (2.4 bits): the fused ops with the one
-    tables launch, with the rotation + tables-from-u launches, and the composition; then the tables
-    alone, two launches vs one (each config), per model K × lattice × token count. ``save(study)``
-    after each number, so a call cut off at its time limit still leaves what it measured."""
-    from lift_ao.kernels import triton_register
-
+def study_decode(log, save) -> dict:
+    """Batch-1 time of one 8B decoder layer's LiftQuant work (2.4 bits, fused ops vs the base-op
+    composition); then per model K × lattice × token count the rotation alone and the decode tables
+    (rotation + tables from u). ``save(study)`` after each number, so a call cut off at its time limit
+    still leaves what it measured."""
     fused, composed = decode_layer_ops()
     x = torch.randn(1, 4096, device="cuda", dtype=DTYPE)
     h = torch.randn(1, 14336, device="cuda", dtype=DTYPE)
     study = dict(fused_us=bench_us(lambda: fused(x, h)), composed_us=bench_us(lambda: composed(x, h)), tables=[])
-    triton_register.rotate_lift_tables = _old_decode_tables
-    try:
-        study["fused_two_launch_us"] = bench_us(lambda: fused(x, h))
-    finally:
-        triton_register.rotate_lift_tables = rotate_lift_tables
-    log(f"decode layer (2.4 bits, batch 1): fused {study['fused_us']:.1f} us (rotation + tables-from-u launches "
-        f"{study['fused_two_launch_us']:.1f}), composed {study['composed_us']:.1f} us")
+    log(f"decode layer (2.4 bits, batch 1): fused {study['fused_us']:.1f} us, composed {study['composed_us']:.1f} us")
     save(study)
     for model, features_pair in DECODE_STUDY_FEATURES.items():
         for features in features_pair:
             for bits, layer in _distinct_factorisations(features):
                 words = words_per_row(layer.length)
                 for tokens in range(1, LOOKUP_MAX_TOKENS + 1):
-                    block = triton_lut.token_block(tokens)
                     inp = torch.randn(tokens, features, device="cuda", dtype=DTYPE)
-                    args = (inp, layer.signs, layer.left, layer.right, layer.mapping, words, block)
-                    default = triton_lift._rotate_tables_config(8 * words, inp.device)
+                    args = (inp, layer.signs, layer.left, layer.right, layer.mapping, words, triton_lut.token_block(tokens))
                     entry = dict(model=model, features=features, bits=bits, factors=layer.factors, tokens=tokens,
-                                 two_launch_us=bench_us(lambda: _old_decode_tables(*args)),
-                                 rotate_us=bench_us(lambda: rotate_triton(inp, layer.signs, layer.left, layer.right)),
-                                 default=f"G{default['BLOCK_G']}w{default['num_warps']}", configs={})
-                    for config in ROTATE_TABLES_CONFIGS:
-                        entry["configs"][f"G{config['BLOCK_G']}w{config['num_warps']}"] = bench_us(
-                            lambda: rotate_lift_tables(*args, config=config))
+                                 rotate_us=bench_us(lambda: rotate_triton(*args[:4])),
+                                 tables_us=bench_us(lambda: decode_tables(*args)))
                     study["tables"].append(entry)
                     log(f"tables {entry}")
                     save(study)
@@ -464,25 +436,20 @@ def study_decode_tables(log, save) -> dict:
 def decode_markdown(result: dict) -> str:
     """kernels_decode.md: the --decode-study tables and the decode checks."""
     study = result["decode_study"]
-    names = [f"G{c['BLOCK_G']}w{c['num_warps']}" for c in ROTATE_TABLES_CONFIGS]
-    lines = [f"# lift_ao decode tables (one launch from x) and one 8B layer at batch 1 on {result['device']}", "",
+    lines = [f"# lift_ao decode: one 8B layer and the per-lift tables at batch 1 on {result['device']}", "",
              f"Command: `{result['command']}`  ",
              f"torch {result['torch']}, triton {result['triton']}, {result['date']}; µs = median of do_bench over a "
              "CUDA-graph replay (L2 flushed).", "",
-             f"One Llama-3-8B layer's LiftQuant work (2.4 bits, fused ops): {study['fused_us']:.1f} µs with one tables "
-             f"launch per shared lift, {study['fused_two_launch_us']:.1f} µs with the rotation + tables-from-u "
-             f"launches; base-op composition {study['composed_us']:.1f} µs.", "",
-             "## Tables of one shared lift: rotation + tables-from-u (two launches) vs `rotate_lift_tables` (one)", "",
-             "GxwY = BLOCK_G groups per program, Y warps; * = the default for the shape; rotation = `rotate_triton` alone.",
-             "", "| model | K | bits | (k1, k2) | tokens | rotation µs | two launches µs | "
-             + " | ".join(names) + " | speed-up (default) |", "|---|---|---|---|---|---|---|" + "---|" * (len(names) + 1)]
+             f"One Llama-3-8B layer's LiftQuant work (2.4 bits): fused ops {study['fused_us']:.1f} µs, base-op "
+             f"composition {study['composed_us']:.1f} µs.", "",
+             "## Tables of one shared lift (rotation, then tables from u)", "",
+             "| model | K | bits | (k1, k2) | tokens | rotation µs | rotation + tables µs |", "|---|---|---|---|---|---|---|"]
     for e in study["tables"]:
-        cells = [f"{e['configs'][n]:.1f}{'*' if n == e['default'] else ''}" for n in names]
         lines.append(f"| {e['model']} | {e['features']} | {e['bits']} | {tuple(e['factors'])} | {e['tokens']} | "
-                     f"{e['rotate_us']:.1f} | {e['two_launch_us']:.1f} | " + " | ".join(cells)
-                     + f" | {e['two_launch_us'] / e['configs'][e['default']]:.2f}× |")
-    lines += ["", "## Checks (decode tables: worst config under `lift`, two-launch path under `matmul`)", "",
-              "| N×K | bits | batch | dtype / config | lift | matmul | op | ok |", "|---|---|---|---|---|---|---|---|"]
+                     f"{e['rotate_us']:.1f} | {e['tables_us']:.1f} |")
+    lines += ["", "## Checks (decode tables against float64 under `lift`; the fused layer against the composition "
+              "under `matmul`)", "", "| N×K | bits | batch | dtype / config | lift | matmul | op | ok |",
+              "|---|---|---|---|---|---|---|---|"]
     for c in result["checks"]:
         lines.append(f"| {c['rows']}×{c['features']} | {c['bits']} | {c['batch']} | {c['dtype']} {c.get('config', '')} "
                      f"| {c['lift_error']:.1e} | {c['matmul_error']:.1e} | {c['op_error']:.1e} | {c['ok']} |")
@@ -744,8 +711,8 @@ def main():
     parser.add_argument("--quick", action="store_true", help="two shapes only (smoke run)")
     parser.add_argument("--sweep", action="store_true", help="first time every tuning config on decode shapes")
     parser.add_argument("--decode-study", action="store_true",
-                        help="only the decode checks (fused decode ops, the one-launch tables), one 8B decoder layer "
-                             "with one or two tables launches vs the composition, and the tables alone per config at "
+                        help="only the decode checks (fused decode ops, decode tables), one 8B decoder layer "
+                             "(fused ops vs the composition), and the rotation and tables alone at "
                              "Llama-3-8B / Qwen2.5-1.5B K (kernels_decode.json / .md)")
     parser.add_argument("--lookup-study", action="store_true",
                         help="only the checks and the lookup kernel's configs × splits (writes kernels_lookup.json)")
@@ -792,7 +759,7 @@ def main():
             (out_dir / "kernels_decode.json").write_text(json.dumps(result, indent=1))
             (out_dir / "kernels_decode.md").write_text(decode_markdown(result))
 
-        save_decode(study_decode_tables(log, save_decode))
+        save_decode(study_decode(log, save_decode))
         print(decode_markdown(result))
         return
     result["checks"] = check_correctness(log)

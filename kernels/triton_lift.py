@@ -10,32 +10,23 @@ Two launches, each a handful of small tensor-core products:
 2. :func:`_lift_blocks_kernel` — each d-block of U times M (d × D), cast to the activation's dtype.
 
 They are separate launches because a d-block may straddle rows of U (d need not divide k2), so a
-program computing rows of U cannot own whole blocks. Any (D, d) and any k1, k2 work: tile sizes
+program computing rows of U cannot own whole blocks. The decode path of the fused ops replaces the
+second launch by :func:`lift_ao.kernels.triton_lut.lift_tables`, which reads U and writes the lookup
+tables directly. Any (D, d) and any k1, k2 work: tile sizes
 are d, D and k2 padded to powers of two (≥ 16, tl.dot's minimum), with masked loads and stores.
-
-The decode path of the fused ops takes neither: :func:`rotate_lift_tables`
-(:func:`_rotate_lift_tables_kernel`) goes from x to the lookup tables of
-:mod:`lift_ao.kernels.triton_lut` in one launch. A program there owns groups of lifted positions
-instead of rows of U: it computes just the rotated values its lattice blocks need (a contiguous
-range of u, a few rows of U: its rows of ``P1ᵀ V`` from all of V, then the gathered columns of P2),
-keeps them in its own scratch slice and builds its tables from them after a CTA barrier. At one or
-two tokens the rotation is latency-bound (round 6 of benchmarks/NOTES_kernels.md), so the launch and
-the round trip of u saved count more than the recomputed ``P1ᵀ V``.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from .triton_lut import _lift_columns, _store_lift_tables, _zero_counters
 from .triton_matmul import quick_bench, sm_count
 
-__all__ = ["ROTATE_TABLES_CONFIGS", "lift_activation_triton", "rotate_lift_tables", "rotate_triton"]
+__all__ = ["lift_activation_triton", "rotate_triton"]
 
 _ROWS_PER_PROGRAM = 16   # BLOCK_I: tl.dot's minimum M
 _COLUMN_CHUNK = 32       # output columns of U per product with P2
@@ -133,58 +124,6 @@ def _lift_blocks_kernel(
              lifted.to(out_ptr.dtype.element_ty), mask=block_ok[:, None] & (f < D)[None, :])
 
 
-@triton.jit
-def _rotate_lift_tables_kernel(
-    x_ptr, signs_ptr, left_ptr, right_ptr, mapping_ptr, scratch_ptr, table_ptr, counter_ptr,
-    B, K, k1, k2, stride_x, L, groups, d, D, n_counters,
-    BLOCK_B: tl.constexpr, BLOCK_G: tl.constexpr, FLAT: tl.constexpr, FLAT_CHUNK: tl.constexpr,
-    ROWS: tl.constexpr, K1_PADDED: tl.constexpr, BLOCK_A: tl.constexpr, K2_PADDED: tl.constexpr,
-    D_IN_PADDED: tl.constexpr, PRECISION: tl.constexpr, HAS_SIGNS: tl.constexpr,
-):
-    """Lookup tables of x̃ = lift(Rᵀ pad(signs ⊙ x)) for groups [pid·BLOCK_G, +BLOCK_G), from x.
-
-    The program's positions need the lattice blocks from ``first_flat / d`` on, i.e. the rotated
-    values u[f] for f in [first_flat, first_flat + FLAT) (a bound set on the host), which lie in
-    rows [first_row, first_row + ROWS) of U = P1ᵀ V P2. Per token: W = P1[:, those rows]ᵀ V (all of
-    V: U mixes every row of it), then u[f] = Σ_c W[row(f) − first_row, c] · P2[c, f mod k2], one
-    product with the gathered columns of P2 per FLAT_CHUNK values of f and the row of each f picked
-    out. The values go to the program's own slice of ``scratch`` (BLOCK_B, programs, FLAT) and,
-    after a CTA barrier (which makes the program's global writes visible to all its threads), the
-    tables are built from them as :func:`~lift_ao.kernels.triton_lut._lift_tables_kernel` builds
-    them from u. Its loops are unrolled, so the loads that need no product (P1's columns, V, P2's
-    columns, M) can be issued up front. Also zeroes ``n_counters`` split counters.
-    """
-    _zero_counters(counter_ptr, n_counters)
-    pid = tl.program_id(0)
-    g = pid * BLOCK_G + tl.arange(0, BLOCK_G)
-    m, block, inside = _lift_columns(mapping_ptr, g, L, d, D, D_IN_PADDED)
-    first_flat = (pid * BLOCK_G * 4 // D) * d
-    first_row = first_flat // k2
-    i = first_row + tl.arange(0, ROWS)
-    columns = tl.arange(0, K2_PADDED)
-    scratch = scratch_ptr + pid * FLAT
-    token_stride = tl.num_programs(0) * FLAT
-    for b in tl.static_range(BLOCK_B):
-        # Tokens past B (B not a power of two) read no activation: their u is 0.
-        features = tl.where(b < B, K, 0)
-        partial = tl.zeros((ROWS, K2_PADDED), dtype=tl.float32)                           # W = (P1ᵀ V)[i, :]
-        for a0 in tl.static_range(0, K1_PADDED, BLOCK_A):
-            a = a0 + tl.arange(0, BLOCK_A)
-            left_t = _left_columns_transposed(left_ptr, a, i, k1)
-            v = _signed_activation(x_ptr + b * stride_x, signs_ptr, a, columns, features, k1, k2, HAS_SIGNS)
-            partial = tl.dot(left_t, v, partial, input_precision=PRECISION)
-        for f0 in tl.static_range(0, FLAT, FLAT_CHUNK):
-            f = first_flat + f0 + tl.arange(0, FLAT_CHUNK)
-            row = f // k2
-            right = _right_columns(right_ptr, columns, f - row * k2, k2)                   # P2[:, f mod k2]
-            products = tl.dot(partial, right, input_precision=PRECISION)                  # (ROWS, FLAT_CHUNK)
-            u = tl.sum(tl.where(i[:, None] == row[None, :], products, 0.0), axis=0)
-            tl.store(scratch + b * token_stride + f0 + tl.arange(0, FLAT_CHUNK), u)
-    tl.debug_barrier()
-    _store_lift_tables(scratch, token_stride, first_flat, m, block, inside, table_ptr, g, B, d, groups, BLOCK_B,
-                       D_IN_PADDED)
-
-
 def rotate_triton(
     x: torch.Tensor, input_signs: Optional[torch.Tensor], rotation_left: torch.Tensor,
     rotation_right: torch.Tensor, split_columns: Optional[bool] = None, config: Optional[dict] = None,
@@ -265,94 +204,3 @@ def lift_activation_triton(
             D_OUT_PADDED=max(16, triton.next_power_of_2(D)), num_warps=4,
         )
     return out.reshape(*x.shape[:-1], n_blocks * D)
-
-
-# Candidate (BLOCK_G, num_warps) of :func:`rotate_lift_tables`, by BLOCK_G. Each program recomputes
-# its rows of P1ᵀ V from all of V (16·k1·k2 MACs), so fewer, larger programs do less work in all but
-# each waits through more products; kernel_speed.py --decode-study times every one. (64 at 4 warps
-# spilled in the offline compile; 8 warps at ~255 registers leave one program per SM.)
-ROTATE_TABLES_CONFIGS = [dict(BLOCK_G=16, num_warps=4), dict(BLOCK_G=32, num_warps=4), dict(BLOCK_G=64, num_warps=8),
-                         dict(BLOCK_G=128, num_warps=8)]
-
-
-# fp32 values per warp of a loaded operand tile of _rotate_lift_tables_kernel (a chunk of V's rows,
-# a chunk of P2's gathered columns): 32 registers a thread. Offline sm_90 compiles (Triton 3.6, one
-# token): 2048 spilled at K = 14336 (d = 10) in every config, 1024 not at BLOCK_G = 64 / 8 warps.
-_TILE_PER_WARP = 1024
-
-
-def _rotate_tables_config(groups: int, device: torch.device) -> dict:
-    """The default config for ``groups`` table groups: the smallest BLOCK_G whose programs fit one
-    wave on the SMs (each SM recomputes P1ᵀ V once), else the largest."""
-    sms = sm_count(device)
-    for config in ROTATE_TABLES_CONFIGS:
-        if triton.cdiv(groups, config["BLOCK_G"]) <= sms:
-            return config
-    return ROTATE_TABLES_CONFIGS[-1]
-
-
-def _rotate_tables_plan(k1: int, k2: int, d: int, D: int, BLOCK_G: int, num_warps: int) -> dict:
-    """Tile sizes of :func:`_rotate_lift_tables_kernel` for one config."""
-    positions = 4 * BLOCK_G
-    # A program's first position is a multiple of `positions`, so its offset in its lattice block is a
-    # multiple of gcd(positions, D): that bounds the blocks its positions touch.
-    blocks = (D - math.gcd(positions, D) + positions - 1) // D + 1
-    flat = blocks * d
-    # Its first rotated index is a multiple of d, so its column in U is a multiple of gcd(d, k2).
-    rows = (k2 - math.gcd(d, k2) + flat - 1) // k2 + 1
-    k1_padded, k2_padded, flat_padded = (max(16, triton.next_power_of_2(n)) for n in (k1, k2, flat))
-    chunk = max(16, _TILE_PER_WARP * num_warps // k2_padded)
-    return dict(BLOCK_G=BLOCK_G, FLAT=flat_padded, FLAT_CHUNK=min(flat_padded, chunk),
-                ROWS=max(16, triton.next_power_of_2(rows)), K1_PADDED=k1_padded, BLOCK_A=min(k1_padded, chunk),
-                K2_PADDED=k2_padded, D_IN_PADDED=triton.next_power_of_2(d), num_warps=num_warps)
-
-
-def rotate_lift_tables(
-    x: torch.Tensor, input_signs: Optional[torch.Tensor], rotation_left: torch.Tensor, rotation_right: torch.Tensor,
-    mapping: torch.Tensor, words: int, token_block: int, zero_counters: Optional[torch.Tensor] = None,
-    config: Optional[dict] = None,
-) -> torch.Tensor:
-    """Lookup tables of x̃ = lift(Rᵀ pad(signs ⊙ x)) in one launch (the decode path of the fused ops):
-    what ``lift_tables(rotate_triton(x, ...), mapping, words, token_block, zero_counters)`` gives,
-    without writing u for the whole token.
-
-    Args:
-        x: (..., K) fp16 / bf16 / fp32 activation with B ≤ token_block rows, K ≤ Kp = k1·k2.
-        input_signs, rotation_left, rotation_right: as in :func:`rotate_triton`.
-        mapping: (d, D) lattice matrix M; Kp a multiple of d.
-        words: code words per row (``words_per_row(Kp·D/d)``).
-        token_block: tokens per table entry (power of two ≥ B).
-        zero_counters: int32 split counters that this launch zeroes for the lookup call that reads
-            these tables, or None.
-        config: one of :data:`ROTATE_TABLES_CONFIGS` instead of the default for the shape.
-    Returns:
-        (8·words, 16, token_block) fp32 tables (``triton_lut.build_tables`` of x̃ kept in fp32); the
-        rotation's products in tf32 for 16-bit activations, fp32 for fp32 ones, as rotate_triton.
-    """
-    k1, k2 = rotation_left.shape[0], rotation_right.shape[0]
-    d, D = mapping.shape
-    features = x.shape[-1]
-    rows = x.reshape(-1, features)
-    if rows.stride(-1) != 1:
-        rows = rows.contiguous()
-    tokens = rows.shape[0]
-    if tokens > token_block or (k1 * k2) % d:
-        raise ValueError(f"{tokens} tokens for a token block of {token_block}, or Kp = {k1 * k2} not a multiple "
-                         f"of d = {d}")
-    groups = 8 * words
-    plan = _rotate_tables_plan(k1, k2, d, D, **(config or _rotate_tables_config(groups, x.device)))
-    programs = triton.cdiv(groups, plan["BLOCK_G"])
-    f32 = torch.float32
-    tables = torch.empty(groups, 16, token_block, dtype=f32, device=x.device)
-    scratch = torch.empty(token_block, programs, plan["FLAT"], dtype=f32, device=x.device)
-    left, right = (t.to(f32).contiguous() for t in (rotation_left, rotation_right))
-    # Without signs (counters) the pointer is never read (written); pass any tensor of the dtype.
-    signs = left if input_signs is None else input_signs.to(f32).contiguous()
-    counters = tables if zero_counters is None else zero_counters
-    _rotate_lift_tables_kernel[(programs,)](
-        rows, signs, left, right, mapping.to(f32).contiguous(), scratch, tables, counters,
-        tokens, features, k1, k2, rows.stride(0), k1 * k2 // d * D, groups, d, D,
-        0 if zero_counters is None else zero_counters.numel(), BLOCK_B=token_block,
-        PRECISION="ieee" if x.dtype == f32 else "tf32", HAS_SIGNS=input_signs is not None, **plan,
-    )
-    return tables

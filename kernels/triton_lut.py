@@ -14,9 +14,8 @@ Launches:
 
 1. the tables, (G, 16, BLOCK_B) fp32 with G = 8 · words (zero past L, so the zero code bits past a
    row's end add nothing; the tokens of an entry contiguous): :func:`_build_tables_kernel` from x̃,
-   :func:`_lift_tables_kernel` from the rotated activation u (x̃ is never written), or, in the fused
-   decode ops, ``triton_lift.rotate_lift_tables`` straight from the activation x (neither u nor x̃
-   is written; it shares this module's table-building helpers);
+   or, in the fused decode ops, :func:`_lift_tables_kernel` straight from the rotated activation
+   (x̃ is never written);
 2. :func:`_lookup_kernel` — each program owns ``BLOCK_N`` rows of one of up to 3 sibling weights that
    read the same x̃ (q/k/v, gate/up) and one K split; a thread owns one row and loads 4 consecutive
    code words (16 bytes) per step, so the 32 lanes of a warp read the *same* table (one 64-byte
@@ -62,50 +61,6 @@ def _build_tables_kernel(lifted_ptr, table_ptr, B, L, groups, stride_lifted,
 
 
 @triton.jit
-def _zero_counters(counter_ptr, n_counters):
-    """Zero ``n_counters`` int32 split counters for the lookup launch that follows a tables launch
-    (which saves it a memset launch); every program of the launch takes its share."""
-    zero_at = tl.program_id(0) * 64 + tl.arange(0, 64)
-    for start in range(0, n_counters, tl.num_programs(0) * 64):
-        tl.store(counter_ptr + start + zero_at, 0, mask=start + zero_at < n_counters)
-
-
-@triton.jit
-def _lift_columns(mapping_ptr, g, L, d, D, D_IN_PADDED: tl.constexpr):
-    """What lifts the positions p = 4g + t of groups g: x̃[b, p] = Σ_e u[b, d·block + e] · m[e] with
-    block = p // D and m = M[:, p mod D]. Returns m (BLOCK_G, 4, D_IN_PADDED) fp32 (0 past L or d),
-    block (BLOCK_G, 4) and the mask of the (position, e) pairs that exist. Needs no activation, so a
-    kernel can issue these loads before its own products."""
-    t = tl.arange(0, 4)
-    e = tl.arange(0, D_IN_PADDED)
-    position = g[:, None] * 4 + t[None, :]                                                # (BLOCK_G, 4)
-    block = position // D
-    column = position - block * D
-    inside = (position < L)[:, :, None] & (e < d)[None, None, :]                           # (BLOCK_G, 4, E)
-    m = tl.load(mapping_ptr + e[None, None, :] * D + column[:, :, None], mask=inside, other=0.0)
-    return m, block, inside
-
-
-@triton.jit
-def _store_lift_tables(rotated_ptr, stride_rotated, first_flat, m, block, inside, table_ptr, g, B, d, groups,
-                       BLOCK_B: tl.constexpr, D_IN_PADDED: tl.constexpr):
-    """table[g, i, b] of x̃ lifted from u (see :func:`_lift_columns`), u[b, f] read at
-    ``rotated_ptr + b·stride_rotated + f − first_flat`` (0 for b ≥ B)."""
-    t = tl.arange(0, 4)
-    e = tl.arange(0, D_IN_PADDED)
-    i = tl.arange(0, 16)
-    b = tl.arange(0, BLOCK_B)
-    u = tl.load(rotated_ptr + b[None, None, None, :].to(tl.int64) * stride_rotated
-                + (block * d - first_flat)[:, :, None, None] + e[None, None, :, None],
-                mask=inside[:, :, :, None] & (b < B)[None, None, None, :], other=0.0)      # (BLOCK_G, 4, E, BLOCK_B)
-    x = tl.sum(u * m[:, :, :, None], axis=2)                                              # (BLOCK_G, 4, BLOCK_B)
-    signs = (((i[:, None] >> t[None, :]) & 1) * 2 - 1).to(tl.float32)                    # (16, 4)
-    table = tl.sum(x[:, None, :, :] * signs[None, :, :, None], axis=2)                   # (BLOCK_G, 16, BLOCK_B)
-    offsets = (g[:, None, None] * 16 + i[None, :, None]) * BLOCK_B + b[None, None, :]
-    tl.store(table_ptr + offsets, table, mask=(g < groups)[:, None, None])
-
-
-@triton.jit
 def _lift_tables_kernel(rotated_ptr, mapping_ptr, table_ptr, counter_ptr, B, L, groups, d, D, stride_rotated,
                         n_counters, BLOCK_B: tl.constexpr, BLOCK_G: tl.constexpr, D_IN_PADDED: tl.constexpr):
     """The tables of x̃ straight from the rotated activation u (the lift fused into the table build):
@@ -114,13 +69,30 @@ def _lift_tables_kernel(rotated_ptr, mapping_ptr, table_ptr, counter_ptr, B, L, 
     rotated (B, Kp) fp32; mapping (d, D) fp32; table as in :func:`_build_tables_kernel`. Each
     position is computed on its own (a gather of its block's d rotated values and one column of M),
     so D need not be a multiple of 4: a group of 4 positions may straddle two lattice blocks.
-    The programs also zero ``n_counters`` int32 split counters for the lookup launch that follows.
+    The programs also zero ``n_counters`` int32 split counters for the lookup launch that follows
+    (which saves it a memset launch).
     """
-    _zero_counters(counter_ptr, n_counters)
+    zero_at = tl.program_id(0) * 64 + tl.arange(0, 64)
+    for start in range(0, n_counters, tl.num_programs(0) * 64):
+        tl.store(counter_ptr + start + zero_at, 0, mask=start + zero_at < n_counters)
     g = tl.program_id(0) * BLOCK_G + tl.arange(0, BLOCK_G)
-    m, block, inside = _lift_columns(mapping_ptr, g, L, d, D, D_IN_PADDED)
-    _store_lift_tables(rotated_ptr, stride_rotated, 0, m, block, inside, table_ptr, g, B, d, groups, BLOCK_B,
-                       D_IN_PADDED)
+    t = tl.arange(0, 4)
+    e = tl.arange(0, D_IN_PADDED)
+    i = tl.arange(0, 16)
+    b = tl.arange(0, BLOCK_B)
+    position = g[:, None] * 4 + t[None, :]                                                # (BLOCK_G, 4)
+    block = position // D
+    column = position - block * D
+    inside = (position < L)[:, :, None] & (e < d)[None, None, :]                           # (BLOCK_G, 4, E)
+    m = tl.load(mapping_ptr + e[None, None, :] * D + column[:, :, None], mask=inside, other=0.0)
+    u = tl.load(rotated_ptr + b[None, None, None, :].to(tl.int64) * stride_rotated
+                + (block * d)[:, :, None, None] + e[None, None, :, None],
+                mask=inside[:, :, :, None] & (b < B)[None, None, None, :], other=0.0)      # (BLOCK_G, 4, E, BLOCK_B)
+    x = tl.sum(u * m[:, :, :, None], axis=2)                                              # (BLOCK_G, 4, BLOCK_B)
+    signs = (((i[:, None] >> t[None, :]) & 1) * 2 - 1).to(tl.float32)                    # (16, 4)
+    table = tl.sum(x[:, None, :, :] * signs[None, :, :, None], axis=2)                   # (BLOCK_G, 16, BLOCK_B)
+    offsets = (g[:, None, None] * 16 + i[None, :, None]) * BLOCK_B + b[None, None, :]
+    tl.store(table_ptr + offsets, table, mask=(g < groups)[:, None, None])
 
 
 @triton.jit

@@ -4,10 +4,9 @@ The ops keep their names and fake impls (``kernels/ops.py``, ``kernels/fused_ops
 a CUDA kernel to each, so CPU keeps the reference and ``torch.compile(fullgraph=True)`` still sees one
 opaque op node. Up to ``LOOKUP_MAX_TOKENS`` tokens (decode) take the table-lookup kernel, more the ±1
 GEMM. The fused ops (``lifted_linear``, ``lifted_linear_group``, put in place by the passes) decode
-in two launches per shared lift: the lookup tables straight from x (rotation, lift and signed sums
-in one launch, :func:`~lift_ao.kernels.triton_lift.rotate_lift_tables`: neither u nor x̃ is
-written), and one lookup launch for all siblings reading that lift (q/k/v, gate/up) with its split-K
-reduction inside; x̃ stays in fp32 there (the composition rounds it to the activation dtype).
+in three launches per shared lift: the rotation, the lift written straight into lookup tables, and
+one lookup launch for all siblings reading that lift (q/k/v, gate/up) with its split-K reduction
+inside; x̃ stays in fp32 there (the composition rounds it to the activation dtype).
 
 From ``REBUILD_MIN_TOKENS`` tokens (prefill) the fused ops skip the lift: per shared lift the rotation
 writes u = Rᵀ pad(x) in the activation dtype, and per sibling the weight is rebuilt in the rotated
@@ -30,7 +29,7 @@ from .fused_ops import check_siblings, compose_group, lifted_linear, lifted_line
 from .ops import _check_lift_args, _lifted_length, lift_activation, lifted_matmul
 from . import triton_lut
 from .triton_dequant import padded_columns, rebuild_rotated_weight
-from .triton_lift import lift_activation_triton, rotate_lift_tables, rotate_triton
+from .triton_lift import lift_activation_triton, rotate_triton
 from .triton_matmul import lifted_matmul_triton
 
 __all__ = ["register_cuda_kernels"]
@@ -94,15 +93,16 @@ def _check_siblings_of_lift(lift_args: tuple, packed_codes: list) -> int:
 
 
 def _decode_siblings(lift_args: tuple, packed_codes: list, row_scale: list, bias: list) -> list[torch.Tensor]:
-    """Siblings reading one lift, at most LOOKUP_MAX_TOKENS tokens: one launch from x to the lookup
-    tables (rotation, lift, signed sums), one lookup launch (per ≤ 3 siblings of equal bias presence)."""
+    """Siblings reading one lift, at most LOOKUP_MAX_TOKENS tokens: rotation, tables built from the
+    rotated activation, one lookup launch (per ≤ 3 siblings of equal bias presence)."""
     x, signs, left, right, mapping = lift_args
     length = _check_siblings_of_lift(lift_args, packed_codes)
     tokens = _tokens(x)
+    rotated = rotate_triton(x, signs, left, right)
     counters = torch.empty(triton_lut.split_counter_count([s.shape[0] for s in row_scale]), dtype=torch.int32,
                            device=x.device)
-    tables = rotate_lift_tables(x, signs, left, right, mapping, words_per_row(length), triton_lut.token_block(tokens),
-                                zero_counters=counters)
+    tables = triton_lut.lift_tables(rotated, mapping, words_per_row(length), triton_lut.token_block(tokens),
+                                    zero_counters=counters)
     outs = triton_lut.lookup_siblings(tables, tokens, [c.contiguous() for c in packed_codes], row_scale, bias, x.dtype,
                                       counters=counters)
     return [out.reshape(*x.shape[:-1], out.shape[-1]) for out in outs]
@@ -132,7 +132,7 @@ def _prefill_siblings(lift_args: tuple, packed_codes: list, row_scale: list, bia
 
 
 def _lifted_linear_cuda(x, input_signs, rotation_left, rotation_right, mapping, packed_codes, row_scale, bias):
-    """Decode: two launches (tables straight from x, lookup); prefill: rotation, rebuilt weight, cuBLAS;
+    """Decode: three launches (rotation, tables, lookup); prefill: rotation, rebuilt weight, cuBLAS;
     in between the lift then the ±1 GEMM."""
     lift_args = (x, input_signs, rotation_left, rotation_right, mapping)
     if _is_decode(x):
@@ -144,7 +144,7 @@ def _lifted_linear_cuda(x, input_signs, rotation_left, rotation_right, mapping, 
 
 def _lifted_linear_group_cuda(x, folded_signs, input_signs, rotation_left, rotation_right, mapping,
                               packed_codes, row_scale, bias):
-    """Per shared lift: decode, its tables straight from x and one lookup launch for its siblings;
+    """Per shared lift: decode, the rotation, its tables and one lookup launch for its siblings;
     prefill, the rotation and per sibling its rebuilt weight and a cuBLAS GEMM. In between the
     composition (each shared lift once, then the ±1 GEMM per sibling)."""
     if not (_is_decode(x) or _is_prefill(x)):

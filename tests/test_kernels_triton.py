@@ -224,7 +224,6 @@ def test_cuda_group_kernel_decodes_each_shared_lift_once_and_matches_the_composi
     tables once per lift and makes one lookup call per lift; every token count gives the reference
     composition's outputs (x̃ kept in fp32 by the fused decode: within twice the fp16 bound)."""
     import lift_ao.kernels.triton_lut as lut
-    from lift_ao.kernels import triton_register
 
     g = torch.Generator().manual_seed(21 + tokens)
     features, d, D = 60, 10, 24
@@ -237,16 +236,16 @@ def test_cuda_group_kernel_decodes_each_shared_lift_once_and_matches_the_composi
     args = (torch.randn(tokens, features, generator=g).to(torch.float16), None,
             [r.signs for r, _ in siblings], [r.left for r, _ in siblings], [r.right for r, _ in siblings],
             [mapping] * 3, codes, scales, [None, torch.randn(7, generator=g).to(torch.float16), None])
-    calls = {"rotate_lift_tables": 0, "lookup_siblings": 0}
-    for module, name in ((triton_register, "rotate_lift_tables"), (lut, "lookup_siblings")):
-        original = getattr(module, name)
-        monkeypatch.setattr(module, name, lambda *a, _name=name, _f=original, **k: calls.__setitem__(
+    calls = {"lift_tables": 0, "lookup_siblings": 0}
+    for name in calls:
+        original = getattr(lut, name)
+        monkeypatch.setattr(lut, name, lambda *a, _name=name, _f=original, **k: calls.__setitem__(
             _name, calls[_name] + 1) or _f(*a, **k))
 
     out = _lifted_linear_group_cuda(*args)
 
     expected_calls = 2 if tokens <= 2 else 0
-    assert calls == {"rotate_lift_tables": expected_calls, "lookup_siblings": expected_calls}
+    assert calls == {"lift_tables": expected_calls, "lookup_siblings": expected_calls}
     for got, want in zip(out, lifted_linear_group(*args)):  # CPU: the reference ops' composition
         assert got.shape == want.shape
         assert _relative_error(got, want.double()) < 2 * TOLERANCE[torch.float16]
