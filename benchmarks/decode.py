@@ -18,10 +18,13 @@ without it, torch 2.11 unwraps each tensor-subclass weight on the host at every 
 ``runtime_unwrap_tensor_subclasses``), ~40 µs per weight, which made both torchao int4 (9.4 ms/token)
 and lift_ao (10.4 ms/token) host-bound on the Llama-3-8B shape (H100, benchmarks/results); freezing
 folds the weights into the graph as constants. Plain bf16 is unaffected (0.6 ms/token on the host).
-Each variant compiles under the Inductor settings the run started with: torchao's int4 ``quantize_``
-switches on ``coordinate_descent_tuning`` for the whole process (its recommended settings), under
-which Inductor turns a frozen bf16 lm_head at batch 1 into a Triton reduction (684 µs for
-128256×4096 on the H100, cuBLAS 395 µs); int4 keeps its settings, later variants do not inherit them.
+On CUDA every variant runs in a fresh process (``--no-isolate``: all in this one). In one process
+later variants ran slower than alone (H200, Llama-3-8B shape: lift2.0 152 tokens/s as the fourth
+variant after bf16, int4 and lift2.4, 216 alone; decode_llama3-8b_e_h200.md / _f_h200.md), and
+torchao's int4 ``quantize_`` switches on ``coordinate_descent_tuning`` for the whole process (its
+recommended settings), under which Inductor turns a frozen bf16 lm_head at batch 1 into a Triton
+reduction (684 µs for 128256×4096 on the H100, cuBLAS 395 µs). Without isolation each variant still
+compiles under the Inductor settings the run started with.
 Reports decode tokens/s (median), the loop's host time per token, peak memory during the timed
 runs, model bytes (every storage once), recompiles, and the first generated tokens. Results: ``decode_<tag>.json`` and ``.md`` under ``--out``
 (default ``$OUT`` if set, else ``benchmarks/results``), rewritten after every variant so a run cut
@@ -31,7 +34,9 @@ short keeps what it measured.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import gc
+import multiprocessing
 import json
 import os
 import platform
@@ -341,6 +346,29 @@ def write_report(results: list[Result], meta: dict, out_dir: str, tag: str):
         f.write("\n".join(lines))
 
 
+def _configure(args) -> None:
+    """The process-wide compile settings of every variant."""
+    torch._inductor.config.freezing = args.freezing
+    # A compile served from the FX-graph or AOTAutograd cache skips the passes, so their counters
+    # (the report's rewrite column) would read {} although the cached code has the rewrites.
+    torch._inductor.config.fx_graph_cache = False
+    torch._functorch.config.enable_autograd_cache = False
+
+
+def _measure_configured(model_name: str, variant_name: str, args, device: torch.device) -> dict:
+    """A fresh process's whole job: configure, measure one variant, return its Result as a dict
+    (classes of a spawned ``__main__`` do not unpickle in the parent)."""
+    _configure(args)
+    return asdict(measure(model_name, all_variants()[variant_name], args, device))
+
+
+def measure_in_fresh_process(model_name: str, variant: Variant, args, device: torch.device) -> Result:
+    """:func:`measure` in a new interpreter (spawned: CUDA does not survive a fork), so no compile
+    cache, CUDA-graph pool, autotuning or setting of an earlier variant can touch this one."""
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return Result(**pool.submit(_measure_configured, model_name, variant.name, args, device).result())
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny model(s) on CPU, 8+8 tokens, 1 repeat")
@@ -351,6 +379,8 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-freezing", dest="freezing", action="store_false",
                         help="compile without torch._inductor.config.freezing (the default freezes, see the docstring)")
+    parser.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
+                        help="measure each variant in a fresh process (default: on CUDA)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--layers", type=int, default=None, help="override the decoder layer count (profiling)")
     parser.add_argument("--profile", type=int, default=0, metavar="TOKENS",
@@ -370,18 +400,15 @@ def main(argv=None):
     if device.type != "cuda" and any(v.kind == "int4" for v in chosen):
         print("skipping int4: tile_packed_to_4d needs CUDA", file=sys.stderr)
         chosen = [v for v in chosen if v.kind != "int4"]
-    torch._inductor.config.freezing = args.freezing
-    # A compile served from the FX-graph or AOTAutograd cache skips the passes, so their counters
-    # (the report's rewrite column) would read {} although the cached code has the rewrites.
-    torch._inductor.config.fx_graph_cache = False
-    torch._functorch.config.enable_autograd_cache = False
+    _configure(args)
+    isolate = device.type == "cuda" if args.isolate is None else args.isolate
     tag = args.tag or ("smoke" if args.smoke else args.models.replace(",", "_"))
     meta = {
         "command": " ".join(["python", "benchmarks/decode.py", *(argv if argv is not None else sys.argv[1:])]),
         "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "lift_ao": lift_ao.__version__, "prompt_len": args.prompt_len,
         "new_tokens": args.new_tokens, "repeats": args.repeats, "freezing": args.freezing, "layers": args.layers,
-        "cuda": device.type == "cuda", "device_kernels": kernel_status(device),
+        "cuda": device.type == "cuda", "device_kernels": kernel_status(device), "isolated": isolate,
         "note": "LiftQuant weights are random codes built directly (no nearest-neighbour search): speed does "
                 "not depend on code values; all weights are random, so generated text is meaningless.",
     }
@@ -397,7 +424,7 @@ def main(argv=None):
     for model_name in args.models.split(","):
         for variant in chosen:
             try:
-                result = measure(model_name, variant, args, device)
+                result = (measure_in_fresh_process if isolate else measure)(model_name, variant, args, device)
             except Exception as error:  # keep measuring the other variants; the report shows the error
                 result = Result(model_name, variant.name, error=f"{type(error).__name__}: {error}"[:300])
                 passes.install()

@@ -1,5 +1,6 @@
 """benchmarks/decode.py: each variant compiles under the Inductor settings the run started with."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -37,3 +38,14 @@ def test_a_variant_that_changes_inductor_settings_does_not_leak_them(tmp_path, m
     assert seen == {"bf16": before, "lift2.4": before, "lift2.0": before}
     assert torch._inductor.config.coordinate_descent_tuning == before
     assert (tmp_path / "decode_smoke.json").is_file()
+
+
+def test_isolated_variants_are_measured_in_their_own_process(tmp_path, restored_compile_settings):
+    # On CUDA each variant runs in a spawned process (later variants in one process ran slower than
+    # alone on the H200); here one tiny variant makes the round trip: measured there, reported here.
+    decode.main(["--smoke", "--isolate", "--variants", "lift2.4", "--out", str(tmp_path)])
+    report = json.loads((tmp_path / "decode_smoke.json").read_text())
+    assert report["meta"]["isolated"] is True
+    result, = report["results"]
+    assert result["error"] is None and result["tokens_per_s"] > 0
+    assert result["lift_ao_rewrites"].get("lift_fusion", 0) > 0  # the child installed the passes
