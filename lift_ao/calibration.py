@@ -302,6 +302,25 @@ def _dense_weight(weight: LiftQuantTensor, unit: torch.Tensor, log_r: torch.Tens
     return (r[:, None] * unit * sigma[None, :]).to(weight.dtype)
 
 
+
+def _scaled_signs(input_signs: torch.Tensor, log_s: torch.Tensor) -> torch.Tensor:
+    """(Kp,) ``input_signs`` with the learned input-scale factors folded in: entry i times
+    exp(log_s[i]) for i < min(K, len(log_s)) of the weight, K = ``len(log_s)`` or less; the rotation's
+    padding keeps its ±1. A new tensor."""
+    folded = input_signs.clone()
+    folded[: log_s.shape[0]] *= log_s.exp()
+    return folded
+
+
+def _tuned_weight(weight: LiftQuantTensor, log_r: torch.Tensor, input_signs: torch.Tensor,
+                  packed_codes: Optional[torch.Tensor] = None) -> torch.nn.Parameter:
+    """``weight`` after fine-tuning, as a frozen Parameter: row scales r·exp(log_r), the given
+    (:func:`_scaled_signs`) input signs and, if given, new packed codes; the format is unchanged."""
+    tuned = LiftQuantTensor(weight.packed_codes if packed_codes is None else packed_codes,
+                            weight.row_scale * log_r.exp(), weight.mapping, input_signs, weight.rotation_left,
+                            weight.rotation_right, weight.shape, weight.dtype)
+    return torch.nn.Parameter(tuned, requires_grad=False)
+
 # Code flipping: the first round flips one bit in this fraction of the decoder block's weight rows; an
 # accepted round doubles the fraction (up to the cap), a rejected one quarters it.
 _FIRST_FLIP_FRACTION = 0.01
@@ -519,16 +538,10 @@ def finetune_block(block: torch.nn.Module, groups: list, inputs: list, targets: 
         if not after < before:
             return before, before
         for g, group in enumerate(groups):
-            lead = old[group[0]]
-            input_signs = lead.input_signs.clone()
-            input_signs[: lead.shape[1]] *= log_s[g].exp()
+            input_signs = _scaled_signs(old[group[0]].input_signs, log_s[g])
             for name in group:
-                weight = old[name]
-                row_scale = weight.row_scale * log_r[name].exp()
-                codes = pack_codes((signs[name] > 0).flatten(1))
-                tuned = LiftQuantTensor(codes, row_scale, weight.mapping, input_signs, weight.rotation_left,
-                                        weight.rotation_right, weight.shape, weight.dtype)
-                block.get_submodule(name).weight = torch.nn.Parameter(tuned, requires_grad=False)
+                block.get_submodule(name).weight = _tuned_weight(old[name], log_r[name], input_signs,
+                                                                 pack_codes((signs[name] > 0).flatten(1)))
     return before, after
 
 

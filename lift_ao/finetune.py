@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from lift_ao.calibration import _code_signs, _dense_weight, _unit_weight, adam_steps
+from lift_ao.calibration import _code_signs, _dense_weight, _scaled_signs, _tuned_weight, _unit_weight, adam_steps
 from lift_ao.tensor import LiftQuantTensor, share_constants
 
 __all__ = ["finetune_end_to_end", "held_out_rows"]
@@ -107,7 +107,9 @@ def finetune_end_to_end(
     log_r = {name: torch.zeros(w.shape[0], device=device, requires_grad=True) for name, w in quantized.items()}
     # One factor vector per distinct input transform: siblings (q/k/v, gate/up) share input_signs.
     groups: dict[int, torch.Tensor] = {}
+    signs_of: dict[int, torch.Tensor] = {}
     for w in quantized.values():
+        signs_of[id(w.input_signs)] = w.input_signs
         groups.setdefault(id(w.input_signs), torch.zeros(w.input_signs.shape[0], device=device, requires_grad=True))
 
     def weights() -> dict:
@@ -146,14 +148,10 @@ def finetune_end_to_end(
         with torch.no_grad():
             for factor, kept in zip(factors, best_factors):
                 factor.copy_(kept)
-            folded = {key: None for key in groups}
+            folded = {key: _scaled_signs(signs_of[key], log_s) for key, log_s in groups.items()}
             for name, w in quantized.items():
-                key = id(w.input_signs)
-                if folded[key] is None:
-                    folded[key] = w.input_signs * groups[key].exp()  # padding entries: exp(0) = 1
-                tuned = LiftQuantTensor(w.packed_codes, w.row_scale * log_r[name].exp(), w.mapping, folded[key],
-                                        w.rotation_left, w.rotation_right, w.shape, w.dtype)
-                model.get_submodule(name.removesuffix(".weight")).weight = torch.nn.Parameter(tuned, requires_grad=False)
+                model.get_submodule(name.removesuffix(".weight")).weight = _tuned_weight(
+                    w, log_r[name], folded[id(w.input_signs)])
             share_constants(model)  # wrapping in a Parameter copied the shared tensors apart
     finally:
         model.train(was_training)
