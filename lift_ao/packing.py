@@ -14,7 +14,8 @@ group, word within the quad — so word ``w`` of row ``n`` is at flat offset
 Rows ``N..32⌈N/32⌉−1`` of the last group are zero. Why: the decode kernel (:mod:`kernels.triton_lut`)
 gives each thread one row and loads that row's next quad (16 bytes) per step; with rows interleaved,
 the 32 lanes of a warp read 512 contiguous bytes (4 L1 wavefronts) instead of 32 quads 4·W bytes apart
-(32 wavefronts): 72.4 → 58.4 µs at 28672×8192 on the H100 (benchmarks/NOTES_kernels.md, round 3).
+(32 wavefronts): 72.4 → 58.4 µs at 28672×8192 standalone on the H100 (benchmarks/NOTES_kernels.md,
+round 3), 18.1 → 17.0 µs per lookup call inside a decode graph on the H200 (round 7b).
 The cost is the padding of N to a multiple of 32 rows (none for the usual LLM shapes). The 4-D shape
 also makes code that assumes the row-major (N, W) words of format 2 fail on the shape, not read
 wrong bits. ``N`` itself is not in the packed tensor: callers pass it (the row scales' length, or
