@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from lift_ao.packing import packed_shape
+from lift_ao.packing import check_packed
 
 from .reference import (
     lift_activation_backward_reference,
@@ -36,16 +36,6 @@ __all__ = ["lift_activation", "lifted_matmul"]
 def _lifted_length(rotation_left: torch.Tensor, rotation_right: torch.Tensor, mapping: torch.Tensor) -> int:
     d, D = mapping.shape
     return rotation_left.shape[0] * rotation_right.shape[0] // d * D
-
-
-def check_codes(packed_codes: torch.Tensor, row_scale: torch.Tensor, length: int) -> None:
-    """Packed codes fit ``row_scale``'s N rows of ``length`` bits (:func:`lift_ao.packing.packed_shape`)."""
-    expected = packed_shape(row_scale.shape[0], length)
-    if packed_codes.dtype != torch.int32 or tuple(packed_codes.shape) != expected:
-        raise ValueError(
-            f"packed codes {packed_codes.dtype} {tuple(packed_codes.shape)} do not match {row_scale.shape[0]} rows "
-            f"of a lifted activation of length {length} (expected int32 {expected})"
-        )
 
 
 def _check_lift_args(x, input_signs, rotation_left, rotation_right, mapping):
@@ -100,7 +90,8 @@ def lifted_matmul(
 ) -> torch.Tensor:
     """y = r ⊙ (Q x̃) + b; x̃ (..., L), packed_codes packed_shape(N, L) int32, row_scale (N,) → (..., N),
     dtype of x̃."""
-    check_codes(packed_codes, row_scale, lifted.shape[-1])
+    check_packed(packed_codes, row_scale.shape[0], lifted.shape[-1],
+                 "lifted_matmul: the codes do not match the row scales and the lifted activation")
     return lifted_matmul_reference(lifted, packed_codes, row_scale, bias)
 
 

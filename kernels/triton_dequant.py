@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lift_ao.packing import packed_shape
+from lift_ao.packing import check_packed
 
 from .triton_matmul import (_MINUS_ONE_PAIR, _SIGN_BITS_PAIR, _bit_of_column, _code_word_offset, _signs_from_words,
                             quick_bench)
@@ -147,9 +147,10 @@ def rebuild_rotated_weight(
     d, D = mapping.shape
     rows = row_scale.shape[0]
     n_blocks = padded_features // d
-    if padded_features % d or tuple(packed_codes.shape) != packed_shape(rows, n_blocks * D):
-        raise ValueError(f"codes {tuple(packed_codes.shape)} are not those of {rows} rows of {padded_features} "
-                         f"features at lattice {D}/{d}: expected {packed_shape(rows, n_blocks * D)}")
+    if padded_features % d:
+        raise ValueError(f"padded_features {padded_features} is not a multiple of the lattice's block length {d}")
+    check_packed(packed_codes, rows, n_blocks * D, f"rebuild_rotated_weight: codes not those of {rows} rows of "
+                 f"{padded_features} features at lattice {D}/{d}")
     words = 4 * packed_codes.shape[1]
     columns = padded_columns(padded_features)
     out = torch.empty(rows, columns, dtype=dtype, device=packed_codes.device)

@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lift_ao.packing import GROUP_ROWS, words_per_row
+from lift_ao.packing import check_packed, words_per_row
 
 from .triton_matmul import _code_word_offset, quick_bench, sm_count
 
@@ -294,11 +294,9 @@ def lookup_siblings(
     words = 4 * quads
     rows_of = [scale.shape[0] for scale in row_scale]
     for codes, n in zip(packed_codes, rows_of):
-        if (codes.dtype != torch.int32 or not codes.is_contiguous()
-                or tuple(codes.shape) != (triton.cdiv(n, GROUP_ROWS), quads, GROUP_ROWS, 4)):
-            raise ValueError(f"packed codes of {n} rows must be contiguous int32 ({triton.cdiv(n, GROUP_ROWS)}, "
-                             f"{quads}, {GROUP_ROWS}, 4) like the first sibling's quads; got {codes.dtype} "
-                             f"{tuple(codes.shape)}")
+        check_packed(codes, n, 128 * quads, "lookup_siblings (every sibling with the first one's quads per row)")
+        if not codes.is_contiguous():
+            raise ValueError("lookup_siblings: packed codes must be contiguous")
     device = tables.device
     outs = [torch.empty(tokens, n, dtype=out_dtype, device=device) for n in rows_of]
     if tokens == 0:

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lift_ao.packing import packed_shape
+from lift_ao.packing import check_packed
 
 __all__ = ["lifted_matmul_triton", "quick_bench", "reduce_splits", "sm_count", "token_block"]
 
@@ -253,9 +253,7 @@ def lifted_matmul_triton(
     x = lifted.reshape(-1, code_length)
     tokens = x.shape[0]
     rows = row_scale.shape[0]
-    if packed_codes.dtype != torch.int32 or tuple(packed_codes.shape) != packed_shape(rows, code_length):
-        raise ValueError(f"packed codes {packed_codes.dtype} {tuple(packed_codes.shape)} are not those of {rows} rows "
-                         f"of {code_length} bits: expected int32 {packed_shape(rows, code_length)}")
+    check_packed(packed_codes, rows, code_length, "lifted_matmul_triton")
     codes = packed_codes.contiguous()
     scale = row_scale.to(torch.float32).contiguous()
     out = torch.empty(tokens, rows, dtype=lifted.dtype, device=lifted.device)

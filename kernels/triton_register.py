@@ -23,7 +23,7 @@ from typing import Optional
 
 import torch
 
-from lift_ao.packing import packed_shape, words_per_row
+from lift_ao.packing import check_packed, words_per_row
 
 from .fused_ops import check_siblings, compose_group, lifted_linear, lifted_linear_group, shared_lifts
 from .ops import _check_lift_args, _lifted_length, lift_activation, lifted_matmul
@@ -44,16 +44,7 @@ LOOKUP_MAX_TOKENS = 2
 # 368 vs 612. The rebuild costs ~95 µs per call whatever the tokens; the ±1 GEMM grows ~1 µs a token.
 # Re-measure with ``kernel_speed.py --prefill-study`` when either side changes.
 REBUILD_MIN_TOKENS = 256
-
-
-def _check_codes(packed_codes: torch.Tensor, length: int) -> None:
-    """int32 codes of rows of ``length`` bits; each kernel's host function checks the group count
-    against its row scales."""
-    if packed_codes.dtype != torch.int32 or packed_codes.shape[1:] != packed_shape(0, length)[1:]:
-        raise ValueError(
-            f"packed codes {packed_codes.dtype} {tuple(packed_codes.shape)} do not match a lifted "
-            f"activation of length {length}"
-        )
+_CODES_MISMATCH = "the codes do not match the row scales and the lifted activation"
 
 
 def _tokens(x: torch.Tensor) -> int:
@@ -77,18 +68,19 @@ def _lift_activation_cuda(x, input_signs, rotation_left, rotation_right, mapping
 
 def _lifted_matmul_cuda(lifted, packed_codes, row_scale, bias: Optional[torch.Tensor]):
     """The lookup kernel for up to LOOKUP_MAX_TOKENS tokens, else the ±1 GEMM."""
-    _check_codes(packed_codes, lifted.shape[-1])
+    check_packed(packed_codes, row_scale.shape[0], lifted.shape[-1], _CODES_MISMATCH)
     if not _is_decode(lifted):
         return lifted_matmul_triton(lifted, packed_codes, row_scale, bias)
     return triton_lut.lookup_matmul(lifted, packed_codes.contiguous(), row_scale, bias)
 
 
-def _check_siblings_of_lift(lift_args: tuple, packed_codes: list) -> int:
-    """Check one shared lift's arguments and its siblings' codes; returns the lifted length L."""
+def _check_siblings_of_lift(lift_args: tuple, packed_codes: list, row_scale: list) -> int:
+    """Check one shared lift's arguments and its siblings' codes (before any launch); returns the
+    lifted length L."""
     _check_lift_args(*lift_args)
     length = _lifted_length(*lift_args[2:])
-    for codes in packed_codes:
-        _check_codes(codes, length)
+    for codes, scale in zip(packed_codes, row_scale):
+        check_packed(codes, scale.shape[0], length, _CODES_MISMATCH)
     return length
 
 
@@ -96,7 +88,7 @@ def _decode_siblings(lift_args: tuple, packed_codes: list, row_scale: list, bias
     """Siblings reading one lift, at most LOOKUP_MAX_TOKENS tokens: rotation, tables built from the
     rotated activation, one lookup launch (per ≤ 3 siblings of equal bias presence)."""
     x, signs, left, right, mapping = lift_args
-    length = _check_siblings_of_lift(lift_args, packed_codes)
+    length = _check_siblings_of_lift(lift_args, packed_codes, row_scale)
     tokens = _tokens(x)
     rotated = rotate_triton(x, signs, left, right)
     counters = torch.empty(triton_lut.split_counter_count([s.shape[0] for s in row_scale]), dtype=torch.int32,
@@ -117,7 +109,7 @@ def _prefill_siblings(lift_args: tuple, packed_codes: list, row_scale: list, bia
     column slices of one tensor, and a custom op's outputs may not alias each other.
     """
     x, signs, left, right, mapping = lift_args
-    _check_siblings_of_lift(lift_args, packed_codes)
+    _check_siblings_of_lift(lift_args, packed_codes, row_scale)
     kp = left.shape[0] * right.shape[0]
     columns = padded_columns(kp)
     rotated = x.new_empty(_tokens(x), columns)

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["GROUP_ROWS", "interleave_rows", "pack_codes", "pack_row_words", "packed_shape", "row_words",
+__all__ = ["GROUP_ROWS", "check_packed", "interleave_rows", "pack_codes", "pack_row_words", "packed_shape", "row_words",
            "unpack_codes", "words_from_uint32", "words_per_row"]
 
 _BITS = 32
@@ -43,6 +43,16 @@ def words_per_row(code_length: int) -> int:
 def packed_shape(rows: int, code_length: int) -> tuple[int, int, int, int]:
     """Shape of the packed codes of ``rows`` rows of ``code_length`` bits: (⌈N/32⌉, W/4, 32, 4)."""
     return (-(-rows // GROUP_ROWS), words_per_row(code_length) // _WORDS_PER_QUAD, GROUP_ROWS, _WORDS_PER_QUAD)
+
+
+def check_packed(packed: torch.Tensor, rows: int, code_length: int, context: str = "") -> None:
+    """Raise ValueError unless ``packed`` holds ``rows`` rows of ``code_length`` bits: int32 of
+    :func:`packed_shape` (a row-major format-2 (N, W) tensor fails here). ``context`` starts the
+    message (who checks, and where the sizes come from)."""
+    expected = packed_shape(rows, code_length)
+    if packed.dtype != torch.int32 or tuple(packed.shape) != expected:
+        raise ValueError(f"{context + ': ' if context else ''}packed codes of {rows} rows must be {expected} int32 "
+                         f"for {rows} rows of {code_length} bits, got {packed.dtype} of shape {tuple(packed.shape)}")
 
 
 def pack_row_words(codes: torch.Tensor) -> torch.Tensor:
@@ -130,11 +140,7 @@ def unpack_codes(packed: torch.Tensor, code_length: int, rows: int) -> torch.Ten
     Returns:
         (N, L) bool, True = +1.
     """
-    if tuple(packed.shape) != packed_shape(rows, code_length):
-        raise ValueError(
-            f"packed codes must be {packed_shape(rows, code_length)} int32 for {rows} rows of {code_length} bits, "
-            f"got {packed.dtype} of shape {tuple(packed.shape)}"
-        )
+    check_packed(packed, rows, code_length)
     shifts = torch.arange(_BITS, dtype=torch.int32, device=packed.device)
     bits = (row_words(packed, rows).unsqueeze(-1) >> shifts) & 1
     return bits.flatten(1)[:, :code_length].bool()
