@@ -31,36 +31,6 @@ __all__ = ["lift_activation_triton", "rotate_triton"]
 _ROWS_PER_PROGRAM = 16   # BLOCK_I: tl.dot's minimum M
 _COLUMN_CHUNK = 32       # output columns of U per product with P2
 _BLOCKS_PER_PROGRAM = 64
-@triton.jit
-def _left_columns_transposed(left_ptr, a, i, k1):
-    """P1[a, i]ᵀ: a (len(i), len(a)) tile of the (k1, k1) left factor, zero outside it."""
-    return tl.load(left_ptr + a[None, :] * k1 + i[:, None], mask=(a < k1)[None, :] & (i < k1)[:, None], other=0.0)
-
-
-@triton.jit
-def _signed_activation(x_row, signs_ptr, a, columns, K, k1, k2, HAS_SIGNS: tl.constexpr):
-    """V[a, columns] = (signs ⊙ pad(x))[a·k2 + columns] in fp32: a (len(a), len(columns)) tile of the
-    token's (k1, k2) view, zero outside the grid and past x's K features."""
-    flat = a[:, None] * k2 + columns[None, :]
-    in_grid = (a < k1)[:, None] & (columns < k2)[None, :]
-    v = tl.load(x_row + flat, mask=in_grid & (flat < K), other=0.0).to(tl.float32)
-    if HAS_SIGNS:
-        v = v * tl.load(signs_ptr + flat, mask=in_grid, other=0.0)
-    return v
-
-
-@triton.jit
-def _right_columns(right_ptr, columns, j, k2):
-    """P2[columns, j]: a (len(columns), len(j)) tile of the (k2, k2) right factor, zero outside it."""
-    return tl.load(right_ptr + columns[:, None] * k2 + j[None, :],
-                   mask=(columns < k2)[:, None] & (j < k2)[None, :], other=0.0)
-
-
-@triton.jit
-def _store_u(u_row, i, j, u, k1, k2):
-    """U[i, j] of one token's row ``u_row`` (k1·k2 long), in that row's dtype."""
-    tl.store(u_row + i[:, None] * k2 + j[None, :], u.to(u_row.dtype.element_ty),
-             mask=(i < k1)[:, None] & (j < k2)[None, :])
 
 
 @triton.jit
@@ -78,20 +48,28 @@ def _rotate_kernel(
     pid_j = tl.program_id(2)
     i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
     columns = tl.arange(0, K2_PADDED)
+    column_ok = columns < k2
     x_row = x_ptr + pid_b.to(tl.int64) * stride_x
 
     partial = tl.zeros((BLOCK_I, K2_PADDED), dtype=tl.float32)  # (P1ᵀ V)[i, :]
     for a0 in range(0, k1, BLOCK_A):
         a = a0 + tl.arange(0, BLOCK_A)
-        left_t = _left_columns_transposed(left_ptr, a, i, k1)
-        v = _signed_activation(x_row, signs_ptr, a, columns, K, k1, k2, HAS_SIGNS)
+        a_ok = a < k1
+        left_t = tl.load(left_ptr + a[None, :] * k1 + i[:, None], mask=a_ok[None, :] & (i < k1)[:, None], other=0.0)
+        flat = a[:, None] * k2 + columns[None, :]
+        in_grid = a_ok[:, None] & column_ok[None, :]
+        v = tl.load(x_row + flat, mask=in_grid & (flat < K), other=0.0).to(tl.float32)
+        if HAS_SIGNS:
+            v = v * tl.load(signs_ptr + flat, mask=in_grid, other=0.0)
         partial = tl.dot(left_t, v, partial, input_precision=PRECISION)
 
-    u_row = u_ptr + pid_b.to(tl.int64) * stride_u
+    u_rows = u_ptr + pid_b.to(tl.int64) * stride_u + i[:, None] * k2
     for j0 in range(pid_j * COLUMNS_PER_PROGRAM, (pid_j + 1) * COLUMNS_PER_PROGRAM, BLOCK_J):
         j = j0 + tl.arange(0, BLOCK_J)
-        right = _right_columns(right_ptr, columns, j, k2)
-        _store_u(u_row, i, j, tl.dot(partial, right, input_precision=PRECISION), k1, k2)
+        right = tl.load(right_ptr + columns[:, None] * k2 + j[None, :],
+                        mask=column_ok[:, None] & (j < k2)[None, :], other=0.0)
+        u = tl.dot(partial, right, input_precision=PRECISION)
+        tl.store(u_rows + j[None, :], u.to(u_ptr.dtype.element_ty), mask=(i < k1)[:, None] & (j < k2)[None, :])
 
 
 # The chunk over P1's rows and the pipelining depth, tuned per (k1, k2, token bucket): on the H100
@@ -161,7 +139,6 @@ def rotate_triton(
     left, right = (t.to(f32).contiguous() for t in (rotation_left, rotation_right))
     # Without signs the pointer is never read; pass any fp32 tensor.
     signs = left if input_signs is None else input_signs.to(f32).contiguous()
-    precision = "ieee" if x.dtype == f32 else "tf32"
     k2_padded = max(16, triton.next_power_of_2(k2))
     column_chunk = min(_COLUMN_CHUNK, k2_padded)
     if split_columns is None:
@@ -175,7 +152,7 @@ def rotate_triton(
         rows, signs, left, right, rotated, features, k1, k2, rows.stride(0), rotated.stride(0),
         min(triton.next_power_of_2(tokens), 256),
         K2_PADDED=k2_padded, BLOCK_I=_ROWS_PER_PROGRAM, BLOCK_J=column_chunk, COLUMNS_PER_PROGRAM=columns_per_program,
-        PRECISION=precision, HAS_SIGNS=input_signs is not None, **(config or {}),
+        PRECISION="ieee" if x.dtype == f32 else "tf32", HAS_SIGNS=input_signs is not None, **(config or {}),
     )
     return rotated
 
