@@ -292,21 +292,23 @@ def _unit_weight(weight: LiftQuantTensor, signs: torch.Tensor) -> torch.Tensor:
     return unrotate(blocks, None, weight.rotation_left, weight.rotation_right, weight.shape[1])
 
 
-def _dense_weight(weight: LiftQuantTensor, unit: torch.Tensor, log_r: torch.Tensor, log_s: torch.Tensor) -> torch.Tensor:
-    """(N, K) ``diag(r·exp(log_r)) C diag(σ·exp(log_s))`` in the weight's dtype: ``weight`` with learned
-    log-factors on its row scales r and input scales σ (``input_signs`` cropped to K; ``log_s`` may be
-    longer than K), C its :func:`_unit_weight`."""
+def _tuned_scales(weight: LiftQuantTensor, log_r: torch.Tensor, log_s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``weight``'s row scales r·exp(log_r), (N,), and input scales σ·exp(log_s), (K,) (``input_signs``
+    cropped to K; ``log_s`` may be longer than K)."""
     k = weight.shape[1]
-    r = weight.row_scale * log_r.exp()
-    sigma = weight.input_signs[:k] * log_s[:k].exp()
+    return weight.row_scale * log_r.exp(), weight.input_signs[:k] * log_s[:k].exp()
+
+
+def _dense_weight(weight: LiftQuantTensor, unit: torch.Tensor, log_r: torch.Tensor, log_s: torch.Tensor) -> torch.Tensor:
+    """(N, K) ``diag(r) C diag(σ)`` in the weight's dtype with the :func:`_tuned_scales` r and σ, C its
+    :func:`_unit_weight`."""
+    r, sigma = _tuned_scales(weight, log_r, log_s)
     return (r[:, None] * unit * sigma[None, :]).to(weight.dtype)
 
 
-
 def _scaled_signs(input_signs: torch.Tensor, log_s: torch.Tensor) -> torch.Tensor:
-    """(Kp,) ``input_signs`` with the learned input-scale factors folded in: entry i times
-    exp(log_s[i]) for i < min(K, len(log_s)) of the weight, K = ``len(log_s)`` or less; the rotation's
-    padding keeps its ±1. A new tensor."""
+    """(Kp,) a new ``input_signs`` whose first len(log_s) entries are multiplied by exp(log_s): the
+    learned input scales folded in; the rotation's padding past them keeps its ±1."""
     folded = input_signs.clone()
     folded[: log_s.shape[0]] *= log_s.exp()
     return folded
@@ -320,6 +322,7 @@ def _tuned_weight(weight: LiftQuantTensor, log_r: torch.Tensor, input_signs: tor
                             weight.row_scale * log_r.exp(), weight.mapping, input_signs, weight.rotation_left,
                             weight.rotation_right, weight.shape, weight.dtype)
     return torch.nn.Parameter(tuned, requires_grad=False)
+
 
 # Code flipping: the first round flips one bit in this fraction of the decoder block's weight rows; an
 # accepted round doubles the fraction (up to the cap), a rejected one quarters it.
@@ -518,11 +521,9 @@ def finetune_block(block: torch.nn.Module, groups: list, inputs: list, targets: 
         with torch.no_grad():
             curvature = {}
             for name, j in zip(names, jz):
-                weight, g = old[name], group_of[name]
                 gain = j.flatten(0, -2).double().pow(2).mean(0) / out.numel()
-                sigma = weight.input_signs[: weight.shape[1]] * log_s[g].exp()
-                curvature[name] = _flip_curvature(weight, sigma, weight.row_scale * log_r[name].exp(), record[name][0],
-                                                  gain)
+                row_scale, sigma = _tuned_scales(old[name], log_r[name], log_s[group_of[name]])
+                curvature[name] = _flip_curvature(old[name], sigma, row_scale, record[name][0], gain)
             return curvature
 
     with torch.no_grad():
@@ -540,8 +541,9 @@ def finetune_block(block: torch.nn.Module, groups: list, inputs: list, targets: 
         for g, group in enumerate(groups):
             input_signs = _scaled_signs(old[group[0]].input_signs, log_s[g])
             for name in group:
-                block.get_submodule(name).weight = _tuned_weight(old[name], log_r[name], input_signs,
-                                                                 pack_codes((signs[name] > 0).flatten(1)))
+                # Codes are packed again only when flipping may have changed them.
+                codes = pack_codes((signs[name] > 0).flatten(1)) if code_rounds else None
+                block.get_submodule(name).weight = _tuned_weight(old[name], log_r[name], input_signs, codes)
     return before, after
 
 

@@ -60,10 +60,9 @@ def finetune_end_to_end(
     order is not random, so the last ones may be atypical), is never trained on: the KL there is measured
     every ``check_every`` steps and after the last, and the factors of the lowest held-out KL are the
     ones folded in, only if it is below the held-out KL before tuning. Without this, many steps over
-    few sequences overfit: on SmolLM2 at 2.4 bits 1024 steps over 28 sequences lowered the training KL
-    (0.093 after 256 steps → 0.065 after 1024, all 32 sequences trained on) while the evaluation
-    perplexity rose (19.46 → 21.20,
-    benchmarks/results/accuracy_fte1024_h200.md).
+    few sequences overfit: on SmolLM2 at 2.4 bits, 1024 steps over all 32 calibration sequences
+    lowered the training KL (0.093 after 256 steps → 0.065) while the evaluation perplexity rose
+    (19.46 → 21.20, benchmarks/results/accuracy_fte1024_h200.md).
 
     Args:
         model: a causal LM (``model(ids).logits``) whose quantized linears hold LiftQuantTensor weights.
@@ -106,11 +105,8 @@ def finetune_end_to_end(
     unit = {name: _unit_weight(w, _code_signs(w)) for name, w in quantized.items()}
     log_r = {name: torch.zeros(w.shape[0], device=device, requires_grad=True) for name, w in quantized.items()}
     # One factor vector per distinct input transform: siblings (q/k/v, gate/up) share input_signs.
-    groups: dict[int, torch.Tensor] = {}
-    signs_of: dict[int, torch.Tensor] = {}
-    for w in quantized.values():
-        signs_of[id(w.input_signs)] = w.input_signs
-        groups.setdefault(id(w.input_signs), torch.zeros(w.input_signs.shape[0], device=device, requires_grad=True))
+    signs_of = {id(w.input_signs): w.input_signs for w in quantized.values()}
+    groups = {key: torch.zeros(signs.shape[0], device=device, requires_grad=True) for key, signs in signs_of.items()}
 
     def weights() -> dict:
         return {name: _dense_weight(w, unit[name], log_r[name], groups[id(w.input_signs)]) for name, w in quantized.items()}
