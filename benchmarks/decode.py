@@ -36,8 +36,8 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import gc
-import multiprocessing
 import json
+import multiprocessing
 import os
 import platform
 import statistics

@@ -379,13 +379,13 @@ def decode_tables(x, signs, left, right, mapping, words, block, zero_counters=No
     return triton_lut.lift_tables(rotate_triton(x, signs, left, right), mapping, words, block, zero_counters)
 
 
-def check_decode_tables(log, features_list=None) -> list[dict]:
+def check_decode_tables(log) -> list[dict]:
     """The decode tables (rotation + tables from u) against the float64 tables at every study K ×
     lattice × 1..LOOKUP_MAX_TOKENS tokens (bf16: tf32 products, ~1e-3 like the rotation alone; one
     fp32 case per K at 2.4 bits: fp32 products); the launch must also zero the split counters."""
     checks = []
     bounds = {torch.bfloat16: 5e-3, torch.float32: 2e-5}
-    for features in features_list or [k for pair in DECODE_STUDY_FEATURES.values() for k in pair]:
+    for features in [k for pair in DECODE_STUDY_FEATURES.values() for k in pair]:
         for bits, layer in _distinct_factorisations(features):
             words = words_per_row(layer.length)
             cases = [(tokens, DTYPE) for tokens in range(1, LOOKUP_MAX_TOKENS + 1)] + [(1, torch.float32)]
