@@ -17,11 +17,13 @@ Launches:
    or, in the fused decode ops, :func:`_lift_tables_kernel` straight from the rotated activation
    (x̃ is never written);
 2. :func:`_lookup_kernel` — each program owns ``BLOCK_N`` rows of one of up to 3 sibling weights that
-   read the same x̃ (q/k/v, gate/up) and one K split; a thread owns one row and loads 4 consecutive
-   code words (16 bytes) per step, so the 32 lanes of a warp read the *same* table (one 64-byte
-   segment, one L1 wavefront) with different nibbles, and their code quads are 512 contiguous bytes
-   (rows interleaved in groups of 32, :mod:`lift_ao.packing`). The last split of a row block to
-   finish adds the others' partials (per-row-block counters), so there is no reduction launch.
+   read the same x̃ (q/k/v, gate/up) and one K split; a thread owns one row and reads its 4 code
+   words of a step with 4 loads whose warp-wide footprint is the same 512 contiguous bytes (rows
+   interleaved in groups of 32, :mod:`lift_ao.packing`). The 32 lanes of a warp read the *same*
+   table (one 64-byte group, one L1 wavefront) with different nibbles. Per nibble the SASS is a
+   shift, one LOP3 (mask and carry-free address), a register move, the load and an add. The last
+   split of a row block to finish adds the others' partials (per-row-block counters), so there is
+   no reduction launch.
 """
 
 from __future__ import annotations
@@ -142,25 +144,27 @@ def _lookup_kernel(
     tokens = tl.arange(0, BLOCK_B)
     word_begin = pid_k * words_per_split
     word_end = tl.minimum(word_begin + words_per_split, words_total)
-    w = tl.arange(0, 4)
-    nibble_shift = tl.arange(0, 8) * 4
-    # Table offset of (word w, nibble j, token): group 8w + j, 16 entries of BLOCK_B tokens each.
-    table_offset = ((w[:, None] * 8 + tl.arange(0, 8)[None, :]) * 16 * BLOCK_B)[None, :, :, None] \
-        + tokens[None, None, None, :]                                                      # (1, 4, 8, BLOCK_B)
-    # A thread's 4 words per step are one quad (one 16-byte vector load), and the warp's 32 rows'
-    # quads are 512 contiguous bytes (rows interleaved in groups of 32, lift_ao.packing).
-    code_ptrs = codes_ptr + _code_word_offset(rows[:, None], w[None, :], quads_per_row)
-
-    acc = tl.zeros((BLOCK_N, 4, BLOCK_B), dtype=tl.float32)
+    # Every tensor in the loop is (BLOCK_N,) or (BLOCK_N, BLOCK_B): one row per thread, so a nibble
+    # costs a shift, a mask, an address, one cached load and an add, with no shuffle or layout change.
+    # A 3-d (rows, words, nibbles) tile let Triton spread a row's nibbles over lanes: shuffles and a
+    # shared-memory transpose of the code words each step, 3x the instructions (sm_90 SASS, NOTES).
+    code_ptrs = codes_ptr + _code_word_offset(rows, 0, quads_per_row)
+    acc = tl.zeros((BLOCK_N, BLOCK_B), dtype=tl.float32)
     for word0 in range(word_begin, word_end, 4):
-        # Word word0 + w of each row: offset(row, w) + offset(0, word0), word0 starting a quad.
-        words = tl.load(code_ptrs + _code_word_offset(0, tl.multiple_of(word0, 4), quads_per_row),
-                        mask=row_ok[:, None], other=0)
-        nibbles = (words[:, :, None] >> nibble_shift[None, None, :]) & 15                   # (BLOCK_N, 4, 8)
-        values = tl.load(table_ptr + word0 * (128 * BLOCK_B) + table_offset
-                         + (nibbles * BLOCK_B)[:, :, :, None])                              # (BLOCK_N, 4, 8, BLOCK_B)
-        acc += tl.sum(values, axis=2)
-    total = tl.sum(acc, axis=1)                                                             # (BLOCK_N, BLOCK_B)
+        quad_ptrs = code_ptrs + _code_word_offset(0, tl.multiple_of(word0, 4), quads_per_row)
+        # The step's tables start 64·BLOCK_B-byte aligned and an entry's byte offset inside a group
+        # is below that, so OR-ing it into the address adds with no carry: one logic op, not a 64-bit add.
+        step_table = (table_ptr + word0 * (128 * BLOCK_B)).to(tl.int64)
+        for w in tl.static_range(4):
+            # Word word0 + w of the warp's 32 rows: 4 loads of one quad block hit the same 512 bytes.
+            word = tl.load(quad_ptrs + w, mask=row_ok, other=0).to(tl.uint32)
+            for j in tl.static_range(8):
+                # Group 8w + j of the step: 16 entries of BLOCK_B fp32 tokens each.
+                entry_bytes = ((word >> (4 * j)) & 15) * (4 * BLOCK_B)
+                entry = (step_table | entry_bytes.to(tl.int64)).to(tl.pointer_type(tl.float32))
+                entry = tl.multiple_of(entry, 4 * BLOCK_B)
+                acc += tl.load(entry[:, None] + (w * 8 + j) * 16 * BLOCK_B + tokens[None, :])
+    total = acc
     if splits == 1:
         _finish_rows(total, scale_ptr, bias_ptr, out_ptr, rows, N, tokens, B, HAS_BIAS)
     else:
@@ -183,11 +187,14 @@ def _lookup_kernel(
 
 
 # Hopper candidates: 1, 2 or 4 warps of one-row threads, for many resident programs per SM.
+# maxnreg: for a block of ≥ 2 warps ptxas otherwise budgets 32 registers (full occupancy at 32 blocks
+# per SM) and interleaves each table load with its add, so a warp waits on one load at a time: 2× slower
+# than the 1-warp config (64 registers, all 32 loads of a quad in flight). H200, NOTES round 8.
 _TUNING_CONFIGS = [
     triton.Config({"BLOCK_N": 32}, num_warps=1, num_stages=3),
-    triton.Config({"BLOCK_N": 64}, num_warps=2, num_stages=3),
-    triton.Config({"BLOCK_N": 128}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_N": 256}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_N": 64}, num_warps=2, num_stages=3, maxnreg=64),
+    triton.Config({"BLOCK_N": 128}, num_warps=4, num_stages=3, maxnreg=64),
+    triton.Config({"BLOCK_N": 256}, num_warps=8, num_stages=3, maxnreg=64),
 ]
 _INTERPRETER_CONFIG = {"BLOCK_N": 32}
 
@@ -202,6 +209,16 @@ _LIFT_GROUPS = 32
 _MAX_SIBLINGS = 3          # sibling slots of _lookup_kernel
 _LARGEST_BLOCK_N = max(c.kwargs["BLOCK_N"] for c in _TUNING_CONFIGS)
 _SMALLEST_BLOCK_N = min(c.kwargs["BLOCK_N"] for c in _TUNING_CONFIGS)
+def _empty_tables(groups: int, token_block: int, device: torch.device) -> torch.Tensor:
+    """An uninitialised (groups, 16, token_block) fp32 table whose start is aligned to one group
+    (64·token_block bytes), as :func:`_lookup_kernel`'s carry-free addressing needs. CUDA's caching
+    allocator aligns to 512 bytes, which covers every token block; the CPU one only to 64."""
+    group_floats = 16 * token_block
+    storage = torch.empty(groups * group_floats + group_floats, dtype=torch.float32, device=device)
+    skip = (-storage.data_ptr() // 4) % group_floats
+    return storage[skip:skip + groups * group_floats].view(groups, 16, token_block)
+
+
 def build_tables(lifted: torch.Tensor, words: int, token_block: int) -> torch.Tensor:
     """Lookup tables of a lifted activation.
 
@@ -214,7 +231,7 @@ def build_tables(lifted: torch.Tensor, words: int, token_block: int) -> torch.Te
     """
     tokens, length = lifted.shape
     groups = 8 * words
-    tables = torch.empty(groups, 16, token_block, dtype=torch.float32, device=lifted.device)
+    tables = _empty_tables(groups, token_block, lifted.device)
     _build_tables_kernel[(triton.cdiv(groups, _BUILD_GROUPS),)](
         lifted, tables, tokens, length, groups, lifted.stride(0), BLOCK_B=token_block, BLOCK_G=_BUILD_GROUPS)
     return tables
@@ -237,7 +254,7 @@ def lift_tables(rotated: torch.Tensor, mapping: torch.Tensor, words: int, token_
     tokens, padded = rotated.shape
     d, D = mapping.shape
     groups = 8 * words
-    tables = torch.empty(groups, 16, token_block, dtype=torch.float32, device=rotated.device)
+    tables = _empty_tables(groups, token_block, rotated.device)
     counters = tables if zero_counters is None else zero_counters
     _lift_tables_kernel[(triton.cdiv(groups, _LIFT_GROUPS),)](
         rotated, mapping.to(torch.float32).contiguous(), tables, counters, tokens, padded // d * D, groups, d, D,
@@ -252,11 +269,13 @@ def token_block(tokens: int) -> int:
 
 
 def _split_count(rows: int, words: int, sms: int) -> int:
-    """K splits for ~32 resident 32-row programs per SM: on the H100 the 1-warp config won every
-    shape, at 8–16 splits (benchmarks/NOTES_kernels.md); each split keeps ≥ 16 words."""
+    """K splits: the largest power of two (≤ 32, each split ≥ 8 words) whose 32-row programs fit one
+    wave of 32 resident blocks per SM. A split count that spills a few programs into a second wave
+    cost 1.3× (28672×8192: 5 splits 68 µs, 4 splits 53 µs); this rule picked the best measured count
+    of every 8B/70B shape at batch 1 within 4 % (H200, benchmarks/NOTES_kernels.md round 8)."""
     programs = triton.cdiv(rows, 32)
-    wanted = triton.cdiv(32 * sms, programs)
-    return max(1, min(wanted, words // 16, 16))
+    wanted = max(1, min(32 * sms // programs, words // 8, 32))
+    return 1 << (wanted.bit_length() - 1)
 
 
 def split_counter_count(rows: list[int]) -> int:
@@ -304,6 +323,9 @@ def lookup_siblings(
     block_b = token_block(tokens)
     if tables.shape != (8 * words, 16, block_b):
         raise ValueError(f"tables {tuple(tables.shape)} are not those of {tokens} tokens × {words} words per row")
+    if not tables.is_contiguous() or tables.data_ptr() % (64 * block_b):
+        raise ValueError(f"tables must be contiguous and start {64 * block_b}-byte aligned (one table group); "
+                         "make them with build_tables or lift_tables")
     scales = [scale.to(torch.float32).contiguous() for scale in row_scale]
     if config is None and device.type != "cuda":
         config = _INTERPRETER_CONFIG

@@ -131,6 +131,25 @@ def test_lookup_tables_hold_signed_sums():
     assert (tables.double() - expected).abs().max() < 1e-6
 
 
+@pytest.mark.parametrize("block", [1, 2, 4, 8])
+def test_tables_start_group_aligned_and_misaligned_tables_are_refused(block):
+    """The lookup kernel ORs an entry's offset into its group's address, so tables must start
+    aligned to one group (64·block bytes); a copy at another offset is refused, not misread."""
+    g = torch.Generator().manual_seed(block)
+    signs, codes = _random_codes(5, 100, g)
+    lifted = torch.randn(block, 100, generator=g)
+    tables = build_tables(lifted, words_per_row(100), block)
+    assert tables.data_ptr() % (64 * block) == 0
+    shifted = torch.empty(tables.numel() + 1)[1:].view_as(tables)
+    shifted.copy_(tables)
+    assert shifted.data_ptr() % (64 * block) == 4    # the allocator aligns to ≥ 64 bytes
+    with pytest.raises(ValueError, match="aligned"):
+        lookup_siblings(shifted, block, [codes], [torch.ones(5)], [None], torch.float32)
+    out, = lookup_siblings(tables, block, [codes], [torch.ones(5)], [None], torch.float32)
+    ref = lifted.double() @ (signs.double() * 2 - 1).T
+    assert _relative_error(out, ref) < 1e-5
+
+
 def test_lookup_matmul_rejects_bad_input():
     codes = pack_codes(torch.zeros(4, 100, dtype=torch.bool))
     with pytest.raises(ValueError, match="at most"):
