@@ -311,7 +311,8 @@ def write_report(results: list[Result], meta: dict, out_dir: str, tag: str):
         json.dump({"meta": meta, "results": [asdict(r) for r in results]}, f, indent=2)
     lines = [f"# Decode benchmark ({tag})", "", f"Command: `{meta['command']}`", "",
              f"Device: {meta['device']}; torch {meta['torch']}; batch 1, prompt {meta['prompt_len']}, "
-             f"{meta['new_tokens']} new tokens, median of {meta['repeats']}.", "", meta["note"], ""]
+             f"{meta['new_tokens']} new tokens, median of {meta['repeats']}; environment {meta.get('environment', {})}.",
+             "", meta["note"], ""]
     missing = [n for n, ok in meta["device_kernels"].items() if not ok]
     if meta["cuda"] and missing:
         lines += [f"**Note:** no CUDA kernel of their own: {missing}. Base ops without one ran the PyTorch "
@@ -409,6 +410,7 @@ def main(argv=None):
         "torch": torch.__version__, "lift_ao": lift_ao.__version__, "prompt_len": args.prompt_len,
         "new_tokens": args.new_tokens, "repeats": args.repeats, "freezing": args.freezing, "layers": args.layers,
         "cuda": device.type == "cuda", "device_kernels": kernel_status(device), "isolated": isolate,
+        "environment": {k: os.environ[k] for k in ("LIFT_AO_PDL", "TORCHINDUCTOR_ENABLE_PDL") if k in os.environ},
         "note": "LiftQuant weights are random codes built directly (no nearest-neighbour search): speed does "
                 "not depend on code values; all weights are random, so generated text is meaningless.",
     }

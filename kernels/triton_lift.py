@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_matmul import quick_bench, sm_count
+from .triton_matmul import dependent_launch, quick_bench, sm_count, wait_for_previous_kernel
 
 __all__ = ["lift_activation_triton", "rotate_triton"]
 
@@ -39,10 +39,12 @@ def _rotate_kernel(
     K, k1, k2, stride_x, stride_u, token_bucket,
     K2_PADDED: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_J: tl.constexpr,
     COLUMNS_PER_PROGRAM: tl.constexpr, PRECISION: tl.constexpr, HAS_SIGNS: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """U[i, j] = (P1ᵀ V P2)[i, j] for token pid_b, rows i in [pid_i·BLOCK_I, +BLOCK_I), columns j in
     [pid_j·COLUMNS_PER_PROGRAM, +COLUMNS_PER_PROGRAM); u (B, k1·k2) fp32, or 16-bit for the prefill GEMM.
     ``token_bucket`` only keys the autotuner (decode and prefill want different chunks)."""
+    wait_for_previous_kernel(PDL)
     pid_b = tl.program_id(0)
     pid_i = tl.program_id(1)
     pid_j = tl.program_id(2)
@@ -148,11 +150,13 @@ def rotate_triton(
     if config is None and x.device.type != "cuda":
         config = _ROTATE_INTERPRETER_CONFIG
     kernel = _rotate_tuned if config is None else _rotate_kernel
+    launch = dependent_launch(x.device)
     kernel[(tokens, triton.cdiv(k1, _ROWS_PER_PROGRAM), k2_padded // columns_per_program)](
         rows, signs, left, right, rotated, features, k1, k2, rows.stride(0), rotated.stride(0),
         min(triton.next_power_of_2(tokens), 256),
         K2_PADDED=k2_padded, BLOCK_I=_ROWS_PER_PROGRAM, BLOCK_J=column_chunk, COLUMNS_PER_PROGRAM=columns_per_program,
-        PRECISION="ieee" if x.dtype == f32 else "tf32", HAS_SIGNS=input_signs is not None, **(config or {}),
+        PRECISION="ieee" if x.dtype == f32 else "tf32", HAS_SIGNS=input_signs is not None, PDL=bool(launch),
+        **launch, **(config or {}),
     )
     return rotated
 

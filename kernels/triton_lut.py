@@ -36,7 +36,7 @@ import triton.language as tl
 
 from lift_ao.packing import check_packed, words_per_row
 
-from .triton_matmul import _code_word_offset, quick_bench, sm_count
+from .triton_matmul import _code_word_offset, dependent_launch, quick_bench, sm_count, wait_for_previous_kernel
 
 __all__ = ["MAX_TOKENS", "build_tables", "lift_tables", "lookup_matmul", "lookup_siblings", "split_counter_count",
            "token_block"]
@@ -64,7 +64,8 @@ def _build_tables_kernel(lifted_ptr, table_ptr, B, L, groups, stride_lifted,
 
 @triton.jit
 def _lift_tables_kernel(rotated_ptr, mapping_ptr, table_ptr, counter_ptr, B, L, groups, d, D, stride_rotated,
-                        n_counters, BLOCK_B: tl.constexpr, BLOCK_G: tl.constexpr, D_IN_PADDED: tl.constexpr):
+                        n_counters, BLOCK_B: tl.constexpr, BLOCK_G: tl.constexpr, D_IN_PADDED: tl.constexpr,
+                        PDL: tl.constexpr = False):
     """The tables of x̃ straight from the rotated activation u (the lift fused into the table build):
     x̃[b, p] = Σ_e u[b, d·blk + e] · M[e, f] with p = D·blk + f, so no x̃ is written or read.
 
@@ -74,6 +75,7 @@ def _lift_tables_kernel(rotated_ptr, mapping_ptr, table_ptr, counter_ptr, B, L, 
     The programs also zero ``n_counters`` int32 split counters for the lookup launch that follows
     (which saves it a memset launch).
     """
+    wait_for_previous_kernel(PDL)
     zero_at = tl.program_id(0) * 64 + tl.arange(0, 64)
     for start in range(0, n_counters, tl.num_programs(0) * 64):
         tl.store(counter_ptr + start + zero_at, 0, mask=start + zero_at < n_counters)
@@ -117,6 +119,7 @@ def _lookup_kernel(
     codes2, scale2, bias2, out2, rows2,
     B, words_total, words_per_split, quads_per_row, splits,
     SIBLINGS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """out_s[b, n] = r_s[n] · Σ_words Σ_nibbles table[g, nibble, b] (+ bias_s[n]) for up to 3 siblings s
     that read the same x̃ (one launch for q/k/v or gate/up); their row blocks are laid end to end
@@ -127,6 +130,7 @@ def _lookup_kernel(
     ``counter[pid_n]``; the last of a row block's splits to arrive adds the others' partials, writes
     the output: no reduction launch. The counters arrive zeroed (:func:`lift_tables` can do it).
     """
+    wait_for_previous_kernel(PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     # Which sibling's rows this program owns.
@@ -256,10 +260,11 @@ def lift_tables(rotated: torch.Tensor, mapping: torch.Tensor, words: int, token_
     groups = 8 * words
     tables = _empty_tables(groups, token_block, rotated.device)
     counters = tables if zero_counters is None else zero_counters
+    launch = dependent_launch(rotated.device)
     _lift_tables_kernel[(triton.cdiv(groups, _LIFT_GROUPS),)](
         rotated, mapping.to(torch.float32).contiguous(), tables, counters, tokens, padded // d * D, groups, d, D,
         rotated.stride(0), 0 if zero_counters is None else zero_counters.numel(), BLOCK_B=token_block, BLOCK_G=_LIFT_GROUPS,
-        D_IN_PADDED=triton.next_power_of_2(d), num_warps=4)
+        D_IN_PADDED=triton.next_power_of_2(d), num_warps=4, PDL=bool(launch), **launch)
     return tables
 
 
@@ -330,6 +335,7 @@ def lookup_siblings(
     if config is None and device.type != "cuda":
         config = _INTERPRETER_CONFIG
     kernel = _lookup_tuned if config is None else _lookup_kernel
+    launch = dependent_launch(device)
     launches: list[list[int]] = []
     for with_bias in (False, True):
         members = [i for i, b in enumerate(bias) if (b is not None) == with_bias and rows_of[i] > 0]
@@ -359,7 +365,8 @@ def lookup_siblings(
         grid = lambda meta, rows=rows, launch_splits=launch_splits: (  # noqa: E731
             sum(triton.cdiv(n, meta["BLOCK_N"]) for n in rows), launch_splits)
         kernel[grid](tables, partials, launch_counters, *slots, tokens, words, words_per_split, quads, launch_splits,
-                     SIBLINGS=len(members), HAS_BIAS=bias[members[0]] is not None, BLOCK_B=block_b, **(config or {}))
+                     SIBLINGS=len(members), HAS_BIAS=bias[members[0]] is not None, BLOCK_B=block_b,
+                     PDL=bool(launch), **launch, **(config or {}))
     return outs
 
 

@@ -25,15 +25,18 @@ and unmasked along K, so they pipeline like the code words; it costs one pass ov
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from lift_ao.packing import check_packed
 
-__all__ = ["lifted_matmul_triton", "quick_bench", "reduce_splits", "sm_count", "token_block"]
+__all__ = ["dependent_launch", "lifted_matmul_triton", "quick_bench", "reduce_splits", "sm_count", "token_block",
+           "wait_for_previous_kernel"]
 
 
 def _as_int32(value: int) -> int:
@@ -210,6 +213,25 @@ def reduce_splits(partials: torch.Tensor, out: torch.Tensor) -> None:
 def token_block(tokens: int) -> int:
     """Tokens per program: 16 (tl.dot's minimum) up to 128 for prefill."""
     return min(128, max(16, triton.next_power_of_2(tokens)))
+
+
+def dependent_launch(device: torch.device) -> dict:
+    """Launch options of the decode kernels: ``{"launch_pdl": True}`` on a Hopper or newer GPU unless
+    the environment sets LIFT_AO_PDL=0, else none. With programmatic dependent launch a kernel's
+    grid is put on the SMs before the previous kernel ends and waits there (``gdc_wait``), so the
+    launch gap between the many µs-long decode kernels overlaps the previous kernel's tail."""
+    if device.type != "cuda" or os.environ.get("LIFT_AO_PDL", "1") == "0":
+        return {}
+    return {"launch_pdl": True} if torch.cuda.get_device_capability(device)[0] >= 9 else {}
+
+
+@triton.jit
+def wait_for_previous_kernel(PDL: tl.constexpr):
+    """Under programmatic dependent launch: wait until the previous kernel's writes are visible,
+    then allow the next kernel to launch. Nothing otherwise (and in the interpreter)."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
 
 
 def sm_count(device: torch.device) -> int:
