@@ -19,7 +19,7 @@ from lift_ao.kernels.reference import lift_activation_reference, lifted_matmul_r
 from lift_ao.kernels.triton_lift import lift_activation_triton, rotate_triton  # noqa: E402
 from lift_ao.kernels.triton_lut import (  # noqa: E402
     MAX_TOKENS, build_tables, lift_tables, lookup_matmul, lookup_siblings, split_counter_count, token_block)
-from lift_ao.kernels.triton_matmul import lifted_matmul_triton  # noqa: E402
+from lift_ao.kernels.triton_matmul import dependent_launch, lifted_matmul_triton  # noqa: E402
 from lift_ao.kernels.triton_register import (  # noqa: E402
     _lifted_linear_cuda, _lifted_linear_group_cuda, _lifted_matmul_cuda)
 from lift_ao.kernels.fused_ops import lifted_linear_group  # noqa: E402
@@ -356,3 +356,17 @@ def test_group_op_rejects_sibling_lists_of_different_lengths(group):
     with pytest.raises(ValueError, match="G ≥ 1 entries"):
         group(x, None, [rotation.signs] * 2, [rotation.left] * 2, [rotation.right] * 2, [mapping] * 2,
               [codes], [torch.ones(3)], [None])
+
+
+@pytest.mark.parametrize("capability,setting,expected", [
+    ((9, 0), None, {"launch_pdl": True}), ((10, 0), "1", {"launch_pdl": True}),
+    ((9, 0), "0", {}), ((8, 0), None, {})])
+def test_dependent_launch_only_on_hopper_and_newer_unless_turned_off(monkeypatch, capability, setting, expected):
+    """Programmatic dependent launch needs sm_90+; LIFT_AO_PDL=0 turns it off; CPU never uses it."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    if setting is None:
+        monkeypatch.delenv("LIFT_AO_PDL", raising=False)
+    else:
+        monkeypatch.setenv("LIFT_AO_PDL", setting)
+    assert dependent_launch(torch.device("cuda")) == expected
+    assert dependent_launch(torch.device("cpu")) == {}
