@@ -224,7 +224,7 @@ def check_every_config(log) -> list[dict]:
             y_ref = lifted_matmul_reference(lifted.float(), layer.codes, layer.row_scale,
                                             None if bias is None else bias.float())
             for cfg in configs:
-                config = dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                config = cfg.all_kwargs()
                 errors = []
                 try:
                     for attempt in range(3):
@@ -302,7 +302,7 @@ def check_prefill(log, lattices) -> list[dict]:
         kp = layer.padded_features
         want = layer.rotated_weight_float64()
         for cfg in triton_dequant._TUNING_CONFIGS:
-            config = dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            config = cfg.all_kwargs()
             poison_allocator(layer.rebuild_bytes() // 4)
             try:
                 weight = layer.rebuild(config)
@@ -501,7 +501,7 @@ def sweep_configs(log) -> list[dict]:
         for cfg in _TUNING_CONFIGS + extra:
             if cfg.kwargs["BLOCK_N"] >= 256:
                 continue
-            config = dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            config = cfg.all_kwargs()
             try:
                 us = bench_us(lambda: lifted_matmul_triton(lifted, layer.codes, layer.row_scale, None, config=config))
             except Exception as exc:  # a config that does not compile is a finding, not a crash
@@ -526,7 +526,7 @@ def study_lookup(log) -> list[dict]:
             tables = lambda: triton_lut.build_tables(lifted, words_per_row(layer.length), triton.next_power_of_2(batch))
             study.append(dict(base, kernel="tables", us=bench_us(tables)))
             for cfg in triton_lut._TUNING_CONFIGS:
-                config = dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                config = cfg.all_kwargs()
                 for splits in (None, 1, 2, 4, 8, 16):
                     us = bench_us(lambda: triton_lut.lookup_matmul(lifted, layer.codes, layer.row_scale, None,
                                                                      splits=splits, config=config))

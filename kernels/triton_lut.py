@@ -306,7 +306,8 @@ def lookup_siblings(
         row_scale: per sibling (N_s,) float32 (N_s counts the rows); bias: per sibling (N_s,) or None.
         out_dtype: dtype of the outputs.
         splits: K splits (None: from the rows of the launch and the SM count).
-        config: fixed ``{"BLOCK_N", "num_warps", "num_stages"}`` instead of autotuning.
+        config: fixed launch options (``{"BLOCK_N", "num_warps", "num_stages"}``, optionally
+            ``"maxnreg"``: one of ``_TUNING_CONFIGS``' ``all_kwargs()``) instead of autotuning.
         counters: ≥ ``split_counter_count(N_s…)`` zeroed int32 (e.g. by :func:`lift_tables`), used up
             by this call; None: allocated zeroed here.
     Returns:
