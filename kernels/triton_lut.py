@@ -153,7 +153,7 @@ def _lookup_kernel(
     # A 3-d (rows, words, nibbles) tile let Triton spread a row's nibbles over lanes: shuffles and a
     # shared-memory transpose of the code words each step, 3x the instructions (sm_90 SASS, NOTES).
     code_ptrs = codes_ptr + _code_word_offset(rows, 0, quads_per_row)
-    acc = tl.zeros((BLOCK_N, BLOCK_B), dtype=tl.float32)
+    total = tl.zeros((BLOCK_N, BLOCK_B), dtype=tl.float32)
     for word0 in range(word_begin, word_end, 4):
         quad_ptrs = code_ptrs + _code_word_offset(0, tl.multiple_of(word0, 4), quads_per_row)
         # The step's tables start 64·BLOCK_B-byte aligned and an entry's byte offset inside a group
@@ -167,8 +167,7 @@ def _lookup_kernel(
                 entry_bytes = ((word >> (4 * j)) & 15) * (4 * BLOCK_B)
                 entry = (step_table | entry_bytes.to(tl.int64)).to(tl.pointer_type(tl.float32))
                 entry = tl.multiple_of(entry, 4 * BLOCK_B)
-                acc += tl.load(entry[:, None] + (w * 8 + j) * 16 * BLOCK_B + tokens[None, :])
-    total = acc
+                total += tl.load(entry[:, None] + (w * 8 + j) * 16 * BLOCK_B + tokens[None, :])
     if splits == 1:
         _finish_rows(total, scale_ptr, bias_ptr, out_ptr, rows, N, tokens, B, HAS_BIAS)
     else:
@@ -190,7 +189,7 @@ def _lookup_kernel(
             _finish_rows(total, scale_ptr, bias_ptr, out_ptr, rows, N, tokens, B, HAS_BIAS)
 
 
-# Hopper candidates: 1, 2 or 4 warps of one-row threads, for many resident programs per SM.
+# Hopper candidates: 1, 2, 4 or 8 warps of one-row threads, for many resident programs per SM.
 # maxnreg: for a block of ≥ 2 warps ptxas otherwise budgets 32 registers (full occupancy at 32 blocks
 # per SM) and interleaves each table load with its add, so a warp waits on one load at a time: 2× slower
 # than the 1-warp config (64 registers, all 32 loads of a quad in flight). H200, NOTES round 8.
@@ -213,6 +212,8 @@ _LIFT_GROUPS = 32
 _MAX_SIBLINGS = 3          # sibling slots of _lookup_kernel
 _LARGEST_BLOCK_N = max(c.kwargs["BLOCK_N"] for c in _TUNING_CONFIGS)
 _SMALLEST_BLOCK_N = min(c.kwargs["BLOCK_N"] for c in _TUNING_CONFIGS)
+
+
 def _empty_tables(groups: int, token_block: int, device: torch.device) -> torch.Tensor:
     """An uninitialised (groups, 16, token_block) fp32 table whose start is aligned to one group
     (64·token_block bytes), as :func:`_lookup_kernel`'s carry-free addressing needs. CUDA's caching
