@@ -6,7 +6,9 @@ opaque op node. Up to ``LOOKUP_MAX_TOKENS`` tokens (decode) take the table-looku
 GEMM. The fused ops (``lifted_linear``, ``lifted_linear_group``, put in place by the passes) decode
 in three launches per shared lift: the rotation, the lift written straight into lookup tables, and
 one lookup launch for all siblings reading that lift (q/k/v, gate/up) with its split-K reduction
-inside; x̃ stays in fp32 there (the composition rounds it to the activation dtype).
+inside; x̃ stays in fp32 there (the composition rounds it to the activation dtype). On Hopper and
+newer the three launch with programmatic dependent launch (``triton_matmul.dependent_launch``), so
+each one's launch overlaps the previous kernel's tail.
 
 From ``REBUILD_MIN_TOKENS`` tokens (prefill) the fused ops skip the lift: per shared lift the rotation
 writes u = Rᵀ pad(x) in the activation dtype, and per sibling the weight is rebuilt in the rotated
