@@ -41,7 +41,7 @@ import torch
 import triton
 from triton.testing import do_bench
 
-from lift_ao.packing import interleave_rows, words_per_row
+from lift_ao.packing import random_packed_codes, unpack_codes, words_per_row
 from lift_ao.transform import make_rotation
 from lift_ao.kernels import lift_activation, lifted_matmul  # importing registers the CUDA kernels
 from lift_ao.kernels.reference import lift_activation_reference, lifted_matmul_reference
@@ -51,7 +51,6 @@ from lift_ao.kernels import triton_dequant, triton_lut
 from lift_ao.kernels.triton_dequant import padded_columns, rebuild_rotated_weight
 from lift_ao.kernels.triton_register import (
     LOOKUP_MAX_TOKENS, REBUILD_MIN_TOKENS, _lifted_linear_group_cuda, _lifted_matmul_cuda, _prefill_siblings)
-from lift_ao.packing import unpack_codes
 from lift_ao.kernels.triton_matmul import _TUNING_CONFIGS, _lifted_matmul_tuned, lifted_matmul_triton
 
 SHAPES = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336), (8192, 8192), (28672, 8192), (8192, 28672)]
@@ -83,16 +82,6 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() * 4 / us / 1e3
 
 
-def random_codes(rows: int, length: int) -> torch.Tensor:
-    """packed_shape(rows, length) int32 of random code bits, zero past ``length`` as packed codes are."""
-    words = torch.randint(-2**31, 2**31 - 1, (rows, words_per_row(length)), dtype=torch.int32, device="cuda")
-    used = -(-length // 32)
-    words[:, used:] = 0
-    if length % 32:
-        words[:, used - 1] &= (1 << length % 32) - 1
-    return interleave_rows(words)
-
-
 def random_mapping(d: int, D: int) -> torch.Tensor:
     """(d, D) with orthonormal rows, scaled like a trained lattice."""
     return (torch.linalg.qr(torch.randn(D, d, dtype=torch.float64)).Q.T * math.sqrt(D / d)).float().cuda()
@@ -113,7 +102,7 @@ class LiftedLayer:
     def sibling_weights(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Random codes and row scales of ``rows`` outputs that read this layer's lift (its own, or
         k/v beside q, up beside gate)."""
-        return random_codes(rows, self.length), (torch.rand(rows, device="cuda") + 0.5) / math.sqrt(self.length)
+        return random_packed_codes(rows, self.length, device="cuda"), (torch.rand(rows, device="cuda") + 0.5) / math.sqrt(self.length)
 
     def lift(self, x):
         return lift_activation_triton(x, self.signs, self.left, self.right, self.mapping)

@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["GROUP_ROWS", "check_packed", "interleave_rows", "pack_codes", "pack_row_words", "packed_shape", "row_words",
-           "unpack_codes", "words_from_uint32", "words_per_row"]
+__all__ = ["GROUP_ROWS", "check_packed", "interleave_rows", "pack_codes", "pack_row_words", "packed_shape",
+           "random_packed_codes", "row_words", "unpack_codes", "words_from_uint32", "words_per_row"]
 
 _BITS = 32
 _WORDS_PER_QUAD = 4
@@ -122,6 +122,22 @@ def pack_codes(codes: torch.Tensor) -> torch.Tensor:
         (⌈N/32⌉, words_per_row(L)/4, 32, 4) int32 (layout in the module docstring).
     """
     return interleave_rows(pack_row_words(codes))
+
+
+def random_packed_codes(rows: int, code_length: int, *, generator=None, device=None) -> torch.Tensor:
+    """Uniformly random codes, already packed, for speed and memory measurements (no search).
+
+    Args:
+        rows: N; code_length: L, bits per row.
+        generator: a torch.Generator on ``device`` (None: the default one).
+        device: where the words are drawn and live.
+    Returns:
+        packed_shape(N, L) int32, the bits past L zero as :func:`pack_codes` leaves them.
+    """
+    words = words_per_row(code_length)
+    values = torch.randint(0, 2**32, (rows, words), generator=generator, dtype=torch.int64, device=device)
+    valid_bits = (code_length - _BITS * torch.arange(words, dtype=torch.int64, device=device)).clamp(0, _BITS)
+    return interleave_rows(words_from_uint32(values & ((1 << valid_bits) - 1)))
 
 
 def words_from_uint32(values: torch.Tensor) -> torch.Tensor:

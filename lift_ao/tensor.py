@@ -39,8 +39,7 @@ from torchao.utils import TorchAOBaseTensor, fill_defaults
 
 from lift_ao.encode import encode_weight
 from lift_ao.lattice import Lattice
-from lift_ao.packing import (GROUP_ROWS, interleave_rows, packed_shape, row_words, unpack_codes, words_from_uint32,
-                             words_per_row)
+from lift_ao.packing import GROUP_ROWS, interleave_rows, packed_shape, random_packed_codes, row_words, unpack_codes
 from lift_ao.transform import make_rotation, padded_in_features, unrotate
 
 __all__ = ["LiftQuantTensor", "share_constants"]
@@ -168,11 +167,7 @@ class LiftQuantTensor(TorchAOBaseTensor):
         """
         n, k = shape
         code_length = padded_in_features(k, lattice.d)[0] // lattice.d * lattice.D
-        words = words_per_row(code_length)
-        packed = torch.randint(0, 2**32, (n, words), generator=generator, dtype=torch.int64)
-        # The packing format keeps the bits past code_length (to the end of the row's last quad) zero.
-        valid_bits = (code_length - 32 * torch.arange(words, dtype=torch.int64)).clamp(0, 32)
-        packed = interleave_rows(words_from_uint32(packed & ((1 << valid_bits) - 1)))
+        packed = random_packed_codes(n, code_length, generator=generator)
         # A decoded coordinate (M q)_i has variance ||M||²/d for random q.
         scale = 0.02 / float((lattice.M.square().sum() / lattice.d).sqrt())
         row_scale = torch.full((n,), scale, dtype=torch.float32, device=device)

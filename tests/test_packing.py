@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from lift_ao.packing import (interleave_rows, pack_codes, pack_row_words, packed_shape, row_words, unpack_codes,
-                             words_from_uint32)
+from lift_ao.packing import (interleave_rows, pack_codes, pack_row_words, packed_shape, random_packed_codes, row_words,
+                             unpack_codes, words_from_uint32)
 
 
 def test_layout_is_lsb_first_and_pads_with_zeros():
@@ -48,6 +48,17 @@ def test_round_trip_with_partial_groups_and_quads(rows, length):
     assert not padded[rows:].any()
     unpacked = (padded[:rows].unsqueeze(-1) >> torch.arange(32, dtype=torch.int32)) & 1
     assert not unpacked.flatten(1)[:, length:].any()
+
+
+@pytest.mark.parametrize("rows, length", [(33, 129), (64, 300)])
+def test_random_packed_codes_are_packed_codes(rows, length):
+    """Random codes are what pack_codes makes of their bits (zero past L and past N), reproducible
+    from the generator, and not degenerate (about half the bits set)."""
+    packed = random_packed_codes(rows, length, generator=torch.Generator().manual_seed(rows))
+    codes = unpack_codes(packed, length, rows)
+    assert torch.equal(pack_codes(codes), packed)
+    assert torch.equal(random_packed_codes(rows, length, generator=torch.Generator().manual_seed(rows)), packed)
+    assert 0.45 < codes.float().mean().item() < 0.55
 
 
 def test_unpack_rejects_wrong_shapes():
