@@ -300,7 +300,7 @@ def main(argv=None) -> None:
     parser.add_argument("--finetune-batch", type=int, default=4, help="lift-cal-ft rows: sequences per step")
     parser.add_argument("--code-rounds", type=int, default=16, help="lift-cal-ftc rows: code flipping rounds per block")
     parser.add_argument("--e2e-steps", type=int, default=128, help="lift-cal-fte rows: end-to-end Adam steps")
-    parser.add_argument("--e2e-lr", type=float, default=1e-2, help="lift-cal-fte rows: end-to-end peak learning rate")
+    parser.add_argument("--e2e-lr", type=float, default=3e-3, help="lift-cal-fte rows: end-to-end peak learning rate")
     parser.add_argument("--checkpoint-root", type=Path, default=None, help="calibrated rows save each finished "
                         "decoder block under ROOT/<row>/ and a rerun resumes from there (bit-identical)")
     parser.add_argument("--redo", action="store_true", help="measure rows already in the results again")

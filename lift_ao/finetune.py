@@ -46,7 +46,7 @@ def _distillation_loss(model, weights: dict, teacher, batch: torch.Tensor) -> to
 
 
 def finetune_end_to_end(
-    model: torch.nn.Module, teacher: torch.nn.Module, tokens: torch.Tensor, *, steps: int, lr: float = 1e-2,
+    model: torch.nn.Module, teacher: torch.nn.Module, tokens: torch.Tensor, *, steps: int, lr: float = 3e-3,
     batch_size: int = 4, held_out: float = 0.125, check_every: int = 16, progress: bool = True,
 ) -> tuple[float, float]:
     """Tune the row and input scales of every LiftQuant weight of ``model`` end to end, in place.
@@ -70,7 +70,8 @@ def finetune_end_to_end(
         tokens: LongTensor (sequences, length) of calibration token ids (never the evaluation text),
             at least 2 sequences.
         steps: Adam steps (0: nothing changes).
-        lr: peak learning rate of the log-factors.
+        lr: peak learning rate of the log-factors. 3e-3 beat 1e-2 at both rates measured (1024 steps,
+            SmolLM2: 2.4 bits 17.95 → 17.45, 3.0 bits 15.20 → 14.42; accuracy_fte1024_64k_lr003_*).
         batch_size: sequences per step.
         held_out: fraction of the sequences (at least one) kept for model selection, in (0, 1).
         check_every: steps between held-out measurements (≥ 1).
