@@ -1,8 +1,9 @@
-"""Assertions shared by the test modules."""
+"""Assertions and inputs shared by the test modules."""
 
 import torch
 
 from lift_ao import LiftQuantTensor
+from lift_ao.packing import pack_codes
 
 
 def assert_bit_identical(a: torch.nn.Module, b: torch.nn.Module) -> None:
@@ -17,3 +18,9 @@ def assert_bit_identical(a: torch.nn.Module, b: torch.nn.Module) -> None:
                 assert torch.equal(getattr(x, part), getattr(y, part)), (key, part)
         else:
             assert torch.equal(x, y), key
+
+
+def random_codes(rows: int, length: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fair random code bits and their packing: ((rows, length) bool, pack_codes of it)."""
+    signs = torch.rand(rows, length, generator=generator) < 0.5
+    return signs, pack_codes(signs)

@@ -13,6 +13,7 @@ import torch
 
 triton = pytest.importorskip("triton")
 
+from checks import random_codes  # noqa: E402
 from lift_ao.packing import pack_codes, unpack_codes, words_per_row  # noqa: E402
 from lift_ao.transform import make_rotation  # noqa: E402
 from lift_ao.kernels.reference import lift_activation_reference, lifted_matmul_reference  # noqa: E402
@@ -58,11 +59,6 @@ def _relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out.double() - ref).norm() / ref.norm())
 
 
-def _random_codes(rows: int, length: int, generator: torch.Generator):
-    signs = torch.rand(rows, length, generator=generator) < 0.5
-    return signs, pack_codes(signs)
-
-
 # kernel → (function, ‖out − ref‖/‖ref‖ bounds): the lookup kernel sums fp32 tables, so only the
 # output's own rounding remains.
 KERNELS = {"gemm": (lifted_matmul_triton, TOLERANCE),
@@ -82,7 +78,7 @@ def _seed(*parts) -> int:
 def test_lifted_matmul_kernels_match_float64(dtype, kernel, tokens, with_bias, rows, length, splits):
     """Partial last word and quad, rows past the tile, split-K, bias or none, every dtype."""
     g = torch.Generator().manual_seed(_seed(kernel, str(dtype), tokens, with_bias, rows, length))
-    signs, codes = _random_codes(rows, length, g)
+    signs, codes = random_codes(rows, length, g)
     lifted = torch.randn(tokens, length, generator=g).to(dtype)
     row_scale = torch.rand(rows, generator=g) + 0.5
     bias = torch.randn(rows, generator=g).to(dtype) if with_bias else None
@@ -136,7 +132,7 @@ def test_tables_start_group_aligned_and_misaligned_tables_are_refused(block):
     """The lookup kernel ORs an entry's offset into its group's address, so tables must start
     aligned to one group (64·block bytes); a copy at another offset is refused, not misread."""
     g = torch.Generator().manual_seed(block)
-    signs, codes = _random_codes(5, 100, g)
+    signs, codes = random_codes(5, 100, g)
     lifted = torch.randn(block, 100, generator=g)
     tables = build_tables(lifted, words_per_row(100), block)
     assert tables.data_ptr() % (64 * block) == 0
@@ -164,7 +160,7 @@ def test_lookup_matmul_rejects_bad_input():
 def test_cuda_entry_picks_a_kernel_by_token_count(tokens):
     """Few tokens take the lookup kernel, more the ±1 GEMM; both give the reference's result."""
     g = torch.Generator().manual_seed(tokens)
-    signs, codes = _random_codes(19, 150, g)
+    signs, codes = random_codes(19, 150, g)
     lifted = torch.randn(tokens, 150, generator=g).to(torch.float16)
     out = _lifted_matmul_cuda(lifted, codes, torch.ones(19), None)
     ref = lifted.double() @ (signs.double() * 2 - 1).T
@@ -173,7 +169,7 @@ def test_cuda_entry_picks_a_kernel_by_token_count(tokens):
 
 def test_lifted_matmul_keeps_leading_dims_and_strides():
     g = torch.Generator().manual_seed(1)
-    signs, codes = _random_codes(9, 40, g)
+    signs, codes = random_codes(9, 40, g)
     wide = torch.randn(2, 3, 80, generator=g, dtype=torch.float32).to(torch.float16)
     lifted = wide[..., ::2]  # non-contiguous last dim
     out = lifted_matmul_triton(lifted, codes, torch.ones(9), None)
@@ -226,7 +222,7 @@ def test_lift_then_matmul_equals_reference_pipeline():
     rotation = make_rotation(features, d, seed=0)
     mapping = torch.randn(d, D, generator=g) / d**0.5
     length = rotation.padded_features // d * D
-    signs, codes = _random_codes(rows, length, g)
+    signs, codes = random_codes(rows, length, g)
     x = torch.randn(17, features, generator=g).to(torch.bfloat16)
     scale, bias = torch.rand(rows, generator=g) + 0.5, torch.randn(rows, generator=g).to(torch.bfloat16)
 
@@ -250,7 +246,7 @@ def test_cuda_group_kernel_decodes_each_shared_lift_once_and_matches_the_composi
     mapping = torch.randn(d, D, generator=g) / d**0.5
     length = shared.padded_features // d * D
     siblings = [(shared, 13), (shared, 7), (other, 9)]
-    codes = [_random_codes(rows, length, g)[1] for _, rows in siblings]
+    codes = [random_codes(rows, length, g)[1] for _, rows in siblings]
     scales = [torch.rand(rows, generator=g) + 0.5 for _, rows in siblings]
     args = (torch.randn(tokens, features, generator=g).to(torch.float16), None,
             [r.signs for r, _ in siblings], [r.left for r, _ in siblings], [r.right for r, _ in siblings],
@@ -309,7 +305,7 @@ def test_lookup_siblings_one_launch_with_split_reduction_inside(splits):
     g = torch.Generator().manual_seed(_seed("siblings", splits))
     length, tokens = 300, 2
     rows = [40, 7, 33, 70]
-    signs, codes = zip(*(_random_codes(n, length, g) for n in rows))
+    signs, codes = zip(*(random_codes(n, length, g) for n in rows))
     scales = [torch.rand(n, generator=g) + 0.5 for n in rows]
     biases = [torch.randn(n, generator=g).to(torch.bfloat16) if i % 2 else None for i, n in enumerate(rows)]
     lifted = torch.randn(tokens, length, generator=g).to(torch.bfloat16)
@@ -335,7 +331,7 @@ def test_cuda_lifted_linear_matches_the_reference_chain(tokens):
     rotation = make_rotation(features, d, seed=4)
     mapping = torch.randn(d, D, generator=g) / d**0.5
     length = rotation.padded_features // d * D
-    _, codes = _random_codes(rows, length, g)
+    _, codes = random_codes(rows, length, g)
     scale, bias = torch.rand(rows, generator=g) + 0.5, torch.randn(rows, generator=g).to(torch.float16)
     x = torch.randn(tokens, features, generator=g).to(torch.float16)
 
@@ -351,7 +347,7 @@ def test_cuda_lifted_linear_matches_the_reference_chain(tokens):
 def test_group_op_rejects_sibling_lists_of_different_lengths(group):
     rotation = make_rotation(20, 10, seed=0)
     mapping = torch.randn(10, 24)
-    codes = _random_codes(3, rotation.padded_features // 10 * 24, torch.Generator().manual_seed(0))[1]
+    codes = random_codes(3, rotation.padded_features // 10 * 24, torch.Generator().manual_seed(0))[1]
     x = torch.randn(1, 20)
     with pytest.raises(ValueError, match="G ≥ 1 entries"):
         group(x, None, [rotation.signs] * 2, [rotation.left] * 2, [rotation.right] * 2, [mapping] * 2,

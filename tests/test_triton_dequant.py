@@ -14,6 +14,7 @@ import torch
 pytest.importorskip("triton")
 
 from lift_ao.lattice import Lattice  # noqa: E402
+from checks import random_codes  # noqa: E402
 from lift_ao.packing import pack_codes, unpack_codes  # noqa: E402
 from lift_ao.tensor import LiftQuantTensor  # noqa: E402
 from lift_ao.transform import make_rotation  # noqa: E402
@@ -112,11 +113,6 @@ def test_rebuilt_row_slice_matches_float64(start, end):
     assert _relative_error(out[:, :weight.padded_in_features], ref) < REBUILD_TOLERANCE[torch.float32]
 
 
-def _random_codes(rows: int, length: int, generator: torch.Generator):
-    signs = torch.rand(rows, length, generator=generator) < 0.5
-    return signs, pack_codes(signs)
-
-
 def _count_calls(monkeypatch, module, name: str) -> dict:
     calls = {"count": 0}
     original = getattr(module, name)
@@ -144,7 +140,7 @@ def test_cuda_lifted_linear_prefill_branch_matches_the_reference(tokens, with_bi
     lat = Lattice.load("24/10")
     features, rows = 45, 19
     rotation = make_rotation(features, lat.d, seed=4)
-    _, codes = _random_codes(rows, rotation.padded_features // lat.d * lat.D, g)
+    _, codes = random_codes(rows, rotation.padded_features // lat.d * lat.D, g)
     row_scale = torch.rand(rows, generator=g) + 0.5
     bias = torch.randn(rows, generator=g).to(dtype) if with_bias else None
     x = torch.randn(1, tokens, features, generator=g).to(dtype)   # a leading dim, kept in the output
@@ -163,7 +159,7 @@ def test_cuda_lifted_linear_below_the_threshold_keeps_the_pm1_gemm(monkeypatch):
     g = torch.Generator().manual_seed(3)
     lat = Lattice.load("16/8")
     rotation = make_rotation(30, lat.d, seed=0)
-    _, codes = _random_codes(9, rotation.padded_features // lat.d * lat.D, g)
+    _, codes = random_codes(9, rotation.padded_features // lat.d * lat.D, g)
     x = torch.randn(triton_register.REBUILD_MIN_TOKENS - 1, 30, generator=g).to(torch.float16)
 
     out = triton_register._lifted_linear_cuda(x, rotation.signs, rotation.left, rotation.right, lat.M, codes,
@@ -189,7 +185,7 @@ def test_cuda_group_prefill_rotates_each_shared_lift_once_and_matches_the_refere
     shared, other = make_rotation(features, lat.d, seed=0), make_rotation(features, lat.d, seed=1)
     length = shared.padded_features // lat.d * lat.D
     siblings = [(shared, 13), (shared, 7), (other, 9)]
-    codes = [_random_codes(rows, length, g)[1] for _, rows in siblings]
+    codes = [random_codes(rows, length, g)[1] for _, rows in siblings]
     scales = [torch.rand(rows, generator=g) + 0.5 for _, rows in siblings]
     biases = [None, torch.randn(7, generator=g).to(torch.float16), None]
     x = torch.randn(tokens, features, generator=g).to(torch.float16)
