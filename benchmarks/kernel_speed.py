@@ -14,10 +14,10 @@
    16/64/256 also the prefill path (rotation + rebuilt weight + cuBLAS), the rotation and the rebuild
    kernel alone (with its GB/s).
 4. Split-K variants for the notes; with --sweep, every tuning candidate on decode shapes; with
-   --lookup-study, the table-lookup decode kernel's configs × split counts beside the ±1 GEMM; with
-   --decode-study, the decode tables (rotation + tables from u) checked against float64 at real
-   sizes, one Llama-3-8B decoder layer's LiftQuant work (fused decode ops vs composition) and the
-   rotation and tables alone at Llama-3-8B and Qwen2.5-1.5B K (kernels_decode.json / .md); with
+   --lookup-study, the table-lookup decode kernel's configs × split counts beside the ±1 GEMM at
+   1–8 tokens (to set ``LOOKUP_MAX_TOKENS``); with --decode-study, the decode tables (rotation +
+   tables from u) checked against float64 at real sizes, one Llama-3-8B decoder layer's LiftQuant
+   work (fused decode ops vs composition) and the rotation and tables alone at Llama-3-8B and Qwen2.5-1.5B K (kernels_decode.json / .md); with
    --prefill-study, only the prefill checks and the prefill path at 2.4 bits on two 8B shapes ×
    batch 16/64/256/1024 beside the lift + ±1 GEMM and bf16 (kernels_prefill.json / .md), to set
    ``REBUILD_MIN_TOKENS``.
@@ -503,11 +503,13 @@ def sweep_configs(log) -> list[dict]:
 
 
 def study_lookup(log) -> list[dict]:
-    """The table-lookup decode kernel, every config × split count, beside the ±1 GEMM (2.4 bits)."""
+    """The table-lookup decode kernel, every config × split count, beside the ±1 GEMM (2.4 bits), at
+    1 and 2 tokens; at 4 and 8 every config with the automatic split count, to place the crossover
+    ``triton_register.LOOKUP_MAX_TOKENS`` (set before the lookup kernel's rounds 8–10)."""
     study = []
     for rows, features in [(28672, 8192), (8192, 28672), (14336, 4096), (4096, 4096), (1024, 4096)]:
         layer = LiftedLayer(rows, features, 2.4)
-        for batch in (1, 2):
+        for batch in (1, 2, 4, 8):
             lifted = layer.lift(torch.randn(batch, features, device="cuda", dtype=DTYPE))
             base = dict(rows=rows, features=features, batch=batch, bytes=layer.code_bytes())
             study.append(dict(base, kernel="gemm", us=bench_us(
@@ -516,7 +518,7 @@ def study_lookup(log) -> list[dict]:
             study.append(dict(base, kernel="tables", us=bench_us(tables)))
             for cfg in triton_lut._TUNING_CONFIGS:
                 config = cfg.all_kwargs()
-                for splits in (None, 1, 2, 4, 8, 16):
+                for splits in (None, 1, 2, 4, 8, 16) if batch <= 2 else (None,):
                     us = bench_us(lambda: triton_lut.lookup_matmul(lifted, layer.codes, layer.row_scale, None,
                                                                      splits=splits, config=config))
                     study.append(dict(base, kernel="lookup", config=config, splits=splits, us=us))
