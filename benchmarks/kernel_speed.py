@@ -17,7 +17,8 @@
    --lookup-study, the table-lookup decode kernel's configs × split counts beside the ±1 GEMM at
    1–8 tokens (to set ``LOOKUP_MAX_TOKENS``); with --decode-study, the decode tables (rotation +
    tables from u) checked against float64 at real sizes, one Llama-3-8B decoder layer's LiftQuant
-   work (fused decode ops vs composition) and the rotation and tables alone at Llama-3-8B and Qwen2.5-1.5B K (kernels_decode.json / .md); with
+   work (fused decode ops vs composition) and the rotation and tables alone at Llama-3-8B and
+   Qwen2.5-1.5B K (kernels_decode.json / .md); with
    --prefill-study, only the prefill checks and the prefill path at 2.4 bits on two 8B shapes ×
    batch 16/64/256/1024 beside the lift + ±1 GEMM and bf16 (kernels_prefill.json / .md), to set
    ``REBUILD_MIN_TOKENS``.
