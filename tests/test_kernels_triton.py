@@ -18,6 +18,7 @@ from lift_ao.packing import pack_codes, unpack_codes, words_per_row  # noqa: E40
 from lift_ao.transform import make_rotation  # noqa: E402
 from lift_ao.kernels.reference import lift_activation_reference, lifted_matmul_reference  # noqa: E402
 from lift_ao.kernels.triton_lift import lift_activation_triton, rotate_triton  # noqa: E402
+from lift_ao.kernels import triton_lut  # noqa: E402
 from lift_ao.kernels.triton_lut import (  # noqa: E402
     MAX_TOKENS, build_tables, lift_tables, lookup_matmul, lookup_siblings, split_counter_count, token_block)
 from lift_ao.kernels.triton_matmul import dependent_launch, lifted_matmul_triton  # noqa: E402
@@ -144,6 +145,22 @@ def test_tables_start_group_aligned_and_misaligned_tables_are_refused(block):
     out, = lookup_siblings(tables, block, [codes], [torch.ones(5)], [None], torch.float32)
     ref = lifted.double() @ (signs.double() * 2 - 1).T
     assert _relative_error(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("config", [c.all_kwargs() for c in triton_lut._TUNING_CONFIGS],
+                         ids=lambda c: f"n{c['BLOCK_N']}_p{c.get('PREFETCH_QUADS', 1)}")
+@pytest.mark.parametrize("splits", [1, 2, 3])
+def test_every_lookup_tuning_config_matches_float64(config, splits):
+    """The autotuner may run any candidate: each (block rows, prefetch depth; warps and registers are
+    the interpreter's) with splits of one quad, of several quads and uneven ones, rows past the block."""
+    g = torch.Generator().manual_seed(_seed("configs", config["BLOCK_N"], config.get("PREFETCH_QUADS", 1), splits))
+    rows, length, tokens = 45, 700, 2   # 22 words -> 24 (6 quads); splits 3 = 2 quads each
+    signs, codes = random_codes(rows, length, g)
+    lifted = torch.randn(tokens, length, generator=g)
+    row_scale = torch.rand(rows, generator=g) + 0.5
+    out = lookup_matmul(lifted, codes, row_scale, None, splits=splits, config=config)
+    ref = (lifted.double() @ (signs.double() * 2 - 1).T) * row_scale.double()
+    assert _relative_error(out, ref) < 1e-6
 
 
 def test_lookup_matmul_rejects_bad_input():
