@@ -184,27 +184,22 @@ def _lookup_kernel(
     # their latency overlaps them (one quad: -10 % at 28672x8192, NOTES round 10). Past the split's
     # end a step re-reads its last quad instead of masking.
     last = word_end - 4
-    next0, next1, next2, next3 = _load_quad(code_ptrs, word_begin, quads_per_row, row_ok)
+    upcoming = _load_quad(code_ptrs, word_begin, quads_per_row, row_ok)
     if PREFETCH_QUADS == 2:
-        then0, then1, then2, then3 = _load_quad(code_ptrs, tl.multiple_of(tl.minimum(word_begin + 4, last), 4),
-                                                quads_per_row, row_ok)
+        after = _load_quad(code_ptrs, tl.multiple_of(tl.minimum(word_begin + 4, last), 4), quads_per_row, row_ok)
     for step in range(word_begin, word_end, 4):
         word0 = tl.multiple_of(step, 4)
-        words0, words1, words2, words3 = next0, next1, next2, next3
+        words = upcoming
         if PREFETCH_QUADS == 2:
-            next0, next1, next2, next3 = then0, then1, then2, then3
-            then0, then1, then2, then3 = _load_quad(code_ptrs, tl.multiple_of(tl.minimum(word0 + 8, last), 4),
-                                                    quads_per_row, row_ok)
+            upcoming = after
+            after = _load_quad(code_ptrs, tl.multiple_of(tl.minimum(word0 + 8, last), 4), quads_per_row, row_ok)
         else:
-            next0, next1, next2, next3 = _load_quad(code_ptrs, tl.multiple_of(tl.minimum(word0 + 4, last), 4),
-                                                    quads_per_row, row_ok)
+            upcoming = _load_quad(code_ptrs, tl.multiple_of(tl.minimum(word0 + 4, last), 4), quads_per_row, row_ok)
         # The step's tables start 64·BLOCK_B-byte aligned and an entry's byte offset inside a group
         # is below that, so OR-ing it into the address adds with no carry: one logic op, not a 64-bit add.
         step_table = (table_ptr + word0 * (128 * BLOCK_B)).to(tl.int64)
-        total = _lookup_word(total, words0, step_table, tokens, 0, BLOCK_B)
-        total = _lookup_word(total, words1, step_table, tokens, 1, BLOCK_B)
-        total = _lookup_word(total, words2, step_table, tokens, 2, BLOCK_B)
-        total = _lookup_word(total, words3, step_table, tokens, 3, BLOCK_B)
+        for w in tl.static_range(4):
+            total = _lookup_word(total, words[w], step_table, tokens, w, BLOCK_B)
     if splits == 1:
         _finish_rows(total, scale_ptr, bias_ptr, out_ptr, rows, N, tokens, B, HAS_BIAS)
     else:
