@@ -3,7 +3,7 @@
 import torch
 
 from lift_ao import LiftQuantTensor
-from lift_ao.packing import pack_codes
+from lift_ao.packing import random_packed_codes, unpack_codes
 
 
 def assert_bit_identical(a: torch.nn.Module, b: torch.nn.Module) -> None:
@@ -21,6 +21,7 @@ def assert_bit_identical(a: torch.nn.Module, b: torch.nn.Module) -> None:
 
 
 def random_codes(rows: int, length: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fair random code bits and their packing: ((rows, length) bool, pack_codes of it)."""
-    signs = torch.rand(rows, length, generator=generator) < 0.5
-    return signs, pack_codes(signs)
+    """Fair random codes (:func:`lift_ao.packing.random_packed_codes`) and their bits:
+    ((rows, length) bool, packed int32)."""
+    packed = random_packed_codes(rows, length, generator=generator)
+    return unpack_codes(packed, length, rows), packed
