@@ -52,7 +52,8 @@ from lift_ao.kernels import triton_dequant, triton_lut
 from lift_ao.kernels.triton_dequant import padded_columns, rebuild_rotated_weight
 from lift_ao.kernels.triton_register import (
     LOOKUP_MAX_TOKENS, REBUILD_MIN_TOKENS, _lifted_linear_group_cuda, _lifted_matmul_cuda, _prefill_siblings)
-from lift_ao.kernels.triton_matmul import _TUNING_CONFIGS, _lifted_matmul_tuned, lifted_matmul_triton
+from lift_ao.kernels.triton_matmul import (_TUNING_CONFIGS, _lifted_matmul_tuned, _prune_configs, lifted_matmul_triton,
+                                           token_block)
 
 SHAPES = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336), (8192, 8192), (28672, 8192), (8192, 28672)]
 BATCHES = [1, 4, 16, 64, 256]
@@ -194,20 +195,23 @@ def check_correctness(log) -> list[dict]:
 
 
 def check_every_config(log) -> list[dict]:
-    """Each tuning candidate of both matmul kernels, fixed, on a decode and a prefill (or multi-token)
-    problem: the autotuner runs whichever is fastest, so every one must be right (one prefill check
-    once failed with NaN/garbage, config unknown — see benchmarks/NOTES_kernels.md). Each config runs
-    three times (the lookup kernel at 1, 5 and automatic splits): a race shows up as an error that
-    moves between runs."""
+    """Each tuning candidate of both matmul kernels that the autotuner may run on a problem, fixed,
+    on decode and multi-token problems: the autotuner runs whichever is fastest, so every one must
+    be right (2-word ±1-GEMM steps at 128-token blocks gave NaN on an H200: NOTES_kernels.md round
+    11). Each config runs three times, at 1, a few and automatic splits (the 16-bit output written
+    directly, or fp32 partials reduced): a race shows up as an error that moves between runs."""
     gemm = lambda layer, lifted, bias, config, attempt: lifted_matmul_triton(  # noqa: E731
-        lifted, layer.codes, layer.row_scale, bias, config=config)
+        lifted, layer.codes, layer.row_scale, bias, splits=(1, 3, None)[attempt], config=config)
     lookup = lambda layer, lifted, bias, config, attempt: triton_lut.lookup_matmul(  # noqa: E731
         lifted, layer.codes, layer.row_scale, bias, splits=(1, 5, None)[attempt], config=config)
-    kernels = [("gemm", gemm, _TUNING_CONFIGS, [(4096, 14336, 256), (4096, 14336, 1)], True),
-               ("lookup", lookup, triton_lut._TUNING_CONFIGS, [(4096, 14336, 1), (1024, 4096, 8)], False)]
+    gemm_configs = lambda batch: _prune_configs(_TUNING_CONFIGS, {"BLOCK_B": token_block(batch)})  # noqa: E731
+    kernels = [("gemm", gemm, gemm_configs, [(4096, 4096, 256), (4096, 14336, 128), (4096, 14336, 1)], True),
+               ("lookup", lookup, lambda batch: triton_lut._TUNING_CONFIGS, [(4096, 14336, 1), (1024, 4096, 8)],
+                False)]
     checks = []
-    for name, run, configs, problems, with_bias in kernels:
+    for name, run, tuning_configs, problems, with_bias in kernels:
         for rows, features, batch in problems:
+            configs = tuning_configs(batch)
             layer = LiftedLayer(rows, features, 2.4)
             lifted = layer.lift(torch.randn(batch, features, device="cuda", dtype=DTYPE))
             bias = torch.randn(rows, device="cuda", dtype=DTYPE) if with_bias else None
@@ -489,8 +493,6 @@ def sweep_configs(log) -> list[dict]:
         layer = LiftedLayer(rows, features, 2.4)
         lifted = layer.lift(torch.randn(batch, features, device="cuda", dtype=DTYPE))
         for cfg in _TUNING_CONFIGS + extra:
-            if cfg.kwargs["BLOCK_N"] >= 256:
-                continue
             config = cfg.all_kwargs()
             try:
                 us = bench_us(lambda: lifted_matmul_triton(lifted, layer.codes, layer.row_scale, None, config=config))

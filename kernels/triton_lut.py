@@ -145,7 +145,7 @@ def _lookup_kernel(
     codes2, scale2, bias2, out2, rows2,
     B, words_total, words_per_split, quads_per_row, splits,
     SIBLINGS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
-    PREFETCH_QUADS: tl.constexpr = 1, PDL: tl.constexpr = False,
+    PDL: tl.constexpr = False,
 ):
     """out_s[b, n] = r_s[n] · Σ_words Σ_nibbles table[g, nibble, b] (+ bias_s[n]) for up to 3 siblings s
     that read the same x̃ (one launch for q/k/v or gate/up); their row blocks are laid end to end
@@ -180,21 +180,15 @@ def _lookup_kernel(
     # shared-memory transpose of the code words each step, 3x the instructions (sm_90 SASS, NOTES).
     code_ptrs = codes_ptr + _code_word_offset(rows, 0, quads_per_row)
     total = tl.zeros((BLOCK_N, BLOCK_B), dtype=tl.float32)
-    # The code words of the next PREFETCH_QUADS quads are loaded before this quad's 32 lookups, so
-    # their latency overlaps them (one quad: -10 % at 28672x8192, NOTES round 10). Past the split's
-    # end a step re-reads its last quad instead of masking.
+    # The next quad's code words are loaded before this quad's 32 lookups, so their latency overlaps
+    # them (-10 % at 28672x8192; two quads ahead measured no faster: NOTES rounds 10-11). Past the
+    # split's end a step re-reads its last quad instead of masking.
     last = word_end - 4
     upcoming = _load_quad(code_ptrs, word_begin, quads_per_row, row_ok)
-    if PREFETCH_QUADS == 2:
-        after = _load_quad(code_ptrs, tl.multiple_of(tl.minimum(word_begin + 4, last), 4), quads_per_row, row_ok)
     for step in range(word_begin, word_end, 4):
         word0 = tl.multiple_of(step, 4)
         words = upcoming
-        if PREFETCH_QUADS == 2:
-            upcoming = after
-            after = _load_quad(code_ptrs, tl.multiple_of(tl.minimum(word0 + 8, last), 4), quads_per_row, row_ok)
-        else:
-            upcoming = _load_quad(code_ptrs, tl.multiple_of(tl.minimum(word0 + 4, last), 4), quads_per_row, row_ok)
+        upcoming = _load_quad(code_ptrs, tl.multiple_of(tl.minimum(word0 + 4, last), 4), quads_per_row, row_ok)
         # The step's tables start 64·BLOCK_B-byte aligned and an entry's byte offset inside a group
         # is below that, so OR-ing it into the address adds with no carry: one logic op, not a 64-bit add.
         step_table = (table_ptr + word0 * (128 * BLOCK_B)).to(tl.int64)
@@ -225,15 +219,11 @@ def _lookup_kernel(
 # maxnreg: for a block of ≥ 2 warps ptxas otherwise budgets 32 registers (full occupancy at 32 blocks
 # per SM) and interleaves each table load with its add, so a warp waits on one load at a time: 2× slower
 # than the 1-warp config (64 registers, all 32 loads of a quad in flight). H200, NOTES round 8.
-# PREFETCH_QUADS 2 (two quads of code words in flight per thread): same 64 registers and ~185 SASS
-# instructions a step as one quad (offline, sm_90); candidates beside the measured one-quad configs.
 _TUNING_CONFIGS = [
     triton.Config({"BLOCK_N": 32}, num_warps=1, num_stages=3),
     triton.Config({"BLOCK_N": 64}, num_warps=2, num_stages=3, maxnreg=64),
     triton.Config({"BLOCK_N": 128}, num_warps=4, num_stages=3, maxnreg=64),
     triton.Config({"BLOCK_N": 256}, num_warps=8, num_stages=3, maxnreg=64),
-    triton.Config({"BLOCK_N": 32, "PREFETCH_QUADS": 2}, num_warps=1, num_stages=3),
-    triton.Config({"BLOCK_N": 128, "PREFETCH_QUADS": 2}, num_warps=4, num_stages=3, maxnreg=64),
 ]
 _INTERPRETER_CONFIG = {"BLOCK_N": 32}
 
@@ -344,7 +334,7 @@ def lookup_siblings(
         out_dtype: dtype of the outputs.
         splits: K splits (None: from the rows of the launch and the SM count).
         config: fixed launch options (``{"BLOCK_N", "num_warps", "num_stages"}``, optionally
-            ``"maxnreg"`` and ``"PREFETCH_QUADS"``: one of ``_TUNING_CONFIGS``' ``all_kwargs()``)
+            ``"maxnreg"``: one of ``_TUNING_CONFIGS``' ``all_kwargs()``)
             instead of autotuning.
         counters: ≥ ``split_counter_count(N_s…)`` zeroed int32 (e.g. by :func:`lift_tables`), used up
             by this call; None: allocated zeroed here.

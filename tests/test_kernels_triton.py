@@ -148,13 +148,13 @@ def test_tables_start_group_aligned_and_misaligned_tables_are_refused(block):
 
 
 @pytest.mark.parametrize("config", [c.all_kwargs() for c in triton_lut._TUNING_CONFIGS],
-                         ids=lambda c: f"n{c['BLOCK_N']}_p{c.get('PREFETCH_QUADS', 1)}")
+                         ids=lambda c: f"n{c['BLOCK_N']}")
 @pytest.mark.parametrize("splits", [1, 2, 7])
 def test_every_lookup_tuning_config_matches_float64(config, splits):
-    """The autotuner may run any candidate: each (block rows, prefetch depth; warps and registers are
-    the interpreter's) over 7 quads in one split, in uneven splits (4 + 3 quads) and in splits of one
+    """The autotuner may run any candidate: each (block rows; warps and registers are the
+    interpreter's) over 7 quads in one split, in uneven splits (4 + 3 quads) and in splits of one
     quad (the prefetch clamped to the split's last quad), with rows past the last block."""
-    g = torch.Generator().manual_seed(_seed("configs", config["BLOCK_N"], config.get("PREFETCH_QUADS", 1), splits))
+    g = torch.Generator().manual_seed(_seed("configs", config["BLOCK_N"], splits))
     rows, length, tokens = 45, 870, 2   # 28 words: 7 quads
     signs, codes = random_codes(rows, length, g)
     lifted = torch.randn(tokens, length, generator=g)
