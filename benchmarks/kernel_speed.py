@@ -55,6 +55,8 @@ from lift_ao.kernels.triton_register import (
 from lift_ao.kernels.triton_matmul import (_TUNING_CONFIGS, _lifted_matmul_tuned, _prune_configs, lifted_matmul_triton,
                                            token_block)
 
+# Relative error allowed against the float64 reference, per activation dtype.
+CHECK_BOUNDS = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-4}
 SHAPES = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336), (8192, 8192), (28672, 8192), (8192, 28672)]
 BATCHES = [1, 4, 16, 64, 256]
 PREFILL_BATCHES = [16, 64, 256]   # where the prefill path is timed beside the ±1 GEMM
@@ -166,7 +168,6 @@ def check_correctness(log) -> list[dict]:
              (8192, 8192, 2.4, 64, torch.float16), (1024, 4096, 2.4, 3, torch.float32),
              (28672, 8192, 2.4, 1, torch.bfloat16), (8192, 28672, 3.0, 8, torch.bfloat16),
              (14336, 4096, 2.0, 2, torch.float16)]
-    bounds = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-4}
     for rows, features, bits, batch, dtype in cases:
         layer = LiftedLayer(rows, features, bits)
         x = torch.randn(batch, features, device="cuda").to(dtype)
@@ -185,7 +186,7 @@ def check_correctness(log) -> list[dict]:
         entry = dict(rows=rows, features=features, bits=bits, batch=batch, dtype=str(dtype),
                      lift_error=relative_error(lifted, lifted_ref.float()),
                      matmul_error=max(matmul_errors), op_error=relative_error(op_out, y_ref))
-        entry["ok"] = all(e < bounds[dtype] for e in (entry["lift_error"], entry["matmul_error"], entry["op_error"]))
+        entry["ok"] = all(e < CHECK_BOUNDS[dtype] for e in (entry["lift_error"], entry["matmul_error"], entry["op_error"]))
         checks.append(entry)
         log(f"check {entry}")
     checks += check_every_config(log)
@@ -205,18 +206,20 @@ def check_every_config(log) -> list[dict]:
     lookup = lambda layer, lifted, bias, config, attempt: triton_lut.lookup_matmul(  # noqa: E731
         lifted, layer.codes, layer.row_scale, bias, splits=(1, 5, None)[attempt], config=config)
     gemm_configs = lambda batch: _prune_configs(_TUNING_CONFIGS, {"BLOCK_B": token_block(batch)})  # noqa: E731
-    kernels = [("gemm", gemm, gemm_configs, [(4096, 4096, 256), (4096, 14336, 128), (4096, 14336, 1)], True),
-               ("lookup", lookup, lambda batch: triton_lut._TUNING_CONFIGS, [(4096, 14336, 1), (1024, 4096, 8)],
-                False)]
+    kernels = [("gemm", gemm, gemm_configs, [(4096, 4096, 256, DTYPE), (4096, 14336, 128, DTYPE),
+                                             (4096, 4096, 128, torch.float32), (4096, 14336, 1, DTYPE)], True),
+               ("lookup", lookup, lambda batch: triton_lut._TUNING_CONFIGS,
+                [(4096, 14336, 1, DTYPE), (1024, 4096, 8, DTYPE)], False)]
     checks = []
     for name, run, tuning_configs, problems, with_bias in kernels:
-        for rows, features, batch in problems:
+        for rows, features, batch, dtype in problems:
             configs = tuning_configs(batch)
             layer = LiftedLayer(rows, features, 2.4)
-            lifted = layer.lift(torch.randn(batch, features, device="cuda", dtype=DTYPE))
-            bias = torch.randn(rows, device="cuda", dtype=DTYPE) if with_bias else None
+            lifted = layer.lift(torch.randn(batch, features, device="cuda", dtype=dtype))
+            bias = torch.randn(rows, device="cuda", dtype=dtype) if with_bias else None
             y_ref = lifted_matmul_reference(lifted.float(), layer.codes, layer.row_scale,
                                             None if bias is None else bias.float())
+            ran = 0
             for cfg in configs:
                 config = cfg.all_kwargs()
                 errors = []
@@ -227,11 +230,17 @@ def check_every_config(log) -> list[dict]:
                 except Exception as exc:  # e.g. out of shared memory for this tile: the autotuner skips it too
                     log(f"check {name} {config} did not run: {exc!r}"[:300])
                     continue
-                entry = dict(rows=rows, features=features, bits=2.4, batch=batch, dtype=str(DTYPE),
+                ran += 1
+                entry = dict(rows=rows, features=features, bits=2.4, batch=batch, dtype=str(dtype),
                              config=dict(config, kernel=name), lift_error=0.0, matmul_error=max(errors), op_error=0.0)
-                entry["ok"] = all(e < 1e-2 for e in errors)
+                entry["ok"] = all(e < CHECK_BOUNDS[dtype] for e in errors)
                 checks.append(entry)
                 log(f"check {entry}")
+            if not ran:  # the autotuner would have nothing to run
+                checks.append(dict(rows=rows, features=features, bits=2.4, batch=batch, dtype=str(dtype),
+                                   config=f"no {name} config runs", lift_error=0.0, matmul_error=float("nan"),
+                                   op_error=0.0, ok=False))
+                log(f"check {checks[-1]}")
     return checks
 
 
@@ -309,7 +318,6 @@ def check_prefill(log, lattices) -> list[dict]:
             entry["ok"] = error < 5e-3 and bool((weight[:, kp:] == 0).all())
             checks.append(entry)
             log(f"check {entry}")
-    bounds = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-4}
     for rows, features, bits, batch, dtype in [(4096, 14336, 2.4, 256, torch.bfloat16),
                                                (14336, 4096, 3.0, 64, torch.float16),
                                                (1024, 4096, 2.0, 300, torch.bfloat16),
@@ -322,7 +330,7 @@ def check_prefill(log, lattices) -> list[dict]:
         y_ref = lifted_matmul_reference(layer.lift_reference(x.float()), layer.codes, layer.row_scale, bias.float())
         entry = dict(rows=rows, features=features, bits=bits, batch=batch, dtype=str(dtype), config="prefill path",
                      lift_error=0.0, matmul_error=0.0, op_error=relative_error(y, y_ref))
-        entry["ok"] = entry["op_error"] < bounds[dtype]
+        entry["ok"] = entry["op_error"] < CHECK_BOUNDS[dtype]
         checks.append(entry)
         log(f"check {entry}")
     q = LiftedLayer(4096, 4096, 2.4)
