@@ -5,7 +5,12 @@ are not multiples of 32 (partial last word), row counts that are not multiples o
 needs padding to Kp, d/D that are not powers of two, token counts 1/3/17, split-K, bias or none.
 """
 
+import json
+import os
+import subprocess
+import sys
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -384,3 +389,17 @@ def test_dependent_launch_only_on_hopper_and_newer_unless_turned_off(monkeypatch
         monkeypatch.setenv("LIFT_AO_PDL", setting)
     assert dependent_launch(torch.device("cuda")) == expected
     assert dependent_launch(torch.device("cpu")) == {}
+
+
+def test_gemm_autotuner_keeps_a_config_that_fits_hopper_shared_memory():
+    """At the largest token block, for 16-bit and fp32 (two-operand) activations, some config the
+    autotuner keeps compiles for sm_90 within its 227 KB of shared memory per block; else every
+    candidate fails to launch and the op raises OutOfResources (as calibration on CUDA once did)."""
+    script = Path(__file__).with_name("hopper_shared_memory.py")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, str(script), "128"], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    shared = json.loads(done.stdout.strip().splitlines()[-1])
+    assert set(shared) == {"128 bf16", "128 fp32"}
+    for key, sizes in shared.items():
+        assert min(sizes) <= 232448, f"{key}: every kept config needs more shared memory than sm_90 has: {sizes}"
