@@ -516,7 +516,7 @@ def sweep_configs(log) -> list[dict]:
 def study_lookup(log) -> list[dict]:
     """The table-lookup decode kernel, every config × split count, beside the ±1 GEMM (2.4 bits), at
     1 and 2 tokens; at 4 and 8 every config with the automatic split count, to place the crossover
-    ``triton_register.LOOKUP_MAX_TOKENS`` (set before the lookup kernel's rounds 8–10)."""
+    ``triton_register.LOOKUP_MAX_TOKENS``."""
     study = []
     for rows, features in [(28672, 8192), (8192, 28672), (14336, 4096), (4096, 4096), (1024, 4096)]:
         layer = LiftedLayer(rows, features, 2.4)

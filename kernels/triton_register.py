@@ -38,7 +38,8 @@ __all__ = ["register_cuda_kernels"]
 
 _registered = False
 # Token counts up to this take the table-lookup kernel (kernels/triton_lut.py), larger ones the ±1
-# GEMM (kernels/triton_matmul.py); set from benchmarks/results/kernels_h100.md.
+# GEMM (kernels/triton_matmul.py). H200, 2.4 bits, lookup (with its tables) vs GEMM, µs: 28672×8192
+# 67 vs 120 at 2 tokens, 156 vs 120 at 4; 4096×4096 18 vs 19, 25 vs 19 (kernels_lookup_r11_h200.json).
 LOOKUP_MAX_TOKENS = 2
 # From this many tokens the fused ops rebuild the weight in the rotated domain and run cuBLAS. H100,
 # 2.4 bits (benchmarks/results/kernels_prefill_h100.md), rebuilt vs lift + ±1 GEMM, µs: 4096×14336
