@@ -23,7 +23,7 @@ from lift_ao.packing import pack_codes, unpack_codes, words_per_row  # noqa: E40
 from lift_ao.transform import make_rotation  # noqa: E402
 from lift_ao.kernels.reference import lift_activation_reference, lifted_matmul_reference  # noqa: E402
 from lift_ao.kernels.triton_lift import lift_activation_triton, rotate_triton  # noqa: E402
-from lift_ao.kernels import triton_lut  # noqa: E402
+from lift_ao.kernels import triton_lut, triton_matmul  # noqa: E402
 from lift_ao.kernels.triton_lut import (  # noqa: E402
     MAX_TOKENS, build_tables, lift_tables, lookup_matmul, lookup_siblings, split_counter_count, token_block)
 from lift_ao.kernels.triton_matmul import dependent_launch, lifted_matmul_triton  # noqa: E402
@@ -167,6 +167,28 @@ def test_every_lookup_tuning_config_matches_float64(config, splits):
     out = lookup_matmul(lifted, codes, row_scale, None, splits=splits, config=config)
     ref = (lifted.double() @ (signs.double() * 2 - 1).T) * row_scale.double()
     assert _relative_error(out, ref) < 1e-6
+
+
+_GEMM_TILES = sorted({(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_W"]) for c in triton_matmul._TUNING_CONFIGS})
+
+
+@pytest.mark.parametrize("tile", _GEMM_TILES, ids=lambda t: f"n{t[0]}_w{t[1]}")
+@pytest.mark.parametrize("tokens,splits", [(3, 1), (70, 1), (70, 3)])
+def test_every_gemm_tile_matches_float64(tile, tokens, splits):
+    """Each (rows, words) tile the ±1 GEMM's autotuner may pick (warps and stages are the GPU's),
+    at a 16-token block and a partial 128-token block, into the output directly and through split
+    partials: 900 code bits make 29 words, so every tile has a partial last step and rows past N."""
+    block_n, block_w = tile
+    g = torch.Generator().manual_seed(_seed("gemm tiles", block_n, block_w, tokens, splits))
+    rows, length = 45, 900
+    signs, codes = random_codes(rows, length, g)
+    lifted = torch.randn(tokens, length, generator=g)
+    row_scale = torch.rand(rows, generator=g) + 0.5
+    bias = torch.randn(rows, generator=g)
+    out = lifted_matmul_triton(lifted, codes, row_scale, bias, splits=splits,
+                               config={"BLOCK_N": block_n, "BLOCK_W": block_w})
+    ref = (lifted.double() @ (signs.double() * 2 - 1).T) * row_scale.double() + bias.double()
+    assert _relative_error(out, ref) < TOLERANCE[torch.float32]
 
 
 def test_lookup_matmul_rejects_bad_input():
