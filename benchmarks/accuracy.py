@@ -17,6 +17,9 @@ the disjoint *calibration* split. Rows:
     lift-cal-fte-{bits}       lift-cal-ft, then end-to-end fine-tuning of all scales against the reference
                               model's logits (lift_ao.finetune_end_to_end: --e2e-steps, --e2e-lr)
     lift-plan-2.4             mixed widths planned by sensitivity at the bytes of uniform 2.4 bits
+    lift-cal[-ft|-fte]-plan-{bits}  a calibrated row at mixed widths: liftquant(memory_budget=the bytes
+                              of uniform {bits} (a rate or D/d, as above)), planned by lift_ao.calibrate
+                              with the calibration tokens
 
 Only linear layers inside the decoder are quantized; embeddings (tied with lm_head) and norms stay in
 fp32 in every row, so "model bytes" differ only by the linear layers. RTN INT4 asymmetric with group
@@ -117,7 +120,10 @@ def _lattice_of(row: str) -> str:
 
 def _is_row(name: str) -> bool:
     lattice_row = re.fullmatch(r"lift-(cal-(ft[ce]?-)?)?(\d+/\d+)", name)
-    return name in ROWS or (lattice_row is not None and lattice_row.group(3) in {lat.name for lat in lift_ao.Lattice.shipped()})
+    plan_row = re.fullmatch(r"lift-cal-(ft[ce]?-)?plan-(.+)", name)
+    shipped = {lat.name for lat in lift_ao.Lattice.shipped()}
+    return (name in ROWS or (lattice_row is not None and lattice_row.group(3) in shipped)
+            or (plan_row is not None and _lattice_of(name) in shipped))
 
 
 def _table_order(rows: dict) -> list[str]:
@@ -147,6 +153,9 @@ def run_row(name: str, reference, tokenizer, eval_tokens, args) -> dict:
             lift_ao.quantize(model, config, calibration=calibration, device=args.device)
         elif name.startswith("lift-cal-"):
             config = lift_ao.liftquant(lattice=_lattice_of(name))
+            if "-plan-" in name:
+                uniform = lift_ao.plan(model, 10**12, allocation="uniform", lattices=[lift_ao.Lattice.load(_lattice_of(name))])
+                config = lift_ao.liftquant(memory_budget=args.plan_budget or uniform.model_bytes)
             calibration = builtin_calibration_tokens(tokenizer, args.calibration_tokens)
             checkpoint = None if args.checkpoint_root is None else args.checkpoint_root / name
             finetune = {}
@@ -292,6 +301,9 @@ def main(argv=None) -> None:
     parser.add_argument("--context", type=int, default=512, help="tokens per window (default 512)")
     parser.add_argument("--calibration-tokens", type=int, default=16384, help="calibration tokens (default 16384)")
     parser.add_argument("--plan-tokens", type=int, default=4096, help="tokens to score layer sensitivity (plan row)")
+    parser.add_argument("--plan-budget", type=int, default=None,
+                        help="memory budget in bytes of the lift-cal-*-plan-* rows (default: the data-free uniform "
+                             "plan's bytes at the row's lattice; calibrated groups' own input signs come out of it)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--eval-dense", action="store_true", help="evaluate lift_ao rows with their dequantized "
                         "weights (the same values; the CPU reference op is ~5x slower than a dense matmul)")

@@ -1,7 +1,9 @@
 """Calibrated LiftQuant: activation-aware input scales and Hessian-aware rounding, block by block.
 
 ``lift_ao.calibrate(model, liftquant(bits=2.4), tokens)`` quantizes the linear layers of every
-decoder block using the activations that calibration tokens produce at their inputs:
+decoder block using the activations that calibration tokens produce at their inputs. With
+``liftquant(memory_budget=...)`` the lattice of each linear is first planned (:func:`lift_ao.plan`,
+sensitivities from the same tokens), then every layer is calibrated at its planned rate:
 
 * **Input scales (AWQ-like).** Each input channel k is scaled by ``s_k = E[x_k²]^(α/2)`` (geometric
   mean 1): the weight is coded as ``W diag(s)`` and the activation enters as ``x / s``, so channels
@@ -17,7 +19,8 @@ decoder block using the activations that calibration tokens produce at their inp
   ``H ∝ I`` no error is fed back and the codes are those of the data-free encoding.
 * **Streaming.** One decoder block at a time is moved to ``device`` with its calibration inputs;
   block i+1's inputs are the outputs of the *quantized* block i. Linears that read the same tensor
-  (q/k/v, gate/up) share one Hessian, one set of scales and one rotation.
+  (q/k/v, gate/up) share one Hessian, and those of them with the same lattice one set of scales and
+  one rotation (the rotation's size depends on the lattice's block length).
 * **Resume.** With ``checkpoint_dir``, each finished block's codes are written there as one shard
   (:func:`lift_ao.io.save_shard`: atomic, checksummed, under a manifest of the run's settings and
   calibration tokens); a restarted run loads finished blocks instead of re-encoding them and
@@ -56,7 +59,7 @@ from lift_ao.lattice import Lattice
 from lift_ao.packing import pack_codes, unpack_codes
 from lift_ao.search import nearest_codes
 from lift_ao.tensor import LiftQuantTensor, _shared_mapping, _shared_rotation, share_constants
-from lift_ao.transform import rotate, unrotate
+from lift_ao.transform import padded_in_features, rotate, unrotate
 
 __all__ = ["adam_steps", "builtin_calibration_tokens", "calibrate", "finetune_block", "hessian_encode_rows", "input_scales"]
 
@@ -583,13 +586,48 @@ def _load_block(directory, index: int, block, device) -> bool:
 
 
 def _manifest(config: LiftQuantConfig, tokens: torch.Tensor, alpha: float, damping: float, blocks,
-              finetune: dict) -> dict:
+              finetune: dict, planned: Optional[dict]) -> dict:
     settings = {"lattice": config.lattice, "seed": config.seed, "alpha": alpha, "damping": damping}
+    if planned is not None:  # absent for one lattice: earlier runs stay resumable
+        settings["planned_lattices"] = planned
     if finetune["steps"] or "code_rounds" in finetune:  # absent without fine-tuning: earlier runs stay resumable
         settings["finetune"] = finetune
     return {"calibrate": settings,
             "tokens": {"shape": list(tokens.shape), "sha256": hashlib.sha256(tokens.numpy().tobytes()).hexdigest()},
             "blocks": [[n, list(m.weight.shape)] for b in blocks for n, m in quantizable_linears(b, config)]}
+
+
+def _planned_lattices(model, blocks, config: LiftQuantConfig, tokens: torch.Tensor, batch_size: int,
+                      device) -> dict:
+    """{module FQN: lattice name} of a memory-budget config, planned over the model with the
+    calibration tokens as the sensitivity data; refused if the plan codes a linear outside the
+    decoder blocks (calibrate codes only those, so the model would not fit the budget)."""
+    from lift_ao.budget import plan
+
+    # Calibrated siblings carry their own input signs (1/s folded in), where the plan counts one
+    # signs vector per input size as shared: keep room for one per linear at the largest padding.
+    block_lengths = {lattice.d for lattice in Lattice.shipped()}
+    own_signs = sum(4 * max(padded_in_features(m.weight.shape[1], d)[0] for d in block_lengths)
+                    for _, m in quantizable_linears(model, config))
+    budget_plan = plan(model, config.memory_budget, reserve=config.reserve + own_signs, kv_cache=config.kv_cache,
+                       allocation=config.allocation, calibration=list(tokens.split(batch_size)),
+                       include_lm_head=config.include_lm_head, seed=config.seed, device=device)
+    names = {id(m): n for n, m in model.named_modules()}
+    prefixes = tuple(names[id(b)] + "." for b in blocks)
+    outside = [name for name in budget_plan.lattices() if not name.startswith(prefixes)]
+    if outside:
+        raise ValueError(f"the memory budget's plan also codes {outside}, which calibrate leaves in high "
+                         "precision (it codes decoder blocks only): plan with include_lm_head=False")
+    return budget_plan.lattices()
+
+
+def _by_lattice(names: list, lattices: dict) -> list[tuple[Lattice, list]]:
+    """Split a group of linears that read one input into one list per lattice (``lattices``: name →
+    Lattice), in first-seen order."""
+    runs: dict = {}
+    for name in names:
+        runs.setdefault(lattices[name].name, (lattices[name], []))[1].append(name)
+    return list(runs.values())
 
 
 def calibrate(
@@ -602,7 +640,9 @@ def calibrate(
     Args:
         model: a Hugging Face Llama-style causal LM (decoder blocks at ``model.layers``: Llama, Qwen2,
             Mistral, SmolLM2); it stays where it is except the block being coded.
-        config: ``liftquant(bits=...)`` or ``liftquant(lattice=...)`` (one lattice for all layers).
+        config: ``liftquant(bits=...)`` or ``liftquant(lattice=...)`` (one lattice for all layers), or
+            ``liftquant(memory_budget=...)``: a lattice per linear from :func:`lift_ao.plan` over the
+            whole model (sensitivity from ``tokens``), so the calibrated model fits the budget.
         tokens: LongTensor (batch, length) of calibration token ids (never the evaluation text).
         checkpoint_dir: write each finished block here and resume from it (see the module docstring);
             a directory holding another run is refused (:class:`lift_ao.CheckpointError`) unless
@@ -624,12 +664,12 @@ def calibrate(
     Returns:
         ``model``; linears outside the decoder blocks (``lm_head``) are left as they are.
     Raises:
-        ValueError/TypeError: no or malformed tokens, a budget config, no decoder blocks, or a
-            checkpoint_dir written by another run (``CheckpointError``, a ValueError).
+        ValueError/TypeError: no or malformed tokens, no decoder blocks, a budget whose plan codes
+            linears outside them (``include_lm_head=True``), or a checkpoint_dir written by another
+            run (``CheckpointError``, a ValueError).
     """
-    if not isinstance(config, LiftQuantConfig) or config.lattice is None:
-        raise ValueError("calibrate needs a one-lattice config such as lift_ao.liftquant(bits=2.4); plan a "
-                         "memory budget first with lift_ao.plan and calibrate per lattice")
+    if not isinstance(config, LiftQuantConfig):
+        raise TypeError(f"config must come from lift_ao.liftquant(...), got {type(config).__name__}")
     if not 0 <= alpha <= 1 or damping < 0:
         raise ValueError(f"alpha must be in [0, 1] and damping >= 0, got alpha={alpha}, damping={damping}")
     if isinstance(finetune_steps, bool) or not isinstance(finetune_steps, int) or finetune_steps < 0 \
@@ -641,12 +681,15 @@ def calibrate(
     tokens = _check_tokens(tokens, model.get_input_embeddings().weight.shape[0])
     home = next(model.parameters()).device
     device = resolve_device(device) if device is not None else home
-    lattice = Lattice.load(config.lattice)
+    planned = (None if config.memory_budget is None
+               else _planned_lattices(model, blocks, config, tokens, batch_size, device))
+    block_names = {id(m): n for n, m in model.named_modules()}
     if checkpoint_dir is not None:
         finetune = {"steps": finetune_steps, "lr": finetune_lr, "batch_size": batch_size}
         if code_rounds:  # absent without code flipping: directories of earlier runs stay resumable
             finetune["code_rounds"] = code_rounds
-        open_partial(checkpoint_dir, _manifest(config, tokens, alpha, damping, blocks, finetune), overwrite=overwrite)
+        open_partial(checkpoint_dir, _manifest(config, tokens, alpha, damping, blocks, finetune, planned),
+                     overwrite=overwrite)
 
     was_training = model.training
     model.eval()
@@ -657,16 +700,22 @@ def calibrate(
             # With fine-tuning, the full-precision model's activations run alongside as the targets.
             tuning = bool(finetune_steps or code_rounds)
             full_precision = inputs if tuning else None
-            bar = tqdm(blocks, desc=f"calibrate {lattice.name}", unit="block", disable=not progress)
+            bar = tqdm(blocks, desc=f"calibrate {config.lattice or 'budget plan'}", unit="block",
+                       disable=not progress)
             for i, block in enumerate(bar):
                 block.to(device)
                 targets = _run_block(block, full_precision, device) if tuning else None
                 if checkpoint_dir is None or not _load_block(checkpoint_dir, i, block, device):
                     linears = quantizable_linears(block, config)
+                    prefix = block_names[id(block)] + "."
+                    lattices = {name: Lattice.load(config.lattice if planned is None else planned[prefix + name])
+                                for name, _ in linears}
                     modules, groups = dict(linears), []
                     for names, hessian in _hessians(block, linears, inputs, device):
-                        _quantize_group([modules[n] for n in names], hessian, lattice, config, alpha, damping, device)
-                        groups.append(names)
+                        for lattice, members in _by_lattice(names, lattices):
+                            _quantize_group([modules[n] for n in members], hessian, lattice, config, alpha, damping,
+                                            device)
+                            groups.append(members)
                     if tuning:
                         before, after = finetune_block(block, groups, inputs, targets, steps=finetune_steps,
                                                        lr=finetune_lr, device=device, code_rounds=code_rounds)

@@ -137,9 +137,39 @@ def test_bad_input_is_refused():
         calibrate(model, config, torch.full((2, 8), 10_000))
     with pytest.raises(ValueError, match="empty"):
         calibrate(model, config, torch.zeros(0, dtype=torch.long))
-    with pytest.raises(ValueError, match="one-lattice config"):
-        calibrate(model, lift_ao.liftquant(memory_budget="1MiB"), token_batch())
+    with pytest.raises(TypeError, match="liftquant"):
+        calibrate(model, lift_ao.Lattice.load(LATTICE), token_batch())
+    with pytest.raises(ValueError, match="include_lm_head=False"):
+        calibrate(model, lift_ao.liftquant(memory_budget="10MiB", include_lm_head=True), token_batch())
     with pytest.raises(ValueError, match="no decoder blocks"):
         calibrate(torch.nn.Sequential(torch.nn.Linear(4, 4)), config, token_batch())
     with pytest.raises(ValueError, match="hessian must be"):
         hessian_encode_rows(torch.randn(4, 16), torch.eye(8), Lattice.load(LATTICE))
+
+
+def test_calibrate_to_a_memory_budget_codes_each_layer_at_its_planned_lattice(tmp_path, monkeypatch):
+    """A budget config is planned with the calibration tokens (lift_ao.plan), each linear calibrated at
+    its planned lattice; siblings of one lattice share a transform; the model fits; a rerun resumes."""
+    model, tokens = tiny_llama(), token_batch(0, batch=8, length=32)
+    uniform = lift_ao.plan(model, 10**12, allocation="uniform", lattices=[Lattice.load("24/10")])
+    config = lift_ao.liftquant(memory_budget=uniform.model_bytes)
+    calibrated = calibrate(copy.deepcopy(model), config, tokens, checkpoint_dir=tmp_path, progress=False)
+
+    got = {n: m.weight.lattice.name for n, m in calibrated.named_modules()
+           if isinstance(getattr(m, "weight", None), lift_ao.LiftQuantTensor)}
+    planned = calibration._planned_lattices(model, calibration._decoder_blocks(model), config, tokens, 8, "cpu")
+    assert got == planned and len(got) == 14
+    assert len(set(got.values())) > 1, "the plan is uniform: this test would show nothing"
+    assert lift_ao.footprint(calibrated) <= uniform.model_bytes
+    for block in calibrated.model.layers:
+        for a, b in [(block.self_attn.q_proj, block.self_attn.k_proj), (block.self_attn.k_proj, block.self_attn.v_proj),
+                     (block.mlp.gate_proj, block.mlp.up_proj)]:
+            same = a.weight.input_signs.data_ptr() == b.weight.input_signs.data_ptr()
+            assert same == (a.weight.lattice.name == b.weight.lattice.name)
+
+    encoded = []
+    monkeypatch.setattr(calibration, "_quantize_group", lambda modules, *a: encoded.append(modules))
+    resumed = calibrate(copy.deepcopy(model), config, tokens, checkpoint_dir=tmp_path, progress=False)
+    assert encoded == []  # every block came from its shard
+    held_out = token_batch(1, batch=4, length=32)
+    assert torch.equal(resumed(held_out).logits, calibrated(held_out).logits)
