@@ -610,7 +610,8 @@ def _planned_lattices(model, blocks, config: LiftQuantConfig, tokens: torch.Tens
     own_signs = sum(4 * max(padded_in_features(m.weight.shape[1], d)[0] for d in block_lengths)
                     for _, m in quantizable_linears(model, config))
     budget_plan = plan(model, config.memory_budget, reserve=config.reserve + own_signs, kv_cache=config.kv_cache,
-                       allocation=config.allocation, calibration=list(tokens.split(batch_size)),
+                       allocation=config.allocation,
+                       calibration=list(tokens.split(batch_size)) if config.allocation == "sensitivity" else None,
                        include_lm_head=config.include_lm_head, seed=config.seed, device=device)
     names = {id(m): n for n, m in model.named_modules()}
     prefixes = tuple(names[id(b)] + "." for b in blocks)

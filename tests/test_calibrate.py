@@ -173,3 +173,9 @@ def test_calibrate_to_a_memory_budget_codes_each_layer_at_its_planned_lattice(tm
     assert encoded == []  # every block came from its shard
     held_out = token_batch(1, batch=4, length=32)
     assert torch.equal(resumed(held_out).logits, calibrated(held_out).logits)
+
+    monkeypatch.undo()
+    uniform_config = lift_ao.liftquant(memory_budget=uniform.model_bytes, allocation="uniform")
+    one_rate = calibrate(copy.deepcopy(model), uniform_config, tokens, progress=False)
+    rates = {m.weight.lattice.name for m in one_rate.modules() if isinstance(getattr(m, "weight", None), lift_ao.LiftQuantTensor)}
+    assert len(rates) == 1 and lift_ao.footprint(one_rate) <= uniform.model_bytes
