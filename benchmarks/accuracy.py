@@ -161,7 +161,7 @@ def run_row(name: str, reference, tokenizer, eval_tokens, args) -> dict:
             finetune = {}
             if name.startswith(("lift-cal-ft-", "lift-cal-ftc-", "lift-cal-fte-")):
                 finetune = dict(finetune_steps=args.finetune_steps, finetune_lr=args.finetune_lr,
-                                batch_size=args.finetune_batch)
+                                batch_size=args.finetune_batch, finetune_rotation=args.finetune_rotation)
                 if name.startswith("lift-cal-ftc-"):
                     finetune["code_rounds"] = args.code_rounds
                 row["finetune"] = finetune
@@ -300,6 +300,8 @@ def main(argv=None) -> None:
     parser.add_argument("--windows", type=int, default=8, help="evaluation windows (default 8)")
     parser.add_argument("--context", type=int, default=512, help="tokens per window (default 512)")
     parser.add_argument("--calibration-tokens", type=int, default=16384, help="calibration tokens (default 16384)")
+    parser.add_argument("--finetune-rotation", action="store_true",
+                        help="fine-tuned rows also tune each group's rotation factors (calibrate(finetune_rotation=True))")
     parser.add_argument("--plan-tokens", type=int, default=4096, help="tokens to score layer sensitivity (plan row)")
     parser.add_argument("--plan-budget", type=int, default=None,
                         help="memory budget in bytes of the lift-cal-*-plan-* rows (default: the data-free uniform "

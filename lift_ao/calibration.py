@@ -33,14 +33,16 @@ sensitivities from the same tokens), then every layer is calibrated at its plann
   cover and the stored format is unchanged. Inputs are the quantized model's activations (as for
   coding); the target is the full-precision model's output of the block (a second, unquantized
   stream of activations is kept), so a block also corrects some of the error its predecessors left.
+  With ``finetune_rotation=True`` each group's Kronecker rotation factors (L, R) are tuned in the
+  same steps, freely rather than kept orthogonal: the forward applies whatever ``(L ⊗ R)ᵀ`` is
+  stored, and ``dequantize`` returns the weight it computes, so only accuracy, not the format or
+  the kernels, depends on it. The group then stores its own factors (k1² + k2² floats).
 
 * **Code fine-tuning** (``code_rounds > 0``, before the scales). The paper's straight-through
   estimator, made to work by a flip criterion: the gradient of the block's output error with
   respect to the ±1 codes (relaxed to reals) and a Gauss-Newton estimate of each flip's curvature
   predict what flipping one bit of a code does; the codes with the largest predicted gains are
   flipped together and kept if the error over the calibration batches drops (:func:`_flip_codes`).
-
-Not done (DESIGN.md): fine-tuning the rotation itself.
 """
 
 from __future__ import annotations
@@ -286,13 +288,18 @@ def _code_signs(weight: LiftQuantTensor) -> torch.Tensor:
     return codes.to(torch.float32) * 2 - 1
 
 
-def _unit_weight(weight: LiftQuantTensor, signs: torch.Tensor) -> torch.Tensor:
+def _unit_weight(weight: LiftQuantTensor, signs: torch.Tensor, left: Optional[torch.Tensor] = None,
+                 right: Optional[torch.Tensor] = None) -> torch.Tensor:
     """(N, K) float32 C with ``weight.dequantize() == r[:, None] * C * input_signs[:K]`` for codes ``signs``.
 
-    ``signs`` is :func:`_code_signs`'s (N, blocks, D) ±1 tensor (differentiable: C is linear in it).
+    ``signs`` is :func:`_code_signs`'s (N, blocks, D) ±1 tensor (differentiable: C is linear in it);
+    ``left``/``right`` replace the weight's rotation factors (k1, k1)/(k2, k2) when given. Any factors
+    are exact, orthogonal or not: the forward applies ``(L ⊗ R)ᵀ`` to x, so the weight it computes
+    is C = blocks · (L ⊗ R)ᵀ, which is what ``unrotate`` gives row by row.
     """
     blocks = (signs @ weight.mapping.T).flatten(1)
-    return unrotate(blocks, None, weight.rotation_left, weight.rotation_right, weight.shape[1])
+    return unrotate(blocks, None, weight.rotation_left if left is None else left,
+                    weight.rotation_right if right is None else right, weight.shape[1])
 
 
 def _tuned_scales(weight: LiftQuantTensor, log_r: torch.Tensor, log_s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -318,12 +325,14 @@ def _scaled_signs(input_signs: torch.Tensor, log_s: torch.Tensor) -> torch.Tenso
 
 
 def _tuned_weight(weight: LiftQuantTensor, log_r: torch.Tensor, input_signs: torch.Tensor,
-                  packed_codes: Optional[torch.Tensor] = None) -> torch.nn.Parameter:
+                  packed_codes: Optional[torch.Tensor] = None, rotation: Optional[tuple] = None) -> torch.nn.Parameter:
     """``weight`` after fine-tuning, as a frozen Parameter: row scales r·exp(log_r), the given
-    (:func:`_scaled_signs`) input signs and, if given, new packed codes; the format is unchanged."""
+    (:func:`_scaled_signs`) input signs and, if given, new packed codes and (left, right) rotation
+    factors; the format is unchanged."""
+    left, right = (weight.rotation_left, weight.rotation_right) if rotation is None else rotation
     tuned = LiftQuantTensor(weight.packed_codes if packed_codes is None else packed_codes,
-                            weight.row_scale * log_r.exp(), weight.mapping, input_signs, weight.rotation_left,
-                            weight.rotation_right, weight.shape, weight.dtype)
+                            weight.row_scale * log_r.exp(), weight.mapping, input_signs, left, right,
+                            weight.shape, weight.dtype)
     return torch.nn.Parameter(tuned, requires_grad=False)
 
 
@@ -460,8 +469,13 @@ def adam_steps(parameters: list, lr: float, steps: int, loss_at, on_step=None) -
                 on_step(loss)
 
 
+# Rotation factors are tuned as F0 + _ROTATION_STEP · Δ with Δ at the scales' learning rate: entries
+# of a k×k orthogonal factor are ~1/√k (0.03–0.2), so Adam's ~lr steps on them directly would be large.
+_ROTATION_STEP = 0.1
+
+
 def finetune_block(block: torch.nn.Module, groups: list, inputs: list, targets: list, *, steps: int, lr: float,
-                   device, code_rounds: int = 0) -> tuple[float, float]:
+                   device, code_rounds: int = 0, tune_rotation: bool = False) -> tuple[float, float]:
     """Tune a coded block's LiftQuant weights against target outputs, in place: codes, then scales.
 
     Each linear's weight is ``W = diag(r) C(c) diag(σ)`` with C linear in its ±1 codes c, r its row
@@ -470,7 +484,8 @@ def finetune_block(block: torch.nn.Module, groups: list, inputs: list, targets: 
     codes they rank best, keep the flips if the error drops); then Adam (cosine-decayed ``lr``) learns log-factors
     ``r ← r·exp(a)`` (one per row) and ``σ ← σ·exp(b)`` (one per input channel, shared by the group)
     that minimise the mean squared error of the block's output, one calibration batch per step in
-    turn. The result is kept only if it lowers the error on the first batch.
+    turn; with ``tune_rotation`` also each group's rotation factors (L, R), freely (the forward uses
+    whatever factors are stored). The result is kept only if it lowers the error on the first batch.
 
     Args:
         block: a decoder block whose linears in ``groups`` hold :class:`LiftQuantTensor` weights.
@@ -481,6 +496,7 @@ def finetune_block(block: torch.nn.Module, groups: list, inputs: list, targets: 
         lr: peak learning rate of the log-factors.
         device: where the block runs.
         code_rounds: code flipping rounds (0: the codes stay).
+        tune_rotation: Adam also tunes each group's rotation factors (then stored per group).
     Returns:
         (error before, error after): mean squared output error on the first batch.
     """
@@ -490,6 +506,16 @@ def finetune_block(block: torch.nn.Module, groups: list, inputs: list, targets: 
     signs = {name: _code_signs(w) for name, w in old.items()}
     log_r = {name: torch.zeros(w.shape[0], device=device, requires_grad=True) for name, w in old.items()}
     log_s = [torch.zeros(old[group[0]].shape[1], device=device, requires_grad=True) for group in groups]
+    deltas = [tuple(torch.zeros_like(getattr(old[group[0]], f), requires_grad=True)
+                    for f in ("rotation_left", "rotation_right")) for group in groups] if tune_rotation else []
+
+    def rotation(g: int) -> Optional[tuple]:
+        """Group g's current (left, right) factors; None when they are not tuned."""
+        if not tune_rotation:
+            return None
+        leader = old[groups[g][0]]
+        return (leader.rotation_left + _ROTATION_STEP * deltas[g][0],
+                leader.rotation_right + _ROTATION_STEP * deltas[g][1])
 
     def units(codes: dict) -> dict:
         return {name: _unit_weight(old[name], codes[name]) for name in names}
@@ -536,17 +562,27 @@ def finetune_block(block: torch.nn.Module, groups: list, inputs: list, targets: 
     _flip_codes(loss_of, signs, curvature_of, code_rounds, len(inputs))
     with torch.no_grad():  # the codes are final: their unit weights once, not per Adam step
         unit = units(signs)
-    adam_steps([*log_r.values(), *log_s], lr, steps, lambda step: loss_with(unit, step % len(inputs)))
+
+    def tuned_units() -> dict:
+        """The unit weights with the current rotation factors (the fixed ones unless tuned)."""
+        if not tune_rotation:
+            return unit
+        return {name: _unit_weight(old[name], signs[name], *rotation(group_of[name])) for name in names}
+
+    parameters = [*log_r.values(), *log_s, *(d for pair in deltas for d in pair)]
+    adam_steps(parameters, lr, steps, lambda step: loss_with(tuned_units(), step % len(inputs)))
     with torch.no_grad():
-        after = loss_with(unit, 0).item()
+        after = loss_with(tuned_units(), 0).item()
         if not after < before:
             return before, before
         for g, group in enumerate(groups):
             input_signs = _scaled_signs(old[group[0]].input_signs, log_s[g])
+            factors = rotation(g)
+            factors = None if factors is None else tuple(f.detach().clone() for f in factors)
             for name in group:
                 # Codes are packed again only when flipping may have changed them.
                 codes = pack_codes((signs[name] > 0).flatten(1)) if code_rounds else None
-                block.get_submodule(name).weight = _tuned_weight(old[name], log_r[name], input_signs, codes)
+                block.get_submodule(name).weight = _tuned_weight(old[name], log_r[name], input_signs, codes, factors)
     return before, after
 
 
@@ -597,19 +633,24 @@ def _manifest(config: LiftQuantConfig, tokens: torch.Tensor, alpha: float, dampi
             "blocks": [[n, list(m.weight.shape)] for b in blocks for n, m in quantizable_linears(b, config)]}
 
 
+def _own_transform_bytes(in_features: int, rotation: bool) -> int:
+    """Upper bound on the bytes of one calibrated group's own transform: its input signs (1/s folded
+    in) and, with ``rotation``, its tuned rotation factors, at the largest padding of any lattice."""
+    sizes = [padded_in_features(in_features, d) for d in {lattice.d for lattice in Lattice.shipped()}]
+    return max(4 * (kp + (k1 * k1 + k2 * k2 if rotation else 0)) for kp, k1, k2 in sizes)
+
+
 def _planned_lattices(model, blocks, config: LiftQuantConfig, tokens: torch.Tensor, batch_size: int,
-                      device) -> dict:
+                      device, rotation: bool) -> dict:
     """{module FQN: lattice name} of a memory-budget config, planned over the model with the
     calibration tokens as the sensitivity data; refused if the plan codes a linear outside the
     decoder blocks (calibrate codes only those, so the model would not fit the budget)."""
     from lift_ao.budget import plan
 
-    # Calibrated siblings carry their own input signs (1/s folded in), where the plan counts one
-    # signs vector per input size as shared: keep room for one per linear at the largest padding.
-    block_lengths = {lattice.d for lattice in Lattice.shipped()}
-    own_signs = sum(4 * max(padded_in_features(m.weight.shape[1], d)[0] for d in block_lengths)
-                    for _, m in quantizable_linears(model, config))
-    budget_plan = plan(model, config.memory_budget, reserve=config.reserve + own_signs, kv_cache=config.kv_cache,
+    # The plan counts one transform per input size as shared by all layers; calibrated groups have
+    # their own (``rotation``: tuned factors too): keep room for one per linear.
+    own = sum(_own_transform_bytes(m.weight.shape[1], rotation) for _, m in quantizable_linears(model, config))
+    budget_plan = plan(model, config.memory_budget, reserve=config.reserve + own, kv_cache=config.kv_cache,
                        allocation=config.allocation,
                        calibration=list(tokens.split(batch_size)) if config.allocation == "sensitivity" else None,
                        include_lm_head=config.include_lm_head, seed=config.seed, device=device)
@@ -634,7 +675,8 @@ def _by_lattice(names: list, lattices: dict) -> list[tuple[Lattice, list]]:
 def calibrate(
     model: torch.nn.Module, config: LiftQuantConfig, tokens: torch.Tensor, *, checkpoint_dir=None,
     overwrite: bool = False, device=None, alpha: float = 0.5, damping: float = 0.01, batch_size: int = 8,
-    finetune_steps: int = 0, finetune_lr: float = 1e-2, code_rounds: int = 0, progress: bool = True,
+    finetune_steps: int = 0, finetune_lr: float = 1e-2, code_rounds: int = 0, finetune_rotation: bool = False,
+    progress: bool = True,
 ) -> torch.nn.Module:
     """Quantize the linears of every decoder block with calibration data, in place.
 
@@ -661,6 +703,8 @@ def calibrate(
         code_rounds: rounds of code flipping per decoder block before the scales are tuned (0: the
             codes stay those of the Hessian-aware rounding): each costs about two forward and two
             backward passes of the block over all calibration tokens (:func:`finetune_block`).
+        finetune_rotation: the fine-tuning also tunes each group's rotation factors (stored per group:
+            k1² + k2² floats each, and siblings still share them).
         progress: a tqdm bar over blocks (with fine-tuning: the last block's output error after/before).
     Returns:
         ``model``; linears outside the decoder blocks (``lm_head``) are left as they are.
@@ -676,6 +720,8 @@ def calibrate(
     if isinstance(finetune_steps, bool) or not isinstance(finetune_steps, int) or finetune_steps < 0 \
             or not finetune_lr > 0:
         raise ValueError(f"finetune_steps must be an int >= 0 and finetune_lr > 0, got {finetune_steps!r}, {finetune_lr!r}")
+    if finetune_rotation and not finetune_steps:
+        raise ValueError("finetune_rotation=True tunes the rotation in the fine-tuning steps: give finetune_steps > 0")
     if isinstance(code_rounds, bool) or not isinstance(code_rounds, int) or code_rounds < 0:
         raise ValueError(f"code_rounds must be an int >= 0, got {code_rounds!r}")
     blocks = _decoder_blocks(model)
@@ -683,12 +729,14 @@ def calibrate(
     home = next(model.parameters()).device
     device = resolve_device(device) if device is not None else home
     planned = (None if config.memory_budget is None
-               else _planned_lattices(model, blocks, config, tokens, batch_size, device))
+               else _planned_lattices(model, blocks, config, tokens, batch_size, device, finetune_rotation))
     block_names = {id(m): n for n, m in model.named_modules()}
     if checkpoint_dir is not None:
         finetune = {"steps": finetune_steps, "lr": finetune_lr, "batch_size": batch_size}
         if code_rounds:  # absent without code flipping: directories of earlier runs stay resumable
             finetune["code_rounds"] = code_rounds
+        if finetune_rotation:  # absent without it, likewise
+            finetune["rotation"] = True
         open_partial(checkpoint_dir, _manifest(config, tokens, alpha, damping, blocks, finetune, planned),
                      overwrite=overwrite)
 
@@ -719,7 +767,8 @@ def calibrate(
                             groups.append(members)
                     if tuning:
                         before, after = finetune_block(block, groups, inputs, targets, steps=finetune_steps,
-                                                       lr=finetune_lr, device=device, code_rounds=code_rounds)
+                                                       lr=finetune_lr, device=device, code_rounds=code_rounds,
+                                                       tune_rotation=finetune_rotation)
                         bar.set_postfix(finetune=f"{after / before:.3f}" if before else "-")
                     if checkpoint_dir is not None:
                         _save_block(checkpoint_dir, i, block, groups)

@@ -107,12 +107,14 @@ def _cmd_quantize(args) -> dict:
         calibration = builtin_calibration_tokens(tokenizer, args.calibration_tokens)
         report["calibration_tokens"] = calibration.numel()
         report["finetune_steps"], report["code_rounds"] = args.finetune_steps, args.code_rounds
+        report["finetune_rotation"] = args.finetune_rotation
         if args.e2e_steps < 0:
             raise ValueError(f"--e2e-steps must be >= 0, got {args.e2e_steps}")
         # The teacher of end-to-end fine-tuning is the model before quantization (a second copy).
         teacher = copy.deepcopy(model) if args.e2e_steps else None
         calibrate(model, config, calibration, checkpoint_dir=partial, overwrite=args.overwrite, device=device,
-                  finetune_steps=args.finetune_steps, code_rounds=args.code_rounds)
+                  finetune_steps=args.finetune_steps, code_rounds=args.code_rounds,
+                  finetune_rotation=args.finetune_rotation)
         if args.e2e_steps:
             report["e2e_held_out_kl_before_after"] = lift_ao.finetune_end_to_end(model, teacher, calibration,
                                                                         steps=args.e2e_steps)
@@ -237,6 +239,8 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--finetune-steps", type=int, default=0, help="with --calibrate: Adam steps per decoder block "
                    "tuning row and input scales against the full-precision block outputs (default 0: none; 16 is "
                    "what benchmarks/results/accuracy.md measured)")
+    q.add_argument("--finetune-rotation", action="store_true", help="with --finetune-steps: the same steps also "
+                   "tune each sibling group's rotation factors (stored per group)")
     q.add_argument("--code-rounds", type=int, default=0, help="with --calibrate: rounds of code fine-tuning per "
                    "decoder block before the scales (flip the codes the straight-through gradient ranks best, keep "
                    "what lowers the block's output error; default 0: none)")

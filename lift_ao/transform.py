@@ -116,7 +116,8 @@ def rotate(v: torch.Tensor, signs: Optional[torch.Tensor], left: torch.Tensor, r
 
 
 def unrotate(u: torch.Tensor, signs: Optional[torch.Tensor], left: torch.Tensor, right: torch.Tensor, in_features: int) -> torch.Tensor:
-    """Inverse (and adjoint) of :func:`rotate`: ``R u`` cropped to the first ``in_features``.
+    """Adjoint of :func:`rotate`: ``R u`` cropped to the first ``in_features``; its inverse too when the
+    factors are orthogonal (as :func:`make_rotation`'s are; fine-tuned ones need not be).
 
     Args:
         u: (..., Kp).
