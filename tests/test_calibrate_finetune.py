@@ -46,12 +46,17 @@ def runs():
     return model, config, tokens, plain, tuned
 
 
+def _finetuned_with(runs, **options):
+    """The runs' fine-tuned calibration with further fine-tuning ``options``."""
+    model, config, tokens, _, _ = runs
+    return calibrate(copy.deepcopy(model), config, tokens, batch_size=BATCH, finetune_steps=STEPS, finetune_lr=LR,
+                     progress=False, **options)
+
+
 @pytest.fixture(scope="module")
 def codes_tuned(runs):
     """The same calibration with the codes fine-tuned before the scales."""
-    model, config, tokens, _, _ = runs
-    return calibrate(copy.deepcopy(model), config, tokens, batch_size=BATCH, finetune_steps=STEPS, finetune_lr=LR,
-                     code_rounds=ROUNDS, progress=False)
+    return _finetuned_with(runs, code_rounds=ROUNDS)
 
 
 def test_code_finetuning_lowers_the_error_further(runs, codes_tuned):
@@ -148,9 +153,7 @@ def test_finetuning_keeps_the_codes_and_the_format(runs):
 @pytest.fixture(scope="module")
 def rotation_tuned(runs):
     """The same fine-tuning with each group's rotation factors tuned too."""
-    model, config, tokens, _, _ = runs
-    return calibrate(copy.deepcopy(model), config, tokens, batch_size=BATCH, finetune_steps=STEPS, finetune_lr=LR,
-                     finetune_rotation=True, progress=False)
+    return _finetuned_with(runs, finetune_rotation=True)
 
 
 def test_rotation_finetuning_lowers_the_error_and_keeps_siblings_sharing(runs, rotation_tuned):
