@@ -334,8 +334,7 @@ def lookup_siblings(
         out_dtype: dtype of the outputs.
         splits: K splits (None: from the rows of the launch and the SM count).
         config: fixed launch options (``{"BLOCK_N", "num_warps", "num_stages"}``, optionally
-            ``"maxnreg"``: one of ``_TUNING_CONFIGS``' ``all_kwargs()``)
-            instead of autotuning.
+            ``"maxnreg"``: one of ``_TUNING_CONFIGS``' ``all_kwargs()``) instead of autotuning.
         counters: ≥ ``split_counter_count(N_s…)`` zeroed int32 (e.g. by :func:`lift_tables`), used up
             by this call; None: allocated zeroed here.
     Returns:

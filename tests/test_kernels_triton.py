@@ -65,6 +65,15 @@ def _relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out.double() - ref).norm() / ref.norm())
 
 
+def _float64_matmul(lifted: torch.Tensor, signs: torch.Tensor, row_scale=None, bias=None) -> torch.Tensor:
+    """The ±1 matmul in float64 from the code bits: r ⊙ (Q x̃) (+ b); ``signs`` (N, L) bool (True = +1),
+    ``lifted`` (..., L); without ``row_scale`` r = 1."""
+    out = lifted.double() @ (signs.double() * 2 - 1).T
+    if row_scale is not None:
+        out = out * row_scale.double()
+    return out if bias is None else out + bias.double()
+
+
 # kernel → (function, ‖out − ref‖/‖ref‖ bounds): the lookup kernel sums fp32 tables, so only the
 # output's own rounding remains.
 KERNELS = {"gemm": (lifted_matmul_triton, TOLERANCE),
@@ -92,9 +101,7 @@ def test_lifted_matmul_kernels_match_float64(dtype, kernel, tokens, with_bias, r
 
     out = function(lifted, codes, row_scale, bias, splits=splits)
 
-    ref = (lifted.double() @ (signs.double() * 2 - 1).T) * row_scale.double()
-    if bias is not None:
-        ref = ref + bias.double()
+    ref = _float64_matmul(lifted, signs, row_scale, bias)
     assert out.shape == (tokens, rows) and out.dtype == dtype
     assert _relative_error(out, ref) < tolerance[dtype]
     reference = lifted_matmul_reference(lifted, codes, row_scale, bias)
@@ -148,7 +155,7 @@ def test_tables_start_group_aligned_and_misaligned_tables_are_refused(block):
     with pytest.raises(ValueError, match="aligned"):
         lookup_siblings(shifted, block, [codes], [torch.ones(5)], [None], torch.float32)
     out, = lookup_siblings(tables, block, [codes], [torch.ones(5)], [None], torch.float32)
-    ref = lifted.double() @ (signs.double() * 2 - 1).T
+    ref = _float64_matmul(lifted, signs)
     assert _relative_error(out, ref) < 1e-5
 
 
@@ -165,7 +172,7 @@ def test_every_lookup_tuning_config_matches_float64(config, splits):
     lifted = torch.randn(tokens, length, generator=g)
     row_scale = torch.rand(rows, generator=g) + 0.5
     out = lookup_matmul(lifted, codes, row_scale, None, splits=splits, config=config)
-    ref = (lifted.double() @ (signs.double() * 2 - 1).T) * row_scale.double()
+    ref = _float64_matmul(lifted, signs, row_scale)
     assert _relative_error(out, ref) < 1e-6
 
 
@@ -187,7 +194,7 @@ def test_every_gemm_tile_matches_float64(tile, tokens, splits):
     bias = torch.randn(rows, generator=g)
     out = lifted_matmul_triton(lifted, codes, row_scale, bias, splits=splits,
                                config={"BLOCK_N": block_n, "BLOCK_W": block_w})
-    ref = (lifted.double() @ (signs.double() * 2 - 1).T) * row_scale.double() + bias.double()
+    ref = _float64_matmul(lifted, signs, row_scale, bias)
     assert _relative_error(out, ref) < TOLERANCE[torch.float32]
 
 
@@ -208,7 +215,7 @@ def test_cuda_entry_picks_a_kernel_by_token_count(tokens):
     signs, codes = random_codes(19, 150, g)
     lifted = torch.randn(tokens, 150, generator=g).to(torch.float16)
     out = _lifted_matmul_cuda(lifted, codes, torch.ones(19), None)
-    ref = lifted.double() @ (signs.double() * 2 - 1).T
+    ref = _float64_matmul(lifted, signs)
     assert _relative_error(out, ref) < TOLERANCE[torch.float16]
 
 
@@ -218,7 +225,7 @@ def test_lifted_matmul_keeps_leading_dims_and_strides():
     wide = torch.randn(2, 3, 80, generator=g, dtype=torch.float32).to(torch.float16)
     lifted = wide[..., ::2]  # non-contiguous last dim
     out = lifted_matmul_triton(lifted, codes, torch.ones(9), None)
-    ref = lifted.double() @ (signs.double() * 2 - 1).T
+    ref = _float64_matmul(lifted, signs)
     assert out.shape == (2, 3, 9)
     assert _relative_error(out, ref) < TOLERANCE[torch.float16]
 
@@ -363,8 +370,7 @@ def test_lookup_siblings_one_launch_with_split_reduction_inside(splits):
                         counters=torch.zeros(split_counter_count(rows) - 1, dtype=torch.int32))
 
     for out, sign, scale, bias in zip(outs, signs, scales, biases):
-        ref = (lifted.double() @ (sign.double() * 2 - 1).T) * scale.double()
-        ref = ref if bias is None else ref + bias.double()
+        ref = _float64_matmul(lifted, sign, scale, bias)
         assert out.shape == ref.shape and out.dtype == torch.bfloat16
         assert _relative_error(out, ref) < TOLERANCE[torch.bfloat16]
 
