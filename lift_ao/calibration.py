@@ -640,11 +640,12 @@ def _own_transform_bytes(in_features: int, rotation: bool) -> int:
     return max(4 * (kp + (k1 * k1 + k2 * k2 if rotation else 0)) for kp, k1, k2 in sizes)
 
 
-def _planned_lattices(model, blocks, config: LiftQuantConfig, tokens: torch.Tensor, batch_size: int,
+def _planned_lattices(model, prefixes: tuple, config: LiftQuantConfig, tokens: torch.Tensor, batch_size: int,
                       device, rotation: bool) -> dict:
     """{module FQN: lattice name} of a memory-budget config, planned over the model with the
     calibration tokens as the sensitivity data; refused if the plan codes a linear outside the
-    decoder blocks (calibrate codes only those, so the model would not fit the budget)."""
+    decoder blocks, whose FQN ``prefixes`` ("model.layers.0." …) are given (calibrate codes only
+    those, so the model would not fit the budget)."""
     from lift_ao.budget import plan
 
     # The plan counts one transform per input size as shared by all layers; calibrated groups have
@@ -654,8 +655,6 @@ def _planned_lattices(model, blocks, config: LiftQuantConfig, tokens: torch.Tens
                        allocation=config.allocation,
                        calibration=list(tokens.split(batch_size)) if config.allocation == "sensitivity" else None,
                        include_lm_head=config.include_lm_head, seed=config.seed, device=device)
-    names = {id(m): n for n, m in model.named_modules()}
-    prefixes = tuple(names[id(b)] + "." for b in blocks)
     outside = [name for name in budget_plan.lattices() if not name.startswith(prefixes)]
     if outside:
         raise ValueError(f"the memory budget's plan also codes {outside}, which calibrate leaves in high "
@@ -728,9 +727,10 @@ def calibrate(
     tokens = _check_tokens(tokens, model.get_input_embeddings().weight.shape[0])
     home = next(model.parameters()).device
     device = resolve_device(device) if device is not None else home
+    fqn_of = {id(m): n for n, m in model.named_modules()}
+    prefixes = tuple(fqn_of[id(block)] + "." for block in blocks)
     planned = (None if config.memory_budget is None
-               else _planned_lattices(model, blocks, config, tokens, batch_size, device, finetune_rotation))
-    block_names = {id(m): n for n, m in model.named_modules()}
+               else _planned_lattices(model, prefixes, config, tokens, batch_size, device, finetune_rotation))
     if checkpoint_dir is not None:
         finetune = {"steps": finetune_steps, "lr": finetune_lr, "batch_size": batch_size}
         if code_rounds:  # absent without code flipping: directories of earlier runs stay resumable
@@ -756,8 +756,7 @@ def calibrate(
                 targets = _run_block(block, full_precision, device) if tuning else None
                 if checkpoint_dir is None or not _load_block(checkpoint_dir, i, block, device):
                     linears = quantizable_linears(block, config)
-                    prefix = block_names[id(block)] + "."
-                    lattices = {name: Lattice.load(config.lattice if planned is None else planned[prefix + name])
+                    lattices = {name: Lattice.load(config.lattice if planned is None else planned[prefixes[i] + name])
                                 for name, _ in linears}
                     modules, groups = dict(linears), []
                     for names, hessian in _hessians(block, linears, inputs, device):
