@@ -288,18 +288,21 @@ def _code_signs(weight: LiftQuantTensor) -> torch.Tensor:
     return codes.to(torch.float32) * 2 - 1
 
 
-def _unit_weight(weight: LiftQuantTensor, signs: torch.Tensor, left: Optional[torch.Tensor] = None,
-                 right: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """(N, K) float32 C with ``weight.dequantize() == r[:, None] * C * input_signs[:K]`` for codes ``signs``.
+def _code_blocks(weight: LiftQuantTensor, signs: torch.Tensor) -> torch.Tensor:
+    """(N, Kp) float32 rotated-domain unit weight blocks(M q) for codes ``signs``, :func:`_code_signs`'s
+    (N, blocks, D) ±1 tensor (differentiable: linear in it)."""
+    return (signs @ weight.mapping.T).flatten(1)
 
-    ``signs`` is :func:`_code_signs`'s (N, blocks, D) ±1 tensor (differentiable: C is linear in it);
-    ``left``/``right`` replace the weight's rotation factors (k1, k1)/(k2, k2) when given. Any factors
-    are exact, orthogonal or not: the forward applies ``(L ⊗ R)ᵀ`` to x, so the weight it computes
-    is C = blocks · (L ⊗ R)ᵀ, which is what ``unrotate`` gives row by row.
+
+def _unit_weight(weight: LiftQuantTensor, signs: torch.Tensor) -> torch.Tensor:
+    """(N, K) float32 C with ``weight.dequantize() == r[:, None] * C * input_signs[:K]`` for codes ``signs``
+    (:func:`_code_blocks` unrotated; differentiable in ``signs``).
+
+    ``unrotate`` is exact for any rotation factors, orthogonal or not: the forward applies
+    ``(L ⊗ R)ᵀ`` to x, so the weight it computes is C = blocks · (L ⊗ R)ᵀ, which is ``unrotate`` row
+    by row. Fine-tuned factors (:func:`finetune_block`) rely on it.
     """
-    blocks = (signs @ weight.mapping.T).flatten(1)
-    return unrotate(blocks, None, weight.rotation_left if left is None else left,
-                    weight.rotation_right if right is None else right, weight.shape[1])
+    return unrotate(_code_blocks(weight, signs), None, weight.rotation_left, weight.rotation_right, weight.shape[1])
 
 
 def _tuned_scales(weight: LiftQuantTensor, log_r: torch.Tensor, log_s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -560,14 +563,15 @@ def finetune_block(block: torch.nn.Module, groups: list, inputs: list, targets: 
     if not steps and not code_rounds:
         return before, before
     _flip_codes(loss_of, signs, curvature_of, code_rounds, len(inputs))
-    with torch.no_grad():  # the codes are final: their unit weights once, not per Adam step
+    with torch.no_grad():  # the codes are final: their unit weights (or rotated blocks) once, not per Adam step
         unit = units(signs)
+        blocks = {name: _code_blocks(old[name], signs[name]) for name in names} if tune_rotation else None
 
     def tuned_units() -> dict:
         """The unit weights with the current rotation factors (the fixed ones unless tuned)."""
         if not tune_rotation:
             return unit
-        return {name: _unit_weight(old[name], signs[name], *rotation(group_of[name])) for name in names}
+        return {name: unrotate(blocks[name], None, *rotation(group_of[name]), old[name].shape[1]) for name in names}
 
     parameters = [*log_r.values(), *log_s, *(d for pair in deltas for d in pair)]
     adam_steps(parameters, lr, steps, lambda step: loss_with(tuned_units(), step % len(inputs)))
