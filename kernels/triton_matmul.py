@@ -163,6 +163,9 @@ _TUNING_CONFIGS = [
     triton.Config({"BLOCK_N": 32, "BLOCK_W": 8}, num_warps=2, num_stages=4),
     triton.Config({"BLOCK_N": 64, "BLOCK_W": 4}, num_warps=2, num_stages=4),
     triton.Config({"BLOCK_N": 64, "BLOCK_W": 8}, num_warps=2, num_stages=4),
+    # The fastest at 8-token blocks on the H100 (round 12): 28672×8192 and 4096×14336 at batch 4.
+    triton.Config({"BLOCK_N": 128, "BLOCK_W": 4}, num_warps=2, num_stages=3),
+    triton.Config({"BLOCK_N": 32, "BLOCK_W": 16}, num_warps=1, num_stages=3),
     triton.Config({"BLOCK_N": 64, "BLOCK_W": 8}, num_warps=4, num_stages=4),
     triton.Config({"BLOCK_N": 64, "BLOCK_W": 4}, num_warps=4, num_stages=6),
     triton.Config({"BLOCK_N": 128, "BLOCK_W": 4}, num_warps=4, num_stages=4),
@@ -216,8 +219,9 @@ def reduce_splits(partials: torch.Tensor, out: torch.Tensor) -> None:
 
 
 def token_block(tokens: int) -> int:
-    """Tokens per program: 16 (tl.dot's minimum) up to 128 for prefill."""
-    return min(128, max(16, triton.next_power_of_2(tokens)))
+    """Tokens per program: 8 (the n of mma.sync m16n8k16: fewer tokens are padded to it inside the
+    dot) up to 128 for prefill."""
+    return min(128, max(8, triton.next_power_of_2(tokens)))
 
 
 def dependent_launch(device: torch.device) -> dict:
@@ -248,15 +252,18 @@ def sm_count(device: torch.device) -> int:
 
 
 def _split_count(rows: int, token_blocks: int, words: int, sms: int) -> int:
-    """K splits: decode is latency-bound, so aim at ~8 programs per SM (measured on the H100: 4
-    splits took 28672×8192 from 122 to 103 µs); prefill only needs ~2 per SM.
+    """K splits: decode (one token block) is latency-bound, so aim at ~16 programs per SM with at
+    most 8 splits; prefill only needs ~2 programs per SM (up to 16 splits).
 
-    Sized for 64-row programs; each split keeps ≥ 32 words (1024 bits) so partials stay cheap.
+    Measured on the H100 (2.4 bits; NOTES_kernels.md round 12): at 28672×8192, 4–8 splits took
+    8-token blocks from 103 to 92 µs and 16-token blocks from 117 to 106 µs against 3 splits (8
+    programs per SM); at 4096×14336, 4–8 splits beat 16. Sized for 64-row programs; each split
+    keeps ≥ 32 words (1024 bits) so partials stay cheap.
     """
     programs = triton.cdiv(rows, 64) * token_blocks
-    per_sm = 8 if token_blocks == 1 else 2
+    per_sm, most = (16, 8) if token_blocks == 1 else (2, 16)
     wanted = triton.cdiv(per_sm * sms, programs)
-    return max(1, min(wanted, words // 32, 16))
+    return max(1, min(wanted, words // 32, most))
 
 
 def lifted_matmul_triton(
