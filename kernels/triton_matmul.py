@@ -155,10 +155,11 @@ def _lifted_matmul_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & token_ok[None, :])
 
 
-# Hopper candidates. Decode (16-token blocks) is bound by latency per K step, not by tensor-core
-# rate: two-warp programs run mma.sync with both operands in registers (no wgmma fence and wait per
-# step) and many programs fit on an SM; four/eight-warp programs use wgmma with the ±1 tile in
-# registers. Prefill (≥ 64-token blocks) wants big wgmma tiles. Pruned per token block, then tuned.
+# Hopper candidates. Decode (8- and 16-token blocks) is bound by latency per K step, not by
+# tensor-core rate: two-warp programs run mma.sync with both operands in registers (no wgmma fence
+# and wait per step) and many programs fit on an SM; four/eight-warp programs use wgmma with the ±1
+# tile in registers at 16-token blocks (Triton 3.6 emits mma.sync for all at 8: offline sm_90 SASS).
+# Prefill (≥ 64-token blocks) wants big wgmma tiles. Pruned per token block, then tuned.
 _TUNING_CONFIGS = [
     triton.Config({"BLOCK_N": 32, "BLOCK_W": 8}, num_warps=2, num_stages=4),
     triton.Config({"BLOCK_N": 64, "BLOCK_W": 4}, num_warps=2, num_stages=4),
