@@ -180,11 +180,11 @@ _GEMM_TILES = sorted({(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_W"]) for c in triton
 
 
 @pytest.mark.parametrize("tile", _GEMM_TILES, ids=lambda t: f"n{t[0]}_w{t[1]}")
-@pytest.mark.parametrize("tokens,splits", [(3, 1), (70, 1), (70, 3)])
+@pytest.mark.parametrize("tokens,splits", [(3, 1), (12, 3), (70, 1), (70, 3)])
 def test_every_gemm_tile_matches_float64(tile, tokens, splits):
     """Each (rows, words) tile the ±1 GEMM's autotuner may pick (warps and stages are the GPU's),
-    at a 16-token block and a partial 128-token block, into the output directly and through split
-    partials: 900 code bits make 29 words, so every tile has a partial last step and rows past N."""
+    at partial 8-, 16- and 128-token blocks, into the output directly and through split partials:
+    900 code bits make 29 words, so every tile has a partial last step and rows past N."""
     block_n, block_w = tile
     g = torch.Generator().manual_seed(_seed("gemm tiles", block_n, block_w, tokens, splits))
     rows, length = 45, 900
