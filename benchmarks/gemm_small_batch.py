@@ -17,7 +17,6 @@ import json
 import math
 import os
 import sys
-import time
 
 import torch
 import triton
@@ -84,25 +83,21 @@ def study_blocks(say) -> list[dict]:
     return results
 
 
-def study_sweep(say, budget_s: float = 500) -> list[dict]:
+def study_sweep(say) -> list[dict]:
     """Every (BLOCK_N, BLOCK_W, warps, stages) with ≥ 16 rows per warp × splits, at 4–8 tokens."""
     configs = [dict(BLOCK_N=n, BLOCK_W=w, num_warps=warps, num_stages=stages)
                for n in (16, 32, 64, 128) for w in (4, 8, 16) for warps in (1, 2, 4, 8) if n >= 16 * warps
                for stages in (3, 5)]
-    results, start = [], time.time()
+    results = []
     for rows, features, batch in [(28672, 8192, 4), (4096, 14336, 4), (8192, 8192, 8)]:
         layer = ks.LiftedLayer(rows, features, 2.4)
         lifted = layer.lift(torch.randn(batch, features, device="cuda", dtype=ks.DTYPE))
-        results.append(dict(rows=rows, features=features, batch=batch, autotuned=ks.bench_us(lambda: matmul(lifted, layer))))
-        timed = []
-        for cfg in configs:
-            for splits in (None, 1, 2, 4, 8):
-                us = ks.bench_us(lambda: matmul(lifted, layer, splits=splits, config=cfg))
-                timed.append(dict(rows=rows, features=features, batch=batch, config=cfg, splits=splits, us=us))
-            if time.time() - start > budget_s:
-                break
-        results += timed
-        say(f"{rows}x{features} batch {batch}: autotuned {results[-len(timed) - 1]['autotuned']:.1f} µs; fastest: "
+        autotuned = ks.bench_us(lambda: matmul(lifted, layer))
+        timed = [dict(rows=rows, features=features, batch=batch, config=cfg, splits=splits,
+                      us=ks.bench_us(lambda: matmul(lifted, layer, splits=splits, config=cfg)))
+                 for cfg in configs for splits in (None, 1, 2, 4, 8)]
+        results += [dict(rows=rows, features=features, batch=batch, autotuned=autotuned)] + timed
+        say(f"{rows}x{features} batch {batch}: autotuned {autotuned:.1f} µs; fastest: "
             + "; ".join(f"{e['us']:.1f} {e['config']} splits={e['splits']}" for e in sorted(timed, key=lambda e: e["us"])[:4]))
     return results
 
