@@ -167,11 +167,15 @@ def run_row(name: str, reference, tokenizer, eval_tokens, args) -> dict:
                 row["finetune"] = finetune
             calibrate(model, config, calibration, device=args.device, checkpoint_dir=checkpoint, **finetune)
             if name.startswith("lift-cal-fte-"):
+                # A superset of the block stage's text (its first tokens are the same): the end-to-end
+                # stage overfits its sequences, while the block stage's cost grows with them.
+                e2e_tokens = (calibration if args.e2e_tokens in (None, args.calibration_tokens)
+                              else builtin_calibration_tokens(tokenizer, args.e2e_tokens))
                 row["end_to_end"] = dict(steps=args.e2e_steps, lr=args.e2e_lr, batch_size=args.finetune_batch,
-                                         held_out=0.125)
+                                         held_out=args.e2e_held_out, tokens=e2e_tokens.numel())
                 row["end_to_end"]["held_out_kl_before_after"] = finetune_end_to_end(
-                    model, reference, calibration, steps=args.e2e_steps, lr=args.e2e_lr, batch_size=args.finetune_batch,
-                    held_out=row["end_to_end"]["held_out"])
+                    model, reference, e2e_tokens, steps=args.e2e_steps, lr=args.e2e_lr, batch_size=args.finetune_batch,
+                    held_out=args.e2e_held_out)
             row["calibration_tokens"] = calibration.numel()
         else:
             lift_ao.quantize(model, lift_ao.liftquant(lattice=_lattice_of(name)), device=args.device)
@@ -238,6 +242,8 @@ def _markdown(doc: dict) -> str:
         + (", ".join(sorted({f"{r['end_to_end']['steps']} steps of {r['end_to_end']['batch_size']} sequences, peak lr "
                              f"{r['end_to_end']['lr']:g}" + (f", {r['end_to_end']['held_out']:g} of the sequences held out "
                                                             "to pick the kept scales" if "held_out" in r['end_to_end'] else "")
+                             + (f", over the first {r['end_to_end']['tokens']} calibration tokens"
+                                if r['end_to_end'].get("tokens", r.get("calibration_tokens")) != r.get("calibration_tokens") else "")
                              for r in doc["rows"].values() if r.get("end_to_end")}))
            or "none measured yet") + ".",
         "",
@@ -315,6 +321,10 @@ def main(argv=None) -> None:
     parser.add_argument("--code-rounds", type=int, default=16, help="lift-cal-ftc rows: code flipping rounds per block")
     parser.add_argument("--e2e-steps", type=int, default=128, help="lift-cal-fte rows: end-to-end Adam steps")
     parser.add_argument("--e2e-lr", type=float, default=3e-3, help="lift-cal-fte rows: end-to-end peak learning rate")
+    parser.add_argument("--e2e-tokens", type=int, default=None, help="lift-cal-fte rows: calibration tokens of the "
+                        "end-to-end stage (default: --calibration-tokens; the first ones are the block stage's)")
+    parser.add_argument("--e2e-held-out", type=float, default=0.125, help="lift-cal-fte rows: fraction of the "
+                        "end-to-end sequences held out to pick the kept scales (default 0.125)")
     parser.add_argument("--checkpoint-root", type=Path, default=None, help="calibrated rows save each finished "
                         "decoder block under ROOT/<row>/ and a rerun resumes from there (bit-identical)")
     parser.add_argument("--redo", action="store_true", help="measure rows already in the results again")
