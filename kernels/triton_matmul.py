@@ -253,8 +253,9 @@ def sm_count(device: torch.device) -> int:
 
 
 def _split_count(rows: int, token_blocks: int, words: int, sms: int) -> int:
-    """K splits: decode (one token block) is latency-bound, so aim at ~16 programs per SM with at
-    most 8 splits; prefill only needs ~2 programs per SM (up to 16 splits).
+    """K splits: one token block (≤ 128 tokens: decode and short prefill) is latency-bound, so aim
+    at ~16 programs per SM with at most 8 splits; more blocks only need ~2 programs per SM (up to
+    16 splits).
 
     Measured on the H100 (2.4 bits; NOTES_kernels.md round 12): at 28672×8192, 4–8 splits took
     8-token blocks from 103 to 92 µs and 16-token blocks from 117 to 106 µs against 3 splits (8
