@@ -4,10 +4,10 @@ round 12 measured to choose its token block, split count and small-block tuning 
     python benchmarks/gemm_small_batch.py --study blocks --out $OUT   # 8- vs 16-token blocks, int4 beside
     python benchmarks/gemm_small_batch.py --study sweep --out $OUT    # config × split sweep at 4–8 tokens
 
-``blocks`` first checks every tuning config the autotuner may run at 8-token blocks against the
-float64-accumulated reference (NaN-poisoned allocator, 1/3/automatic splits), then times the
-autotuned kernel with the token block's minimum forced to 16 and to 8 (``token_block`` replaced in
-the module for the comparison), the lookup kernel at 1–2 tokens and torchao int4 at every batch.
+``blocks`` first runs ``kernel_speed.check_every_config`` (every config the autotuner may run, 8- to
+128-token blocks, against the reference), then times the autotuned kernel with the token block's
+minimum forced to 16 and to 8 (``token_block`` replaced in the module for the comparison), the
+lookup kernel at 1–2 tokens and torchao int4 at every batch.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import triton
 sys.path.insert(0, os.path.dirname(__file__))
 import kernel_speed as ks  # noqa: E402
 from lift_ao.kernels import triton_lut, triton_matmul  # noqa: E402
-from lift_ao.kernels.reference import lifted_matmul_reference  # noqa: E402
 
 SHAPES = [(28672, 8192), (8192, 28672), (14336, 4096), (4096, 14336), (8192, 8192), (4096, 4096), (1024, 4096)]
 
@@ -38,32 +37,9 @@ def matmul(lifted, layer, **kwargs):
     return triton_matmul.lifted_matmul_triton(lifted, layer.codes, layer.row_scale, None, **kwargs)
 
 
-def check_block8(say) -> list[dict]:
-    """Every config kept for 8-token blocks, at 1, 3 and automatic splits, against the reference."""
-    checks = []
-    force_token_block_minimum(8)
-    for rows, features, bits, batch, dtype in [(28672, 8192, 2.4, 3, torch.bfloat16),
-                                               (4096, 14336, 3.0, 8, torch.float16),
-                                               (1024, 4096, 2.0, 5, torch.float32)]:
-        layer = ks.LiftedLayer(rows, features, bits)
-        lifted = layer.lift_reference(torch.randn(batch, features, device="cuda").to(dtype))
-        ref = lifted_matmul_reference(lifted.float(), layer.codes, layer.row_scale, None)
-        for cfg in triton_matmul._prune_configs(triton_matmul._TUNING_CONFIGS, {"BLOCK_B": 8}):
-            for splits in (None, 1, 3):
-                ks.poison_allocator(batch * rows * 4)
-                error = ks.relative_error(matmul(lifted, layer, splits=splits, config=cfg.all_kwargs()), ref)
-                checks.append(dict(kind="check", rows=rows, features=features, batch=batch, dtype=str(dtype),
-                                   config=cfg.all_kwargs(), splits=splits, error=error,
-                                   ok=error < ks.CHECK_BOUNDS[dtype]))
-                if not checks[-1]["ok"]:
-                    say(f"FAIL {checks[-1]}")
-        say(f"checked {rows}x{features} batch {batch} {dtype}")
-    return checks
-
-
 def study_blocks(say) -> list[dict]:
     """Autotuned ±1 GEMM with 16- and 8-token minimum blocks, lookup kernel and int4, 2.4 bits."""
-    results = check_block8(say)
+    results = [dict(check, kind="check") for check in ks.check_every_config(say)]
     for rows, features in SHAPES:
         layer = ks.LiftedLayer(rows, features, 2.4)
         int4 = ks.int4_linear(torch.randn(rows, features, device="cuda", dtype=ks.DTYPE) / math.sqrt(features), say)

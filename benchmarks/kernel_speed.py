@@ -206,10 +206,11 @@ def check_every_config(log) -> list[dict]:
     lookup = lambda layer, lifted, bias, config, attempt: triton_lut.lookup_matmul(  # noqa: E731
         lifted, layer.codes, layer.row_scale, bias, splits=(1, 5, None)[attempt], config=config)
     gemm_configs = lambda batch: _prune_configs(_TUNING_CONFIGS, {"BLOCK_B": token_block(batch)})  # noqa: E731
-    # GEMM problems: 128-token blocks (16-bit and fp32), a 16- and an 8-token block.
+    # GEMM problems: 128-token blocks (16-bit and fp32), a 16-token block, 8-token blocks in each dtype.
     kernels = [("gemm", gemm, gemm_configs, [(4096, 4096, 256, DTYPE), (4096, 14336, 128, DTYPE),
                                              (4096, 4096, 128, torch.float32), (4096, 14336, 12, DTYPE),
-                                             (4096, 14336, 1, DTYPE)], True),
+                                             (4096, 14336, 1, DTYPE), (4096, 14336, 8, torch.float16),
+                                             (1024, 4096, 5, torch.float32)], True),
                ("lookup", lookup, lambda batch: triton_lut._TUNING_CONFIGS,
                 [(4096, 14336, 1, DTYPE), (1024, 4096, 8, DTYPE)], False)]
     checks = []
