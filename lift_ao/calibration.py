@@ -564,8 +564,10 @@ def finetune_block(block: torch.nn.Module, groups: list, inputs: list, targets: 
         return before, before
     _flip_codes(loss_of, signs, curvature_of, code_rounds, len(inputs))
     with torch.no_grad():  # the codes are final: their unit weights (or rotated blocks) once, not per Adam step
-        unit = units(signs)
-        blocks = {name: _code_blocks(old[name], signs[name]) for name in names} if tune_rotation else None
+        if tune_rotation:
+            blocks = {name: _code_blocks(old[name], signs[name]) for name in names}
+        else:
+            unit = units(signs)
 
     def tuned_units() -> dict:
         """The unit weights with the current rotation factors (the fixed ones unless tuned)."""
