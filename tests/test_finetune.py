@@ -1,6 +1,7 @@
 """End-to-end fine-tuning of the scales (lift_ao.finetune_end_to_end) after calibration."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -125,3 +126,26 @@ def test_command_line_tunes_end_to_end(tmp_path):
 
     assert run_cli(tmp_path / "tuned", "--calibrate", "--e2e-steps", "4") == 0
     assert run_cli(tmp_path / "bad", "--calibrate", "--e2e-steps", "-1") == 2
+
+
+def test_command_line_end_to_end_stage_takes_its_own_tokens(tmp_path, monkeypatch, capsys):
+    """--e2e-tokens: the block stage gets --calibration-tokens, the end-to-end stage a longer prefix of
+    the same text (its first sequences are the block stage's), with --e2e-held-out of it held out;
+    the report says what it used."""
+    from test_resume import run_cli
+
+    text = token_batch(seed=5, batch=12, length=32)
+    asked = []
+    prefix = lambda tokenizer, count: asked.append(count) or text[:count // 32]
+    held_out = {}
+    tune = lift_ao.finetune_end_to_end
+    monkeypatch.setattr(lift_ao, "finetune_end_to_end", lambda model, teacher, tokens, **options: held_out.update(
+        tokens=tokens, **options) or tune(model, teacher, tokens, **options))
+
+    assert run_cli(tmp_path / "tuned", "--json", "--calibrate", "--calibration-tokens", "128", "--e2e-steps", "2",
+                   "--e2e-tokens", "384", "--e2e-held-out", "0.25", calibration_tokens=prefix) == 0
+
+    report = json.loads(capsys.readouterr().out)
+    assert asked == [128, 384]
+    assert torch.equal(held_out["tokens"], text) and held_out["held_out"] == 0.25
+    assert (report["calibration_tokens"], report["e2e_tokens"], report["e2e_held_out"]) == (128, 384, 0.25)
