@@ -15,8 +15,8 @@
    kernel alone (with its GB/s).
 4. Split-K variants for the notes; with --sweep, every tuning candidate on decode shapes; with
    --lookup-study, the table-lookup decode kernel's configs × split counts beside the ±1 GEMM at
-   1–8 tokens (to set ``LOOKUP_MAX_TOKENS``); with --decode-study, the decode tables (rotation and
-   tables in one launch) checked against float64 at real sizes, one Llama-3-8B decoder layer's LiftQuant
+   1–8 tokens (to set ``LOOKUP_MAX_TOKENS``); with --decode-study, the decode tables (rotation +
+   tables from u) checked against float64 at real sizes, one Llama-3-8B decoder layer's LiftQuant
    work (fused decode ops vs composition) and the rotation and tables alone at Llama-3-8B and
    Qwen2.5-1.5B K (kernels_decode.json / .md); with
    --prefill-study, only the prefill checks and the prefill path at 2.4 bits on two 8B shapes ×
@@ -276,8 +276,8 @@ def decode_layer_ops(bits: float = 2.4):
 
 
 def check_fused_decode(log) -> list[dict]:
-    """The fused ops' decode path (one launch for the rotation and the tables, one lookup launch per
-    shared lift with its split reduction inside) against the base-op composition, at Llama-3-8B sizes."""
+    """The fused ops' decode path (rotation, tables from u, one lookup launch per shared lift with its
+    split reduction inside) against the base-op composition, at Llama-3-8B sizes."""
     checks = []
     fused, composed = decode_layer_ops()
     for batch in (1, 2):
@@ -379,8 +379,13 @@ def _tables_float64(x, layer, words, block) -> torch.Tensor:
     return torch.einsum("it,bgt->gib", signs, padded.view(block, 8 * words, 4))
 
 
+def decode_tables(x, signs, left, right, mapping, words, block, zero_counters=None):
+    """What the fused decode ops run per shared lift before the lookup: the rotation, then the tables from u."""
+    return triton_lut.lift_tables(rotate_triton(x, signs, left, right), mapping, words, block, zero_counters)
+
+
 def check_decode_tables(log) -> list[dict]:
-    """The decode tables (``rotate_tables``: the rotation and the tables in one launch) against the float64 tables at every study K ×
+    """The decode tables (rotation + tables from u) against the float64 tables at every study K ×
     lattice × 1..LOOKUP_MAX_TOKENS tokens (bf16: tf32 products, ~1e-3 like the rotation alone; one
     fp32 case per K at 2.4 bits: fp32 products); the launch must also zero the split counters."""
     checks = []
@@ -394,11 +399,11 @@ def check_decode_tables(log) -> list[dict]:
                 x = torch.randn(tokens, features, device=layer.signs.device).to(dtype)
                 poison_allocator(block * 8 * words * 16)
                 counters = torch.full((4096,), 7, dtype=torch.int32, device=x.device)
-                tables = triton_lut.rotate_tables(x, layer.signs, layer.left, layer.right, layer.mapping, words, block, counters)
+                tables = decode_tables(x, layer.signs, layer.left, layer.right, layer.mapping, words, block, counters)
                 error = (relative_error(tables, _tables_float64(x, layer, words, block))
                          if int(counters.abs().sum()) == 0 else float("nan"))
                 entry = dict(rows="decode tables", features=features, bits=bits, batch=tokens, dtype=str(dtype),
-                             config=f"(k1, k2) = {layer.factors}, rotate_tables", lift_error=error,
+                             config=f"(k1, k2) = {layer.factors}, rotation + tables from u", lift_error=error,
                              matmul_error=0.0, op_error=0.0)
                 entry["ok"] = error < bounds[dtype]  # nan fails
                 checks.append(entry)
@@ -409,8 +414,8 @@ def check_decode_tables(log) -> list[dict]:
 def study_decode(log, save) -> dict:
     """Batch-1 time of one 8B decoder layer's LiftQuant work (2.4 bits, fused ops vs the base-op
     composition); then per model K × lattice × token count the rotation alone and the decode tables
-    (rotation and tables in one launch). ``save(study)`` after each number, so a call cut off at its
-    time limit still leaves what it measured."""
+    (rotation + tables from u). ``save(study)`` after each number, so a call cut off at its time limit
+    still leaves what it measured."""
     fused, composed = decode_layer_ops()
     x = torch.randn(1, 4096, device="cuda", dtype=DTYPE)
     h = torch.randn(1, 14336, device="cuda", dtype=DTYPE)
@@ -426,7 +431,7 @@ def study_decode(log, save) -> dict:
                     args = (inp, layer.signs, layer.left, layer.right, layer.mapping, words, triton_lut.token_block(tokens))
                     entry = dict(model=model, features=features, bits=bits, factors=layer.factors, tokens=tokens,
                                  rotate_us=bench_us(lambda: rotate_triton(*args[:4])),
-                                 tables_us=bench_us(lambda: triton_lut.rotate_tables(*args)))
+                                 tables_us=bench_us(lambda: decode_tables(*args)))
                     study["tables"].append(entry)
                     log(f"tables {entry}")
                     save(study)
@@ -442,8 +447,8 @@ def decode_markdown(result: dict) -> str:
              "CUDA-graph replay (L2 flushed).", "",
              f"One Llama-3-8B layer's LiftQuant work (2.4 bits): fused ops {study['fused_us']:.1f} µs, base-op "
              f"composition {study['composed_us']:.1f} µs.", "",
-             "## Tables of one shared lift (`rotate_tables`: the rotation and the tables in one launch)", "",
-             "| model | K | bits | (k1, k2) | tokens | rotation alone µs | rotation and tables µs |", "|---|---|---|---|---|---|---|"]
+             "## Tables of one shared lift (rotation, then tables from u)", "",
+             "| model | K | bits | (k1, k2) | tokens | rotation µs | rotation + tables µs |", "|---|---|---|---|---|---|---|"]
     for e in study["tables"]:
         lines.append(f"| {e['model']} | {e['features']} | {e['bits']} | {tuple(e['factors'])} | {e['tokens']} | "
                      f"{e['rotate_us']:.1f} | {e['tables_us']:.1f} |")

@@ -10,9 +10,8 @@ Two launches, each a handful of small tensor-core products:
 2. :func:`_lift_blocks_kernel` — each d-block of U times M (d × D), cast to the activation's dtype.
 
 They are separate launches because a d-block may straddle rows of U (d need not divide k2), so a
-program computing rows of U cannot own whole blocks. The decode path of the fused ops replaces both
-by one launch, :func:`lift_ao.kernels.triton_lut.rotate_tables`, whose programs each compute the
-rows of U they need (:func:`rotate_rows`, shared with the rotation kernel) and write the lookup
+program computing rows of U cannot own whole blocks. The decode path of the fused ops replaces the
+second launch by :func:`lift_ao.kernels.triton_lut.lift_tables`, which reads U and writes the lookup
 tables directly. Any (D, d) and any k1, k2 work: tile sizes
 are d, D and k2 padded to powers of two (≥ 16, tl.dot's minimum), with masked loads and stores.
 """
@@ -35,40 +34,6 @@ _BLOCKS_PER_PROGRAM = 64
 
 
 @triton.jit
-def rotate_rows(
-    x_row, signs_ptr, left_ptr, right_ptr, out_rows, i, column_begin, column_end, K, k1, k2,
-    K2_PADDED: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_J: tl.constexpr, PRECISION: tl.constexpr,
-    HAS_SIGNS: tl.constexpr,
-):
-    """Rows ``i`` (BLOCK_I,) of one token's U = P1ᵀ V P2, columns [column_begin, column_end) (a multiple
-    of BLOCK_J apart): U[i, j] is stored at ``out_rows + i·k2 + j`` (rows ≥ k1, columns ≥ k2 skipped).
-
-    x_row points at the token's (K,) activation; V is its sign-flipped, zero-padded (k1, k2) view.
-    """
-    columns = tl.arange(0, K2_PADDED)
-    column_ok = columns < k2
-    partial = tl.zeros((i.shape[0], K2_PADDED), dtype=tl.float32)  # (P1ᵀ V)[i, :]
-    for a0 in range(0, k1, BLOCK_A):
-        a = a0 + tl.arange(0, BLOCK_A)
-        a_ok = a < k1
-        left_t = tl.load(left_ptr + a[None, :] * k1 + i[:, None], mask=a_ok[None, :] & (i < k1)[:, None], other=0.0)
-        flat = a[:, None] * k2 + columns[None, :]
-        in_grid = a_ok[:, None] & column_ok[None, :]
-        v = tl.load(x_row + flat, mask=in_grid & (flat < K), other=0.0).to(tl.float32)
-        if HAS_SIGNS:
-            v = v * tl.load(signs_ptr + flat, mask=in_grid, other=0.0)
-        partial = tl.dot(left_t, v, partial, input_precision=PRECISION)
-
-    for j0 in range(column_begin, column_end, BLOCK_J):
-        j = j0 + tl.arange(0, BLOCK_J)
-        right = tl.load(right_ptr + columns[:, None] * k2 + j[None, :],
-                        mask=column_ok[:, None] & (j < k2)[None, :], other=0.0)
-        u = tl.dot(partial, right, input_precision=PRECISION)
-        tl.store(out_rows + i[:, None] * k2 + j[None, :], u.to(out_rows.dtype.element_ty),
-                 mask=(i < k1)[:, None] & (j < k2)[None, :])
-
-
-@triton.jit
 def _rotate_kernel(
     x_ptr, signs_ptr, left_ptr, right_ptr, u_ptr,
     K, k1, k2, stride_x, stride_u, token_bucket,
@@ -80,11 +45,33 @@ def _rotate_kernel(
     [pid_j·COLUMNS_PER_PROGRAM, +COLUMNS_PER_PROGRAM); u (B, k1·k2) fp32, or 16-bit for the prefill GEMM.
     ``token_bucket`` only keys the autotuner (decode and prefill want different chunks)."""
     wait_for_previous_kernel(PDL)
-    pid_b = tl.program_id(0).to(tl.int64)
+    pid_b = tl.program_id(0)
+    pid_i = tl.program_id(1)
     pid_j = tl.program_id(2)
-    rotate_rows(x_ptr + pid_b * stride_x, signs_ptr, left_ptr, right_ptr, u_ptr + pid_b * stride_u,
-                tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I), pid_j * COLUMNS_PER_PROGRAM,
-                (pid_j + 1) * COLUMNS_PER_PROGRAM, K, k1, k2, K2_PADDED, BLOCK_A, BLOCK_J, PRECISION, HAS_SIGNS)
+    i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
+    columns = tl.arange(0, K2_PADDED)
+    column_ok = columns < k2
+    x_row = x_ptr + pid_b.to(tl.int64) * stride_x
+
+    partial = tl.zeros((BLOCK_I, K2_PADDED), dtype=tl.float32)  # (P1ᵀ V)[i, :]
+    for a0 in range(0, k1, BLOCK_A):
+        a = a0 + tl.arange(0, BLOCK_A)
+        a_ok = a < k1
+        left_t = tl.load(left_ptr + a[None, :] * k1 + i[:, None], mask=a_ok[None, :] & (i < k1)[:, None], other=0.0)
+        flat = a[:, None] * k2 + columns[None, :]
+        in_grid = a_ok[:, None] & column_ok[None, :]
+        v = tl.load(x_row + flat, mask=in_grid & (flat < K), other=0.0).to(tl.float32)
+        if HAS_SIGNS:
+            v = v * tl.load(signs_ptr + flat, mask=in_grid, other=0.0)
+        partial = tl.dot(left_t, v, partial, input_precision=PRECISION)
+
+    u_rows = u_ptr + pid_b.to(tl.int64) * stride_u + i[:, None] * k2
+    for j0 in range(pid_j * COLUMNS_PER_PROGRAM, (pid_j + 1) * COLUMNS_PER_PROGRAM, BLOCK_J):
+        j = j0 + tl.arange(0, BLOCK_J)
+        right = tl.load(right_ptr + columns[:, None] * k2 + j[None, :],
+                        mask=column_ok[:, None] & (j < k2)[None, :], other=0.0)
+        u = tl.dot(partial, right, input_precision=PRECISION)
+        tl.store(u_rows + j[None, :], u.to(u_ptr.dtype.element_ty), mask=(i < k1)[:, None] & (j < k2)[None, :])
 
 
 # The chunk over P1's rows and the pipelining depth, tuned per (k1, k2, token bucket): on the H100

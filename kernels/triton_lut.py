@@ -14,8 +14,8 @@ Launches:
 
 1. the tables, (G, 16, BLOCK_B) fp32 with G = 8 · words (zero past L, so the zero code bits past a
    row's end add nothing; the tokens of an entry contiguous): :func:`_build_tables_kernel` from x̃,
-   or, in the fused decode ops, :func:`_rotate_tables_kernel` straight from the activation x (the
-   rotation and the lift in the same launch; x̃ is never written);
+   or, in the fused decode ops, :func:`_lift_tables_kernel` straight from the rotated activation
+   (x̃ is never written);
 2. :func:`_lookup_kernel` — each program owns ``BLOCK_N`` rows of one of up to 3 sibling weights that
    read the same x̃ (q/k/v, gate/up) and one K split; a thread owns one row and reads its 4 code
    words of a step with 4 loads whose warp-wide footprint is the same 512 contiguous bytes (rows
@@ -36,11 +36,10 @@ import triton.language as tl
 
 from lift_ao.packing import check_packed, words_per_row
 
-from .triton_lift import _ROTATE_CONFIGS, _ROTATE_INTERPRETER_CONFIG, rotate_rows
 from .triton_matmul import _code_word_offset, dependent_launch, quick_bench, sm_count, wait_for_previous_kernel
 
-__all__ = ["MAX_TOKENS", "build_tables", "lookup_matmul", "lookup_siblings", "rotate_tables",
-           "split_counter_count", "token_block"]
+__all__ = ["MAX_TOKENS", "build_tables", "lift_tables", "lookup_matmul", "lookup_siblings", "split_counter_count",
+           "token_block"]
 
 @triton.jit
 def _build_tables_kernel(lifted_ptr, table_ptr, B, L, groups, stride_lifted,
@@ -64,15 +63,23 @@ def _build_tables_kernel(lifted_ptr, table_ptr, B, L, groups, stride_lifted,
 
 
 @triton.jit
-def _tables_from_rotated(rotated_ptr, stride_rotated, mapping_ptr, table_ptr, first_group, B, L, groups, d, D,
-                         BLOCK_B: tl.constexpr, BLOCK_G: tl.constexpr, D_IN_PADDED: tl.constexpr):
-    """Tables of groups [first_group, +BLOCK_G) of x̃ = lift(u), x̃ never written: x̃[b, p] =
-    Σ_e u[b, d·blk + e] · M[e, f] with p = D·blk + f, u[b, c] at ``rotated_ptr + b·stride_rotated + c``.
+def _lift_tables_kernel(rotated_ptr, mapping_ptr, table_ptr, counter_ptr, B, L, groups, d, D, stride_rotated,
+                        n_counters, BLOCK_B: tl.constexpr, BLOCK_G: tl.constexpr, D_IN_PADDED: tl.constexpr,
+                        PDL: tl.constexpr = False):
+    """The tables of x̃ straight from the rotated activation u (the lift fused into the table build):
+    x̃[b, p] = Σ_e u[b, d·blk + e] · M[e, f] with p = D·blk + f, so no x̃ is written or read.
 
-    Each position is computed on its own (a gather of its block's d rotated values and one column of
-    M), so D need not be a multiple of 4: a group of 4 positions may straddle two lattice blocks.
+    rotated (B, Kp) fp32; mapping (d, D) fp32; table as in :func:`_build_tables_kernel`. Each
+    position is computed on its own (a gather of its block's d rotated values and one column of M),
+    so D need not be a multiple of 4: a group of 4 positions may straddle two lattice blocks.
+    The programs also zero ``n_counters`` int32 split counters for the lookup launch that follows
+    (which saves it a memset launch).
     """
-    g = first_group + tl.arange(0, BLOCK_G)
+    wait_for_previous_kernel(PDL)
+    zero_at = tl.program_id(0) * 64 + tl.arange(0, 64)
+    for start in range(0, n_counters, tl.num_programs(0) * 64):
+        tl.store(counter_ptr + start + zero_at, 0, mask=start + zero_at < n_counters)
+    g = tl.program_id(0) * BLOCK_G + tl.arange(0, BLOCK_G)
     t = tl.arange(0, 4)
     e = tl.arange(0, D_IN_PADDED)
     i = tl.arange(0, 16)
@@ -90,44 +97,6 @@ def _tables_from_rotated(rotated_ptr, stride_rotated, mapping_ptr, table_ptr, fi
     table = tl.sum(x[:, None, :, :] * signs[None, :, :, None], axis=2)                   # (BLOCK_G, 16, BLOCK_B)
     offsets = (g[:, None, None] * 16 + i[None, :, None]) * BLOCK_B + b[None, None, :]
     tl.store(table_ptr + offsets, table, mask=(g < groups)[:, None, None])
-
-
-@triton.jit
-def _rotate_tables_kernel(
-    x_ptr, signs_ptr, left_ptr, right_ptr, mapping_ptr, scratch_ptr, table_ptr, counter_ptr,
-    B, K, k1, k2, L, groups, d, D, stride_x, n_counters,
-    K2_PADDED: tl.constexpr, ROWS: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_J: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_G: tl.constexpr, CHUNKS: tl.constexpr, D_IN_PADDED: tl.constexpr,
-    PRECISION: tl.constexpr, HAS_SIGNS: tl.constexpr, PDL: tl.constexpr = False,
-):
-    """The tables of groups [pid·BLOCK_G·CHUNKS, +BLOCK_G·CHUNKS) of x̃ = lift(Rᵀ pad(signs ⊙ x)):
-    the rotation and the lift in one launch.
-
-    Each program first computes the ``ROWS`` rows of U = P1ᵀ V P2 (from row0, the row of its first
-    lattice block) that its groups read (the host sizes ROWS to cover them), for every token, into
-    its own scratch (BLOCK_B, ROWS, k2) fp32; after a barrier its threads gather from there. A row
-    of U is computed by every program that needs it (each reads all of V and P2: a few tens of KB
-    from L2), which costs less than a second launch and its round trip through memory at decode.
-    The programs also zero ``n_counters`` int32 split counters for the lookup launch that follows
-    (which saves it a memset launch).
-    """
-    wait_for_previous_kernel(PDL)
-    zero_at = tl.program_id(0) * 64 + tl.arange(0, 64)
-    for start in range(0, n_counters, tl.num_programs(0) * 64):
-        tl.store(counter_ptr + start + zero_at, 0, mask=start + zero_at < n_counters)
-    first_group = tl.program_id(0) * (BLOCK_G * CHUNKS)
-    row0 = (4 * first_group // D) * d // k2
-    token_stride = ROWS * k2
-    # Pointer to where U's row 0 would be, so that U[i, j] of token b sits at b·token_stride + i·k2 + j.
-    rotated = scratch_ptr + tl.program_id(0).to(tl.int64) * (BLOCK_B * token_stride) - row0 * k2
-    for b in range(0, B):
-        rotate_rows(x_ptr + b * stride_x, signs_ptr, left_ptr, right_ptr, rotated + b * token_stride,
-                    row0 + tl.arange(0, ROWS), 0, K2_PADDED, K, k1, k2, K2_PADDED, BLOCK_A, BLOCK_J, PRECISION,
-                    HAS_SIGNS)
-    tl.debug_barrier()  # the gathers below read U values that other threads of this program stored
-    for chunk in range(CHUNKS):
-        _tables_from_rotated(rotated, token_stride, mapping_ptr, table_ptr, first_group + chunk * BLOCK_G, B, L,
-                             groups, d, D, BLOCK_B, BLOCK_G, D_IN_PADDED)
 
 
 @triton.jit
@@ -185,7 +154,7 @@ def _lookup_kernel(
 
     With ``splits`` > 1 each program sums one K split, writes it to ``partial`` and counts itself in
     ``counter[pid_n]``; the last of a row block's splits to arrive adds the others' partials, writes
-    the output: no reduction launch. The counters arrive zeroed (:func:`rotate_tables` can do it).
+    the output: no reduction launch. The counters arrive zeroed (:func:`lift_tables` can do it).
     """
     wait_for_previous_kernel(PDL)
     pid_n = tl.program_id(0)
@@ -266,10 +235,6 @@ _lookup_tuned = triton.autotune(
 MAX_TOKENS = 8
 _BUILD_GROUPS = 64
 _LIFT_GROUPS = 32
-# The rotation's chunking is tuned as the rotation kernel's (its configs; the tables add no choice).
-_rotate_tables_tuned = triton.autotune(
-    configs=_ROTATE_CONFIGS, key=["k1", "k2", "ROWS", "CHUNKS", "BLOCK_B", "PRECISION"],
-    do_bench=quick_bench)(_rotate_tables_kernel)
 _MAX_SIBLINGS = 3          # sibling slots of _lookup_kernel
 _LARGEST_BLOCK_N = max(c.kwargs["BLOCK_N"] for c in _TUNING_CONFIGS)
 _SMALLEST_BLOCK_N = min(c.kwargs["BLOCK_N"] for c in _TUNING_CONFIGS)
@@ -303,71 +268,30 @@ def build_tables(lifted: torch.Tensor, words: int, token_block: int) -> torch.Te
     return tables
 
 
-def _rotate_tables_plan(groups: int, L: int, d: int, D: int, k2: int, sms: int) -> tuple[int, int]:
-    """(CHUNKS, ROWS) of :func:`_rotate_tables_kernel`: chunks of _LIFT_GROUPS groups per program, the
-    fewest that keep the programs within one per SM (each program re-reads V and P2), and the rows of
-    U its groups span at most (a power of two ≥ 16, tl.dot's minimum)."""
-    chunks = 1
-    while triton.cdiv(groups, _LIFT_GROUPS * chunks) > sms:
-        chunks *= 2
-    per_program = _LIFT_GROUPS * chunks
-    most_rows = 1
-    for first in range(0, min(groups, triton.cdiv(L, 4)), per_program):
-        last_position = min(4 * (first + per_program) - 1, L - 1)
-        first_flat, last_flat = (4 * first // D) * d, (last_position // D) * d + d - 1
-        most_rows = max(most_rows, last_flat // k2 - first_flat // k2 + 1)
-    return chunks, max(16, triton.next_power_of_2(most_rows))
-
-
-def rotate_tables(
-    x: torch.Tensor, input_signs: Optional[torch.Tensor], rotation_left: torch.Tensor,
-    rotation_right: torch.Tensor, mapping: torch.Tensor, words: int, token_block: int,
-    zero_counters: Optional[torch.Tensor] = None, config: Optional[dict] = None,
-) -> torch.Tensor:
-    """Lookup tables of x̃ = lift(Rᵀ pad(signs ⊙ x)) in one launch: the rotation, the lift and the
-    signed sums, with neither u nor x̃ written beyond a per-program scratch of a few rows of u.
+def lift_tables(rotated: torch.Tensor, mapping: torch.Tensor, words: int, token_block: int,
+                zero_counters: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Lookup tables of x̃ = lift(u) computed from the rotated activation u, x̃ never materialised.
 
     Args:
-        x: (B, K) fp16 / bf16 / fp32 activation, B ≤ token_block; K ≤ Kp = k1·k2.
-        input_signs: (Kp,) or None (x already carries them); rotation_left: (k1, k1), rotation_right:
-            (k2, k2) float32 rotation; mapping: (d, D) lattice matrix M, Kp a multiple of d.
+        rotated: (B, Kp) fp32 rotated activation (``triton_lift.rotate_triton``), B ≤ token_block.
+        mapping: (d, D) lattice matrix M; Kp a multiple of d.
         words: code words per row (``words_per_row(Kp·D/d)``).
         token_block: tokens per table entry (power of two ≥ B).
         zero_counters: int32 split counters that this launch zeroes for the :func:`lookup_siblings`
             call that reads these tables (see :func:`split_counter_count`), or None.
-        config: fixed ``{"BLOCK_A", "num_warps", "num_stages"}`` instead of autotuning.
     Returns:
-        (8·words, 16, token_block) fp32, as :func:`build_tables` of x̃ kept in fp32. The rotation's
-        products run in tf32 for 16-bit activations and in fp32 for fp32 ones (as ``rotate_triton``).
+        (8·words, 16, token_block) fp32, as :func:`build_tables` of x̃ kept in fp32.
     """
-    tokens, features = x.shape
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    k1, k2 = rotation_left.shape[0], rotation_right.shape[0]
+    tokens, padded = rotated.shape
     d, D = mapping.shape
-    length = k1 * k2 // d * D
     groups = 8 * words
-    tables = _empty_tables(groups, token_block, x.device)
-    f32 = torch.float32
-    left, right = (t.to(f32).contiguous() for t in (rotation_left, rotation_right))
-    # Without signs the pointer is never read; pass any fp32 tensor.
-    signs = left if input_signs is None else input_signs.to(f32).contiguous()
-    chunks, rows = _rotate_tables_plan(groups, length, d, D, k2, sm_count(x.device))
-    programs = triton.cdiv(groups, _LIFT_GROUPS * chunks)
-    scratch = torch.empty(programs * token_block * rows * k2, dtype=f32, device=x.device)
+    tables = _empty_tables(groups, token_block, rotated.device)
     counters = tables if zero_counters is None else zero_counters
-    k2_padded = max(16, triton.next_power_of_2(k2))
-    if config is None and x.device.type != "cuda":
-        config = _ROTATE_INTERPRETER_CONFIG
-    kernel = _rotate_tables_tuned if config is None else _rotate_tables_kernel
-    launch = dependent_launch(x.device)
-    kernel[(programs,)](
-        x, signs, left, right, mapping.to(f32).contiguous(), scratch, tables, counters,
-        tokens, features, k1, k2, length, groups, d, D, x.stride(0),
-        0 if zero_counters is None else zero_counters.numel(),
-        K2_PADDED=k2_padded, ROWS=rows, BLOCK_J=min(32, k2_padded), BLOCK_B=token_block, BLOCK_G=_LIFT_GROUPS,
-        CHUNKS=chunks, D_IN_PADDED=triton.next_power_of_2(d), PRECISION="ieee" if x.dtype == f32 else "tf32",
-        HAS_SIGNS=input_signs is not None, PDL=bool(launch), **launch, **(config or {}))
+    launch = dependent_launch(rotated.device)
+    _lift_tables_kernel[(triton.cdiv(groups, _LIFT_GROUPS),)](
+        rotated, mapping.to(torch.float32).contiguous(), tables, counters, tokens, padded // d * D, groups, d, D,
+        rotated.stride(0), 0 if zero_counters is None else zero_counters.numel(), BLOCK_B=token_block, BLOCK_G=_LIFT_GROUPS,
+        D_IN_PADDED=triton.next_power_of_2(d), num_warps=4, PDL=bool(launch), **launch)
     return tables
 
 
@@ -402,7 +326,7 @@ def lookup_siblings(
     differs); split-K partials are reduced inside the launch.
 
     Args:
-        tables: (8·words, 16, token_block(tokens)) fp32 (:func:`build_tables` / :func:`rotate_tables`).
+        tables: (8·words, 16, token_block(tokens)) fp32 (:func:`build_tables` / :func:`lift_tables`).
         tokens: activation rows B ≤ MAX_TOKENS.
         packed_codes: per sibling (⌈N_s/32⌉, words/4, 32, 4) int32, contiguous (layout of
             :mod:`lift_ao.packing`); the same words per row for all.
@@ -411,7 +335,7 @@ def lookup_siblings(
         splits: K splits (None: from the rows of the launch and the SM count).
         config: fixed launch options (``{"BLOCK_N", "num_warps", "num_stages"}``, optionally
             ``"maxnreg"``: one of ``_TUNING_CONFIGS``' ``all_kwargs()``) instead of autotuning.
-        counters: ≥ ``split_counter_count(N_s…)`` zeroed int32 (e.g. by :func:`rotate_tables`), used up
+        counters: ≥ ``split_counter_count(N_s…)`` zeroed int32 (e.g. by :func:`lift_tables`), used up
             by this call; None: allocated zeroed here.
     Returns:
         per sibling (B, N_s) in out_dtype, accumulated in fp32.
@@ -434,7 +358,7 @@ def lookup_siblings(
         raise ValueError(f"tables {tuple(tables.shape)} are not those of {tokens} tokens × {words} words per row")
     if not tables.is_contiguous() or tables.data_ptr() % (64 * block_b):
         raise ValueError(f"tables must be contiguous and start {64 * block_b}-byte aligned (one table group); "
-                         "make them with build_tables or rotate_tables")
+                         "make them with build_tables or lift_tables")
     scales = [scale.to(torch.float32).contiguous() for scale in row_scale]
     if config is None and device.type != "cuda":
         config = _INTERPRETER_CONFIG

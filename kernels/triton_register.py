@@ -4,10 +4,10 @@ The ops keep their names and fake impls (``kernels/ops.py``, ``kernels/fused_ops
 a CUDA kernel to each, so CPU keeps the reference and ``torch.compile(fullgraph=True)`` still sees one
 opaque op node. Up to ``LOOKUP_MAX_TOKENS`` tokens (decode) take the table-lookup kernel, more the ±1
 GEMM. The fused ops (``lifted_linear``, ``lifted_linear_group``, put in place by the passes) decode
-in two launches per shared lift: one for the rotation and the lift written straight into lookup
-tables, one lookup launch for all siblings reading that lift (q/k/v, gate/up) with its split-K reduction
+in three launches per shared lift: the rotation, the lift written straight into lookup tables, and
+one lookup launch for all siblings reading that lift (q/k/v, gate/up) with its split-K reduction
 inside; x̃ stays in fp32 there (the composition rounds it to the activation dtype). On Hopper and
-newer both launch with programmatic dependent launch (``triton_matmul.dependent_launch``), so
+newer the three launch with programmatic dependent launch (``triton_matmul.dependent_launch``), so
 each one's launch overlaps the previous kernel's tail.
 
 From ``REBUILD_MIN_TOKENS`` tokens (prefill) the fused ops skip the lift: per shared lift the rotation
@@ -88,15 +88,16 @@ def _check_siblings_of_lift(lift_args: tuple, packed_codes: list, row_scale: lis
 
 
 def _decode_siblings(lift_args: tuple, packed_codes: list, row_scale: list, bias: list) -> list[torch.Tensor]:
-    """Siblings reading one lift, at most LOOKUP_MAX_TOKENS tokens: one launch for the rotation and the
-    tables, one lookup launch (per ≤ 3 siblings of equal bias presence)."""
+    """Siblings reading one lift, at most LOOKUP_MAX_TOKENS tokens: rotation, tables built from the
+    rotated activation, one lookup launch (per ≤ 3 siblings of equal bias presence)."""
     x, signs, left, right, mapping = lift_args
     length = _check_siblings_of_lift(lift_args, packed_codes, row_scale)
     tokens = _tokens(x)
+    rotated = rotate_triton(x, signs, left, right)
     counters = torch.empty(triton_lut.split_counter_count([s.shape[0] for s in row_scale]), dtype=torch.int32,
                            device=x.device)
-    tables = triton_lut.rotate_tables(x.reshape(tokens, x.shape[-1]), signs, left, right, mapping,
-                                      words_per_row(length), triton_lut.token_block(tokens), zero_counters=counters)
+    tables = triton_lut.lift_tables(rotated, mapping, words_per_row(length), triton_lut.token_block(tokens),
+                                    zero_counters=counters)
     outs = triton_lut.lookup_siblings(tables, tokens, [c.contiguous() for c in packed_codes], row_scale, bias, x.dtype,
                                       counters=counters)
     return [out.reshape(*x.shape[:-1], out.shape[-1]) for out in outs]
@@ -126,7 +127,7 @@ def _prefill_siblings(lift_args: tuple, packed_codes: list, row_scale: list, bia
 
 
 def _lifted_linear_cuda(x, input_signs, rotation_left, rotation_right, mapping, packed_codes, row_scale, bias):
-    """Decode: two launches (rotation with tables, lookup); prefill: rotation, rebuilt weight, cuBLAS;
+    """Decode: three launches (rotation, tables, lookup); prefill: rotation, rebuilt weight, cuBLAS;
     in between the lift then the ±1 GEMM."""
     lift_args = (x, input_signs, rotation_left, rotation_right, mapping)
     if _is_decode(x):

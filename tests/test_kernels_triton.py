@@ -25,7 +25,7 @@ from lift_ao.kernels.reference import lift_activation_reference, lifted_matmul_r
 from lift_ao.kernels.triton_lift import lift_activation_triton, rotate_triton  # noqa: E402
 from lift_ao.kernels import triton_lut, triton_matmul  # noqa: E402
 from lift_ao.kernels.triton_lut import (  # noqa: E402
-    MAX_TOKENS, build_tables, lookup_matmul, lookup_siblings, rotate_tables, split_counter_count, token_block)
+    MAX_TOKENS, build_tables, lift_tables, lookup_matmul, lookup_siblings, split_counter_count, token_block)
 from lift_ao.kernels.triton_matmul import dependent_launch, lifted_matmul_triton  # noqa: E402
 from lift_ao.kernels.triton_register import (  # noqa: E402
     _lifted_linear_cuda, _lifted_linear_group_cuda, _lifted_matmul_cuda)
@@ -303,7 +303,7 @@ def test_cuda_group_kernel_decodes_each_shared_lift_once_and_matches_the_composi
     args = (torch.randn(tokens, features, generator=g).to(torch.float16), None,
             [r.signs for r, _ in siblings], [r.left for r, _ in siblings], [r.right for r, _ in siblings],
             [mapping] * 3, codes, scales, [None, torch.randn(7, generator=g).to(torch.float16), None])
-    calls = {"rotate_tables": 0, "lookup_siblings": 0}
+    calls = {"lift_tables": 0, "lookup_siblings": 0}
     for name in calls:
         original = getattr(lut, name)
         monkeypatch.setattr(lut, name, lambda *a, _name=name, _f=original, **k: calls.__setitem__(
@@ -312,34 +312,29 @@ def test_cuda_group_kernel_decodes_each_shared_lift_once_and_matches_the_composi
     out = _lifted_linear_group_cuda(*args)
 
     expected_calls = 2 if tokens <= 2 else 0
-    assert calls == {"rotate_tables": expected_calls, "lookup_siblings": expected_calls}
+    assert calls == {"lift_tables": expected_calls, "lookup_siblings": expected_calls}
     for got, want in zip(out, lifted_linear_group(*args)):  # CPU: the reference ops' composition
         assert got.shape == want.shape
         assert _relative_error(got, want.double()) < 2 * TOLERANCE[torch.float16]
 
 
 @pytest.mark.parametrize("tokens", [1, 2])
-@pytest.mark.parametrize("features,d,D,sms", [(37, 10, 24, 132), (45, 14, 30, 132), (300, 6, 21, 132),
-                                              (300, 6, 21, 2), (700, 10, 16, 2)])
-def test_rotate_tables_equal_the_tables_of_the_float64_lift(tokens, features, d, D, sms, monkeypatch):
-    """Tables built in one launch from x (D not a multiple of 4 included: groups of 4 positions
+@pytest.mark.parametrize("features,d,D", [(37, 10, 24), (45, 14, 30), (300, 6, 21)])
+def test_lift_tables_equal_the_tables_of_the_float64_lift(tokens, features, d, D):
+    """Tables built from the rotated activation (D not a multiple of 4 included: groups of 4 positions
     straddle lattice blocks) equal the signed sums of the float64 lift; the launch zeroes the split
-    counters it is given. ``sms`` = 2 makes each program take several chunks of groups (8 at 300
-    features), and at 700 features its groups span 17-32 rows of U (a 32-row tile)."""
-    monkeypatch.setattr(triton_lut, "sm_count", lambda device: sms)
-    g = torch.Generator().manual_seed(_seed("rotate_tables", tokens, features, d, D, sms))
+    counters it is given."""
+    g = torch.Generator().manual_seed(_seed("lift_tables", tokens, features, d, D))
     rotation = make_rotation(features, d, seed=2)
     mapping = torch.randn(d, D, generator=g) / d**0.5
     x = torch.randn(tokens, features, generator=g)
     length = rotation.padded_features // d * D
     words = words_per_row(length)
-    plan = triton_lut._rotate_tables_plan(8 * words, length, d, D, rotation.right.shape[0], sms)
-    assert plan == {132: (1, 16), 2: (8, 16) if features == 300 else (8, 32)}[sms]
 
     counters = torch.full((150,), 7, dtype=torch.int32)   # more than the tables kernel has programs × 64
 
-    tables = rotate_tables(x, rotation.signs, rotation.left, rotation.right, mapping, words, token_block(tokens),
-                           zero_counters=counters)
+    tables = lift_tables(rotate_triton(x, rotation.signs, rotation.left, rotation.right), mapping, words,
+                         token_block(tokens), zero_counters=counters)
 
     assert int(counters.abs().sum()) == 0   # zeroed for the lookup launch that follows
 
