@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_matmul import dependent_launch, quick_bench, sm_count, wait_for_previous_kernel
+from .triton_matmul import dependent_launch, prefetch_to_l2, quick_bench, sm_count, wait_for_previous_kernel
 
 __all__ = ["lift_activation_triton", "rotate_triton"]
 
@@ -44,6 +44,11 @@ def _rotate_kernel(
     """U[i, j] = (P1ᵀ V P2)[i, j] for token pid_b, rows i in [pid_i·BLOCK_I, +BLOCK_I), columns j in
     [pid_j·COLUMNS_PER_PROGRAM, +COLUMNS_PER_PROGRAM); u (B, k1·k2) fp32, or 16-bit for the prefill GEMM.
     ``token_bucket`` only keys the autotuner (decode and prefill want different chunks)."""
+    # The rotation and the signs are constants: their DRAM latency can overlap the previous kernel.
+    prefetch_to_l2(left_ptr, k1 * k1, PDL)
+    prefetch_to_l2(right_ptr, k2 * k2, PDL)
+    if HAS_SIGNS:
+        prefetch_to_l2(signs_ptr, k1 * k2, PDL)
     wait_for_previous_kernel(PDL)
     pid_b = tl.program_id(0)
     pid_i = tl.program_id(1)

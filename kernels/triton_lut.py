@@ -75,10 +75,6 @@ def _lift_tables_kernel(rotated_ptr, mapping_ptr, table_ptr, counter_ptr, B, L, 
     The programs also zero ``n_counters`` int32 split counters for the lookup launch that follows
     (which saves it a memset launch).
     """
-    wait_for_previous_kernel(PDL)
-    zero_at = tl.program_id(0) * 64 + tl.arange(0, 64)
-    for start in range(0, n_counters, tl.num_programs(0) * 64):
-        tl.store(counter_ptr + start + zero_at, 0, mask=start + zero_at < n_counters)
     g = tl.program_id(0) * BLOCK_G + tl.arange(0, BLOCK_G)
     t = tl.arange(0, 4)
     e = tl.arange(0, D_IN_PADDED)
@@ -88,7 +84,12 @@ def _lift_tables_kernel(rotated_ptr, mapping_ptr, table_ptr, counter_ptr, B, L, 
     block = position // D
     column = position - block * D
     inside = (position < L)[:, :, None] & (e < d)[None, None, :]                           # (BLOCK_G, 4, E)
+    # M is a constant: loaded before the rotation (the previous launch) has finished.
     m = tl.load(mapping_ptr + e[None, None, :] * D + column[:, :, None], mask=inside, other=0.0)
+    wait_for_previous_kernel(PDL)
+    zero_at = tl.program_id(0) * 64 + tl.arange(0, 64)
+    for start in range(0, n_counters, tl.num_programs(0) * 64):
+        tl.store(counter_ptr + start + zero_at, 0, mask=start + zero_at < n_counters)
     u = tl.load(rotated_ptr + b[None, None, None, :].to(tl.int64) * stride_rotated
                 + (block * d)[:, :, None, None] + e[None, None, :, None],
                 mask=inside[:, :, :, None] & (b < B)[None, None, None, :], other=0.0)      # (BLOCK_G, 4, E, BLOCK_B)
@@ -156,7 +157,6 @@ def _lookup_kernel(
     ``counter[pid_n]``; the last of a row block's splits to arrive adds the others' partials, writes
     the output: no reduction launch. The counters arrive zeroed (:func:`lift_tables` can do it).
     """
-    wait_for_previous_kernel(PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     # Which sibling's rows this program owns.
@@ -185,6 +185,9 @@ def _lookup_kernel(
     # split's end a step re-reads its last quad instead of masking.
     last = word_end - 4
     upcoming = _load_quad(code_ptrs, word_begin, quads_per_row, row_ok)
+    # The codes are constants, so their first load may start before the previous kernel (the tables'
+    # launch) has finished; under programmatic dependent launch that hides its DRAM latency.
+    wait_for_previous_kernel(PDL)
     for step in range(word_begin, word_end, 4):
         word0 = tl.multiple_of(step, 4)
         words = upcoming

@@ -35,8 +35,8 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from lift_ao.packing import check_packed
 
-__all__ = ["dependent_launch", "lifted_matmul_triton", "quick_bench", "reduce_splits", "sm_count", "token_block",
-           "wait_for_previous_kernel"]
+__all__ = ["dependent_launch", "lifted_matmul_triton", "prefetch_to_l2", "quick_bench", "reduce_splits", "sm_count",
+           "token_block", "wait_for_previous_kernel"]
 
 
 def _as_int32(value: int) -> int:
@@ -243,6 +243,23 @@ def wait_for_previous_kernel(PDL: tl.constexpr):
     if PDL:
         gdc_wait()
         gdc_launch_dependents()
+
+
+@triton.jit
+def prefetch_to_l2(base, count, PDL: tl.constexpr):
+    """Under programmatic dependent launch, before :func:`wait_for_previous_kernel`: start fetching this
+    program's share of the ``count`` fp32 values at ``base`` into L2 (one PTX prefetch per 128-byte
+    line, programs taking every P-th line), so that the loads after the wait hit L2 while the previous
+    kernel is still running. Only for constants that no kernel writes (rotations, signs). Nothing
+    otherwise (the interpreter has no inline PTX)."""
+    if PDL:
+        programs = tl.num_programs(0) * tl.num_programs(1) * tl.num_programs(2)
+        program = (tl.program_id(2) * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(0) + tl.program_id(0)
+        lines = tl.cdiv(count, 32)
+        for first in range(program * 128, lines, programs * 128):
+            line = tl.minimum(first + tl.arange(0, 128), lines - 1)
+            tl.inline_asm_elementwise("prefetch.global.L2 [$1];", "=r,l", [base + line * 32], dtype=tl.int32,
+                                      is_pure=False, pack=1)
 
 
 def sm_count(device: torch.device) -> int:
