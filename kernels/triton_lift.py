@@ -93,9 +93,10 @@ _rotate_tuned = triton.autotune(configs=_ROTATE_CONFIGS, key=["k1", "k2", "token
 @triton.jit
 def _lift_blocks_kernel(
     u_ptr, mapping_ptr, out_ptr, n_blocks, d, D, stride_u, stride_out,
-    BLOCKS: tl.constexpr, D_IN_PADDED: tl.constexpr, D_OUT_PADDED: tl.constexpr,
+    BLOCKS: tl.constexpr, D_IN_PADDED: tl.constexpr, D_OUT_PADDED: tl.constexpr, PDL: tl.constexpr = False,
 ):
     """x̃[b, D·blk + f] = Σ_e u[b, d·blk + e] M[e, f] for BLOCKS blocks of token pid_b."""
+    wait_for_previous_kernel(PDL)
     pid_b = tl.program_id(0)
     blocks = tl.program_id(1) * BLOCKS + tl.arange(0, BLOCKS)
     e = tl.arange(0, D_IN_PADDED)
@@ -183,10 +184,11 @@ def lift_activation_triton(
     d, D = mapping.shape
     n_blocks = padded // d
     out = torch.empty(tokens, n_blocks * D, dtype=x.dtype, device=x.device)
+    launch = dependent_launch(x.device)
     if tokens > 0:
         _lift_blocks_kernel[(tokens, triton.cdiv(n_blocks, _BLOCKS_PER_PROGRAM))](
             rotated, mapping.to(torch.float32).contiguous(), out, n_blocks, d, D, rotated.stride(0), out.stride(0),
             BLOCKS=_BLOCKS_PER_PROGRAM, D_IN_PADDED=max(16, triton.next_power_of_2(d)),
-            D_OUT_PADDED=max(16, triton.next_power_of_2(D)), num_warps=4,
+            D_OUT_PADDED=max(16, triton.next_power_of_2(D)), num_warps=4, PDL=bool(launch), **launch,
         )
     return out.reshape(*x.shape[:-1], n_blocks * D)

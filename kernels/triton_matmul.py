@@ -88,12 +88,13 @@ def _bit_of_column(column):
 @triton.jit
 def _prepare_lifted_kernel(
     lifted_ptr, out_ptr, B, L, padded_length, stride_lifted, stride_lifted_k, stride_out,
-    OPERAND: tl.constexpr, SPLIT_FP32: tl.constexpr, BLOCK: tl.constexpr,
+    OPERAND: tl.constexpr, SPLIT_FP32: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False,
 ):
     """out[b, c] = x̃[b, bit(c)] (0 past L) in OPERAND dtype; for fp32 x̃, rows B.. hold the low parts.
 
     lifted (B, L) any float; out (B, padded_length) or (2B, padded_length) for SPLIT_FP32.
     """
+    wait_for_previous_kernel(PDL)
     token = tl.program_id(0)
     columns = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     bits = _bit_of_column(columns)
@@ -113,7 +114,7 @@ def _lifted_matmul_kernel(
     stride_prepared, stride_out_split, stride_out_b,
     HAS_BIAS: tl.constexpr, SPLIT_FP32: tl.constexpr,
     OPERAND: tl.constexpr, MINUS_ONE_PAIR: tl.constexpr, SIGN_BITS_PAIR: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, PDL: tl.constexpr = False,
 ):
     """One (BLOCK_N rows × BLOCK_B tokens) output tile over one K split.
 
@@ -122,6 +123,7 @@ def _lifted_matmul_kernel(
     out = (B, N) in x̃'s dtype, r and bias applied. S splits: out = (S, B, N) fp32 partials of
     r ⊙ Q x̃ (bias added by split 0).
     """
+    wait_for_previous_kernel(PDL)
     pid_n = tl.program_id(0)
     pid_b = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -202,8 +204,10 @@ _lifted_matmul_tuned = triton.autotune(
 
 
 @triton.jit
-def _reduce_splits_kernel(partial_ptr, out_ptr, total, SPLITS: tl.constexpr, BLOCK: tl.constexpr):
+def _reduce_splits_kernel(partial_ptr, out_ptr, total, SPLITS: tl.constexpr, BLOCK: tl.constexpr,
+                          PDL: tl.constexpr = False):
     """out[i] = Σ_s partial[s, i] for i < total (partial fp32 (SPLITS, total), out any float dtype)."""
+    wait_for_previous_kernel(PDL)
     offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offsets < total
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -216,7 +220,9 @@ def reduce_splits(partials: torch.Tensor, out: torch.Tensor) -> None:
     """out = Σ_s partials[s] (partials (S, B, N) fp32, out (B, N) contiguous, any float dtype)."""
     total = out.numel()
     block = 1024
-    _reduce_splits_kernel[(triton.cdiv(total, block),)](partials, out, total, SPLITS=partials.shape[0], BLOCK=block)
+    launch = dependent_launch(out.device)
+    _reduce_splits_kernel[(triton.cdiv(total, block),)](partials, out, total, SPLITS=partials.shape[0], BLOCK=block,
+                                                        PDL=bool(launch), **launch)
 
 
 def token_block(tokens: int) -> int:
@@ -226,8 +232,8 @@ def token_block(tokens: int) -> int:
 
 
 def dependent_launch(device: torch.device) -> dict:
-    """Launch options of the kernels that start with :func:`wait_for_previous_kernel` (the rotation,
-    the tables from u, the lookup): ``{"launch_pdl": True}`` on a Hopper or newer GPU unless
+    """Launch options of the kernels that wait with :func:`wait_for_previous_kernel` (all of lift_ao's
+    CUDA kernels but the prefill rebuild): ``{"launch_pdl": True}`` on a Hopper or newer GPU unless
     the environment sets LIFT_AO_PDL=0, else none. With programmatic dependent launch a kernel's
     grid is put on the SMs before the previous kernel ends and waits there (``gdc_wait``), so the
     launch gap between the many µs-long decode kernels overlaps the previous kernel's tail."""
@@ -320,9 +326,10 @@ def lifted_matmul_triton(
     padded_length = triton.cdiv(words, _WORD_ALIGN) * _WORD_ALIGN * 32
     prepared = torch.empty((2 if split_fp32 else 1) * tokens, padded_length, dtype=operand, device=lifted.device)
     prepare_block = 1024
+    launch = dependent_launch(lifted.device)
     _prepare_lifted_kernel[(tokens, triton.cdiv(padded_length, prepare_block))](
         x, prepared, tokens, code_length, padded_length, x.stride(0), x.stride(1), prepared.stride(0),
-        OPERAND=operand_tl, SPLIT_FP32=split_fp32, BLOCK=prepare_block)
+        OPERAND=operand_tl, SPLIT_FP32=split_fp32, BLOCK=prepare_block, PDL=bool(launch), **launch)
 
     block_b = token_block(tokens)
     token_blocks = triton.cdiv(tokens, block_b)
@@ -342,7 +349,7 @@ def lifted_matmul_triton(
         prepared.stride(0), tokens * rows, rows,
         HAS_BIAS=bias is not None, SPLIT_FP32=split_fp32,
         OPERAND=operand_tl, MINUS_ONE_PAIR=_MINUS_ONE_PAIR[operand], SIGN_BITS_PAIR=_SIGN_BITS_PAIR,
-        BLOCK_B=block_b, **(config or {}),
+        BLOCK_B=block_b, PDL=bool(launch), **launch, **(config or {}),
     )
     if splits > 1:
         reduce_splits(target, out)
