@@ -301,7 +301,7 @@ def check_prefill(log, lattices) -> list[dict]:
     """The prefill path at real sizes: each rebuild tuning config, fixed, against the float64 W_rot
     (the autotuner may pick any; the row padding must come back zero), then the fused ops' rebuilt-
     weight branch against the reference chain (one linear; a q/k/v-like group against the ±1-GEMM
-    composition)."""
+    composition), and the group's ±1 GEMM branch (16 and 5 tokens) against the same composition."""
     checks = []
     for bits in lattices:
         layer = LiftedLayer(4096, 14336, bits)
@@ -338,15 +338,22 @@ def check_prefill(log, lattices) -> list[dict]:
         log(f"check {entry}")
     q = LiftedLayer(4096, 4096, 2.4)
     members = [(q.codes, q.row_scale), q.sibling_weights(1024), q.sibling_weights(1024)]
-    x = torch.randn(max(256, REBUILD_MIN_TOKENS), 4096, device="cuda", dtype=DTYPE)
-    group_args = (x, None, [q.signs] * 3, [q.left] * 3, [q.right] * 3, [q.mapping] * 3, [c for c, _ in members],
-                  [r for _, r in members], [None, torch.randn(1024, device="cuda", dtype=DTYPE), None])
-    errors = [relative_error(a, b) for a, b in zip(_lifted_linear_group_cuda(*group_args), compose_group(*group_args))]
-    entry = dict(rows="q/k/v group", features=4096, bits=2.4, batch=x.shape[0], dtype=str(DTYPE),
-                 config="fused prefill group op", lift_error=0.0, matmul_error=0.0, op_error=max(errors))
-    entry["ok"] = max(errors) < 1e-2
-    checks.append(entry)
-    log(f"check {entry}")
+    # The prefill group (rebuilt weights, within bf16 of the composition) and the ±1 GEMM group (the lift
+    # written as the GEMM operand once per lift: the composition's values exactly, fp32 included).
+    for batch, dtype, path, bound in [(max(256, REBUILD_MIN_TOKENS), DTYPE, "fused prefill group op", 1e-2),
+                                      (16, DTYPE, "fused ±1 GEMM group op", 1e-6),
+                                      (5, torch.float32, "fused ±1 GEMM group op", 1e-6)]:
+        x = torch.randn(batch, 4096, device="cuda", dtype=dtype)
+        group_args = (x, None, [q.signs] * 3, [q.left] * 3, [q.right] * 3, [q.mapping] * 3, [c for c, _ in members],
+                      [r for _, r in members], [None, torch.randn(1024, device="cuda", dtype=dtype), None])
+        poison_allocator(batch * 4096 * 8)
+        errors = [relative_error(a, b)
+                  for a, b in zip(_lifted_linear_group_cuda(*group_args), compose_group(*group_args))]
+        entry = dict(rows="q/k/v group", features=4096, bits=2.4, batch=batch, dtype=str(dtype), config=path,
+                     lift_error=0.0, matmul_error=0.0, op_error=max(errors))
+        entry["ok"] = max(errors) < bound
+        checks.append(entry)
+        log(f"check {entry}")
     return checks
 
 

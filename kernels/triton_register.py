@@ -15,8 +15,10 @@ writes u = Rᵀ pad(x) in the activation dtype, and per sibling the weight is re
 domain (:func:`~lift_ao.kernels.triton_dequant.rebuild_rotated_weight`, one pass over its codes)
 for a cuBLAS GEMM ``u · W_rotᵀ + b`` (addmm): D/d times fewer MACs than the ±1 GEMM over
 x̃, for a fixed cost per weight. Between the two thresholds the ±1 GEMM stays: on the H100 at 2.4 bits
-the rebuild plus the rotation cost more than it below ~256 tokens (NOTES_kernels.md, round 5).
-``lifted_matmul`` itself (given x̃, not x) always takes the lookup kernel or the ±1 GEMM.
+the rebuild plus the rotation cost more than it below ~256 tokens (NOTES_kernels.md, round 5). There
+the fused ops write the lift straight in the ±1 GEMM's operand layout (``lift_gemm_operand``), once per
+shared lift, and run the GEMM on it per sibling (``lifted_matmul_prepared``); the base ops' composition
+would prepare x̃ again for every sibling. ``lifted_matmul`` itself (given x̃, not x) always takes the lookup kernel or the ±1 GEMM.
 """
 
 from __future__ import annotations
@@ -27,12 +29,12 @@ import torch
 
 from lift_ao.packing import check_packed, words_per_row
 
-from .fused_ops import check_siblings, compose_group, lifted_linear, lifted_linear_group, shared_lifts
+from .fused_ops import check_siblings, lifted_linear, lifted_linear_group, shared_lifts
 from .ops import _check_lift_args, _lifted_length, lift_activation, lifted_matmul
 from . import triton_lut
 from .triton_dequant import padded_columns, rebuild_rotated_weight
-from .triton_lift import lift_activation_triton, rotate_triton
-from .triton_matmul import lifted_matmul_triton
+from .triton_lift import lift_activation_triton, lift_gemm_operand, rotate_triton
+from .triton_matmul import lifted_matmul_prepared, lifted_matmul_triton
 
 __all__ = ["register_cuda_kernels"]
 
@@ -126,26 +128,36 @@ def _prefill_siblings(lift_args: tuple, packed_codes: list, row_scale: list, bia
     return outs
 
 
+def _gemm_siblings(lift_args: tuple, packed_codes: list, row_scale: list, bias: list) -> list[torch.Tensor]:
+    """Siblings reading one lift, between the decode and prefill thresholds: the rotation, the lift
+    written straight in the ±1 GEMM's operand layout, and per sibling the ±1 GEMM on that shared
+    operand (the composition prepares x̃ again for every sibling)."""
+    x = lift_args[0]
+    length = _check_siblings_of_lift(lift_args, packed_codes, row_scale)
+    tokens = _tokens(x)
+    operand = lift_gemm_operand(*lift_args)
+    return [lifted_matmul_prepared(operand, tokens, length, codes, scale, b, x.dtype).reshape(*x.shape[:-1], -1)
+            for codes, scale, b in zip(packed_codes, row_scale, bias)]
+
+
+def _siblings_path(x: torch.Tensor):
+    """The fused ops' path for x's token count: lookup, ±1 GEMM or rebuilt weight."""
+    return _decode_siblings if _is_decode(x) else _prefill_siblings if _is_prefill(x) else _gemm_siblings
+
+
 def _lifted_linear_cuda(x, input_signs, rotation_left, rotation_right, mapping, packed_codes, row_scale, bias):
     """Decode: three launches (rotation, tables, lookup); prefill: rotation, rebuilt weight, cuBLAS;
-    in between the lift then the ±1 GEMM."""
+    in between rotation, lift into the GEMM's operand, ±1 GEMM."""
     lift_args = (x, input_signs, rotation_left, rotation_right, mapping)
-    if _is_decode(x):
-        return _decode_siblings(lift_args, [packed_codes], [row_scale], [bias])[0]
-    if _is_prefill(x):
-        return _prefill_siblings(lift_args, [packed_codes], [row_scale], [bias])[0]
-    return lifted_matmul(lift_activation(*lift_args), packed_codes, row_scale, bias)
+    return _siblings_path(x)(lift_args, [packed_codes], [row_scale], [bias])[0]
 
 
 def _lifted_linear_group_cuda(x, folded_signs, input_signs, rotation_left, rotation_right, mapping,
                               packed_codes, row_scale, bias):
     """Per shared lift: decode, the rotation, its tables and one lookup launch for its siblings;
-    prefill, the rotation and per sibling its rebuilt weight and a cuBLAS GEMM. In between the
-    composition (each shared lift once, then the ±1 GEMM per sibling)."""
-    if not (_is_decode(x) or _is_prefill(x)):
-        return compose_group(x, folded_signs, input_signs, rotation_left, rotation_right, mapping, packed_codes,
-                             row_scale, bias)
-    siblings_path = _decode_siblings if _is_decode(x) else _prefill_siblings
+    prefill, the rotation and per sibling its rebuilt weight and a cuBLAS GEMM; in between the
+    rotation, the lift into the GEMM's operand and per sibling a ±1 GEMM on it."""
+    siblings_path = _siblings_path(x)
     check_siblings(input_signs, packed_codes, row_scale, bias)
     outputs: list = [None] * len(packed_codes)
     for lift_args, siblings in shared_lifts(x, folded_signs, input_signs, rotation_left, rotation_right, mapping):
