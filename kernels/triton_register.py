@@ -136,8 +136,9 @@ def _gemm_siblings(lift_args: tuple, packed_codes: list, row_scale: list, bias: 
     length = _check_siblings_of_lift(lift_args, packed_codes, row_scale)
     tokens = _tokens(x)
     operand = lift_gemm_operand(*lift_args)
-    return [lifted_matmul_prepared(operand, tokens, length, codes, scale, b, x.dtype).reshape(*x.shape[:-1], -1)
+    outs = [lifted_matmul_prepared(operand, tokens, length, codes, scale, b, x.dtype)
             for codes, scale, b in zip(packed_codes, row_scale, bias)]
+    return [out.reshape(*x.shape[:-1], out.shape[-1]) for out in outs]
 
 
 def _siblings_path(x: torch.Tensor):

@@ -398,6 +398,28 @@ def test_cuda_lifted_linear_matches_the_reference_chain(tokens):
     assert _relative_error(out, ref.double()) < 2 * TOLERANCE[torch.float16]
 
 
+@pytest.mark.parametrize("shape", [(0, 60), (2, 0, 60), (2, 3, 60)])
+def test_cuda_group_op_keeps_leading_dimensions_and_empty_inputs(shape):
+    """The fused group op on a (batch, sequence, K) activation (6 tokens: the ±1 GEMM path) and on
+    empty ones returns (..., N_s) per sibling, equal to the reference composition."""
+    g = torch.Generator().manual_seed(_seed("group shapes", *shape))
+    rotation = make_rotation(60, 10, seed=0)
+    mapping = torch.randn(10, 24, generator=g) / 10**0.5
+    length = rotation.padded_features // 10 * 24
+    codes = [random_codes(rows, length, g)[1] for rows in (13, 7)]
+    scales = [torch.rand(rows, generator=g) + 0.5 for rows in (13, 7)]
+    x = torch.randn(*shape, generator=g).to(torch.float16)
+    args = (x, None, [rotation.signs] * 2, [rotation.left] * 2, [rotation.right] * 2, [mapping] * 2, codes, scales,
+            [None, None])
+
+    out = _lifted_linear_group_cuda(*args)
+
+    for got, want, rows in zip(out, lifted_linear_group(*args), (13, 7)):
+        assert got.shape == (*shape[:-1], rows) == want.shape
+        if got.numel():
+            assert _relative_error(got, want.double()) < 2 * TOLERANCE[torch.float16]
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("tokens,features,d,D", [(3, 45, 14, 30), (5, 60, 10, 24), (2, 300, 6, 21)])
 def test_lift_written_as_gemm_operand_is_the_prepared_lift_bit_for_bit(tokens, features, d, D, dtype):
