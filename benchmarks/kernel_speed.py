@@ -88,7 +88,7 @@ def copy_bandwidth() -> float:
 
 def random_mapping(d: int, D: int) -> torch.Tensor:
     """(d, D) with orthonormal rows, scaled like a trained lattice."""
-    return (torch.linalg.qr(torch.randn(D, d, dtype=torch.float64)).Q.T * math.sqrt(D / d)).float().cuda()
+    return (torch.linalg.qr(torch.randn(D, d, dtype=torch.float64)).Q.T * math.sqrt(D / d)).float().contiguous().cuda()
 
 
 class LiftedLayer:
@@ -387,7 +387,9 @@ def _tables_float64(x, layer, words, block) -> torch.Tensor:
 
 
 def decode_tables(x, signs, left, right, mapping, words, block, zero_counters=None):
-    """What the fused decode ops run per shared lift before the lookup: the rotation, then the tables from u."""
+    """What the fused decode ops run per shared lift before the lookup: the rotation, then the tables from u
+    (M made fp32 and contiguous first, as the fused ops do: the tables kernel reads it before its PDL wait)."""
+    mapping = mapping.to(torch.float32).contiguous()
     return triton_lut.lift_tables(rotate_triton(x, signs, left, right), mapping, words, block, zero_counters)
 
 

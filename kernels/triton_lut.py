@@ -277,7 +277,9 @@ def lift_tables(rotated: torch.Tensor, mapping: torch.Tensor, words: int, token_
 
     Args:
         rotated: (B, Kp) fp32 rotated activation (``triton_lift.rotate_triton``), B ≤ token_block.
-        mapping: (d, D) lattice matrix M; Kp a multiple of d.
+        mapping: (d, D) fp32 contiguous lattice matrix M; Kp a multiple of d. The kernel reads it
+            before waiting for the previous launch (programmatic dependent launch), so it must not be
+            written by that launch: convert it before launching the rotation.
         words: code words per row (``words_per_row(Kp·D/d)``).
         token_block: tokens per table entry (power of two ≥ B).
         zero_counters: int32 split counters that this launch zeroes for the :func:`lookup_siblings`
@@ -287,12 +289,15 @@ def lift_tables(rotated: torch.Tensor, mapping: torch.Tensor, words: int, token_
     """
     tokens, padded = rotated.shape
     d, D = mapping.shape
+    if mapping.dtype != torch.float32 or not mapping.is_contiguous():
+        raise ValueError("lift_tables: the mapping must be fp32 and contiguous (converted before the rotation's "
+                         f"launch), got {mapping.dtype}, strides {mapping.stride()}")
     groups = 8 * words
     tables = _empty_tables(groups, token_block, rotated.device)
     counters = tables if zero_counters is None else zero_counters
     launch = dependent_launch(rotated.device)
     _lift_tables_kernel[(triton.cdiv(groups, _LIFT_GROUPS),)](
-        rotated, mapping.to(torch.float32).contiguous(), tables, counters, tokens, padded // d * D, groups, d, D,
+        rotated, mapping, tables, counters, tokens, padded // d * D, groups, d, D,
         rotated.stride(0), 0 if zero_counters is None else zero_counters.numel(), BLOCK_B=token_block, BLOCK_G=_LIFT_GROUPS,
         D_IN_PADDED=triton.next_power_of_2(d), num_warps=4, PDL=bool(launch), **launch)
     return tables
@@ -332,7 +337,8 @@ def lookup_siblings(
         tables: (8·words, 16, token_block(tokens)) fp32 (:func:`build_tables` / :func:`lift_tables`).
         tokens: activation rows B ≤ MAX_TOKENS.
         packed_codes: per sibling (⌈N_s/32⌉, words/4, 32, 4) int32, contiguous (layout of
-            :mod:`lift_ao.packing`); the same words per row for all.
+            :mod:`lift_ao.packing`); the same words per row for all. The kernel reads their first
+            words before waiting for the previous launch, so no copy making them may run just before.
         row_scale: per sibling (N_s,) float32 (N_s counts the rows); bias: per sibling (N_s,) or None.
         out_dtype: dtype of the outputs.
         splits: K splits (None: from the rows of the launch and the SM count).

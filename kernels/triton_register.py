@@ -95,13 +95,16 @@ def _decode_siblings(lift_args: tuple, packed_codes: list, row_scale: list, bias
     x, signs, left, right, mapping = lift_args
     length = _check_siblings_of_lift(lift_args, packed_codes, row_scale)
     tokens = _tokens(x)
+    # The tables and lookup kernels read M and the codes before waiting for the launch before them,
+    # so any copy that makes these (fp32, contiguous) must run before the rotation, not between.
+    mapping = mapping.to(torch.float32).contiguous()
+    codes = [c.contiguous() for c in packed_codes]
     rotated = rotate_triton(x, signs, left, right)
     counters = torch.empty(triton_lut.split_counter_count([s.shape[0] for s in row_scale]), dtype=torch.int32,
                            device=x.device)
     tables = triton_lut.lift_tables(rotated, mapping, words_per_row(length), triton_lut.token_block(tokens),
                                     zero_counters=counters)
-    outs = triton_lut.lookup_siblings(tables, tokens, [c.contiguous() for c in packed_codes], row_scale, bias, x.dtype,
-                                      counters=counters)
+    outs = triton_lut.lookup_siblings(tables, tokens, codes, row_scale, bias, x.dtype, counters=counters)
     return [out.reshape(*x.shape[:-1], out.shape[-1]) for out in outs]
 
 

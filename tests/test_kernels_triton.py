@@ -352,6 +352,11 @@ def test_lift_tables_equal_the_tables_of_the_float64_lift(tokens, features, d, D
     expected = torch.einsum("it,bgt->gib", signs, padded.view(padded.shape[0], 8 * words, 4))
     assert tables.shape == expected.shape
     assert (tables.double() - expected).abs().max() < 1e-5 * expected.abs().max()
+    # M is read before the kernel waits for the rotation (PDL): no conversion may run in between.
+    rotated = rotate_triton(x, rotation.signs, rotation.left, rotation.right)
+    for bad in (mapping.half(), mapping.T.contiguous().T):
+        with pytest.raises(ValueError, match="fp32 and contiguous"):
+            lift_tables(rotated, bad, words, token_block(tokens))
 
 
 @pytest.mark.parametrize("splits", [1, 3, None])
