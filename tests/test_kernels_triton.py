@@ -449,6 +449,21 @@ def test_lift_written_as_gemm_operand_is_the_prepared_lift_bit_for_bit(tokens, f
     assert torch.equal(lift_gemm_operand(*args), expected)
 
 
+def test_gemm_on_an_operand_of_other_tokens_dtype_or_length_is_refused():
+    from lift_ao.kernels.triton_matmul import lifted_matmul_prepared, prepare_lifted
+
+    g = torch.Generator().manual_seed(_seed("operand mismatch"))
+    length, rows = 100, 5
+    _, codes = random_codes(rows, length, g)
+    scale = torch.rand(rows, generator=g) + 0.5
+    operand = prepare_lifted(torch.randn(3, length, generator=g).to(torch.bfloat16))
+    assert lifted_matmul_prepared(operand, 3, length, codes, scale, None, torch.bfloat16).shape == (3, rows)
+    for tokens, size, dtype in [(2, length, torch.bfloat16), (3, length + 512, torch.bfloat16),
+                                (3, length, torch.float16), (3, length, torch.float32)]:
+        with pytest.raises(ValueError, match="make it with prepare_lifted"):
+            lifted_matmul_prepared(operand, tokens, size, codes, scale, None, dtype)
+
+
 @pytest.mark.parametrize("group", [lifted_linear_group, _lifted_linear_group_cuda])
 def test_group_op_rejects_sibling_lists_of_different_lengths(group):
     rotation = make_rotation(20, 10, seed=0)
