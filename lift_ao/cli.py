@@ -110,6 +110,10 @@ def _cmd_quantize(args) -> dict:
         report["finetune_rotation"] = args.finetune_rotation
         if args.e2e_steps < 0:
             raise ValueError(f"--e2e-steps must be >= 0, got {args.e2e_steps}")
+        # Checked before calibrating, which may take long, rather than when the end-to-end stage starts.
+        if not 0 < args.e2e_held_out < 1 or (args.e2e_tokens is not None and args.e2e_tokens < 1024):
+            raise ValueError(f"--e2e-held-out must be in (0, 1) and --e2e-tokens at least 1024 (two sequences of "
+                             f"512), got {args.e2e_held_out} and {args.e2e_tokens}")
         # The teacher of end-to-end fine-tuning is the model before quantization (a second copy).
         teacher = copy.deepcopy(model) if args.e2e_steps else None
         calibrate(model, config, calibration, checkpoint_dir=partial, overwrite=args.overwrite, device=device,

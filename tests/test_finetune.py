@@ -128,13 +128,22 @@ def test_command_line_tunes_end_to_end(tmp_path):
     assert run_cli(tmp_path / "bad", "--calibrate", "--e2e-steps", "-1") == 2
 
 
+@pytest.mark.parametrize("option", [("--e2e-held-out", "1.0"), ("--e2e-held-out", "0"), ("--e2e-tokens", "1000")])
+def test_command_line_refuses_bad_end_to_end_options_before_calibrating(tmp_path, monkeypatch, option):
+    from test_resume import run_cli
+
+    import lift_ao.calibration
+    monkeypatch.setattr(lift_ao.calibration, "calibrate", lambda *a, **k: pytest.fail("calibrated before refusing"))
+    assert run_cli(tmp_path / "bad", "--calibrate", "--e2e-steps", "2", *option) == 2
+
+
 def test_command_line_end_to_end_stage_takes_its_own_tokens(tmp_path, monkeypatch, capsys):
     """--e2e-tokens: the block stage gets --calibration-tokens, the end-to-end stage a longer prefix of
     the same text (its first sequences are the block stage's), with --e2e-held-out of it held out;
     the report says what it used."""
     from test_resume import run_cli
 
-    text = token_batch(seed=5, batch=12, length=32)
+    text = token_batch(seed=5, batch=48, length=32)
     asked = []
     prefix = lambda tokenizer, count: asked.append(count) or text[:count // 32]
     held_out = {}
@@ -143,9 +152,9 @@ def test_command_line_end_to_end_stage_takes_its_own_tokens(tmp_path, monkeypatc
         tokens=tokens, **options) or tune(model, teacher, tokens, **options))
 
     assert run_cli(tmp_path / "tuned", "--json", "--calibrate", "--calibration-tokens", "128", "--e2e-steps", "2",
-                   "--e2e-tokens", "384", "--e2e-held-out", "0.25", calibration_tokens=prefix) == 0
+                   "--e2e-tokens", "1536", "--e2e-held-out", "0.25", calibration_tokens=prefix) == 0
 
     report = json.loads(capsys.readouterr().out)
-    assert asked == [128, 384]
+    assert asked == [128, 1536]
     assert torch.equal(held_out["tokens"], text) and held_out["held_out"] == 0.25
-    assert (report["calibration_tokens"], report["e2e_tokens"], report["e2e_held_out"]) == (128, 384, 0.25)
+    assert (report["calibration_tokens"], report["e2e_tokens"], report["e2e_held_out"]) == (128, 1536, 0.25)
