@@ -1,7 +1,7 @@
 """Prefill as one GEMM that rebuilds each weight tile in registers: a candidate for the prefill path,
 timed on the GPU against the shipped one (rotation, rebuilt bf16 weight, cuBLAS) and bf16 cuBLAS.
 
-    python benchmarks/prefill_fused_study.py --out $OUT    # every config checked, then timed (~5 min)
+    python benchmarks/prefill_fused_study.py --out $OUT    # every config checked, then timed (~5–8 min)
 
 At 256 tokens the shipped path costs 3–4× bf16 (``kernels_h100.md``): the rebuild writes the whole
 bf16 weight that cuBLAS then reads back. Here (NOTES_kernels.md, round 12, "Prefill: the arithmetic
@@ -87,9 +87,10 @@ def _rebuild_gemm_kernel(
              mask=(rows < N)[:, None] & (tokens < T)[None, :])
 
 
-# (BLOCK_N, BLOCK_T, K columns per step, warps, stages); BLOCKS = K columns / DP.
-CONFIGS = [dict(BLOCK_N=n, BLOCK_T=t, K_STEP=k, num_warps=w, num_stages=s)
-           for n in (64, 128) for t in (64, 128) for k in (32, 64) for w in (4, 8) for s in (2, 3)]
+# (BLOCK_N, BLOCK_T, K columns per step, warps); BLOCKS = K columns / DP. 16 configs × 3 lattices
+# compile in ~3 min, so one `device` call checks and times them all.
+CONFIGS = [dict(BLOCK_N=n, BLOCK_T=t, K_STEP=k, num_warps=w, num_stages=3)
+           for n in (64, 128) for t in (64, 128) for k in (32, 64) for w in (4, 8)]
 INTERPRETER_CONFIG = dict(BLOCK_N=16, BLOCK_T=16, K_STEP=32, num_warps=4, num_stages=1)
 
 
