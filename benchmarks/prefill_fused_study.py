@@ -29,8 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-from lift_ao.kernels.triton_matmul import (_MINUS_ONE_PAIR, _SIGN_BITS_PAIR, _bit_of_column, _code_word_offset,
-                                           _signs_from_words)
+from lift_ao.kernels.triton_dequant import block_signs
+from lift_ao.kernels.triton_matmul import _MINUS_ONE_PAIR, _SIGN_BITS_PAIR, _bit_of_column, _code_word_offset
 
 __all__ = ["CONFIGS", "rebuild_gemm"]
 
@@ -62,17 +62,8 @@ def _rebuild_gemm_kernel(
     acc = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
     for first_block in range(0, n_blocks, BLOCKS):
         blocks = first_block + tile % BLOCKS
-        in_range = (tile_rows < N) & (blocks < n_blocks)
-        # Chunk c of a block holds its bits [32c, 32c + 32), funnel-shifted from two words (as the rebuild).
-        first_bit = blocks[:, None] * D + 32 * tl.arange(0, CHUNKS)[None, :]
-        word = first_bit // 32
-        low = tl.load(code_row + _code_word_offset(0, word, words_total // 4),
-                      mask=in_range[:, None] & (word < words_total), other=0)
-        high = tl.load(code_row + _code_word_offset(0, word + 1, words_total // 4),
-                       mask=in_range[:, None] & (word + 1 < words_total), other=0)
-        pair = (high.to(tl.int64) << 32) | (low.to(tl.int64) & 0xFFFFFFFF)
-        chunks = (pair >> (first_bit % 32).to(tl.int64)).to(tl.int32)
-        signs = _signs_from_words(chunks, MINUS_ONE_PAIR, SIGN_BITS_PAIR, tl.float16, TILE, CHUNKS)
+        signs = block_signs(code_row, blocks, (tile_rows < N) & (blocks < n_blocks), words_total, D, CHUNKS,
+                            MINUS_ONE_PAIR, SIGN_BITS_PAIR)
         weights = tl.dot(signs, mapping_t).reshape(BLOCK_N, BLOCKS * DP).to(u_ptr.dtype.element_ty)
         block_of_k = first_block + k // DP
         e_of_k = k % DP

@@ -12,7 +12,8 @@ writes W_rot in the activation dtype for cuBLAS, 2.4 code bits read and 16 bits 
 the per-block integer work below bounds it, so 32/16 (1.6× fewer blocks per weight) reaches 2.4 TB/s.
 
 Each program owns ``ROWS`` rows × ``BLOCKS`` lattice blocks, one block per row of a
-(ROWS·BLOCKS, 32·CHUNKS) ±1 tile:
+(ROWS·BLOCKS, 32·CHUNKS) ±1 tile (steps 1–2 are :func:`block_signs`, which
+``benchmarks/prefill_fused_study.py`` shares):
 
 1. per block and 32-bit chunk, two code words are loaded and funnel-shifted so that the chunk holds
    the block's bits from its first one (blocks start at any bit: D need not divide 32);
@@ -40,7 +41,7 @@ from lift_ao.packing import check_packed
 from .triton_matmul import (_MINUS_ONE_PAIR, _SIGN_BITS_PAIR, _bit_of_column, _code_word_offset, _signs_from_words,
                             quick_bench)
 
-__all__ = ["padded_columns", "rebuild_rotated_weight"]
+__all__ = ["block_signs", "padded_columns", "rebuild_rotated_weight"]
 
 # Rows of W_rot (and of the rotated activation it multiplies) are zero-padded to a multiple of this
 # many columns: cuBLAS's fast bf16 kernels need 16-byte-aligned rows and K. H100, 4096 rows, batch 256:
@@ -51,6 +52,25 @@ COLUMN_ALIGN = 64
 def padded_columns(padded_features: int) -> int:
     """Columns of the prefill GEMM's operands: Kp rounded up to a multiple of COLUMN_ALIGN."""
     return -(-padded_features // COLUMN_ALIGN) * COLUMN_ALIGN
+
+
+@triton.jit
+def block_signs(code_row, blocks, in_range, words_total, D: tl.constexpr, CHUNKS: tl.constexpr,
+                MINUS_ONE_PAIR: tl.constexpr, SIGN_BITS_PAIR: tl.constexpr):
+    """(TILE, 32·CHUNKS) ±1 fp16 of lattice block ``blocks[i]`` of the row whose codes start at
+    ``code_row[i]`` ((TILE, 1) pointers, ``_code_word_offset(row, 0, quads)``): column ``32c + 2j + h``
+    holds the block's bit ``32c + j + 16h`` (bits past D belong to the next block; 0 where not
+    ``in_range``)."""
+    # Chunk c of a block: its bits [32c, 32c + 32), i.e. stream bits from b·D + 32c, spanning two words.
+    first_bit = blocks[:, None] * D + 32 * tl.arange(0, CHUNKS)[None, :]
+    word = first_bit // 32
+    low = tl.load(code_row + _code_word_offset(0, word, words_total // 4),
+                  mask=in_range[:, None] & (word < words_total), other=0)
+    high = tl.load(code_row + _code_word_offset(0, word + 1, words_total // 4),
+                   mask=in_range[:, None] & (word + 1 < words_total), other=0)
+    pair = (high.to(tl.int64) << 32) | (low.to(tl.int64) & 0xFFFFFFFF)
+    chunks = (pair >> (first_bit % 32).to(tl.int64)).to(tl.int32)
+    return _signs_from_words(chunks, MINUS_ONE_PAIR, SIGN_BITS_PAIR, tl.float16, blocks.shape[0], CHUNKS)
 
 
 @triton.jit
@@ -74,18 +94,9 @@ def _rebuild_kernel(
     blocks = tl.program_id(1) * BLOCKS + tile % BLOCKS
     in_range = (rows < N) & (blocks < n_blocks)
 
-    # Chunk c of a block: its bits [32c, 32c + 32), i.e. stream bits from b·D + 32c, spanning two words.
-    first_bit = blocks[:, None] * D + 32 * tl.arange(0, CHUNKS)[None, :]
-    word = first_bit // 32
     code_row = codes_ptr + _code_word_offset(rows[:, None].to(tl.int64), 0, words_total // 4)
-    low = tl.load(code_row + _code_word_offset(0, word, words_total // 4),
-                  mask=in_range[:, None] & (word < words_total), other=0)
-    high = tl.load(code_row + _code_word_offset(0, word + 1, words_total // 4),
-                   mask=in_range[:, None] & (word + 1 < words_total), other=0)
-    pair = (high.to(tl.int64) << 32) | (low.to(tl.int64) & 0xFFFFFFFF)
-    chunks = (pair >> (first_bit % 32).to(tl.int64)).to(tl.int32)
     # Bits past D (the next block's) meet zero rows of Mᵀ below.
-    signs = _signs_from_words(chunks, MINUS_ONE_PAIR, SIGN_BITS_PAIR, tl.float16, TILE, CHUNKS)
+    signs = block_signs(code_row, blocks, in_range, words_total, D, CHUNKS, MINUS_ONE_PAIR, SIGN_BITS_PAIR)
 
     bit = _bit_of_column(tl.arange(0, 32 * CHUNKS))
     e = tl.arange(0, D_OUT_PADDED)
