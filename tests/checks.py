@@ -25,3 +25,11 @@ def random_codes(rows: int, length: int, generator: torch.Generator) -> tuple[to
     ((rows, length) bool, packed int32)."""
     packed = random_packed_codes(rows, length, generator=generator)
     return unpack_codes(packed, length, rows), packed
+
+
+def rotated_weight_float64(bits: torch.Tensor, mapping: torch.Tensor, row_scale: torch.Tensor) -> torch.Tensor:
+    """W_rot[n, b·d:(b+1)·d] = r_n · M q_{n,b} in float64, from (N, L) bool codes (True = +1) and the
+    (d, D) lattice matrix: the rotated-domain weight the prefill paths multiply u by."""
+    f64 = torch.float64
+    q = bits.to(f64).view(bits.shape[0], -1, mapping.shape[1]) * 2 - 1
+    return (q @ mapping.to(f64).T).flatten(1) * row_scale.to(f64)[:, None]

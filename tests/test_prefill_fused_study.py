@@ -9,9 +9,8 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
-from checks import random_codes  # noqa: E402
+from checks import random_codes, rotated_weight_float64  # noqa: E402
 from prefill_fused_study import INTERPRETER_CONFIG, rebuild_gemm  # noqa: E402
-from lift_ao.packing import unpack_codes  # noqa: E402
 
 
 @pytest.mark.parametrize("d,D,rows,tokens,k_step", [(10, 24, 19, 5, 32), (14, 30, 37, 33, 16), (16, 48, 20, 17, 64),
@@ -21,15 +20,13 @@ def test_rebuild_gemm_equals_the_float64_product_of_the_rotated_weight(d, D, row
     g = torch.Generator().manual_seed(d * 1000 + rows + tokens + with_bias)
     n_blocks = 7                                    # K steps with a partial last one at every k_step
     mapping = torch.randn(d, D, generator=g) / d**0.5
-    _, codes = random_codes(rows, n_blocks * D, g)
+    bits, codes = random_codes(rows, n_blocks * D, g)
     scale = torch.rand(rows, generator=g) + 0.5
     bias = torch.randn(rows, generator=g).to(torch.float16) if with_bias else None
     u = torch.randn(tokens, n_blocks * d + 3, generator=g).to(torch.float16)   # a padded row, as the prefill's
 
     out = rebuild_gemm(u, n_blocks, codes, scale, mapping, bias, dict(INTERPRETER_CONFIG, K_STEP=k_step))
 
-    signs = unpack_codes(codes, n_blocks * D, rows).double() * 2 - 1                 # (N, L) ±1
-    w_rot = (signs.view(rows, n_blocks, D) @ mapping.double().T).reshape(rows, -1) * scale.double()[:, None]
-    want = u[:, :n_blocks * d].double() @ w_rot.T + (0 if bias is None else bias.double())
+    want = u[:, :n_blocks * d].double() @ rotated_weight_float64(bits, mapping, scale).T + (0 if bias is None else bias.double())
     assert out.shape == (tokens, rows) and out.dtype == torch.float16
     assert ((out.double() - want).norm() / want.norm()).item() < 2e-3

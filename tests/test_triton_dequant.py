@@ -14,7 +14,7 @@ import torch
 pytest.importorskip("triton")
 
 from lift_ao.lattice import Lattice  # noqa: E402
-from checks import random_codes  # noqa: E402
+from checks import random_codes, rotated_weight_float64  # noqa: E402
 from lift_ao.packing import pack_codes, unpack_codes  # noqa: E402
 from lift_ao.tensor import LiftQuantTensor  # noqa: E402
 from lift_ao.transform import make_rotation  # noqa: E402
@@ -39,13 +39,6 @@ def _seed(*parts) -> int:
 def _relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     assert torch.isfinite(out).all(), "non-finite output (unwritten or overflowed elements)"
     return float((out.double() - ref).norm() / ref.norm())
-
-
-def _rotated_weight_float64(signs: torch.Tensor, mapping: torch.Tensor, row_scale: torch.Tensor) -> torch.Tensor:
-    """W_rot[n, b·d:(b+1)·d] = r_n · M q_{n,b} from (N, L) bool codes, in float64."""
-    d, D = mapping.shape
-    q = signs.to(F64).view(signs.shape[0], -1, D) * 2 - 1
-    return (q @ mapping.to(F64).T).flatten(1) * row_scale.to(F64)[:, None]
 
 
 @pytest.fixture
@@ -78,7 +71,7 @@ def test_rebuilt_weight_matches_float64(lattice, config, dtype, nan_filled_empty
 
     out = rebuild_rotated_weight(pack_codes(signs), row_scale, lat.M, padded_features, dtype, config=config)
 
-    ref = _rotated_weight_float64(signs, lat.M, row_scale)
+    ref = rotated_weight_float64(signs, lat.M, row_scale)
     assert out.shape == (rows, padded_columns(padded_features)) and out.dtype == dtype
     assert padded_columns(padded_features) % 64 == 0
     assert torch.equal(out[:, padded_features:], torch.zeros_like(out[:, padded_features:]))
@@ -87,7 +80,7 @@ def test_rebuilt_weight_matches_float64(lattice, config, dtype, nan_filled_empty
     # The bound catches one wrong code bit or a 1 % scale error (and so any systematic sign or scale bug).
     flipped = signs.clone()
     flipped[rows // 2, 0] ^= True
-    assert _relative_error(_rotated_weight_float64(flipped, lat.M, row_scale), ref) > 3 * REBUILD_TOLERANCE[dtype]
+    assert _relative_error(rotated_weight_float64(flipped, lat.M, row_scale), ref) > 3 * REBUILD_TOLERANCE[dtype]
     assert _relative_error(ref * 1.01, ref) > REBUILD_TOLERANCE[dtype]
 
 
@@ -109,7 +102,7 @@ def test_rebuilt_row_slice_matches_float64(start, end):
     part = weight[start:end]
     out = rebuild_rotated_weight(part.packed_codes, part.row_scale, lat.M, weight.padded_in_features, torch.float32)
     signs = unpack_codes(weight.packed_codes, weight.code_length, 70)[start:end]
-    ref = _rotated_weight_float64(signs, lat.M, part.row_scale)
+    ref = rotated_weight_float64(signs, lat.M, part.row_scale)
     assert _relative_error(out[:, :weight.padded_in_features], ref) < REBUILD_TOLERANCE[torch.float32]
 
 
