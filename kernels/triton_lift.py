@@ -101,8 +101,9 @@ def _lift_blocks_kernel(
 ):
     """x̃[b, D·blk + f] = Σ_e u[b, d·blk + e] M[e, f] for BLOCKS blocks of token pid_b, stored in
     out's dtype at column D·blk + f; or, with GEMM_OPERAND, straight in the ±1 GEMM's operand layout
-    (``triton_matmul.prepare_lifted``): at the column that holds code bit D·blk + f, for fp32 x̃ a bf16 high part in row
-    b and the low part in row B + b, and zeros at the columns of positions L..padded_length."""
+    (``triton_matmul.prepare_lifted``): at the column that holds code bit D·blk + f, for fp32 x̃ a
+    bf16 high part in row b and the low part in row B + b, and zeros at the columns of positions
+    L..padded_length."""
     wait_for_previous_kernel(PDL)
     pid_b = tl.program_id(0)
     blocks = tl.program_id(1) * BLOCKS + tl.arange(0, BLOCKS)
@@ -117,19 +118,21 @@ def _lift_blocks_kernel(
     inside = block_ok[:, None] & (f < D)[None, :]
     row = out_ptr + pid_b.to(tl.int64) * stride_out
     if GEMM_OPERAND:
+        column = _column_of_bit(position)
         high = lifted.to(out_ptr.dtype.element_ty)
-        tl.store(row + _column_of_bit(position), high, mask=inside)
+        tl.store(row + column, high, mask=inside)
         if SPLIT_FP32:
             low = (lifted - high.to(tl.float32)).to(out_ptr.dtype.element_ty)
-            tl.store(row + B * stride_out + _column_of_bit(position), low, mask=inside)
+            tl.store(row + B * stride_out + column, low, mask=inside)
         if tl.program_id(1) == 0:
             # The columns permute each group of 32, so positions L.. land exactly on those no block wrote.
+            zero = tl.zeros((1024,), dtype=out_ptr.dtype.element_ty)
             for first in range(n_blocks * D, padded_length, 1024):
                 past = first + tl.arange(0, 1024)
-                zero = tl.zeros((1024,), dtype=out_ptr.dtype.element_ty)
-                tl.store(row + _column_of_bit(past), zero, mask=past < padded_length)
+                past_column = _column_of_bit(past)
+                tl.store(row + past_column, zero, mask=past < padded_length)
                 if SPLIT_FP32:
-                    tl.store(row + B * stride_out + _column_of_bit(past), zero, mask=past < padded_length)
+                    tl.store(row + B * stride_out + past_column, zero, mask=past < padded_length)
     else:
         tl.store(row + position, lifted.to(out_ptr.dtype.element_ty), mask=inside)
 

@@ -241,7 +241,8 @@ def token_block(tokens: int) -> int:
 
 def dependent_launch(device: torch.device) -> dict:
     """Launch options of the kernels that wait with :func:`wait_for_previous_kernel` (all of lift_ao's
-    CUDA kernels but the prefill rebuild): ``{"launch_pdl": True}`` on a Hopper or newer GPU unless
+    CUDA kernels but the prefill rebuild and ``build_tables``, whose launches are not on the fused
+    ops' paths): ``{"launch_pdl": True}`` on a Hopper or newer GPU unless
     the environment sets LIFT_AO_PDL=0, else none. With programmatic dependent launch a kernel's
     grid is put on the SMs before the previous kernel ends and waits there (``gdc_wait``), so the
     launch gap between the many µs-long decode kernels overlaps the previous kernel's tail."""
