@@ -280,7 +280,7 @@ def check_fused_decode(log) -> list[dict]:
     split reduction inside) against the base-op composition, at Llama-3-8B sizes."""
     checks = []
     fused, composed = decode_layer_ops()
-    for batch in (1, 2):
+    for batch in (1, 2, 16):  # the lookup path at 1-2, the ±1 GEMM operand path at 16
         x = torch.randn(batch, 4096, device="cuda", dtype=DTYPE)
         h = torch.randn(batch, 14336, device="cuda", dtype=DTYPE)
         want = composed(x, h)
@@ -363,6 +363,7 @@ def _flat(outputs) -> list[torch.Tensor]:
 
 # K of the decode-tables study: Llama-3-8B (hidden, MLP) and Qwen2.5-1.5B (hidden, MLP).
 DECODE_STUDY_FEATURES = {"llama3-8b": (4096, 14336), "qwen2.5-1.5b": (1536, 8960)}
+DECODE_LAYER_TOKENS = (1, 4, 8, 16)  # the lookup path at 1; the ±1 GEMM operand path at 4-16
 
 
 def _distinct_factorisations(features: int) -> list[tuple[float, "LiftedLayer"]]:
@@ -421,16 +422,20 @@ def check_decode_tables(log) -> list[dict]:
 
 
 def study_decode(log, save) -> dict:
-    """Batch-1 time of one 8B decoder layer's LiftQuant work (2.4 bits, fused ops vs the base-op
-    composition); then per model K × lattice × token count the rotation alone and the decode tables
+    """Time of one 8B decoder layer's LiftQuant work (2.4 bits, fused ops vs the base-op composition) at
+    DECODE_LAYER_TOKENS tokens (1-2: the lookup path; 3-16: one ±1 GEMM operand per shared lift against a
+    prepare per sibling); then per model K × lattice × token count the rotation alone and the decode tables
     (rotation + tables from u). ``save(study)`` after each number, so a call cut off at its time limit
     still leaves what it measured."""
     fused, composed = decode_layer_ops()
-    x = torch.randn(1, 4096, device="cuda", dtype=DTYPE)
-    h = torch.randn(1, 14336, device="cuda", dtype=DTYPE)
-    study = dict(fused_us=bench_us(lambda: fused(x, h)), composed_us=bench_us(lambda: composed(x, h)), tables=[])
-    log(f"decode layer (2.4 bits, batch 1): fused {study['fused_us']:.1f} us, composed {study['composed_us']:.1f} us")
-    save(study)
+    study = dict(layer=[], tables=[])
+    for tokens in DECODE_LAYER_TOKENS:
+        x = torch.randn(tokens, 4096, device="cuda", dtype=DTYPE)
+        h = torch.randn(tokens, 14336, device="cuda", dtype=DTYPE)
+        entry = dict(tokens=tokens, fused_us=bench_us(lambda: fused(x, h)), composed_us=bench_us(lambda: composed(x, h)))
+        study["layer"].append(entry)
+        log(f"decode layer (2.4 bits) {entry}")
+        save(study)
     for model, features_pair in DECODE_STUDY_FEATURES.items():
         for features in features_pair:
             for bits, layer in _distinct_factorisations(features):
@@ -450,12 +455,15 @@ def study_decode(log, save) -> dict:
 def decode_markdown(result: dict) -> str:
     """kernels_decode.md: the --decode-study tables and the decode checks."""
     study = result["decode_study"]
-    lines = [f"# lift_ao decode: one 8B layer and the per-lift tables at batch 1 on {result['device']}", "",
+    lines = [f"# lift_ao decode: one 8B layer at 1-16 tokens and the per-lift tables on {result['device']}", "",
              f"Command: `{result['command']}`  ",
              f"torch {result['torch']}, triton {result['triton']}, {result['date']}; µs = median of do_bench over a "
              "CUDA-graph replay (L2 flushed).", "",
-             f"One Llama-3-8B layer's LiftQuant work (2.4 bits): fused ops {study['fused_us']:.1f} µs, base-op "
-             f"composition {study['composed_us']:.1f} µs.", "",
+             "## One Llama-3-8B layer's LiftQuant work (2.4 bits): fused ops vs the base-op composition", "",
+             "| tokens | fused ops µs | composition µs | composition / fused |", "|---|---|---|---|"]
+    lines += [f"| {e['tokens']} | {e['fused_us']:.1f} | {e['composed_us']:.1f} | {e['composed_us'] / e['fused_us']:.2f} |"
+              for e in study["layer"]]
+    lines += ["",
              "## Tables of one shared lift (rotation, then tables from u)", "",
              "| model | K | bits | (k1, k2) | tokens | rotation µs | rotation + tables µs |", "|---|---|---|---|---|---|---|"]
     for e in study["tables"]:
