@@ -280,7 +280,7 @@ def check_fused_decode(log) -> list[dict]:
     split reduction inside) against the base-op composition, at Llama-3-8B sizes."""
     checks = []
     fused, composed = decode_layer_ops()
-    for batch in (1, 2, 16):  # the lookup path at 1-2, the ±1 GEMM operand path at 16
+    for batch in (1, 2, 16):  # the lookup path at 1-2, the ±1 GEMM path at 16
         x = torch.randn(batch, 4096, device="cuda", dtype=DTYPE)
         h = torch.randn(batch, 14336, device="cuda", dtype=DTYPE)
         want = composed(x, h)
@@ -339,7 +339,7 @@ def check_prefill(log, lattices) -> list[dict]:
     q = LiftedLayer(4096, 4096, 2.4)
     members = [(q.codes, q.row_scale), q.sibling_weights(1024), q.sibling_weights(1024)]
     # The prefill group (rebuilt weights, within bf16 of the composition) and the ±1 GEMM group (the lift
-    # written as the GEMM operand once per lift: the composition's values exactly, fp32 included).
+    # operand prepared once per lift: the composition's values exactly, fp32 included).
     for batch, dtype, path, bound in [(max(256, REBUILD_MIN_TOKENS), DTYPE, "fused prefill group op", 1e-2),
                                       (16, DTYPE, "fused ±1 GEMM group op", 1e-6),
                                       (5, torch.float32, "fused ±1 GEMM group op", 1e-6)]:
@@ -363,7 +363,7 @@ def _flat(outputs) -> list[torch.Tensor]:
 
 # K of the decode-tables study: Llama-3-8B (hidden, MLP) and Qwen2.5-1.5B (hidden, MLP).
 DECODE_STUDY_FEATURES = {"llama3-8b": (4096, 14336), "qwen2.5-1.5b": (1536, 8960)}
-DECODE_LAYER_TOKENS = (1, 4, 8, 16)  # the lookup path at 1; the ±1 GEMM operand path at 4-16
+DECODE_LAYER_TOKENS = (1, 4, 8, 16)  # the lookup path at 1; the ±1 GEMM path at 4-16
 
 
 def _distinct_factorisations(features: int) -> list[tuple[float, "LiftedLayer"]]:
@@ -423,8 +423,8 @@ def check_decode_tables(log) -> list[dict]:
 
 def study_decode(log, save) -> dict:
     """Time of one 8B decoder layer's LiftQuant work (2.4 bits, fused ops vs the base-op composition) at
-    DECODE_LAYER_TOKENS tokens (1-2: the lookup path; 3-16: one ±1 GEMM operand per shared lift against a
-    prepare per sibling); then per model K × lattice × token count the rotation alone and the decode tables
+    DECODE_LAYER_TOKENS tokens (1-2: the lookup path; 3-16: one ±1 GEMM operand prepared per shared lift
+    against one per sibling); then per model K × lattice × token count the rotation alone and the decode tables
     (rotation + tables from u). ``save(study)`` after each number, so a call cut off at its time limit
     still leaves what it measured."""
     fused, composed = decode_layer_ops()

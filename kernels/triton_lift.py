@@ -7,9 +7,7 @@ Two launches, each a handful of small tensor-core products:
    program computes ``BLOCK_I`` rows of U for one token (grid tokens × ⌈k1/BLOCK_I⌉), written to an
    fp32 scratch row of length Kp. With few tokens (decode) that grid is too small to fill the GPU, so
    the columns of U are also split across programs, each recomputing its rows of ``P1ᵀ V``.
-2. :func:`_lift_blocks_kernel` — each d-block of U times M (d × D), cast to the activation's dtype;
-   or, for the fused ops' ±1 GEMM path (:func:`lift_gemm_operand`), written straight in the GEMM's
-   operand layout, which saves the GEMM its preparing pass per sibling.
+2. :func:`_lift_blocks_kernel` — each d-block of U times M (d × D), cast to the activation's dtype.
 
 They are separate launches because a d-block may straddle rows of U (d need not divide k2), so a
 program computing rows of U cannot own whole blocks. The decode path of the fused ops replaces the
@@ -26,10 +24,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_matmul import (_column_of_bit, dependent_launch, gemm_operand, padded_operand_length, prefetch_to_l2,
-                            quick_bench, sm_count, wait_for_previous_kernel)
+from .triton_matmul import dependent_launch, prefetch_to_l2, quick_bench, sm_count, wait_for_previous_kernel
 
-__all__ = ["lift_activation_triton", "lift_gemm_operand", "rotate_triton"]
+__all__ = ["lift_activation_triton", "rotate_triton"]
 
 _ROWS_PER_PROGRAM = 16   # BLOCK_I: tl.dot's minimum M
 _COLUMN_CHUNK = 32       # output columns of U per product with P2
@@ -95,15 +92,10 @@ _rotate_tuned = triton.autotune(configs=_ROTATE_CONFIGS, key=["k1", "k2", "token
 
 @triton.jit
 def _lift_blocks_kernel(
-    u_ptr, mapping_ptr, out_ptr, B, n_blocks, d, D, stride_u, stride_out, padded_length,
-    BLOCKS: tl.constexpr, D_IN_PADDED: tl.constexpr, D_OUT_PADDED: tl.constexpr,
-    GEMM_OPERAND: tl.constexpr = False, SPLIT_FP32: tl.constexpr = False, PDL: tl.constexpr = False,
+    u_ptr, mapping_ptr, out_ptr, n_blocks, d, D, stride_u, stride_out,
+    BLOCKS: tl.constexpr, D_IN_PADDED: tl.constexpr, D_OUT_PADDED: tl.constexpr, PDL: tl.constexpr = False,
 ):
-    """x̃[b, D·blk + f] = Σ_e u[b, d·blk + e] M[e, f] for BLOCKS blocks of token pid_b, stored in
-    out's dtype at column D·blk + f; or, with GEMM_OPERAND, straight in the ±1 GEMM's operand layout
-    (``triton_matmul.prepare_lifted``): at the column that holds code bit D·blk + f, for fp32 x̃ a
-    bf16 high part in row b and the low part in row B + b, and zeros at the columns of positions
-    L..padded_length."""
+    """x̃[b, D·blk + f] = Σ_e u[b, d·blk + e] M[e, f] for BLOCKS blocks of token pid_b."""
     wait_for_previous_kernel(PDL)
     pid_b = tl.program_id(0)
     blocks = tl.program_id(1) * BLOCKS + tl.arange(0, BLOCKS)
@@ -114,43 +106,8 @@ def _lift_blocks_kernel(
                 mask=block_ok[:, None] & (e < d)[None, :], other=0.0)
     mapping = tl.load(mapping_ptr + e[:, None] * D + f[None, :], mask=(e < d)[:, None] & (f < D)[None, :], other=0.0)
     lifted = tl.dot(u, mapping, input_precision="ieee")
-    position = blocks[:, None] * D + f[None, :]
-    inside = block_ok[:, None] & (f < D)[None, :]
-    row = out_ptr + pid_b.to(tl.int64) * stride_out
-    if GEMM_OPERAND:
-        column = _column_of_bit(position)
-        high = lifted.to(out_ptr.dtype.element_ty)
-        tl.store(row + column, high, mask=inside)
-        if SPLIT_FP32:
-            low = (lifted - high.to(tl.float32)).to(out_ptr.dtype.element_ty)
-            tl.store(row + B * stride_out + column, low, mask=inside)
-        if tl.program_id(1) == 0:
-            # The columns permute each group of 32, so positions L.. land exactly on those no block wrote.
-            zero = tl.zeros((1024,), dtype=out_ptr.dtype.element_ty)
-            for first in range(n_blocks * D, padded_length, 1024):
-                past = first + tl.arange(0, 1024)
-                past_column = _column_of_bit(past)
-                tl.store(row + past_column, zero, mask=past < padded_length)
-                if SPLIT_FP32:
-                    tl.store(row + B * stride_out + past_column, zero, mask=past < padded_length)
-    else:
-        tl.store(row + position, lifted.to(out_ptr.dtype.element_ty), mask=inside)
-
-
-def _lift_blocks(rotated: torch.Tensor, mapping: torch.Tensor, out: torch.Tensor, gemm_operand: bool) -> None:
-    """Launch :func:`_lift_blocks_kernel` for every token of ``rotated`` (B, Kp) fp32 into ``out``."""
-    tokens, padded = rotated.shape
-    d, D = mapping.shape
-    n_blocks = padded // d
-    if tokens == 0:
-        return
-    launch = dependent_launch(rotated.device)
-    _lift_blocks_kernel[(tokens, triton.cdiv(n_blocks, _BLOCKS_PER_PROGRAM))](
-        rotated, mapping.to(torch.float32).contiguous(), out, tokens, n_blocks, d, D, rotated.stride(0), out.stride(0),
-        out.shape[1], BLOCKS=_BLOCKS_PER_PROGRAM, D_IN_PADDED=max(16, triton.next_power_of_2(d)),
-        D_OUT_PADDED=max(16, triton.next_power_of_2(D)), GEMM_OPERAND=gemm_operand,
-        SPLIT_FP32=gemm_operand and out.shape[0] == 2 * tokens, num_warps=4, PDL=bool(launch), **launch,
-    )
+    tl.store(out_ptr + pid_b.to(tl.int64) * stride_out + blocks[:, None] * D + f[None, :],
+             lifted.to(out_ptr.dtype.element_ty), mask=block_ok[:, None] & (f < D)[None, :])
 
 
 def rotate_triton(
@@ -225,31 +182,13 @@ def lift_activation_triton(
     rotated = rotate_triton(x, input_signs, rotation_left, rotation_right, split_columns)
     tokens, padded = rotated.shape
     d, D = mapping.shape
-    out = torch.empty(tokens, padded // d * D, dtype=x.dtype, device=x.device)
-    _lift_blocks(rotated, mapping, out, gemm_operand=False)
-    return out.reshape(*x.shape[:-1], padded // d * D)
-
-
-def lift_gemm_operand(
-    x: torch.Tensor, input_signs: Optional[torch.Tensor], rotation_left: torch.Tensor,
-    rotation_right: torch.Tensor, mapping: torch.Tensor,
-) -> torch.Tensor:
-    """The lifted activation written straight in the ±1 GEMM's operand layout: the same tensor as
-    ``prepare_lifted(lift_activation_triton(x, ...))`` without the x̃ pass in between, for
-    ``lifted_matmul_prepared`` (siblings reading one lift share it).
-
-    Args:
-        x, input_signs, rotation_left, rotation_right: as in :func:`rotate_triton`.
-        mapping: (d, D) float32 lattice matrix M.
-    Returns:
-        (B, Lp) in x.dtype for 16-bit x, (2B, Lp) bf16 (high, then low parts) for fp32, with
-        B = x.numel() / K, L = Kp·D/d and Lp = ``padded_operand_length(L)``.
-    """
-    rotated = rotate_triton(x, input_signs, rotation_left, rotation_right)
-    tokens, padded = rotated.shape
-    d, D = mapping.shape
-    operand, split_fp32 = gemm_operand(x.dtype)
-    out = torch.empty((2 if split_fp32 else 1) * tokens, padded_operand_length(padded // d * D), dtype=operand,
-                      device=x.device)
-    _lift_blocks(rotated, mapping, out, gemm_operand=True)
-    return out
+    n_blocks = padded // d
+    out = torch.empty(tokens, n_blocks * D, dtype=x.dtype, device=x.device)
+    launch = dependent_launch(x.device)
+    if tokens > 0:
+        _lift_blocks_kernel[(tokens, triton.cdiv(n_blocks, _BLOCKS_PER_PROGRAM))](
+            rotated, mapping.to(torch.float32).contiguous(), out, n_blocks, d, D, rotated.stride(0), out.stride(0),
+            BLOCKS=_BLOCKS_PER_PROGRAM, D_IN_PADDED=max(16, triton.next_power_of_2(d)),
+            D_OUT_PADDED=max(16, triton.next_power_of_2(D)), num_warps=4, PDL=bool(launch), **launch,
+        )
+    return out.reshape(*x.shape[:-1], n_blocks * D)

@@ -88,12 +88,6 @@ def _bit_of_column(column):
 
 
 @triton.jit
-def _column_of_bit(bit):
-    """The ±1-tile column that holds code bit ``bit``: the inverse of :func:`_bit_of_column`."""
-    return (bit // 32) * 32 + (bit % 16) * 2 + (bit % 32) // 16
-
-
-@triton.jit
 def _prepare_lifted_kernel(
     lifted_ptr, out_ptr, B, L, padded_length, stride_lifted, stride_lifted_k, stride_out,
     OPERAND: tl.constexpr, SPLIT_FP32: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False,
@@ -339,8 +333,8 @@ def lifted_matmul_prepared(
     bias: Optional[torch.Tensor], out_dtype: torch.dtype, splits: Optional[int] = None,
     config: Optional[dict] = None,
 ) -> torch.Tensor:
-    """``y = r ⊙ (Q · x̃) + b`` from the GEMM operand of x̃ (:func:`prepare_lifted`, or the lift written
-    straight into it: ``triton_lift.lift_gemm_operand``), so siblings reading one x̃ share it.
+    """``y = r ⊙ (Q · x̃) + b`` from the GEMM operand of x̃ (:func:`prepare_lifted`), so siblings
+    reading one x̃ share it.
 
     Args:
         prepared: (B or 2B, Lp) operand of B tokens: bf16 (fp16) for 16-bit x̃, bf16 high and low

@@ -288,7 +288,7 @@ def test_lift_then_matmul_equals_reference_pipeline():
 @pytest.mark.parametrize("tokens", [1, 2, 5, 17])
 def test_cuda_group_kernel_decodes_each_shared_lift_once_and_matches_the_composition(tokens, monkeypatch):
     """q/k/v-like siblings: two share a transform, the third has its own. Decoding (≤ 2 tokens) builds
-    tables once per lift and makes one lookup call per lift; more tokens write one GEMM operand per
+    tables once per lift and makes one lookup call per lift; more tokens prepare one GEMM operand per
     lift and run one ±1 GEMM per sibling on it; every token count gives the reference composition's
     outputs (x̃ kept in fp32 by the fused decode: within twice the fp16 bound)."""
     import lift_ao.kernels.triton_lut as lut
@@ -305,7 +305,7 @@ def test_cuda_group_kernel_decodes_each_shared_lift_once_and_matches_the_composi
     args = (torch.randn(tokens, features, generator=g).to(torch.float16), None,
             [r.signs for r, _ in siblings], [r.left for r, _ in siblings], [r.right for r, _ in siblings],
             [mapping] * 3, codes, scales, [None, torch.randn(7, generator=g).to(torch.float16), None])
-    calls = {"lift_tables": 0, "lookup_siblings": 0, "lift_gemm_operand": 0, "lifted_matmul_prepared": 0}
+    calls = {"lift_tables": 0, "lookup_siblings": 0, "prepare_lifted": 0, "lifted_matmul_prepared": 0}
     for name in calls:
         module = lut if name in ("lift_tables", "lookup_siblings") else triton_register
         original = getattr(module, name)
@@ -315,7 +315,7 @@ def test_cuda_group_kernel_decodes_each_shared_lift_once_and_matches_the_composi
     out = _lifted_linear_group_cuda(*args)
 
     lookup, gemm = (2, 0) if tokens <= 2 else (0, 2)
-    assert calls == {"lift_tables": lookup, "lookup_siblings": lookup, "lift_gemm_operand": gemm,
+    assert calls == {"lift_tables": lookup, "lookup_siblings": lookup, "prepare_lifted": gemm,
                      "lifted_matmul_prepared": 3 if gemm else 0}
     for got, want in zip(out, lifted_linear_group(*args)):  # CPU: the reference ops' composition
         assert got.shape == want.shape
@@ -423,30 +423,6 @@ def test_cuda_group_op_keeps_leading_dimensions_and_empty_inputs(shape):
         assert got.shape == (*shape[:-1], rows) == want.shape
         if got.numel():
             assert _relative_error(got, want.double()) < 2 * TOLERANCE[torch.float16]
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("tokens,features,d,D", [(3, 45, 14, 30), (5, 60, 10, 24), (2, 300, 6, 21)])
-def test_lift_written_as_gemm_operand_is_the_prepared_lift_bit_for_bit(tokens, features, d, D, dtype):
-    """The lift stored straight in the ±1 GEMM's operand layout equals preparing the lifted activation
-    (permuted columns, fp32 split into bf16 high and low rows, zero columns past L, which the
-    kernel must write itself: the output starts as NaN)."""
-    from lift_ao.kernels.triton_lift import _lift_blocks, lift_gemm_operand
-    from lift_ao.kernels.triton_matmul import prepare_lifted
-
-    g = torch.Generator().manual_seed(_seed("gemm operand", tokens, features, d, D, str(dtype)))
-    rotation = make_rotation(features, d, seed=5)
-    mapping = torch.randn(d, D, generator=g) / d**0.5
-    x = torch.randn(tokens, features, generator=g).to(dtype)
-    args = (x, rotation.signs, rotation.left, rotation.right, mapping)
-    expected = prepare_lifted(lift_activation_triton(*args))
-    assert rotation.padded_features // d * D % 32   # L is not a whole number of words: padding columns
-
-    poisoned = torch.full_like(expected, float("nan"))
-    _lift_blocks(rotate_triton(*args[:4]), mapping, poisoned, gemm_operand=True)
-
-    assert torch.equal(poisoned, expected)
-    assert torch.equal(lift_gemm_operand(*args), expected)
 
 
 def test_gemm_on_an_operand_of_other_tokens_dtype_or_length_is_refused():
