@@ -110,9 +110,18 @@ def _lift_blocks_kernel(
              lifted.to(out_ptr.dtype.element_ty), mask=block_ok[:, None] & (f < D)[None, :])
 
 
+def _column_splits(row_programs: int, most: int, sms: int) -> int:
+    """How many programs share each 16 rows of U (each recomputes its rows of P1ᵀ V): the largest power
+    of two ≤ ``most`` that keeps the grid within one program per SM, so few tokens still fill the GPU
+    but more tokens do not pay the recomputation and extra waves for nothing (on the H100 at K = 14336,
+    always splitting 8 ways took 12.8 µs at 4 tokens and 25.2 µs at 16; NOTES_kernels.md, round 14)."""
+    wanted = max(1, min(most, sms // row_programs))
+    return 1 << (wanted.bit_length() - 1)
+
+
 def rotate_triton(
     x: torch.Tensor, input_signs: Optional[torch.Tensor], rotation_left: torch.Tensor,
-    rotation_right: torch.Tensor, split_columns: Optional[bool] = None, config: Optional[dict] = None,
+    rotation_right: torch.Tensor, column_splits: Optional[int] = None, config: Optional[dict] = None,
     out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """The rotated activation u = Rᵀ pad(signs ⊙ x) of every token (first launch of the lift).
@@ -121,8 +130,8 @@ def rotate_triton(
         x: (..., K) fp16 / bf16 / fp32 activation, K ≤ Kp = k1·k2.
         input_signs: (Kp,) or None (x already carries them), rotation_left: (k1, k1),
             rotation_right: (k2, k2) float32 rotation.
-        split_columns: also split u's columns across programs (None: when the row programs alone
-            would leave SMs idle).
+        column_splits: programs per 16 rows of U along its columns, a power of two ≤ ⌈k2⌉₂ / 32
+            (None: :func:`_column_splits` on CUDA, 1 elsewhere).
         config: fixed ``{"BLOCK_A", "num_warps", "num_stages"}`` instead of autotuning.
         out: (B, Kp) tensor to write into, any float dtype and row stride (the prefill GEMM's
             16-bit operand, rows padded for cuBLAS); None: a new fp32 one.
@@ -149,10 +158,12 @@ def rotate_triton(
     signs = left if input_signs is None else input_signs.to(f32).contiguous()
     k2_padded = max(16, triton.next_power_of_2(k2))
     column_chunk = min(_COLUMN_CHUNK, k2_padded)
-    if split_columns is None:
-        row_programs = tokens * triton.cdiv(k1, _ROWS_PER_PROGRAM)
-        split_columns = x.device.type == "cuda" and row_programs < sm_count(x.device)
-    columns_per_program = column_chunk if split_columns else k2_padded
+    if column_splits is None:
+        column_splits = (_column_splits(tokens * triton.cdiv(k1, _ROWS_PER_PROGRAM), k2_padded // column_chunk,
+                                        sm_count(x.device)) if x.device.type == "cuda" else 1)
+    if column_splits < 1 or column_splits & (column_splits - 1) or column_splits > k2_padded // column_chunk:
+        raise ValueError(f"column_splits={column_splits}: need a power of two from 1 to {k2_padded // column_chunk}")
+    columns_per_program = k2_padded // column_splits
     if config is None and x.device.type != "cuda":
         config = _ROTATE_INTERPRETER_CONFIG
     kernel = _rotate_tuned if config is None else _rotate_kernel
@@ -169,17 +180,17 @@ def rotate_triton(
 
 def lift_activation_triton(
     x: torch.Tensor, input_signs: Optional[torch.Tensor], rotation_left: torch.Tensor,
-    rotation_right: torch.Tensor, mapping: torch.Tensor, split_columns: Optional[bool] = None,
+    rotation_right: torch.Tensor, mapping: torch.Tensor, column_splits: Optional[int] = None,
 ) -> torch.Tensor:
     """Lifted activation with the Triton kernels (CUDA, or CPU under TRITON_INTERPRET=1).
 
     Args:
-        x, input_signs, rotation_left, rotation_right, split_columns: as in :func:`rotate_triton`.
+        x, input_signs, rotation_left, rotation_right, column_splits: as in :func:`rotate_triton`.
         mapping: (d, D) float32 lattice matrix M.
     Returns:
         (..., Kp·D/d) in x.dtype.
     """
-    rotated = rotate_triton(x, input_signs, rotation_left, rotation_right, split_columns)
+    rotated = rotate_triton(x, input_signs, rotation_left, rotation_right, column_splits)
     tokens, padded = rotated.shape
     d, D = mapping.shape
     n_blocks = padded // d

@@ -238,21 +238,37 @@ def test_cuda_entry_rejects_mismatched_codes():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("tokens", [1, 3])
-@pytest.mark.parametrize("features,d,D,split_columns", [
-    (37, 10, 24, False), (100, 8, 24, True), (64, 16, 32, False), (300, 6, 21, True), (45, 14, 30, False)])
-def test_lift_activation_matches_float64(dtype, tokens, features, d, D, split_columns):
+@pytest.mark.parametrize("features,d,D,column_splits", [
+    (37, 10, 24, 1), (1100, 10, 24, 2), (64, 16, 32, 1), (300, 6, 21, 1), (4200, 12, 36, 4), (45, 14, 30, 1)])
+def test_lift_activation_matches_float64(dtype, tokens, features, d, D, column_splits):
+    """(k1, k2) = (25, 44) and (60, 70): u's columns split over 2 and 4 programs."""
     g = torch.Generator().manual_seed(features * 131 + d)
     rotation = make_rotation(features, d, seed=3)
     mapping = torch.linalg.qr(torch.randn(D, d, generator=g)).Q.T.contiguous() * 1.3  # orthonormal rows, scaled
     x = torch.randn(tokens, features, generator=g).to(dtype)
 
-    out = lift_activation_triton(x, rotation.signs, rotation.left, rotation.right, mapping, split_columns=split_columns)
+    out = lift_activation_triton(x, rotation.signs, rotation.left, rotation.right, mapping, column_splits=column_splits)
 
     f64 = torch.float64
     ref = lift_activation_reference(x.to(f64), rotation.signs.to(f64), rotation.left.to(f64),
                                     rotation.right.to(f64), mapping.to(f64))
     assert out.shape == ref.shape and out.dtype == dtype
     assert _relative_error(out, ref) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("row_programs,most,splits", [(4, 8, 8), (16, 8, 8), (32, 8, 4), (64, 8, 2), (80, 8, 1),
+                                                       (500, 8, 1), (4, 2, 2), (40, 8, 2)])
+def test_rotation_splits_columns_only_while_programs_fit_on_the_sms(row_programs, most, splits):
+    from lift_ao.kernels.triton_lift import _column_splits
+
+    assert _column_splits(row_programs, most, sms=132) == splits
+
+
+@pytest.mark.parametrize("column_splits", [0, 3, 4])
+def test_rotation_refuses_column_splits_that_do_not_tile_u(column_splits):
+    rotation = make_rotation(1100, 10, seed=3)  # k2 = 44: 64 padded columns, at most 2 programs of 32
+    with pytest.raises(ValueError, match="column_splits"):
+        rotate_triton(torch.randn(2, 1100), rotation.signs, rotation.left, rotation.right, column_splits=column_splits)
 
 
 @pytest.mark.parametrize("lift", [lift_activation_triton, lift_activation_reference])
