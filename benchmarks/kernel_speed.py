@@ -338,8 +338,8 @@ def check_prefill(log, lattices) -> list[dict]:
         log(f"check {entry}")
     q = LiftedLayer(4096, 4096, 2.4)
     members = [(q.codes, q.row_scale), q.sibling_weights(1024), q.sibling_weights(1024)]
-    # The prefill group (rebuilt weights, within bf16 of the composition) and the ±1 GEMM group (the lift
-    # operand prepared once per lift: the composition's values exactly, fp32 included).
+    # The prefill group (rebuilt weights, within bf16 of the composition) and the ±1 GEMM group (one lift
+    # per shared lift, as the composition: its values exactly, fp32 included).
     for batch, dtype, path, bound in [(max(256, REBUILD_MIN_TOKENS), DTYPE, "fused prefill group op", 1e-2),
                                       (16, DTYPE, "fused ±1 GEMM group op", 1e-6),
                                       (5, torch.float32, "fused ±1 GEMM group op", 1e-6)]:
@@ -423,8 +423,9 @@ def check_decode_tables(log) -> list[dict]:
 
 def study_decode(log, save) -> dict:
     """Time of one 8B decoder layer's LiftQuant work (2.4 bits, fused ops vs the base-op composition) at
-    DECODE_LAYER_TOKENS tokens (1-2: the lookup path; 3-16: one ±1 GEMM operand prepared per shared lift
-    against one per sibling); then per model K × lattice × token count the rotation alone and the decode tables
+    DECODE_LAYER_TOKENS tokens (1-2: the lookup path; 3-16: the ±1 GEMM path), each timed twice in the
+    order fused, composed, composed, fused and the faster of each pair kept (the first capture at a new
+    token count once measured 23 µs slow on the H100: NOTES_kernels.md, round 14); then per model K × lattice × token count the rotation alone and the decode tables
     (rotation + tables from u). ``save(study)`` after each number, so a call cut off at its time limit
     still leaves what it measured."""
     fused, composed = decode_layer_ops()
@@ -432,7 +433,8 @@ def study_decode(log, save) -> dict:
     for tokens in DECODE_LAYER_TOKENS:
         x = torch.randn(tokens, 4096, device="cuda", dtype=DTYPE)
         h = torch.randn(tokens, 14336, device="cuda", dtype=DTYPE)
-        entry = dict(tokens=tokens, fused_us=bench_us(lambda: fused(x, h)), composed_us=bench_us(lambda: composed(x, h)))
+        times = [bench_us(lambda: f(x, h)) for f in (fused, composed, composed, fused)]
+        entry = dict(tokens=tokens, fused_us=min(times[0], times[3]), composed_us=min(times[1], times[2]), times=times)
         study["layer"].append(entry)
         log(f"decode layer (2.4 bits) {entry}")
         save(study)

@@ -35,9 +35,8 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from lift_ao.packing import check_packed
 
-__all__ = ["dependent_launch", "gemm_operand", "lifted_matmul_prepared", "lifted_matmul_triton", "padded_operand_length",
-           "prefetch_to_l2", "prepare_lifted", "quick_bench", "reduce_splits", "sm_count", "token_block",
-           "wait_for_previous_kernel"]
+__all__ = ["dependent_launch", "lifted_matmul_triton", "prefetch_to_l2", "quick_bench", "reduce_splits", "sm_count",
+           "token_block", "wait_for_previous_kernel"]
 
 
 def _as_int32(value: int) -> int:
@@ -46,7 +45,6 @@ def _as_int32(value: int) -> int:
 
 
 _SIGN_BITS_PAIR = _as_int32(0x80008000)
-_TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 # Two packed −1.0 values of each 16-bit operand type.
 _MINUS_ONE_PAIR = {torch.float16: _as_int32(0xBC00BC00), torch.bfloat16: _as_int32(0xBF80BF80)}
 # Split boundaries and the padded activation length are multiples of this many words, so every
@@ -294,124 +292,66 @@ def _split_count(rows: int, token_blocks: int, words: int, sms: int) -> int:
     return max(1, min(wanted, words // 32, most))
 
 
-def gemm_operand(dtype: torch.dtype) -> tuple[torch.dtype, bool]:
-    """(operand dtype, split fp32) of the ±1 GEMM for activations of ``dtype``: fp16 stays fp16,
-    bf16 stays bf16, fp32 becomes a bf16 high and a bf16 low part (two dots)."""
-    return (torch.float16 if dtype == torch.float16 else torch.bfloat16), dtype == torch.float32
-
-
-def padded_operand_length(length: int) -> int:
-    """Columns of the GEMM operand for lifted length L: whole tiles of every BLOCK_W (16-word multiple)."""
-    return triton.cdiv(triton.cdiv(length, 32), _WORD_ALIGN) * _WORD_ALIGN * 32
-
-
-def prepare_lifted(lifted: torch.Tensor) -> torch.Tensor:
-    """The ±1 GEMM's operand from x̃ (:func:`_prepare_lifted_kernel`).
-
-    Args:
-        lifted: (B, L) fp16 / bf16 / fp32 lifted activation, any strides.
-    Returns:
-        (B, Lp) (or (2B, Lp): high parts, then low parts, for fp32) in :func:`gemm_operand`'s dtype,
-        Lp = :func:`padded_operand_length` (L): column c holds x̃[bit(c)], 0 past L.
-    """
-    tokens, length = lifted.shape
-    operand, split_fp32 = gemm_operand(lifted.dtype)
-    padded_length = padded_operand_length(length)
-    prepared = torch.empty((2 if split_fp32 else 1) * tokens, padded_length, dtype=operand, device=lifted.device)
-    if tokens == 0:
-        return prepared
-    block = 1024
-    launch = dependent_launch(lifted.device)
-    _prepare_lifted_kernel[(tokens, triton.cdiv(padded_length, block))](
-        lifted, prepared, tokens, length, padded_length, lifted.stride(0), lifted.stride(1), prepared.stride(0),
-        OPERAND=_TL_DTYPE[operand], SPLIT_FP32=split_fp32, BLOCK=block, PDL=bool(launch), **launch)
-    return prepared
-
-
-def lifted_matmul_prepared(
-    prepared: torch.Tensor, tokens: int, length: int, packed_codes: torch.Tensor, row_scale: torch.Tensor,
-    bias: Optional[torch.Tensor], out_dtype: torch.dtype, splits: Optional[int] = None,
-    config: Optional[dict] = None,
-) -> torch.Tensor:
-    """``y = r ⊙ (Q · x̃) + b`` from the GEMM operand of x̃ (:func:`prepare_lifted`), so siblings
-    reading one x̃ share it.
-
-    Args:
-        prepared: (B or 2B, Lp) operand of B tokens: bf16 (fp16) for 16-bit x̃, bf16 high and low
-            parts for fp32 (the dtype of ``out_dtype`` decides which).
-        tokens: B.
-        length: L, the lifted length (Lp = padded_operand_length(L)).
-        packed_codes: packed_shape(N, L) int32 codes (the caller checks them against L).
-        row_scale: (N,) float32 row scales r (N counts the rows).
-        bias: (N,) or None.
-        out_dtype: x̃'s dtype (fp16 / bf16 / fp32), the output's.
-        splits: K splits (None: chosen from the problem size and SM count).
-        config: fixed launch parameters ``{"BLOCK_N", "BLOCK_W", "num_warps", "num_stages"}``
-            instead of autotuning (the interpreter always uses one: autotuning there is pointless).
-    Returns:
-        (B, N) in out_dtype, accumulated in fp32.
-    """
-    operand, split_fp32 = gemm_operand(out_dtype)
-    expected = ((2 if split_fp32 else 1) * tokens, padded_operand_length(length))
-    if prepared.dtype != operand or tuple(prepared.shape) != expected or prepared.stride(1) != 1:
-        raise ValueError(f"operand {prepared.dtype} {tuple(prepared.shape)} is not that of {tokens} tokens of {out_dtype} "
-                         f"x̃ of length {length}: {operand} {expected}, unit column stride (make it with prepare_lifted)")
-    # The codes' own words: past them a row's quads end (the operand's padding is zero anyway).
-    words = triton.cdiv(length, 32)
-    rows = row_scale.shape[0]
-    codes = packed_codes.contiguous()
-    scale = row_scale.to(torch.float32).contiguous()
-    out = torch.empty(tokens, rows, dtype=out_dtype, device=prepared.device)
-    if tokens == 0 or rows == 0:
-        return out
-    block_b = token_block(tokens)
-    token_blocks = triton.cdiv(tokens, block_b)
-    if splits is None:
-        splits = _split_count(rows, token_blocks, words, sm_count(prepared.device))
-    words_per_split = triton.cdiv(triton.cdiv(words, splits), _WORD_ALIGN) * _WORD_ALIGN
-    splits = triton.cdiv(words, words_per_split)
-    target = out if splits == 1 else torch.empty(splits, tokens, rows, dtype=torch.float32, device=prepared.device)
-
-    if config is None and prepared.device.type != "cuda":
-        config = _INTERPRETER_CONFIG
-    kernel = _lifted_matmul_tuned if config is None else _lifted_matmul_kernel
-    launch = dependent_launch(prepared.device)
-    grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_N"]), token_blocks, splits)
-    kernel[grid](
-        prepared, codes, scale, bias if bias is not None else scale, target,
-        tokens, rows, words, words_per_split, codes.shape[1],
-        prepared.stride(0), tokens * rows, rows,
-        HAS_BIAS=bias is not None, SPLIT_FP32=split_fp32,
-        OPERAND=_TL_DTYPE[operand], MINUS_ONE_PAIR=_MINUS_ONE_PAIR[operand], SIGN_BITS_PAIR=_SIGN_BITS_PAIR,
-        BLOCK_B=block_b, PDL=bool(launch), **launch, **(config or {}),
-    )
-    if splits > 1:
-        reduce_splits(target, out)
-    return out
-
-
 def lifted_matmul_triton(
     lifted: torch.Tensor, packed_codes: torch.Tensor, row_scale: torch.Tensor,
     bias: Optional[torch.Tensor], splits: Optional[int] = None, config: Optional[dict] = None,
 ) -> torch.Tensor:
-    """``y = r ⊙ (Q · x̃) + b`` with the Triton kernels (CUDA, or CPU under TRITON_INTERPRET=1):
-    :func:`prepare_lifted`, then :func:`lifted_matmul_prepared`.
+    """``y = r ⊙ (Q · x̃) + b`` with the Triton kernels (CUDA, or CPU under TRITON_INTERPRET=1).
 
     Args:
         lifted: (..., L) fp16 / bf16 / fp32 lifted activation x̃.
         packed_codes: packed_shape(N, L) int32 codes (layout of :mod:`lift_ao.packing`).
         row_scale: (N,) float32 row scales r (N counts the rows).
         bias: (N,) or None.
-        splits, config: as in :func:`lifted_matmul_prepared`.
+        splits: K splits (None: chosen from the problem size and SM count).
+        config: fixed launch parameters ``{"BLOCK_N", "BLOCK_W", "num_warps", "num_stages"}``
+            instead of autotuning (the interpreter always uses one: autotuning there is pointless).
     Returns:
         (..., N) in lifted.dtype, accumulated in fp32.
     """
     code_length = lifted.shape[-1]
+    words = triton.cdiv(code_length, 32)
     x = lifted.reshape(-1, code_length)
+    tokens = x.shape[0]
     rows = row_scale.shape[0]
     check_packed(packed_codes, rows, code_length, "lifted_matmul_triton")
-    if x.shape[0] == 0 or rows == 0:
-        return lifted.new_empty(*lifted.shape[:-1], rows)
-    out = lifted_matmul_prepared(prepare_lifted(x), x.shape[0], code_length, packed_codes, row_scale, bias,
-                                 lifted.dtype, splits, config)
+    codes = packed_codes.contiguous()
+    scale = row_scale.to(torch.float32).contiguous()
+    out = torch.empty(tokens, rows, dtype=lifted.dtype, device=lifted.device)
+    if tokens == 0 or rows == 0:
+        return out.reshape(*lifted.shape[:-1], rows)
+
+    operand = torch.float16 if lifted.dtype == torch.float16 else torch.bfloat16
+    operand_tl = tl.float16 if operand == torch.float16 else tl.bfloat16
+    split_fp32 = lifted.dtype == torch.float32
+    padded_length = triton.cdiv(words, _WORD_ALIGN) * _WORD_ALIGN * 32
+    prepared = torch.empty((2 if split_fp32 else 1) * tokens, padded_length, dtype=operand, device=lifted.device)
+    prepare_block = 1024
+    launch = dependent_launch(lifted.device)
+    _prepare_lifted_kernel[(tokens, triton.cdiv(padded_length, prepare_block))](
+        x, prepared, tokens, code_length, padded_length, x.stride(0), x.stride(1), prepared.stride(0),
+        OPERAND=operand_tl, SPLIT_FP32=split_fp32, BLOCK=prepare_block, PDL=bool(launch), **launch)
+
+    block_b = token_block(tokens)
+    token_blocks = triton.cdiv(tokens, block_b)
+    if splits is None:
+        splits = _split_count(rows, token_blocks, words, sm_count(lifted.device))
+    words_per_split = triton.cdiv(triton.cdiv(words, splits), _WORD_ALIGN) * _WORD_ALIGN
+    splits = triton.cdiv(words, words_per_split)
+    target = out if splits == 1 else torch.empty(splits, tokens, rows, dtype=torch.float32, device=lifted.device)
+
+    if config is None and lifted.device.type != "cuda":
+        config = _INTERPRETER_CONFIG
+    kernel = _lifted_matmul_tuned if config is None else _lifted_matmul_kernel
+    grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_N"]), token_blocks, splits)
+    kernel[grid](
+        prepared, codes, scale, bias if bias is not None else scale, target,
+        tokens, rows, words, words_per_split, codes.shape[1],
+        prepared.stride(0), tokens * rows, rows,
+        HAS_BIAS=bias is not None, SPLIT_FP32=split_fp32,
+        OPERAND=operand_tl, MINUS_ONE_PAIR=_MINUS_ONE_PAIR[operand], SIGN_BITS_PAIR=_SIGN_BITS_PAIR,
+        BLOCK_B=block_b, PDL=bool(launch), **launch, **(config or {}),
+    )
+    if splits > 1:
+        reduce_splits(target, out)
     return out.reshape(*lifted.shape[:-1], rows)

@@ -16,9 +16,8 @@ domain (:func:`~lift_ao.kernels.triton_dequant.rebuild_rotated_weight`, one pass
 for a cuBLAS GEMM ``u · W_rotᵀ + b`` (addmm): D/d times fewer MACs than the ±1 GEMM over
 x̃, for a fixed cost per weight. Between the two thresholds the ±1 GEMM stays: on the H100 at 2.4 bits
 the rebuild plus the rotation cost more than it below ~256 tokens (NOTES_kernels.md, round 5). There
-the fused ops lift and prepare the GEMM operand once per shared lift (``prepare_lifted``) and run the
-GEMM on it per sibling (``lifted_matmul_prepared``); the base ops' composition would prepare x̃ again
-for every sibling. ``lifted_matmul`` itself (given x̃, not x) always takes the lookup kernel or the ±1 GEMM.
+the fused ops lift once per shared lift and run the ±1 GEMM per sibling. ``lifted_matmul`` itself
+(given x̃, not x) always takes the lookup kernel or the ±1 GEMM.
 """
 
 from __future__ import annotations
@@ -34,7 +33,7 @@ from .ops import _check_lift_args, _lifted_length, lift_activation, lifted_matmu
 from . import triton_lut
 from .triton_dequant import padded_columns, rebuild_rotated_weight
 from .triton_lift import lift_activation_triton, rotate_triton
-from .triton_matmul import lifted_matmul_prepared, lifted_matmul_triton, prepare_lifted
+from .triton_matmul import lifted_matmul_triton
 
 __all__ = ["register_cuda_kernels"]
 
@@ -132,20 +131,15 @@ def _prefill_siblings(lift_args: tuple, packed_codes: list, row_scale: list, bia
 
 
 def _gemm_siblings(lift_args: tuple, packed_codes: list, row_scale: list, bias: list) -> list[torch.Tensor]:
-    """Siblings reading one lift, between the decode and prefill thresholds: the lift, its ±1 GEMM
-    operand prepared once, and per sibling the ±1 GEMM on that shared operand (the composition
-    prepares x̃ again for every sibling).
+    """Siblings reading one lift, between the decode and prefill thresholds: the lift once, then per
+    sibling the ±1 GEMM (which prepares its own operand from x̃).
 
-    Writing the lift straight in the operand's permuted layout instead (one launch less) measured
-    slower under programmatic dependent launch on an H100: its scattered 16-bit stores cost more
-    than the separate, coalesced prepare pass (NOTES_kernels.md, round 14)."""
-    x = lift_args[0]
-    length = _check_siblings_of_lift(lift_args, packed_codes, row_scale)
-    tokens = _tokens(x)
-    operand = prepare_lifted(lift_activation_triton(*lift_args).reshape(tokens, length))
-    outs = [lifted_matmul_prepared(operand, tokens, length, codes, scale, b, x.dtype)
-            for codes, scale, b in zip(packed_codes, row_scale, bias)]
-    return [out.reshape(*x.shape[:-1], out.shape[-1]) for out in outs]
+    Sharing the prepared operand too, or writing the lift straight in the operand's permuted layout,
+    saves launches but measured no faster under programmatic dependent launch on an H100 (one 8B
+    layer at 4-16 tokens; NOTES_kernels.md, round 14)."""
+    _check_siblings_of_lift(lift_args, packed_codes, row_scale)
+    lifted = lift_activation_triton(*lift_args)
+    return [lifted_matmul_triton(lifted, codes, scale, b) for codes, scale, b in zip(packed_codes, row_scale, bias)]
 
 
 def _siblings_path(x: torch.Tensor):

@@ -304,8 +304,8 @@ def test_lift_then_matmul_equals_reference_pipeline():
 @pytest.mark.parametrize("tokens", [1, 2, 5, 17])
 def test_cuda_group_kernel_decodes_each_shared_lift_once_and_matches_the_composition(tokens, monkeypatch):
     """q/k/v-like siblings: two share a transform, the third has its own. Decoding (≤ 2 tokens) builds
-    tables once per lift and makes one lookup call per lift; more tokens prepare one GEMM operand per
-    lift and run one ±1 GEMM per sibling on it; every token count gives the reference composition's
+    tables once per lift and makes one lookup call per lift; more tokens lift once per lift and run
+    one ±1 GEMM per sibling; every token count gives the reference composition's
     outputs (x̃ kept in fp32 by the fused decode: within twice the fp16 bound)."""
     import lift_ao.kernels.triton_lut as lut
     from lift_ao.kernels import triton_register
@@ -321,7 +321,7 @@ def test_cuda_group_kernel_decodes_each_shared_lift_once_and_matches_the_composi
     args = (torch.randn(tokens, features, generator=g).to(torch.float16), None,
             [r.signs for r, _ in siblings], [r.left for r, _ in siblings], [r.right for r, _ in siblings],
             [mapping] * 3, codes, scales, [None, torch.randn(7, generator=g).to(torch.float16), None])
-    calls = {"lift_tables": 0, "lookup_siblings": 0, "prepare_lifted": 0, "lifted_matmul_prepared": 0}
+    calls = {"lift_tables": 0, "lookup_siblings": 0, "lift_activation_triton": 0, "lifted_matmul_triton": 0}
     for name in calls:
         module = lut if name in ("lift_tables", "lookup_siblings") else triton_register
         original = getattr(module, name)
@@ -331,8 +331,8 @@ def test_cuda_group_kernel_decodes_each_shared_lift_once_and_matches_the_composi
     out = _lifted_linear_group_cuda(*args)
 
     lookup, gemm = (2, 0) if tokens <= 2 else (0, 2)
-    assert calls == {"lift_tables": lookup, "lookup_siblings": lookup, "prepare_lifted": gemm,
-                     "lifted_matmul_prepared": 3 if gemm else 0}
+    assert calls == {"lift_tables": lookup, "lookup_siblings": lookup, "lift_activation_triton": gemm,
+                     "lifted_matmul_triton": 3 if gemm else 0}
     for got, want in zip(out, lifted_linear_group(*args)):  # CPU: the reference ops' composition
         assert got.shape == want.shape
         assert _relative_error(got, want.double()) < 2 * TOLERANCE[torch.float16]
@@ -439,21 +439,6 @@ def test_cuda_group_op_keeps_leading_dimensions_and_empty_inputs(shape):
         assert got.shape == (*shape[:-1], rows) == want.shape
         if got.numel():
             assert _relative_error(got, want.double()) < 2 * TOLERANCE[torch.float16]
-
-
-def test_gemm_on_an_operand_of_other_tokens_dtype_or_length_is_refused():
-    from lift_ao.kernels.triton_matmul import lifted_matmul_prepared, prepare_lifted
-
-    g = torch.Generator().manual_seed(_seed("operand mismatch"))
-    length, rows = 100, 5
-    _, codes = random_codes(rows, length, g)
-    scale = torch.rand(rows, generator=g) + 0.5
-    operand = prepare_lifted(torch.randn(3, length, generator=g).to(torch.bfloat16))
-    assert lifted_matmul_prepared(operand, 3, length, codes, scale, None, torch.bfloat16).shape == (3, rows)
-    for tokens, size, dtype in [(2, length, torch.bfloat16), (3, length + 512, torch.bfloat16),
-                                (3, length, torch.float16), (3, length, torch.float32)]:
-        with pytest.raises(ValueError, match="make it with prepare_lifted"):
-            lifted_matmul_prepared(operand, tokens, size, codes, scale, None, dtype)
 
 
 @pytest.mark.parametrize("group", [lifted_linear_group, _lifted_linear_group_cuda])
