@@ -12,8 +12,7 @@ writes W_rot in the activation dtype for cuBLAS, 2.4 code bits read and 16 bits 
 the per-block integer work below bounds it, so 32/16 (1.6× fewer blocks per weight) reaches 2.4 TB/s.
 
 Each program owns ``ROWS`` rows × ``BLOCKS`` lattice blocks, one block per row of a
-(ROWS·BLOCKS, 32·CHUNKS) ±1 tile (steps 1–2 are :func:`block_signs`, which
-``benchmarks/prefill_fused_study.py`` shares):
+(ROWS·BLOCKS, 32·CHUNKS) ±1 tile (steps 1–2 are :func:`_block_signs`):
 
 1. per block and 32-bit chunk, two code words are loaded and funnel-shifted so that the chunk holds
    the block's bits from its first one (blocks start at any bit: D need not divide 32);
@@ -41,7 +40,7 @@ from lift_ao.packing import check_packed
 from .triton_matmul import (_MINUS_ONE_PAIR, _SIGN_BITS_PAIR, _bit_of_column, _code_word_offset, _signs_from_words,
                             quick_bench)
 
-__all__ = ["block_signs", "padded_columns", "rebuild_rotated_weight"]
+__all__ = ["padded_columns", "rebuild_rotated_weight"]
 
 # Rows of W_rot (and of the rotated activation it multiplies) are zero-padded to a multiple of this
 # many columns: cuBLAS's fast bf16 kernels need 16-byte-aligned rows and K. H100, 4096 rows, batch 256:
@@ -55,7 +54,7 @@ def padded_columns(padded_features: int) -> int:
 
 
 @triton.jit
-def block_signs(code_row, blocks, in_range, words_total, D: tl.constexpr, CHUNKS: tl.constexpr,
+def _block_signs(code_row, blocks, in_range, words_total, D: tl.constexpr, CHUNKS: tl.constexpr,
                 MINUS_ONE_PAIR: tl.constexpr, SIGN_BITS_PAIR: tl.constexpr):
     """(TILE, 32·CHUNKS) ±1 fp16 of lattice block ``blocks[i]`` of the row whose codes start at
     ``code_row[i]`` ((TILE, 1) pointers, ``_code_word_offset(row, 0, quads)``): column ``32c + 2j + h``
@@ -96,7 +95,7 @@ def _rebuild_kernel(
 
     code_row = codes_ptr + _code_word_offset(rows[:, None].to(tl.int64), 0, words_total // 4)
     # Bits past D (the next block's) meet zero rows of Mᵀ below.
-    signs = block_signs(code_row, blocks, in_range, words_total, D, CHUNKS, MINUS_ONE_PAIR, SIGN_BITS_PAIR)
+    signs = _block_signs(code_row, blocks, in_range, words_total, D, CHUNKS, MINUS_ONE_PAIR, SIGN_BITS_PAIR)
 
     bit = _bit_of_column(tl.arange(0, 32 * CHUNKS))
     e = tl.arange(0, D_OUT_PADDED)
