@@ -113,8 +113,9 @@ def _lift_blocks_kernel(
 def _column_splits(row_programs: int, most: int, sms: int) -> int:
     """How many programs share each 16 rows of U (each recomputes its rows of P1ᵀ V): the largest power
     of two ≤ ``most`` that keeps the grid within one program per SM, so few tokens still fill the GPU
-    but more tokens do not pay the recomputation and extra waves for nothing (on the H100 at K = 14336,
-    always splitting 8 ways took 12.8 µs at 4 tokens and 25.2 µs at 16; NOTES_kernels.md, round 14)."""
+    but more tokens do not pay the recomputation and extra waves for nothing. H100, K = 14336, 16
+    tokens: 25.4 µs at 8 splits, 17.9 at the 2 picked here (``benchmarks/rotation_splits.py``,
+    results/rotation_splits_h100.md)."""
     wanted = max(1, min(most, sms // row_programs))
     return 1 << (wanted.bit_length() - 1)
 
