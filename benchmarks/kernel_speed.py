@@ -425,9 +425,9 @@ def study_decode(log, save) -> dict:
     """Time of one 8B decoder layer's LiftQuant work (2.4 bits, fused ops vs the base-op composition) at
     DECODE_LAYER_TOKENS tokens (1-2: the lookup path; 3-16: the ±1 GEMM path), each timed twice in the
     order fused, composed, composed, fused and the faster of each pair kept (the first capture at a new
-    token count once measured 23 µs slow on the H100: NOTES_kernels.md, round 14); then per model K × lattice × token count the rotation alone and the decode tables
-    (rotation + tables from u). ``save(study)`` after each number, so a call cut off at its time limit
-    still leaves what it measured."""
+    token count once measured 23 µs slow on the H100: NOTES_kernels.md, round 14); then per model K ×
+    lattice × token count the rotation alone and the decode tables (rotation + tables from u).
+    ``save(study)`` after each number, so a call cut off at its time limit still leaves what it measured."""
     fused, composed = decode_layer_ops()
     study = dict(layer=[], tables=[])
     for tokens in DECODE_LAYER_TOKENS:
