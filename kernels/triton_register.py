@@ -149,7 +149,7 @@ def _siblings_path(x: torch.Tensor):
 
 def _lifted_linear_cuda(x, input_signs, rotation_left, rotation_right, mapping, packed_codes, row_scale, bias):
     """Decode: three launches (rotation, tables, lookup); prefill: rotation, rebuilt weight, cuBLAS;
-    in between rotation, lift into the GEMM's operand, ±1 GEMM."""
+    in between the lift then the ±1 GEMM."""
     lift_args = (x, input_signs, rotation_left, rotation_right, mapping)
     return _siblings_path(x)(lift_args, [packed_codes], [row_scale], [bias])[0]
 
@@ -157,8 +157,8 @@ def _lifted_linear_cuda(x, input_signs, rotation_left, rotation_right, mapping, 
 def _lifted_linear_group_cuda(x, folded_signs, input_signs, rotation_left, rotation_right, mapping,
                               packed_codes, row_scale, bias):
     """Per shared lift: decode, the rotation, its tables and one lookup launch for its siblings;
-    prefill, the rotation and per sibling its rebuilt weight and a cuBLAS GEMM; in between the
-    rotation, the lift into the GEMM's operand and per sibling a ±1 GEMM on it."""
+    prefill, the rotation and per sibling its rebuilt weight and a cuBLAS GEMM; in between the lift
+    and per sibling a ±1 GEMM on it."""
     siblings_path = _siblings_path(x)
     check_siblings(input_signs, packed_codes, row_scale, bias)
     outputs: list = [None] * len(packed_codes)
