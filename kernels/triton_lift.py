@@ -5,7 +5,8 @@ Two launches, each a handful of small tensor-core products:
 1. :func:`_rotate_kernel` — ``U = P1ᵀ · V · P2`` per token, with ``V`` the sign-flipped, zero-padded
    activation seen as a (k1, k2) matrix (the Kronecker identity of :mod:`lift_ao.transform`). One
    program computes ``BLOCK_I`` rows of U for one token (grid tokens × ⌈k1/BLOCK_I⌉), written to an
-   fp32 scratch row of length Kp. With few tokens (decode) that grid is too small to fill the GPU, so
+   fp32 scratch row of length Kp. Each program reads all of P2, so with many tokens (prefill) the
+   autotuner may take 32 or 64 rows per program, which reads P2 from L2 2–4× less often. With few tokens (decode) that grid is too small to fill the GPU, so
    the columns of U are also split across programs, each recomputing its rows of ``P1ᵀ V``.
 2. :func:`_lift_blocks_kernel` — each d-block of U times M (d × D), cast to the activation's dtype.
 
@@ -28,7 +29,7 @@ from .triton_matmul import dependent_launch, prefetch_to_l2, quick_bench, sm_cou
 
 __all__ = ["lift_activation_triton", "rotate_triton"]
 
-_ROWS_PER_PROGRAM = 16   # BLOCK_I: tl.dot's minimum M
+_ROWS_PER_PROGRAM = 16   # the fewest rows of U a program takes (tl.dot's minimum M)
 _COLUMN_CHUNK = 32       # output columns of U per product with P2
 _BLOCKS_PER_PROGRAM = 64
 
@@ -83,9 +84,10 @@ def _rotate_kernel(
 # at batch 1, Triton's default 3 stages with 32-row chunks took 11.0 µs at K = 4096 but 18.5 µs at
 # K = 14336, where 1 stage with 16-row chunks took 15.6 (12.6 at 4096): the 3-deep pipeline of masked
 # loads spills at K2_PADDED ≥ 128 (~250 registers, offline sm_90 compile; NOTES_kernels.md).
-_ROTATE_CONFIGS = [triton.Config({"BLOCK_A": chunk}, num_warps=4, num_stages=stages)
-                   for chunk in (16, 32, 64) for stages in (1, 3)]
-_ROTATE_INTERPRETER_CONFIG = {"BLOCK_A": 16}
+_ROTATE_CONFIGS = [triton.Config({"BLOCK_I": _ROWS_PER_PROGRAM, "BLOCK_A": chunk}, num_warps=4, num_stages=stages)
+                   for chunk in (16, 32, 64) for stages in (1, 3)] + [
+    triton.Config({"BLOCK_I": rows, "BLOCK_A": 32}, num_warps=warps, num_stages=1) for rows, warps in ((32, 4), (64, 8))]
+_ROTATE_INTERPRETER_CONFIG = {"BLOCK_I": _ROWS_PER_PROGRAM, "BLOCK_A": 16}
 _rotate_tuned = triton.autotune(configs=_ROTATE_CONFIGS, key=["k1", "k2", "token_bucket", "COLUMNS_PER_PROGRAM", "PRECISION"],
                                 do_bench=quick_bench)(_rotate_kernel)
 
@@ -111,11 +113,11 @@ def _lift_blocks_kernel(
 
 
 def _column_splits(row_programs: int, most: int, sms: int) -> int:
-    """How many programs share each 16 rows of U (each recomputes its rows of P1ᵀ V): the largest power
-    of two ≤ ``most`` that keeps the grid within one program per SM, so few tokens still fill the GPU
-    but more tokens do not pay the recomputation and extra waves for nothing. H100, K = 14336, 16
-    tokens: 25.4 µs at 8 splits, 17.9 at the 2 picked here (``benchmarks/rotation_splits.py``,
-    results/rotation_splits_h100.md)."""
+    """How many programs share each row block of U (each recomputes its rows of P1ᵀ V), from the
+    ``row_programs`` the grid would have at 16 rows each: the largest power of two ≤ ``most`` that
+    keeps the grid within one program per SM, so few tokens still fill the GPU but more tokens do not
+    pay the recomputation and extra waves for nothing. H100, K = 14336, 16 tokens: 25.4 µs at 8
+    splits, 17.9 at the 2 picked here (``benchmarks/rotation.py``, results/rotation_splits_h100.md)."""
     wanted = max(1, min(most, sms // row_programs))
     return 1 << (wanted.bit_length() - 1)
 
@@ -131,9 +133,9 @@ def rotate_triton(
         x: (..., K) fp16 / bf16 / fp32 activation, K ≤ Kp = k1·k2.
         input_signs: (Kp,) or None (x already carries them), rotation_left: (k1, k1),
             rotation_right: (k2, k2) float32 rotation.
-        column_splits: programs per 16 rows of U along its columns, a power of two ≤ ⌈k2⌉₂ / 32
+        column_splits: programs per row block of U along its columns, a power of two ≤ ⌈k2⌉₂ / 32
             (None: :func:`_column_splits` on CUDA, 1 elsewhere).
-        config: fixed ``{"BLOCK_A", "num_warps", "num_stages"}`` instead of autotuning.
+        config: fixed ``{"BLOCK_I", "BLOCK_A", "num_warps", "num_stages"}`` instead of autotuning.
         out: (B, Kp) tensor to write into, any float dtype and row stride (the prefill GEMM's
             16-bit operand, rows padded for cuBLAS); None: a new fp32 one.
     Returns:
@@ -169,10 +171,10 @@ def rotate_triton(
         config = _ROTATE_INTERPRETER_CONFIG
     kernel = _rotate_tuned if config is None else _rotate_kernel
     launch = dependent_launch(x.device)
-    kernel[(tokens, triton.cdiv(k1, _ROWS_PER_PROGRAM), k2_padded // columns_per_program)](
+    kernel[lambda meta: (tokens, triton.cdiv(k1, meta["BLOCK_I"]), k2_padded // columns_per_program)](
         rows, signs, left, right, rotated, features, k1, k2, rows.stride(0), rotated.stride(0),
         min(triton.next_power_of_2(tokens), 256),
-        K2_PADDED=k2_padded, BLOCK_I=_ROWS_PER_PROGRAM, BLOCK_J=column_chunk, COLUMNS_PER_PROGRAM=columns_per_program,
+        K2_PADDED=k2_padded, BLOCK_J=column_chunk, COLUMNS_PER_PROGRAM=columns_per_program,
         PRECISION="ieee" if x.dtype == f32 else "tf32", HAS_SIGNS=input_signs is not None, PDL=bool(launch),
         **launch, **(config or {}),
     )

@@ -20,7 +20,7 @@ triton = pytest.importorskip("triton")
 
 from checks import random_codes  # noqa: E402
 from lift_ao.packing import pack_codes, unpack_codes, words_per_row  # noqa: E402
-from lift_ao.transform import make_rotation  # noqa: E402
+from lift_ao.transform import make_rotation, rotate  # noqa: E402
 from lift_ao.kernels.reference import lift_activation_reference, lifted_matmul_reference  # noqa: E402
 from lift_ao.kernels.triton_lift import lift_activation_triton, rotate_triton  # noqa: E402
 from lift_ao.kernels import triton_lut, triton_matmul  # noqa: E402
@@ -264,6 +264,24 @@ def test_rotation_splits_columns_only_while_programs_fit_on_the_sms(row_programs
     from lift_ao.kernels.triton_lift import _column_splits
 
     assert _column_splits(row_programs, most, sms=132) == splits
+
+
+@pytest.mark.parametrize("rows_per_program", [16, 32, 64])
+@pytest.mark.parametrize("features,d,column_splits", [(4200, 12, 1), (4200, 12, 2), (1100, 10, 1), (37, 10, 1)])
+def test_rotation_row_blocks_match_float64(rows_per_program, features, d, column_splits):
+    """Every row-block size the autotuner may pick: (k1, k2) = (60, 70) is 4, 2 or 1 blocks of rows of U
+    (the last one partly masked), (25, 44) and (5, 8) fewer rows than one block."""
+    g = torch.Generator().manual_seed(features + rows_per_program)
+    rotation = make_rotation(features, d, seed=5)
+    x = torch.randn(3, features, generator=g).to(torch.bfloat16)
+    config = {"BLOCK_I": rows_per_program, "BLOCK_A": 32, "num_warps": 4, "num_stages": 1}
+
+    out = rotate_triton(x, rotation.signs, rotation.left, rotation.right, column_splits=column_splits, config=config)
+
+    f64 = torch.float64
+    ref = rotate(x.to(f64), rotation.signs.to(f64), rotation.left.to(f64), rotation.right.to(f64))
+    assert out.shape == ref.shape and out.dtype == torch.float32
+    assert _relative_error(out, ref) < TOLERANCE[torch.float32]
 
 
 @pytest.mark.parametrize("column_splits", [0, 3, 4])
