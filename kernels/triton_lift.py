@@ -142,8 +142,7 @@ def rotate_triton(
         ``out`` or a new (B, Kp) fp32 tensor, B = x.numel() / K. The products run in tf32 for 16-bit
         activations (their error, 1.1e-3 relative to float64 at the 8B/70B K on an H100, is about one
         bf16 rounding of the activation itself, ~4 fp16 ones: benchmarks/results/rotation_h100.md) and in
-        fp32 for
-        fp32 activations.
+        fp32 for fp32 activations.
     """
     k1, k2 = rotation_left.shape[0], rotation_right.shape[0]
     features = x.shape[-1]
