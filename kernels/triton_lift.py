@@ -6,8 +6,9 @@ Two launches, each a handful of small tensor-core products:
    activation seen as a (k1, k2) matrix (the Kronecker identity of :mod:`lift_ao.transform`). One
    program computes ``BLOCK_I`` rows of U for one token (grid tokens × ⌈k1/BLOCK_I⌉), written to an
    fp32 scratch row of length Kp. Each program reads all of P2, so with many tokens (prefill) the
-   autotuner may take 32 or 64 rows per program, which reads P2 from L2 2–4× less often. With few tokens (decode) that grid is too small to fill the GPU, so
-   the columns of U are also split across programs, each recomputing its rows of ``P1ᵀ V``.
+   autotuner may take 32 or 64 rows per program, which reads P2 from L2 2–4× less often. With few
+   tokens (decode) the grid is too small to fill the GPU, so the columns of U are also split across
+   programs, each recomputing its rows of ``P1ᵀ V``.
 2. :func:`_lift_blocks_kernel` — each d-block of U times M (d × D), cast to the activation's dtype.
 
 They are separate launches because a d-block may straddle rows of U (d need not divide k2), so a
@@ -83,7 +84,9 @@ def _rotate_kernel(
 # The chunk over P1's rows and the pipelining depth, tuned per (k1, k2, token bucket): on the H100
 # at batch 1, Triton's default 3 stages with 32-row chunks took 11.0 µs at K = 4096 but 18.5 µs at
 # K = 14336, where 1 stage with 16-row chunks took 15.6 (12.6 at 4096): the 3-deep pipeline of masked
-# loads spills at K2_PADDED ≥ 128 (~250 registers, offline sm_90 compile; NOTES_kernels.md).
+# loads spills at K2_PADDED ≥ 128 (~250 registers, offline sm_90 compile; NOTES_kernels.md). 32 and 64
+# rows of U per program (BLOCK_I, one stage): 256 tokens at K = 28672 (2.4 bits) 249.9 → 126.1 µs, at
+# 1–32 tokens within 3 % of 16 rows or faster (H100, NOTES_kernels.md round 15, results/rotation_h100.md).
 _ROTATE_CONFIGS = [triton.Config({"BLOCK_I": _ROWS_PER_PROGRAM, "BLOCK_A": chunk}, num_warps=4, num_stages=stages)
                    for chunk in (16, 32, 64) for stages in (1, 3)] + [
     triton.Config({"BLOCK_I": rows, "BLOCK_A": 32}, num_warps=warps, num_stages=1) for rows, warps in ((32, 4), (64, 8))]
