@@ -211,10 +211,15 @@ def _lookup_kernel(
         if arrived % splits == splits - 1:
             tl.debug_barrier()
             total = tl.zeros((BLOCK_N, BLOCK_B), dtype=tl.float32)
-            for split in range(0, splits):
-                # .cg: read L2, where the other programs' partials are, never a stale L1 line.
-                total += tl.load(partial_ptr + (split * programs_n + pid_n) * (BLOCK_N * BLOCK_B) + local,
-                                 cache_modifier=".cg")
+            # 32 // BLOCK_B partials per round trip to L2 (unrolled, so their loads are all in flight
+            # before the adds): the reduction is this launch's tail, up to 32 splits long.
+            for first in range(0, splits, 32 // BLOCK_B):
+                for k in tl.static_range(32 // BLOCK_B):
+                    split = first + k
+                    # .cg: read L2, where the other programs' partials are, never a stale L1 line.
+                    total += tl.load(partial_ptr + (split * programs_n + pid_n) * (BLOCK_N * BLOCK_B) + local,
+                                     mask=tl.full(local.shape, split, tl.int32) < splits, other=0.0,
+                                     cache_modifier=".cg")
             _finish_rows(total, scale_ptr, bias_ptr, out_ptr, rows, N, tokens, B, HAS_BIAS)
 
 

@@ -164,12 +164,15 @@ def test_tables_start_group_aligned_and_misaligned_tables_are_refused(block):
 @pytest.mark.parametrize("config", [c.all_kwargs() for c in triton_lut._TUNING_CONFIGS],
                          ids=lambda c: f"n{c['BLOCK_N']}")
 @pytest.mark.parametrize("splits", [1, 2, 7])
-def test_every_lookup_tuning_config_matches_float64(config, splits):
+@pytest.mark.parametrize("tokens", [2, MAX_TOKENS])
+def test_every_lookup_tuning_config_matches_float64(config, splits, tokens):
     """The autotuner may run any candidate: each (block rows; warps and registers are the
     interpreter's) over 7 quads in one split, in uneven splits (4 + 3 quads) and in splits of one
-    quad (the prefetch clamped to the split's last quad), with rows past the last block."""
-    g = torch.Generator().manual_seed(_seed("configs", config["BLOCK_N"], splits))
-    rows, length, tokens = 45, 870, 2   # 28 words: 7 quads
+    quad (the prefetch clamped to the split's last quad), with rows past the last block. At 8 tokens
+    the last program of a row block sums 4 partials a round, so 7 splits take two rounds, the second
+    partly masked."""
+    g = torch.Generator().manual_seed(_seed("configs", config["BLOCK_N"], splits, tokens))
+    rows, length = 45, 870   # 28 words: 7 quads
     signs, codes = random_codes(rows, length, g)
     lifted = torch.randn(tokens, length, generator=g)
     row_scale = torch.rand(rows, generator=g) + 0.5
