@@ -216,7 +216,8 @@ def _lookup_kernel(
             for first in range(0, splits, 32 // BLOCK_B):
                 for k in tl.static_range(32 // BLOCK_B):
                     split = first + k
-                    # .cg: read L2, where the other programs' partials are, never a stale L1 line.
+                    # .cg: read L2, where the other programs' partials are, never a stale L1 line. The
+                    # mask is a tensor: the interpreter rejects a scalar one.
                     total += tl.load(partial_ptr + (split * programs_n + pid_n) * (BLOCK_N * BLOCK_B) + local,
                                      mask=tl.full(local.shape, split, tl.int32) < splits, other=0.0,
                                      cache_modifier=".cg")
