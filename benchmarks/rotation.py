@@ -37,8 +37,7 @@ TOLERANCE = 4e-3
 
 # The autotuner over the 16-row configs only, as before 32- and 64-row programs were added.
 _rotate_16_rows = triton.autotune(configs=[c for c in triton_lift._ROTATE_CONFIGS if c.kwargs["BLOCK_I"] == 16],
-                                  key=["k1", "k2", "token_bucket", "COLUMNS_PER_PROGRAM", "PRECISION"],
-                                  do_bench=quick_bench)(triton_lift._rotate_kernel)
+                                  key=triton_lift._rotate_tuned.keys, do_bench=quick_bench)(triton_lift._rotate_kernel)
 
 
 def rotate_16_rows(x, layer, splits):
@@ -64,16 +63,14 @@ def main():
                 x = torch.randn(tokens, features, device="cuda", dtype=ks.DTYPE)
                 f64 = torch.float64
                 ref = rotate(x.to(f64), *(t.to(f64) for t in (layer.signs, layer.left, layer.right)))
-                error = ks.relative_error(rotate_triton(x, layer.signs, layer.left, layer.right), ref)
-                checks.append(dict(bits=bits, features=features, tokens=tokens, error=error, ok=error < TOLERANCE))
                 picked = _column_splits(tokens * triton.cdiv(k1, 16), most, sm_count(x.device))
-                entry = dict(bits=bits, features=features, factors=(k1, k2), tokens=tokens, picked=picked, us={})
+                error = ks.relative_error(rotate_triton(x, layer.signs, layer.left, layer.right, column_splits=picked), ref)
+                checks.append(dict(bits=bits, features=features, tokens=tokens, error=error, ok=error < TOLERANCE))
+                entry = dict(bits=bits, features=features, factors=(k1, k2), tokens=tokens, picked=picked, us={},
+                             rows_per_program=triton_lift._rotate_tuned.best_config.kwargs["BLOCK_I"])
                 for splits in sorted({1, picked, most}):
                     entry["us"][splits] = ks.bench_us(lambda: rotate_triton(
                         x, layer.signs, layer.left, layer.right, column_splits=splits))
-                key = [k for k in triton_lift._rotate_tuned.cache if k[:2] == (k1, k2)
-                       and k[2] == min(triton.next_power_of_2(tokens), 256) and k[3] == max(16, triton.next_power_of_2(k2)) // picked]
-                entry["rows_per_program"] = triton_lift._rotate_tuned.cache[key[0]].kwargs["BLOCK_I"] if key else None
                 entry["rows16_us"] = ks.bench_us(lambda: rotate_16_rows(x, layer, picked))
                 results.append(entry)
                 print(entry, flush=True)
