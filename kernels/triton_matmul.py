@@ -193,9 +193,46 @@ def _prune_configs(configs, named_args, **kwargs):
     return configs
 
 
-def quick_bench(kernel_call, quantiles):
-    """The autotuner's timer, shortened: ~100 shapes × 10 configs must tune inside one benchmark run."""
-    return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
+# GPU clock cycles of the spin before each timed launch of quick_bench (~150 µs at the H100's 1.98
+# GHz): more than a Triton launch from Python takes on the host.
+_HOST_LEAD_CYCLES = 300_000
+
+
+def quick_bench(kernel_call, quantiles: tuple, budget_ms: float = 20.0) -> list[float]:
+    """The autotuners' timer: the ``quantiles`` of ``kernel_call``'s time in ms, each repetition after
+    an L2 flush, as ``triton.testing.do_bench`` measures, repeated for ~``budget_ms`` of GPU time (5 to
+    100 times; ~100 shapes × 10 configs must tune inside one kernel_speed.py run).
+
+    Unlike do_bench, a GPU spin is queued before each start event. do_bench records the start event
+    and only then does the host launch the kernel: a Triton launch from Python takes tens of µs, longer
+    than a decode kernel runs, so the GPU sat idle inside the timed interval and host jitter picked the
+    config. On an H100 the lookup configs of the Llama-3-8B decode (12–28 µs each) were timed at
+    36–150 µs, and the same code decoded at 272 or 279 tokens/s by which picks a process drew
+    (reproduced by pinning each process's picks in a fresh one; NOTES_kernels.md, round 16)."""
+    flush = triton.runtime.driver.active.get_empty_cache_for_benchmark()
+
+    def timed(start: torch.cuda.Event, end: torch.cuda.Event):
+        flush.zero_()
+        torch.cuda._sleep(_HOST_LEAD_CYCLES)
+        start.record()
+        kernel_call()
+        end.record()
+
+    kernel_call()
+    torch.cuda.synchronize()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(100)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(100)]
+    # One repetition, flush and spin included, sets how many fit the budget.
+    starts[0].record()
+    timed(starts[1], ends[1])
+    ends[0].record()
+    torch.cuda.synchronize()
+    repeats = max(5, min(100, int(budget_ms / starts[0].elapsed_time(ends[0]))))
+    for start, end in zip(starts[:repeats], ends[:repeats]):
+        timed(start, end)
+    torch.cuda.synchronize()
+    times = torch.tensor([start.elapsed_time(end) for start, end in zip(starts[:repeats], ends[:repeats])])
+    return torch.quantile(times, torch.tensor(quantiles, dtype=times.dtype)).tolist()
 
 
 _lifted_matmul_tuned = triton.autotune(
