@@ -195,12 +195,13 @@ def check_correctness(log) -> list[dict]:
     return checks
 
 
-def check_every_config(log) -> list[dict]:
-    """Each tuning candidate of both matmul kernels that the autotuner may run on a problem, fixed,
-    on decode and multi-token problems: the autotuner runs whichever is fastest, so every one must
-    be right (2-word ±1-GEMM steps at 128-token blocks gave NaN on an H200: NOTES_kernels.md round
-    11). Each config runs three times, at 1, a few and automatic splits (the 16-bit output written
-    directly, or fp32 partials reduced): a race shows up as an error that moves between runs."""
+def check_every_config(log, kernel_names: tuple = ("gemm", "lookup")) -> list[dict]:
+    """Each tuning candidate of the named matmul kernels (the ±1 GEMM, the lookup kernel) that the
+    autotuner may run on a problem, fixed, on decode and multi-token problems: the autotuner runs
+    whichever is fastest, so every one must be right (2-word ±1-GEMM steps at 128-token blocks gave
+    NaN on an H200: NOTES_kernels.md round 11). Each config runs three times, at 1, a few and
+    automatic splits (the 16-bit output written directly, or fp32 partials reduced): a race shows up
+    as an error that moves between runs."""
     gemm = lambda layer, lifted, bias, config, attempt: lifted_matmul_triton(  # noqa: E731
         lifted, layer.codes, layer.row_scale, bias, splits=(1, 3, None)[attempt], config=config)
     lookup = lambda layer, lifted, bias, config, attempt: triton_lut.lookup_matmul(  # noqa: E731
@@ -215,6 +216,8 @@ def check_every_config(log) -> list[dict]:
                 [(4096, 14336, 1, DTYPE), (1024, 4096, 8, DTYPE)], False)]
     checks = []
     for name, run, tuning_configs, problems, with_bias in kernels:
+        if name not in kernel_names:
+            continue
         for rows, features, batch, dtype in problems:
             configs = tuning_configs(batch)
             layer = LiftedLayer(rows, features, 2.4)
@@ -739,7 +742,7 @@ def main():
                              "(fused ops vs the composition), and the rotation and tables alone at "
                              "Llama-3-8B / Qwen2.5-1.5B K (kernels_decode.json / .md)")
     parser.add_argument("--lookup-study", action="store_true",
-                        help="only the checks and the lookup kernel's configs × splits (writes kernels_lookup.json)")
+                        help="only the lookup kernel's checks and its configs × splits (writes kernels_lookup.json)")
     parser.add_argument("--prefill-study", action="store_true",
                         help="only the prefill checks and the prefill path at 2.4 bits, 2 shapes × batch 16-1024 "
                              "(writes kernels_prefill.json / .md; ~1-2 min)")
@@ -786,14 +789,19 @@ def main():
         save_decode(study_decode(log, save_decode))
         print(decode_markdown(result))
         return
+    if args.lookup_study:
+        # Only the lookup kernel's checks: the full set took 250 s of an H100 call (round 16).
+        result["checks"] = check_every_config(log, ("lookup",)) + check_fused_decode(log)
+        if not all(c["ok"] for c in result["checks"]):
+            log("CORRECTNESS FAILED: timings below are of a wrong kernel")
+        result["lookup_study"] = study_lookup(log)
+        result["seconds"] = time.time() - started
+        (out_dir / "kernels_lookup.json").write_text(json.dumps(result, indent=1))
+        return
     result["checks"] = check_correctness(log)
     if not all(c["ok"] for c in result["checks"]):
         log("CORRECTNESS FAILED: timings below are of a wrong kernel")
     result["compile"] = check_compile(log)
-    if args.lookup_study:
-        result["lookup_study"] = study_lookup(log)
-        (out_dir / "kernels_lookup.json").write_text(json.dumps(result, indent=1))
-        return
     result["variants"] = []
     result["sweep"] = sweep_configs(log) if args.sweep else []
 
