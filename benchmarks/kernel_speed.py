@@ -1,6 +1,6 @@
 """LiftQuant Triton kernels vs bf16 cuBLAS and torchao int4 weight-only, on one GPU, in one process.
 
-    python benchmarks/kernel_speed.py [--out DIR] [--quick]
+    python benchmarks/kernel_speed.py [--out DIR] [--quick | --shapes 4096x4096,1024x4096]
     python benchmarks/kernel_speed.py --prefill-study --out DIR   # the prefill path alone, ~1-2 min
 
 1. Device facts and the measured device-to-device copy bandwidth (bytes read + written).
@@ -567,10 +567,17 @@ def study_lookup(log) -> list[dict]:
     return study
 
 
-def time_shapes(copy_gbs: float, log, quick: bool, save) -> list[dict]:
+def parse_shapes(text: str) -> list[tuple[int, int]]:
+    """``"28672x8192,4096x4096"`` → [(28672, 8192), (4096, 4096)] (N×K; "x" or "×")."""
+    shapes = [item.replace("×", "x").split("x") for item in text.split(",")]
+    if not all(len(shape) == 2 and all(n.strip().isdigit() for n in shape) for shape in shapes):
+        raise SystemExit(f"--shapes {text!r}: expected a comma list of NxK, e.g. 28672x8192,4096x4096")
+    return [(int(n), int(k)) for n, k in shapes]
+
+
+def time_shapes(copy_gbs: float, log, shapes: list[tuple[int, int]], save) -> list[dict]:
+    """:func:`time_shape` for each (N, K) of ``shapes`` in order, ``save`` after each."""
     rows_out = []
-    # Largest first: they carry the targets, and a run cut off at its limit keeps them.
-    shapes = SHAPES[:2] if quick else sorted(SHAPES, key=lambda s: -s[0] * s[1])
     for rows, features in shapes:
         rows_out += time_shape(rows, features, BATCHES, LATTICES, copy_gbs, log, with_int4=True)
         save(rows_out)
@@ -736,6 +743,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--quick", action="store_true", help="two shapes only (smoke run)")
+    parser.add_argument("--shapes", default=None, metavar="NxK,...",
+                        help="time only these N×K (e.g. 4096x4096,1024x4096); the full table (all seven, ~545 s "
+                             "on an H100) nearly fills one 10-minute device call, so it can be split in two")
     parser.add_argument("--sweep", action="store_true", help="first time every tuning config on decode shapes")
     parser.add_argument("--decode-study", action="store_true",
                         help="only the decode checks (fused decode ops, decode tables), one 8B decoder layer "
@@ -812,7 +822,10 @@ def main():
         (out_dir / "kernels.json").write_text(json.dumps(result, indent=1))
         (out_dir / "kernels.md").write_text(markdown(result))
 
-    save(time_shapes(result["copy_gbs"], log, args.quick, save))
+    # Largest first: they carry the targets, and a run cut off at its limit keeps them.
+    shapes = (parse_shapes(args.shapes) if args.shapes else SHAPES[:2] if args.quick
+              else sorted(SHAPES, key=lambda s: -s[0] * s[1]))
+    save(time_shapes(result["copy_gbs"], log, shapes, save))
     result["variants"] = time_variants(log)
     save(result["timings"])
     print(markdown(result))
