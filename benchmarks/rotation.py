@@ -4,13 +4,13 @@ splits), and what another Kronecker factorisation of the padded input would cost
     python benchmarks/rotation.py --out DIR    # ~3 min on an H100
 
 For Llama-3-8B/70B K (4096, 14336, 28672) at 2.4, 2.0 and 3.0 bits (``Lattice.for_bits``: 48/20,
-48/24, 72/24) and 1–1024 tokens, checks
-``rotate_triton`` against a float64 reference, then times it (autotuned) at one column split, at the
-most splits (every 32-column chunk its own program) and at what ``triton_lift._column_splits`` picks;
-and, where it differs, with the factorisation of least kernel work within 1 % more padding
-(:func:`least_work_factors`; NOTES_kernels.md round 16), checked and timed at its own picked
-splits. Each time is one CUDA-graph replay with L2 flushed. Writes rotation.json and rotation.md to
---out. (Up to a9bfd45 the last columns compared 16-row programs with all: results/rotation_h100.md.)
+48/24, 72/24) and 1–1024 tokens, checks ``rotate_triton`` against a float64 reference, then times it
+(autotuned) at one column split, at the most splits (every 32-column chunk its own program) and at
+what ``triton_lift._column_splits`` picks; and, where it differs, with the factorisation of least
+kernel work within 1 % more padding (:func:`least_work_factors`; NOTES_kernels.md round 16), checked
+and timed at its own picked splits. Each time is one CUDA-graph replay with L2 flushed. Writes
+rotation.json and rotation.md to --out. (Up to a9bfd45 the last columns compared 16-row programs with
+all: results/rotation_h100.md.)
 """
 
 from __future__ import annotations
