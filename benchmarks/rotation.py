@@ -6,11 +6,11 @@ splits), and what another Kronecker factorisation of the padded input would cost
 For Llama-3-8B/70B K (4096, 14336, 28672) at 2.4, 2.0 and 3.0 bits (``Lattice.for_bits``: 48/20,
 48/24, 72/24) and 1–1024 tokens, checks ``rotate_triton`` against a float64 reference, then times it
 (autotuned) at one column split, at the most splits (every 32-column chunk its own program) and at
-what ``triton_lift._column_splits`` picks; and, where it differs, with the factorisation of least
-kernel work within 1 % more padding (:func:`least_work_factors`; NOTES_kernels.md round 16), checked
-and timed at its own picked splits. Each time is one CUDA-graph replay with L2 flushed. Writes
-rotation.json and rotation.md to --out. (Up to a9bfd45 the last columns compared 16-row programs with
-all: results/rotation_h100.md.)
+what it picks by default (``column_splits_of``); and, where it differs, with the factorisation of
+least kernel work within 1 % more padding (:func:`least_work_factors`; NOTES_kernels.md round 16),
+checked and timed at its own default splits. Each time is one CUDA-graph replay with L2 flushed.
+Writes rotation.json and rotation.md to --out. (Up to a9bfd45 the last columns compared 16-row
+programs with all: results/rotation_h100.md.)
 """
 
 from __future__ import annotations
@@ -28,8 +28,7 @@ import triton
 sys.path.insert(0, os.path.dirname(__file__))
 import kernel_speed as ks  # noqa: E402
 from lift_ao.kernels import triton_lift  # noqa: E402
-from lift_ao.kernels.triton_lift import _column_splits, rotate_triton  # noqa: E402
-from lift_ao.kernels.triton_matmul import sm_count  # noqa: E402
+from lift_ao.kernels.triton_lift import column_splits_of, padded_columns_of_u, rotate_triton  # noqa: E402
 from lift_ao import Lattice  # noqa: E402
 from lift_ao.transform import make_rotation, padded_in_features, rotate  # noqa: E402
 
@@ -40,15 +39,11 @@ TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 1024)
 # about one bf16 rounding of the activation itself.
 TOLERANCE = 4e-3
 
-def _padded_columns(k2: int) -> int:
-    """The rotation kernel's column tile: k2 padded to a power of two ≥ 16 (K2_PADDED)."""
-    return max(16, triton.next_power_of_2(k2))
-
 
 def rotation_work(k1: int, k2: int) -> int:
     """Multiply-adds per token of the rotation kernel: k1²·K2P for P1ᵀV and k1·K2P² for the product
     with P2, which every program reads whole (K2P = k2 padded to a power of two)."""
-    padded = _padded_columns(k2)
+    padded = padded_columns_of_u(k2)
     return k1 * k1 * padded + k1 * padded * padded
 
 
@@ -83,12 +78,6 @@ def check_and_time(x, signs, left, right, splits, checks, label) -> float:
     return ks.bench_us(lambda: rotate_triton(x, signs, left, right, column_splits=splits))
 
 
-def picked_splits(tokens: int, k1: int, k2: int) -> tuple[int, int]:
-    """(what _column_splits picks, the most splits) for ``tokens`` tokens of a (k1, k2) rotation."""
-    most = _padded_columns(k2) // 32
-    return _column_splits(tokens * triton.cdiv(k1, 16), most, sm_count(torch.device("cuda"))), most
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -104,7 +93,7 @@ def main():
             other_rotation = random_rotation(*other, signs.device) if other[1:] != (k1, k2) else None
             for tokens in TOKENS:
                 x = torch.randn(tokens, features, device="cuda", dtype=ks.DTYPE)
-                picked, most = picked_splits(tokens, k1, k2)
+                picked, most = column_splits_of(tokens, k1, k2, x.device)
                 label = dict(bits=bits, lattice=lattice.name, features=features, tokens=tokens)
                 entry = dict(label, factors=(k1, k2), picked=picked, us={}, other_factors=other)
                 entry["us"][picked] = check_and_time(x, signs, left, right, picked, checks, dict(label, factors=(k1, k2)))
@@ -112,7 +101,7 @@ def main():
                 for splits in sorted({1, most} - {picked}):
                     entry["us"][splits] = ks.bench_us(lambda: rotate_triton(x, signs, left, right, column_splits=splits))
                 if other_rotation is not None:
-                    other_splits, _ = picked_splits(tokens, *other[1:])
+                    other_splits, _ = column_splits_of(tokens, *other[1:], x.device)
                     entry["other_us"] = check_and_time(x, *other_rotation, other_splits, checks,
                                                        dict(label, factors=other[1:]))
                 results.append(entry)

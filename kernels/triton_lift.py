@@ -28,7 +28,7 @@ import triton.language as tl
 
 from .triton_matmul import dependent_launch, prefetch_to_l2, quick_bench, sm_count, wait_for_previous_kernel
 
-__all__ = ["lift_activation_triton", "rotate_triton"]
+__all__ = ["column_splits_of", "lift_activation_triton", "padded_columns_of_u", "rotate_triton"]
 
 _ROWS_PER_PROGRAM = 16   # the fewest rows of U a program takes (tl.dot's minimum M)
 _COLUMN_CHUNK = 32       # output columns of U per product with P2
@@ -125,6 +125,22 @@ def _column_splits(row_programs: int, most: int, sms: int) -> int:
     return 1 << (wanted.bit_length() - 1)
 
 
+def padded_columns_of_u(k2: int) -> int:
+    """The rotation kernel's column tile (K2_PADDED): k2 padded to a power of two ≥ 16 (tl.dot's minimum)."""
+    return max(16, triton.next_power_of_2(k2))
+
+
+def column_splits_of(tokens: int, k1: int, k2: int, device: torch.device) -> tuple[int, int]:
+    """(the column splits :func:`rotate_triton` takes by default, the most it accepts) for ``tokens``
+    tokens of a (k1, k2) rotation on ``device``: :func:`_column_splits` on CUDA, 1 elsewhere; the most
+    is one 32-column chunk per program."""
+    k2_padded = padded_columns_of_u(k2)
+    most = k2_padded // min(_COLUMN_CHUNK, k2_padded)
+    if device.type != "cuda":
+        return 1, most
+    return _column_splits(tokens * triton.cdiv(k1, _ROWS_PER_PROGRAM), most, sm_count(device)), most
+
+
 def rotate_triton(
     x: torch.Tensor, input_signs: Optional[torch.Tensor], rotation_left: torch.Tensor,
     rotation_right: torch.Tensor, column_splits: Optional[int] = None, config: Optional[dict] = None,
@@ -137,7 +153,7 @@ def rotate_triton(
         input_signs: (Kp,) or None (x already carries them), rotation_left: (k1, k1),
             rotation_right: (k2, k2) float32 rotation.
         column_splits: programs per row block of U along its columns, a power of two ≤ ⌈k2⌉₂ / 32
-            (None: :func:`_column_splits` on CUDA, 1 elsewhere).
+            (None: :func:`column_splits_of`).
         config: fixed ``{"BLOCK_I", "BLOCK_A", "num_warps", "num_stages"}`` instead of autotuning.
         out: (B, Kp) tensor to write into, any float dtype and row stride (the prefill GEMM's
             16-bit operand, rows padded for cuBLAS); None: a new fp32 one.
@@ -163,13 +179,12 @@ def rotate_triton(
     left, right = (t.to(f32).contiguous() for t in (rotation_left, rotation_right))
     # Without signs the pointer is never read; pass any fp32 tensor.
     signs = left if input_signs is None else input_signs.to(f32).contiguous()
-    k2_padded = max(16, triton.next_power_of_2(k2))
+    k2_padded = padded_columns_of_u(k2)
     column_chunk = min(_COLUMN_CHUNK, k2_padded)
-    if column_splits is None:
-        column_splits = (_column_splits(tokens * triton.cdiv(k1, _ROWS_PER_PROGRAM), k2_padded // column_chunk,
-                                        sm_count(x.device)) if x.device.type == "cuda" else 1)
-    if column_splits < 1 or column_splits & (column_splits - 1) or column_splits > k2_padded // column_chunk:
-        raise ValueError(f"column_splits={column_splits}: need a power of two from 1 to {k2_padded // column_chunk}")
+    default_splits, most = column_splits_of(tokens, k1, k2, x.device)
+    column_splits = default_splits if column_splits is None else column_splits
+    if column_splits < 1 or column_splits & (column_splits - 1) or column_splits > most:
+        raise ValueError(f"column_splits={column_splits}: need a power of two from 1 to {most}")
     columns_per_program = k2_padded // column_splits
     if config is None and x.device.type != "cuda":
         config = _ROTATE_INTERPRETER_CONFIG
