@@ -739,6 +739,12 @@ def prefill_markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def warn_if_failed(checks: list[dict], log) -> None:
+    """Log a warning before any timing when a correctness check failed (the timings still run)."""
+    if not all(c["ok"] for c in checks):
+        log("CORRECTNESS FAILED: timings below are of a wrong kernel")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -775,8 +781,7 @@ def main():
     log(f"{result['device']}: copy {result['copy_gbs']:.0f} GB/s")
     if args.prefill_study:
         result["checks"] = check_prefill(log, {2.4: LATTICES[2.4]})
-        if not all(c["ok"] for c in result["checks"]):
-            log("CORRECTNESS FAILED: timings below are of a wrong kernel")
+        warn_if_failed(result["checks"], log)
         result["timings"] = study_prefill(result["copy_gbs"], log)
         result["seconds"] = time.time() - started
         (out_dir / "kernels_prefill.json").write_text(json.dumps(result, indent=1))
@@ -787,8 +792,7 @@ def main():
         # Only the decode kernels' checks: the full set (every tuning config of every kernel) took the
         # whole of a 130 s call on an H200 before any timing.
         result["checks"] = check_fused_decode(log) + check_decode_tables(log)
-        if not all(c["ok"] for c in result["checks"]):
-            log("CORRECTNESS FAILED: timings below are of a wrong kernel")
+        warn_if_failed(result["checks"], log)
 
         def save_decode(study):
             result["decode_study"] = study
@@ -802,15 +806,13 @@ def main():
     if args.lookup_study:
         # Only the lookup kernel's checks: the full set took 250 s of an H100 call (round 16).
         result["checks"] = check_every_config(log, ("lookup",)) + check_fused_decode(log)
-        if not all(c["ok"] for c in result["checks"]):
-            log("CORRECTNESS FAILED: timings below are of a wrong kernel")
+        warn_if_failed(result["checks"], log)
         result["lookup_study"] = study_lookup(log)
         result["seconds"] = time.time() - started
         (out_dir / "kernels_lookup.json").write_text(json.dumps(result, indent=1))
         return
     result["checks"] = check_correctness(log)
-    if not all(c["ok"] for c in result["checks"]):
-        log("CORRECTNESS FAILED: timings below are of a wrong kernel")
+    warn_if_failed(result["checks"], log)
     result["compile"] = check_compile(log)
     result["variants"] = []
     result["sweep"] = sweep_configs(log) if args.sweep else []
