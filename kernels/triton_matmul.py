@@ -220,18 +220,19 @@ def quick_bench(kernel_call, quantiles: tuple, budget_ms: float = 20.0) -> list[
 
     kernel_call()
     torch.cuda.synchronize()
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(100)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(100)]
     # One repetition, flush and spin included, sets how many fit the budget.
-    starts[0].record()
-    timed(starts[1], ends[1])
-    ends[0].record()
+    before, after = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    before.record()
+    timed(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+    after.record()
     torch.cuda.synchronize()
-    repeats = max(5, min(100, int(budget_ms / starts[0].elapsed_time(ends[0]))))
-    for start, end in zip(starts[:repeats], ends[:repeats]):
+    repeats = max(5, min(100, int(budget_ms / before.elapsed_time(after))))
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+    for start, end in zip(starts, ends):
         timed(start, end)
     torch.cuda.synchronize()
-    times = torch.tensor([start.elapsed_time(end) for start, end in zip(starts[:repeats], ends[:repeats])])
+    times = torch.tensor([start.elapsed_time(end) for start, end in zip(starts, ends)])
     return torch.quantile(times, torch.tensor(quantiles, dtype=times.dtype)).tolist()
 
 
