@@ -38,7 +38,7 @@ import triton.language as tl
 from lift_ao.packing import check_packed
 
 from .triton_matmul import (_MINUS_ONE_PAIR, _SIGN_BITS_PAIR, _bit_of_column, _code_word_offset, _signs_from_words,
-                            quick_bench)
+                            autotune)
 
 __all__ = ["padded_columns", "rebuild_rotated_weight"]
 
@@ -132,9 +132,7 @@ _TUNING_CONFIGS = [
                                 (4, 16, 2), (1, 64, 2)]
 ]
 _INTERPRETER_CONFIG = {"ROWS": 4, "BLOCKS": 8}
-_rebuild_tuned = triton.autotune(configs=_TUNING_CONFIGS, key=["N", "n_blocks", "D", "d", "SPLIT_MAPPING"],
-                                 prune_configs_by={"early_config_prune": _prune_configs},
-                                 do_bench=quick_bench)(_rebuild_kernel)
+_rebuild_tuned = autotune(_TUNING_CONFIGS, ["N", "n_blocks", "D", "d", "SPLIT_MAPPING"], _prune_configs)(_rebuild_kernel)
 
 
 def rebuild_rotated_weight(

@@ -8,7 +8,8 @@ Two launches, each a handful of small tensor-core products:
    fp32 scratch row of length Kp. Each program reads all of P2, so with many tokens (prefill) the
    autotuner may take 32 or 64 rows per program, which reads P2 from L2 2–4× less often. With few
    tokens (decode) the grid is too small to fill the GPU, so the columns of U are also split across
-   programs, each recomputing its rows of ``P1ᵀ V``.
+   programs, each recomputing its rows of ``P1ᵀ V``; the autotuner picks the split count with the row
+   tile.
 2. :func:`_lift_blocks_kernel` — each d-block of U times M (d × D), cast to the activation's dtype.
 
 They are separate launches because a d-block may straddle rows of U (d need not divide k2), so a
@@ -26,9 +27,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_matmul import dependent_launch, prefetch_to_l2, quick_bench, sm_count, wait_for_previous_kernel
+from .triton_matmul import autotune, dependent_launch, prefetch_to_l2, wait_for_previous_kernel
 
-__all__ = ["column_splits_of", "lift_activation_triton", "padded_columns_of_u", "rotate_triton"]
+__all__ = ["lift_activation_triton", "most_column_splits", "padded_columns_of_u", "rotate_triton"]
 
 _ROWS_PER_PROGRAM = 16   # the fewest rows of U a program takes (tl.dot's minimum M)
 _COLUMN_CHUNK = 32       # output columns of U per product with P2
@@ -38,14 +39,15 @@ _BLOCKS_PER_PROGRAM = 64
 @triton.jit
 def _rotate_kernel(
     x_ptr, signs_ptr, left_ptr, right_ptr, u_ptr,
-    K, k1, k2, stride_x, stride_u, token_bucket,
+    K, k1, k2, stride_x, stride_u, token_bucket, fixed_splits,
     K2_PADDED: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_J: tl.constexpr,
-    COLUMNS_PER_PROGRAM: tl.constexpr, PRECISION: tl.constexpr, HAS_SIGNS: tl.constexpr,
+    COLUMN_SPLITS: tl.constexpr, PRECISION: tl.constexpr, HAS_SIGNS: tl.constexpr,
     PDL: tl.constexpr = False,
 ):
     """U[i, j] = (P1ᵀ V P2)[i, j] for token pid_b, rows i in [pid_i·BLOCK_I, +BLOCK_I), columns j in
-    [pid_j·COLUMNS_PER_PROGRAM, +COLUMNS_PER_PROGRAM); u (B, k1·k2) fp32, or 16-bit for the prefill GEMM.
-    ``token_bucket`` only keys the autotuner (decode and prefill want different chunks)."""
+    the pid_j-th of COLUMN_SPLITS equal parts of [0, K2_PADDED); u (B, k1·k2) fp32, or 16-bit for the
+    prefill GEMM. ``token_bucket`` and ``fixed_splits`` only key the autotuner (decode and prefill want
+    different tiles; a caller may fix the split count)."""
     # The rotation and the signs are constants: their DRAM latency can overlap the previous kernel.
     prefetch_to_l2(left_ptr, k1 * k1, PDL)
     prefetch_to_l2(right_ptr, k2 * k2, PDL)
@@ -73,7 +75,8 @@ def _rotate_kernel(
         partial = tl.dot(left_t, v, partial, input_precision=PRECISION)
 
     u_rows = u_ptr + pid_b.to(tl.int64) * stride_u + i[:, None] * k2
-    for j0 in range(pid_j * COLUMNS_PER_PROGRAM, (pid_j + 1) * COLUMNS_PER_PROGRAM, BLOCK_J):
+    columns_per_program: tl.constexpr = K2_PADDED // COLUMN_SPLITS
+    for j0 in range(pid_j * columns_per_program, (pid_j + 1) * columns_per_program, BLOCK_J):
         j = j0 + tl.arange(0, BLOCK_J)
         right = tl.load(right_ptr + columns[:, None] * k2 + j[None, :],
                         mask=column_ok[:, None] & (j < k2)[None, :], other=0.0)
@@ -87,12 +90,38 @@ def _rotate_kernel(
 # loads spills at K2_PADDED ≥ 128 (~250 registers, offline sm_90 compile; NOTES_kernels.md). 32 and 64
 # rows of U per program (BLOCK_I, one stage): 256 tokens at K = 28672 (2.4 bits) 249.9 → 126.1 µs, at
 # 1–32 tokens within 3 % of 16 rows or faster (H100, NOTES_kernels.md round 15, results/rotation_h100.md).
-_ROTATE_CONFIGS = [triton.Config({"BLOCK_I": _ROWS_PER_PROGRAM, "BLOCK_A": chunk}, num_warps=4, num_stages=stages)
-                   for chunk in (16, 32, 64) for stages in (1, 3)] + [
+_ROW_TILES = [triton.Config({"BLOCK_I": _ROWS_PER_PROGRAM, "BLOCK_A": chunk}, num_warps=4, num_stages=stages)
+              for chunk in (16, 32, 64) for stages in (1, 3)] + [
     triton.Config({"BLOCK_I": rows, "BLOCK_A": 32}, num_warps=warps, num_stages=1) for rows, warps in ((32, 4), (64, 8))]
+# With few tokens the grid is too small to fill the GPU, so the columns of U may also be split over
+# programs (COLUMN_SPLITS, each recomputing its rows of P1ᵀ V). The best count depends on the row tile
+# the autotuner takes, so it is tuned with it, not set by a rule: a rule on 16-row program counts
+# (≤ one program per SM) took 2 splits at 8 tokens, K = 28672 (2.4 bits): 23.9 µs, where 8 splits take
+# 17.2; at 16 tokens, K = 14336: 18.0 vs 12.9 (H100, NOTES_kernels.md round 17). Above
+# _MOST_SPLIT_TOKENS tokens one split was always the fastest, so larger buckets tune the row tile alone.
+_MOST_SPLIT_TOKENS = 64
+_ROTATE_CONFIGS = [triton.Config({**tile.kwargs, "COLUMN_SPLITS": splits}, num_warps=tile.num_warps,
+                                 num_stages=tile.num_stages)
+                   for splits in (1, 2, 4, 8, 16) for tile in _ROW_TILES]
 _ROTATE_INTERPRETER_CONFIG = {"BLOCK_I": _ROWS_PER_PROGRAM, "BLOCK_A": 16}
-_rotate_tuned = triton.autotune(configs=_ROTATE_CONFIGS, key=["k1", "k2", "token_bucket", "COLUMNS_PER_PROGRAM", "PRECISION"],
-                                do_bench=quick_bench)(_rotate_kernel)
+
+
+def _prune_rotate_configs(configs, named_args, **kwargs):
+    """The split counts that tile this K2_PADDED in 32-column chunks (only the caller's, if it fixed
+    one; only 1 above _MOST_SPLIT_TOKENS tokens)."""
+    most = most_column_splits(named_args["k2"])
+    fixed = named_args["fixed_splits"]
+    if fixed:
+        allowed = {fixed}
+    elif named_args["token_bucket"] > _MOST_SPLIT_TOKENS:
+        allowed = {1}
+    else:
+        allowed = {s for s in (1, 2, 4, 8, 16) if s <= most}
+    return [c for c in configs if c.kwargs["COLUMN_SPLITS"] in allowed]
+
+
+_rotate_tuned = autotune(_ROTATE_CONFIGS, ["k1", "k2", "token_bucket", "fixed_splits", "PRECISION"],
+                         _prune_rotate_configs)(_rotate_kernel)
 
 
 @triton.jit
@@ -115,30 +144,15 @@ def _lift_blocks_kernel(
              lifted.to(out_ptr.dtype.element_ty), mask=block_ok[:, None] & (f < D)[None, :])
 
 
-def _column_splits(row_programs: int, most: int, sms: int) -> int:
-    """How many programs share each row block of U (each recomputes its rows of P1ᵀ V), from the
-    ``row_programs`` the grid would have at 16 rows each: the largest power of two ≤ ``most`` that
-    keeps the grid within one program per SM, so few tokens still fill the GPU but more tokens do not
-    pay the recomputation and extra waves for nothing. H100, K = 14336, 16 tokens: 25.4 µs at 8
-    splits, 17.9 at the 2 picked here (``benchmarks/rotation.py``, results/rotation_splits_h100.md)."""
-    wanted = max(1, min(most, sms // row_programs))
-    return 1 << (wanted.bit_length() - 1)
-
-
 def padded_columns_of_u(k2: int) -> int:
     """The rotation kernel's column tile (K2_PADDED): k2 padded to a power of two ≥ 16 (tl.dot's minimum)."""
     return max(16, triton.next_power_of_2(k2))
 
 
-def column_splits_of(tokens: int, k1: int, k2: int, device: torch.device) -> tuple[int, int]:
-    """(the column splits :func:`rotate_triton` takes by default, the most it accepts) for ``tokens``
-    tokens of a (k1, k2) rotation on ``device``: :func:`_column_splits` on CUDA, 1 elsewhere; the most
-    is one 32-column chunk per program."""
+def most_column_splits(k2: int) -> int:
+    """The most programs that may share a row block of U for a (·, k2) rotation: one 32-column chunk each."""
     k2_padded = padded_columns_of_u(k2)
-    most = k2_padded // min(_COLUMN_CHUNK, k2_padded)
-    if device.type != "cuda":
-        return 1, most
-    return _column_splits(tokens * triton.cdiv(k1, _ROWS_PER_PROGRAM), most, sm_count(device)), most
+    return k2_padded // min(_COLUMN_CHUNK, k2_padded)
 
 
 def rotate_triton(
@@ -152,8 +166,8 @@ def rotate_triton(
         x: (..., K) fp16 / bf16 / fp32 activation, K ≤ Kp = k1·k2.
         input_signs: (Kp,) or None (x already carries them), rotation_left: (k1, k1),
             rotation_right: (k2, k2) float32 rotation.
-        column_splits: programs per row block of U along its columns, a power of two ≤ ⌈k2⌉₂ / 32
-            (None: :func:`column_splits_of`).
+        column_splits: programs per row block of U along its columns, a power of two ≤
+            :func:`most_column_splits` (None: autotuned with the row tile on CUDA, 1 elsewhere).
         config: fixed ``{"BLOCK_I", "BLOCK_A", "num_warps", "num_stages"}`` instead of autotuning.
         out: (B, Kp) tensor to write into, any float dtype and row stride (the prefill GEMM's
             16-bit operand, rows padded for cuBLAS); None: a new fp32 one.
@@ -180,22 +194,22 @@ def rotate_triton(
     # Without signs the pointer is never read; pass any fp32 tensor.
     signs = left if input_signs is None else input_signs.to(f32).contiguous()
     k2_padded = padded_columns_of_u(k2)
-    column_chunk = min(_COLUMN_CHUNK, k2_padded)
-    default_splits, most = column_splits_of(tokens, k1, k2, x.device)
-    column_splits = default_splits if column_splits is None else column_splits
-    if column_splits < 1 or column_splits & (column_splits - 1) or column_splits > most:
+    most = most_column_splits(k2)
+    if column_splits is not None and (column_splits < 1 or column_splits & (column_splits - 1) or column_splits > most):
         raise ValueError(f"column_splits={column_splits}: need a power of two from 1 to {most}")
-    columns_per_program = k2_padded // column_splits
     if config is None and x.device.type != "cuda":
         config = _ROTATE_INTERPRETER_CONFIG
-    kernel = _rotate_tuned if config is None else _rotate_kernel
+    if config is None:
+        kernel, tile = _rotate_tuned, {}
+    else:
+        kernel, tile = _rotate_kernel, {**config, "COLUMN_SPLITS": column_splits or 1}
     launch = dependent_launch(x.device)
-    kernel[lambda meta: (tokens, triton.cdiv(k1, meta["BLOCK_I"]), k2_padded // columns_per_program)](
+    kernel[lambda meta: (tokens, triton.cdiv(k1, meta["BLOCK_I"]), meta["COLUMN_SPLITS"])](
         rows, signs, left, right, rotated, features, k1, k2, rows.stride(0), rotated.stride(0),
-        min(triton.next_power_of_2(tokens), 256),
-        K2_PADDED=k2_padded, BLOCK_J=column_chunk, COLUMNS_PER_PROGRAM=columns_per_program,
+        min(triton.next_power_of_2(tokens), 256), column_splits or 0,
+        K2_PADDED=k2_padded, BLOCK_J=min(_COLUMN_CHUNK, k2_padded),
         PRECISION="ieee" if x.dtype == f32 else "tf32", HAS_SIGNS=input_signs is not None, PDL=bool(launch),
-        **launch, **(config or {}),
+        **launch, **tile,
     )
     return rotated
 

@@ -36,7 +36,7 @@ import triton.language as tl
 
 from lift_ao.packing import check_packed, words_per_row
 
-from .triton_matmul import _code_word_offset, dependent_launch, quick_bench, sm_count, wait_for_previous_kernel
+from .triton_matmul import _code_word_offset, autotune, dependent_launch, sm_count, wait_for_previous_kernel
 
 __all__ = ["MAX_TOKENS", "build_tables", "lift_tables", "lookup_matmul", "lookup_siblings", "split_counter_count",
            "token_block"]
@@ -228,17 +228,21 @@ def _lookup_kernel(
 # maxnreg: for a block of ≥ 2 warps ptxas otherwise budgets 32 registers (full occupancy at 32 blocks
 # per SM) and interleaves each table load with its add, so a warp waits on one load at a time: 2× slower
 # than the 1-warp config (64 registers, all 32 loads of a quad in flight). H200, NOTES round 8.
+# At 64 registers a 4-warp block leaves an SM 32 resident warps (38.9 % achieved occupancy at
+# 28672×8192, 1 token, with L1 scoreboard waits 55 % of the warp cycles: ncu, H100, NOTES round 17);
+# 48 registers fit 40 warps, which pays at 2 tokens (8192×28672 71.5 → 64.0 µs, 14336×4096
+# 26.8 → 25.0; H200) and is within ±2 % at 1.
 _TUNING_CONFIGS = [
     triton.Config({"BLOCK_N": 32}, num_warps=1, num_stages=3),
     triton.Config({"BLOCK_N": 64}, num_warps=2, num_stages=3, maxnreg=64),
     triton.Config({"BLOCK_N": 128}, num_warps=4, num_stages=3, maxnreg=64),
+    triton.Config({"BLOCK_N": 128}, num_warps=4, num_stages=3, maxnreg=48),
     triton.Config({"BLOCK_N": 256}, num_warps=8, num_stages=3, maxnreg=64),
 ]
 _INTERPRETER_CONFIG = {"BLOCK_N": 32}
 
-_lookup_tuned = triton.autotune(
-    configs=_TUNING_CONFIGS, key=["rows0", "rows1", "rows2", "words_total", "words_per_split", "BLOCK_B", "SIBLINGS"],
-    do_bench=quick_bench)(_lookup_kernel)
+_lookup_tuned = autotune(_TUNING_CONFIGS, ["rows0", "rows1", "rows2", "words_total", "words_per_split", "BLOCK_B",
+                                            "SIBLINGS"])(_lookup_kernel)
 
 # The largest token count the lookup kernel takes (one power-of-two token block per program).
 MAX_TOKENS = 8

@@ -35,7 +35,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from lift_ao.packing import check_packed
 
-__all__ = ["dependent_launch", "lifted_matmul_triton", "prefetch_to_l2", "quick_bench", "reduce_splits", "sm_count",
+__all__ = ["autotune", "dependent_launch", "lifted_matmul_triton", "prefetch_to_l2", "quick_bench", "reduce_splits", "sm_count",
            "token_block", "wait_for_previous_kernel"]
 
 
@@ -236,9 +236,20 @@ def quick_bench(kernel_call, quantiles: tuple, budget_ms: float = 20.0) -> list[
     return torch.quantile(times, torch.tensor(quantiles, dtype=times.dtype)).tolist()
 
 
-_lifted_matmul_tuned = triton.autotune(
-    configs=_TUNING_CONFIGS, key=["N", "words_total", "BLOCK_B", "words_per_split", "SPLIT_FP32"],
-    prune_configs_by={"early_config_prune": _prune_configs}, do_bench=quick_bench)(_lifted_matmul_kernel)
+def autotune(configs: list, key: list[str], prune=None):
+    """``triton.autotune`` as every lift_ao kernel uses it: candidates timed by :func:`quick_bench`
+    (after ``prune(configs, named_args, **kwargs)``, if given), each key's timings cached on disk in
+    Triton's cache directory (``TRITON_CACHE_DIR``, default ~/.triton/cache), so later processes on
+    the machine run the same configs without re-timing them (the decode benchmark's processes then
+    agree exactly, and start faster). The cache entry is keyed by the Triton version, the GPU
+    architecture, the kernel's source, the candidates and the tuning key; to re-time, delete the
+    directory's ``*.autotune.json`` files. The interpreter never tunes."""
+    return triton.autotune(configs=configs, key=key, prune_configs_by=prune and {"early_config_prune": prune},
+                           do_bench=quick_bench, cache_results=True)
+
+
+_lifted_matmul_tuned = autotune(_TUNING_CONFIGS, ["N", "words_total", "BLOCK_B", "words_per_split", "SPLIT_FP32"],
+                                _prune_configs)(_lifted_matmul_kernel)
 
 
 @triton.jit

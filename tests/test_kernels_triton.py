@@ -261,12 +261,27 @@ def test_lift_activation_matches_float64(dtype, tokens, features, d, D, column_s
     assert _relative_error(out, ref) < TOLERANCE[dtype]
 
 
-@pytest.mark.parametrize("row_programs,most,splits", [(4, 8, 8), (16, 8, 8), (32, 8, 4), (64, 8, 2), (80, 8, 1),
-                                                       (500, 8, 1), (4, 2, 2), (40, 8, 2)])
-def test_rotation_splits_columns_only_while_programs_fit_on_the_sms(row_programs, most, splits):
-    from lift_ao.kernels.triton_lift import _column_splits
+@pytest.mark.parametrize("k2,token_bucket,fixed,splits", [
+    (239, 1, 0, {1, 2, 4, 8}), (239, 64, 0, {1, 2, 4, 8}), (239, 128, 0, {1}), (82, 16, 0, {1, 2, 4}),
+    (44, 1, 0, {1, 2}), (12, 1, 0, {1}), (239, 256, 4, {4}), (82, 1, 2, {2})])
+def test_rotation_tunes_column_splits_that_tile_u_for_few_tokens(k2, token_bucket, fixed, splits):
+    """The autotuner's candidates: every power-of-two split of the 32-column chunks up to 64 tokens,
+    one split above, only the caller's when fixed; each row tile with each split."""
+    from lift_ao.kernels.triton_lift import _ROTATE_CONFIGS, _ROW_TILES, _prune_rotate_configs
 
-    assert _column_splits(row_programs, most, sms=132) == splits
+    kept = _prune_rotate_configs(_ROTATE_CONFIGS, dict(k2=k2, token_bucket=token_bucket, fixed_splits=fixed))
+    assert {c.kwargs["COLUMN_SPLITS"] for c in kept} == splits
+    assert len(kept) == len(splits) * len(_ROW_TILES)
+
+
+def test_every_autotuner_times_with_the_spin_timer():
+    """The four kernels' autotuners come from ``triton_matmul.autotune``: ``quick_bench`` times their
+    candidates (do_bench's own timer picked by host jitter; NOTES_kernels.md round 16)."""
+    from lift_ao.kernels import triton_dequant, triton_lift
+
+    tuners = (triton_lift._rotate_tuned, triton_lut._lookup_tuned, triton_matmul._lifted_matmul_tuned,
+              triton_dequant._rebuild_tuned)
+    assert all(tuner.do_bench is triton_matmul.quick_bench for tuner in tuners)
 
 
 @pytest.mark.parametrize("rows_per_program", [16, 32, 64])
