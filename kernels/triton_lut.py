@@ -228,15 +228,13 @@ def _lookup_kernel(
 # maxnreg: for a block of ≥ 2 warps ptxas otherwise budgets 32 registers (full occupancy at 32 blocks
 # per SM) and interleaves each table load with its add, so a warp waits on one load at a time: 2× slower
 # than the 1-warp config (64 registers, all 32 loads of a quad in flight). H200, NOTES round 8.
-# At 64 registers a 4-warp block leaves an SM 32 resident warps (38.9 % achieved occupancy at
-# 28672×8192, 1 token, with L1 scoreboard waits 55 % of the warp cycles: ncu, H100, NOTES round 17);
-# 48 registers fit 40 warps, which pays at 2 tokens (8192×28672 71.5 → 64.0 µs, 14336×4096
-# 26.8 → 25.0; H200) and is within ±2 % at 1.
+# A 48-register candidate (40 resident warps instead of 32) was 5–11 % faster alone at 2 tokens and
+# within ±2 % at 1, but the autotuner's standalone timing then chose it where it is slower inside the
+# decode graph: Llama-3-8B shape at 3.0 bits 249.2 → 237.1 tokens/s (H100, NOTES round 17). Not kept.
 _TUNING_CONFIGS = [
     triton.Config({"BLOCK_N": 32}, num_warps=1, num_stages=3),
     triton.Config({"BLOCK_N": 64}, num_warps=2, num_stages=3, maxnreg=64),
     triton.Config({"BLOCK_N": 128}, num_warps=4, num_stages=3, maxnreg=64),
-    triton.Config({"BLOCK_N": 128}, num_warps=4, num_stages=3, maxnreg=48),
     triton.Config({"BLOCK_N": 256}, num_warps=8, num_stages=3, maxnreg=64),
 ]
 _INTERPRETER_CONFIG = {"BLOCK_N": 32}
