@@ -9,6 +9,10 @@ pick, each config's median time by the autotuner's own timer, and the same confi
 budget. ``--pin`` fills the caches from an earlier process's file before anything runs, so a fresh
 process can replay another's picks: if tokens/s follows the picks, the picks explain a spread between
 processes (NOTES_kernels.md, round 16). Writes ``picks_<name>.json`` under ``--out``.
+
+The autotuners cache their timings on disk (``triton_matmul.autotune``): a key already in
+``TRITON_CACHE_DIR`` is not timed again, so its record has the pick and no timings. Point
+``TRITON_CACHE_DIR`` at an empty directory to time every key.
 """
 
 from __future__ import annotations
