@@ -8,10 +8,11 @@ half of its warp cycles and issues 6.2 instructions per 4 code bits. A byte-inde
 loads. A full 256-entry table spans 4–8 L1 lines, so the 32 lanes' random entries would cost 2–4×
 today's L1 wavefronts (L1 is at 70 %); but v(~b) = −v(b) for a byte b of ±1 codes, so 128 fp16
 entries (256 bytes, 2 lines) hold the group: one load per byte at 2 wavefronts, today's wavefronts per
-bit with half the loads and ~5 instructions per nibble (byte shift, sign mask by an arithmetic shift,
-index with conditional complement, load, sign flip of the fp16 bits, conversion, add).
-Prediction: 28672×8192 at 2.4 bits from ~43–46 to ~32–36 µs. Tables double (L × 32 bytes a token)
-and entries are fp16 (relative error ~2e-4 against the fp32 nibble tables).
+bit with 44 % fewer loads per step (20 against 36). Offline sm_90 SASS has 213 instructions per
+4-word step against the shipped 194 (6.7 per nibble against 6.1: the sign mask and the 64-bit
+address cost more than predicted), so it trades issue slots for loads. Prediction: 0–15 % at
+28672×8192 (2.4 bits), a gain only if L1 latency per load is what the warps wait on. Tables double
+(L × 32 bytes a token) and entries are fp16 (relative error ~2e-4 against the fp32 nibble tables).
 
 Layout: bit t of byte m of code word w is lifted position 32w + 8m + t (as in :mod:`lift_ao.packing`);
 byte group G = 4w + m holds table[G, i] = v(i | 128) = Σ_t (2·bit_t(i | 128) − 1)·x̃[8G + t]; a byte
