@@ -132,7 +132,8 @@ _TUNING_CONFIGS = [
                                 (4, 16, 2), (1, 64, 2)]
 ]
 _INTERPRETER_CONFIG = {"ROWS": 4, "BLOCKS": 8}
-_rebuild_tuned = autotune(_TUNING_CONFIGS, ["N", "n_blocks", "D", "d", "SPLIT_MAPPING"], _prune_configs)(_rebuild_kernel)
+_rebuild_tuned = autotune(_TUNING_CONFIGS, ["N", "n_blocks", "D", "d", "SPLIT_MAPPING"],
+                          _prune_configs)(_rebuild_kernel)
 
 
 def rebuild_rotated_weight(

@@ -35,8 +35,8 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from lift_ao.packing import check_packed
 
-__all__ = ["autotune", "dependent_launch", "lifted_matmul_triton", "prefetch_to_l2", "quick_bench", "reduce_splits", "sm_count",
-           "token_block", "wait_for_previous_kernel"]
+__all__ = ["autotune", "dependent_launch", "lifted_matmul_triton", "prefetch_to_l2", "quick_bench", "reduce_splits",
+           "sm_count", "token_block", "wait_for_previous_kernel"]
 
 
 def _as_int32(value: int) -> int:
