@@ -8,9 +8,9 @@ half of its warp cycles and issues 6.2 instructions per 4 code bits. A byte-inde
 loads. A full 256-entry table spans 4–8 L1 lines, so the 32 lanes' random entries would cost 2–4×
 today's L1 wavefronts (L1 is at 70 %); but v(~b) = −v(b) for a byte b of ±1 codes, so 128 fp16
 entries (256 bytes, 2 lines) hold the group: one load per byte at 2 wavefronts, today's wavefronts per
-bit with 44 % fewer loads per step (20 against 36). Offline sm_90 SASS has 213 instructions per
-4-word step against the shipped 194 (6.7 per nibble against 6.1: the sign mask and the 64-bit
-address cost more than predicted), so it trades issue slots for loads. Prediction: 0–15 % at
+bit with 44 % fewer loads per step (20 against 36). Offline sm_90 SASS has 201 instructions per
+4-word step against the shipped 194 (6.3 per nibble against 6.1: the index, the 64-bit address and
+the sign flip take two each), so it trades a few issue slots for fewer loads. Prediction: 0–15 % at
 28672×8192 (2.4 bits), a gain only if L1 latency per load is what the warps wait on. Tables double
 (L × 32 bytes a token) and entries are fp16 (relative error ~2e-4 against the fp32 nibble tables).
 
@@ -71,13 +71,20 @@ def _byte_lookup_kernel(table_ptr, codes_ptr, scale_ptr, out_ptr, N, words_total
         upcoming = _load_quad(code_ptrs, tl.multiple_of(tl.minimum(word0 + 4, last), 4), quads_per_row, row_ok)
         step_table = table_ptr + word0 * 512
         for w in tl.static_range(4):
-            word = words[w]
+            word = words[w].to(tl.int32, bitcast=True)
+            # Per word, not per byte: each byte whose bit 7 is clear complemented (0x7f masks of the
+            # bytes whose bit 7 is clear, from bit 7 moved to bit 0 times 0x7f), so every byte's low
+            # 7 bits are its entry.
+            clear = ((~word >> 7) & 0x01010101) * 127
+            entries = word ^ clear
             for m in tl.static_range(4):
-                # 0 where bit 7 of byte m is set (+table[b & 127]), -1 where not (−table[~b & 127]).
-                flip = ~((word << (24 - 8 * m)).to(tl.int32, bitcast=True) >> 31)
-                entry = ((word >> (8 * m)).to(tl.int32, bitcast=True) ^ flip) & 127
+                entry = (entries >> (8 * m)) & 127
                 bits = tl.load(step_table + (4 * w + m) * 128 + entry, eviction_policy="evict_last")
-                total += (bits ^ (flip & 0x8000).to(tl.int16)).to(tl.float16, bitcast=True).to(tl.float32)
+                value = bits.to(tl.float16, bitcast=True).to(tl.float32).to(tl.int32, bitcast=True)
+                # bit 7 of byte m clear → flip the sign (−table[~b & 127]): bit 8m + 6 of ``clear``
+                # moved to bit 31 (in 32-bit registers: a 16-bit flip costs byte permutes).
+                flip = (clear << (25 - 8 * m)) & (-2147483648)
+                total += (value ^ flip).to(tl.float32, bitcast=True)
     scale = tl.load(scale_ptr + rows, mask=row_ok, other=0.0)
     tl.atomic_add(out_ptr + rows, total * scale, mask=row_ok)
 
