@@ -1,7 +1,11 @@
 """The rotation u = Rᵀ pad(signs ⊙ x) on the GPU: what the autotuner picks (row tile and column
 splits) against every split count it could take.
 
-    python benchmarks/rotation.py --out DIR    # ~5 min on an H100
+    python benchmarks/rotation.py --out DIR                           # all rows: ~15 min on an H100
+    python benchmarks/rotation.py --bits 2.4 --tokens 1,8,64 --out DIR  # part of it, within one device call
+
+(Every split count is its own tuning key with its own compiled candidates: 13 rows took 216 s in
+round 17.)
 
 For Llama-3-8B/70B K (4096, 14336, 28672) at 2.4, 2.0 and 3.0 bits (``Lattice.for_bits``: 48/20,
 48/24, 72/24; the shipped rotation of ``make_rotation``) and 1–256 tokens, checks ``rotate_triton``
@@ -64,18 +68,23 @@ def write_results(out: Path, checks: list[dict], results: list[dict]) -> None:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    parser.add_argument("--bits", default="2.4,2.0,3.0", help="comma list of bit-widths (Lattice.for_bits)")
+    parser.add_argument("--tokens", default=",".join(map(str, TOKENS)), help="comma list of token counts")
     args = parser.parse_args()
+    tokens_list = [int(t) for t in args.tokens.split(",")]
+    if not torch.cuda.is_available():
+        raise SystemExit("rotation.py times the rotation kernel on a CUDA GPU")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results, checks = [], []
     f64 = torch.float64
-    for bits in (2.4, 2.0, 3.0):
+    for bits in (float(b) for b in args.bits.split(",")):
         lattice = Lattice.for_bits(bits)
         for features in (4096, 14336, 28672):
             rotation = make_rotation(features, lattice.d, seed=0)
             signs, left, right = (t.cuda() for t in (rotation.signs, rotation.left, rotation.right))
             k1, k2 = left.shape[0], right.shape[0]
-            for tokens in TOKENS:
+            for tokens in tokens_list:
                 x = torch.randn(tokens, features, device="cuda", dtype=ks.DTYPE)
                 label = dict(bits=bits, lattice=lattice.name, features=features, tokens=tokens, factors=(k1, k2))
                 ref = rotate(x.to(f64), *(t.to(f64) for t in (signs, left, right)))
