@@ -284,6 +284,19 @@ def test_every_autotuner_times_with_the_spin_timer():
     assert all(tuner.do_bench is triton_matmul.quick_bench for tuner in tuners)
 
 
+def test_autotune_caches_timings_on_disk(monkeypatch):
+    """The helper asks Triton to keep each key's timings in its cache directory (Triton itself turns
+    that off under the interpreter, so the request is what can be checked here)."""
+    requested = {}
+    monkeypatch.setattr(triton, "autotune", lambda **kwargs: requested.update(kwargs))
+    prune = lambda configs, named_args, **kwargs: configs  # noqa: E731
+
+    triton_matmul.autotune([], ["N"], prune)
+
+    assert requested["cache_results"] is True and requested["do_bench"] is triton_matmul.quick_bench
+    assert requested["prune_configs_by"] == {"early_config_prune": prune} and requested["key"] == ["N"]
+
+
 @pytest.mark.parametrize("rows_per_program", [16, 32, 64])
 @pytest.mark.parametrize("features,d,column_splits", [(4200, 12, 1), (4200, 12, 2), (1100, 10, 1), (37, 10, 1)])
 def test_rotation_row_blocks_match_float64(rows_per_program, features, d, column_splits):
