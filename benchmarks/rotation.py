@@ -55,10 +55,11 @@ def write_results(out: Path, checks: list[dict], results: list[dict]) -> None:
              f"{max(c['error'] for c in checks):.1e}. Fixed split counts are timed up to "
              f"{triton_lift._MOST_SPLIT_TOKENS} tokens (the autotuner takes one split above).", "",
              "| bits (lattice) | K | (k1, k2) | tokens | autotuned µs | its splits | its rows per program | "
-             "µs at 1 / 2 / 4 / 8 splits (row tile autotuned) | autotuned / best fixed |",
+             f"µs at {' / '.join(map(str, triton_lift._SPLIT_COUNTS))} splits (row tile autotuned) | "
+             "autotuned / best fixed |",
              "|---|---|---|---|---:|---:|---:|---|---:|"]
     for e in results:
-        fixed = " / ".join(f"{e['fixed_us'][s]:.1f}" if s in e["fixed_us"] else "–" for s in (1, 2, 4, 8))
+        fixed = " / ".join(f"{e['fixed_us'][s]:.1f}" if s in e["fixed_us"] else "–" for s in triton_lift._SPLIT_COUNTS)
         ratio = f"{e['us'] / min(e['fixed_us'].values()):.2f}" if e["fixed_us"] else ""
         lines.append(f"| {e['bits']} ({e['lattice']}) | {e['features']} | {tuple(e['factors'])} | {e['tokens']} | "
                      f"{e['us']:.1f} | {e['splits']} | {e['rows_per_program']} | {fixed} | {ratio} |")
@@ -94,7 +95,7 @@ def main():
                 entry = dict(label, us=ks.bench_us(lambda: rotate_triton(x, signs, left, right)),
                              splits=picked["COLUMN_SPLITS"], rows_per_program=picked["BLOCK_I"], fixed_us={})
                 if tokens <= triton_lift._MOST_SPLIT_TOKENS:
-                    for splits in (1, 2, 4, 8, 16):
+                    for splits in triton_lift._SPLIT_COUNTS:
                         if splits <= most_column_splits(k2):
                             entry["fixed_us"][splits] = ks.bench_us(
                                 lambda: rotate_triton(x, signs, left, right, column_splits=splits))

@@ -100,9 +100,10 @@ _ROW_TILES = [triton.Config({"BLOCK_I": _ROWS_PER_PROGRAM, "BLOCK_A": chunk}, nu
 # 17.2; at 16 tokens, K = 14336: 18.0 vs 12.9 (H100, NOTES_kernels.md round 17). Above
 # _MOST_SPLIT_TOKENS tokens one split was always the fastest, so larger buckets tune the row tile alone.
 _MOST_SPLIT_TOKENS = 64
+_SPLIT_COUNTS = (1, 2, 4, 8, 16)  # pruned per key to those ≤ most_column_splits(k2)
 _ROTATE_CONFIGS = [triton.Config({**tile.kwargs, "COLUMN_SPLITS": splits}, num_warps=tile.num_warps,
                                  num_stages=tile.num_stages)
-                   for splits in (1, 2, 4, 8, 16) for tile in _ROW_TILES]
+                   for splits in _SPLIT_COUNTS for tile in _ROW_TILES]
 _ROTATE_INTERPRETER_CONFIG = {"BLOCK_I": _ROWS_PER_PROGRAM, "BLOCK_A": 16}
 
 
@@ -116,7 +117,7 @@ def _prune_rotate_configs(configs, named_args, **kwargs):
     elif named_args["token_bucket"] > _MOST_SPLIT_TOKENS:
         allowed = {1}
     else:
-        allowed = {s for s in (1, 2, 4, 8, 16) if s <= most}
+        allowed = {s for s in _SPLIT_COUNTS if s <= most}
     return [c for c in configs if c.kwargs["COLUMN_SPLITS"] in allowed]
 
 
