@@ -774,8 +774,8 @@ def main():
                         help="only the prefill checks and the prefill path at 2.4 bits, 2 shapes × batch 16-1024 "
                              "(writes kernels_prefill.json / .md; ~1-2 min)")
     args = parser.parse_args()
-    if args.skip_checks and not args.shapes:
-        parser.error("--skip-checks needs --shapes: a full table runs its own checks")
+    if args.skip_checks and (args.checks_only or not args.shapes):
+        parser.error("--skip-checks needs --shapes (a full table runs its own checks) and not --checks-only")
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     log_file = open(out_dir / "kernels.log", "w")
