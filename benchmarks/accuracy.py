@@ -172,10 +172,10 @@ def run_row(name: str, reference, tokenizer, eval_tokens, args) -> dict:
                 e2e_tokens = (calibration if args.e2e_tokens in (None, args.calibration_tokens)
                               else builtin_calibration_tokens(tokenizer, args.e2e_tokens))
                 row["end_to_end"] = dict(steps=args.e2e_steps, lr=args.e2e_lr, batch_size=args.finetune_batch,
-                                         held_out=args.e2e_held_out, tokens=e2e_tokens.numel(), samples=args.e2e_samples)
+                                         held_out=args.e2e_held_out, tokens=e2e_tokens.numel())
                 row["end_to_end"]["held_out_kl_before_after"] = finetune_end_to_end(
                     model, reference, e2e_tokens, steps=args.e2e_steps, lr=args.e2e_lr, batch_size=args.finetune_batch,
-                    held_out=args.e2e_held_out, samples=args.e2e_samples)
+                    held_out=args.e2e_held_out)
             row["calibration_tokens"] = calibration.numel()
         else:
             lift_ao.quantize(model, lift_ao.liftquant(lattice=_lattice_of(name)), device=args.device)
@@ -244,8 +244,6 @@ def _markdown(doc: dict) -> str:
                                                             "to pick the kept scales" if "held_out" in r['end_to_end'] else "")
                              + (f", over the first {r['end_to_end']['tokens']} calibration tokens"
                                 if r['end_to_end'].get("tokens", r.get("calibration_tokens")) != r.get("calibration_tokens") else "")
-                             + (f", plus {r['end_to_end']['samples']} training sequences sampled from the reference "
-                                "model after 32-token chunks of the training text" if r['end_to_end'].get("samples") else "")
                              for r in doc["rows"].values() if r.get("end_to_end")}))
            or "none measured yet") + ".",
         "",
@@ -327,8 +325,6 @@ def main(argv=None) -> None:
                         "end-to-end stage (default: --calibration-tokens; the first ones are the block stage's)")
     parser.add_argument("--e2e-held-out", type=float, default=0.125, help="lift-cal-fte rows: fraction of the "
                         "end-to-end sequences held out to pick the kept scales (default 0.125)")
-    parser.add_argument("--e2e-samples", type=int, default=0, help="lift-cal-fte rows: extra training sequences "
-                        "sampled from the reference model after 32-token chunks of the training text (default 0)")
     parser.add_argument("--checkpoint-root", type=Path, default=None, help="calibrated rows save each finished "
                         "decoder block under ROOT/<row>/ and a rerun resumes from there (bit-identical)")
     parser.add_argument("--redo", action="store_true", help="measure rows already in the results again")

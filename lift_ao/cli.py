@@ -111,10 +111,9 @@ def _cmd_quantize(args) -> dict:
         if args.e2e_steps < 0:
             raise ValueError(f"--e2e-steps must be >= 0, got {args.e2e_steps}")
         # Checked before calibrating, which may take long, rather than when the end-to-end stage starts.
-        if (not 0 < args.e2e_held_out < 1 or (args.e2e_tokens is not None and args.e2e_tokens < 1024)
-                or args.e2e_samples < 0):
-            raise ValueError(f"--e2e-held-out must be in (0, 1), --e2e-tokens at least 1024 (two sequences of 512) "
-                             f"and --e2e-samples >= 0, got {args.e2e_held_out}, {args.e2e_tokens} and {args.e2e_samples}")
+        if not 0 < args.e2e_held_out < 1 or (args.e2e_tokens is not None and args.e2e_tokens < 1024):
+            raise ValueError(f"--e2e-held-out must be in (0, 1) and --e2e-tokens at least 1024 (two sequences of "
+                             f"512), got {args.e2e_held_out} and {args.e2e_tokens}")
         # The teacher of end-to-end fine-tuning is the model before quantization (a second copy).
         teacher = copy.deepcopy(model) if args.e2e_steps else None
         calibrate(model, config, calibration, checkpoint_dir=partial, overwrite=args.overwrite, device=device,
@@ -126,9 +125,8 @@ def _cmd_quantize(args) -> dict:
             e2e_tokens = (calibration if args.e2e_tokens in (None, args.calibration_tokens)
                           else builtin_calibration_tokens(tokenizer, args.e2e_tokens))
             report["e2e_tokens"], report["e2e_held_out"] = e2e_tokens.numel(), args.e2e_held_out
-            report["e2e_samples"] = args.e2e_samples
             report["e2e_held_out_kl_before_after"] = lift_ao.finetune_end_to_end(
-                model, teacher, e2e_tokens, steps=args.e2e_steps, held_out=args.e2e_held_out, samples=args.e2e_samples)
+                model, teacher, e2e_tokens, steps=args.e2e_steps, held_out=args.e2e_held_out)
             del teacher
     else:
         lift_ao.quantize(model, config, progress=True, resume_dir=partial, overwrite=args.overwrite)
@@ -265,9 +263,6 @@ def _parser() -> argparse.ArgumentParser:
                    "benchmarks/results/accuracy_fte1024_e2e917k_2bit4_h100.md)")
     q.add_argument("--e2e-held-out", type=float, default=0.125, help="with --e2e-steps: fraction of the end-to-end "
                    "sequences held out to pick the kept scales (default 0.125)")
-    q.add_argument("--e2e-samples", type=int, default=0, help="with --e2e-steps: extra training sequences written "
-                   "by the unquantized model, each continuing 32 tokens of the training text (lift_ao.finetune.teacher_samples; "
-                   "never held out; default 0: none)")
     q.add_argument("--skip-eval", action="store_true", help="do not measure perplexity")
     _add_eval_options(q)
 

@@ -9,12 +9,6 @@ end-to-end fine-tuning do for their continuous parameters). The codes, M and the
 learned factors are folded into ``row_scale`` and ``input_signs``, so the format, the kernels and the
 footprint are unchanged.
 
-Data: calibration text runs out (the built-in split is ~0.95 M tokens, and more of it kept lowering
-the evaluation perplexity: benchmarks/results/accuracy_fte1024_e2e917k_2bit4_h100.md), so
-``samples=N`` adds N training sequences that the teacher writes itself (:func:`teacher_samples`:
-chunks of the training text continued by sampling the teacher, as LLM-QAT's data-free distillation
-does, here anchored on real text), which are never held out.
-
 Memory: unlike calibration, the whole model runs at once (as dense weights rebuilt from the codes,
 each step), next to the teacher: meant for models that fit the device twice.
 """
@@ -24,12 +18,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
-from transformers import DynamicCache
 
 from lift_ao.calibration import _code_signs, _dense_weight, _scaled_signs, _tuned_weight, _unit_weight, adam_steps
 from lift_ao.tensor import LiftQuantTensor, share_constants
 
-__all__ = ["finetune_end_to_end", "held_out_rows", "teacher_samples"]
+__all__ = ["finetune_end_to_end", "held_out_rows"]
 
 
 def held_out_rows(sequences: int, fraction: float) -> torch.Tensor:
@@ -43,63 +36,6 @@ def held_out_rows(sequences: int, fraction: float) -> torch.Tensor:
     return ((torch.arange(held, dtype=torch.float64) + 0.5) * sequences / held).floor().long()
 
 
-@torch.no_grad()
-def teacher_samples(teacher: torch.nn.Module, prompts: torch.Tensor, length: int, *, batch_size: int = 256,
-                    seed: int = 0, progress: bool = True) -> torch.Tensor:
-    """Each prompt continued to ``length`` tokens by sampling the teacher (temperature 1, no top-k/p).
-
-    Generation runs with the model's KV cache, ``batch_size`` prompts at a time, in eval mode; the
-    draws come from one generator seeded with ``seed`` on the teacher's device, so the same teacher,
-    prompts and seed give the same tokens.
-
-    Args:
-        teacher: a transformers causal LM (``teacher(ids, cache=DynamicCache(), use_cache=True).logits``).
-        prompts: LongTensor (n, p) of token ids, 1 ≤ p < ``length``.
-        length: tokens per returned sequence, prompt included.
-        batch_size: sequences generated together.
-        seed: seed of the sampling generator.
-        progress: a tqdm bar over batches.
-    Returns:
-        LongTensor (n, length) on the prompts' device: the prompts, then the sampled tokens.
-    Raises:
-        ValueError: malformed prompts, ``length`` ≤ p or ``batch_size`` < 1.
-    """
-    if not isinstance(prompts, torch.Tensor) or prompts.dim() != 2 or prompts.dtype.is_floating_point:
-        raise ValueError("prompts must be a LongTensor (n, p) of token ids")
-    if not prompts.shape[1] < length or batch_size < 1:
-        raise ValueError(f"length must exceed the prompts' {prompts.shape[1]} tokens and batch_size be >= 1, "
-                         f"got {length} and {batch_size}")
-    device = next(teacher.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(seed)
-    was_training = teacher.training
-    teacher.eval()
-    sequences = []
-    try:
-        for batch in tqdm(prompts.long().split(batch_size), desc="sampling the teacher", unit="batch",
-                          disable=not progress):
-            tokens = [batch.to(device)]
-            cache = DynamicCache()  # filled in place by each forward
-            logits = teacher(tokens[0], cache=cache, use_cache=True).logits
-            new_tokens = length - prompts.shape[1]
-            for step in range(new_tokens):
-                probabilities = torch.softmax(logits[:, -1].float(), -1)
-                tokens.append(torch.multinomial(probabilities, 1, generator=generator))
-                if step + 1 < new_tokens:  # the last token needs no forward
-                    logits = teacher(tokens[-1], cache=cache, use_cache=True).logits
-            sequences.append(torch.cat(tokens, 1).to(prompts.device))
-    finally:
-        teacher.train(was_training)
-    return torch.cat(sequences)
-
-
-def _interleaved(real: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
-    """The rows of ``real`` (R, T) and ``extra`` (S, T) merged evenly, each set in its own order: row i
-    of a set of n sits at (i + ½)/n, ties to ``real``."""
-    place = torch.cat([(torch.arange(len(real), dtype=torch.float64) + 0.5) / max(len(real), 1),
-                       (torch.arange(len(extra), dtype=torch.float64) + 0.5) / max(len(extra), 1)])
-    return torch.cat([real, extra])[torch.sort(place, stable=True).indices]
-
-
 def _distillation_loss(model, weights: dict, teacher, batch: torch.Tensor) -> torch.Tensor:
     """KL(teacher ‖ model) per token, averaged, on one batch of token ids (B, T)."""
     with torch.no_grad():
@@ -111,8 +47,7 @@ def _distillation_loss(model, weights: dict, teacher, batch: torch.Tensor) -> to
 
 def finetune_end_to_end(
     model: torch.nn.Module, teacher: torch.nn.Module, tokens: torch.Tensor, *, steps: int, lr: float = 3e-3,
-    batch_size: int = 4, held_out: float = 0.125, check_every: int = 16, samples: int = 0, prompt_tokens: int = 32,
-    seed: int = 0, progress: bool = True,
+    batch_size: int = 4, held_out: float = 0.125, check_every: int = 16, progress: bool = True,
 ) -> tuple[float, float]:
     """Tune the row and input scales of every LiftQuant weight of ``model`` end to end, in place.
 
@@ -140,20 +75,12 @@ def finetune_end_to_end(
         batch_size: sequences per step.
         held_out: fraction of the sequences (at least one) kept for model selection, in (0, 1).
         check_every: steps between held-out measurements (≥ 1).
-        samples: extra training sequences written by the teacher (:func:`teacher_samples`, seeded
-            with ``seed``): ``samples`` chunks of ``prompt_tokens`` tokens, evenly spaced over the
-            training sequences (never the held-out ones), each continued to the sequences' length.
-            They are spread evenly among the training sequences and never held out, so the kept
-            factors are still chosen on real text.
-        prompt_tokens: tokens of real text that start each sample, 1 ≤ prompt_tokens < length (checked
-            only with samples).
-        seed: seed of the sampling.
         progress: a tqdm bar over steps (postfix: the current training loss and the best held-out loss).
     Returns:
         (held-out loss before, held-out loss of the kept factors), in nats per token.
     Raises:
-        ValueError: no LiftQuant weights, bad ``steps``/``lr``/``batch_size``/``held_out``/``check_every``/
-            ``samples``/``prompt_tokens``, or malformed tokens.
+        ValueError: no LiftQuant weights, bad ``steps``/``lr``/``batch_size``/``held_out``/``check_every``,
+            or malformed tokens.
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0 or not lr > 0 or batch_size < 1:
         raise ValueError(f"steps must be an int >= 0, lr > 0 and batch_size >= 1, got {steps!r}, {lr!r}, {batch_size!r}")
@@ -163,10 +90,6 @@ def finetune_end_to_end(
             or tokens.shape[0] < 2):
         raise ValueError("tokens must be a LongTensor (sequences, length) of token ids with at least 2 sequences "
                          "(training and held out), e.g. from lift_ao.calibration.builtin_calibration_tokens")
-    if (isinstance(samples, bool) or not isinstance(samples, int) or samples < 0
-            or (samples and not 1 <= prompt_tokens < tokens.shape[1])):
-        raise ValueError(f"samples must be an int >= 0 and prompt_tokens in [1, {tokens.shape[1]}) (the sequences' "
-                         f"length), got {samples!r} and {prompt_tokens!r}")
     # Siblings' equal input transforms become one tensor again (a deepcopy or a load separates them),
     # so that they get one factor vector and keep sharing after the fold.
     share_constants(model)
@@ -178,13 +101,7 @@ def finetune_end_to_end(
     held = held_out_rows(tokens.shape[0], held_out)
     trained = torch.ones(tokens.shape[0], dtype=torch.bool)
     trained[held] = False
-    training = tokens[trained].long()
-    if samples:
-        chunks = training[:, : tokens.shape[1] // prompt_tokens * prompt_tokens].reshape(-1, prompt_tokens)
-        prompts = chunks[torch.arange(samples) * len(chunks) // samples]
-        training = _interleaved(training, teacher_samples(teacher, prompts, tokens.shape[1], seed=seed,
-                                                          progress=progress))
-    batches = [b.to(device) for b in training.split(batch_size)]
+    batches = [b.to(device) for b in tokens[trained].long().split(batch_size)]
     held_batches = [b.to(device) for b in tokens[held].long().split(batch_size)]
     unit = {name: _unit_weight(w, _code_signs(w)) for name, w in quantized.items()}
     log_r = {name: torch.zeros(w.shape[0], device=device, requires_grad=True) for name, w in quantized.items()}

@@ -8,7 +8,7 @@ import torch
 
 import lift_ao
 from lift_ao.calibration import calibrate
-from lift_ao.finetune import held_out_rows, teacher_samples
+from lift_ao.finetune import held_out_rows
 from test_calibrate_finetune import _logit_error, _quantized_state
 from tiny_models import tiny_llama, token_batch
 
@@ -101,6 +101,21 @@ def test_held_out_rows_are_spread_over_the_sequences(sequences, fraction, rows):
     assert held_out_rows(sequences, fraction).tolist() == rows
 
 
+def test_held_out_sequences_are_measured_every_check_every_steps(runs, monkeypatch):
+    """Before tuning, after steps 4 and 8 (check_every) and after the last (10), also without a progress
+    bar: a disabled tqdm bar does not count its steps, which once made every step a check."""
+    import lift_ao.finetune as finetune
+
+    model, calibrated, _, _ = runs
+    sizes = []
+    loss = finetune._distillation_loss
+    monkeypatch.setattr(finetune, "_distillation_loss", lambda m, w, t, batch: sizes.append(len(batch)) or loss(m, w, t, batch))
+    # 16 sequences: 2 held out (one batch of 2), 14 trained on in batches of 6, 6 and 2.
+    lift_ao.finetune_end_to_end(copy.deepcopy(calibrated), model, token_batch(0, batch=16, length=32), steps=10,
+                                batch_size=6, check_every=4, progress=False)
+    assert sizes == [2, 6, 6, 2, 6, 2, 6, 2, 6, 6, 2, 2, 6, 2]  # held, steps 1-4, held, steps 5-8, held, steps 9-10, held
+
+
 @pytest.mark.parametrize("options", [{"steps": -1}, {"steps": 1.5}, {"steps": True}, {"steps": 2, "lr": 0.0},
                                      {"steps": 2, "batch_size": 0}, {"steps": 2, "held_out": 0.0},
                                      {"steps": 2, "held_out": 1.0}, {"steps": 2, "check_every": 0}])
@@ -158,91 +173,3 @@ def test_command_line_end_to_end_stage_takes_its_own_tokens(tmp_path, monkeypatc
     assert asked == [128, 1536]
     assert torch.equal(held_out["tokens"], text) and held_out["held_out"] == 0.25
     assert (report["calibration_tokens"], report["e2e_tokens"], report["e2e_held_out"]) == (128, 1536, 0.25)
-
-
-def _sample_without_cache(teacher, prompts, length, batch_size, seed):
-    """The reference sampler: the whole sequence re-run for every token, the same seeded draws."""
-    generator = torch.Generator().manual_seed(seed)
-    sequences = []
-    for batch in prompts.split(batch_size):
-        while batch.shape[1] < length:
-            with torch.no_grad():
-                probabilities = torch.softmax(teacher(batch).logits[:, -1].float(), -1)
-            batch = torch.cat([batch, torch.multinomial(probabilities, 1, generator=generator)], 1)
-        sequences.append(batch)
-    return torch.cat(sequences)
-
-
-def test_teacher_samples_are_the_teachers_own_draws():
-    teacher = tiny_llama().double().train()
-    prompts = token_batch(3, batch=5, length=4)
-    samples = teacher_samples(teacher, prompts, 20, batch_size=2, seed=7, progress=False)
-    assert teacher.training  # the mode it came in with
-    teacher.eval()
-    assert torch.equal(samples, _sample_without_cache(teacher, prompts, 20, batch_size=2, seed=7))
-    other = teacher_samples(teacher, prompts, 20, batch_size=2, seed=8, progress=False)
-    assert torch.equal(other[:, :4], prompts) and (other[:, 4:] != samples[:, 4:]).float().mean() > 0.5
-
-
-@pytest.mark.parametrize("prompts, length, batch_size", [(torch.randn(2, 4), 8, 2), (token_batch(0, 2, 4)[0], 8, 2),
-                                                         (token_batch(0, 2, 4), 4, 2), (token_batch(0, 2, 4), 8, 0)])
-def test_teacher_samples_refuse_bad_settings(prompts, length, batch_size):
-    with pytest.raises(ValueError, match="prompts|length"):
-        teacher_samples(tiny_llama(), prompts, length, batch_size=batch_size, progress=False)
-
-
-def test_samples_are_trained_on_and_never_held_out(runs, monkeypatch):
-    """samples=N: N prompts cut from the training sequences only (never from held-out ones) are
-    continued by the teacher and spread among the training batches; the held-out KL is unchanged."""
-    import lift_ao.finetune as finetune
-
-    model, calibrated, _, _ = runs
-    tokens = token_batch(0, batch=16, length=32)
-    held = held_out_rows(16, 0.125)
-    asked, trained_on = [], []
-    sample = finetune.teacher_samples
-    monkeypatch.setattr(finetune, "teacher_samples", lambda teacher, prompts, length, **options: asked.append(
-        (prompts, length)) or sample(teacher, prompts, length, **options))
-    loss = finetune._distillation_loss
-    monkeypatch.setattr(finetune, "_distillation_loss", lambda m, w, t, batch: trained_on.append(batch) or loss(m, w, t, batch))
-    settings = dict(steps=4, lr=1e-2, batch_size=6, check_every=4, progress=False)
-    without = lift_ao.finetune_end_to_end(copy.deepcopy(calibrated), model, tokens, **settings)
-    trained_on.clear()
-    with_samples = lift_ao.finetune_end_to_end(copy.deepcopy(calibrated), model, tokens, samples=6, prompt_tokens=8,
-                                               **settings)
-
-    (prompts, length), = asked
-    assert prompts.shape == (6, 8) and length == 32
-    chunks = lambda rows: {tuple(c.tolist()) for c in tokens[rows].reshape(-1, 8)}
-    training_rows = [i for i in range(16) if i not in held.tolist()]
-    assert {tuple(p.tolist()) for p in prompts} <= chunks(training_rows)
-    assert not {tuple(p.tolist()) for p in prompts} & chunks(held)
-    assert with_samples[0] == pytest.approx(without[0], rel=1e-12)  # the same held-out sequences
-    # Calls: the held-out batch (before), the 4 training steps (one pass over 14 + 6 rows), the held-out check.
-    assert [len(b) for b in trained_on] == [2, 6, 6, 6, 2, 2]
-    seen = [tuple(r.tolist()) for r in torch.cat(trained_on[1:5])]
-    assert len(seen) == 20 and sorted(s for s in seen if s in chunks_of_rows(tokens, training_rows)) == sorted(
-        tuple(r.tolist()) for r in tokens[training_rows])
-    samples = [i for i, s in enumerate(seen) if s not in chunks_of_rows(tokens, range(16))]
-    assert samples == [1, 5, 8, 11, 15, 18]  # spread among the real rows (ties go to real rows)
-    assert with_samples[1] != without[1]
-
-
-def chunks_of_rows(tokens, rows) -> set:
-    return {tuple(tokens[i].tolist()) for i in rows}
-
-
-def test_interleaving_spreads_both_sets_evenly():
-    from lift_ao.finetune import _interleaved
-
-    real, extra = torch.arange(3)[:, None], 10 + torch.arange(6)[:, None]
-    assert _interleaved(real, extra).flatten().tolist() == [10, 0, 11, 12, 1, 13, 14, 2, 15]
-    assert torch.equal(_interleaved(real, extra[:0]), real)
-
-
-@pytest.mark.parametrize("options", [{"samples": -1}, {"samples": True}, {"samples": 2, "prompt_tokens": 0},
-                                     {"samples": 2, "prompt_tokens": 32}])
-def test_bad_sample_settings_are_refused(runs, options):
-    model, calibrated, _, _ = runs
-    with pytest.raises(ValueError, match="samples"):
-        lift_ao.finetune_end_to_end(calibrated, model, token_batch(0, batch=4, length=32), steps=1, **options)
