@@ -33,11 +33,14 @@ Random codes and mappings are enough for speed: the kernels' cost does not depen
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
 import platform
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -60,6 +63,19 @@ from lift_ao.kernels.triton_matmul import (_TUNING_CONFIGS, _lifted_matmul_tuned
 
 # Relative error allowed against the float64 reference, per activation dtype.
 CHECK_BOUNDS = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-4}
+
+# (index, count): this process runs every count-th unit of the checks' work, from index on (--shard).
+# The checks are mostly Triton compiling each tuning candidate (one CPU core per process), so
+# --jobs N runs them as N processes on one GPU (see run_checks_in_processes).
+_SHARD = (0, 1)
+_check_units = itertools.count()
+
+
+def _runs_here() -> bool:
+    """Whether the next unit of check work is this process's (always, without --shard). Every process
+    walks the same units in the same order, so the shards cover each once."""
+    index, count = _SHARD
+    return next(_check_units) % count == index
 SHAPES = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336), (8192, 8192), (28672, 8192), (8192, 28672)]
 BATCHES = [1, 4, 16, 64, 256]
 PREFILL_BATCHES = [16, 64, 256]   # where the prefill path is timed beside the ±1 GEMM
@@ -172,6 +188,8 @@ def check_correctness(log) -> list[dict]:
              (28672, 8192, 2.4, 1, torch.bfloat16), (8192, 28672, 3.0, 8, torch.bfloat16),
              (14336, 4096, 2.0, 2, torch.float16)]
     for rows, features, bits, batch, dtype in cases:
+        if not _runs_here():
+            continue
         layer = LiftedLayer(rows, features, bits)
         x = torch.randn(batch, features, device="cuda").to(dtype)
         bias = torch.randn(rows, device="cuda").to(dtype)
@@ -195,6 +213,45 @@ def check_correctness(log) -> list[dict]:
     checks += check_every_config(log)
     checks += check_fused_decode(log)
     checks += check_prefill(log, LATTICES)
+    return checks
+
+
+def run_checks_in_processes(jobs: int, log) -> list[dict]:
+    """:func:`check_correctness` split over ``jobs`` processes of this script on this GPU
+    (``--checks-only --shard i/jobs``); their checks, merged in shard order.
+
+    Compiling the tuning candidates is most of the checks' time and runs on one CPU core per process,
+    so N processes take about 1/N of it (the GPU work is small). The autotuners' picks that the shards
+    wrote to Triton's disk cache are deleted again: the shards time their candidates at the same time
+    on one GPU, so those picks mean nothing. Their compiled kernels stay in the cache, so the timings
+    that follow in this process compile little.
+
+    Returns:
+        the checks, as :func:`check_correctness` returns them.
+    Raises:
+        RuntimeError: a shard left no results (its stderr's end is in the message).
+    """
+    started = time.time()
+    checks = []
+    with tempfile.TemporaryDirectory() as scratch:
+        errors = [open(Path(scratch, f"{i}.err"), "w") for i in range(jobs)]
+        children = [subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--checks-only", "--shard",
+                                      f"{i}/{jobs}", "--out", str(Path(scratch, str(i)))],
+                                     stdout=subprocess.DEVNULL, stderr=errors[i]) for i in range(jobs)]
+        exit_codes = [child.wait() for child in children]
+        for i, (error, code) in enumerate(zip(errors, exit_codes)):
+            error.close()
+            results = Path(scratch, str(i), "kernels_checks.json")
+            if not results.exists():
+                raise RuntimeError(f"check shard {i}/{jobs} exited with {code} and wrote no results: "
+                                   + Path(scratch, f"{i}.err").read_text()[-3000:])
+            checks += json.loads(results.read_text())["checks"]
+    for picks in Path(triton.knobs.cache.dir).rglob("*.autotune.json"):
+        if picks.stat().st_mtime >= started:
+            picks.unlink()
+    for entry in checks:
+        log(f"check {entry}")
+    log(f"checks: {len(checks)} in {jobs} processes, {time.time() - started:.0f} s")
     return checks
 
 
@@ -222,6 +279,8 @@ def check_every_config(log, kernel_names: tuple = ("gemm", "lookup")) -> list[di
         if name not in kernel_names:
             continue
         for rows, features, batch, dtype in problems:
+            if not _runs_here():
+                continue
             configs = tuning_configs(batch)
             layer = LiftedLayer(rows, features, 2.4)
             lifted = layer.lift(torch.randn(batch, features, device="cuda", dtype=dtype))
@@ -287,6 +346,8 @@ def check_fused_decode(log) -> list[dict]:
     checks = []
     fused, composed = decode_layer_ops()
     for batch in (1, 2, 16):  # the lookup path at 1-2, the ±1 GEMM path at 16
+        if not _runs_here():
+            continue
         x = torch.randn(batch, 4096, device="cuda", dtype=DTYPE)
         h = torch.randn(batch, 14336, device="cuda", dtype=DTYPE)
         want = composed(x, h)
@@ -310,6 +371,8 @@ def check_prefill(log, lattices) -> list[dict]:
     composition), and the group's ±1 GEMM branch (16 and 5 tokens) against the same composition."""
     checks = []
     for bits in lattices:
+        if not _runs_here():
+            continue
         layer = LiftedLayer(4096, 14336, bits)
         kp = layer.padded_features
         want = layer.rotated_weight_float64()
@@ -331,6 +394,8 @@ def check_prefill(log, lattices) -> list[dict]:
                                                (14336, 4096, 3.0, 64, torch.float16),
                                                (1024, 4096, 2.0, 300, torch.bfloat16),
                                                (4096, 4096, 2.4, 17, torch.float32)]:
+        if not _runs_here():
+            continue
         layer = LiftedLayer(rows, features, bits)
         x = torch.randn(batch, features, device="cuda").to(dtype)
         bias = torch.randn(rows, device="cuda").to(dtype)
@@ -349,6 +414,8 @@ def check_prefill(log, lattices) -> list[dict]:
     for batch, dtype, path, bound in [(max(256, REBUILD_MIN_TOKENS), DTYPE, "fused prefill group op", 1e-2),
                                       (16, DTYPE, "fused ±1 GEMM group op", 1e-6),
                                       (5, torch.float32, "fused ±1 GEMM group op", 1e-6)]:
+        if not _runs_here():
+            continue
         x = torch.randn(batch, 4096, device="cuda", dtype=dtype)
         group_args = (x, None, [q.signs] * 3, [q.left] * 3, [q.right] * 3, [q.mapping] * 3, [c for c, _ in members],
                       [r for _, r in members], [None, torch.randn(1024, device="cuda", dtype=dtype), None])
@@ -763,6 +830,11 @@ def main():
     parser.add_argument("--skip-checks", action="store_true",
                         help="with --shapes: time without the checks, for a table split over calls after one "
                              "--checks-only call of the same commit (the table says they were not run here)")
+    parser.add_argument("--jobs", type=int, default=min(8, os.cpu_count() or 1),
+                        help="processes that run the checks (each compiles on its own CPU core; default "
+                             "min(8, CPUs)); 1 runs them in this process")
+    parser.add_argument("--shard", default=None, metavar="I/N",
+                        help="internal (--jobs): run the I-th of N parts of the checks, without the compile check")
     parser.add_argument("--sweep", action="store_true", help="first time every tuning config on decode shapes")
     parser.add_argument("--decode-study", action="store_true",
                         help="only the decode checks (fused decode ops, decode tables), one 8B decoder layer "
@@ -776,6 +848,11 @@ def main():
     args = parser.parse_args()
     if args.skip_checks and (args.checks_only or not args.shapes):
         parser.error("--skip-checks needs --shapes (a full table runs its own checks) and not --checks-only")
+    if args.jobs < 1 or (args.shard is not None and not args.checks_only):
+        parser.error("--jobs must be >= 1, and --shard goes with --checks-only")
+    if args.shard is not None:
+        global _SHARD
+        _SHARD = tuple(int(part) for part in args.shard.split("/"))
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     log_file = open(out_dir / "kernels.log", "w")
@@ -790,8 +867,9 @@ def main():
     result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                   python=platform.python_version(), date=time.strftime("%Y-%m-%d %H:%M:%S"),
                   command="python benchmarks/kernel_speed.py " + " ".join(sys.argv[1:]))
-    result["copy_gbs"] = copy_bandwidth()
-    log(f"{result['device']}: copy {result['copy_gbs']:.0f} GB/s")
+    if args.shard is None:  # a shard only checks, next to the others
+        result["copy_gbs"] = copy_bandwidth()
+        log(f"{result['device']}: copy {result['copy_gbs']:.0f} GB/s")
     if args.prefill_study:
         result["checks"] = check_prefill(log, {2.4: LATTICES[2.4]})
         warn_if_failed(result["checks"], log)
@@ -827,9 +905,10 @@ def main():
     if args.skip_checks:
         result["checks"], result["compile"] = [], "not run in this call (--skip-checks)"
     else:
-        result["checks"] = check_correctness(log)
+        result["checks"] = (check_correctness(log) if args.jobs == 1 or args.shard is not None
+                            else run_checks_in_processes(args.jobs, log))
         warn_if_failed(result["checks"], log)
-        result["compile"] = check_compile(log)
+        result["compile"] = check_compile(log) if args.shard is None else {"ok": True, "note": "run by --jobs' parent"}
     if args.checks_only:
         result["seconds"] = time.time() - started
         (out_dir / "kernels_checks.json").write_text(json.dumps(result, indent=1))
