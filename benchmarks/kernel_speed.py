@@ -1,10 +1,12 @@
-"""LiftQuant Triton kernels vs bf16 cuBLAS and torchao int4 weight-only, on one GPU, in one process.
+"""LiftQuant Triton kernels vs bf16 cuBLAS and torchao int4 weight-only, on one GPU, timed in one process.
 
     python benchmarks/kernel_speed.py [--out DIR] [--quick | --shapes 4096x4096,1024x4096]
     python benchmarks/kernel_speed.py --prefill-study --out DIR   # the prefill path alone, ~1-2 min
 
-The full table no longer fits one 10-minute device call (round 17): run the checks in one call and
-the timings in others, each marked in its output (``--checks-only``, then ``--shapes ... --skip-checks``).
+The checks compile every tuning candidate, which took one process over 530 s on an H100; they run in
+``--jobs`` processes (default min(8, CPUs)), and the full table fits one 10-minute device call again
+(515 s on an H100, checks 174 s; NOTES_kernels.md round 18). To split it anyway: ``--checks-only`` in
+one call, then ``--shapes ... --skip-checks`` in others, each marked in its output.
 
 1. Device facts and the measured device-to-device copy bandwidth (bytes read + written).
 2. Correctness at real sizes, before any timing: the Triton ``lifted_matmul`` and ``lift_activation``
@@ -822,11 +824,11 @@ def main():
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--quick", action="store_true", help="two shapes only (smoke run)")
     parser.add_argument("--shapes", default=None, metavar="NxK,...",
-                        help="time only these N×K (e.g. 4096x4096,1024x4096); the full table (all seven, ~545 s "
-                             "on an H100) nearly fills one 10-minute device call, so it can be split in two")
+                        help="time only these N×K (e.g. 4096x4096,1024x4096); the full table (all seven, ~515 s "
+                             "on an H100 with 8 check processes) nearly fills one 10-minute device call")
     parser.add_argument("--checks-only", action="store_true",
-                        help="only the correctness checks and the compile check (~5-8 min on an H100 with the "
-                             "autotuners' candidates compiling); exits non-zero if one fails")
+                        help="only the correctness checks and the compile check (~3 min on an H100 in 8 processes, "
+                             "over 9 in one); exits non-zero if one fails")
     parser.add_argument("--skip-checks", action="store_true",
                         help="with --shapes: time without the checks, for a table split over calls after one "
                              "--checks-only call of the same commit (the table says they were not run here)")
