@@ -175,7 +175,7 @@ def run_row(name: str, reference, tokenizer, eval_tokens, args) -> dict:
                                          held_out=args.e2e_held_out, tokens=e2e_tokens.numel())
                 row["end_to_end"]["held_out_kl_before_after"] = finetune_end_to_end(
                     model, reference, e2e_tokens, steps=args.e2e_steps, lr=args.e2e_lr, batch_size=args.finetune_batch,
-                    held_out=args.e2e_held_out)
+                    held_out=args.e2e_held_out, checkpoint_dir=checkpoint)
             row["calibration_tokens"] = calibration.numel()
         else:
             lift_ao.quantize(model, lift_ao.liftquant(lattice=_lattice_of(name)), device=args.device)
@@ -326,7 +326,8 @@ def main(argv=None) -> None:
     parser.add_argument("--e2e-held-out", type=float, default=0.125, help="lift-cal-fte rows: fraction of the "
                         "end-to-end sequences held out to pick the kept scales (default 0.125)")
     parser.add_argument("--checkpoint-root", type=Path, default=None, help="calibrated rows save each finished "
-                        "decoder block under ROOT/<row>/ and a rerun resumes from there (bit-identical)")
+                        "decoder block (and fte rows their end-to-end progress) under ROOT/<row>/ and a rerun resumes "
+                        "from there (bit-identical)")
     parser.add_argument("--redo", action="store_true", help="measure rows already in the results again")
     parser.add_argument("--out", type=Path, default=RESULTS / "accuracy", help="results path without suffix")
     args = parser.parse_args(argv)

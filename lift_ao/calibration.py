@@ -454,22 +454,30 @@ def _flip_codes(loss_of, signs: dict, curvature_of, rounds: int, batches: int) -
     return kept, accepted
 
 
-def adam_steps(parameters: list, lr: float, steps: int, loss_at, on_step=None) -> None:
+def adam_steps(parameters: list, lr: float, steps: int, loss_at, on_step=None, *, first_step: int = 0,
+               optimizer_state: dict | None = None) -> None:
     """``steps`` Adam steps on ``parameters`` minimising ``loss_at(step)`` (a scalar tensor), the
-    learning rate cosine-decayed from ``lr`` to 0; ``on_step(loss)`` after each (a progress bar)."""
-    if not steps:
+    learning rate cosine-decayed from ``lr`` to 0; ``on_step(loss, optimizer)`` after each (a progress
+    bar, a checkpoint of ``optimizer.state_dict()``).
+
+    An interrupted run continues with ``first_step`` (the steps done) and the optimizer state saved
+    after the last of them: the parameters as they were then, the same steps follow.
+    """
+    if first_step >= steps:
         return
     optimizer = torch.optim.Adam(parameters, lr=lr)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: 0.5 * (1 + math.cos(math.pi * t / steps)))
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
     with torch.enable_grad():
-        for step in range(steps):
+        for step in range(first_step, steps):
+            for group in optimizer.param_groups:  # set per step (not a scheduler), so a resumed run has it too
+                group["lr"] = lr * (0.5 * (1 + math.cos(math.pi * step / steps)))
             loss = loss_at(step)
             for parameter, grad in zip(parameters, torch.autograd.grad(loss, parameters)):
                 parameter.grad = grad
             optimizer.step()
-            schedule.step()
             if on_step is not None:
-                on_step(loss)
+                on_step(loss, optimizer)
 
 
 # Rotation factors are tuned as F0 + _ROTATION_STEP · Δ with Δ at the scales' learning rate: entries

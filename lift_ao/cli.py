@@ -126,7 +126,8 @@ def _cmd_quantize(args) -> dict:
                           else builtin_calibration_tokens(tokenizer, args.e2e_tokens))
             report["e2e_tokens"], report["e2e_held_out"] = e2e_tokens.numel(), args.e2e_held_out
             report["e2e_held_out_kl_before_after"] = lift_ao.finetune_end_to_end(
-                model, teacher, e2e_tokens, steps=args.e2e_steps, held_out=args.e2e_held_out)
+                model, teacher, e2e_tokens, steps=args.e2e_steps, held_out=args.e2e_held_out, checkpoint_dir=partial,
+                overwrite=args.overwrite)
             del teacher
     else:
         lift_ao.quantize(model, config, progress=True, resume_dir=partial, overwrite=args.overwrite)
@@ -255,7 +256,8 @@ def _parser() -> argparse.ArgumentParser:
                    "what lowers the block's output error; default 0: none)")
     q.add_argument("--e2e-steps", type=int, default=0, help="with --calibrate: Adam steps of end-to-end fine-tuning "
                    "of all scales against the unquantized model's logits after calibration (needs the model twice "
-                   "in memory; not resumable: a restarted run redoes it; --e2e-held-out of its sequences are held out and "
+                   "in memory; with --out a killed run resumes from its last held-out check; --e2e-held-out of its "
+                   "sequences are held out and "
                    "the scales with the lowest KL there are kept; default 0: none)")
     q.add_argument("--e2e-tokens", type=int, default=None, help="with --e2e-steps: calibration tokens of the "
                    "end-to-end stage, the first of them the block stage's (default: --calibration-tokens; more "

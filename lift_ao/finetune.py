@@ -9,17 +9,26 @@ end-to-end fine-tuning do for their continuous parameters). The codes, M and the
 learned factors are folded into ``row_scale`` and ``input_signs``, so the format, the kernels and the
 footprint are unchanged.
 
+Resume: with ``checkpoint_dir``, the factors, Adam's state and the best held-out factors so far are
+written there (one checksummed shard) at every held-out check; a restarted run with the same settings,
+tokens and calibrated model continues from the last one and ends as an uninterrupted run would.
+
 Memory: unlike calibration, the whole model runs at once (as dense weights rebuilt from the codes,
 each step), next to the teacher: meant for models that fit the device twice.
 """
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from lift_ao.calibration import _code_signs, _dense_weight, _scaled_signs, _tuned_weight, _unit_weight, adam_steps
+from lift_ao.io import SHARD_SUFFIX, CheckpointError, load_shard, save_shard
 from lift_ao.tensor import LiftQuantTensor, share_constants
 
 __all__ = ["finetune_end_to_end", "held_out_rows"]
@@ -36,6 +45,65 @@ def held_out_rows(sequences: int, fraction: float) -> torch.Tensor:
     return ((torch.arange(held, dtype=torch.float64) + 0.5) * sequences / held).floor().long()
 
 
+# The shard that holds an unfinished run's progress in checkpoint_dir.
+PROGRESS_SHARD = "end_to_end"
+
+
+def _run_identity(quantized: dict, tokens: torch.Tensor, **settings) -> dict:
+    """What a run's progress may only be resumed under: its settings, a SHA-256 of its tokens and one of
+    the starting weights (names, shapes, row scales and input transforms: a different calibration
+    changes them; the codes, possibly gigabytes, are not hashed)."""
+    digest = hashlib.sha256()
+    for name, w in quantized.items():
+        digest.update(f"{name}{tuple(w.shape)}".encode())
+        for t in (w.row_scale, w.input_signs):
+            digest.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    tokens_sha = hashlib.sha256(tokens.long().cpu().contiguous().numpy().tobytes()).hexdigest()
+    return dict(settings, tokens_sha256=tokens_sha, weights_sha256=digest.hexdigest())
+
+
+def _save_progress(directory, identity: dict, done: int, before: float, best: float, factors: list,
+                   best_factors: Optional[list], optimizer: torch.optim.Optimizer) -> None:
+    """Write the state after ``done`` steps as the :data:`PROGRESS_SHARD` shard."""
+    state = optimizer.state_dict()
+    tensors = {f"factor.{i}": f.detach() for i, f in enumerate(factors)}
+    tensors.update({f"best.{i}": f for i, f in enumerate(best_factors or [])})
+    adam = {f"adam.{i}.{key}": value for i, entry in state["state"].items() for key, value in entry.items()}
+    scalars = sorted(name for name, value in adam.items() if value.dim() == 0)  # Adam's step counts
+    tensors.update({name: value.reshape(-1) if name in scalars else value for name, value in adam.items()})
+    save_shard(directory, PROGRESS_SHARD, tensors, dict(identity=identity, done=done, before=before, best=best,
+                                                         kept=best_factors is not None, scalars=scalars,
+                                                         param_groups=state["param_groups"]))
+
+
+def _load_progress(directory, identity: dict, factors: list, overwrite: bool):
+    """``(done, before, best, best_factors, optimizer_state)`` saved by :func:`_save_progress` under the
+    same identity, with ``factors`` set to the saved ones; None when there is nothing to resume."""
+    found = load_shard(directory, PROGRESS_SHARD)
+    if found is None:
+        return None
+    info, tensors = found
+    if info["identity"] != identity:
+        if overwrite:
+            (Path(directory) / f"{PROGRESS_SHARD}{SHARD_SUFFIX}").unlink()
+            return None
+        differs = sorted(k for k in identity.keys() | info["identity"].keys() if identity.get(k) != info["identity"].get(k))
+        raise CheckpointError(f"{directory} holds end-to-end fine-tuning progress of another run (differs in: "
+                              f"{', '.join(differs)}); use another directory, or overwrite it (overwrite=True; "
+                              "lift-ao quantize --overwrite)")
+    device = factors[0].device
+    with torch.no_grad():
+        for i, factor in enumerate(factors):
+            factor.copy_(tensors[f"factor.{i}"])
+    best_factors = [tensors[f"best.{i}"].to(device) for i in range(len(factors))] if info["kept"] else None
+    state = {}
+    for name, value in tensors.items():
+        if name.startswith("adam."):
+            _, index, key = name.split(".", 2)
+            state.setdefault(int(index), {})[key] = value.reshape(()) if name in info["scalars"] else value
+    return info["done"], info["before"], info["best"], best_factors, {"state": state, "param_groups": info["param_groups"]}
+
+
 def _distillation_loss(model, weights: dict, teacher, batch: torch.Tensor) -> torch.Tensor:
     """KL(teacher ‖ model) per token, averaged, on one batch of token ids (B, T)."""
     with torch.no_grad():
@@ -47,7 +115,8 @@ def _distillation_loss(model, weights: dict, teacher, batch: torch.Tensor) -> to
 
 def finetune_end_to_end(
     model: torch.nn.Module, teacher: torch.nn.Module, tokens: torch.Tensor, *, steps: int, lr: float = 3e-3,
-    batch_size: int = 4, held_out: float = 0.125, check_every: int = 16, progress: bool = True,
+    batch_size: int = 4, held_out: float = 0.125, check_every: int = 16, checkpoint_dir=None, overwrite: bool = False,
+    progress: bool = True,
 ) -> tuple[float, float]:
     """Tune the row and input scales of every LiftQuant weight of ``model`` end to end, in place.
 
@@ -75,12 +144,18 @@ def finetune_end_to_end(
         batch_size: sequences per step.
         held_out: fraction of the sequences (at least one) kept for model selection, in (0, 1).
         check_every: steps between held-out measurements (≥ 1).
+        checkpoint_dir: where the run's progress is written at each held-out check and resumed from
+            (a directory; e.g. the one :func:`lift_ao.calibrate` resumes from). A finished run's
+            progress stays there: calling again returns its result without steps.
+        overwrite: discard progress there of a different run (settings, tokens or weights) instead of
+            refusing.
         progress: a tqdm bar over steps (postfix: the current training loss and the best held-out loss).
     Returns:
         (held-out loss before, held-out loss of the kept factors), in nats per token.
     Raises:
         ValueError: no LiftQuant weights, bad ``steps``/``lr``/``batch_size``/``held_out``/``check_every``,
             or malformed tokens.
+        CheckpointError: ``checkpoint_dir`` holds another run's progress (and not ``overwrite``).
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0 or not lr > 0 or batch_size < 1:
         raise ValueError(f"steps must be an int >= 0, lr > 0 and batch_size >= 1, got {steps!r}, {lr!r}, {batch_size!r}")
@@ -119,28 +194,37 @@ def finetune_end_to_end(
         dense = weights()
         return sum(_distillation_loss(model, dense, teacher, b).item() * len(b) for b in held_batches) / len(held)
 
+    identity = _run_identity(quantized, tokens, steps=steps, lr=lr, batch_size=batch_size, held_out=held_out,
+                             check_every=check_every)
     was_training = model.training
     model.eval()
     try:
-        before = held_out_loss()
+        resumed = None if checkpoint_dir is None or not steps else _load_progress(checkpoint_dir, identity, factors,
+                                                                                  overwrite)
+        if resumed is None:
+            done, optimizer_state, before = 0, None, held_out_loss()
+            best, best_factors = before, None
+        else:
+            done, before, best, best_factors, optimizer_state = resumed
         if not steps:
             return before, before
-        best, best_factors = before, None
-        bar = tqdm(total=steps, desc="end-to-end fine-tuning", unit="step", disable=not progress)
-        done = 0  # not bar.n: a disabled bar does not count
+        bar = tqdm(total=steps, initial=done, desc="end-to-end fine-tuning", unit="step", disable=not progress)
 
-        def advance(loss: torch.Tensor) -> None:
+        def advance(loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
             nonlocal best, best_factors, done
-            done += 1
+            done += 1  # not bar.n: a disabled bar does not count
             bar.update()
             if done % check_every == 0 or done == steps:
                 current = held_out_loss()
                 if current < best:
                     best, best_factors = current, [f.detach().clone() for f in factors]
+                if checkpoint_dir is not None:
+                    _save_progress(checkpoint_dir, identity, done, before, best, factors, best_factors, optimizer)
             bar.set_postfix(kl=f"{loss.item():.4f}", held_out=f"{best:.4f}")
 
         adam_steps(factors, lr, steps,
-                   lambda step: _distillation_loss(model, weights(), teacher, batches[step % len(batches)]), advance)
+                   lambda step: _distillation_loss(model, weights(), teacher, batches[step % len(batches)]), advance,
+                   first_step=done, optimizer_state=optimizer_state)
         bar.close()
         if best_factors is None:
             return before, before
