@@ -196,6 +196,8 @@ def finetune_end_to_end(
 
     identity = _run_identity(quantized, tokens, steps=steps, lr=lr, batch_size=batch_size, held_out=held_out,
                              check_every=check_every)
+    if checkpoint_dir is not None:
+        Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
     was_training = model.training
     model.eval()
     try:

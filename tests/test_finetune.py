@@ -195,7 +195,7 @@ def uninterrupted(runs, tmp_path_factory):
     in one go with a checkpoint directory."""
     model, calibrated, _, _ = runs
     whole = copy.deepcopy(calibrated)
-    directory = tmp_path_factory.mktemp("whole")
+    directory = tmp_path_factory.mktemp("whole") / "new" / "directory"  # created as needed
     losses = lift_ao.finetune_end_to_end(whole, model, token_batch(0, batch=16, length=32), checkpoint_dir=directory,
                                          **RESUME)
     return whole, losses, directory
