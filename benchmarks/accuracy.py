@@ -165,7 +165,9 @@ def run_row(name: str, reference, tokenizer, eval_tokens, args) -> dict:
                 if name.startswith("lift-cal-ftc-"):
                     finetune["code_rounds"] = args.code_rounds
                 row["finetune"] = finetune
-            calibrate(model, config, calibration, device=args.device, checkpoint_dir=checkpoint, **finetune)
+            calibrate(model, config, calibration, device=args.device, checkpoint_dir=checkpoint, alpha=args.alpha,
+                      **finetune)
+            row["alpha"] = args.alpha
             if name.startswith("lift-cal-fte-"):
                 # A superset of the block stage's text (its first tokens are the same): the end-to-end
                 # stage overfits its sequences, while the block stage's cost grows with them.
@@ -227,7 +229,10 @@ def _markdown(doc: dict) -> str:
         "with their dequantized weights as dense matrices (the same values; the CPU reference op is ~5x slower).",
         "",
         "Calibrated rows (`lift-cal-*`): `lift_ao.calibrate` with the first --calibration-tokens tokens of the "
-        "calibration split in sequences of 512, input-scale strength α = 0.5, Hessian damping 1%, decoder blocks "
+        "calibration split in sequences of 512, input-scale strength α = "
+        + "/".join(f"{a:g}" for a in sorted({r.get("alpha", 0.5) for r in doc["rows"].values()
+                                              if r["method"].startswith("lift-cal-")} or {0.5}))
+        + " (per row: the JSON's `alpha`; 0.5 where absent), Hessian damping 1%, decoder blocks "
         "streamed one at a time; no intra-block fine-tuning. `lift-cal-ft-*`: the same plus intra-block "
         "fine-tuning (row and input scales, Adam against the full-precision model's block outputs): "
         + (", ".join(sorted({f"{r['finetune']['finetune_steps']} steps per block of {r['finetune']['batch_size']} "
@@ -315,6 +320,8 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--eval-dense", action="store_true", help="evaluate lift_ao rows with their dequantized "
                         "weights (the same values; the CPU reference op is ~5x slower than a dense matmul)")
+    parser.add_argument("--alpha", type=float, default=0.5, help="calibrated rows: input-scale strength α "
+                        "(lift_ao.calibrate's alpha; default 0.5)")
     parser.add_argument("--finetune-steps", type=int, default=16, help="lift-cal-ft rows: Adam steps per decoder block")
     parser.add_argument("--finetune-lr", type=float, default=1e-2, help="lift-cal-ft rows: Adam's peak learning rate")
     parser.add_argument("--finetune-batch", type=int, default=4, help="lift-cal-ft rows: sequences per step")
@@ -336,7 +343,9 @@ def main(argv=None) -> None:
     if unknown:
         parser.error(f"unknown rows {unknown}; choose among {ROWS} or lift[-cal[-ft|-ftc|-fte]]-D/d with a shipped lattice")
 
-    json_path = args.out.with_suffix(".json")
+    # Suffixes are appended, not swapped: --out /tmp/alpha_0.25 must not write /tmp/alpha_0.json.
+    out_path = lambda suffix: args.out.parent / (args.out.name + suffix)  # noqa: E731
+    json_path = out_path(".json")
     doc = json.loads(json_path.read_text()) if json_path.is_file() else {"rows": {}}
     if doc.get("rows") and (doc.get("windows"), doc.get("context")) != (args.windows, args.context):
         sys.exit(f"{json_path} holds rows measured with {doc['windows']} windows × {doc['context']} tokens; "
@@ -344,6 +353,10 @@ def main(argv=None) -> None:
     doc.update(windows=args.windows, context=args.context,
                command="python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])]),
                machine=f"{platform.node() or 'host'}: {_device_name(torch.device(args.device))}, torch {torch.__version__}")
+    other_alpha = [n for n in names if n.startswith("lift-cal-") and n in doc["rows"]
+                   and doc["rows"][n].get("alpha", 0.5) != args.alpha]
+    if other_alpha and not args.redo:
+        sys.exit(f"{json_path} holds {other_alpha} measured at another --alpha; use --redo or another --out")
     todo = [n for n in names if args.redo or n not in doc["rows"]]
     if not todo:
         print("nothing to do: every requested row is in the results (pass --redo to measure again)")
@@ -361,13 +374,13 @@ def main(argv=None) -> None:
                 doc["rows"] = {**json.loads(json_path.read_text())["rows"], **doc["rows"]}
             doc["rows"][name] = row
             args.out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = json_path.with_suffix(f".json.{os.getpid()}.tmp")
+            tmp = out_path(f".json.{os.getpid()}.tmp")
             tmp.write_text(json.dumps(doc, indent=2))
             os.replace(tmp, json_path)  # a killed run keeps every finished row
     if json_path.is_file():
         doc["rows"] = {**json.loads(json_path.read_text())["rows"], **doc["rows"]}
-    args.out.with_suffix(".md").write_text(_markdown(doc))
-    if not _plot(doc, args.out.with_suffix(".png")):
+    out_path(".md").write_text(_markdown(doc))
+    if not _plot(doc, out_path(".png")):
         print("matplotlib is not installed: no accuracy.png (pip install matplotlib, then rerun with no rows to do)")
 
 
