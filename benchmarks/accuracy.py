@@ -47,7 +47,7 @@ from pathlib import Path
 import torch
 
 import lift_ao
-from lift_ao.calibration import builtin_calibration_tokens, calibrate
+from lift_ao.calibration import DEFAULT_ALPHA, builtin_calibration_tokens, calibrate
 from lift_ao.finetune import finetune_end_to_end
 from lift_ao.data import DEFAULT_MODEL_NOTE, builtin_text, load_default_model, tokenize_text
 from lift_ao.evaluate import perplexity
@@ -320,8 +320,8 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--eval-dense", action="store_true", help="evaluate lift_ao rows with their dequantized "
                         "weights (the same values; the CPU reference op is ~5x slower than a dense matmul)")
-    parser.add_argument("--alpha", type=float, default=0.5, help="calibrated rows: input-scale strength α "
-                        "(lift_ao.calibrate's alpha; default 0.5)")
+    parser.add_argument("--alpha", type=float, default=DEFAULT_ALPHA, help="calibrated rows: input-scale strength "
+                        f"α (lift_ao.calibrate's alpha; default {DEFAULT_ALPHA}; rows before it was recorded used 0.5)")
     parser.add_argument("--finetune-steps", type=int, default=16, help="lift-cal-ft rows: Adam steps per decoder block")
     parser.add_argument("--finetune-lr", type=float, default=1e-2, help="lift-cal-ft rows: Adam's peak learning rate")
     parser.add_argument("--finetune-batch", type=int, default=4, help="lift-cal-ft rows: sequences per step")

@@ -66,6 +66,14 @@ from lift_ao.transform import padded_in_features, rotate, unrotate
 __all__ = ["adam_steps", "builtin_calibration_tokens", "calibrate", "finetune_block", "hessian_encode_rows", "input_scales"]
 
 
+# Input-scale strength of calibrate. Block LDLQ already weights the error by H, so strong AWQ-style
+# scaling mostly pulls the rows away from the Gaussian the lattice was trained for: on SmolLM2 at 48/20
+# 0.25 had the lowest H-weighted coding error in 10 of 12 groups, 0.5 was 2-30 % above the best (2.2× on
+# a down_proj), and with block fine-tuning perplexity went 21.63 (0.5) → 19.98 (0.25) / 19.84 (0)
+# (benchmarks/results/input_scale_strength_cpu.md, accuracy_alpha_cpu.md). It was 0.5 until then.
+DEFAULT_ALPHA = 0.25
+
+
 def input_scales(second_moments: torch.Tensor, alpha: float) -> torch.Tensor:
     """AWQ-like per-input-channel scales ``s = m^(α/2)``, normalised to geometric mean 1.
 
@@ -687,7 +695,7 @@ def _by_lattice(names: list, lattices: dict) -> list[tuple[Lattice, list]]:
 
 def calibrate(
     model: torch.nn.Module, config: LiftQuantConfig, tokens: torch.Tensor, *, checkpoint_dir=None,
-    overwrite: bool = False, device=None, alpha: float = 0.5, damping: float = 0.01, batch_size: int = 8,
+    overwrite: bool = False, device=None, alpha: float = DEFAULT_ALPHA, damping: float = 0.01, batch_size: int = 8,
     finetune_steps: int = 0, finetune_lr: float = 1e-2, code_rounds: int = 0, finetune_rotation: bool = False,
     progress: bool = True,
 ) -> torch.nn.Module:
@@ -704,7 +712,7 @@ def calibrate(
             a directory holding another run is refused (:class:`lift_ao.CheckpointError`) unless
             ``overwrite``, which discards it.
         device: where each block is coded and run (default: where the model is).
-        alpha: strength of the input scales (0 = none).
+        alpha: strength of the input scales (0 = none; :data:`DEFAULT_ALPHA`, measured).
         damping: Hessian damping, fraction of the mean diagonal.
         batch_size: calibration sequences per forward pass (and per fine-tuning step).
         finetune_steps: Adam steps of intra-block fine-tuning per decoder block (0: none), each on one
