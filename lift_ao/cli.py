@@ -102,12 +102,13 @@ def _cmd_quantize(args) -> dict:
     # Finished layers are kept under --out as they are done, so a killed run resumes where it stopped.
     partial = args.out / PARTIAL_DIR if args.out else None
     if args.calibrate:
-        from lift_ao.calibration import builtin_calibration_tokens, calibrate
+        from lift_ao.calibration import DEFAULT_ALPHA, builtin_calibration_tokens, calibrate
 
         calibration = builtin_calibration_tokens(tokenizer, args.calibration_tokens)
         report["calibration_tokens"] = calibration.numel()
         report["finetune_steps"], report["code_rounds"] = args.finetune_steps, args.code_rounds
-        report["finetune_rotation"] = args.finetune_rotation
+        alpha = DEFAULT_ALPHA if args.alpha is None else args.alpha
+        report["finetune_rotation"], report["alpha"] = args.finetune_rotation, alpha
         if args.e2e_steps < 0:
             raise ValueError(f"--e2e-steps must be >= 0, got {args.e2e_steps}")
         # Checked before calibrating, which may take long, rather than when the end-to-end stage starts.
@@ -118,7 +119,7 @@ def _cmd_quantize(args) -> dict:
         teacher = copy.deepcopy(model) if args.e2e_steps else None
         calibrate(model, config, calibration, checkpoint_dir=partial, overwrite=args.overwrite, device=device,
                   finetune_steps=args.finetune_steps, code_rounds=args.code_rounds,
-                  finetune_rotation=args.finetune_rotation)
+                  finetune_rotation=args.finetune_rotation, alpha=alpha)
         if args.e2e_steps:
             # A superset of the block stage's text (its first tokens are the same): the end-to-end stage
             # overfits few sequences, while the block stage's cost grows with them.
@@ -246,6 +247,9 @@ def _parser() -> argparse.ArgumentParser:
                    "input scales and Hessian-aware rounding from the built-in calibration text, block by block")
     q.add_argument("--calibration-tokens", type=int, default=16384, help="calibration tokens with --calibrate "
                    "(default 16384, in sequences of 512)")
+    q.add_argument("--alpha", type=float, default=None, help="with --calibrate: strength of the activation-aware "
+                   "input scales, 0 (none) to 1 (default 0.25, lift_ao.calibration.DEFAULT_ALPHA; results measured "
+                   "before it was 0.25 used 0.5)")
     q.add_argument("--finetune-steps", type=int, default=0, help="with --calibrate: Adam steps per decoder block "
                    "tuning row and input scales against the full-precision block outputs (default 0: none; 16 is "
                    "what benchmarks/results/accuracy.md measured)")

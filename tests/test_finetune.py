@@ -250,3 +250,22 @@ def test_a_finished_run_is_not_redone_and_another_run_is_refused(runs, uninterru
                                     checkpoint_dir=directory, **RESUME)
     with pytest.raises(CheckpointError, match="weights_sha256"):  # the tuned model is not where the run started
         lift_ao.finetune_end_to_end(copy.deepcopy(whole), model, tokens, checkpoint_dir=directory, **RESUME)
+
+
+@pytest.mark.parametrize("alpha, expected", [(None, lift_ao.calibration.DEFAULT_ALPHA), ("0", 0.0), ("0.5", 0.5)])
+def test_command_line_passes_the_input_scale_strength(tmp_path, monkeypatch, capsys, alpha, expected):
+    from test_resume import run_cli
+
+    import lift_ao.calibration
+    asked = []
+    calibrate = lift_ao.calibration.calibrate
+    monkeypatch.setattr(lift_ao.calibration, "calibrate", lambda *a, **k: asked.append(k["alpha"]) or calibrate(*a, **k))
+    option = [] if alpha is None else ["--alpha", alpha]
+    assert run_cli(tmp_path / "tuned", "--json", "--calibrate", *option) == 0
+    assert asked == [expected] and json.loads(capsys.readouterr().out)["alpha"] == expected
+
+
+def test_command_line_refuses_an_input_scale_strength_outside_0_1(tmp_path):
+    from test_resume import run_cli
+
+    assert run_cli(tmp_path / "bad", "--calibrate", "--alpha", "1.5") == 2
