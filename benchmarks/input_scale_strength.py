@@ -4,10 +4,10 @@ of the built-in model against α (``s = E[x²]^(α/2)``, lift_ao.calibrate's ``a
     python benchmarks/input_scale_strength.py [--blocks 2,15,28] [--alphas 0,0.25,0.5,0.75,1] [--out DIR]
 
 For each chosen decoder block and each group of linears that read one input (q/k/v, o, gate/up,
-down), the group is coded as :func:`lift_ao.calibrate` codes it (input scales, rotation, block LDLQ)
-at every α, and the error is measured where it matters, on the layer's output:
-``tr((W − Ŵ) H (W − Ŵ)ᵀ) / tr(W H Wᵀ)`` with ``H = E[x xᵀ]`` of the group's input. Inputs are the
-full-precision model's activations on the calibration split (calibration streams the quantized
+down), the group is coded as :func:`lift_ao.calibrate` codes it (its groups, Hessians, input scales,
+rotation and block LDLQ) at every α, and the error is measured where it matters, on the layer's
+output: ``tr((W − Ŵ) H (W − Ŵ)ᵀ) / tr(W H Wᵀ)`` with ``H = E[x xᵀ]`` of the group's input. Inputs are
+the full-precision model's activations on the calibration split (calibration streams the quantized
 model's; the difference is small next to the effect measured here). CPU: ~5 min.
 Writes ``input_scale_strength.json`` and ``.md`` to --out.
 """
@@ -22,36 +22,27 @@ from pathlib import Path
 
 import torch
 
-from lift_ao.calibration import _quantize_group, builtin_calibration_tokens
+from lift_ao.api import quantizable_linears
+from lift_ao.calibration import (_block_inputs, _decoder_blocks, _hessians, _quantize_group, _run_block,
+                                 builtin_calibration_tokens)
 from lift_ao.config import liftquant
 from lift_ao.data import load_default_model
 from lift_ao.lattice import Lattice
 
-GROUPS = [("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
-          ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",)]
 
-
-def input_hessians(model, blocks: list[int], tokens: torch.Tensor, batch_size: int = 4) -> dict:
-    """{(block, first linear of a group): (K, K) float64 E[x xᵀ]} of each group's input over ``tokens``."""
-    sums = {}
-
-    def hook(key):
-        def record(module, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-            total, count = sums.get(key, (0, 0))
-            sums[key] = (total + x.T @ x, count + x.shape[0])
-        return record
-
-    handles = [model.model.layers[b].get_submodule(group[0]).register_forward_pre_hook(hook((b, group[0])))
-               for b in blocks for group in GROUPS]
-    try:
-        with torch.no_grad():
-            for batch in tokens.split(batch_size):
-                model(batch)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return {key: total / count for key, (total, count) in sums.items()}
+@torch.no_grad()
+def group_hessians(model, config, blocks: list[int], tokens: torch.Tensor, batch_size: int = 4) -> dict:
+    """{block index: [(names within the block, (K, K) float64 H)]} of the chosen decoder blocks' groups,
+    as :func:`lift_ao.calibrate` gathers them, on the full-precision model's activations of ``tokens``."""
+    decoder = _decoder_blocks(model)
+    inputs = _block_inputs(model, decoder, tokens, batch_size, "cpu")
+    found = {}
+    for index in range(max(blocks) + 1):
+        block = decoder[index]
+        if index in blocks:
+            found[index] = _hessians(block, quantizable_linears(block, config), inputs, "cpu")
+        inputs = _run_block(block, inputs, "cpu")
+    return found
 
 
 def main():
@@ -67,13 +58,12 @@ def main():
         parser.error("--alphas must include 0.5, the default the table compares against")
     torch.manual_seed(0)
     model, tokenizer = load_default_model()
-    hessians = input_hessians(model, blocks, builtin_calibration_tokens(tokenizer, args.tokens))
     config, lattice = liftquant(lattice=args.lattice), Lattice.load(args.lattice)
+    hessians = group_hessians(model, config, blocks, builtin_calibration_tokens(tokenizer, args.tokens))
     rows = []
     for b in blocks:
-        layer = model.model.layers[b]
-        for group in GROUPS:
-            h = hessians[(b, group[0])]
+        layer = _decoder_blocks(model)[b]
+        for group, h in hessians[b]:
             w = torch.cat([layer.get_submodule(name).weight.detach().double() for name in group])
             total = torch.einsum("nk,kl,nl->", w, h, w).item()
             row = dict(block=b, group="/".join(name.split(".")[-1] for name in group), errors={})
