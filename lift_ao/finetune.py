@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from lift_ao.calibration import _code_signs, _dense_weight, _scaled_signs, _tuned_weight, _unit_weight, adam_steps
-from lift_ao.io import SHARD_SUFFIX, CheckpointError, load_shard, save_shard
+from lift_ao.io import SHARD_SUFFIX, CheckpointError, _sha256, load_shard, save_shard
 from lift_ao.tensor import LiftQuantTensor, share_constants
 
 __all__ = ["finetune_end_to_end", "held_out_rows"]
@@ -58,8 +58,7 @@ def _run_identity(quantized: dict, tokens: torch.Tensor, **settings) -> dict:
         digest.update(f"{name}{tuple(w.shape)}".encode())
         for t in (w.row_scale, w.input_signs):
             digest.update(t.detach().float().cpu().contiguous().numpy().tobytes())
-    tokens_sha = hashlib.sha256(tokens.long().cpu().contiguous().numpy().tobytes()).hexdigest()
-    return dict(settings, tokens_sha256=tokens_sha, weights_sha256=digest.hexdigest())
+    return dict(settings, tokens_sha256=_sha256(tokens.long()), weights_sha256=digest.hexdigest())
 
 
 def _save_progress(directory, identity: dict, done: int, before: float, best: float, factors: list,
@@ -194,10 +193,11 @@ def finetune_end_to_end(
         dense = weights()
         return sum(_distillation_loss(model, dense, teacher, b).item() * len(b) for b in held_batches) / len(held)
 
-    identity = _run_identity(quantized, tokens, steps=steps, lr=lr, batch_size=batch_size, held_out=held_out,
-                             check_every=check_every)
+    identity = None  # hashed only for a run that checkpoints
     if checkpoint_dir is not None:
         Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
+        identity = _run_identity(quantized, tokens, steps=steps, lr=lr, batch_size=batch_size, held_out=held_out,
+                                 check_every=check_every)
     was_training = model.training
     model.eval()
     try:
