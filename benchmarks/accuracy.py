@@ -158,6 +158,8 @@ def run_row(name: str, reference, tokenizer, eval_tokens, args) -> dict:
                 config = lift_ao.liftquant(memory_budget=args.plan_budget or uniform.model_bytes)
             calibration = builtin_calibration_tokens(tokenizer, args.calibration_tokens)
             checkpoint = None if args.checkpoint_root is None else args.checkpoint_root / name
+            # Its quantize time then covers only this run's part of the work, and the table says so.
+            row["resumed"] = checkpoint is not None and checkpoint.is_dir() and any(checkpoint.iterdir())
             finetune = {}
             if name.startswith(("lift-cal-ft-", "lift-cal-ftc-", "lift-cal-fte-")):
                 finetune = dict(finetune_steps=args.finetune_steps, finetune_lr=args.finetune_lr,
@@ -226,7 +228,8 @@ def _markdown(doc: dict) -> str:
         "",
         f"Machine: {doc['machine']}. The CPU is shared with other jobs: wall times are upper bounds; the "
         "load average (1 min) before → after each row is listed. \"evaluated\": lift_ao rows may be evaluated "
-        "with their dequantized weights as dense matrices (the same values; the CPU reference op is ~5x slower).",
+        "with their dequantized weights as dense matrices (the same values; the CPU reference op is ~5x slower). "
+        "\"(resumed)\": the row continued from its --checkpoint-root directory; its time is this run's part only.",
         "",
         "Calibrated rows (`lift-cal-*`): `lift_ao.calibrate` with the first --calibration-tokens tokens of the "
         "calibration split in sequences of 512, input-scale strength α = "
@@ -267,7 +270,8 @@ def _markdown(doc: dict) -> str:
         load = f"{row['load_average_before'][0]:.1f} → {row['load_average_after'][0]:.1f}"
         method = f"{name} ({', '.join(row['lattices'])})" if row.get("lattices") else name
         lines.append(f"| {method} | {row['bits_per_weight']:.3f} | {row['model_bytes'] / 1e6:.1f} | "
-                     f"{row['perplexity']:.2f} | {row['quantize_seconds']:.0f} | {row['device']} | {load} | "
+                     f"{row['perplexity']:.2f} | {row['quantize_seconds']:.0f}{' (resumed)' if row.get('resumed') else ''} | "
+                     f"{row['device']} | {load} | "
                      f"{_evaluated(name, row)} |")
     notes = [f"- {name}: {doc['rows'][name]['note']}" for name in _table_order(doc["rows"]) if doc["rows"][name].get("note")]
     if notes:
