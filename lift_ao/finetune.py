@@ -115,7 +115,7 @@ def _distillation_loss(model, weights: dict, teacher, batch: torch.Tensor) -> to
 def finetune_end_to_end(
     model: torch.nn.Module, teacher: torch.nn.Module, tokens: torch.Tensor, *, steps: int, lr: float = 3e-3,
     batch_size: int = 4, held_out: float = 0.125, check_every: int = 16, checkpoint_dir=None, overwrite: bool = False,
-    progress: bool = True,
+    progress: bool = True, compile: bool = False,
 ) -> tuple[float, float]:
     """Tune the row and input scales of every LiftQuant weight of ``model`` end to end, in place.
 
@@ -149,6 +149,11 @@ def finetune_end_to_end(
         overwrite: discard progress there of a different run (settings, tokens or weights) instead of
             refusing.
         progress: a tqdm bar over steps (postfix: the current training loss and the best held-out loss).
+        compile: build the dense weights and compute the loss (both forwards, the KL and its backward)
+            through ``torch.compile``: eager, a step issues ~8000 small kernels, and on an H100 the host
+            issuing them takes ~2.4× the GPU's time (``benchmarks/results/e2e_profile_h100.md``). Costs a
+            compilation per batch shape and grad mode; the losses match eager's to rounding (a run
+            resumed with the other setting continues it).
     Returns:
         (held-out loss before, held-out loss of the kept factors), in nats per token.
     Raises:
@@ -183,15 +188,24 @@ def finetune_end_to_end(
     signs_of = {id(w.input_signs): w.input_signs for w in quantized.values()}
     groups = {key: torch.zeros(signs.shape[0], device=device, requires_grad=True) for key, signs in signs_of.items()}
 
+    # (name, weight, C, its row factor, its group's factor), looked up once: id() inside a compiled
+    # function would make its graphs specific to these tensors' addresses.
+    parts = [(name, w, unit[name], log_r[name], groups[id(w.input_signs)]) for name, w in quantized.items()]
+
     def weights() -> dict:
-        return {name: _dense_weight(w, unit[name], log_r[name], groups[id(w.input_signs)]) for name, w in quantized.items()}
+        return {name: _dense_weight(w, c, log_r_row, log_s) for name, w, c, log_r_row, log_s in parts}
 
     factors = [*log_r.values(), *groups.values()]
 
+    weights_now, distillation_loss = weights, _distillation_loss
+    if compile:  # dynamic=False: a graph per batch shape (at most two per grad mode), no symbolic sizes
+        weights_now = torch.compile(weights, fullgraph=True, dynamic=False)
+        distillation_loss = torch.compile(_distillation_loss, fullgraph=True, dynamic=False)
+
     @torch.no_grad()
     def held_out_loss() -> float:
-        dense = weights()
-        return sum(_distillation_loss(model, dense, teacher, b).item() * len(b) for b in held_batches) / len(held)
+        dense = weights_now()
+        return sum(distillation_loss(model, dense, teacher, b).item() * len(b) for b in held_batches) / len(held)
 
     identity = None  # hashed only for a run that checkpoints
     if checkpoint_dir is not None:
@@ -225,7 +239,7 @@ def finetune_end_to_end(
             bar.set_postfix(kl=f"{loss.item():.4f}", held_out=f"{best:.4f}")
 
         adam_steps(factors, lr, steps,
-                   lambda step: _distillation_loss(model, weights(), teacher, batches[step % len(batches)]), advance,
+                   lambda step: distillation_loss(model, weights_now(), teacher, batches[step % len(batches)]), advance,
                    first_step=done, optimizer_state=optimizer_state)
         bar.close()
         if best_factors is None:
