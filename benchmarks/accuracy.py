@@ -176,10 +176,10 @@ def run_row(name: str, reference, tokenizer, eval_tokens, args) -> dict:
                 e2e_tokens = (calibration if args.e2e_tokens in (None, args.calibration_tokens)
                               else builtin_calibration_tokens(tokenizer, args.e2e_tokens))
                 row["end_to_end"] = dict(steps=args.e2e_steps, lr=args.e2e_lr, batch_size=args.finetune_batch,
-                                         held_out=args.e2e_held_out, tokens=e2e_tokens.numel(), compile=args.e2e_compile)
+                                         held_out=args.e2e_held_out, tokens=e2e_tokens.numel(), compiled=args.e2e_compile)
                 row["end_to_end"]["held_out_kl_before_after"] = finetune_end_to_end(
                     model, reference, e2e_tokens, steps=args.e2e_steps, lr=args.e2e_lr, batch_size=args.finetune_batch,
-                    held_out=args.e2e_held_out, checkpoint_dir=checkpoint, compile=args.e2e_compile)
+                    held_out=args.e2e_held_out, checkpoint_dir=checkpoint, compiled=args.e2e_compile)
             row["calibration_tokens"] = calibration.numel()
         else:
             lift_ao.quantize(model, lift_ao.liftquant(lattice=_lattice_of(name)), device=args.device)
@@ -335,7 +335,7 @@ def main(argv=None) -> None:
     parser.add_argument("--e2e-tokens", type=int, default=None, help="lift-cal-fte rows: calibration tokens of the "
                         "end-to-end stage (default: --calibration-tokens; the first ones are the block stage's)")
     parser.add_argument("--e2e-compile", action="store_true", help="lift-cal-fte rows: the end-to-end steps through "
-                        "torch.compile (finetune_end_to_end(compile=True))")
+                        "torch.compile (finetune_end_to_end(compiled=True))")
     parser.add_argument("--e2e-held-out", type=float, default=0.125, help="lift-cal-fte rows: fraction of the "
                         "end-to-end sequences held out to pick the kept scales (default 0.125)")
     parser.add_argument("--checkpoint-root", type=Path, default=None, help="calibrated rows save each finished "

@@ -57,7 +57,7 @@ def time_variant(student, teacher, tokens, variant: str, steps: int, held_out: f
             _synchronize(device)
             start = time.perf_counter()
             finetune_end_to_end(student, teacher, tokens, steps=run_steps, lr=1e-3, batch_size=4, held_out=held_out,
-                                check_every=check_every, progress=False, compile=base == "compile")
+                                check_every=check_every, progress=False, compiled=base == "compile")
             _synchronize(device)
             return time.perf_counter() - start
 

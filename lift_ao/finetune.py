@@ -115,7 +115,7 @@ def _distillation_loss(model, weights: dict, teacher, batch: torch.Tensor) -> to
 def finetune_end_to_end(
     model: torch.nn.Module, teacher: torch.nn.Module, tokens: torch.Tensor, *, steps: int, lr: float = 3e-3,
     batch_size: int = 4, held_out: float = 0.125, check_every: int = 16, checkpoint_dir=None, overwrite: bool = False,
-    progress: bool = True, compile: bool = False,
+    progress: bool = True, compiled: bool = False,
 ) -> tuple[float, float]:
     """Tune the row and input scales of every LiftQuant weight of ``model`` end to end, in place.
 
@@ -149,7 +149,7 @@ def finetune_end_to_end(
         overwrite: discard progress there of a different run (settings, tokens or weights) instead of
             refusing.
         progress: a tqdm bar over steps (postfix: the current training loss and the best held-out loss).
-        compile: build the dense weights and compute the loss (both forwards, the KL and its backward)
+        compiled: build the dense weights and compute the loss (both forwards, the KL and its backward)
             through ``torch.compile``: eager, a step issues ~8000 small kernels, and on an H100 the host
             issuing them takes ~2.4× the GPU's time (``benchmarks/results/e2e_profile_h100.md``). Costs a
             compilation per batch shape and grad mode; the losses match eager's to rounding (a run
@@ -198,7 +198,7 @@ def finetune_end_to_end(
     factors = [*log_r.values(), *groups.values()]
 
     weights_now, distillation_loss = weights, _distillation_loss
-    if compile:  # dynamic=False: a graph per batch shape (at most two per grad mode), no symbolic sizes
+    if compiled:  # dynamic=False: a graph per batch shape (at most two per grad mode), no symbolic sizes
         weights_now = torch.compile(weights, fullgraph=True, dynamic=False)
         distillation_loss = torch.compile(_distillation_loss, fullgraph=True, dynamic=False)
 

@@ -119,7 +119,7 @@ def test_held_out_sequences_are_measured_every_check_every_steps(runs, monkeypat
 
 
 def test_compiled_stage_matches_eager_with_a_graph_per_batch_shape(runs):
-    """compile=True: the same held-out losses and row scales as eager, to rounding, and no per-step
+    """compiled=True: the same held-out losses and row scales as eager, to rounding, and no per-step
     recompilation: 44 sequences = 9 held out (batches of 8 and 1) + 35 trained on (8, 8, 8, 8, 3) give
     one graph for the weights per grad mode and one for the loss per batch shape and grad mode."""
     from torch._dynamo.utils import counters
@@ -131,7 +131,7 @@ def test_compiled_stage_matches_eager_with_a_graph_per_batch_shape(runs):
     expected = lift_ao.finetune_end_to_end(eager, model, tokens, **settings)
     torch._dynamo.reset()
     counters.clear()
-    got = lift_ao.finetune_end_to_end(compiled, model, tokens, compile=True, **settings)
+    got = lift_ao.finetune_end_to_end(compiled, model, tokens, compiled=True, **settings)
     # Measured: held-out KL 7.5961e-4 -> 7.5154e-4 eager, 7.5961e-4 -> 7.5156e-4 compiled.
     assert expected[1] < 0.995 * expected[0]  # the scales moved, so the comparison below means something
     assert got == pytest.approx(expected, rel=1e-4)

@@ -1,0 +1,42 @@
+"""benchmarks/accuracy.py's bookkeeping (no model run): the table of recorded rows, resumed rows, α checks."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import accuracy  # noqa: E402
+
+
+def _row(method: str, **extra) -> dict:
+    return dict(method=method, bits_per_weight=2.5157, model_bytes=146772296, perplexity=15.6678, quantize_seconds=85.2,
+                device="NVIDIA H100 80GB HBM3", load_average_before=[1.0, 1, 1], load_average_after=[1.0, 1, 1],
+                lattices=[method.rsplit("-", 1)[1]], eval_weights="dequantized (dense)", **extra)
+
+
+def _write(path: Path, rows: dict) -> None:
+    path.write_text(json.dumps(dict(rows=rows, windows=8, context=512, command="python benchmarks/accuracy.py",
+                                    machine="vm: H100")))
+
+
+def test_a_resumed_row_says_its_time_is_a_part(tmp_path):
+    _write(tmp_path / "acc.json", {"lift-cal-fte-48/20": _row("lift-cal-fte-48/20", alpha=0.25, resumed=True),
+                                   "lift-cal-ft-72/24": _row("lift-cal-ft-72/24", alpha=0.25, resumed=False)})
+    accuracy.main(["--rows", "lift-cal-fte-48/20,lift-cal-ft-72/24", "--out", str(tmp_path / "acc")])
+    lines = (tmp_path / "acc.md").read_text().splitlines()
+    assert any(line.startswith("| lift-cal-fte-48/20 (48/20) | 2.516 | 146.8 | 15.67 | 85 (resumed) |") for line in lines)
+    assert any(line.startswith("| lift-cal-ft-72/24 (72/24) | 2.516 | 146.8 | 15.67 | 85 |") for line in lines)
+
+
+def test_rows_measured_at_another_alpha_are_refused(tmp_path):
+    _write(tmp_path / "acc.json", {"lift-cal-ft-48/20": _row("lift-cal-ft-48/20")})  # no alpha recorded: 0.5
+    with pytest.raises(SystemExit, match="measured at another --alpha"):
+        accuracy.main(["--rows", "lift-cal-ft-48/20", "--alpha", "0.25", "--out", str(tmp_path / "acc")])
+
+
+def test_a_dotted_out_name_keeps_its_tail(tmp_path):
+    _write(tmp_path / "alpha_0.25.json", {"lift-cal-ft-48/20": _row("lift-cal-ft-48/20", alpha=0.25)})
+    accuracy.main(["--rows", "lift-cal-ft-48/20", "--alpha", "0.25", "--out", str(tmp_path / "alpha_0.25")])
+    assert (tmp_path / "alpha_0.25.md").is_file() and not (tmp_path / "alpha_0.md").exists()
