@@ -168,10 +168,8 @@ def run_row(name: str, reference, tokenizer, eval_tokens, args) -> dict:
                     finetune["code_rounds"] = args.code_rounds
                 row["finetune"] = finetune
             calibrate(model, config, calibration, device=args.device, checkpoint_dir=checkpoint, alpha=args.alpha,
-                      asymmetric=args.asymmetric, **finetune)
+                      **finetune)
             row["alpha"] = args.alpha
-            if args.asymmetric:
-                row["asymmetric"] = True
             if name.startswith("lift-cal-fte-"):
                 # A superset of the block stage's text (its first tokens are the same): the end-to-end
                 # stage overfits its sequences, while the block stage's cost grows with them.
@@ -336,8 +334,6 @@ def main(argv=None) -> None:
     parser.add_argument("--e2e-lr", type=float, default=3e-3, help="lift-cal-fte rows: end-to-end peak learning rate")
     parser.add_argument("--e2e-tokens", type=int, default=None, help="lift-cal-fte rows: calibration tokens of the "
                         "end-to-end stage (default: --calibration-tokens; the first ones are the block stage's)")
-    parser.add_argument("--asymmetric", action="store_true", help="calibrated rows: code each group for the "
-                        "full-precision model's outputs (lift_ao.calibrate's asymmetric)")
     parser.add_argument("--e2e-compile", action="store_true", help="lift-cal-fte rows: the end-to-end steps through "
                         "torch.compile (finetune_end_to_end(compiled=True))")
     parser.add_argument("--e2e-held-out", type=float, default=0.125, help="lift-cal-fte rows: fraction of the "

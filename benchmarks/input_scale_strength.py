@@ -32,7 +32,7 @@ from lift_ao.lattice import Lattice
 
 @torch.no_grad()
 def group_hessians(model, config, blocks: list[int], tokens: torch.Tensor, batch_size: int = 4) -> dict:
-    """{block index: [(names within the block, (K, K) float64 H, None)]} of the chosen decoder blocks' groups,
+    """{block index: [(names within the block, (K, K) float64 H)]} of the chosen decoder blocks' groups,
     as :func:`lift_ao.calibrate` gathers them, on the full-precision model's activations of ``tokens``."""
     decoder = _decoder_blocks(model)
     inputs = _block_inputs(model, decoder, tokens, batch_size, "cpu")
@@ -63,7 +63,7 @@ def main():
     rows = []
     for b in blocks:
         layer = _decoder_blocks(model)[b]
-        for group, h, _ in hessians[b]:
+        for group, h in hessians[b]:
             w = torch.cat([layer.get_submodule(name).weight.detach().double() for name in group])
             total = torch.einsum("nk,kl,nl->", w, h, w).item()
             row = dict(block=b, group="/".join(name.split(".")[-1] for name in group), errors={})

@@ -227,34 +227,23 @@ def _run_block(block, inputs: list, device) -> list:
     return out
 
 
-def _hessians(block, linears: list, inputs: list, device, reference_inputs: Optional[list] = None) -> list:
+def _hessians(block, linears: list, inputs: list, device) -> list:
     """Group the block's linears by the tensor they read and accumulate each group's X̃ᵀX̃.
 
-    With ``reference_inputs`` (the full-precision model's inputs of this block, batch for batch with
-    ``inputs``) also each group's cross term: the same linear's input x_ref when the block runs on them.
-
-    Returns [(names, H (K, K) float64 = Σ x xᵀ / tokens, C (K, K) float64 = Σ x_ref xᵀ / tokens or None)]
-    in the order the groups first run.
+    Returns [(names, H (K, K) float64 = Σ x xᵀ / tokens)] in the order the groups first run.
     """
-    groups: list = []  # [names, H, C, tokens]
+    groups: list = []  # [names, H, tokens]
     group_of: dict = {}
     seen: list = []  # this batch's input tensor of each group (identity decides siblings)
-    reference: dict = {}  # linear name -> its input in this batch's reference pass
-    recording_reference = False  # True while the block runs on the reference inputs
 
     def hook(name):
         def record(module, args):
             x = args[0]
-            if recording_reference:
-                reference[name] = x.detach().reshape(-1, x.shape[-1]).float()
-                return
             if name not in group_of:  # first batch: join the group whose tensor this is, or open one
                 index = next((i for i, t in enumerate(seen) if t is x), None)
                 if index is None:
                     index = len(groups)
-                    k = x.shape[-1]
-                    groups.append([[], torch.zeros(k, k, dtype=torch.float64),
-                                   None if reference_inputs is None else torch.zeros(k, k, dtype=torch.float64), 0])
+                    groups.append([[], torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float64), 0])
                     seen.append(x)
                 group_of[name] = index
                 groups[index][0].append(name)
@@ -262,56 +251,24 @@ def _hessians(block, linears: list, inputs: list, device, reference_inputs: Opti
             if group[0][0] == name:  # the first member accumulates for the group
                 flat = x.detach().reshape(-1, x.shape[-1]).float()
                 group[1] += (flat.T @ flat).double().cpu()
-                if reference_inputs is not None:
-                    group[2] += (reference.pop(name).T @ flat).double().cpu()
-                group[3] += flat.shape[0]
+                group[2] += flat.shape[0]
         return record
 
     handles = [module.register_forward_pre_hook(hook(name)) for name, module in linears]
     try:
-        for b, (hidden, kwargs) in enumerate(inputs):
-            if reference_inputs is not None:
-                recording_reference = True
-                ref_hidden, ref_kwargs = reference_inputs[b]
-                block(ref_hidden.to(device), **_to(ref_kwargs, device))
-                recording_reference = False
+        for hidden, kwargs in inputs:
             block(hidden.to(device), **_to(kwargs, device))
             seen.clear()  # tensors of the next batch are new objects
-            reference.clear()
     finally:
         for handle in handles:
             handle.remove()
-    return [(names, h / max(count, 1), None if c is None else c / max(count, 1)) for names, h, c, count in groups]
-
-
-def asymmetric_target(weight: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor, damping: float) -> torch.Tensor:
-    """The weight to code when this model's inputs x have drifted from the full-precision model's x_ref
-    (GPTAQ's asymmetric calibration): ``W* = W + W (C − H)(H + λI)⁻¹``, which turns the coding
-    objective E‖W x_ref − Ŵ x‖² into tr((Ŵ − W*) H (Ŵ − W*)ᵀ) + const, the form LDLQ minimises
-    (exactly so without damping λ; with it, W* = W wherever x = x_ref).
-
-    Args:
-        weight: (N, K) float32.
-        hessian: (K, K) H = E[x xᵀ] of this model's inputs.
-        cross: (K, K) C = E[x_ref xᵀ].
-        damping: λ as a fraction of H's mean diagonal (as :func:`hessian_encode_rows`).
-    Returns:
-        (N, K) float32 W*.
-    """
-    h = hessian.double()
-    damped = h + damping * h.diagonal().mean() * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-    # (C − H)(H + λI)⁻¹ = ((H + λI)⁻¹ (C − H)ᵀ)ᵀ, H + λI symmetric positive definite.
-    correction = torch.cholesky_solve((cross.double() - h).T, torch.linalg.cholesky(damped)).T
-    return weight + (weight.double() @ correction).float()
+    return [(names, h / max(count, 1)) for names, h, count in groups]
 
 
 def _quantize_group(modules: list, hessian: torch.Tensor, lattice: Lattice, config: LiftQuantConfig,
-                    alpha: float, damping: float, device, cross: Optional[torch.Tensor] = None) -> None:
-    """Code linears that read one input with a shared Hessian H (K, K), scales and rotation; with
-    ``cross`` C = E[x_ref xᵀ] (:func:`_hessians`), for the full-precision model's outputs W·x_ref."""
+                    alpha: float, damping: float, device) -> None:
+    """Code linears that read one input with a shared Hessian (K, K), scales and rotation."""
     weight = torch.cat([m.weight.detach().to(device, torch.float32) for m in modules])
-    if cross is not None:
-        weight = asymmetric_target(weight, hessian.to(device), cross.to(device), damping)
     k = weight.shape[1]
     scales = input_scales(hessian.diagonal(), alpha).to(device)
     hessian = hessian.to(device) / (scales[:, None] * scales[None, :])
@@ -740,7 +697,7 @@ def calibrate(
     model: torch.nn.Module, config: LiftQuantConfig, tokens: torch.Tensor, *, checkpoint_dir=None,
     overwrite: bool = False, device=None, alpha: float = DEFAULT_ALPHA, damping: float = 0.01, batch_size: int = 8,
     finetune_steps: int = 0, finetune_lr: float = 1e-2, code_rounds: int = 0, finetune_rotation: bool = False,
-    asymmetric: bool = False, progress: bool = True,
+    progress: bool = True,
 ) -> torch.nn.Module:
     """Quantize the linears of every decoder block with calibration data, in place.
 
@@ -769,9 +726,6 @@ def calibrate(
             backward passes of the block over all calibration tokens (:func:`finetune_block`).
         finetune_rotation: the fine-tuning also tunes each group's rotation factors (stored per group:
             k1² + k2² floats each, and siblings still share them).
-        asymmetric: code each group for the full-precision model's outputs rather than for its own
-            weights on this model's (drifted) inputs (:func:`asymmetric_target`); costs one
-            full-precision forward pass of each block over all tokens (shared with fine-tuning's).
         progress: a tqdm bar over blocks (with fine-tuning: the last block's output error after/before).
     Returns:
         ``model``; linears outside the decoder blocks (``lm_head``) are left as they are.
@@ -805,8 +759,6 @@ def calibrate(
             finetune["code_rounds"] = code_rounds
         if finetune_rotation:  # absent without it, likewise
             finetune["rotation"] = True
-        if asymmetric:  # likewise
-            finetune["asymmetric"] = True
         open_partial(checkpoint_dir, _manifest(config, tokens, alpha, damping, blocks, finetune, planned),
                      overwrite=overwrite)
 
@@ -816,24 +768,23 @@ def calibrate(
         with torch.no_grad():
             # Everything but the blocks runs where it is; the first block's inputs are captured there.
             inputs = _block_inputs(model, blocks, tokens, batch_size, home)
-            # With fine-tuning or asymmetric coding, the full-precision model's activations run alongside.
+            # With fine-tuning, the full-precision model's activations run alongside as the targets.
             tuning = bool(finetune_steps or code_rounds)
-            full_precision = inputs if tuning or asymmetric else None
+            full_precision = inputs if tuning else None
             bar = tqdm(blocks, desc=f"calibrate {config.lattice or 'budget plan'}", unit="block",
                        disable=not progress)
             for i, block in enumerate(bar):
                 block.to(device)
-                targets = _run_block(block, full_precision, device) if full_precision is not None else None
+                targets = _run_block(block, full_precision, device) if tuning else None
                 if checkpoint_dir is None or not _load_block(checkpoint_dir, i, block, device):
                     linears = quantizable_linears(block, config)
                     lattices = {name: Lattice.load(config.lattice if planned is None else planned[prefixes[i] + name])
                                 for name, _ in linears}
                     modules, groups = dict(linears), []
-                    reference = full_precision if asymmetric else None
-                    for names, hessian, cross in _hessians(block, linears, inputs, device, reference):
+                    for names, hessian in _hessians(block, linears, inputs, device):
                         for lattice, members in _by_lattice(names, lattices):
                             _quantize_group([modules[n] for n in members], hessian, lattice, config, alpha, damping,
-                                            device, cross)
+                                            device)
                             groups.append(members)
                     if tuning:
                         before, after = finetune_block(block, groups, inputs, targets, steps=finetune_steps,
