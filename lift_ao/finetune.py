@@ -197,14 +197,14 @@ def finetune_end_to_end(
 
     factors = [*log_r.values(), *groups.values()]
 
-    weights_now, distillation_loss = weights, _distillation_loss
+    distillation_loss = _distillation_loss
     if compiled:  # dynamic=False: a graph per batch shape (at most two per grad mode), no symbolic sizes
-        weights_now = torch.compile(weights, fullgraph=True, dynamic=False)
+        weights = torch.compile(weights, fullgraph=True, dynamic=False)
         distillation_loss = torch.compile(_distillation_loss, fullgraph=True, dynamic=False)
 
     @torch.no_grad()
     def held_out_loss() -> float:
-        dense = weights_now()
+        dense = weights()
         return sum(distillation_loss(model, dense, teacher, b).item() * len(b) for b in held_batches) / len(held)
 
     identity = None  # hashed only for a run that checkpoints
@@ -239,7 +239,7 @@ def finetune_end_to_end(
             bar.set_postfix(kl=f"{loss.item():.4f}", held_out=f"{best:.4f}")
 
         adam_steps(factors, lr, steps,
-                   lambda step: distillation_loss(model, weights_now(), teacher, batches[step % len(batches)]), advance,
+                   lambda step: distillation_loss(model, weights(), teacher, batches[step % len(batches)]), advance,
                    first_step=done, optimizer_state=optimizer_state)
         bar.close()
         if best_factors is None:
