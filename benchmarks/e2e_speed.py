@@ -2,7 +2,7 @@
 held-out check, eager against compiled, on a model of the built-in model's shape with random weights
 (speed does not depend on the values, so one `device` call needs no model staging).
 
-    python benchmarks/e2e_speed.py [--shape smollm2-135m] [--variants eager,compile,compile+tf32]
+    python benchmarks/e2e_speed.py [--shape smollm2-135m] [--layers N] [--variants eager,compile,compile+tf32]
                                    [--steps 32] [--sequences 256] [--held-out 0.25] [--profile] [--out DIR]
 
 The model is coded data-free at 2.4 bits once; every variant tunes that same model (its scales drift
@@ -80,7 +80,8 @@ def time_variant(student, teacher, tokens, variant: str, steps: int, held_out: f
 
 
 def markdown(doc: dict) -> str:
-    lines = [f"# End-to-end fine-tuning speed, {doc['shape']} shape (random weights), {doc['device_name']}", "",
+    lines = [f"# End-to-end fine-tuning speed, {doc['shape']} shape, {doc['layers']} blocks (random weights), "
+             f"{doc['device_name']}", "",
              f"`{doc['command']}`", "",
              f"{doc['sequences']} sequences of {doc['length']} tokens, {doc['held_out_sequences']} held out, batch 4; "
              f"{doc['steps']} timed steps per run. Recipe: {RECIPE_STEPS} steps and a check every "
@@ -99,6 +100,8 @@ def markdown(doc: dict) -> str:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=list(SHAPES), default="smollm2-135m")
+    parser.add_argument("--layers", type=int, default=None, help="decoder blocks (default: the shape's), e.g. fewer "
+                        "for a quick look on a CPU")
     parser.add_argument("--variants", default="eager,compile,compile+tf32")
     parser.add_argument("--steps", type=int, default=32, help="timed steps per run (a multiple of 4)")
     parser.add_argument("--sequences", type=int, default=256)
@@ -113,7 +116,8 @@ def main(argv=None) -> dict:
                      f"shape, so that the warm-up compiles every graph (got {args.steps}, {held}, {args.sequences - held})")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
-    config = LlamaConfig(**SHAPES[args.shape], max_position_embeddings=max(2048, args.length))
+    shape = SHAPES[args.shape] | ({} if args.layers is None else {"num_hidden_layers": args.layers})
+    config = LlamaConfig(**shape, max_position_embeddings=max(2048, args.length))
     teacher = LlamaForCausalLM(config).to(device).eval()
     student = LlamaForCausalLM(config).to(device).eval()
     student.load_state_dict(teacher.state_dict())
@@ -121,7 +125,7 @@ def main(argv=None) -> dict:
     tokens = torch.randint(0, config.vocab_size, (args.sequences, args.length))
     args.out.mkdir(parents=True, exist_ok=True)
     doc = dict(command="python benchmarks/e2e_speed.py " + " ".join(sys.argv[1:] if argv is None else argv),
-               shape=args.shape, steps=args.steps, sequences=args.sequences,
+               shape=args.shape, layers=config.num_hidden_layers, steps=args.steps, sequences=args.sequences,
                length=args.length, held_out_sequences=held,
                device_name=torch.cuda.get_device_name() if device == "cuda" else "CPU", variants={})
     for variant in args.variants.split(","):

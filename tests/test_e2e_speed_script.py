@@ -13,10 +13,10 @@ import e2e_speed  # noqa: E402
 
 
 def test_eager_and_compiled_runs_are_timed_after_their_compilation(tmp_path):
-    e2e_speed.main(["--shape", "tiny", "--steps", "8", "--sequences", "32", "--length", "32",
+    e2e_speed.main(["--shape", "tiny", "--layers", "1", "--steps", "8", "--sequences", "32", "--length", "32",
                     "--variants", "eager,compile", "--out", str(tmp_path)])
     doc = json.loads((tmp_path / "e2e_speed.json").read_text())
-    assert list(doc["variants"]) == ["eager", "compile"] and doc["held_out_sequences"] == 8
+    assert list(doc["variants"]) == ["eager", "compile"] and doc["held_out_sequences"] == 8 and doc["layers"] == 1
     for variant in doc["variants"].values():
         # A graph compiled inside the timed runs (e.g. guards on a tensor's address) would be timed as steps.
         assert variant["graphs_compiled_while_timed"] == 0
