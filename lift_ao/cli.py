@@ -126,9 +126,10 @@ def _cmd_quantize(args) -> dict:
             e2e_tokens = (calibration if args.e2e_tokens in (None, args.calibration_tokens)
                           else builtin_calibration_tokens(tokenizer, args.e2e_tokens))
             report["e2e_tokens"], report["e2e_held_out"] = e2e_tokens.numel(), args.e2e_held_out
+            report["e2e_compile"] = args.e2e_compile
             report["e2e_held_out_kl_before_after"] = lift_ao.finetune_end_to_end(
                 model, teacher, e2e_tokens, steps=args.e2e_steps, held_out=args.e2e_held_out, checkpoint_dir=partial,
-                overwrite=args.overwrite)
+                overwrite=args.overwrite, compiled=args.e2e_compile)
             del teacher
     else:
         lift_ao.quantize(model, config, progress=True, resume_dir=partial, overwrite=args.overwrite)
@@ -269,6 +270,9 @@ def _parser() -> argparse.ArgumentParser:
                    "benchmarks/results/accuracy_fte1024_e2e917k_2bit4_h100.md)")
     q.add_argument("--e2e-held-out", type=float, default=0.125, help="with --e2e-steps: fraction of the end-to-end "
                    "sequences held out to pick the kept scales (default 0.125)")
+    q.add_argument("--e2e-compile", action="store_true", help="with --e2e-steps: run the end-to-end steps through "
+                   "torch.compile (a compilation first; then 1.4x faster on a CPU at the built-in model's widths, "
+                   "benchmarks/results/e2e_speed_l4_cpu.md)")
     q.add_argument("--skip-eval", action="store_true", help="do not measure perplexity")
     _add_eval_options(q)
 

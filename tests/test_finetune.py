@@ -160,10 +160,15 @@ def test_bad_tokens_and_unquantized_models_are_refused(runs):
         lift_ao.finetune_end_to_end(copy.deepcopy(model), model, token_batch(), steps=1)
 
 
-def test_command_line_tunes_end_to_end(tmp_path):
+def test_command_line_tunes_end_to_end(tmp_path, monkeypatch):
     from test_resume import run_cli
 
+    compiled = []
+    finetune = lift_ao.finetune_end_to_end
+    monkeypatch.setattr(lift_ao, "finetune_end_to_end", lambda *a, **k: compiled.append(k["compiled"]) or finetune(*a, **k))
     assert run_cli(tmp_path / "tuned", "--calibrate", "--e2e-steps", "4") == 0
+    assert run_cli(tmp_path / "compiled", "--calibrate", "--e2e-steps", "4", "--e2e-compile") == 0
+    assert compiled == [False, True]
     assert run_cli(tmp_path / "bad", "--calibrate", "--e2e-steps", "-1") == 2
 
 
