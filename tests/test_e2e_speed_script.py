@@ -25,8 +25,10 @@ def test_eager_and_compiled_runs_are_timed_after_their_compilation(tmp_path):
     assert "| eager |" in table and "| compile |" in table and "1.00 |" in table
 
 
-@pytest.mark.parametrize("arguments", [["--steps", "6"], ["--sequences", "30"]])
-def test_uneven_batches_are_refused(arguments):
+@pytest.mark.parametrize("arguments, message", [(["--steps", "6"], "must be multiples of 4"),
+                                                (["--sequences", "30"], "must be multiples of 4"),
+                                                (["--variants", "eager,compiled"], "unknown variants ['compiled']")])
+def test_bad_settings_are_refused_before_the_model_is_built(arguments, message):
     run = subprocess.run([sys.executable, str(BENCHMARKS / "e2e_speed.py"), "--shape", "tiny", *arguments],
                          capture_output=True, text=True)
-    assert run.returncode == 2 and "must be multiples of 4" in run.stderr
+    assert run.returncode == 2 and message in run.stderr
