@@ -152,8 +152,9 @@ def finetune_end_to_end(
         compiled: build the dense weights and compute the loss (both forwards, the KL and its backward)
             through ``torch.compile``: eager, a step issues ~8000 small kernels, and on an H100 the host
             issuing them takes ~2.4× the GPU's time (``benchmarks/results/e2e_profile_h100.md``). Costs a
-            compilation per batch shape and grad mode; the losses match eager's to rounding (a run
-            resumed with the other setting continues it).
+            compilation per batch shape and grad mode, again for each new model (past torch's
+            recompile limit, 8, a process runs the stage eager); the losses match eager's to rounding
+            (a run resumed with the other setting continues it).
     Returns:
         (held-out loss before, held-out loss of the kept factors), in nats per token.
     Raises:
