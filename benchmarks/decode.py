@@ -52,6 +52,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 
 import lift_ao
 from lift_ao import Lattice, LiftQuantTensor, passes
+from machine import synchronize
 
 MODEL_CONFIGS = {
     # meta-llama/Meta-Llama-3-8B config.json
@@ -174,11 +175,6 @@ def apply_variant(model: nn.Module, variant: Variant, seed: int = 0) -> nn.Modul
 # ----- decoding ---------------------------------------------------------------------------------------
 
 
-def _sync(device: torch.device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def generate(model, step, prompt: torch.Tensor, cache: StaticCache, new_tokens: int) -> tuple[list, float, float]:
     """Greedy decode ``new_tokens`` after an eager prefill; returns (tokens, decode seconds, host seconds).
 
@@ -195,7 +191,7 @@ def generate(model, step, prompt: torch.Tensor, cache: StaticCache, new_tokens: 
         token = logits[:, -1:].argmax(-1)
         position = torch.tensor([prompt.shape[1]], device=device)
         tokens = []
-        _sync(device)
+        synchronize(device)
         start = time.perf_counter()
         for _ in range(new_tokens):
             if device.type == "cuda":
@@ -204,7 +200,7 @@ def generate(model, step, prompt: torch.Tensor, cache: StaticCache, new_tokens: 
             position += 1
             tokens.append(token)
         host = time.perf_counter() - start
-        _sync(device)
+        synchronize(device)
         elapsed = time.perf_counter() - start
     return [int(t) for t in torch.cat(tokens, 1)[0, :8]], elapsed, host
 

@@ -28,6 +28,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import lift_ao
 from lift_ao.finetune import finetune_end_to_end
+from machine import synchronize
 
 SHAPES = {
     # HuggingFaceTB/SmolLM2-135M's config (the built-in model)
@@ -40,11 +41,6 @@ RECIPE_STEPS, RECIPE_CHECK_EVERY = 1024, 16
 VARIANTS = ["eager", "compile", "eager+tf32", "compile+tf32"]  # "+tf32": TF32 matmuls on CUDA
 
 
-def _synchronize(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def time_variant(student, teacher, tokens, variant: str, steps: int, held_out: float, device: str,
                  profile_to: Path | None = None) -> dict:
     """{"step_seconds", "check_seconds", "t1", "t4", "graphs_compiled_while_timed"} of one of :data:`VARIANTS`."""
@@ -53,11 +49,11 @@ def time_variant(student, teacher, tokens, variant: str, steps: int, held_out: f
     torch.backends.cuda.matmul.allow_tf32 = extra == "tf32"
     try:
         def run(run_steps: int, check_every: int) -> float:
-            _synchronize(device)
+            synchronize(device)
             start = time.perf_counter()
             finetune_end_to_end(student, teacher, tokens, steps=run_steps, lr=1e-3, batch_size=4, held_out=held_out,
                                 check_every=check_every, progress=False, compiled=base == "compile")
-            _synchronize(device)
+            synchronize(device)
             return time.perf_counter() - start
 
         run(4, 2)  # warm-up: compiles the graphs (one batch shape per grad mode, see main)

@@ -36,6 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch_only  # noqa: E402
+from machine import synchronize  # noqa: E402
 
 torch_only.install()
 from lift_ao.lattice import Lattice  # noqa: E402
@@ -112,11 +113,6 @@ def _encoder(beam_width):
         return t.packed_codes, t.row_scale
 
     return "LiftQuantTensor.from_hp", encode
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def summarize(per_layer: list[dict], n_layers_model: int) -> dict:
@@ -213,10 +209,10 @@ def main(argv=None) -> dict:
         layer_seconds, layer_weights = 0.0, 0
         for j, (name, shape) in enumerate(shapes.items()):
             weight = make_weight(shape, args.seed * 1000 + layer * len(shapes) + j, device)
-            _sync(device)
+            synchronize(device)
             start = time.perf_counter()
             packed, scale = encode(weight, lattice, args.seed)
-            _sync(device)
+            synchronize(device)
             seconds = time.perf_counter() - start
             if not bool(torch.isfinite(scale).all()):
                 raise RuntimeError(f"layer {layer} {name}: non-finite row scales")

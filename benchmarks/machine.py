@@ -18,6 +18,14 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def synchronize(device) -> None:
+    """Wait for ``device``'s queued work (a CUDA device; a no-op elsewhere), so that a timer around it
+    measures the work, not its launch."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def fastest(fn, repeats: int, device=None):
     """(result of the first call, fastest wall seconds, process CPU seconds of that call) over
     ``repeats`` calls of ``fn()``. The minimum is the least disturbed run on a shared CPU, and CPU
