@@ -334,8 +334,8 @@ def main(argv=None) -> None:
     parser.add_argument("--e2e-lr", type=float, default=3e-3, help="lift-cal-fte rows: end-to-end peak learning rate")
     parser.add_argument("--e2e-tokens", type=int, default=None, help="lift-cal-fte rows: calibration tokens of the "
                         "end-to-end stage (default: --calibration-tokens; the first ones are the block stage's)")
-    parser.add_argument("--e2e-compile", action="store_true", help="lift-cal-fte rows: the end-to-end steps through "
-                        "torch.compile (finetune_end_to_end(compiled=True))")
+    parser.add_argument("--e2e-compile", action=argparse.BooleanOptionalAction, default=None, help="lift-cal-fte "
+                        "rows: the decoder blocks through torch.compile in the end-to-end steps (default: on CUDA)")
     parser.add_argument("--e2e-held-out", type=float, default=0.125, help="lift-cal-fte rows: fraction of the "
                         "end-to-end sequences held out to pick the kept scales (default 0.125)")
     parser.add_argument("--checkpoint-root", type=Path, default=None, help="calibrated rows save each finished "

@@ -1,23 +1,26 @@
 """Speed of the end-to-end fine-tuning stage (lift_ao.finetune_end_to_end): seconds per step and per
-held-out check, eager against compiled, on a model of the built-in model's shape with random weights
+held-out check and the compilation's cost, eager against compiled, on a model of the built-in model's shape with random weights
 (speed does not depend on the values, so one `device` call needs no model staging).
 
     python benchmarks/e2e_speed.py [--shape smollm2-135m] [--layers N] [--variants eager,compile,compile+tf32]
                                    [--steps 32] [--sequences 256] [--held-out 0.25] [--profile] [--out DIR]
 
 The model is coded data-free at 2.4 bits once; every variant tunes that same model (its scales drift
-from run to run; the time does not). Per variant: a warm-up run (compilation), then --steps steps with
-a held-out check only before and after (t1), then --steps steps with a check every steps/4 as well (t4):
-a check costs (t4 − t1)/3, a step (t1 − 2·check)/steps. "+tf32" runs the variant with TF32 matmuls.
-The table's last column prices the built-in model's best recipe (1024 steps, a check every 16, 64
-held-out sequences of 512 tokens) at these costs. ``--profile``: a torch.profiler table of 4 steps and
-2 checks per variant. Writes e2e_speed.json and e2e_speed.md (and the profiles) to --out.
+from run to run; the time does not). Per variant: a warm-up run of 4 steps and 3 held-out checks
+(compilation), then, as medians of 3 runs, a check alone (a run of no steps) and --steps steps between
+two checks: a step costs (that − 2·check)/steps, the compilation what the warm-up took beyond its steps
+and checks. "compile": finetune_end_to_end(compiled=True), its decoder blocks through torch.compile;
+"+tf32": the variant with TF32 matmuls. The table prices the built-in model's best recipe (1024
+steps, a check every 16, 64 held-out sequences of 512 tokens) at these costs. ``--profile``: a
+torch.profiler table of 4 steps and 2 checks per variant. Writes e2e_speed.json and e2e_speed.md (and
+the profiles) to --out.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -38,12 +41,15 @@ SHAPES = {
                  num_key_value_heads=2, tie_word_embeddings=True),  # for the CPU test
 }
 RECIPE_STEPS, RECIPE_CHECK_EVERY = 1024, 16
-VARIANTS = ["eager", "compile", "eager+tf32", "compile+tf32"]  # "+tf32": TF32 matmuls on CUDA
+# finetune_end_to_end's compiled= per variant; "+tf32": TF32 matmuls on CUDA
+COMPILED = {"eager": False, "compile": True}
+VARIANTS = [name + extra for extra in ("", "+tf32") for name in COMPILED]
 
 
 def time_variant(student, teacher, tokens, variant: str, steps: int, held_out: float, device: str,
                  profile_to: Path | None = None) -> dict:
-    """{"step_seconds", "check_seconds", "t1", "t4", "graphs_compiled_while_timed"} of one of :data:`VARIANTS`."""
+    """{"step_seconds", "check_seconds", "compile_seconds", "graphs_compiled_while_timed"} of one of
+    :data:`VARIANTS`: medians of 3 runs (compile_seconds: the warm-up's time beyond its steps and checks)."""
     base, _, extra = variant.partition("+")
     previous = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = extra == "tf32"
@@ -52,15 +58,15 @@ def time_variant(student, teacher, tokens, variant: str, steps: int, held_out: f
             synchronize(device)
             start = time.perf_counter()
             finetune_end_to_end(student, teacher, tokens, steps=run_steps, lr=1e-3, batch_size=4, held_out=held_out,
-                                check_every=check_every, progress=False, compiled=base == "compile")
+                                check_every=check_every, progress=False, compiled=COMPILED[base])
             synchronize(device)
             return time.perf_counter() - start
 
-        run(4, 2)  # warm-up: compiles the graphs (one batch shape per grad mode, see main)
+        warm_up = run(4, 2)  # compiles the graphs (one batch shape per grad mode, see main)
         graphs = counters["stats"]["unique_graphs"]
-        t1, t4 = run(steps, steps), run(steps, steps // 4)
-        check = (t4 - t1) / 3
-        result = dict(t1=t1, t4=t4, check_seconds=check, step_seconds=(t1 - 2 * check) / steps,
+        check = statistics.median(run(0, 1) for _ in range(3))  # no steps: the held-out loss only
+        step = (statistics.median(run(steps, steps) for _ in range(3)) - 2 * check) / steps  # a check before, after
+        result = dict(check_seconds=check, step_seconds=step, compile_seconds=warm_up - 4 * step - 3 * check,
                       graphs_compiled_while_timed=counters["stats"]["unique_graphs"] - graphs)
         if profile_to is not None:
             from torch.profiler import ProfilerActivity, profile
@@ -81,14 +87,15 @@ def markdown(doc: dict) -> str:
              f"{doc['sequences']} sequences of {doc['length']} tokens, {doc['held_out_sequences']} held out, batch 4; "
              f"{doc['steps']} timed steps per run. Recipe: {RECIPE_STEPS} steps and a check every "
              f"{RECIPE_CHECK_EVERY} at these costs (the built-in model's best recipe holds out 64 sequences).", "",
-             "| variant | s / step | s / check | recipe s (steps + checks) | × eager | graphs compiled while timed |",
-             "|---|---:|---:|---:|---:|---:|"]
-    recipe = {name: RECIPE_STEPS * r["step_seconds"] + (RECIPE_STEPS // RECIPE_CHECK_EVERY + 1) * r["check_seconds"]
-              for name, r in doc["variants"].items()}
+             "| variant | s / step | s / check | s compiling | recipe s (compile + steps + checks) | × eager | "
+             "graphs compiled while timed |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    recipe = {name: r["compile_seconds"] + RECIPE_STEPS * r["step_seconds"]
+              + (RECIPE_STEPS // RECIPE_CHECK_EVERY + 1) * r["check_seconds"] for name, r in doc["variants"].items()}
     for name, r in doc["variants"].items():
         ratio = f"{recipe['eager'] / recipe[name]:.2f}" if "eager" in recipe else ""
-        lines.append(f"| {name} | {r['step_seconds']:.3f} | {r['check_seconds']:.3f} | {recipe[name]:.0f} | {ratio} | "
-                     f"{r['graphs_compiled_while_timed']} |")
+        lines.append(f"| {name} | {r['step_seconds']:.3f} | {r['check_seconds']:.3f} | {r['compile_seconds']:.0f} | "
+                     f"{recipe[name]:.0f} | {ratio} | {r['graphs_compiled_while_timed']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -132,8 +139,8 @@ def main(argv=None) -> dict:
         doc["variants"][variant] = time_variant(student, teacher, tokens, variant, args.steps, args.held_out, device,
                                                 profile_to)
         print(variant, doc["variants"][variant], flush=True)
-    (args.out / "e2e_speed.json").write_text(json.dumps(doc, indent=1))
-    (args.out / "e2e_speed.md").write_text(markdown(doc))
+        (args.out / "e2e_speed.json").write_text(json.dumps(doc, indent=1))  # after each: a cut run keeps what it has
+        (args.out / "e2e_speed.md").write_text(markdown(doc))
     print(markdown(doc))
     return doc
 

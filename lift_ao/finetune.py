@@ -19,6 +19,8 @@ each step), next to the teacher: meant for models that fit the device twice.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 from pathlib import Path
 from typing import Optional
@@ -27,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from lift_ao.calibration import _code_signs, _dense_weight, _scaled_signs, _tuned_weight, _unit_weight, adam_steps
+from lift_ao.calibration import _code_signs, _decoder_blocks, _scaled_signs, _tuned_weight, _unit_weight, adam_steps
 from lift_ao.io import SHARD_SUFFIX, CheckpointError, _sha256, load_shard, save_shard
 from lift_ao.tensor import LiftQuantTensor, share_constants
 
@@ -105,17 +107,73 @@ def _load_progress(directory, identity: dict, factors: list, overwrite: bool):
 
 def _distillation_loss(model, weights: dict, teacher, batch: torch.Tensor) -> torch.Tensor:
     """KL(teacher ‖ model) per token, averaged, on one batch of token ids (B, T)."""
-    with torch.no_grad():
-        target = F.log_softmax(teacher(batch).logits.float(), -1)
-    logits = torch.func.functional_call(model, weights, (batch,)).logits.float()
+    with torch.no_grad():  # no KV cache: nothing is generated, and its per-block state would split compiled blocks
+        target = F.log_softmax(teacher(batch, use_cache=False).logits.float(), -1)
+    logits = torch.func.functional_call(model, weights, (batch,), {"use_cache": False}).logits.float()
     return F.kl_div(F.log_softmax(logits, -1).flatten(0, 1), target.flatten(0, 1), log_target=True,
                     reduction="batchmean")
+
+
+def _call_block(block: torch.nn.Module, *args, **kwargs):
+    """``block(*args, **kwargs)``, hooks included: the function :func:`_compiled_blocks` compiles, so that
+    its graphs live in a code cache of their own (``nn.Module.compile``'s is every module's)."""
+    return block._call_impl(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def _compiled_blocks(*models: torch.nn.Module):
+    """Inside, every decoder block of ``models`` runs through ``torch.compile`` (regional compilation:
+    Dynamo treats a block's tensors as inputs, so all blocks share a graph per batch shape and grad mode,
+    and the compile time is that of one block, not of the whole model: on an H100, 25 s against 183 s
+    for the whole loss, whose steps were no faster; benchmarks/results/e2e_speed_h100.md). The graphs
+    stay for the next stage; inside, up to 64 may exist instead of torch's recompile limit (8), past
+    which ``fullgraph`` fails: a stage compiles up to 8 (batch shapes × grad modes, the teacher's
+    apart), and a process may tune models of several shapes."""
+    blocks = [block for model in models for block in _decoder_blocks(model)]
+    before = [block._compiled_call_impl for block in blocks]  # nn.Module.compile's slot, restored after
+    call = torch.compile(_call_block, fullgraph=True, dynamic=False)
+    for block in blocks:
+        block._compiled_call_impl = functools.partial(call, block)
+    try:
+        with torch._dynamo.config.patch(recompile_limit=64):
+            yield
+    finally:
+        for block, previous in zip(blocks, before):
+            block._compiled_call_impl = previous
+
+
+def _dense_weights_by_shape(quantized: dict, log_r: dict, log_s: dict):
+    """A function of no arguments returning {name: (N, K) dense weight diag(r·exp(log_r)) C diag(σ·exp(log_s))}
+    for every LiftQuantTensor in ``quantized`` (calibration._dense_weight's values, differentiable in the
+    (N,) ``log_r[name]`` and the (≥ K,) ``log_s[name]``), computed per group of weights of one shape and
+    dtype as one (L, N, K) product: a few kernels per group instead of per weight (a 30-block model's
+    210 weights come in 5 shapes), and nothing to compile: compiled as one graph, the 210 products
+    took ~90 s to compile on an H100 (benchmarks/results/e2e_speed_h100.md)."""
+    by_shape = {}
+    for name, w in quantized.items():
+        by_shape.setdefault((tuple(w.shape), w.dtype), []).append(name)
+    stacks = []  # (names, C (L, N, K), r (L, N), σ (L, K), their log_r, their log_s cropped to K, dtype)
+    for (shape, dtype), names in by_shape.items():
+        group = [quantized[name] for name in names]
+        stacks.append((names, torch.stack([_unit_weight(w, _code_signs(w)) for w in group]),
+                       torch.stack([w.row_scale for w in group]), torch.stack([w.input_signs[: shape[1]] for w in group]),
+                       [log_r[name] for name in names], [log_s[name][: shape[1]] for name in names], dtype))
+
+    def weights() -> dict:
+        dense = {}
+        for names, unit, row_scale, sigma, log_r_rows, log_s_rows, dtype in stacks:
+            r = row_scale * torch.stack(log_r_rows).exp()
+            s = sigma * torch.stack(log_s_rows).exp()
+            dense.update(zip(names, (r[..., None] * unit * s[:, None, :]).to(dtype).unbind()))
+        return dense
+
+    return weights
 
 
 def finetune_end_to_end(
     model: torch.nn.Module, teacher: torch.nn.Module, tokens: torch.Tensor, *, steps: int, lr: float = 3e-3,
     batch_size: int = 4, held_out: float = 0.125, check_every: int = 16, checkpoint_dir=None, overwrite: bool = False,
-    progress: bool = True, compiled: bool = False,
+    progress: bool = True, compiled: Optional[bool] = None,
 ) -> tuple[float, float]:
     """Tune the row and input scales of every LiftQuant weight of ``model`` end to end, in place.
 
@@ -149,12 +207,13 @@ def finetune_end_to_end(
         overwrite: discard progress there of a different run (settings, tokens or weights) instead of
             refusing.
         progress: a tqdm bar over steps (postfix: the current training loss and the best held-out loss).
-        compiled: build the dense weights and compute the loss (both forwards, the KL and its backward)
-            through ``torch.compile``: eager, a step issues ~8000 small kernels, and on an H100 the host
-            issuing them takes ~2.4× the GPU's time (``benchmarks/results/e2e_profile_h100.md``). Costs a
-            compilation per batch shape and grad mode, again for each new model (past torch's
-            recompile limit, 8, a process runs the stage eager); the losses match eager's to rounding
-            (a run resumed with the other setting continues it).
+        compiled: run every decoder block (the model's and the teacher's) through ``torch.compile``
+            while tuning (None: on CUDA). Eager, a step issues thousands of small kernels and on an
+            H100 the host issuing them takes ~2.4× the GPU's time (``benchmarks/results/e2e_profile_h100.md``);
+            compiled blocks ran the best recipe's steps and checks 1.5× faster after a 25 s compilation
+            (``e2e_speed_h100.md``). A graph per batch shape and grad mode, shared by all blocks and
+            kept for later stages; the model is left uncompiled after.
+            The losses match eager's to rounding (a run resumed with the other setting continues it).
     Returns:
         (held-out loss before, held-out loss of the kept factors), in nats per token.
     Raises:
@@ -183,30 +242,17 @@ def finetune_end_to_end(
     trained[held] = False
     batches = [b.to(device) for b in tokens[trained].long().split(batch_size)]
     held_batches = [b.to(device) for b in tokens[held].long().split(batch_size)]
-    unit = {name: _unit_weight(w, _code_signs(w)) for name, w in quantized.items()}
     log_r = {name: torch.zeros(w.shape[0], device=device, requires_grad=True) for name, w in quantized.items()}
     # One factor vector per distinct input transform: siblings (q/k/v, gate/up) share input_signs.
     signs_of = {id(w.input_signs): w.input_signs for w in quantized.values()}
     groups = {key: torch.zeros(signs.shape[0], device=device, requires_grad=True) for key, signs in signs_of.items()}
-
-    # (name, weight, C, its row factor, its group's factor), looked up once: id() inside a compiled
-    # function would make its graphs specific to these tensors' addresses.
-    parts = [(name, w, unit[name], log_r[name], groups[id(w.input_signs)]) for name, w in quantized.items()]
-
-    def weights() -> dict:
-        return {name: _dense_weight(w, c, log_r_row, log_s) for name, w, c, log_r_row, log_s in parts}
-
+    weights = _dense_weights_by_shape(quantized, log_r, {name: groups[id(w.input_signs)] for name, w in quantized.items()})
     factors = [*log_r.values(), *groups.values()]
-
-    distillation_loss = _distillation_loss
-    if compiled:  # dynamic=False: a graph per batch shape (at most two per grad mode), no symbolic sizes
-        weights = torch.compile(weights, fullgraph=True, dynamic=False)
-        distillation_loss = torch.compile(_distillation_loss, fullgraph=True, dynamic=False)
 
     @torch.no_grad()
     def held_out_loss() -> float:
         dense = weights()
-        return sum(distillation_loss(model, dense, teacher, b).item() * len(b) for b in held_batches) / len(held)
+        return sum(_distillation_loss(model, dense, teacher, b).item() * len(b) for b in held_batches) / len(held)
 
     identity = None  # hashed only for a run that checkpoints
     if checkpoint_dir is not None:
@@ -215,7 +261,10 @@ def finetune_end_to_end(
                                  check_every=check_every)
     was_training = model.training
     model.eval()
+    blocks_compiled = contextlib.ExitStack()
     try:
+        if compiled or (compiled is None and device.type == "cuda"):
+            blocks_compiled.enter_context(_compiled_blocks(model, teacher))
         resumed = None if checkpoint_dir is None or not steps else _load_progress(checkpoint_dir, identity, factors,
                                                                                   overwrite)
         if resumed is None:
@@ -240,7 +289,7 @@ def finetune_end_to_end(
             bar.set_postfix(kl=f"{loss.item():.4f}", held_out=f"{best:.4f}")
 
         adam_steps(factors, lr, steps,
-                   lambda step: distillation_loss(model, weights(), teacher, batches[step % len(batches)]), advance,
+                   lambda step: _distillation_loss(model, weights(), teacher, batches[step % len(batches)]), advance,
                    first_step=done, optimizer_state=optimizer_state)
         bar.close()
         if best_factors is None:
@@ -254,5 +303,6 @@ def finetune_end_to_end(
                     w, log_r[name], folded[id(w.input_signs)])
             share_constants(model)  # wrapping in a Parameter copied the shared tensors apart
     finally:
+        blocks_compiled.close()
         model.train(was_training)
     return before, best
