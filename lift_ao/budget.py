@@ -434,6 +434,21 @@ class Plan:
 # ----- sensitivity ----------------------------------------------------------------------------
 
 
+def _given_scores(scores: dict, names: list, allocation: str) -> list[float]:
+    """``scores`` (FQN → weight) as a list in the order of ``names``; refused unless it holds a finite
+    weight ≥ 0 for exactly those layers."""
+    if allocation != "sensitivity":
+        raise BudgetError("scores= weigh the layers of allocation='sensitivity'; allocation='uniform' ignores them")
+    missing, unknown = [n for n in names if n not in scores], [n for n in scores if n not in set(names)]
+    if missing or unknown:
+        raise BudgetError(f"scores= must name exactly the layers to plan: missing {missing[:3]}"
+                          f"{' …' if len(missing) > 3 else ''}, unknown {unknown[:3]}{' …' if len(unknown) > 3 else ''}")
+    bad = [n for n in names if not (isinstance(scores[n], numbers.Real) and math.isfinite(scores[n]) and scores[n] >= 0)]
+    if bad:
+        raise BudgetError(f"scores= must be finite numbers >= 0; {bad[0]} has {scores[bad[0]]!r}")
+    return [float(scores[n]) for n in names]
+
+
 def _input_mean_squares(model: torch.nn.Module, modules: list, calibration) -> list[float]:
     """E[x²] over the input activations of each module, from running ``calibration`` batches."""
     batches = [calibration] if isinstance(calibration, torch.Tensor) else list(calibration)
@@ -636,6 +651,7 @@ def plan(
     dtype: Optional[torch.dtype] = None,
     lattices: Optional[Iterable[Lattice]] = None,
     rate_window: Optional[float] = 0.4,
+    scores: Optional[dict] = None,
 ) -> Plan:
     """Choose a shipped lattice per linear layer so the model fits ``memory_budget``; touches no weight.
 
@@ -661,6 +677,9 @@ def plan(
             sends some layers to ~1.5 bits, whose damage compounds through the network: on
             SmolLM2-135M at 2.49 bits/weight the unbounded mixed plan had perplexity 4525, the
             ±0.4-bit one 407, uniform 717 (benchmarks/results/accuracy.md).
+        scores: sensitivity only: {layer FQN: weight ≥ 0} for every layer to plan, replacing the
+            built-in score (‖W‖²_F · E[x²]): a layer's distortion at lattice j is score × MSE_j. For
+            measured sensitivities: the loss increase the layer causes at lattice r, divided by MSE_r.
     Returns:
         :class:`Plan` with ``total_bytes ≤ budget``.
     Raises:
@@ -706,9 +725,12 @@ def plan(
 
     modules = [m for _, m in targets]
     shapes = [_out_in(m) for m in modules]
-    if calibration is not None and (on_meta or allocation == "uniform"):
-        raise BudgetError("calibration= only informs allocation='sensitivity' on a model with real weights")
-    if allocation == "sensitivity" and not on_meta:
+    if calibration is not None and (on_meta or allocation == "uniform" or scores is not None):
+        raise BudgetError("calibration= only informs allocation='sensitivity' on a model with real weights, "
+                          "without scores=")
+    if scores is not None:
+        scores = _given_scores(scores, [name for name, _ in targets], allocation)
+    elif allocation == "sensitivity" and not on_meta:
         energy = [float(m.weight.detach().double().square().sum()) for m in modules]
         input_ms = _input_mean_squares(model, modules, calibration) if calibration is not None else [1.0] * len(modules)
         scores = [e * x for e, x in zip(energy, input_ms)]

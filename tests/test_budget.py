@@ -213,6 +213,40 @@ def test_sensitivity_gives_bits_to_the_energetic_layer():
     assert energetic >= max(bits.values()) and energetic > sum(bits.values()) / len(bits)
 
 
+@needs_two_rates
+def test_given_scores_replace_the_built_in_score():
+    """scores= (e.g. measured sensitivities) decide the allocation, whatever the weights' energy: the one
+    layer scored high gets the most bits, although a layer with 30x the weights' scale sits beside it."""
+    model = tiny_llama(0)
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight.mul_(30.0)
+    lo, hi = bounds(model)
+    budget = lo + (hi - lo) * 4 // 10
+    names = [layer.name for layer in plan(model, budget).layers]
+    scores = {name: 1.0 for name in names} | {"model.layers.0.self_attn.o_proj": 1e3}
+    p = plan(model, budget, scores=scores, rate_window=None)
+    bits = {layer.name: layer.bits for layer in p.layers}
+    favoured = bits.pop("model.layers.0.self_attn.o_proj")
+    assert favoured > max(bits.values()), (favoured, bits)
+    assert [layer.score for layer in p.layers] == [scores[name] for name in names]
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda s: s.pop("model.layers.0.mlp.up_proj"), "missing"),
+    (lambda s: s.update({"model.layers.9.mlp.up_proj": 1.0}), "unknown"),
+    (lambda s: s.update({"model.layers.0.mlp.up_proj": float("nan")}), "finite"),
+    (lambda s: s.update({"model.layers.0.mlp.up_proj": -1.0}), ">= 0"),
+])
+def test_bad_scores_are_refused(change, message):
+    model = tiny_llama(0)
+    scores = {layer.name: 1.0 for layer in plan(model, 10**9).layers}
+    change(scores)
+    with pytest.raises(BudgetError, match=message):
+        plan(model, 10**9, scores=scores)
+    with pytest.raises(BudgetError, match="uniform"):
+        plan(model, 10**9, allocation="uniform", scores={layer.name: 1.0 for layer in plan(model, 10**9).layers})
+
+
 def test_sensitivity_rates_stay_within_the_window_around_the_uniform_rate():
     model = tiny_llama(0)
     with torch.no_grad():  # one layer far more sensitive than the rest pulls the plan apart
