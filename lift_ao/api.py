@@ -137,10 +137,10 @@ def quantize(
         budget_plan = plan(
             model, config.memory_budget, reserve=config.reserve, kv_cache=config.kv_cache,
             allocation=config.allocation, calibration=calibration, include_lm_head=config.include_lm_head,
-            filter_fn=filter_fn, seed=config.seed, device=device,
+            filter_fn=filter_fn, seed=config.seed, device=device, scores=config.scores,
         )
         layer_configs = {
-            name: replace(config, lattice=lattice, memory_budget=None, reserve=0, kv_cache=None)
+            name: replace(config, lattice=lattice, memory_budget=None, reserve=0, kv_cache=None, scores=None)
             for name, lattice in budget_plan.lattices().items()
         }
     elif calibration is not None:

@@ -664,8 +664,8 @@ def _own_transform_bytes(in_features: int, rotation: bool) -> int:
 
 def _planned_lattices(model, prefixes: tuple, config: LiftQuantConfig, tokens: torch.Tensor, batch_size: int,
                       device, rotation: bool) -> dict:
-    """{module FQN: lattice name} of a memory-budget config, planned over the model with the
-    calibration tokens as the sensitivity data; refused if the plan codes a linear outside the
+    """{module FQN: lattice name} of a memory-budget config, planned over the model with the config's
+    scores or else the calibration tokens as the sensitivity data; refused if the plan codes a linear outside the
     decoder blocks, whose FQN ``prefixes`` ("model.layers.0." …) are given (calibrate codes only
     those, so the model would not fit the budget)."""
     from lift_ao.budget import plan
@@ -673,10 +673,10 @@ def _planned_lattices(model, prefixes: tuple, config: LiftQuantConfig, tokens: t
     # The plan counts one transform per input size as shared by all layers; calibrated groups have
     # their own (``rotation``: tuned factors too): keep room for one per linear.
     own = sum(_own_transform_bytes(m.weight.shape[1], rotation) for _, m in quantizable_linears(model, config))
+    scored = config.allocation == "sensitivity" and config.scores is None  # else the scores are given
     budget_plan = plan(model, config.memory_budget, reserve=config.reserve + own, kv_cache=config.kv_cache,
-                       allocation=config.allocation,
-                       calibration=list(tokens.split(batch_size)) if config.allocation == "sensitivity" else None,
-                       include_lm_head=config.include_lm_head, seed=config.seed, device=device)
+                       allocation=config.allocation, calibration=list(tokens.split(batch_size)) if scored else None,
+                       include_lm_head=config.include_lm_head, seed=config.seed, device=device, scores=config.scores)
     outside = [name for name in budget_plan.lattices() if not name.startswith(prefixes)]
     if outside:
         raise ValueError(f"the memory budget's plan also codes {outside}, which calibrate leaves in high "

@@ -1,0 +1,127 @@
+"""Measured layer sensitivities for the memory-budget planner: leave one group of siblings out.
+
+The planner's built-in score (‖W‖²_F · E[x²] × lattice MSE) is the data-free coding error; after
+calibration it moved bits to the wrong layers (on SmolLM2-135M a mixed plan was 4 % worse than one
+lattice, benchmarks/results/accuracy_cal_plan_cpu.md). ``measure_sensitivity(model, reference,
+tokens)`` measures instead, in a model quantized at one lattice (e.g. calibrated), how much
+KL(reference ‖ model) per token falls when one group of sibling linears (those reading one tensor:
+q/k/v, o, gate/up, down of a Llama block) is put back at full precision, and turns each group's gain
+into per-layer scores for ``lift_ao.plan(..., scores=...)`` or ``liftquant(memory_budget=...,
+scores=...)``. On SmolLM2-135M at 2.4 bits the gains per parameter span ~100× (the first blocks' MLPs
+weigh most, benchmarks/results/sensitivity_loo_cpu.md), and a plan from them beat one lattice at the
+same bytes (benchmarks/results/accuracy_measured_plan_cpu.md).
+
+Cost: one evaluation of the model on ``tokens`` per group (4 per Llama block) plus the reference's
+once; the weights run dense (dequantized: the same values, and on a CPU far faster than the LiftQuant
+op), so the device holds both models' dense weights and the reference's log-probabilities of all
+tokens (tokens × vocabulary float32).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from lift_ao.budget import _lattice_mse
+from lift_ao.lattice import Lattice
+from lift_ao.tensor import LiftQuantTensor
+
+__all__ = ["measure_sensitivity"]
+
+# A group's gain below this fraction of the mean gain per group is raised to it: such gains are within
+# the measurement's noise (SmolLM2-135M, 8192 tokens: gains down to −0.0035 nats against a mean of
+# 0.0048), and a zero score would send the layer to the cheapest lattice whatever its real damage.
+_FLOOR_OF_MEAN_GAIN = 0.2
+
+
+def _sibling_groups(model: torch.nn.Module, names: list, batch: torch.Tensor) -> list[list[str]]:
+    """``names`` (linear FQNs) grouped by the tensor they read in one forward of ``batch``, in the
+    order the groups first run."""
+    groups: list = []
+    read: list = []  # the tensor of each group; held, so that no later tensor reuses its id()
+
+    def hook(name):
+        def record(module, args):
+            index = next((i for i, x in enumerate(read) if x is args[0]), None)
+            if index is None:
+                index = len(groups)
+                groups.append([])
+                read.append(args[0])
+            groups[index].append(name)
+        return record
+
+    handles = [model.get_submodule(name).register_forward_pre_hook(hook(name)) for name in names]
+    try:
+        with torch.no_grad():
+            model(batch, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return groups
+
+
+def measure_sensitivity(
+    model: torch.nn.Module, reference: torch.nn.Module, tokens: torch.Tensor, *, batch_size: int = 4,
+    progress: bool = True,
+) -> dict[str, float]:
+    """Per-layer planner scores from leave-one-group-out KL gains.
+
+    Args:
+        model: a causal LM (``model(ids).logits``) whose linears hold LiftQuantTensor weights, on the
+            device to measure on.
+        reference: the same model in full precision, on the same device.
+        tokens: LongTensor (sequences, length) of token ids (never the evaluation text).
+        batch_size: sequences per forward.
+        progress: a tqdm bar over the groups.
+    Returns:
+        {linear FQN: score} for every LiftQuant linear, for :func:`lift_ao.plan`'s ``scores``: the
+        group's KL gain g (nats per token; raised to a fifth of the mean gain per group) × the layer's
+        share of the group's parameters / the MSE of the layer's lattice, so that score × MSE of a
+        lattice prices the layer at that lattice.
+    Raises:
+        ValueError: no LiftQuant weights, a reference without the same linears, malformed tokens, or
+            no group whose full-precision weights lower the KL.
+    """
+    quantized = {name: m.weight for name, m in model.named_modules()
+                 if isinstance(getattr(m, "weight", None), LiftQuantTensor)}
+    if not quantized:
+        raise ValueError("the model has no LiftQuant weights; quantize or calibrate it first")
+    full = dict(reference.named_modules())
+    mismatched = [n for n, w in quantized.items() if n not in full or isinstance(full[n].weight, LiftQuantTensor)
+                  or getattr(full[n], "weight", torch.empty(0)).shape != w.shape]
+    if mismatched:
+        raise ValueError(f"the reference lacks full-precision linears of the quantized model's shapes: {mismatched[:3]}; pass the "
+                         "full-precision model the quantized one was made from")
+    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.dtype.is_floating_point:
+        raise ValueError("tokens must be a LongTensor (sequences, length) of token ids")
+    device = next(iter(quantized.values())).packed_codes.device
+    batches = [b.to(device) for b in tokens.long().split(batch_size)]
+    dense = {f"{n}.weight": w.dequantize() for n, w in quantized.items()}
+
+    with torch.no_grad():
+        targets = [F.log_softmax(reference(b, use_cache=False).logits.float(), -1).flatten(0, 1) for b in batches]
+
+        def kl(weights: dict) -> float:
+            total = 0.0
+            for batch, target in zip(batches, targets):
+                logits = torch.func.functional_call(model, weights, (batch,), {"use_cache": False}).logits.float()
+                total += F.kl_div(F.log_softmax(logits, -1).flatten(0, 1), target, log_target=True,
+                                  reduction="sum").item()
+            return total / tokens.numel()
+
+        groups = _sibling_groups(model, list(quantized), batches[0])
+        base = kl(dense)
+        gains = [base - kl(dense | {f"{n}.weight": full[n].weight for n in names})
+                 for names in tqdm(groups, desc="sensitivity", unit="group", disable=not progress)]
+    if sum(gains) <= 0:
+        raise ValueError(f"no group's full-precision weights lower the KL ({base:.3g} nats per token) on these tokens: "
+                         "nothing to plan on; measure a quantized model against the model it was made from")
+    floor = _FLOOR_OF_MEAN_GAIN * sum(gains) / len(gains)
+    scores = {}
+    for names, gain in zip(groups, gains):
+        params = sum(quantized[n].numel() for n in names)
+        for n in names:
+            mse = _lattice_mse(Lattice.load(quantized[n].lattice.name))
+            scores[n] = max(gain, floor) * quantized[n].numel() / params / mse
+    return scores

@@ -1,0 +1,93 @@
+"""lift_ao.measure_sensitivity: leave-one-group-out KL gains turned into planner scores."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lift_ao
+from lift_ao.budget import _lattice_mse
+from lift_ao.lattice import Lattice
+from tiny_models import tiny_llama, tiny_qwen2, token_batch
+
+LATTICE = "24/10"
+GROUPS = [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+          ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
+
+
+@pytest.fixture(scope="module")
+def measured():
+    reference = tiny_llama(0)
+    with torch.no_grad():  # sharper next-token distributions: KL gains far above float32 rounding
+        reference.lm_head.weight.mul_(30.0)
+    model = lift_ao.quantize(copy.deepcopy(reference), lift_ao.liftquant(lattice=LATTICE), progress=False)
+    tokens = token_batch(1, batch=6, length=16)
+    return reference, model, tokens, lift_ao.measure_sensitivity(model, reference, tokens, batch_size=4, progress=False)
+
+
+def _kl(model, reference, tokens) -> float:
+    """KL(reference ‖ model) per token, in float64 sums, with the model's own ops."""
+    with torch.no_grad():
+        target = F.log_softmax(reference(tokens).logits.double(), -1).flatten(0, 1)
+        logits = F.log_softmax(model(tokens).logits.double(), -1).flatten(0, 1)
+    return float(F.kl_div(logits, target, log_target=True, reduction="sum")) / tokens.numel()
+
+
+def test_scores_are_each_groups_gain_over_its_lattice_mse(measured):
+    """Per group of siblings (q/k/v, o, gate/up, down of each block): the layers' scores × MSE, split by
+    parameters, are the group's gain measured directly (its weights put back at full precision, the
+    model run with its LiftQuant ops, float64 sums), raised to a fifth of the mean gain per group."""
+    reference, model, tokens, scores = measured
+    assert set(scores) == {f"model.layers.{b}.{name}" for b in range(2) for group in GROUPS for name in group}
+    base = _kl(model, reference, tokens)
+    groups = [[f"model.layers.{block}.{name}" for name in group] for block in range(2) for group in GROUPS]
+    gains = []
+    for names in groups:
+        restored = copy.deepcopy(model)
+        for name in names:
+            restored.get_submodule(name).weight = reference.get_submodule(name).weight
+        gains.append(base - _kl(restored, reference, tokens))
+    floor = 0.2 * sum(gains) / len(gains)
+    assert 0 < sum(gain < floor for gain in gains) < len(gains)  # measured 4 of 8: raw gains and the floor both checked
+    mse = _lattice_mse(Lattice.load(LATTICE))
+    for names, gain in zip(groups, gains):
+        params = sum(reference.get_submodule(n).weight.numel() for n in names)
+        per_parameter = [scores[n] * mse / reference.get_submodule(n).weight.numel() for n in names]
+        assert per_parameter == pytest.approx([max(gain, floor) / params] * len(names), rel=1e-3), names
+
+
+def test_a_plan_from_measured_scores_codes_the_most_sensitive_group_widest(measured):
+    """liftquant(memory_budget=..., scores=...) plans from the given scores: the group with the largest
+    gain per parameter gets a rate at least that of every other layer."""
+    reference, _, _, scores = measured
+    uniform = lift_ao.plan(reference, 10**12, allocation="uniform", lattices=[Lattice.load(LATTICE)])
+    config = lift_ao.liftquant(memory_budget=uniform.model_bytes, scores=scores)
+    planned = lift_ao.plan(reference, config.memory_budget, scores=config.scores)
+    model = lift_ao.quantize(copy.deepcopy(reference), config, progress=False)
+    got = {name: module.weight.lattice.name for name, module in model.named_modules()
+           if isinstance(getattr(module, "weight", None), lift_ao.LiftQuantTensor)}
+    assert got == planned.lattices() and len(set(got.values())) > 1
+    per_parameter = {n: s / reference.get_submodule(n).weight.numel() for n, s in scores.items()}
+    top = max(per_parameter, key=per_parameter.get)
+    bits = {layer.name: layer.bits for layer in planned.layers}
+    assert bits[top] == max(bits.values())
+
+
+def test_bad_inputs_are_refused(measured):
+    reference, model, tokens, _ = measured
+    with pytest.raises(ValueError, match="no LiftQuant weights"):
+        lift_ao.measure_sensitivity(reference, reference, tokens)
+    for other in (model, tiny_qwen2(0)):  # quantized; other widths under the same names
+        with pytest.raises(ValueError, match="reference lacks full-precision linears"):
+            lift_ao.measure_sensitivity(model, other, tokens)
+    with pytest.raises(ValueError, match="token ids"):
+        lift_ao.measure_sensitivity(model, reference, tokens.float())
+    same = copy.deepcopy(reference)  # the quantized model's own values in full precision: every gain is 0
+    for name, module in model.named_modules():
+        if isinstance(getattr(module, "weight", None), lift_ao.LiftQuantTensor):
+            same.get_submodule(name).weight = torch.nn.Parameter(module.weight.dequantize())
+    with pytest.raises(ValueError, match="nothing to plan on"):
+        lift_ao.measure_sensitivity(model, same, tokens)
+    with pytest.raises(ValueError, match="scores= only apply with memory_budget"):
+        lift_ao.liftquant(bits=2.4, scores={})
