@@ -155,7 +155,10 @@ def run_row(name: str, reference, tokenizer, eval_tokens, args) -> dict:
             config = lift_ao.liftquant(lattice=_lattice_of(name))
             if "-plan-" in name:
                 uniform = lift_ao.plan(model, 10**12, allocation="uniform", lattices=[lift_ao.Lattice.load(_lattice_of(name))])
-                config = lift_ao.liftquant(memory_budget=args.plan_budget or uniform.model_bytes)
+                scores = None if args.plan_scores is None else json.loads(args.plan_scores.read_text())
+                config = lift_ao.liftquant(memory_budget=args.plan_budget or uniform.model_bytes, scores=scores)
+                if scores is not None:
+                    row["plan_scores"] = str(args.plan_scores)
             calibration = builtin_calibration_tokens(tokenizer, args.calibration_tokens)
             checkpoint = None if args.checkpoint_root is None else args.checkpoint_root / name
             # Its quantize time then covers only this run's part of the work, and the table says so.
@@ -318,6 +321,9 @@ def main(argv=None) -> None:
     parser.add_argument("--finetune-rotation", action="store_true",
                         help="fine-tuned rows also tune each group's rotation factors (calibrate(finetune_rotation=True))")
     parser.add_argument("--plan-tokens", type=int, default=4096, help="tokens to score layer sensitivity (plan row)")
+    parser.add_argument("--plan-scores", type=Path, default=None, help="lift-cal-*-plan-* rows: a JSON {layer FQN: "
+                        "score} (lift_ao.measure_sensitivity's) the plan weighs the layers by (default: its own score "
+                        "on the calibration tokens)")
     parser.add_argument("--plan-budget", type=int, default=None,
                         help="memory budget in bytes of the lift-cal-*-plan-* rows (default: the data-free uniform "
                              "plan's bytes at the row's lattice; calibrated groups' own input signs come out of it)")

@@ -40,3 +40,20 @@ def test_a_dotted_out_name_keeps_its_tail(tmp_path):
     _write(tmp_path / "alpha_0.25.json", {"lift-cal-ft-48/20": _row("lift-cal-ft-48/20", alpha=0.25)})
     accuracy.main(["--rows", "lift-cal-ft-48/20", "--alpha", "0.25", "--out", str(tmp_path / "alpha_0.25")])
     assert (tmp_path / "alpha_0.25.md").is_file() and not (tmp_path / "alpha_0.md").exists()
+
+
+def test_plan_scores_reach_the_plan_rows_config(tmp_path, monkeypatch):
+    """--plan-scores FILE: the plan row calibrates with liftquant(memory_budget=..., scores=FILE's)."""
+    scores = {"model.layers.0.mlp.up_proj": 2.0}
+    (tmp_path / "scores.json").write_text(json.dumps(scores))
+    configs = []
+
+    def calibrate(model, config, *args, **kwargs):
+        configs.append(config)
+        raise KeyboardInterrupt  # stop before any work
+
+    monkeypatch.setattr(accuracy, "calibrate", calibrate)
+    with pytest.raises(KeyboardInterrupt):
+        accuracy.main(["--rows", "lift-cal-ft-plan-48/20", "--plan-scores", str(tmp_path / "scores.json"),
+                       "--out", str(tmp_path / "acc")])
+    assert configs[0].scores == scores and configs[0].memory_budget > 0
