@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import platform
 import re
@@ -50,7 +51,7 @@ import lift_ao
 from lift_ao.calibration import DEFAULT_ALPHA, builtin_calibration_tokens, calibrate
 from lift_ao.finetune import finetune_end_to_end
 from lift_ao.data import DEFAULT_MODEL_NOTE, builtin_text, load_default_model, tokenize_text
-from lift_ao.evaluate import perplexity
+from lift_ao.evaluate import PerplexityResult, paired_nll_difference, perplexity
 from machine import cpu_name
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -215,6 +216,19 @@ def _evaluated(name: str, row: dict) -> str:
     return row.get("eval_weights", "as quantized")
 
 
+def _versus_reference(rows: dict, name: str) -> str:
+    """``+22.7 % [+21.0, +24.4]``: row ``name``'s perplexity over the reference's, window by window."""
+    if name == "reference" or "reference" not in rows or not rows[name].get("eval", {}).get("window_nll"):
+        return ""
+    try:
+        mean, error = paired_nll_difference(PerplexityResult(**rows[name]["eval"]),
+                                            PerplexityResult(**rows["reference"]["eval"]))
+    except ValueError:  # the reference was measured without per-window NLLs
+        return ""
+    low, mid, high = (100 * (math.exp(mean + k * error) - 1) for k in (-2, 0, 2))
+    return f"{mid:+.1f} % [{low:+.1f}, {high:+.1f}]"
+
+
 def _markdown(doc: dict) -> str:
     commands = sorted({row.get("command", doc["command"]) for row in doc["rows"].values()})
     lines = [
@@ -265,15 +279,19 @@ def _markdown(doc: dict) -> str:
         "",
         "Commands: " + "; ".join(f"`{c}`" for c in commands),
         "",
-        "| method | bits/weight | model MB | perplexity | quantize s | device | load avg | evaluated |",
-        "|---|---:|---:|---:|---:|---|---|---|",
+        "\"vs reference\": the perplexity ratio to the reference row from the same windows compared window by "
+        "window, with its ~95 % interval (exp(mean ± 2 SE) of the per-window NLL differences; "
+        "lift_ao.evaluate.paired_nll_difference); blank for rows recorded without per-window NLLs.",
+        "",
+        "| method | bits/weight | model MB | perplexity | vs reference | quantize s | device | load avg | evaluated |",
+        "|---|---:|---:|---:|---:|---:|---|---|---|",
     ]
     for name in _table_order(doc["rows"]):
         row = doc["rows"][name]
         load = f"{row['load_average_before'][0]:.1f} → {row['load_average_after'][0]:.1f}"
         method = f"{name} ({', '.join(row['lattices'])})" if row.get("lattices") else name
         lines.append(f"| {method} | {row['bits_per_weight']:.3f} | {row['model_bytes'] / 1e6:.1f} | "
-                     f"{row['perplexity']:.2f} | {row['quantize_seconds']:.0f}{' (resumed)' if row.get('resumed') else ''} | "
+                     f"{row['perplexity']:.2f} | {_versus_reference(doc['rows'], name)} | {row['quantize_seconds']:.0f}{' (resumed)' if row.get('resumed') else ''} | "
                      f"{row['device']} | {load} | "
                      f"{_evaluated(name, row)} |")
     notes = [f"- {name}: {doc['rows'][name]['note']}" for name in _table_order(doc["rows"]) if doc["rows"][name].get("note")]

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from tqdm.auto import tqdm
 
-__all__ = ["PerplexityResult", "perplexity"]
+__all__ = ["PerplexityResult", "paired_nll_difference", "perplexity"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +28,10 @@ class PerplexityResult:
         context_length: tokens per window.
         stride: tokens between window starts.
         seconds: wall time of the evaluation.
+        window_nll: mean negative log-likelihood of each window's scored tokens, in window order: two
+            models evaluated on the same windows are compared window by window
+            (:func:`paired_nll_difference`), which resolves far smaller differences than their
+            perplexities' own spread.
     """
 
     perplexity: float
@@ -37,6 +41,7 @@ class PerplexityResult:
     context_length: int
     stride: int
     seconds: float
+    window_nll: tuple = ()
 
     def to_dict(self) -> dict:
         """The fields as a JSON-serializable dict."""
@@ -132,8 +137,8 @@ def perplexity(
     starts = _window_starts(tokens.numel(), context_length, stride, max_windows)
     input_device = _input_device(model, device)
     tokens = tokens.long()
-    total_nll = torch.zeros((), dtype=torch.float64)
-    scored = 0
+    window_nll = []  # float64 sums, divided by their counts at the end
+    window_tokens = []
     was_training = model.training
     model.eval()
     begin_time = time.perf_counter()
@@ -153,12 +158,13 @@ def perplexity(
                     target_from = 1 if start == 0 else max(context_length - stride, 1)
                     predicted = logits[row, target_from - 1 : context_length - 1].float()
                     nll = torch.nn.functional.cross_entropy(predicted, windows[row, target_from:], reduction="sum")
-                    total_nll += nll.double().cpu()
-                    scored += context_length - target_from
+                    window_nll.append(nll.double().cpu())
+                    window_tokens.append(context_length - target_from)
                 bar.update(len(batch_starts))
     finally:
         model.train(was_training)
-    mean_nll = total_nll.item() / scored
+    scored = sum(window_tokens)
+    mean_nll = torch.stack(window_nll).sum().item() / scored
     return PerplexityResult(
         # torch's exp gives inf / nan for a diverged model where math.exp would raise OverflowError.
         perplexity=torch.tensor(mean_nll, dtype=torch.float64).exp().item(),
@@ -168,4 +174,28 @@ def perplexity(
         context_length=context_length,
         stride=stride,
         seconds=time.perf_counter() - begin_time,
+        window_nll=tuple(nll.item() / count for nll, count in zip(window_nll, window_tokens)),
     )
+
+
+def paired_nll_difference(result: PerplexityResult, baseline: PerplexityResult) -> tuple[float, float]:
+    """(mean, standard error) over windows of ``result``'s window NLL minus ``baseline``'s, in nats.
+
+    Both must come from the same windows (same tokens, context length, stride and window count). The
+    perplexity ratio is ``exp(mean)``, and ``exp(mean ± 2·SE)`` its ~95 % interval over the text's
+    windows: window-to-window differences between two models of one text vary far less than the
+    windows' own NLLs, so this resolves differences that comparing two perplexities cannot.
+
+    Raises:
+        ValueError: different windows, fewer than 2, or a result without window NLLs (older JSON).
+    """
+    same = (result.windows, result.context_length, result.stride, result.tokens) == (
+        baseline.windows, baseline.context_length, baseline.stride, baseline.tokens)
+    if not same or len(result.window_nll) != result.windows or len(baseline.window_nll) != baseline.windows:
+        raise ValueError("paired comparison needs two evaluations of the same windows, each with its window_nll "
+                         f"(got {result.windows} and {baseline.windows} windows)")
+    if result.windows < 2:
+        raise ValueError("paired comparison needs at least 2 windows")
+    difference = torch.tensor(result.window_nll, dtype=torch.float64) - torch.tensor(baseline.window_nll,
+                                                                                       dtype=torch.float64)
+    return difference.mean().item(), (difference.std() / difference.numel() ** 0.5).item()

@@ -26,8 +26,8 @@ def test_a_resumed_row_says_its_time_is_a_part(tmp_path):
                                    "lift-cal-ft-72/24": _row("lift-cal-ft-72/24", alpha=0.25, resumed=False)})
     accuracy.main(["--rows", "lift-cal-fte-48/20,lift-cal-ft-72/24", "--out", str(tmp_path / "acc")])
     lines = (tmp_path / "acc.md").read_text().splitlines()
-    assert any(line.startswith("| lift-cal-fte-48/20 (48/20) | 2.516 | 146.8 | 15.67 | 85 (resumed) |") for line in lines)
-    assert any(line.startswith("| lift-cal-ft-72/24 (72/24) | 2.516 | 146.8 | 15.67 | 85 |") for line in lines)
+    assert any(line.startswith("| lift-cal-fte-48/20 (48/20) | 2.516 | 146.8 | 15.67 |  | 85 (resumed) |") for line in lines)
+    assert any(line.startswith("| lift-cal-ft-72/24 (72/24) | 2.516 | 146.8 | 15.67 |  | 85 |") for line in lines)
 
 
 def test_rows_measured_at_another_alpha_are_refused(tmp_path):
@@ -57,3 +57,22 @@ def test_plan_scores_reach_the_plan_rows_config(tmp_path, monkeypatch):
         accuracy.main(["--rows", "lift-cal-ft-plan-48/20", "--plan-scores", str(tmp_path / "scores.json"),
                        "--out", str(tmp_path / "acc")])
     assert configs[0].scores == scores and configs[0].memory_budget > 0
+
+
+def test_rows_are_compared_to_the_reference_window_by_window(tmp_path):
+    """The "vs reference" column: exp(mean ± 2 SE) of the per-window NLL differences; blank for a row
+    recorded without per-window NLLs."""
+    def evaluated(window_nll):
+        return dict(perplexity=1.0, nll=sum(window_nll) / 4, tokens=4 * 511, windows=4, context_length=512, stride=512,
+                    seconds=1.0, window_nll=window_nll)
+
+    reference = _row("lift-reference") | {"method": "reference", "lattices": [], "eval": evaluated([2.0, 2.5, 3.0, 2.2])}
+    quantized = _row("lift-cal-ft-48/20", alpha=0.25) | {"eval": evaluated([2.1, 2.6, 3.1, 2.3])}
+    _write(tmp_path / "acc.json", {"reference": reference, "lift-cal-ft-48/20": quantized,
+                                   "lift-cal-ft-72/24": _row("lift-cal-ft-72/24", alpha=0.25)})
+    accuracy.main(["--rows", "lift-cal-ft-48/20", "--alpha", "0.25", "--out", str(tmp_path / "acc")])
+    lines = (tmp_path / "acc.md").read_text().splitlines()
+    # Every window 0.1 nats worse: +10.5 %, with no spread.
+    assert any(line.startswith("| lift-cal-ft-48/20 (48/20) | 2.516 | 146.8 | 15.67 | +10.5 % [+10.5, +10.5] |")
+               for line in lines)
+    assert any(line.startswith("| lift-cal-ft-72/24 (72/24) | 2.516 | 146.8 | 15.67 |  | 85 |") for line in lines)

@@ -24,7 +24,7 @@ from lift_ao.data import (
     load_token_file,
     tokenize_text,
 )
-from lift_ao.evaluate import perplexity
+from lift_ao.evaluate import paired_nll_difference, perplexity
 
 
 def _stream(length: int, vocab: int, seed: int = 0) -> torch.Tensor:
@@ -85,7 +85,28 @@ def test_batches_determinism_and_json(model):
     batched = perplexity(model, tokens, context_length=16, stride=8, batch_size=4, progress=False)
     assert one.nll == again.nll
     assert batched.nll == pytest.approx(one.nll, rel=1e-6) and batched.tokens == one.tokens
-    assert set(one.to_dict()) == {"perplexity", "nll", "tokens", "windows", "context_length", "stride", "seconds"}
+    assert set(one.to_dict()) == {"perplexity", "nll", "tokens", "windows", "context_length", "stride", "seconds",
+                                  "window_nll"}
+
+
+def test_window_nlls_and_their_paired_difference(model):
+    """window_nll: each disjoint window's mean NLL (float64 reference per window); the paired difference
+    of two models on the same windows: the mean and standard error of the per-window differences, and
+    exp(mean) is their perplexity ratio (disjoint windows score equal token counts)."""
+    tokens = _stream(80, model.config.vocab_size, seed=2)
+    result = perplexity(model, tokens, context_length=16, progress=False)
+    expected = [_reference_nll(model, tokens[start : start + 16], 16, 16)[0] for start in range(0, 65, 16)]
+    assert result.window_nll == pytest.approx(expected, rel=1e-6)
+    other = perplexity(tiny_llama(seed=1), tokens, context_length=16, progress=False)
+    mean, error = paired_nll_difference(other, result)
+    differences = np.array(other.window_nll) - np.array(result.window_nll)
+    assert (mean, error) == pytest.approx((differences.mean(), differences.std(ddof=1) / math.sqrt(5)), rel=1e-9)
+    assert math.exp(mean) == pytest.approx(other.perplexity / result.perplexity, rel=1e-9)
+    with pytest.raises(ValueError, match="same windows"):
+        paired_nll_difference(other, perplexity(model, tokens, context_length=16, max_windows=4, progress=False))
+    with pytest.raises(ValueError, match="at least 2 windows"):
+        one = perplexity(model, tokens, context_length=16, max_windows=1, progress=False)
+        paired_nll_difference(one, one)
 
 
 def test_restores_training_mode(model):
