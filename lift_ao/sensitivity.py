@@ -89,12 +89,12 @@ def measure_sensitivity(
                  if isinstance(getattr(m, "weight", None), LiftQuantTensor)}
     if not quantized:
         raise ValueError("the model has no LiftQuant weights; quantize or calibrate it first")
-    full = dict(reference.named_modules())
-    mismatched = [n for n, w in quantized.items() if n not in full or isinstance(full[n].weight, LiftQuantTensor)
-                  or getattr(full[n], "weight", torch.empty(0)).shape != w.shape]
+    full = {name: getattr(m, "weight", None) for name, m in reference.named_modules()}
+    mismatched = [n for n, w in quantized.items() if not isinstance(full.get(n), torch.Tensor)
+                  or isinstance(full[n], LiftQuantTensor) or full[n].shape != w.shape]
     if mismatched:
-        raise ValueError(f"the reference lacks full-precision linears of the quantized model's shapes: {mismatched[:3]}; pass the "
-                         "full-precision model the quantized one was made from")
+        raise ValueError(f"the reference lacks full-precision linears of the quantized model's shapes: "
+                         f"{mismatched[:3]}; pass the full-precision model the quantized one was made from")
     if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.dtype.is_floating_point:
         raise ValueError("tokens must be a LongTensor (sequences, length) of token ids")
     device = next(iter(quantized.values())).packed_codes.device
@@ -114,7 +114,7 @@ def measure_sensitivity(
 
         groups = _sibling_groups(model, list(quantized), batches[0])
         base = kl(dense)
-        gains = [base - kl(dense | {f"{n}.weight": full[n].weight for n in names})
+        gains = [base - kl(dense | {f"{n}.weight": full[n] for n in names})
                  for names in tqdm(groups, desc="sensitivity", unit="group", disable=not progress)]
     if sum(gains) <= 0:
         raise ValueError(f"no group's full-precision weights lower the KL ({base:.3g} nats per token) on these tokens: "

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import lift_ao
 from lift_ao.budget import _lattice_mse
 from lift_ao.lattice import Lattice
-from tiny_models import tiny_llama, tiny_qwen2, token_batch
+from tiny_models import tiny_gpt2, tiny_llama, tiny_qwen2, token_batch
 
 LATTICE = "24/10"
 GROUPS = [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
@@ -78,7 +78,7 @@ def test_bad_inputs_are_refused(measured):
     reference, model, tokens, _ = measured
     with pytest.raises(ValueError, match="no LiftQuant weights"):
         lift_ao.measure_sensitivity(reference, reference, tokens)
-    for other in (model, tiny_qwen2(0)):  # quantized; other widths under the same names
+    for other in (model, tiny_qwen2(0), tiny_gpt2(0)):  # quantized; other widths; other names
         with pytest.raises(ValueError, match="reference lacks full-precision linears"):
             lift_ao.measure_sensitivity(model, other, tokens)
     with pytest.raises(ValueError, match="token ids"):
