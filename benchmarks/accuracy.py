@@ -218,12 +218,12 @@ def _evaluated(name: str, row: dict) -> str:
 
 def _versus_reference(rows: dict, name: str) -> str:
     """``+22.7 % [+21.0, +24.4]``: row ``name``'s perplexity over the reference's, window by window."""
-    if name == "reference" or "reference" not in rows or not rows[name].get("eval", {}).get("window_nll"):
+    if name == "reference" or "eval" not in rows.get("reference", {}) or "eval" not in rows[name]:
         return ""
     try:
         mean, error = paired_nll_difference(PerplexityResult(**rows[name]["eval"]),
                                             PerplexityResult(**rows["reference"]["eval"]))
-    except ValueError:  # the reference was measured without per-window NLLs
+    except ValueError:  # either was measured without per-window NLLs, or on other windows
         return ""
     low, mid, high = (100 * (math.exp(mean + k * error) - 1) for k in (-2, 0, 2))
     return f"{mid:+.1f} % [{low:+.1f}, {high:+.1f}]"

@@ -439,7 +439,8 @@ def _given_scores(scores: dict, names: list, allocation: str) -> list[float]:
     weight ≥ 0 for exactly those layers."""
     if allocation != "sensitivity":
         raise BudgetError("scores= weigh the layers of allocation='sensitivity'; allocation='uniform' ignores them")
-    missing, unknown = [n for n in names if n not in scores], [n for n in scores if n not in set(names)]
+    known = set(names)
+    missing, unknown = [n for n in names if n not in scores], [n for n in scores if n not in known]
     if missing or unknown:
         raise BudgetError(f"scores= must name exactly the layers to plan: missing {missing[:3]}"
                           f"{' …' if len(missing) > 3 else ''}, unknown {unknown[:3]}{' …' if len(unknown) > 3 else ''}")

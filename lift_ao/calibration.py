@@ -323,8 +323,13 @@ def _tuned_scales(weight: LiftQuantTensor, log_r: torch.Tensor, log_s: torch.Ten
 def _dense_weight(weight: LiftQuantTensor, unit: torch.Tensor, log_r: torch.Tensor, log_s: torch.Tensor) -> torch.Tensor:
     """(N, K) ``diag(r) C diag(σ)`` in the weight's dtype with the :func:`_tuned_scales` r and σ, C its
     :func:`_unit_weight`."""
-    r, sigma = _tuned_scales(weight, log_r, log_s)
-    return (r[:, None] * unit * sigma[None, :]).to(weight.dtype)
+    return _scaled_unit(unit, *_tuned_scales(weight, log_r, log_s), weight.dtype)
+
+
+def _scaled_unit(unit: torch.Tensor, r: torch.Tensor, sigma: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(..., N, K) ``diag(r) C diag(σ)`` in ``dtype`` for C ``unit`` (..., N, K), r (..., N), σ (..., K):
+    one weight, or a stack of weights of one shape."""
+    return (r[..., None] * unit * sigma[..., None, :]).to(dtype)
 
 
 def _scaled_signs(input_signs: torch.Tensor, log_s: torch.Tensor) -> torch.Tensor:

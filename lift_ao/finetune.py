@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from lift_ao.calibration import _code_signs, _decoder_blocks, _scaled_signs, _tuned_weight, _unit_weight, adam_steps
+from lift_ao.calibration import (_code_signs, _decoder_blocks, _scaled_signs, _scaled_unit, _tuned_weight, _unit_weight,
+                                 adam_steps)
 from lift_ao.io import SHARD_SUFFIX, CheckpointError, _sha256, load_shard, save_shard
 from lift_ao.tensor import LiftQuantTensor, share_constants
 
@@ -164,7 +165,7 @@ def _dense_weights_by_shape(quantized: dict, log_r: dict, log_s: dict):
         for names, unit, row_scale, sigma, log_r_rows, log_s_rows, dtype in stacks:
             r = row_scale * torch.stack(log_r_rows).exp()
             s = sigma * torch.stack(log_s_rows).exp()
-            dense.update(zip(names, (r[..., None] * unit * s[:, None, :]).to(dtype).unbind()))
+            dense.update(zip(names, _scaled_unit(unit, r, s, dtype).unbind()))
         return dense
 
     return weights

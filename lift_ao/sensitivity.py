@@ -37,9 +37,9 @@ __all__ = ["measure_sensitivity"]
 _FLOOR_OF_MEAN_GAIN = 0.2
 
 
-def _sibling_groups(model: torch.nn.Module, names: list, batch: torch.Tensor) -> list[list[str]]:
-    """``names`` (linear FQNs) grouped by the tensor they read in one forward of ``batch``, in the
-    order the groups first run."""
+def _sibling_groups(model: torch.nn.Module, names: list, weights: dict, batch: torch.Tensor) -> list[list[str]]:
+    """``names`` (linear FQNs) grouped by the tensor they read in one forward of ``batch`` with
+    ``weights`` (``functional_call``'s), in the order the groups first run."""
     groups: list = []
     read: list = []  # the tensor of each group; held, so that no later tensor reuses its id()
 
@@ -56,7 +56,7 @@ def _sibling_groups(model: torch.nn.Module, names: list, batch: torch.Tensor) ->
     handles = [model.get_submodule(name).register_forward_pre_hook(hook(name)) for name in names]
     try:
         with torch.no_grad():
-            model(batch, use_cache=False)
+            torch.func.functional_call(model, weights, (batch,), {"use_cache": False})
     finally:
         for handle in handles:
             handle.remove()
@@ -112,7 +112,7 @@ def measure_sensitivity(
                                   reduction="sum").item()
             return total / tokens.numel()
 
-        groups = _sibling_groups(model, list(quantized), batches[0])
+        groups = _sibling_groups(model, list(quantized), dense, batches[0])
         base = kl(dense)
         gains = [base - kl(dense | {f"{n}.weight": full[n] for n in names})
                  for names in tqdm(groups, desc="sensitivity", unit="group", disable=not progress)]

@@ -243,6 +243,10 @@ def test_bad_scores_are_refused(change, message):
     change(scores)
     with pytest.raises(BudgetError, match=message):
         plan(model, 10**9, scores=scores)
+
+
+def test_scores_are_refused_for_a_uniform_plan():
+    model = tiny_llama(0)
     with pytest.raises(BudgetError, match="uniform"):
         plan(model, 10**9, allocation="uniform", scores={layer.name: 1.0 for layer in plan(model, 10**9).layers})
 
