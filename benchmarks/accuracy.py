@@ -181,9 +181,11 @@ def run_row(name: str, reference, tokenizer, eval_tokens, args) -> dict:
                               else builtin_calibration_tokens(tokenizer, args.e2e_tokens))
                 row["end_to_end"] = dict(steps=args.e2e_steps, lr=args.e2e_lr, batch_size=args.finetune_batch,
                                          held_out=args.e2e_held_out, tokens=e2e_tokens.numel(), compiled=args.e2e_compile)
-                row["end_to_end"]["held_out_kl_before_after"] = finetune_end_to_end(
+                tuned = finetune_end_to_end(
                     model, reference, e2e_tokens, steps=args.e2e_steps, lr=args.e2e_lr, batch_size=args.finetune_batch,
                     held_out=args.e2e_held_out, checkpoint_dir=checkpoint, compiled=args.e2e_compile)
+                row["end_to_end"].update(held_out_kl_before_after=[tuned.before, tuned.after],
+                                         held_out_kl_checks=tuned.checks)
             row["calibration_tokens"] = calibration.numel()
         else:
             lift_ao.quantize(model, lift_ao.liftquant(lattice=_lattice_of(name)), device=args.device)

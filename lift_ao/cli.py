@@ -127,9 +127,11 @@ def _cmd_quantize(args) -> dict:
                           else builtin_calibration_tokens(tokenizer, args.e2e_tokens))
             report["e2e_tokens"], report["e2e_held_out"] = e2e_tokens.numel(), args.e2e_held_out
             report["e2e_compile"] = args.e2e_compile
-            report["e2e_held_out_kl_before_after"] = lift_ao.finetune_end_to_end(
+            tuned = lift_ao.finetune_end_to_end(
                 model, teacher, e2e_tokens, steps=args.e2e_steps, held_out=args.e2e_held_out, checkpoint_dir=partial,
                 overwrite=args.overwrite, compiled=args.e2e_compile)
+            report["e2e_held_out_kl_before_after"] = [tuned.before, tuned.after]
+            report["e2e_held_out_kl_checks"] = tuned.checks
             del teacher
     else:
         lift_ao.quantize(model, config, progress=True, resume_dir=partial, overwrite=args.overwrite)

@@ -23,7 +23,7 @@ import contextlib
 import functools
 import hashlib
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +34,15 @@ from lift_ao.calibration import (_code_signs, _decoder_blocks, _scaled_signs, _s
 from lift_ao.io import SHARD_SUFFIX, CheckpointError, _sha256, load_shard, save_shard
 from lift_ao.tensor import LiftQuantTensor, share_constants
 
-__all__ = ["finetune_end_to_end", "held_out_rows"]
+__all__ = ["EndToEndResult", "finetune_end_to_end", "held_out_rows"]
+
+
+class EndToEndResult(NamedTuple):
+    """What :func:`finetune_end_to_end` measured on the held-out sequences, in nats per token."""
+
+    before: float  # KL before tuning
+    after: float  # KL of the factors kept (``before`` when no check beat it)
+    checks: tuple  # ((step, KL), ...) at every check, (0, before) first: the learning curve
 
 
 def held_out_rows(sequences: int, fraction: float) -> torch.Tensor:
@@ -64,7 +72,7 @@ def _run_identity(quantized: dict, tokens: torch.Tensor, **settings) -> dict:
     return dict(settings, tokens_sha256=_sha256(tokens.long()), weights_sha256=digest.hexdigest())
 
 
-def _save_progress(directory, identity: dict, done: int, before: float, best: float, factors: list,
+def _save_progress(directory, identity: dict, done: int, checks: list, best: float, factors: list,
                    best_factors: Optional[list], optimizer: torch.optim.Optimizer) -> None:
     """Write the state after ``done`` steps as the :data:`PROGRESS_SHARD` shard."""
     state = optimizer.state_dict()
@@ -73,13 +81,13 @@ def _save_progress(directory, identity: dict, done: int, before: float, best: fl
     adam = {f"adam.{i}.{key}": value for i, entry in state["state"].items() for key, value in entry.items()}
     scalars = sorted(name for name, value in adam.items() if value.dim() == 0)  # Adam's step counts
     tensors.update({name: value.reshape(-1) if name in scalars else value for name, value in adam.items()})
-    save_shard(directory, PROGRESS_SHARD, tensors, dict(identity=identity, done=done, before=before, best=best,
+    save_shard(directory, PROGRESS_SHARD, tensors, dict(identity=identity, done=done, checks=checks, best=best,
                                                          kept=best_factors is not None, scalars=scalars,
                                                          param_groups=state["param_groups"]))
 
 
 def _load_progress(directory, identity: dict, factors: list, overwrite: bool):
-    """``(done, before, best, best_factors, optimizer_state)`` saved by :func:`_save_progress` under the
+    """``(done, checks, best, best_factors, optimizer_state)`` saved by :func:`_save_progress` under the
     same identity, with ``factors`` set to the saved ones; None when there is nothing to resume."""
     found = load_shard(directory, PROGRESS_SHARD)
     if found is None:
@@ -103,7 +111,8 @@ def _load_progress(directory, identity: dict, factors: list, overwrite: bool):
         if name.startswith("adam."):
             _, index, key = name.split(".", 2)
             state.setdefault(int(index), {})[key] = value.reshape(()) if name in info["scalars"] else value
-    return info["done"], info["before"], info["best"], best_factors, {"state": state, "param_groups": info["param_groups"]}
+    checks = [tuple(check) for check in info["checks"]]
+    return info["done"], checks, info["best"], best_factors, {"state": state, "param_groups": info["param_groups"]}
 
 
 def _distillation_loss(model, weights: dict, teacher, batch: torch.Tensor) -> torch.Tensor:
@@ -175,7 +184,7 @@ def finetune_end_to_end(
     model: torch.nn.Module, teacher: torch.nn.Module, tokens: torch.Tensor, *, steps: int, lr: float = 3e-3,
     batch_size: int = 4, held_out: float = 0.125, check_every: int = 16, checkpoint_dir=None, overwrite: bool = False,
     progress: bool = True, compiled: Optional[bool] = None,
-) -> tuple[float, float]:
+) -> EndToEndResult:
     """Tune the row and input scales of every LiftQuant weight of ``model`` end to end, in place.
 
     Adam (cosine-decayed ``lr``) learns ``r ← r·exp(a)`` per row of each weight and ``σ ← σ·exp(b)``
@@ -216,7 +225,8 @@ def finetune_end_to_end(
             kept for later stages; the model is left uncompiled after.
             The losses match eager's to rounding (a run resumed with the other setting continues it).
     Returns:
-        (held-out loss before, held-out loss of the kept factors), in nats per token.
+        :class:`EndToEndResult`: the held-out KL before, that of the kept factors, and every check's
+        ``(step, KL)``.
     Raises:
         ValueError: no LiftQuant weights, bad ``steps``/``lr``/``batch_size``/``held_out``/``check_every``,
             or malformed tokens.
@@ -269,12 +279,13 @@ def finetune_end_to_end(
         resumed = None if checkpoint_dir is None or not steps else _load_progress(checkpoint_dir, identity, factors,
                                                                                   overwrite)
         if resumed is None:
-            done, optimizer_state, before = 0, None, held_out_loss()
-            best, best_factors = before, None
+            done, optimizer_state, checks = 0, None, [(0, held_out_loss())]
+            best, best_factors = checks[0][1], None
         else:
-            done, before, best, best_factors, optimizer_state = resumed
+            done, checks, best, best_factors, optimizer_state = resumed
+        before = checks[0][1]
         if not steps:
-            return before, before
+            return EndToEndResult(before, before, tuple(checks))
         bar = tqdm(total=steps, initial=done, desc="end-to-end fine-tuning", unit="step", disable=not progress)
 
         def advance(loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
@@ -283,10 +294,11 @@ def finetune_end_to_end(
             bar.update()
             if done % check_every == 0 or done == steps:
                 current = held_out_loss()
+                checks.append((done, current))
                 if current < best:
                     best, best_factors = current, [f.detach().clone() for f in factors]
                 if checkpoint_dir is not None:
-                    _save_progress(checkpoint_dir, identity, done, before, best, factors, best_factors, optimizer)
+                    _save_progress(checkpoint_dir, identity, done, checks, best, factors, best_factors, optimizer)
             bar.set_postfix(kl=f"{loss.item():.4f}", held_out=f"{best:.4f}")
 
         adam_steps(factors, lr, steps,
@@ -294,7 +306,7 @@ def finetune_end_to_end(
                    first_step=done, optimizer_state=optimizer_state)
         bar.close()
         if best_factors is None:
-            return before, before
+            return EndToEndResult(before, before, tuple(checks))
         with torch.no_grad():
             for factor, kept in zip(factors, best_factors):
                 factor.copy_(kept)
@@ -306,4 +318,4 @@ def finetune_end_to_end(
     finally:
         blocks_compiled.close()
         model.train(was_training)
-    return before, best
+    return EndToEndResult(before, best, tuple(checks))

@@ -38,10 +38,13 @@ def _kl(model, teacher, tokens) -> float:
 
 
 def test_end_to_end_lowers_the_kl_and_the_held_out_logit_error(runs):
-    model, calibrated, tuned, (before, after) = runs
+    model, calibrated, tuned, (before, after, checks) = runs
     # Measured: KL on the 8 held-out calibration sequences 6.99e-4 -> 6.34e-4; relative logit error
     # on other text 0.2547 -> 0.2380.
     assert after < 0.93 * before, (before, after)
+    # The learning curve: before, then every 16 of the 64 steps; the kept factors are its lowest point.
+    assert [step for step, _ in checks] == [0, 16, 32, 48, 64] and checks[0][1] == before
+    assert min(kl for _, kl in checks) == after
     held = token_batch(0, batch=64, length=32)[held_out_rows(64, 0.125)]
     assert _kl(calibrated, model, held) == pytest.approx(before, rel=1e-3)
     assert _kl(tuned, model, held) == pytest.approx(after, rel=1e-3)  # the factors folded in are those reported
@@ -63,8 +66,8 @@ def test_factors_that_only_fit_the_training_sequences_are_not_kept(runs):
     assert _kl(overfit, model, held) > 2 * _kl(calibrated, model, held)
     # Selecting on the unseen sequence keeps nothing worse than the calibrated factors there.
     guarded = copy.deepcopy(calibrated)
-    before, after = lift_ao.finetune_end_to_end(guarded, model, torch.cat([train[:2], held, train[2:]]), check_every=4,
-                                                **settings)
+    before, after, _ = lift_ao.finetune_end_to_end(guarded, model, torch.cat([train[:2], held, train[2:]]),
+                                                   check_every=4, **settings)
     assert after <= before == pytest.approx(_kl(calibrated, model, held), rel=1e-3)
     assert _kl(guarded, model, held) == pytest.approx(after, rel=1e-3)
 
@@ -90,9 +93,9 @@ def test_end_to_end_moves_only_the_scales_and_keeps_the_sharing(runs):
 def test_zero_steps_change_nothing(runs):
     model, calibrated, _, _ = runs
     untouched = copy.deepcopy(calibrated)
-    before, after = lift_ao.finetune_end_to_end(untouched, model, token_batch(0, batch=8, length=32), steps=0,
-                                                progress=False)
-    assert before == after
+    before, after, checks = lift_ao.finetune_end_to_end(untouched, model, token_batch(0, batch=8, length=32), steps=0,
+                                                        progress=False)
+    assert before == after and checks == ((0, before),)
     state = _quantized_state(calibrated)
     assert all(torch.equal(v, state[k]) for k, v in _quantized_state(untouched).items())
 
@@ -134,8 +137,10 @@ def test_compiled_stage_matches_eager_with_a_graph_per_batch_shape(runs):
     counters.clear()
     got = lift_ao.finetune_end_to_end(tuned, model, tokens, compiled=True, **settings)
     # Measured: held-out KL 7.5961e-4 -> 7.5154e-4 eager, 7.5961e-4 -> 7.5156e-4 compiled.
-    assert expected[1] < 0.995 * expected[0]  # the scales moved, so the comparison below means something
-    assert got == pytest.approx(expected, rel=1e-4)
+    assert expected.after < 0.995 * expected.before  # the scales moved, so the comparison below means something
+    assert [step for step, _ in got.checks] == [step for step, _ in expected.checks] == [0, 4, 8, 12, 16]
+    assert [kl for _, kl in got.checks] == pytest.approx([kl for _, kl in expected.checks], rel=1e-4)
+    assert got.after == pytest.approx(expected.after, rel=1e-4)
     assert counters["stats"]["unique_graphs"] == 7
     assert all(block._compiled_call_impl is None for m in (tuned, model) for block in m.model.layers)
     for a, b in zip(_quantized_state(tuned).values(), _quantized_state(eager).values()):
@@ -211,6 +216,10 @@ def test_command_line_end_to_end_stage_takes_its_own_tokens(tmp_path, monkeypatc
     # Its progress goes where the block stage resumes from (removed with it once the model is saved).
     assert held_out["checkpoint_dir"] == tmp_path / "tuned" / "lift_ao.partial" and held_out["overwrite"] is False
     assert (report["calibration_tokens"], report["e2e_tokens"], report["e2e_held_out"]) == (128, 1536, 0.25)
+    # 2 steps, checked after the last: the curve is before and step 2, and the kept KL is its lowest.
+    before, after = report["e2e_held_out_kl_before_after"]
+    assert [step for step, _ in report["e2e_held_out_kl_checks"]] == [0, 2]
+    assert report["e2e_held_out_kl_checks"][0][1] == before and after == min(kl for _, kl in report["e2e_held_out_kl_checks"])
 
 
 def _scales(model) -> list[torch.Tensor]:
@@ -260,7 +269,9 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_result(runs, uninterrup
     assert info["done"] == 4 and info["best"] > losses[1]  # the result must come from steps after the restart
     calls.clear()
     resumed = copy.deepcopy(calibrated)
+    # Equal to the uninterrupted run's, the learning curve from before the restart included.
     assert lift_ao.finetune_end_to_end(resumed, model, tokens, checkpoint_dir=tmp_path, **RESUME) == losses
+    assert [step for step, _ in losses.checks] == [0, 4, 8, 10]
     assert all(torch.equal(a, b) for a, b in zip(_scales(resumed), _scales(whole)))
     # Steps 5-10 and the held-out checks after 8 and 10 only: 'before' came from the checkpoint.
     assert calls == [6, 2, 6, 6, 2, 2, 6, 2]
