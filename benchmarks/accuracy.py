@@ -218,17 +218,27 @@ def _evaluated(name: str, row: dict) -> str:
     return row.get("eval_weights", "as quantized")
 
 
+def relative_change(row: dict, baseline: dict) -> str:
+    """``+22.7 % [+21.0, +24.4]``: the perplexity of ``row`` over that of ``baseline`` (two results rows
+    evaluated on the same windows), compared window by window, with its ~95 % interval (± 2 standard
+    errors of the mean NLL difference).
+
+    Raises:
+        ValueError: either lacks per-window NLLs (rows recorded before them), or other windows.
+    """
+    mean, error = paired_nll_difference(PerplexityResult(**row["eval"]), PerplexityResult(**baseline["eval"]))
+    low, mid, high = (100 * (math.exp(mean + k * error) - 1) for k in (-2, 0, 2))
+    return f"{mid:+.1f} % [{low:+.1f}, {high:+.1f}]"
+
+
 def _versus_reference(rows: dict, name: str) -> str:
-    """``+22.7 % [+21.0, +24.4]``: row ``name``'s perplexity over the reference's, window by window."""
+    """Row ``name`` against the reference row (:func:`relative_change`); blank where it cannot be paired."""
     if name == "reference" or "eval" not in rows.get("reference", {}) or "eval" not in rows[name]:
         return ""
     try:
-        mean, error = paired_nll_difference(PerplexityResult(**rows[name]["eval"]),
-                                            PerplexityResult(**rows["reference"]["eval"]))
+        return relative_change(rows[name], rows["reference"])
     except ValueError:  # either was measured without per-window NLLs, or on other windows
         return ""
-    low, mid, high = (100 * (math.exp(mean + k * error) - 1) for k in (-2, 0, 2))
-    return f"{mid:+.1f} % [{low:+.1f}, {high:+.1f}]"
 
 
 def _markdown(doc: dict) -> str:
