@@ -20,7 +20,7 @@ from lift_ao.finetune import finetune_end_to_end
 from lift_ao.footprint import footprint
 from lift_ao.io import CheckpointError, load_quantized, save_quantized
 from lift_ao.lattice import Lattice, LatticeError
-from lift_ao.sensitivity import measure_sensitivity
+from lift_ao.sensitivity import calibrated_sensitivity, measure_sensitivity
 from lift_ao.tensor import LiftQuantTensor, share_constants
 from lift_ao.integrations.hf import LiftQuantHfConfig  # noqa: F401  (registers quant_method "liftquant" with transformers)
 
@@ -32,6 +32,7 @@ __all__ = [
     "LiftQuantConfig",
     "LiftQuantTensor",
     "calibrate",
+    "calibrated_sensitivity",
     "finetune_end_to_end",
     "footprint",
     "liftquant",

@@ -12,8 +12,10 @@ Exit codes: 0 success, 1 the work failed, 2 bad arguments or input (argparse's c
 from __future__ import annotations
 
 import argparse
+import collections
 import copy
 import json
+import math
 import shutil
 import sys
 import time
@@ -25,6 +27,8 @@ __all__ = ["main"]
 
 BUILTIN = "builtin"
 PARTIAL_DIR = "lift_ao.partial"  # under --out: one shard per finished layer (lift_ao.quantize's resume_dir)
+# --measure-sensitivity's text: 32 sequences of 512, as in the studies (benchmarks/results/accuracy_w200_h100.md).
+SENSITIVITY_TOKENS = 16384
 
 
 def _log(args, message: str) -> None:
@@ -81,18 +85,26 @@ def _cmd_quantize(args) -> dict:
     from lift_ao.api import quantizable_linears, resolve_device
 
     device = str(resolve_device(args.device or _default_device()))
-    config = lift_ao.liftquant(bits=None if args.lattice else args.bits, lattice=args.lattice, seed=args.seed,
+    if args.memory_budget is not None and (args.bits is not None or args.lattice is not None):
+        raise ValueError("--memory-budget replaces --bits and --lattice: give one of the three")
+    if args.measure_sensitivity and not (args.calibrate and args.memory_budget is not None):
+        raise ValueError("--measure-sensitivity plans a --memory-budget in calibrated mode: add --calibrate and "
+                         "--memory-budget SIZE")
+    bits = None if args.lattice is not None or args.memory_budget is not None else 2.4 if args.bits is None else args.bits
+    config = lift_ao.liftquant(bits=bits, lattice=args.lattice, memory_budget=args.memory_budget, seed=args.seed,
                                include_lm_head=args.lm_head, beam_width=args.beam_width)
     t0 = time.perf_counter()
     model, tokenizer = _load_model(args.model, device)
-    report = {"model": args.model, "device": device, "lattice": config.lattice, "bits_requested": args.bits,
+    report = {"model": args.model, "device": device, "lattice": config.lattice, "bits_requested": bits,
+              "memory_budget": args.memory_budget,
               "load_seconds": round(time.perf_counter() - t0, 2)}
     targets = quantizable_linears(model, config)
     linear_weights = sum(m.weight.numel() for _, m in targets)
     report["bytes_before"] = lift_ao.footprint(model)
     report["linear_bytes_before"] = sum(m.weight.nbytes for _, m in targets)
     _log(args, f"model {args.model}: {report['bytes_before'] / 2**20:.1f} MiB, {len(targets)} linear layers "
-               f"({linear_weights / 1e6:.1f} M weights) to code with lattice {config.lattice}")
+               f"({linear_weights / 1e6:.1f} M weights) to code with "
+               f"{f'lattice {config.lattice}' if config.lattice else f'lattices planned to fit {args.memory_budget}'}")
     tokens = None
     if not args.skip_eval:
         tokens = _eval_tokens(args, tokenizer)
@@ -115,6 +127,20 @@ def _cmd_quantize(args) -> dict:
         if not 0 < args.e2e_held_out < 1 or (args.e2e_tokens is not None and args.e2e_tokens < 1024):
             raise ValueError(f"--e2e-held-out must be in (0, 1) and --e2e-tokens at least 1024 (two sequences of "
                              f"512), got {args.e2e_held_out} and {args.e2e_tokens}")
+        if args.measure_sensitivity:
+            # Measured on text no other stage reads: the sequences after the block and end-to-end stages'.
+            read = max(calibration.numel(), args.e2e_tokens or 0)
+            text = builtin_calibration_tokens(tokenizer, read + SENSITIVITY_TOKENS)
+            score_tokens = text[math.ceil(read / text.shape[1]):]  # the sequences after the first `read` tokens
+            if not score_tokens.numel():
+                raise ValueError(f"--measure-sensitivity: the calibration text has no tokens after the {read} the other "
+                                 "stages read; lower --calibration-tokens or --e2e-tokens")
+            scores = lift_ao.calibrated_sensitivity(
+                model, args.memory_budget, calibration, score_tokens, alpha=alpha, seed=args.seed, device=device,
+                checkpoint_dir=None if partial is None else partial / "sensitivity", overwrite=args.overwrite)
+            config = lift_ao.liftquant(memory_budget=args.memory_budget, scores=scores, seed=args.seed,
+                                       include_lm_head=args.lm_head, beam_width=args.beam_width)
+            report["sensitivity_tokens"] = score_tokens.numel()
         # The teacher of end-to-end fine-tuning is the model before quantization (a second copy).
         teacher = copy.deepcopy(model) if args.e2e_steps else None
         calibrate(model, config, calibration, checkpoint_dir=partial, overwrite=args.overwrite, device=device,
@@ -134,7 +160,13 @@ def _cmd_quantize(args) -> dict:
             report["e2e_held_out_kl_checks"] = tuned.checks
             del teacher
     else:
-        lift_ao.quantize(model, config, progress=True, resume_dir=partial, overwrite=args.overwrite)
+        planned = None  # a memory budget is planned by sensitivity from the calibration text's activations
+        if args.memory_budget is not None:
+            from lift_ao.calibration import builtin_calibration_tokens
+
+            planned = list(builtin_calibration_tokens(tokenizer, args.calibration_tokens).split(8))
+        lift_ao.quantize(model, config, progress=True, calibration=planned, resume_dir=partial,
+                         overwrite=args.overwrite)
     report["quantize_seconds"] = round(time.perf_counter() - t0, 2)
     quantized = [m.weight for _, m in targets]
     report["bytes_after"] = lift_ao.footprint(model)
@@ -142,6 +174,7 @@ def _cmd_quantize(args) -> dict:
     report["linear_bytes_after"] = lift_ao.footprint(quantized)
     report["bits_per_weight"] = 8 * report["linear_bytes_after"] / linear_weights
     report["code_bits_per_weight"] = 8 * sum(w.packed_codes.nbytes for w in quantized) / linear_weights
+    report["lattices"] = dict(collections.Counter(w.lattice.name for w in quantized))
     _log(args, f"size: {report['bytes_before'] / 2**20:.1f} MiB -> {report['bytes_after'] / 2**20:.1f} MiB "
                f"(linear layers {report['linear_bytes_before'] / 2**20:.1f} -> {report['linear_bytes_after'] / 2**20:.1f} MiB); "
                f"{report['bits_per_weight']:.4f} bits/weight with scales and transforms "
@@ -235,9 +268,17 @@ def _parser() -> argparse.ArgumentParser:
                        description="Quantize every linear layer (lm_head excluded unless --lm-head) of a causal LM.")
     q.add_argument("--model", default=BUILTIN, help="'builtin' (SmolLM2-135M-Instruct, shipped offline) or a local "
                    "Hugging Face model directory (default: builtin)")
-    q.add_argument("--bits", type=float, default=2.4, help="target bits per weight; the largest shipped rate <= bits "
+    q.add_argument("--bits", type=float, default=None, help="target bits per weight; the largest shipped rate <= bits "
                    "is used (default 2.4)")
     q.add_argument("--lattice", default=None, help="a lattice name such as 24/10 instead of --bits")
+    q.add_argument("--memory-budget", default=None, metavar="SIZE", help="instead of --bits/--lattice: the size the "
+                   "model must fit (bytes, or e.g. 150MB, 24GiB); a lattice per linear layer is planned to fit it "
+                   "(lift_ao.plan), by sensitivity from the calibration tokens")
+    q.add_argument("--measure-sensitivity", action="store_true", help="with --calibrate and --memory-budget: plan "
+                   "from sensitivities measured on a copy calibrated at the one lattice that fits the budget "
+                   "(lift_ao.calibrated_sensitivity, on the 16384 calibration tokens after those the other stages "
+                   "read) instead of the built-in score: at 2.4 bits 1.4 %% lower perplexity on the built-in model "
+                   "for one more calibration (benchmarks/results/accuracy_w200_h100.md)")
     q.add_argument("--seed", type=int, default=0, help="seed of the input rotations (default 0)")
     q.add_argument("--beam-width", type=int, default=None, help="beam width of the nearest-code search (default: "
                    "the lattice's, 64 for D >= 40, else 32); wider is slower and a little more accurate")
@@ -248,8 +289,9 @@ def _parser() -> argparse.ArgumentParser:
                    "model, lattice or seed instead of refusing")
     q.add_argument("--calibrate", action="store_true", help="calibrated mode (lift_ao.calibrate): activation-aware "
                    "input scales and Hessian-aware rounding from the built-in calibration text, block by block")
-    q.add_argument("--calibration-tokens", type=int, default=16384, help="calibration tokens with --calibrate "
-                   "(default 16384, in sequences of 512)")
+    q.add_argument("--calibration-tokens", type=int, default=16384, help="calibration tokens with --calibrate, and "
+                   "the activations that score the layers of a --memory-budget plan (default 16384, in sequences "
+                   "of 512)")
     q.add_argument("--alpha", type=float, default=None, help="with --calibrate: strength of the activation-aware "
                    "input scales, 0 (none) to 1 (default 0.25, lift_ao.calibration.DEFAULT_ALPHA; results measured "
                    "before it was 0.25 used 0.5)")

@@ -10,8 +10,9 @@ into per-layer scores for ``lift_ao.plan(..., scores=...)`` or ``liftquant(memor
 scores=...)``. On SmolLM2-135M at 2.4 bits the gains per parameter span ~100× (the first blocks' MLPs
 weigh most, benchmarks/results/sensitivity_loo_cpu.md); at the same bytes a plan from them scored 19.29
 against 19.98 for one lattice with block fine-tuning on the CPU (accuracy_measured_plan_cpu.md), and
-15.72 against 15.67 with the full GPU recipe, whose held-out KL it lowered by 4 %
-(accuracy_fte1024_e2e917k_mplan_2bit4_h100.md).
+15.72 against 15.67 with the full GPU recipe on 8 evaluation windows, whose held-out KL it lowered by
+4 % (accuracy_fte1024_e2e917k_mplan_2bit4_h100.md), and on 200 windows 17.11 against 17.36, −1.4 %
+[−2.0, −0.8] (accuracy_w200_h100.md). :func:`calibrated_sensitivity` measures them that way.
 
 Cost: one evaluation of the model on ``tokens`` per group (4 per Llama block) plus the reference's
 once; the weights run dense (dequantized: the same values, and on a CPU far faster than the LiftQuant
@@ -21,15 +22,25 @@ tokens (tokens × vocabulary float32).
 
 from __future__ import annotations
 
+import copy
+import json
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from lift_ao.budget import _lattice_mse
+from lift_ao.budget import _lattice_mse, plan
+from lift_ao.calibration import DEFAULT_ALPHA, calibrate
+from lift_ao.config import liftquant
+from lift_ao.io import _sha256, _write_atomically
 from lift_ao.lattice import Lattice
 from lift_ao.tensor import LiftQuantTensor
 
-__all__ = ["measure_sensitivity"]
+__all__ = ["calibrated_sensitivity", "measure_sensitivity"]
+
+# Where calibrated_sensitivity keeps its scores in its checkpoint directory.
+SCORES_FILE = "sensitivity_scores.json"
 
 # A group's gain below this fraction of the mean gain per group is raised to it: such gains are within
 # the measurement's noise (SmolLM2-135M, 8192 tokens: gains down to −0.0035 nats against a mean of
@@ -126,4 +137,48 @@ def measure_sensitivity(
         for n in names:
             mse = _lattice_mse(Lattice.load(quantized[n].lattice.name))
             scores[n] = max(gain, floor) * quantized[n].numel() / params / mse
+    return scores
+
+
+def calibrated_sensitivity(
+    model: torch.nn.Module, memory_budget, tokens: torch.Tensor, score_tokens: torch.Tensor, *,
+    alpha: float = DEFAULT_ALPHA, seed: int = 0, device=None, checkpoint_dir=None, overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, float]:
+    """Scores for ``liftquant(memory_budget=..., scores=...)`` measured as they paid off on SmolLM2
+    (module docstring): a copy of ``model`` calibrated (block LDLQ, no fine-tuning) at the one lattice that
+    a uniform plan of ``memory_budget`` gives every linear, then :func:`measure_sensitivity` of that copy
+    against ``model`` on ``score_tokens``.
+
+    Args:
+        model: the full-precision Hugging Face Llama-style causal LM (left unchanged), on the device to
+            measure on.
+        memory_budget: bytes or a size string, as for :func:`lift_ao.plan`.
+        tokens: LongTensor (sequences, length) of calibration token ids for the copy's calibration.
+        score_tokens: LongTensor (sequences, length) to measure on: text no later stage trains on (the
+            studies used 32 sequences of 512 after the calibration text), never the evaluation text.
+        alpha, seed, device: the copy's :func:`lift_ao.calibrate` settings (seed also of the plan).
+        checkpoint_dir: the copy's calibration resumes from here, and the scores are kept here
+            (``sensitivity_scores.json``): a restarted run with the same lattice and score tokens reads
+            them instead of measuring again, so its plan is the one the interrupted run made.
+        overwrite, progress: as for :func:`lift_ao.calibrate`.
+    Returns:
+        {linear FQN: score}, as :func:`measure_sensitivity` returns.
+    Raises:
+        BudgetError: no single lattice fits ``memory_budget``.
+        CheckpointError: ``checkpoint_dir`` holds another calibration (and not ``overwrite``).
+    """
+    (lattice,) = set(plan(model, memory_budget, allocation="uniform", seed=seed).lattices().values())
+    identity = dict(lattice=lattice, seed=seed, score_tokens_sha256=_sha256(score_tokens.long()))
+    stored = None if checkpoint_dir is None else Path(checkpoint_dir) / SCORES_FILE
+    if stored is not None and stored.is_file():
+        found = json.loads(stored.read_text())
+        if found["identity"] == identity:
+            return found["scores"]
+    probe = calibrate(copy.deepcopy(model), liftquant(lattice=lattice, seed=seed), tokens, device=device,
+                      alpha=alpha, checkpoint_dir=checkpoint_dir,
+                      overwrite=overwrite, progress=progress)
+    scores = measure_sensitivity(probe, model, score_tokens, progress=progress)
+    if stored is not None:
+        _write_atomically(stored, lambda tmp: Path(tmp).write_text(json.dumps(dict(identity=identity, scores=scores))))
     return scores

@@ -2,6 +2,8 @@
 
 import json
 
+import torch
+
 from lift_ao import cli
 
 
@@ -26,3 +28,75 @@ def test_bench_rejects_a_non_positive_shape(capsys):
 def test_quantize_rejects_a_non_positive_beam_width(capsys):
     assert cli.main(["quantize", "--beam-width", "0", "--device", "cpu", "--skip-eval"]) == 2
     assert "beam_width must be a positive int" in capsys.readouterr().err
+
+
+def _budget() -> int:
+    """Bytes of the tiny Llama halfway between every linear at 16/8 and at 24/10: a mix of widths fits best
+    (measured: 8 layers at 32/16, 6 at 48/20)."""
+    import lift_ao
+    from tiny_models import tiny_llama
+
+    uniform = [lift_ao.plan(tiny_llama(), 10**12, allocation="uniform", lattices=[lift_ao.Lattice.load(name)]).model_bytes
+               for name in ("16/8", "24/10")]
+    return sum(uniform) // 2
+
+
+def test_quantize_plans_a_memory_budget(tmp_path, capsys):
+    """--memory-budget instead of --bits: a lattice per layer, planned from the calibration tokens'
+    activations, and the report lists them; the model fits the budget."""
+    from test_resume import run_cli
+
+    import lift_ao
+
+    assert run_cli(tmp_path / "out", "--json", "--memory-budget", str(_budget()), lattice=None) == 0
+    report = json.loads(capsys.readouterr().out)
+    model = lift_ao.load_quantized(tmp_path / "out")
+    lattices = [m.weight.lattice.name for m in model.modules() if isinstance(getattr(m, "weight", None), lift_ao.LiftQuantTensor)]
+    assert report["memory_budget"] == str(_budget()) and report["lattice"] is None
+    assert report["lattices"] == {name: lattices.count(name) for name in set(lattices)} and len(report["lattices"]) > 1
+    assert report["bytes_after"] <= _budget() and lift_ao.footprint(model) <= _budget()
+
+
+def test_quantize_measures_sensitivity_for_a_budget(tmp_path, monkeypatch, capsys):
+    """--measure-sensitivity: lift_ao.calibrated_sensitivity on the calibration text after what the block
+    and end-to-end stages read (16384 tokens), resumable under DIR/lift_ao.partial/sensitivity; calibrate
+    then plans from those scores."""
+    from test_resume import run_cli
+    from tiny_models import token_batch
+
+    import lift_ao
+    import lift_ao.calibration
+
+    text = token_batch(seed=5, batch=600, length=32)
+    prefix = lambda tokenizer, count: text[:count // 32]  # noqa: E731
+    seen, planned = {}, []
+    measure = lift_ao.calibrated_sensitivity
+    def calibrated_sensitivity(model, budget, tokens, score_tokens, **options):
+        seen.update(budget=budget, tokens=tokens, score_tokens=score_tokens, **options)
+        seen["scores"] = measure(model, budget, tokens, score_tokens, **options)
+        return seen["scores"]
+
+    monkeypatch.setattr(lift_ao, "calibrated_sensitivity", calibrated_sensitivity)
+    calibrate = lift_ao.calibration.calibrate
+    monkeypatch.setattr(lift_ao.calibration, "calibrate", lambda model, config, *a, **k: planned.append(config.scores) or
+                        calibrate(model, config, *a, **k))
+    assert run_cli(tmp_path / "out", "--json", "--memory-budget", str(_budget()), "--calibrate", "--calibration-tokens",
+                   "128", "--e2e-tokens", "1024", "--measure-sensitivity", "--e2e-steps", "1", lattice=None,
+                   calibration_tokens=prefix) == 0
+    report = json.loads(capsys.readouterr().out)
+    # The block stage read 4 sequences of 32, the end-to-end stage 32: the scores come from the next 512.
+    assert torch.equal(seen["tokens"], text[:4]) and torch.equal(seen["score_tokens"], text[32:544])
+    assert seen["checkpoint_dir"] == tmp_path / "out" / "lift_ao.partial" / "sensitivity"
+    assert report["sensitivity_tokens"] == 512 * 32 and seen["budget"] == str(_budget())
+    assert planned == [seen["scores"]]  # the one calibration of the model plans from the measured scores
+    assert not (tmp_path / "out" / "lift_ao.partial").exists()  # removed with the rest once the model is saved
+
+
+def test_quantize_refuses_conflicting_budget_options(tmp_path, capsys):
+    from test_resume import run_cli
+
+    assert run_cli(tmp_path / "a", "--memory-budget", "1MB") == 2  # run_cli also passes --lattice
+    assert run_cli(tmp_path / "b", "--memory-budget", "1MB", "--bits", "2.4", lattice=None) == 2
+    assert run_cli(tmp_path / "c", "--memory-budget", "1MB", "--measure-sensitivity", lattice=None) == 2
+    assert run_cli(tmp_path / "d", "--calibrate", "--measure-sensitivity") == 2
+    assert "--memory-budget" in capsys.readouterr().err

@@ -33,11 +33,12 @@ class _Tokenizer:
         pass
 
 
-def run_cli(out, *extra, calibration_tokens=None) -> int:
-    """``lift-ao quantize --out OUT`` on the tiny Llama (``--calibrate``: on random calibration tokens,
-    by default 4 sequences of 32 whatever the count asked; ``calibration_tokens(tokenizer, count)``
-    replaces that)."""
-    args = ["quantize", "--skip-eval", "--lattice", LATTICE, "--device", "cpu", "--out", str(out), *extra]
+def run_cli(out, *extra, calibration_tokens=None, lattice=LATTICE) -> int:
+    """``lift-ao quantize --out OUT --lattice LATTICE`` (None: no --lattice) on the tiny Llama
+    (``--calibrate``: on random calibration tokens, by default 4 sequences of 32 whatever the count asked;
+    ``calibration_tokens(tokenizer, count)`` replaces that)."""
+    args = ["quantize", "--skip-eval", *(["--lattice", lattice] if lattice else []), "--device", "cpu",
+            "--out", str(out), *extra]
     calibration_tokens = calibration_tokens or (lambda tokenizer, count: token_batch(seed=5, batch=4, length=32))
     with mock.patch.object(cli, "_load_model", lambda spec, device: (tiny_llama(), _Tokenizer())), \
             mock.patch.object(calibration, "builtin_calibration_tokens", calibration_tokens):

@@ -91,3 +91,32 @@ def test_bad_inputs_are_refused(measured):
         lift_ao.measure_sensitivity(model, same, tokens)
     with pytest.raises(ValueError, match="scores= only apply with memory_budget"):
         lift_ao.liftquant(bits=2.4, scores={})
+
+
+def test_calibrated_sensitivity_measures_a_copy_calibrated_at_the_budgets_uniform_lattice(measured, tmp_path,
+                                                                                        monkeypatch):
+    """The scores are measure_sensitivity's of a copy calibrated at the lattice a uniform plan of the budget
+    gives every layer; the model is left as it was; a restart with the checkpoint directory reads the
+    kept scores (same lattice and score tokens) instead of measuring, and other score tokens are measured."""
+    import lift_ao.sensitivity as sensitivity
+
+    reference, _, tokens, _ = measured
+    before = copy.deepcopy(reference.state_dict())
+    calibration = token_batch(2, batch=8, length=16)
+    budget = lift_ao.plan(reference, 10**12, allocation="uniform", lattices=[Lattice.load(LATTICE)]).model_bytes
+    (lattice,) = set(lift_ao.plan(reference, budget, allocation="uniform").lattices().values())
+    probe = lift_ao.calibrate(copy.deepcopy(reference), lift_ao.liftquant(lattice=lattice), calibration, progress=False)
+    expected = lift_ao.measure_sensitivity(probe, reference, tokens, progress=False)
+
+    got = lift_ao.calibrated_sensitivity(reference, budget, calibration, tokens, checkpoint_dir=tmp_path, progress=False)
+    assert got == pytest.approx(expected, rel=1e-6)
+    assert all(torch.equal(value, before[key]) for key, value in reference.state_dict().items())
+    monkeypatch.setattr(sensitivity, "calibrate", lambda *a, **k: pytest.fail("calibrated again"))
+    monkeypatch.setattr(sensitivity, "measure_sensitivity", lambda *a, **k: pytest.fail("measured again"))
+    assert lift_ao.calibrated_sensitivity(reference, budget, calibration, tokens, checkpoint_dir=tmp_path,
+                                          progress=False) == got
+    measured_again = []
+    monkeypatch.setattr(sensitivity, "calibrate", lambda model, *a, **k: model)
+    monkeypatch.setattr(sensitivity, "measure_sensitivity", lambda *a, **k: measured_again.append(a[2]) or {})
+    lift_ao.calibrated_sensitivity(reference, budget, calibration, tokens[:4], checkpoint_dir=tmp_path, progress=False)
+    assert len(measured_again) == 1 and torch.equal(measured_again[0], tokens[:4])
