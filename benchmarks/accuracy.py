@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import os
 import platform
 import re
@@ -51,7 +50,7 @@ import lift_ao
 from lift_ao.calibration import DEFAULT_ALPHA, builtin_calibration_tokens, calibrate
 from lift_ao.finetune import finetune_end_to_end
 from lift_ao.data import DEFAULT_MODEL_NOTE, builtin_text, load_default_model, tokenize_text
-from lift_ao.evaluate import PerplexityResult, paired_nll_difference, perplexity
+from lift_ao.evaluate import PerplexityResult, perplexity, perplexity_ratio
 from machine import cpu_name
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -226,8 +225,8 @@ def relative_change(row: dict, baseline: dict) -> str:
     Raises:
         ValueError: either lacks per-window NLLs (rows recorded before them), or other windows.
     """
-    mean, error = paired_nll_difference(PerplexityResult(**row["eval"]), PerplexityResult(**baseline["eval"]))
-    low, mid, high = (100 * (math.exp(mean + k * error) - 1) for k in (-2, 0, 2))
+    mid, low, high = (100 * (r - 1) for r in perplexity_ratio(PerplexityResult(**row["eval"]),
+                                                               PerplexityResult(**baseline["eval"])))
     return f"{mid:+.1f} % [{low:+.1f}, {high:+.1f}]"
 
 
@@ -293,7 +292,7 @@ def _markdown(doc: dict) -> str:
         "",
         "\"vs reference\": the perplexity ratio to the reference row from the same windows compared window by "
         "window, with its ~95 % interval (exp(mean ± 2 SE) of the per-window NLL differences; "
-        "lift_ao.evaluate.paired_nll_difference); blank for rows recorded without per-window NLLs.",
+        "lift_ao.evaluate.perplexity_ratio); blank for rows recorded without per-window NLLs.",
         "",
         "| method | bits/weight | model MB | perplexity | vs reference | quantize s | device | load avg | evaluated |",
         "|---|---:|---:|---:|---:|---:|---|---|---|",

@@ -83,6 +83,7 @@ def _add_eval_options(p: argparse.ArgumentParser) -> None:
 def _cmd_quantize(args) -> dict:
     import lift_ao
     from lift_ao.api import quantizable_linears, resolve_device
+    from lift_ao.evaluate import perplexity_ratio
 
     device = str(resolve_device(args.device or _default_device()))
     if args.memory_budget is not None and (args.bits is not None or args.lattice is not None):
@@ -108,8 +109,9 @@ def _cmd_quantize(args) -> dict:
     tokens = None
     if not args.skip_eval:
         tokens = _eval_tokens(args, tokenizer)
-        report["perplexity_before"] = _perplexity(args, model, tokens).to_dict()
-        _log(args, f"perplexity before: {report['perplexity_before']['perplexity']:.3f}")
+        before = _perplexity(args, model, tokens)
+        report["perplexity_before"] = before.to_dict()
+        _log(args, f"perplexity before: {before.perplexity:.3f}")
     t0 = time.perf_counter()
     # Finished layers are kept under --out as they are done, so a killed run resumes where it stopped.
     partial = args.out / PARTIAL_DIR if args.out else None
@@ -180,9 +182,14 @@ def _cmd_quantize(args) -> dict:
                f"{report['bits_per_weight']:.4f} bits/weight with scales and transforms "
                f"({report['code_bits_per_weight']:.4f} in codes); encoded in {report['quantize_seconds']:.0f} s")
     if tokens is not None:
-        report["perplexity_after"] = _perplexity(args, model, tokens).to_dict()
-        _log(args, f"perplexity after: {report['perplexity_after']['perplexity']:.3f} "
-                   f"(before {report['perplexity_before']['perplexity']:.3f})")
+        after = _perplexity(args, model, tokens)
+        report["perplexity_after"] = after.to_dict()
+        change = ""
+        if after.windows >= 2:  # the same windows before and after: compared window by window
+            report["perplexity_ratio"] = dict(zip(("ratio", "low", "high"), perplexity_ratio(after, before)))
+            change = "; {:+.1f} % [{:+.1f}, {:+.1f}], ~95 % interval over windows".format(
+                *(100 * (r - 1) for r in report["perplexity_ratio"].values()))
+        _log(args, f"perplexity after: {after.perplexity:.3f} (before {before.perplexity:.3f}{change})")
     if args.out:
         lift_ao.save_quantized(model, args.out)
         tokenizer.save_pretrained(args.out)

@@ -7,13 +7,14 @@ and one whose linear weights are tensor subclasses (``LiftQuantTensor``, torchao
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from typing import Optional
 
 import torch
 from tqdm.auto import tqdm
 
-__all__ = ["PerplexityResult", "paired_nll_difference", "perplexity"]
+__all__ = ["PerplexityResult", "paired_nll_difference", "perplexity", "perplexity_ratio"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,3 +200,14 @@ def paired_nll_difference(result: PerplexityResult, baseline: PerplexityResult) 
     difference = torch.tensor(result.window_nll, dtype=torch.float64) - torch.tensor(baseline.window_nll,
                                                                                        dtype=torch.float64)
     return difference.mean().item(), (difference.std() / difference.numel() ** 0.5).item()
+
+
+def perplexity_ratio(result: PerplexityResult, baseline: PerplexityResult) -> tuple[float, float, float]:
+    """(ratio, low, high): ``result``'s perplexity over ``baseline``'s from their paired window NLLs
+    (:func:`paired_nll_difference`), ``exp(mean)``, with its ~95 % interval ``exp(mean ∓ 2·SE)``.
+
+    Raises:
+        ValueError: as :func:`paired_nll_difference`.
+    """
+    mean, error = paired_nll_difference(result, baseline)
+    return math.exp(mean), math.exp(mean - 2 * error), math.exp(mean + 2 * error)

@@ -1,7 +1,8 @@
-"""``lift-ao bench``: one quantized linear timed against the dense one, JSON on stdout."""
+"""The command line: `lift-ao bench` (one quantized linear against the dense one), `lift-ao quantize`'s options and report."""
 
 import json
 
+import pytest
 import torch
 
 from lift_ao import cli
@@ -100,3 +101,29 @@ def test_quantize_refuses_conflicting_budget_options(tmp_path, capsys):
     assert run_cli(tmp_path / "c", "--memory-budget", "1MB", "--measure-sensitivity", lattice=None) == 2
     assert run_cli(tmp_path / "d", "--calibrate", "--measure-sensitivity") == 2
     assert "--memory-budget" in capsys.readouterr().err
+
+
+def test_quantize_reports_the_change_in_perplexity_window_by_window(tmp_path, capsys):
+    """Before and after are scored on the same windows, so the report pairs them: the ratio of their
+    perplexities with exp(mean ∓ 2 SE) of the per-window NLL differences."""
+    from unittest import mock
+
+    import numpy as np
+    from test_resume import _Tokenizer
+    from tiny_models import tiny_llama, token_batch
+
+    path = tmp_path / "text.npy"
+    np.save(path, token_batch(3, batch=1, length=32 * 6).flatten().numpy())
+    with mock.patch.object(cli, "_load_model", lambda spec, device: (tiny_llama(), _Tokenizer())):
+        assert cli.main(["quantize", "--lattice", "16/8", "--device", "cpu", "--json", "--text", str(path),
+                         "--context", "32", "--windows", "0"]) == 0
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
+    after, before = (np.array(report[key]["window_nll"]) for key in ("perplexity_after", "perplexity_before"))
+    differences = after - before
+    assert len(differences) == 6 and differences.mean() > 0  # 2 bits cost something on every model
+    se = differences.std(ddof=1) / np.sqrt(6)
+    ratio = report["perplexity_ratio"]
+    assert (ratio["ratio"], ratio["low"], ratio["high"]) == pytest.approx(
+        (np.exp(differences.mean()), np.exp(differences.mean() - 2 * se), np.exp(differences.mean() + 2 * se)))
+    assert f"{100 * (ratio['ratio'] - 1):+.1f} % [" in captured.err

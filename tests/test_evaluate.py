@@ -24,7 +24,7 @@ from lift_ao.data import (
     load_token_file,
     tokenize_text,
 )
-from lift_ao.evaluate import paired_nll_difference, perplexity
+from lift_ao.evaluate import paired_nll_difference, perplexity, perplexity_ratio
 
 
 def _stream(length: int, vocab: int, seed: int = 0) -> torch.Tensor:
@@ -102,6 +102,9 @@ def test_window_nlls_and_their_paired_difference(model):
     differences = np.array(other.window_nll) - np.array(result.window_nll)
     assert (mean, error) == pytest.approx((differences.mean(), differences.std(ddof=1) / math.sqrt(5)), rel=1e-9)
     assert math.exp(mean) == pytest.approx(other.perplexity / result.perplexity, rel=1e-9)
+    se = differences.std(ddof=1) / math.sqrt(5)
+    assert perplexity_ratio(other, result) == pytest.approx(
+        (math.exp(differences.mean()), math.exp(differences.mean() - 2 * se), math.exp(differences.mean() + 2 * se)))
     with pytest.raises(ValueError, match="same windows"):
         paired_nll_difference(other, perplexity(model, tokens, context_length=16, max_windows=4, progress=False))
     with pytest.raises(ValueError, match="at least 2 windows"):
