@@ -91,7 +91,9 @@ def _cmd_quantize(args) -> dict:
     if args.measure_sensitivity and not (args.calibrate and args.memory_budget is not None):
         raise ValueError("--measure-sensitivity plans a --memory-budget in calibrated mode: add --calibrate and "
                          "--memory-budget SIZE")
-    bits = None if args.lattice is not None or args.memory_budget is not None else 2.4 if args.bits is None else args.bits
+    bits = 2.4 if args.bits is None else args.bits  # the default unless a lattice or a budget replaces it
+    if args.lattice is not None or args.memory_budget is not None:
+        bits = None
     config = lift_ao.liftquant(bits=bits, lattice=args.lattice, memory_budget=args.memory_budget, seed=args.seed,
                                include_lm_head=args.lm_head, beam_width=args.beam_width)
     t0 = time.perf_counter()

@@ -97,7 +97,7 @@ def test_calibrated_sensitivity_measures_a_copy_calibrated_at_the_budgets_unifor
                                                                                         monkeypatch):
     """The scores are measure_sensitivity's of a copy calibrated at the lattice a uniform plan of the budget
     gives every layer; the model is left as it was; a restart with the checkpoint directory reads the
-    kept scores (same lattice and score tokens) instead of measuring, and other score tokens are measured."""
+    kept scores instead of measuring, and other tokens or settings are measured again."""
     import lift_ao.sensitivity as sensitivity
 
     reference, _, tokens, _ = measured
@@ -119,4 +119,8 @@ def test_calibrated_sensitivity_measures_a_copy_calibrated_at_the_budgets_unifor
     monkeypatch.setattr(sensitivity, "calibrate", lambda model, *a, **k: model)
     monkeypatch.setattr(sensitivity, "measure_sensitivity", lambda *a, **k: measured_again.append(a[2]) or {})
     lift_ao.calibrated_sensitivity(reference, budget, calibration, tokens[:4], checkpoint_dir=tmp_path, progress=False)
-    assert len(measured_again) == 1 and torch.equal(measured_again[0], tokens[:4])
+    lift_ao.calibrated_sensitivity(reference, budget, calibration[:4], tokens, checkpoint_dir=tmp_path, progress=False)
+    lift_ao.calibrated_sensitivity(reference, budget, calibration, tokens, alpha=0.5, checkpoint_dir=tmp_path,
+                                   progress=False)
+    # Other score tokens, calibration tokens or alpha: measured again, not read from the directory.
+    assert len(measured_again) == 3 and torch.equal(measured_again[0], tokens[:4])
