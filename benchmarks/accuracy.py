@@ -47,8 +47,9 @@ from pathlib import Path
 import torch
 
 import lift_ao
-from lift_ao.calibration import DEFAULT_ALPHA, builtin_calibration_tokens, calibrate
+from lift_ao.calibration import DEFAULT_ALPHA, builtin_calibration_tokens, builtin_calibration_tokens_after, calibrate
 from lift_ao.finetune import finetune_end_to_end
+from lift_ao.sensitivity import SENSITIVITY_TOKENS, calibrated_sensitivity
 from lift_ao.data import DEFAULT_MODEL_NOTE, builtin_text, load_default_model, tokenize_text
 from lift_ao.evaluate import PerplexityResult, perplexity, perplexity_ratio
 from machine import cpu_name
@@ -152,17 +153,26 @@ def run_row(name: str, reference, tokenizer, eval_tokens, args) -> dict:
             calibration = builtin_calibration_tokens(tokenizer, args.plan_tokens)
             lift_ao.quantize(model, config, calibration=calibration, device=args.device)
         elif name.startswith("lift-cal-"):
-            config = lift_ao.liftquant(lattice=_lattice_of(name))
-            if "-plan-" in name:
-                uniform = lift_ao.plan(model, 10**12, allocation="uniform", lattices=[lift_ao.Lattice.load(_lattice_of(name))])
-                scores = None if args.plan_scores is None else json.loads(args.plan_scores.read_text())
-                config = lift_ao.liftquant(memory_budget=args.plan_budget or uniform.model_bytes, scores=scores)
-                if scores is not None:
-                    row["plan_scores"] = str(args.plan_scores)
             calibration = builtin_calibration_tokens(tokenizer, args.calibration_tokens)
             checkpoint = None if args.checkpoint_root is None else args.checkpoint_root / name
             # Its quantize time then covers only this run's part of the work, and the table says so.
             row["resumed"] = checkpoint is not None and checkpoint.is_dir() and any(checkpoint.iterdir())
+            config = lift_ao.liftquant(lattice=_lattice_of(name))
+            if "-plan-" in name:
+                uniform = lift_ao.plan(model, 10**12, allocation="uniform", lattices=[lift_ao.Lattice.load(_lattice_of(name))])
+                budget = args.plan_budget or uniform.model_bytes
+                scores = None
+                if args.plan_scores == "measured":  # on text after what the block and end-to-end stages read
+                    scores = calibrated_sensitivity(
+                        reference, budget, calibration, builtin_calibration_tokens_after(
+                            tokenizer, max(calibration.numel(), args.e2e_tokens or 0), SENSITIVITY_TOKENS),
+                        alpha=args.alpha, device=args.device,
+                        checkpoint_dir=None if checkpoint is None else checkpoint / "sensitivity")
+                elif args.plan_scores is not None:
+                    scores = json.loads(Path(args.plan_scores).read_text())
+                config = lift_ao.liftquant(memory_budget=budget, scores=scores)
+                if scores is not None:
+                    row["plan_scores"] = str(args.plan_scores)
             finetune = {}
             if name.startswith(("lift-cal-ft-", "lift-cal-ftc-", "lift-cal-fte-")):
                 finetune = dict(finetune_steps=args.finetune_steps, finetune_lr=args.finetune_lr,
@@ -350,9 +360,10 @@ def main(argv=None) -> None:
     parser.add_argument("--finetune-rotation", action="store_true",
                         help="fine-tuned rows also tune each group's rotation factors (calibrate(finetune_rotation=True))")
     parser.add_argument("--plan-tokens", type=int, default=4096, help="tokens to score layer sensitivity (plan row)")
-    parser.add_argument("--plan-scores", type=Path, default=None, help="lift-cal-*-plan-* rows: a JSON {layer FQN: "
-                        "score} (lift_ao.measure_sensitivity's) the plan weighs the layers by (default: its own score "
-                        "on the calibration tokens)")
+    parser.add_argument("--plan-scores", default=None, help="lift-cal-*-plan-* rows: a JSON {layer FQN: score} "
+                        "(lift_ao.measure_sensitivity's) the plan weighs the layers by, or 'measured': "
+                        "lift_ao.calibrated_sensitivity's, on the 16384 calibration tokens after those the stages read "
+                        "(default: the planner's own score on the calibration tokens)")
     parser.add_argument("--plan-budget", type=int, default=None,
                         help="memory budget in bytes of the lift-cal-*-plan-* rows (default: the data-free uniform "
                              "plan's bytes at the row's lattice; calibrated groups' own input signs come out of it)")

@@ -63,7 +63,7 @@ from lift_ao.search import nearest_codes
 from lift_ao.tensor import LiftQuantTensor, _shared_mapping, _shared_rotation, share_constants
 from lift_ao.transform import padded_in_features, rotate, unrotate
 
-__all__ = ["adam_steps", "builtin_calibration_tokens", "calibrate", "finetune_block", "hessian_encode_rows", "input_scales"]
+__all__ = ["adam_steps", "builtin_calibration_tokens", "builtin_calibration_tokens_after", "calibrate", "finetune_block", "hessian_encode_rows", "input_scales"]
 
 
 # Input-scale strength of calibrate. Block LDLQ already weights the error by H, so strong AWQ-style
@@ -148,6 +148,24 @@ def builtin_calibration_tokens(tokenizer, count: int, length: int = 512) -> torc
     tokens = tokenize_text(tokenizer, builtin_text("calibration"), max_tokens=count)
     length = min(length, tokens.numel())
     return tokens[: tokens.numel() // length * length].view(-1, length)
+
+
+def builtin_calibration_tokens_after(tokenizer, skip: int, count: int) -> torch.Tensor:
+    """The sequences of :func:`builtin_calibration_tokens` that start after its first ``skip`` tokens,
+    ``count`` tokens' worth: text that stages which read the first ``skip`` tokens never trained on
+    (e.g. for :func:`lift_ao.measure_sensitivity`).
+
+    Returns:
+        LongTensor (sequences, 512), at most ``count`` tokens.
+    Raises:
+        ValueError: the calibration text ends before any such sequence.
+    """
+    text = builtin_calibration_tokens(tokenizer, skip + count)
+    after = text[math.ceil(skip / text.shape[1]):]
+    if not after.numel():
+        raise ValueError(f"the built-in calibration text has no sequence after its first {skip} tokens; read fewer "
+                         "(e.g. lower the calibration or end-to-end tokens)")
+    return after
 
 
 def _decoder_blocks(model: torch.nn.Module) -> torch.nn.ModuleList:

@@ -15,7 +15,6 @@ import argparse
 import collections
 import copy
 import json
-import math
 import shutil
 import sys
 import time
@@ -27,8 +26,6 @@ __all__ = ["main"]
 
 BUILTIN = "builtin"
 PARTIAL_DIR = "lift_ao.partial"  # under --out: one shard per finished layer (lift_ao.quantize's resume_dir)
-# --measure-sensitivity's text: 32 sequences of 512, as in the studies (benchmarks/results/accuracy_w200_h100.md).
-SENSITIVITY_TOKENS = 16384
 
 
 def _log(args, message: str) -> None:
@@ -118,7 +115,9 @@ def _cmd_quantize(args) -> dict:
     # Finished layers are kept under --out as they are done, so a killed run resumes where it stopped.
     partial = args.out / PARTIAL_DIR if args.out else None
     if args.calibrate:
-        from lift_ao.calibration import DEFAULT_ALPHA, builtin_calibration_tokens, calibrate
+        from lift_ao.calibration import (DEFAULT_ALPHA, builtin_calibration_tokens, builtin_calibration_tokens_after,
+                                         calibrate)
+        from lift_ao.sensitivity import SENSITIVITY_TOKENS
 
         calibration = builtin_calibration_tokens(tokenizer, args.calibration_tokens)
         report["calibration_tokens"] = calibration.numel()
@@ -132,13 +131,9 @@ def _cmd_quantize(args) -> dict:
             raise ValueError(f"--e2e-held-out must be in (0, 1) and --e2e-tokens at least 1024 (two sequences of "
                              f"512), got {args.e2e_held_out} and {args.e2e_tokens}")
         if args.measure_sensitivity:
-            # Measured on text no other stage reads: the sequences after the block and end-to-end stages'.
-            read = max(calibration.numel(), args.e2e_tokens or 0)
-            text = builtin_calibration_tokens(tokenizer, read + SENSITIVITY_TOKENS)
-            score_tokens = text[math.ceil(read / text.shape[1]):]  # the sequences after the first `read` tokens
-            if not score_tokens.numel():
-                raise ValueError(f"--measure-sensitivity: the calibration text has no tokens after the {read} the other "
-                                 "stages read; lower --calibration-tokens or --e2e-tokens")
+            # Measured on text no other stage reads: after the block and end-to-end stages' tokens.
+            score_tokens = builtin_calibration_tokens_after(tokenizer, max(calibration.numel(), args.e2e_tokens or 0),
+                                                            SENSITIVITY_TOKENS)
             scores = lift_ao.calibrated_sensitivity(
                 model, args.memory_budget, calibration, score_tokens, alpha=alpha, seed=args.seed, device=device,
                 checkpoint_dir=None if partial is None else partial / "sensitivity", overwrite=args.overwrite)

@@ -41,6 +41,9 @@ __all__ = ["calibrated_sensitivity", "measure_sensitivity"]
 
 # Where calibrated_sensitivity keeps its scores in its checkpoint directory.
 SCORES_FILE = "sensitivity_scores.json"
+# Tokens to measure on by default (the command line's, accuracy.py's): 32 sequences of 512, as in the
+# studies (benchmarks/results/accuracy_w200_h100.md).
+SENSITIVITY_TOKENS = 16384
 
 # A group's gain below this fraction of the mean gain per group is raised to it: such gains are within
 # the measurement's noise (SmolLM2-135M, 8192 tokens: gains down to −0.0035 nats against a mean of

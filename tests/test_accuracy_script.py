@@ -5,9 +5,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import accuracy  # noqa: E402
+
+import lift_ao  # noqa: E402
 
 
 def _row(method: str, **extra) -> dict:
@@ -57,6 +60,33 @@ def test_plan_scores_reach_the_plan_rows_config(tmp_path, monkeypatch):
         accuracy.main(["--rows", "lift-cal-ft-plan-48/20", "--plan-scores", str(tmp_path / "scores.json"),
                        "--out", str(tmp_path / "acc")])
     assert configs[0].scores == scores and configs[0].memory_budget > 0
+
+
+def test_measured_plan_scores_come_from_calibrated_sensitivity(tmp_path, monkeypatch):
+    """--plan-scores measured: lift_ao.calibrated_sensitivity of the reference at the row's budget, on the
+    16384 calibration tokens after those the block and end-to-end stages read, resumable in the row's
+    checkpoint directory; the plan row calibrates with its scores."""
+    text = torch.arange(4000 * 512).remainder(1000).view(4000, 512)
+    monkeypatch.setattr(accuracy, "builtin_calibration_tokens", lambda tokenizer, count: text[:count // 512])
+    import lift_ao.calibration
+    monkeypatch.setattr(lift_ao.calibration, "builtin_calibration_tokens", lambda tokenizer, count: text[:count // 512])
+    calls, configs = [], []
+    monkeypatch.setattr(accuracy, "calibrated_sensitivity", lambda *a, **k: calls.append((a, k)) or {"model.layers.0.mlp.up_proj": 3.0})
+
+    def calibrate(model, config, *args, **kwargs):
+        configs.append(config)
+        raise KeyboardInterrupt  # stop before any work
+
+    monkeypatch.setattr(accuracy, "calibrate", calibrate)
+    with pytest.raises(KeyboardInterrupt):
+        accuracy.main(["--rows", "lift-cal-fte-plan-48/20", "--plan-scores", "measured", "--plan-budget", "147020000",
+                       "--calibration-tokens", "8192", "--e2e-tokens", "65536", "--checkpoint-root", str(tmp_path / "ck"),
+                       "--out", str(tmp_path / "acc")])
+    (reference, budget, tokens, score_tokens), options = calls[0]
+    assert budget == 147020000 and torch.equal(tokens, text[:16]) and torch.equal(score_tokens, text[128:160])
+    assert options["checkpoint_dir"] == tmp_path / "ck" / "lift-cal-fte-plan-48/20" / "sensitivity"
+    assert not isinstance(reference.model.layers[0].mlp.up_proj.weight, lift_ao.LiftQuantTensor)  # full precision
+    assert configs[0].scores == {"model.layers.0.mlp.up_proj": 3.0} and configs[0].memory_budget == 147020000
 
 
 def test_rows_are_compared_to_the_reference_window_by_window(tmp_path):

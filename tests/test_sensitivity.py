@@ -124,3 +124,17 @@ def test_calibrated_sensitivity_measures_a_copy_calibrated_at_the_budgets_unifor
                                    progress=False)
     # Other score tokens, calibration tokens or alpha: measured again, not read from the directory.
     assert len(measured_again) == 3 and torch.equal(measured_again[0], tokens[:4])
+
+
+def test_calibration_tokens_after_a_prefix(monkeypatch):
+    """builtin_calibration_tokens_after: the sequences that start after the first `skip` tokens (a partly
+    read sequence is skipped whole), `count` tokens' worth at most; refused when the text has none left."""
+    import lift_ao.calibration as calibration
+
+    text = torch.arange(40 * 8).view(40, 8)  # 40 sequences of 8 tokens
+    monkeypatch.setattr(calibration, "builtin_calibration_tokens", lambda tokenizer, count: text[:count // 8])
+    assert torch.equal(calibration.builtin_calibration_tokens_after(None, 64, 32), text[8:12])
+    assert torch.equal(calibration.builtin_calibration_tokens_after(None, 60, 32), text[8:11])  # 60 tokens: 7.5 sequences
+    assert torch.equal(calibration.builtin_calibration_tokens_after(None, 300, 64), text[38:40])  # the text ends
+    with pytest.raises(ValueError, match="no sequence after its first 320 tokens"):
+        calibration.builtin_calibration_tokens_after(None, 320, 64)
