@@ -72,6 +72,7 @@ def test_quantize_measures_sensitivity_for_a_budget(tmp_path, monkeypatch, capsy
     prefix = lambda tokenizer, count: text[:count // 32]  # noqa: E731
     seen, planned = {}, []
     measure = lift_ao.calibrated_sensitivity
+
     def calibrated_sensitivity(model, budget, tokens, score_tokens, **options):
         seen.update(budget=budget, tokens=tokens, score_tokens=score_tokens, **options)
         seen["scores"] = measure(model, budget, tokens, score_tokens, **options)
