@@ -93,14 +93,14 @@ def _load_progress(directory, identity: dict, factors: list, overwrite: bool):
     if found is None:
         return None
     info, tensors = found
-    if info["identity"] != identity:
+    if info["identity"] != identity or "checks" not in info:  # no "checks": written before the learning curve
         if overwrite:
             (Path(directory) / f"{PROGRESS_SHARD}{SHARD_SUFFIX}").unlink()
             return None
         differs = sorted(k for k in identity.keys() | info["identity"].keys() if identity.get(k) != info["identity"].get(k))
         raise CheckpointError(f"{directory} holds end-to-end fine-tuning progress of another run (differs in: "
-                              f"{', '.join(differs)}); use another directory, or overwrite it (overwrite=True; "
-                              "lift-ao quantize --overwrite)")
+                              f"{', '.join(differs) or 'format: an older lift_ao'}); use another directory, or "
+                              "overwrite it (overwrite=True; lift-ao quantize --overwrite)")
     device = factors[0].device
     with torch.no_grad():
         for i, factor in enumerate(factors):

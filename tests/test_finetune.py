@@ -297,6 +297,24 @@ def test_a_finished_run_is_not_redone_and_another_run_is_refused(runs, uninterru
         lift_ao.finetune_end_to_end(copy.deepcopy(whole), model, tokens, checkpoint_dir=directory, **RESUME)
 
 
+def test_progress_written_before_the_learning_curve_is_refused_or_overwritten(runs, uninterrupted, tmp_path):
+    """A progress shard without "checks" (lift_ao before EndToEndResult) is refused with the fix named,
+    not a KeyError; overwrite=True starts afresh and ends as the uninterrupted run."""
+    import lift_ao.finetune as finetune
+    from lift_ao.io import save_shard
+
+    model, calibrated, _, _ = runs
+    _, losses, directory = uninterrupted
+    info, tensors = load_shard(directory, finetune.PROGRESS_SHARD)
+    old = {key: value for key, value in info.items() if key != "checks"} | {"before": losses.before}
+    save_shard(tmp_path, finetune.PROGRESS_SHARD, tensors, old)
+    tokens = token_batch(0, batch=16, length=32)
+    with pytest.raises(CheckpointError, match="format: an older lift_ao.*overwrite"):
+        lift_ao.finetune_end_to_end(copy.deepcopy(calibrated), model, tokens, checkpoint_dir=tmp_path, **RESUME)
+    assert lift_ao.finetune_end_to_end(copy.deepcopy(calibrated), model, tokens, checkpoint_dir=tmp_path,
+                                       overwrite=True, **RESUME) == losses
+
+
 @pytest.mark.parametrize("alpha, expected", [(None, lift_ao.calibration.DEFAULT_ALPHA), ("0", 0.0), ("0.5", 0.5)])
 def test_command_line_passes_the_input_scale_strength(tmp_path, monkeypatch, capsys, alpha, expected):
     from test_resume import run_cli
