@@ -51,7 +51,7 @@ from lift_ao.calibration import DEFAULT_ALPHA, builtin_calibration_tokens, built
 from lift_ao.finetune import finetune_end_to_end
 from lift_ao.sensitivity import SENSITIVITY_TOKENS, calibrated_sensitivity
 from lift_ao.data import DEFAULT_MODEL_NOTE, builtin_text, load_default_model, tokenize_text
-from lift_ao.evaluate import PerplexityResult, perplexity, perplexity_ratio
+from lift_ao.evaluate import PerplexityResult, format_change, perplexity, perplexity_ratio
 from machine import cpu_name
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -235,9 +235,7 @@ def relative_change(row: dict, baseline: dict) -> str:
     Raises:
         ValueError: either lacks per-window NLLs (rows recorded before them), or other windows.
     """
-    mid, low, high = (100 * (r - 1) for r in perplexity_ratio(PerplexityResult(**row["eval"]),
-                                                               PerplexityResult(**baseline["eval"])))
-    return f"{mid:+.1f} % [{low:+.1f}, {high:+.1f}]"
+    return format_change(*perplexity_ratio(PerplexityResult(**row["eval"]), PerplexityResult(**baseline["eval"])))
 
 
 def _versus_reference(rows: dict, name: str) -> str:

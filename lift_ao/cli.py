@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import collections
 import copy
+import dataclasses
 import json
 import shutil
 import sys
@@ -80,7 +81,7 @@ def _add_eval_options(p: argparse.ArgumentParser) -> None:
 def _cmd_quantize(args) -> dict:
     import lift_ao
     from lift_ao.api import quantizable_linears, resolve_device
-    from lift_ao.evaluate import perplexity_ratio
+    from lift_ao.evaluate import format_change, perplexity_ratio
 
     device = str(resolve_device(args.device or _default_device()))
     if args.memory_budget is not None and (args.bits is not None or args.lattice is not None):
@@ -137,8 +138,7 @@ def _cmd_quantize(args) -> dict:
             scores = lift_ao.calibrated_sensitivity(
                 model, args.memory_budget, calibration, score_tokens, alpha=alpha, seed=args.seed, device=device,
                 checkpoint_dir=None if partial is None else partial / "sensitivity", overwrite=args.overwrite)
-            config = lift_ao.liftquant(memory_budget=args.memory_budget, scores=scores, seed=args.seed,
-                                       include_lm_head=args.lm_head, beam_width=args.beam_width)
+            config = dataclasses.replace(config, scores=scores)
             report["sensitivity_tokens"] = score_tokens.numel()
         # The teacher of end-to-end fine-tuning is the model before quantization (a second copy).
         teacher = copy.deepcopy(model) if args.e2e_steps else None
@@ -183,9 +183,9 @@ def _cmd_quantize(args) -> dict:
         report["perplexity_after"] = after.to_dict()
         change = ""
         if after.windows >= 2:  # the same windows before and after: compared window by window
-            report["perplexity_ratio"] = dict(zip(("ratio", "low", "high"), perplexity_ratio(after, before)))
-            change = "; {:+.1f} % [{:+.1f}, {:+.1f}], ~95 % interval over windows".format(
-                *(100 * (r - 1) for r in report["perplexity_ratio"].values()))
+            ratio = perplexity_ratio(after, before)
+            report["perplexity_ratio"] = dict(zip(("ratio", "low", "high"), ratio))
+            change = f"; {format_change(*ratio)}, ~95 % interval over windows"
         _log(args, f"perplexity after: {after.perplexity:.3f} (before {before.perplexity:.3f}{change})")
     if args.out:
         lift_ao.save_quantized(model, args.out)

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 from tqdm.auto import tqdm
 
-__all__ = ["PerplexityResult", "paired_nll_difference", "perplexity", "perplexity_ratio"]
+__all__ = ["PerplexityResult", "format_change", "paired_nll_difference", "perplexity", "perplexity_ratio"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,3 +211,8 @@ def perplexity_ratio(result: PerplexityResult, baseline: PerplexityResult) -> tu
     """
     mean, error = paired_nll_difference(result, baseline)
     return math.exp(mean), math.exp(mean - 2 * error), math.exp(mean + 2 * error)
+
+
+def format_change(ratio: float, low: float, high: float) -> str:
+    """``+21.9 % [+20.9, +22.9]``: a :func:`perplexity_ratio` as a change in percent with its interval."""
+    return "{:+.1f} % [{:+.1f}, {:+.1f}]".format(*(100 * (r - 1) for r in (ratio, low, high)))

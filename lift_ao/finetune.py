@@ -72,8 +72,8 @@ def _run_identity(quantized: dict, tokens: torch.Tensor, **settings) -> dict:
     return dict(settings, tokens_sha256=_sha256(tokens.long()), weights_sha256=digest.hexdigest())
 
 
-def _save_progress(directory, identity: dict, done: int, checks: list, best: float, factors: list,
-                   best_factors: Optional[list], optimizer: torch.optim.Optimizer) -> None:
+def _save_progress(directory, identity: dict, done: int, checks: list, factors: list, best_factors: Optional[list],
+                   optimizer: torch.optim.Optimizer) -> None:
     """Write the state after ``done`` steps as the :data:`PROGRESS_SHARD` shard."""
     state = optimizer.state_dict()
     tensors = {f"factor.{i}": f.detach() for i, f in enumerate(factors)}
@@ -81,13 +81,13 @@ def _save_progress(directory, identity: dict, done: int, checks: list, best: flo
     adam = {f"adam.{i}.{key}": value for i, entry in state["state"].items() for key, value in entry.items()}
     scalars = sorted(name for name, value in adam.items() if value.dim() == 0)  # Adam's step counts
     tensors.update({name: value.reshape(-1) if name in scalars else value for name, value in adam.items()})
-    save_shard(directory, PROGRESS_SHARD, tensors, dict(identity=identity, done=done, checks=checks, best=best,
+    save_shard(directory, PROGRESS_SHARD, tensors, dict(identity=identity, done=done, checks=checks,
                                                          kept=best_factors is not None, scalars=scalars,
                                                          param_groups=state["param_groups"]))
 
 
 def _load_progress(directory, identity: dict, factors: list, overwrite: bool):
-    """``(done, checks, best, best_factors, optimizer_state)`` saved by :func:`_save_progress` under the
+    """``(done, checks, best_factors, optimizer_state)`` saved by :func:`_save_progress` under the
     same identity, with ``factors`` set to the saved ones; None when there is nothing to resume."""
     found = load_shard(directory, PROGRESS_SHARD)
     if found is None:
@@ -112,7 +112,7 @@ def _load_progress(directory, identity: dict, factors: list, overwrite: bool):
             _, index, key = name.split(".", 2)
             state.setdefault(int(index), {})[key] = value.reshape(()) if name in info["scalars"] else value
     checks = [tuple(check) for check in info["checks"]]
-    return info["done"], checks, info["best"], best_factors, {"state": state, "param_groups": info["param_groups"]}
+    return info["done"], checks, best_factors, {"state": state, "param_groups": info["param_groups"]}
 
 
 def _distillation_loss(model, weights: dict, teacher, batch: torch.Tensor) -> torch.Tensor:
@@ -279,11 +279,10 @@ def finetune_end_to_end(
         resumed = None if checkpoint_dir is None or not steps else _load_progress(checkpoint_dir, identity, factors,
                                                                                   overwrite)
         if resumed is None:
-            done, optimizer_state, checks = 0, None, [(0, held_out_loss())]
-            best, best_factors = checks[0][1], None
+            done, checks, best_factors, optimizer_state = 0, [(0, held_out_loss())], None, None
         else:
-            done, checks, best, best_factors, optimizer_state = resumed
-        before = checks[0][1]
+            done, checks, best_factors, optimizer_state = resumed
+        before, best = checks[0][1], min(kl for _, kl in checks)  # best_factors are those of the lowest check
         if not steps:
             return EndToEndResult(before, before, tuple(checks))
         bar = tqdm(total=steps, initial=done, desc="end-to-end fine-tuning", unit="step", disable=not progress)
@@ -298,7 +297,7 @@ def finetune_end_to_end(
                 if current < best:
                     best, best_factors = current, [f.detach().clone() for f in factors]
                 if checkpoint_dir is not None:
-                    _save_progress(checkpoint_dir, identity, done, checks, best, factors, best_factors, optimizer)
+                    _save_progress(checkpoint_dir, identity, done, checks, factors, best_factors, optimizer)
             bar.set_postfix(kl=f"{loss.item():.4f}", held_out=f"{best:.4f}")
 
         adam_steps(factors, lr, steps,
