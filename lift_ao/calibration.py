@@ -314,21 +314,23 @@ def _code_signs(weight: LiftQuantTensor) -> torch.Tensor:
     return codes.to(torch.float32) * 2 - 1
 
 
-def _code_blocks(weight: LiftQuantTensor, signs: torch.Tensor) -> torch.Tensor:
+def _code_blocks(weight: LiftQuantTensor, signs: torch.Tensor, mapping: Optional[torch.Tensor] = None) -> torch.Tensor:
     """(N, Kp) float32 rotated-domain unit weight blocks(M q) for codes ``signs``, :func:`_code_signs`'s
-    (N, blocks, D) ±1 tensor (differentiable: linear in it)."""
-    return (signs @ weight.mapping.T).flatten(1)
+    (N, blocks, D) ±1 tensor, and lattice matrix ``mapping`` (d, D) (None: the weight's); bilinear in
+    the two, so differentiable in both."""
+    return (signs @ (weight.mapping if mapping is None else mapping).T).flatten(1)
 
 
-def _unit_weight(weight: LiftQuantTensor, signs: torch.Tensor) -> torch.Tensor:
+def _unit_weight(weight: LiftQuantTensor, signs: torch.Tensor, mapping: Optional[torch.Tensor] = None) -> torch.Tensor:
     """(N, K) float32 C with ``weight.dequantize() == r[:, None] * C * input_signs[:K]`` for codes ``signs``
-    (:func:`_code_blocks` unrotated; differentiable in ``signs``).
+    (:func:`_code_blocks` unrotated, with ``mapping`` if given; differentiable in ``signs`` and ``mapping``).
 
     ``unrotate`` is exact for any rotation factors, orthogonal or not: the forward applies
     ``(L ⊗ R)ᵀ`` to x, so the weight it computes is C = blocks · (L ⊗ R)ᵀ, which is ``unrotate`` row
     by row. Fine-tuned factors (:func:`finetune_block`) rely on it.
     """
-    return unrotate(_code_blocks(weight, signs), None, weight.rotation_left, weight.rotation_right, weight.shape[1])
+    return unrotate(_code_blocks(weight, signs, mapping), None, weight.rotation_left, weight.rotation_right,
+                    weight.shape[1])
 
 
 def _tuned_scales(weight: LiftQuantTensor, log_r: torch.Tensor, log_s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -359,14 +361,15 @@ def _scaled_signs(input_signs: torch.Tensor, log_s: torch.Tensor) -> torch.Tenso
 
 
 def _tuned_weight(weight: LiftQuantTensor, log_r: torch.Tensor, input_signs: torch.Tensor,
-                  packed_codes: Optional[torch.Tensor] = None, rotation: Optional[tuple] = None) -> torch.nn.Parameter:
+                  packed_codes: Optional[torch.Tensor] = None, rotation: Optional[tuple] = None,
+                  mapping: Optional[torch.Tensor] = None) -> torch.nn.Parameter:
     """``weight`` after fine-tuning, as a frozen Parameter: row scales r·exp(log_r), the given
-    (:func:`_scaled_signs`) input signs and, if given, new packed codes and (left, right) rotation
-    factors; the format is unchanged."""
+    (:func:`_scaled_signs`) input signs and, if given, new packed codes, (left, right) rotation
+    factors and lattice matrix; the format is unchanged."""
     left, right = (weight.rotation_left, weight.rotation_right) if rotation is None else rotation
     tuned = LiftQuantTensor(weight.packed_codes if packed_codes is None else packed_codes,
-                            weight.row_scale * log_r.exp(), weight.mapping, input_signs, left, right,
-                            weight.shape, weight.dtype)
+                            weight.row_scale * log_r.exp(), weight.mapping if mapping is None else mapping.detach(),
+                            input_signs, left, right, weight.shape, weight.dtype)
     return torch.nn.Parameter(tuned, requires_grad=False)
 
 

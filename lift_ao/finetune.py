@@ -5,9 +5,11 @@ sum of every block's: ``finetune_end_to_end(model, teacher, tokens)`` trains, fo
 once, log-factors of every LiftQuant weight's row scales and of each shared input transform's input
 scales (``input_signs``, which carry the activation-aware 1/s) so that the quantized model's next-token
 distribution matches the teacher's (KL divergence on calibration tokens, as QuIP#'s and AQLM's
-end-to-end fine-tuning do for their continuous parameters). The codes, M and the rotation stay; the
+end-to-end fine-tuning do for their continuous parameters). The codes and the rotation stay; the
 learned factors are folded into ``row_scale`` and ``input_signs``, so the format, the kernels and the
-footprint are unchanged.
+footprint are unchanged. With ``tune_mapping=True`` the lattice matrix M of each group of weights that
+read one activation is tuned too (AQLM's end-to-end stage tunes its codebooks likewise) and stored per
+group: same format and kernels, d·D more floats per group.
 
 Resume: with ``checkpoint_dir``, the factors, Adam's state and the best held-out factors so far are
 written there (one checksummed shard) at every held-out check; a restarted run with the same settings,
@@ -33,6 +35,7 @@ from lift_ao.calibration import (_code_signs, _decoder_blocks, _scaled_signs, _s
                                  adam_steps)
 from lift_ao.io import SHARD_SUFFIX, CheckpointError, _sha256, load_shard, save_shard
 from lift_ao.tensor import LiftQuantTensor, share_constants
+from lift_ao.transform import unrotate
 
 __all__ = ["EndToEndResult", "finetune_end_to_end", "held_out_rows"]
 
@@ -152,29 +155,46 @@ def _compiled_blocks(*models: torch.nn.Module):
             block._compiled_call_impl = previous
 
 
-def _dense_weights_by_shape(quantized: dict, log_r: dict, log_s: dict):
+# Tuned lattice matrices are M + _MAPPING_STEP · Δ with Δ at the scales' learning rate: M's entries are
+# ~1/√D (0.1–0.2), so Adam's ~lr steps on them directly would be large (as calibration._ROTATION_STEP).
+_MAPPING_STEP = 0.1
+
+
+def _dense_weights_by_shape(quantized: dict, log_r: dict, log_s: dict, mapping_delta: dict):
     """A function of no arguments returning {name: (N, K) dense weight diag(r·exp(log_r)) C diag(σ·exp(log_s))}
     for every LiftQuantTensor in ``quantized`` (calibration._dense_weight's values, differentiable in the
-    (N,) ``log_r[name]`` and the (≥ K,) ``log_s[name]``), computed per group of weights of one shape and
-    dtype as one (L, N, K) product: a few kernels per group instead of per weight (a 30-block model's
-    210 weights come in 5 shapes), and nothing to compile: compiled as one graph, the 210 products
-    took ~90 s to compile on an H100 (benchmarks/results/e2e_speed_h100.md)."""
-    by_shape = {}
+    (N,) ``log_r[name]`` and the (≥ K,) ``log_s[name]``), computed per group of weights of one shape,
+    dtype, lattice size and rotation as one (L, N, K) product: a few kernels per group instead of per
+    weight (a 30-block model's 210 weights come in 5 groups), and nothing to compile: compiled as one
+    graph, the 210 products took ~90 s to compile on an H100 (benchmarks/results/e2e_speed_h100.md).
+
+    C is fixed, except with ``mapping_delta`` ({name: (d, D) Δ} for every weight): then C is rebuilt
+    from the codes at each call with lattice matrices M + _MAPPING_STEP·Δ (differentiable in Δ)."""
+    by_kind = {}
     for name, w in quantized.items():
-        by_shape.setdefault((tuple(w.shape), w.dtype), []).append(name)
-    stacks = []  # (names, C (L, N, K), r (L, N), σ (L, K), their log_r, their log_s cropped to K, dtype)
-    for (shape, dtype), names in by_shape.items():
+        key = (tuple(w.shape), w.dtype, tuple(w.mapping.shape), id(w.rotation_left), id(w.rotation_right))
+        by_kind.setdefault(key, []).append(name)
+    stacks = []  # (names, C (L, N, K) or codes (L, N, blocks, D), r (L, N), σ (L, K), log_r, log_s cropped to K)
+    for names in by_kind.values():
         group = [quantized[name] for name in names]
-        stacks.append((names, torch.stack([_unit_weight(w, _code_signs(w)) for w in group]),
-                       torch.stack([w.row_scale for w in group]), torch.stack([w.input_signs[: shape[1]] for w in group]),
-                       [log_r[name] for name in names], [log_s[name][: shape[1]] for name in names], dtype))
+        k = group[0].shape[1]
+        codes = torch.stack([_code_signs(w) for w in group])
+        fixed = codes if mapping_delta else torch.stack([_unit_weight(w, c) for w, c in zip(group, codes)])
+        stacks.append((names, fixed, torch.stack([w.row_scale for w in group]), torch.stack([w.input_signs[:k] for w in group]),
+                       [log_r[name] for name in names], [log_s[name][:k] for name in names]))
 
     def weights() -> dict:
         dense = {}
-        for names, unit, row_scale, sigma, log_r_rows, log_s_rows, dtype in stacks:
+        for names, fixed, row_scale, sigma, log_r_rows, log_s_rows in stacks:
+            first = quantized[names[0]]
+            unit = fixed
+            if mapping_delta:  # (L, N, blocks, D) @ (L, 1, D, d), unrotated: calibration._unit_weight per weight
+                mapping = torch.stack([quantized[n].mapping + _MAPPING_STEP * mapping_delta[n] for n in names])
+                unit = unrotate((fixed @ mapping.transpose(1, 2)[:, None]).flatten(2), None, first.rotation_left,
+                                first.rotation_right, first.shape[1])
             r = row_scale * torch.stack(log_r_rows).exp()
             s = sigma * torch.stack(log_s_rows).exp()
-            dense.update(zip(names, _scaled_unit(unit, r, s, dtype).unbind()))
+            dense.update(zip(names, _scaled_unit(unit, r, s, first.dtype).unbind()))
         return dense
 
     return weights
@@ -182,10 +202,11 @@ def _dense_weights_by_shape(quantized: dict, log_r: dict, log_s: dict):
 
 def finetune_end_to_end(
     model: torch.nn.Module, teacher: torch.nn.Module, tokens: torch.Tensor, *, steps: int, lr: float = 3e-3,
-    batch_size: int = 4, held_out: float = 0.125, check_every: int = 16, checkpoint_dir=None, overwrite: bool = False,
-    progress: bool = True, compiled: Optional[bool] = None,
+    batch_size: int = 4, held_out: float = 0.125, check_every: int = 16, tune_mapping: bool = False,
+    checkpoint_dir=None, overwrite: bool = False, progress: bool = True, compiled: Optional[bool] = None,
 ) -> EndToEndResult:
-    """Tune the row and input scales of every LiftQuant weight of ``model`` end to end, in place.
+    """Tune the row and input scales (and, with ``tune_mapping``, the lattice matrices) of every
+    LiftQuant weight of ``model`` end to end, in place.
 
     Adam (cosine-decayed ``lr``) learns ``r ← r·exp(a)`` per row of each weight and ``σ ← σ·exp(b)``
     per input channel of each distinct ``input_signs`` tensor (siblings that share one keep sharing
@@ -211,6 +232,13 @@ def finetune_end_to_end(
         batch_size: sequences per step.
         held_out: fraction of the sequences (at least one) kept for model selection, in (0, 1).
         check_every: steps between held-out measurements (≥ 1).
+        tune_mapping: also tune the lattice matrix M of each group of weights that share an input
+            transform (q/k/v, gate/up: they keep sharing it, so the lift stays one per activation), as
+            AQLM's end-to-end stage tunes its codebooks. Each group then stores its own d×D M (fp32):
+            on SmolLM2-135M +0.027 bits/weight at 2.4 bits (perplexity −1.1 % [−1.2, −0.9]) and +0.062
+            at 3.0 bits (−0.8 % [−0.9, −0.6]); spent on rate instead, those bits would buy ~−0.5 % and
+            ~−1.2 %. On an 8B model the same matrices cost < 0.001 bits/weight
+            (benchmarks/results/accuracy_w200_mapping_h100.md).
         checkpoint_dir: where the run's progress is written at each held-out check and resumed from
             (a directory; e.g. the one :func:`lift_ao.calibrate` resumes from). A finished run's
             progress stays there: calling again returns its result without steps.
@@ -257,8 +285,12 @@ def finetune_end_to_end(
     # One factor vector per distinct input transform: siblings (q/k/v, gate/up) share input_signs.
     signs_of = {id(w.input_signs): w.input_signs for w in quantized.values()}
     groups = {key: torch.zeros(signs.shape[0], device=device, requires_grad=True) for key, signs in signs_of.items()}
-    weights = _dense_weights_by_shape(quantized, log_r, {name: groups[id(w.input_signs)] for name, w in quantized.items()})
-    factors = [*log_r.values(), *groups.values()]
+    # One Δ per group's lattice matrix: a group's weights share input_signs, and with them one lattice.
+    leaders = {id(w.input_signs): w for w in quantized.values()}
+    deltas = {key: torch.zeros_like(w.mapping, requires_grad=True) for key, w in leaders.items()} if tune_mapping else {}
+    weights = _dense_weights_by_shape(quantized, log_r, {name: groups[id(w.input_signs)] for name, w in quantized.items()},
+                                      {name: deltas[id(w.input_signs)] for name, w in quantized.items() if deltas})
+    factors = [*log_r.values(), *groups.values(), *deltas.values()]
 
     @torch.no_grad()
     def held_out_loss() -> float:
@@ -269,7 +301,7 @@ def finetune_end_to_end(
     if checkpoint_dir is not None:
         Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
         identity = _run_identity(quantized, tokens, steps=steps, lr=lr, batch_size=batch_size, held_out=held_out,
-                                 check_every=check_every)
+                                 check_every=check_every, **({"tune_mapping": True} if tune_mapping else {}))
     was_training = model.training
     model.eval()
     blocks_compiled = contextlib.ExitStack()
@@ -310,9 +342,10 @@ def finetune_end_to_end(
             for factor, kept in zip(factors, best_factors):
                 factor.copy_(kept)
             folded = {key: _scaled_signs(signs_of[key], log_s) for key, log_s in groups.items()}
+            mappings = {key: leaders[key].mapping + _MAPPING_STEP * delta for key, delta in deltas.items()}
             for name, w in quantized.items():
                 model.get_submodule(name.removesuffix(".weight")).weight = _tuned_weight(
-                    w, log_r[name], folded[id(w.input_signs)])
+                    w, log_r[name], folded[id(w.input_signs)], mapping=mappings.get(id(w.input_signs)))
             share_constants(model)  # wrapping in a Parameter copied the shared tensors apart
     finally:
         blocks_compiled.close()
