@@ -314,23 +314,21 @@ def _code_signs(weight: LiftQuantTensor) -> torch.Tensor:
     return codes.to(torch.float32) * 2 - 1
 
 
-def _code_blocks(weight: LiftQuantTensor, signs: torch.Tensor, mapping: Optional[torch.Tensor] = None) -> torch.Tensor:
+def _code_blocks(weight: LiftQuantTensor, signs: torch.Tensor) -> torch.Tensor:
     """(N, Kp) float32 rotated-domain unit weight blocks(M q) for codes ``signs``, :func:`_code_signs`'s
-    (N, blocks, D) ±1 tensor, and lattice matrix ``mapping`` (d, D) (None: the weight's); bilinear in
-    the two, so differentiable in both."""
-    return (signs @ (weight.mapping if mapping is None else mapping).T).flatten(1)
+    (N, blocks, D) ±1 tensor (differentiable: linear in it)."""
+    return (signs @ weight.mapping.T).flatten(1)
 
 
-def _unit_weight(weight: LiftQuantTensor, signs: torch.Tensor, mapping: Optional[torch.Tensor] = None) -> torch.Tensor:
+def _unit_weight(weight: LiftQuantTensor, signs: torch.Tensor) -> torch.Tensor:
     """(N, K) float32 C with ``weight.dequantize() == r[:, None] * C * input_signs[:K]`` for codes ``signs``
-    (:func:`_code_blocks` unrotated, with ``mapping`` if given; differentiable in ``signs`` and ``mapping``).
+    (:func:`_code_blocks` unrotated; differentiable in ``signs``).
 
     ``unrotate`` is exact for any rotation factors, orthogonal or not: the forward applies
     ``(L ⊗ R)ᵀ`` to x, so the weight it computes is C = blocks · (L ⊗ R)ᵀ, which is ``unrotate`` row
     by row. Fine-tuned factors (:func:`finetune_block`) rely on it.
     """
-    return unrotate(_code_blocks(weight, signs, mapping), None, weight.rotation_left, weight.rotation_right,
-                    weight.shape[1])
+    return unrotate(_code_blocks(weight, signs), None, weight.rotation_left, weight.rotation_right, weight.shape[1])
 
 
 def _tuned_scales(weight: LiftQuantTensor, log_r: torch.Tensor, log_s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

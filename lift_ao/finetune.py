@@ -238,7 +238,9 @@ def finetune_end_to_end(
             on SmolLM2-135M +0.027 bits/weight at 2.4 bits (perplexity −1.1 % [−1.2, −0.9]) and +0.062
             at 3.0 bits (−0.8 % [−0.9, −0.6]); spent on rate instead, those bits would buy ~−0.5 % and
             ~−1.2 %. On an 8B model the same matrices cost < 0.001 bits/weight
-            (benchmarks/results/accuracy_w200_mapping_h100.md).
+            (benchmarks/results/accuracy_w200_mapping_h100.md). Memory: the codes are then held
+            unpacked, a float32 per code bit (~1 GB for SmolLM2-135M at 2.4 bits), and the recipe took
+            8–18 % longer on an H100.
         checkpoint_dir: where the run's progress is written at each held-out check and resumed from
             (a directory; e.g. the one :func:`lift_ao.calibrate` resumes from). A finished run's
             progress stays there: calling again returns its result without steps.
