@@ -287,11 +287,15 @@ def finetune_end_to_end(
     # One factor vector per distinct input transform: siblings (q/k/v, gate/up) share input_signs.
     signs_of = {id(w.input_signs): w.input_signs for w in quantized.values()}
     groups = {key: torch.zeros(signs.shape[0], device=device, requires_grad=True) for key, signs in signs_of.items()}
-    # One Δ per group's lattice matrix: a group's weights share input_signs, and with them one lattice.
-    leaders = {id(w.input_signs): w for w in quantized.values()}
+    # One Δ per input transform and lattice: siblings of one lattice keep one M. Not per transform alone:
+    # weights of different lattices may share input_signs (equal values, merged by share_constants).
+    def group_of(w: LiftQuantTensor) -> tuple:
+        return id(w.input_signs), id(w.mapping)
+
+    leaders = {group_of(w): w for w in quantized.values()}
     deltas = {key: torch.zeros_like(w.mapping, requires_grad=True) for key, w in leaders.items()} if tune_mapping else {}
     weights = _dense_weights_by_shape(quantized, log_r, {name: groups[id(w.input_signs)] for name, w in quantized.items()},
-                                      {name: deltas[id(w.input_signs)] for name, w in quantized.items() if deltas})
+                                      {name: deltas[group_of(w)] for name, w in quantized.items() if deltas})
     factors = [*log_r.values(), *groups.values(), *deltas.values()]
 
     @torch.no_grad()
@@ -347,7 +351,7 @@ def finetune_end_to_end(
             mappings = {key: leaders[key].mapping + _MAPPING_STEP * delta for key, delta in deltas.items()}
             for name, w in quantized.items():
                 model.get_submodule(name.removesuffix(".weight")).weight = _tuned_weight(
-                    w, log_r[name], folded[id(w.input_signs)], mapping=mappings.get(id(w.input_signs)))
+                    w, log_r[name], folded[id(w.input_signs)], mapping=mappings.get(group_of(w)))
             share_constants(model)  # wrapping in a Parameter copied the shared tensors apart
     finally:
         blocks_compiled.close()

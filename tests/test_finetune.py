@@ -135,6 +135,26 @@ def test_tuned_lattice_matrices_lower_the_kl_further_and_are_shared_by_siblings(
                                x @ mlp.down_proj.weight.dequantize().T, rtol=1e-4, atol=1e-5)
 
 
+def test_weights_of_two_lattices_on_one_transform_get_a_matrix_each(runs):
+    """Siblings of different lattices can share input_signs (data-free ones are equal for equal padded
+    sizes, and share_constants merges them): each lattice gets its own tuned M, shared by its own weights."""
+    model, _, _, _ = runs
+    mixed = lift_ao.quantize(copy.deepcopy(model), lift_ao.liftquant(lattice=LATTICE), progress=False)
+    other = lift_ao.quantize(copy.deepcopy(model), lift_ao.liftquant(lattice="24/8"), progress=False)
+    attention = mixed.model.layers[0].self_attn
+    attention.k_proj.weight = other.model.layers[0].self_attn.k_proj.weight
+    tokens = token_batch(0, batch=16, length=32)
+    result = lift_ao.finetune_end_to_end(mixed, model, tokens, steps=8, lr=1e-2, batch_size=BATCH, check_every=4,
+                                         tune_mapping=True, progress=False)
+    assert attention.q_proj.weight.input_signs is attention.k_proj.weight.input_signs  # one transform...
+    assert attention.q_proj.weight.mapping is attention.v_proj.weight.mapping  # ...and a matrix per lattice
+    assert attention.k_proj.weight.mapping.shape == (8, 24) and attention.q_proj.weight.mapping.shape == (8, 16)
+    start = lift_ao.Lattice.load("24/8").M
+    assert not torch.equal(attention.k_proj.weight.mapping, start.to(attention.k_proj.weight.mapping))
+    assert result.after < result.before
+    assert _kl(mixed, model, tokens[held_out_rows(16, 0.125)]) == pytest.approx(result.after, rel=1e-3)
+
+
 def test_tuned_lattice_matrices_survive_a_restart_and_a_save(runs, tmp_path, monkeypatch):
     """An interrupted tune_mapping run resumes to the uninterrupted one's matrices; its progress is
     refused by a run without tune_mapping; the tuned model saves and loads with its per-group M."""
