@@ -189,11 +189,11 @@ def run_row(name: str, reference, tokenizer, eval_tokens, args) -> dict:
                 e2e_tokens = (calibration if args.e2e_tokens in (None, args.calibration_tokens)
                               else builtin_calibration_tokens(tokenizer, args.e2e_tokens))
                 row["end_to_end"] = dict(steps=args.e2e_steps, lr=args.e2e_lr, tune_mapping=args.e2e_tune_mapping,
-                                         batch_size=args.finetune_batch, held_out=args.e2e_held_out,
+                                         tune_rotation=args.e2e_tune_rotation, batch_size=args.finetune_batch, held_out=args.e2e_held_out,
                                          tokens=e2e_tokens.numel(), compiled=args.e2e_compile)
                 tuned = finetune_end_to_end(
                     model, reference, e2e_tokens, steps=args.e2e_steps, lr=args.e2e_lr, tune_mapping=args.e2e_tune_mapping,
-                    batch_size=args.finetune_batch, held_out=args.e2e_held_out, checkpoint_dir=checkpoint,
+                    tune_rotation=args.e2e_tune_rotation, batch_size=args.finetune_batch, held_out=args.e2e_held_out, checkpoint_dir=checkpoint,
                     compiled=args.e2e_compile)
                 row["end_to_end"].update(held_out_kl_before_after=[tuned.before, tuned.after],
                                          held_out_kl_checks=tuned.checks)
@@ -292,6 +292,8 @@ def _markdown(doc: dict) -> str:
                                 if r['end_to_end'].get("tokens", r.get("calibration_tokens")) != r.get("calibration_tokens") else "")
                              + (", each group's lattice matrix M tuned too (--e2e-tune-mapping; stored per group)"
                                 if r['end_to_end'].get("tune_mapping") else "")
+                             + (", each input transform's rotation factors tuned too (--e2e-tune-rotation; stored per "
+                                "transform)" if r['end_to_end'].get("tune_rotation") else "")
                              for r in doc["rows"].values() if r.get("end_to_end")}))
            or "none measured yet") + ".",
         "",
@@ -382,6 +384,8 @@ def main(argv=None) -> None:
     parser.add_argument("--e2e-lr", type=float, default=3e-3, help="lift-cal-fte rows: end-to-end peak learning rate")
     parser.add_argument("--e2e-tune-mapping", action="store_true", help="lift-cal-fte rows: the end-to-end stage also "
                         "tunes each group's lattice matrix (finetune_end_to_end(tune_mapping=True))")
+    parser.add_argument("--e2e-tune-rotation", action="store_true", help="lift-cal-fte rows: the end-to-end stage also "
+                        "tunes each input transform's rotation factors (finetune_end_to_end(tune_rotation=True))")
     parser.add_argument("--e2e-tokens", type=int, default=None, help="lift-cal-fte rows: calibration tokens of the "
                         "end-to-end stage (default: --calibration-tokens; the first ones are the block stage's)")
     parser.add_argument("--e2e-compile", action=argparse.BooleanOptionalAction, default=None, help="lift-cal-fte "

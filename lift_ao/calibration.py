@@ -364,7 +364,7 @@ def _tuned_weight(weight: LiftQuantTensor, log_r: torch.Tensor, input_signs: tor
     """``weight`` after fine-tuning, as a frozen Parameter: row scales r·exp(log_r), the given
     (:func:`_scaled_signs`) input signs and, if given, new packed codes, (left, right) rotation
     factors and lattice matrix; the format is unchanged."""
-    left, right = (weight.rotation_left, weight.rotation_right) if rotation is None else rotation
+    left, right = (weight.rotation_left, weight.rotation_right) if rotation is None else (f.detach() for f in rotation)
     tuned = LiftQuantTensor(weight.packed_codes if packed_codes is None else packed_codes,
                             weight.row_scale * log_r.exp(), weight.mapping if mapping is None else mapping.detach(),
                             input_signs, left, right, weight.shape, weight.dtype)

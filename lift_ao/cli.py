@@ -89,8 +89,8 @@ def _cmd_quantize(args) -> dict:
     if args.measure_sensitivity and not (args.calibrate and args.memory_budget is not None):
         raise ValueError("--measure-sensitivity plans a --memory-budget in calibrated mode: add --calibrate and "
                          "--memory-budget SIZE")
-    if args.e2e_tune_mapping and not (args.calibrate and args.e2e_steps):
-        raise ValueError("--e2e-tune-mapping tunes the lattice matrices in the end-to-end stage: add --calibrate and "
+    if (args.e2e_tune_mapping or args.e2e_tune_rotation) and not (args.calibrate and args.e2e_steps):
+        raise ValueError("--e2e-tune-mapping and --e2e-tune-rotation tune the end-to-end stage: add --calibrate and "
                          "--e2e-steps N")
     bits = 2.4 if args.bits is None else args.bits  # the default unless a lattice or a budget replaces it
     if args.lattice is not None or args.memory_budget is not None:
@@ -154,11 +154,12 @@ def _cmd_quantize(args) -> dict:
             e2e_tokens = (calibration if args.e2e_tokens in (None, args.calibration_tokens)
                           else builtin_calibration_tokens(tokenizer, args.e2e_tokens))
             report["e2e_tokens"], report["e2e_held_out"] = e2e_tokens.numel(), args.e2e_held_out
-            report["e2e_compile"], report["e2e_tune_mapping"] = args.e2e_compile, args.e2e_tune_mapping
+            report["e2e_compile"] = args.e2e_compile
+            report["e2e_tune_mapping"], report["e2e_tune_rotation"] = args.e2e_tune_mapping, args.e2e_tune_rotation
             tuned = lift_ao.finetune_end_to_end(
                 model, teacher, e2e_tokens, steps=args.e2e_steps, held_out=args.e2e_held_out,
-                tune_mapping=args.e2e_tune_mapping, checkpoint_dir=partial, overwrite=args.overwrite,
-                compiled=args.e2e_compile)
+                tune_mapping=args.e2e_tune_mapping, tune_rotation=args.e2e_tune_rotation, checkpoint_dir=partial,
+                overwrite=args.overwrite, compiled=args.e2e_compile)
             report["e2e_held_out_kl_before_after"] = [tuned.before, tuned.after]
             report["e2e_held_out_kl_checks"] = tuned.checks
             del teacher
@@ -325,6 +326,9 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--e2e-tune-mapping", action="store_true", help="with --e2e-steps: also tune each sibling group's "
                    "lattice matrix M (stored per group: +0.027 bits/weight on the built-in model at 2.4 bits, "
                    "perplexity -1.1 %%; benchmarks/results/accuracy_w200_mapping_h100.md)")
+    q.add_argument("--e2e-tune-rotation", action="store_true", help="with --e2e-steps: also tune each input "
+                   "transform's rotation factors (stored per transform: ~+0.06 bits/weight on the built-in model, "
+                   "~0.008 on an 8B one; its accuracy not yet measured on a real model)")
     q.add_argument("--e2e-compile", action=argparse.BooleanOptionalAction, default=None, help="with --e2e-steps: "
                    "run the decoder blocks through torch.compile during the end-to-end steps (default: on CUDA; "
                    "~1.5x faster on an H100 after a 25 s compilation, benchmarks/results/e2e_speed_h100.md)")

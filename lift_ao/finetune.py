@@ -9,7 +9,8 @@ end-to-end fine-tuning do for their continuous parameters). The codes and the ro
 learned factors are folded into ``row_scale`` and ``input_signs``, so the format, the kernels and the
 footprint are unchanged. With ``tune_mapping=True`` the lattice matrix M of each group of weights that
 read one activation is tuned too (AQLM's end-to-end stage tunes its codebooks likewise) and stored per
-group: same format and kernels, d·D more floats per group.
+group, and with ``tune_rotation=True`` each input transform's rotation factors: same format and
+kernels, a few more floats per group.
 
 Resume: with ``checkpoint_dir``, the factors, Adam's state and the best held-out factors so far are
 written there (one checksummed shard) at every held-out check; a restarted run with the same settings,
@@ -31,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from lift_ao.calibration import (_code_signs, _decoder_blocks, _scaled_signs, _scaled_unit, _tuned_weight, _unit_weight,
-                                 adam_steps)
+from lift_ao.calibration import (_ROTATION_STEP, _code_blocks, _code_signs, _decoder_blocks, _scaled_signs, _scaled_unit,
+                                 _tuned_weight, _unit_weight, adam_steps)
 from lift_ao.io import SHARD_SUFFIX, CheckpointError, _sha256, load_shard, save_shard
 from lift_ao.tensor import LiftQuantTensor, share_constants
 from lift_ao.transform import unrotate
@@ -160,7 +161,7 @@ def _compiled_blocks(*models: torch.nn.Module):
 _MAPPING_STEP = 0.1
 
 
-def _dense_weights_by_shape(quantized: dict, log_r: dict, log_s: dict, mapping_delta: dict):
+def _dense_weights_by_shape(quantized: dict, log_r: dict, log_s: dict, mapping_delta: dict, rotation_delta: dict):
     """A function of no arguments returning {name: (N, K) dense weight diag(r·exp(log_r)) C diag(σ·exp(log_s))}
     for every LiftQuantTensor in ``quantized`` (calibration._dense_weight's values, differentiable in the
     (N,) ``log_r[name]`` and the (≥ K,) ``log_s[name]``), computed per group of weights of one shape,
@@ -168,18 +169,25 @@ def _dense_weights_by_shape(quantized: dict, log_r: dict, log_s: dict, mapping_d
     weight (a 30-block model's 210 weights come in 5 groups), and nothing to compile: compiled as one
     graph, the 210 products took ~90 s to compile on an H100 (benchmarks/results/e2e_speed_h100.md).
 
-    C is fixed, except with ``mapping_delta`` ({name: (d, D) Δ} for every weight): then C is rebuilt
-    from the codes at each call with lattice matrices M + _MAPPING_STEP·Δ (differentiable in Δ)."""
+    C (calibration._unit_weight: the codes' blocks M q, unrotated) is fixed, except with
+    ``mapping_delta`` ({name: (d, D) Δ} for every weight: lattice matrices M + _MAPPING_STEP·Δ) or
+    ``rotation_delta`` ({name: (ΔL, ΔR)} for every weight: rotation factors F + _ROTATION_STEP·ΔF); then
+    it is rebuilt at each call, differentiable in them."""
     by_kind = {}
     for name, w in quantized.items():
         key = (tuple(w.shape), w.dtype, tuple(w.mapping.shape), id(w.rotation_left), id(w.rotation_right))
         by_kind.setdefault(key, []).append(name)
-    stacks = []  # (names, C (L, N, K) or codes (L, N, blocks, D), r (L, N), σ (L, K), log_r, log_s cropped to K)
+    stacks = []  # (names, codes (L, N, blocks, D), blocks (L, N, Kp) or C (L, N, K), r, σ, log_r, log_s cropped to K)
     for names in by_kind.values():
         group = [quantized[name] for name in names]
         k = group[0].shape[1]
         codes = torch.stack([_code_signs(w) for w in group])
-        fixed = codes if mapping_delta else torch.stack([_unit_weight(w, c) for w, c in zip(group, codes)])
+        if mapping_delta:
+            fixed = codes
+        elif rotation_delta:
+            fixed = torch.stack([_code_blocks(w, c) for w, c in zip(group, codes)])
+        else:
+            fixed = torch.stack([_unit_weight(w, c) for w, c in zip(group, codes)])
         stacks.append((names, fixed, torch.stack([w.row_scale for w in group]), torch.stack([w.input_signs[:k] for w in group]),
                        [log_r[name] for name in names], [log_s[name][:k] for name in names]))
 
@@ -188,10 +196,15 @@ def _dense_weights_by_shape(quantized: dict, log_r: dict, log_s: dict, mapping_d
         for names, fixed, row_scale, sigma, log_r_rows, log_s_rows in stacks:
             first = quantized[names[0]]
             unit = fixed
-            if mapping_delta:  # (L, N, blocks, D) @ (L, 1, D, d), unrotated: calibration._unit_weight per weight
+            if mapping_delta:  # (L, N, blocks, D) @ (L, 1, D, d): calibration._code_blocks per weight
                 mapping = torch.stack([quantized[n].mapping + _MAPPING_STEP * mapping_delta[n] for n in names])
-                unit = unrotate((fixed @ mapping.transpose(1, 2)[:, None]).flatten(2), None, first.rotation_left,
-                                first.rotation_right, first.shape[1])
+                unit = (fixed @ mapping.transpose(1, 2)[:, None]).flatten(2)
+            if rotation_delta:  # one (left, right) pair per weight, broadcast over its rows
+                left = torch.stack([quantized[n].rotation_left + _ROTATION_STEP * rotation_delta[n][0] for n in names])
+                right = torch.stack([quantized[n].rotation_right + _ROTATION_STEP * rotation_delta[n][1] for n in names])
+                unit = unrotate(unit, None, left[:, None], right[:, None], first.shape[1])
+            elif mapping_delta:
+                unit = unrotate(unit, None, first.rotation_left, first.rotation_right, first.shape[1])
             r = row_scale * torch.stack(log_r_rows).exp()
             s = sigma * torch.stack(log_s_rows).exp()
             dense.update(zip(names, _scaled_unit(unit, r, s, first.dtype).unbind()))
@@ -203,7 +216,7 @@ def _dense_weights_by_shape(quantized: dict, log_r: dict, log_s: dict, mapping_d
 def finetune_end_to_end(
     model: torch.nn.Module, teacher: torch.nn.Module, tokens: torch.Tensor, *, steps: int, lr: float = 3e-3,
     batch_size: int = 4, held_out: float = 0.125, check_every: int = 16, tune_mapping: bool = False,
-    checkpoint_dir=None, overwrite: bool = False, progress: bool = True, compiled: Optional[bool] = None,
+    tune_rotation: bool = False, checkpoint_dir=None, overwrite: bool = False, progress: bool = True, compiled: Optional[bool] = None,
 ) -> EndToEndResult:
     """Tune the row and input scales (and, with ``tune_mapping``, the lattice matrices) of every
     LiftQuant weight of ``model`` end to end, in place.
@@ -241,6 +254,12 @@ def finetune_end_to_end(
             (benchmarks/results/accuracy_w200_mapping_h100.md). Memory: the codes are then held
             unpacked, a float32 per code bit (~1 GB for SmolLM2-135M at 2.4 bits), and the recipe took
             8–18 % longer on an H100.
+        tune_rotation: also tune the Kronecker rotation factors (L, R) of each input transform, freely
+            (the forward applies whatever (L ⊗ R)ᵀ is stored, as :func:`lift_ao.calibrate`'s
+            ``finetune_rotation`` does block by block); siblings keep one pair. Each transform then
+            stores its own k1² + k2² floats: ~0.06 bits/weight on SmolLM2-135M, ~0.008 on an 8B
+            model. On the tiny test model it lowers the held-out KL more than ``tune_mapping`` (6.82 →
+            5.91e-4, both: 5.54e-4); not yet measured on a real model.
         checkpoint_dir: where the run's progress is written at each held-out check and resumed from
             (a directory; e.g. the one :func:`lift_ao.calibrate` resumes from). A finished run's
             progress stays there: calling again returns its result without steps.
@@ -294,9 +313,14 @@ def finetune_end_to_end(
 
     leaders = {group_of(w): w for w in quantized.values()}
     deltas = {key: torch.zeros_like(w.mapping, requires_grad=True) for key, w in leaders.items()} if tune_mapping else {}
+    # One (ΔL, ΔR) per input transform: the rotation is part of it (weights sharing input_signs share it).
+    transforms = {id(w.input_signs): w for w in quantized.values()}
+    turns = {key: tuple(torch.zeros_like(f, requires_grad=True) for f in (w.rotation_left, w.rotation_right))
+             for key, w in transforms.items()} if tune_rotation else {}
     weights = _dense_weights_by_shape(quantized, log_r, {name: groups[id(w.input_signs)] for name, w in quantized.items()},
-                                      {name: deltas[group_of(w)] for name, w in quantized.items() if deltas})
-    factors = [*log_r.values(), *groups.values(), *deltas.values()]
+                                      {name: deltas[group_of(w)] for name, w in quantized.items() if deltas},
+                                      {name: turns[id(w.input_signs)] for name, w in quantized.items() if turns})
+    factors = [*log_r.values(), *groups.values(), *deltas.values(), *(f for pair in turns.values() for f in pair)]
 
     @torch.no_grad()
     def held_out_loss() -> float:
@@ -307,7 +331,8 @@ def finetune_end_to_end(
     if checkpoint_dir is not None:
         Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
         identity = _run_identity(quantized, tokens, steps=steps, lr=lr, batch_size=batch_size, held_out=held_out,
-                                 check_every=check_every, **({"tune_mapping": True} if tune_mapping else {}))
+                                 check_every=check_every, **({"tune_mapping": True} if tune_mapping else {}),
+                                 **({"tune_rotation": True} if tune_rotation else {}))
     was_training = model.training
     model.eval()
     blocks_compiled = contextlib.ExitStack()
@@ -349,9 +374,12 @@ def finetune_end_to_end(
                 factor.copy_(kept)
             folded = {key: _scaled_signs(signs_of[key], log_s) for key, log_s in groups.items()}
             mappings = {key: leaders[key].mapping + _MAPPING_STEP * delta for key, delta in deltas.items()}
+            rotations = {key: (transforms[key].rotation_left + _ROTATION_STEP * left,
+                               transforms[key].rotation_right + _ROTATION_STEP * right) for key, (left, right) in turns.items()}
             for name, w in quantized.items():
                 model.get_submodule(name.removesuffix(".weight")).weight = _tuned_weight(
-                    w, log_r[name], folded[id(w.input_signs)], mapping=mappings.get(group_of(w)))
+                    w, log_r[name], folded[id(w.input_signs)], rotation=rotations.get(id(w.input_signs)),
+                    mapping=mappings.get(group_of(w)))
             share_constants(model)  # wrapping in a Parameter copied the shared tensors apart
     finally:
         blocks_compiled.close()

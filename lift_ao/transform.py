@@ -122,11 +122,13 @@ def unrotate(u: torch.Tensor, signs: Optional[torch.Tensor], left: torch.Tensor,
     Args:
         u: (..., Kp).
         signs: as in :func:`rotate` (None: leave them to the caller).
+        left, right: (k1, k1) and (k2, k2) factors, or stacks of them (..., k1, k1) that broadcast
+            against u's leading dimensions (one rotation per weight of a stack).
     Returns:
         (..., in_features).
     """
-    k1, k2 = left.shape[0], right.shape[0]
-    out = (torch.matmul(left, u.unflatten(-1, (k1, k2))) @ right.T).flatten(-2)
+    k1, k2 = left.shape[-1], right.shape[-1]
+    out = (torch.matmul(left, u.unflatten(-1, (k1, k2))) @ right.transpose(-1, -2)).flatten(-2)
     if signs is not None:
         out = out * signs
     return out[..., :in_features]

@@ -90,8 +90,8 @@ def test_measured_plan_scores_come_from_calibrated_sensitivity(tmp_path, monkeyp
 
 
 def test_end_to_end_options_reach_the_stage_and_the_table(tmp_path, monkeypatch):
-    """--e2e-tune-mapping reaches finetune_end_to_end(tune_mapping=True); a row recorded with it says so
-    in the table's description of the end-to-end stage."""
+    """--e2e-tune-mapping / --e2e-tune-rotation reach finetune_end_to_end; a row recorded with them says
+    so in the table's description of the end-to-end stage."""
     options = []
     monkeypatch.setattr(accuracy, "calibrate", lambda *args, **kwargs: None)
 
@@ -102,13 +102,15 @@ def test_end_to_end_options_reach_the_stage_and_the_table(tmp_path, monkeypatch)
     monkeypatch.setattr(accuracy, "finetune_end_to_end", finetune_end_to_end)
     with pytest.raises(KeyboardInterrupt):
         accuracy.main(["--rows", "lift-cal-fte-48/20", "--e2e-steps", "8", "--e2e-tune-mapping", "--out", str(tmp_path / "run")])
-    assert options[0]["tune_mapping"] is True and options[0]["steps"] == 8
+    assert options[0]["tune_mapping"] is True and options[0]["tune_rotation"] is False and options[0]["steps"] == 8
     stage = dict(steps=1024, lr=0.003, batch_size=4, held_out=0.035, tokens=917504)
     _write(tmp_path / "acc.json", {"lift-cal-fte-48/20": _row("lift-cal-fte-48/20", alpha=0.25, calibration_tokens=262144,
-                                                               end_to_end=dict(stage, tune_mapping=True))})
+                                                               end_to_end=dict(stage, tune_mapping=True,
+                                                                               tune_rotation=True))})
     accuracy.main(["--rows", "lift-cal-fte-48/20", "--alpha", "0.25", "--out", str(tmp_path / "acc")])
     assert ("1024 steps of 4 sequences, peak lr 0.003, 0.035 of the sequences held out to pick the kept scales, over the "
-            "first 917504 calibration tokens, each group's lattice matrix M tuned too") in (tmp_path / "acc.md").read_text()
+            "first 917504 calibration tokens, each group's lattice matrix M tuned too (--e2e-tune-mapping; stored per "
+            "group), each input transform's rotation factors tuned too") in (tmp_path / "acc.md").read_text()
 
 
 def test_rows_are_compared_to_the_reference_window_by_window(tmp_path):
