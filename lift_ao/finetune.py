@@ -216,10 +216,11 @@ def _dense_weights_by_shape(quantized: dict, log_r: dict, log_s: dict, mapping_d
 def finetune_end_to_end(
     model: torch.nn.Module, teacher: torch.nn.Module, tokens: torch.Tensor, *, steps: int, lr: float = 3e-3,
     batch_size: int = 4, held_out: float = 0.125, check_every: int = 16, tune_mapping: bool = False,
-    tune_rotation: bool = False, checkpoint_dir=None, overwrite: bool = False, progress: bool = True, compiled: Optional[bool] = None,
+    tune_rotation: bool = False, checkpoint_dir=None, overwrite: bool = False, progress: bool = True,
+    compiled: Optional[bool] = None,
 ) -> EndToEndResult:
-    """Tune the row and input scales (and, with ``tune_mapping``, the lattice matrices) of every
-    LiftQuant weight of ``model`` end to end, in place.
+    """Tune the row and input scales (and, with ``tune_mapping`` / ``tune_rotation``, the lattice
+    matrices / rotation factors) of every LiftQuant weight of ``model`` end to end, in place.
 
     Adam (cosine-decayed ``lr``) learns ``r ← r·exp(a)`` per row of each weight and ``σ ← σ·exp(b)``
     per input channel of each distinct ``input_signs`` tensor (siblings that share one keep sharing
@@ -313,13 +314,16 @@ def finetune_end_to_end(
 
     leaders = {group_of(w): w for w in quantized.values()}
     deltas = {key: torch.zeros_like(w.mapping, requires_grad=True) for key, w in leaders.items()} if tune_mapping else {}
-    # One (ΔL, ΔR) per input transform: the rotation is part of it (weights sharing input_signs share it).
-    transforms = {id(w.input_signs): w for w in quantized.values()}
+    # One (ΔL, ΔR) per input transform: its input_signs and rotation.
+    def transform_of(w: LiftQuantTensor) -> tuple:
+        return id(w.input_signs), id(w.rotation_left), id(w.rotation_right)
+
+    transforms = {transform_of(w): w for w in quantized.values()}
     turns = {key: tuple(torch.zeros_like(f, requires_grad=True) for f in (w.rotation_left, w.rotation_right))
              for key, w in transforms.items()} if tune_rotation else {}
     weights = _dense_weights_by_shape(quantized, log_r, {name: groups[id(w.input_signs)] for name, w in quantized.items()},
                                       {name: deltas[group_of(w)] for name, w in quantized.items() if deltas},
-                                      {name: turns[id(w.input_signs)] for name, w in quantized.items() if turns})
+                                      {name: turns[transform_of(w)] for name, w in quantized.items() if turns})
     factors = [*log_r.values(), *groups.values(), *deltas.values(), *(f for pair in turns.values() for f in pair)]
 
     @torch.no_grad()
@@ -378,7 +382,7 @@ def finetune_end_to_end(
                                transforms[key].rotation_right + _ROTATION_STEP * right) for key, (left, right) in turns.items()}
             for name, w in quantized.items():
                 model.get_submodule(name.removesuffix(".weight")).weight = _tuned_weight(
-                    w, log_r[name], folded[id(w.input_signs)], rotation=rotations.get(id(w.input_signs)),
+                    w, log_r[name], folded[id(w.input_signs)], rotation=rotations.get(transform_of(w)),
                     mapping=mappings.get(group_of(w)))
             share_constants(model)  # wrapping in a Parameter copied the shared tensors apart
     finally:
