@@ -161,6 +161,16 @@ def _compiled_blocks(*models: torch.nn.Module):
 _MAPPING_STEP = 0.1
 
 
+def _tuned_mapping(weight: LiftQuantTensor, delta: torch.Tensor) -> torch.Tensor:
+    """(d, D) the lattice matrix M + _MAPPING_STEP·Δ of ``weight`` for the tuned Δ."""
+    return weight.mapping + _MAPPING_STEP * delta
+
+
+def _tuned_rotation(weight: LiftQuantTensor, turn: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    """(left, right) rotation factors F + _ROTATION_STEP·ΔF of ``weight`` for the tuned (ΔL, ΔR)."""
+    return weight.rotation_left + _ROTATION_STEP * turn[0], weight.rotation_right + _ROTATION_STEP * turn[1]
+
+
 def _dense_weights_by_shape(quantized: dict, log_r: dict, log_s: dict, mapping_delta: dict, rotation_delta: dict):
     """A function of no arguments returning {name: (N, K) dense weight diag(r·exp(log_r)) C diag(σ·exp(log_s))}
     for every LiftQuantTensor in ``quantized`` (calibration._dense_weight's values, differentiable in the
@@ -170,9 +180,9 @@ def _dense_weights_by_shape(quantized: dict, log_r: dict, log_s: dict, mapping_d
     graph, the 210 products took ~90 s to compile on an H100 (benchmarks/results/e2e_speed_h100.md).
 
     C (calibration._unit_weight: the codes' blocks M q, unrotated) is fixed, except with
-    ``mapping_delta`` ({name: (d, D) Δ} for every weight: lattice matrices M + _MAPPING_STEP·Δ) or
-    ``rotation_delta`` ({name: (ΔL, ΔR)} for every weight: rotation factors F + _ROTATION_STEP·ΔF); then
-    it is rebuilt at each call, differentiable in them."""
+    ``mapping_delta`` ({name: (d, D) Δ} for every weight: :func:`_tuned_mapping`) or ``rotation_delta``
+    ({name: (ΔL, ΔR)} for every weight: :func:`_tuned_rotation`); then it is rebuilt at each call,
+    differentiable in them."""
     by_kind = {}
     for name, w in quantized.items():
         key = (tuple(w.shape), w.dtype, tuple(w.mapping.shape), id(w.rotation_left), id(w.rotation_right))
@@ -181,13 +191,14 @@ def _dense_weights_by_shape(quantized: dict, log_r: dict, log_s: dict, mapping_d
     for names in by_kind.values():
         group = [quantized[name] for name in names]
         k = group[0].shape[1]
-        codes = torch.stack([_code_signs(w) for w in group])
+        # Per weight, then stacked: the unpacked codes (4 bytes per bit) of a whole group at once only
+        # when they are what is kept.
         if mapping_delta:
-            fixed = codes
+            fixed = torch.stack([_code_signs(w) for w in group])
         elif rotation_delta:
-            fixed = torch.stack([_code_blocks(w, c) for w, c in zip(group, codes)])
+            fixed = torch.stack([_code_blocks(w, _code_signs(w)) for w in group])
         else:
-            fixed = torch.stack([_unit_weight(w, c) for w, c in zip(group, codes)])
+            fixed = torch.stack([_unit_weight(w, _code_signs(w)) for w in group])
         stacks.append((names, fixed, torch.stack([w.row_scale for w in group]), torch.stack([w.input_signs[:k] for w in group]),
                        [log_r[name] for name in names], [log_s[name][:k] for name in names]))
 
@@ -197,14 +208,14 @@ def _dense_weights_by_shape(quantized: dict, log_r: dict, log_s: dict, mapping_d
             first = quantized[names[0]]
             unit = fixed
             if mapping_delta:  # (L, N, blocks, D) @ (L, 1, D, d): calibration._code_blocks per weight
-                mapping = torch.stack([quantized[n].mapping + _MAPPING_STEP * mapping_delta[n] for n in names])
+                mapping = torch.stack([_tuned_mapping(quantized[n], mapping_delta[n]) for n in names])
                 unit = (fixed @ mapping.transpose(1, 2)[:, None]).flatten(2)
-            if rotation_delta:  # one (left, right) pair per weight, broadcast over its rows
-                left = torch.stack([quantized[n].rotation_left + _ROTATION_STEP * rotation_delta[n][0] for n in names])
-                right = torch.stack([quantized[n].rotation_right + _ROTATION_STEP * rotation_delta[n][1] for n in names])
-                unit = unrotate(unit, None, left[:, None], right[:, None], first.shape[1])
-            elif mapping_delta:
-                unit = unrotate(unit, None, first.rotation_left, first.rotation_right, first.shape[1])
+            if mapping_delta or rotation_delta:  # blocks, unrotated as calibration._unit_weight does
+                left, right = first.rotation_left, first.rotation_right
+                if rotation_delta:  # one (left, right) pair per weight, broadcast over its rows
+                    left, right = (torch.stack(f)[:, None] for f in zip(*(_tuned_rotation(quantized[n], rotation_delta[n])
+                                                                          for n in names)))
+                unit = unrotate(unit, None, left, right, first.shape[1])
             r = row_scale * torch.stack(log_r_rows).exp()
             s = sigma * torch.stack(log_s_rows).exp()
             dense.update(zip(names, _scaled_unit(unit, r, s, first.dtype).unbind()))
@@ -377,9 +388,8 @@ def finetune_end_to_end(
             for factor, kept in zip(factors, best_factors):
                 factor.copy_(kept)
             folded = {key: _scaled_signs(signs_of[key], log_s) for key, log_s in groups.items()}
-            mappings = {key: leaders[key].mapping + _MAPPING_STEP * delta for key, delta in deltas.items()}
-            rotations = {key: (transforms[key].rotation_left + _ROTATION_STEP * left,
-                               transforms[key].rotation_right + _ROTATION_STEP * right) for key, (left, right) in turns.items()}
+            mappings = {key: _tuned_mapping(leaders[key], delta) for key, delta in deltas.items()}
+            rotations = {key: _tuned_rotation(transforms[key], turn) for key, turn in turns.items()}
             for name, w in quantized.items():
                 model.get_submodule(name.removesuffix(".weight")).weight = _tuned_weight(
                     w, log_r[name], folded[id(w.input_signs)], rotation=rotations.get(transform_of(w)),
