@@ -328,7 +328,8 @@ def _parser() -> argparse.ArgumentParser:
                    "perplexity -1.1 %%; benchmarks/results/accuracy_w200_mapping_h100.md)")
     q.add_argument("--e2e-tune-rotation", action="store_true", help="with --e2e-steps: also tune each input "
                    "transform's rotation factors (stored per transform: ~+0.06 bits/weight on the built-in model, "
-                   "~0.008 on an 8B one; its accuracy not yet measured on a real model)")
+                   "~0.008 on an 8B one; there perplexity -1.1 %% at 2.4 bits, -0.1 %% at 3.0: not worth its bits on a model "
+                   "that small; benchmarks/results/accuracy_w200_mapping_h100.md)")
     q.add_argument("--e2e-compile", action=argparse.BooleanOptionalAction, default=None, help="with --e2e-steps: "
                    "run the decoder blocks through torch.compile during the end-to-end steps (default: on CUDA; "
                    "~1.5x faster on an H100 after a 25 s compilation, benchmarks/results/e2e_speed_h100.md)")
