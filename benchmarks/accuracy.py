@@ -181,8 +181,10 @@ def run_row(name: str, reference, tokenizer, eval_tokens, args) -> dict:
                     finetune["code_rounds"] = args.code_rounds
                 row["finetune"] = finetune
             calibrate(model, config, calibration, device=args.device, checkpoint_dir=checkpoint, alpha=args.alpha,
-                      **finetune)
+                      guided=args.guided, **finetune)
             row["alpha"] = args.alpha
+            if args.guided:
+                row["guided"] = True
             if name.startswith("lift-cal-fte-"):
                 # A superset of the block stage's text (its first tokens are the same): the end-to-end
                 # stage overfits its sequences, while the block stage's cost grows with them.
@@ -374,6 +376,8 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--eval-dense", action="store_true", help="evaluate lift_ao rows with their dequantized "
                         "weights (the same values; the CPU reference op is ~5x slower than a dense matmul)")
+    parser.add_argument("--guided", action="store_true", help="calibrated rows: Hessians weighted per token by "
+                        "the model's output sensitivity (lift_ao.calibrate(guided=True))")
     parser.add_argument("--alpha", type=float, default=DEFAULT_ALPHA, help="calibrated rows: input-scale strength "
                         f"α (lift_ao.calibrate's alpha; default {DEFAULT_ALPHA}; rows before it was recorded used 0.5)")
     parser.add_argument("--finetune-steps", type=int, default=16, help="lift-cal-ft rows: Adam steps per decoder block")

@@ -245,14 +245,66 @@ def _run_block(block, inputs: list, device) -> list:
     return out
 
 
-def _hessians(block, linears: list, inputs: list, device) -> list:
+def _output_sensitivity(model, blocks, tokens: torch.Tensor, batch_size: int, device) -> dict:
+    """{linear's name in the model: [(B, T) float32 per batch of ``tokens``]}: for every linear of the
+    decoder blocks, Σ_n (∂ℓ_t/∂y_tn)² per token t, with ℓ_t the negative log-likelihood of a label
+    sampled from the model's own next-token distribution at t and y the linear's output, each weight
+    normalised to mean 1 over all tokens.
+
+    Σ_t w_t x_t x_tᵀ is then the Fisher (the Hessian of the KL to this model) of the linear's output,
+    summed over its outputs and factorised per token (GuidedQuant's end-loss-guided Hessian with one
+    group of outputs): tokens whose outputs the loss does not feel weigh less than the plain XᵀX says.
+    Costs one forward and backward pass of the whole model over ``tokens`` on ``device``.
+    """
+    names = {id(m): n for n, m in model.named_modules()}
+    linears = [(names[id(m)], m) for block in blocks for m in block.modules() if isinstance(m, torch.nn.Linear)]
+    energy = {name: [] for name, _ in linears}
+    outputs = {}
+
+    def record(name):
+        def hook(module, args, output):
+            outputs[name] = output
+        return hook
+
+    def differentiable(module, args, output):  # frozen weights: let gradients reach the activations
+        return output.detach().requires_grad_()
+
+    handles = [m.register_forward_hook(record(name)) for name, m in linears]
+    handles.append(model.get_input_embeddings().register_forward_hook(differentiable))
+    generator = torch.Generator(device=device).manual_seed(0)
+    try:
+        with torch.enable_grad():
+            for batch in tokens.split(batch_size):
+                logits = model(batch.to(device), use_cache=False).logits.float()
+                log_p = torch.log_softmax(logits, -1)
+                sampled = torch.multinomial(log_p.detach().exp().flatten(0, 1), 1, generator=generator)
+                nll = -log_p.flatten(0, 1).gather(1, sampled).sum()  # a sum: each token's own gradient
+                order = list(outputs)
+                for name, g in zip(order, torch.autograd.grad(nll, [outputs[n] for n in order])):
+                    energy[name].append(g.float().pow(2).sum(-1).cpu())
+                outputs.clear()
+    finally:
+        for handle in handles:
+            handle.remove()
+    for name, per_batch in energy.items():
+        mean = torch.cat([e.flatten() for e in per_batch]).mean().clamp_min(1e-30)
+        energy[name] = [e / mean for e in per_batch]
+    return energy
+
+
+def _hessians(block, linears: list, inputs: list, device, token_weights: Optional[dict] = None) -> list:
     """Group the block's linears by the tensor they read and accumulate each group's X̃ᵀX̃.
 
+    Args:
+        token_weights: {name in ``linears``: [(B, T) per batch]} (:func:`_output_sensitivity`): then
+            each linear accumulates Σ w_t x_t x_tᵀ with its own weights and a group's Hessian is the
+            mean of its members'.
     Returns [(names, H (K, K) float64 = Σ x xᵀ / tokens)] in the order the groups first run.
     """
     groups: list = []  # [names, H, tokens]
     group_of: dict = {}
     seen: list = []  # this batch's input tensor of each group (identity decides siblings)
+    batch = 0
 
     def hook(name):
         def record(module, args):
@@ -266,7 +318,12 @@ def _hessians(block, linears: list, inputs: list, device) -> list:
                 group_of[name] = index
                 groups[index][0].append(name)
             group = groups[group_of[name]]
-            if group[0][0] == name:  # the first member accumulates for the group
+            if token_weights is not None:  # every member, weighted by its own outputs' sensitivity
+                flat = x.detach().reshape(-1, x.shape[-1]).float()
+                weights = token_weights[name][batch].to(flat.device).reshape(-1, 1)
+                group[1] += (flat.T @ (flat * weights)).double().cpu()
+                group[2] += flat.shape[0] if group[0][0] == name else 0
+            elif group[0][0] == name:  # the first member accumulates for the group
                 flat = x.detach().reshape(-1, x.shape[-1]).float()
                 group[1] += (flat.T @ flat).double().cpu()
                 group[2] += flat.shape[0]
@@ -277,10 +334,11 @@ def _hessians(block, linears: list, inputs: list, device) -> list:
         for hidden, kwargs in inputs:
             block(hidden.to(device), **_to(kwargs, device))
             seen.clear()  # tensors of the next batch are new objects
+            batch += 1
     finally:
         for handle in handles:
             handle.remove()
-    return [(names, h / max(count, 1)) for names, h, count in groups]
+    return [(names, h / max(count, 1) / (len(names) if token_weights is not None else 1)) for names, h, count in groups]
 
 
 def _quantize_group(modules: list, hessian: torch.Tensor, lattice: Lattice, config: LiftQuantConfig,
@@ -721,7 +779,7 @@ def calibrate(
     model: torch.nn.Module, config: LiftQuantConfig, tokens: torch.Tensor, *, checkpoint_dir=None,
     overwrite: bool = False, device=None, alpha: float = DEFAULT_ALPHA, damping: float = 0.01, batch_size: int = 8,
     finetune_steps: int = 0, finetune_lr: float = 1e-2, code_rounds: int = 0, finetune_rotation: bool = False,
-    progress: bool = True,
+    guided: bool = False, progress: bool = True,
 ) -> torch.nn.Module:
     """Quantize the linears of every decoder block with calibration data, in place.
 
@@ -750,6 +808,9 @@ def calibrate(
             backward passes of the block over all calibration tokens (:func:`finetune_block`).
         finetune_rotation: the fine-tuning also tunes each group's rotation factors (stored per group:
             k1² + k2² floats each, and siblings still share them).
+        guided: weight each token's contribution to a linear's Hessian by how much the model's
+            next-token distribution feels that linear's output there (:func:`_output_sensitivity`;
+            one forward and backward pass of the whole model on ``device`` first).
         progress: a tqdm bar over blocks (with fine-tuning: the last block's output error after/before).
     Returns:
         ``model``; linears outside the decoder blocks (``lm_head``) are left as they are.
@@ -783,12 +844,19 @@ def calibrate(
             finetune["code_rounds"] = code_rounds
         if finetune_rotation:  # absent without it, likewise
             finetune["rotation"] = True
+        if guided:  # likewise
+            finetune["guided"] = True
         open_partial(checkpoint_dir, _manifest(config, tokens, alpha, damping, blocks, finetune, planned),
                      overwrite=overwrite)
 
     was_training = model.training
     model.eval()
     try:
+        sensitivity = None
+        if guided:
+            model.to(device)
+            sensitivity = _output_sensitivity(model, blocks, tokens, batch_size, device)
+            model.to(home)
         with torch.no_grad():
             # Everything but the blocks runs where it is; the first block's inputs are captured there.
             inputs = _block_inputs(model, blocks, tokens, batch_size, home)
@@ -805,7 +873,8 @@ def calibrate(
                     lattices = {name: Lattice.load(config.lattice if planned is None else planned[prefixes[i] + name])
                                 for name, _ in linears}
                     modules, groups = dict(linears), []
-                    for names, hessian in _hessians(block, linears, inputs, device):
+                    weights = None if sensitivity is None else {n: sensitivity[prefixes[i] + n] for n, _ in linears}
+                    for names, hessian in _hessians(block, linears, inputs, device, weights):
                         for lattice, members in _by_lattice(names, lattices):
                             _quantize_group([modules[n] for n in members], hessian, lattice, config, alpha, damping,
                                             device)
