@@ -275,8 +275,11 @@ def _markdown(doc: dict) -> str:
         "calibration split in sequences of 512, input-scale strength α = "
         + "/".join(f"{a:g}" for a in sorted({r.get("alpha", 0.5) for r in doc["rows"].values()
                                               if r["method"].startswith("lift-cal-")} or {0.5}))
-        + " (per row: the JSON's `alpha`; 0.5 where absent), Hessian damping 1%, decoder blocks "
-        "streamed one at a time; no intra-block fine-tuning. `lift-cal-ft-*`: the same plus intra-block "
+        + " (per row: the JSON's `alpha`; 0.5 where absent), Hessian damping 1%"
+        + ("; rows marked guided (the JSON's `guided`): each token's share of a linear's Hessian weighted by "
+           "its outputs' sensitivity (--guided, `calibrate(guided=True)`)"
+           if any(r.get("guided") for r in doc["rows"].values()) else "")
+        + ", decoder blocks streamed one at a time; no intra-block fine-tuning. `lift-cal-ft-*`: the same plus intra-block "
         "fine-tuning (row and input scales, Adam against the full-precision model's block outputs): "
         + (", ".join(sorted({f"{r['finetune']['finetune_steps']} steps per block of {r['finetune']['batch_size']} "
                              f"sequences, peak lr {r['finetune']['finetune_lr']:g}" for r in doc["rows"].values()

@@ -89,6 +89,8 @@ def _cmd_quantize(args) -> dict:
     if args.measure_sensitivity and not (args.calibrate and args.memory_budget is not None):
         raise ValueError("--measure-sensitivity plans a --memory-budget in calibrated mode: add --calibrate and "
                          "--memory-budget SIZE")
+    if args.guided and not args.calibrate:
+        raise ValueError("--guided weights the calibration Hessians: add --calibrate")
     if (args.e2e_tune_mapping or args.e2e_tune_rotation) and not (args.calibrate and args.e2e_steps):
         raise ValueError("--e2e-tune-mapping and --e2e-tune-rotation tune the end-to-end stage: add --calibrate and "
                          "--e2e-steps N")
@@ -127,7 +129,7 @@ def _cmd_quantize(args) -> dict:
         report["calibration_tokens"] = calibration.numel()
         report["finetune_steps"], report["code_rounds"] = args.finetune_steps, args.code_rounds
         alpha = DEFAULT_ALPHA if args.alpha is None else args.alpha
-        report["finetune_rotation"], report["alpha"] = args.finetune_rotation, alpha
+        report["finetune_rotation"], report["alpha"], report["guided"] = args.finetune_rotation, alpha, args.guided
         if args.e2e_steps < 0:
             raise ValueError(f"--e2e-steps must be >= 0, got {args.e2e_steps}")
         # Checked before calibrating, which may take long, rather than when the end-to-end stage starts.
@@ -147,7 +149,7 @@ def _cmd_quantize(args) -> dict:
         teacher = copy.deepcopy(model) if args.e2e_steps else None
         calibrate(model, config, calibration, checkpoint_dir=partial, overwrite=args.overwrite, device=device,
                   finetune_steps=args.finetune_steps, code_rounds=args.code_rounds,
-                  finetune_rotation=args.finetune_rotation, alpha=alpha)
+                  finetune_rotation=args.finetune_rotation, alpha=alpha, guided=args.guided)
         if args.e2e_steps:
             # A superset of the block stage's text (its first tokens are the same): the end-to-end stage
             # overfits few sequences, while the block stage's cost grows with them.
@@ -304,6 +306,10 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--alpha", type=float, default=None, help="with --calibrate: strength of the activation-aware "
                    "input scales, 0 (none) to 1 (default 0.25, lift_ao.calibration.DEFAULT_ALPHA; results measured "
                    "before it was 0.25 used 0.5)")
+    q.add_argument("--guided", action="store_true", help="with --calibrate: weight each token's share of a linear's "
+                   "Hessian by how much the model's output feels that linear there (one forward and backward pass of "
+                   "the whole model first; perplexity -0.6 %% on the built-in model, "
+                   "benchmarks/results/accuracy_w200_guided_h100.md)")
     q.add_argument("--finetune-steps", type=int, default=0, help="with --calibrate: Adam steps per decoder block "
                    "tuning row and input scales against the full-precision block outputs (default 0: none; 16 is "
                    "what benchmarks/results/accuracy.md measured)")

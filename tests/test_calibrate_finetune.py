@@ -217,7 +217,7 @@ def test_finetuned_calibration_resumes_bit_identically(tmp_path, monkeypatch):
         assert torch.equal(resumed(held_out).logits, complete(held_out).logits)
 
     # Other fine-tuning settings (or none) are another run: refused.
-    for other in ({"finetune_steps": 5}, {"code_rounds": 3}, {"finetune_rotation": True}):
+    for other in ({"finetune_steps": 5}, {"code_rounds": 3}, {"finetune_rotation": True}, {"guided": True}):
         with pytest.raises(lift_ao.CheckpointError):
             calibrate(copy.deepcopy(model), config, tokens, checkpoint_dir=tmp_path / "resumed", **(options | other))
     with pytest.raises(lift_ao.CheckpointError):

@@ -1,0 +1,69 @@
+"""Guided Hessians (calibrate(guided=True)): per-token weights from the model's output sensitivity."""
+
+import copy
+
+import torch
+
+import lift_ao
+from lift_ao.api import quantizable_linears
+from lift_ao.calibration import _block_inputs, _decoder_blocks, _hessians, _output_sensitivity, calibrate
+from test_finetune import _kl
+from test_resume import run_cli
+from tiny_models import tiny_llama, token_batch
+
+
+def test_sensitivity_is_the_sampled_label_gradient_energy_at_each_position():
+    """Against a separate computation: a zero offset added to one linear's output, the sampled labels'
+    NLL through log_softmax, autograd to the offset; Σ over outputs of its square, normalised to mean 1."""
+    model, tokens = tiny_llama(), token_batch(3, batch=4, length=16)
+    blocks = _decoder_blocks(model)
+    weights = _output_sensitivity(model, blocks, tokens, 2, "cpu")
+    name = "model.layers.1.self_attn.v_proj"
+    assert set(weights) >= {name, "model.layers.0.mlp.down_proj"} and len(weights[name]) == 2
+    module, generator, energies = model.get_submodule(name), torch.Generator().manual_seed(0), []
+    for batch in tokens.split(2):
+        offset = {}
+
+        def add_offset(m, args, output):
+            offset["t"] = torch.zeros_like(output, requires_grad=True)
+            return output + offset["t"]
+
+        handle = module.register_forward_hook(add_offset)
+        log_p = torch.log_softmax(model(batch, use_cache=False).logits.float(), -1).flatten(0, 1)
+        handle.remove()
+        labels = torch.multinomial(log_p.detach().exp(), 1, generator=generator)  # the same draws, in order
+        (grad,) = torch.autograd.grad(-log_p.gather(1, labels).sum(), offset["t"])
+        energies.append(grad.pow(2).sum(-1))
+    expected = torch.cat(energies) / torch.cat(energies).mean()
+    assert torch.allclose(torch.cat(weights[name]), expected, rtol=1e-4, atol=1e-6)
+    assert torch.cat(weights[name]).std() > 0.1  # positions differ: the weighting is not uniform
+
+
+def test_uniform_weights_give_the_plain_hessians():
+    model, tokens = tiny_llama(), token_batch(4, batch=4, length=16)
+    block = _decoder_blocks(model)[0]
+    linears = quantizable_linears(block, lift_ao.liftquant(lattice="16/8"))
+    with torch.no_grad():
+        inputs = _block_inputs(model, _decoder_blocks(model), tokens, 2, "cpu")
+        plain = _hessians(block, linears, inputs, "cpu")
+        ones = {name: [torch.ones(2, 16), torch.ones(2, 16)] for name, _ in linears}
+        uniform = _hessians(block, linears, inputs, "cpu", ones)
+        scaled = _hessians(block, linears, inputs, "cpu", {n: [2 * w for w in ws] for n, ws in ones.items()})
+    assert [names for names, _ in plain] == [names for names, _ in uniform]
+    assert [len(names) for names, _ in plain] == [3, 1, 2, 1]  # q/k/v, o, gate/up, down
+    for (_, a), (_, b), (_, c) in zip(plain, uniform, scaled):
+        assert torch.allclose(a, b, rtol=1e-12, atol=0) and torch.allclose(2 * a, c, rtol=1e-12, atol=0)
+
+
+def test_guided_calibration_codes_closer_to_the_model():
+    """Measured: KL to the model on other text 7.53e-4 (plain) → 7.22e-4 (guided) at 16/8."""
+    model, tokens = tiny_llama(), token_batch(0, batch=256, length=32)
+    plain = calibrate(copy.deepcopy(model), lift_ao.liftquant(lattice="16/8"), tokens, progress=False)
+    guided = calibrate(copy.deepcopy(model), lift_ao.liftquant(lattice="16/8"), tokens, guided=True, progress=False)
+    other = token_batch(1, batch=64, length=32)
+    assert _kl(guided, model, other) < 0.98 * _kl(plain, model, other)
+
+
+def test_command_line_guided(tmp_path):
+    assert run_cli(tmp_path / "guided", "--calibrate", "--guided") == 0
+    assert run_cli(tmp_path / "not_calibrated", "--guided") == 2
