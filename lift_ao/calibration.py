@@ -284,14 +284,14 @@ def _output_sensitivity(model, blocks, tokens: torch.Tensor, batch_size: int, de
                 order = list(outputs)
                 for name, g in zip(order, torch.autograd.grad(logits, [outputs[n] for n in order],
                                                               grad_outputs=grad.to(logits.dtype))):
-                    energy[name].append(g.float().pow(2).sum(-1).cpu())
+                    energy[name].append(g.float().pow(2).sum(-1))
                 outputs.clear()
     finally:
         for handle in handles:
             handle.remove()
-    for name, per_batch in energy.items():
+    for name, per_batch in energy.items():  # kept on the device until all batches ran: no sync per linear
         mean = torch.cat([e.flatten() for e in per_batch]).mean().clamp_min(1e-30)
-        energy[name] = [e / mean for e in per_batch]
+        energy[name] = [(e / mean).cpu() for e in per_batch]
     return energy
 
 
@@ -316,7 +316,7 @@ def _hessians(block, linears: list, inputs: list, device, token_weights: Optiona
                 index = next((i for i, t in enumerate(seen) if t is x), None)
                 if index is None:
                     index = len(groups)
-                    groups.append([[], torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float64), 0])
+                    groups.append([[], torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float64, device=x.device), 0])
                     seen.append(x)
                 group_of[name] = index
                 groups[index][0].append(name)
@@ -324,11 +324,11 @@ def _hessians(block, linears: list, inputs: list, device, token_weights: Optiona
             if token_weights is not None:  # every member, weighted by its own outputs' sensitivity
                 flat = x.detach().reshape(-1, x.shape[-1]).float()
                 weights = token_weights[name][batch].to(flat.device).reshape(-1, 1)
-                group[1] += (flat.T @ (flat * weights)).double().cpu()
+                group[1] += (flat.T @ (flat * weights)).double()
                 group[2] += flat.shape[0] if group[0][0] == name else 0
             elif group[0][0] == name:  # the first member accumulates for the group
                 flat = x.detach().reshape(-1, x.shape[-1]).float()
-                group[1] += (flat.T @ flat).double().cpu()
+                group[1] += (flat.T @ flat).double()
                 group[2] += flat.shape[0]
         return record
 
@@ -341,7 +341,10 @@ def _hessians(block, linears: list, inputs: list, device, token_weights: Optiona
     finally:
         for handle in handles:
             handle.remove()
-    return [(names, h / max(count, 1) / (len(names) if token_weights is not None else 1)) for names, h, count in groups]
+    # Accumulated where the block runs, not copied to the host and added there in float64 per batch and
+    # group; returned on the CPU as before.
+    return [(names, (h / max(count, 1) / (len(names) if token_weights is not None else 1)).cpu())
+            for names, h, count in groups]
 
 
 def _quantize_group(modules: list, hessian: torch.Tensor, lattice: Lattice, config: LiftQuantConfig,
