@@ -245,9 +245,9 @@ def _run_block(block, inputs: list, device) -> list:
     return out
 
 
-def _output_sensitivity(model, blocks, tokens: torch.Tensor, batch_size: int, device) -> dict:
-    """{linear's name in the model: [(B, T) float32 per batch of ``tokens``]}: for every linear of the
-    decoder blocks, w_t = Σ_n g_tn² per position t, with g_t the gradient of ℓ, the negative
+def _output_sensitivity(model, linears: list, tokens: torch.Tensor, batch_size: int, device) -> dict:
+    """{name: [(B, T) float32 per batch of ``tokens``]} for each (name, module) of ``linears`` (the
+    model's linears to code): w_t = Σ_n g_tn² per position t, with g_t the gradient of ℓ, the negative
     log-likelihood of labels sampled from the model's own next-token distributions (one per position),
     with respect to the linear's output at t; each linear's weights normalised to mean 1 over all tokens.
 
@@ -257,8 +257,6 @@ def _output_sensitivity(model, blocks, tokens: torch.Tensor, batch_size: int, de
     whose outputs the loss hardly feels weigh less than the plain XᵀX says. Costs one forward and
     backward pass of the whole model over ``tokens`` on ``device`` (on a 2-core CPU ~3× a forward).
     """
-    names = {id(m): n for n, m in model.named_modules()}
-    linears = [(names[id(m)], m) for block in blocks for m in block.modules() if isinstance(m, torch.nn.Linear)]
     energy = {name: [] for name, _ in linears}
     outputs = {}
 
@@ -864,7 +862,9 @@ def calibrate(
         sensitivity = None
         if guided:
             model.to(device)
-            sensitivity = _output_sensitivity(model, blocks, tokens, batch_size, device)
+            coded = [(prefix + name, module) for block, prefix in zip(blocks, prefixes)
+                     for name, module in quantizable_linears(block, config)]
+            sensitivity = _output_sensitivity(model, coded, tokens, batch_size, device)
             model.to(home)
         with torch.no_grad():
             # Everything but the blocks runs where it is; the first block's inputs are captured there.
