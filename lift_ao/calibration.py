@@ -274,16 +274,22 @@ def _output_sensitivity(model, linears: list, tokens: torch.Tensor, batch_size: 
     try:
         with torch.enable_grad():
             for batch in tokens.split(batch_size):
-                logits = model(batch.to(device), use_cache=False).logits
-                with torch.no_grad():  # d/dlogits of -Σ_t log p(y_t), y_t ~ p: softmax - one-hot, each token's own
-                    grad = torch.softmax(logits.float(), -1)
-                    sampled = torch.multinomial(grad.flatten(0, 1), 1, generator=generator).view(*grad.shape[:-1], 1)
-                    grad.scatter_add_(-1, sampled, torch.full(sampled.shape, -1.0, device=grad.device))
-                order = list(outputs)
-                for name, g in zip(order, torch.autograd.grad(logits, [outputs[n] for n in order],
-                                                              grad_outputs=grad.to(logits.dtype))):
-                    energy[name].append(g.float().pow(2).sum(-1))
-                outputs.clear()
+                per_sequence = {name: [] for name in energy}
+                # One sequence at a time: the logits and their gradient are (T, vocabulary) each, not
+                # batch_size times that (on the 2-core CPU, batches of 8 peaked at 7.6 GB for 135M).
+                for sequence in batch.split(1):
+                    logits = model(sequence.to(device), use_cache=False).logits
+                    with torch.no_grad():  # d/dlogits of -Σ_t log p(y_t), y_t ~ p: softmax - one-hot
+                        grad = torch.softmax(logits.float(), -1)
+                        sampled = torch.multinomial(grad.flatten(0, 1), 1, generator=generator).view(*grad.shape[:-1], 1)
+                        grad.scatter_add_(-1, sampled, torch.full(sampled.shape, -1.0, device=grad.device))
+                    order = list(outputs)
+                    for name, g in zip(order, torch.autograd.grad(logits, [outputs[n] for n in order],
+                                                                  grad_outputs=grad.to(logits.dtype))):
+                        per_sequence[name].append(g.float().pow(2).sum(-1))
+                    outputs.clear()
+                for name, rows in per_sequence.items():
+                    energy[name].append(torch.cat(rows))
     finally:
         for handle in handles:
             handle.remove()
@@ -816,8 +822,10 @@ def calibrate(
             its Hessian-aware rounding) by how much the model's next-token distributions feel that
             linear's output there (:func:`_output_sensitivity`). Needs the whole model on ``device``
             for one forward and backward pass over ``tokens`` first (the blocks are still coded one at
-            a time). Measured on SmolLM2-135M in the best recipes (200 windows): perplexity −0.6 % at
-            2.4 and at 3.0 bits, held-out KL −4–5 %, no bits (benchmarks/results/accuracy_w200_guided_h100.md).
+            a time). Measured on SmolLM2-135M in the best recipes (262144 tokens, 200 windows):
+            perplexity −0.6 % at 2.4 and at 3.0 bits, held-out KL −4–5 %, no bits; with 16384 tokens
+            (no end-to-end stage) +1.5 % [−0.2, +3.3]: the weighted Hessians need many tokens
+            (benchmarks/results/accuracy_w200_guided_h100.md).
         progress: a tqdm bar over blocks (with fine-tuning: the last block's output error after/before).
     Returns:
         ``model``; linears outside the decoder blocks (``lm_head``) are left as they are.

@@ -308,8 +308,8 @@ def _parser() -> argparse.ArgumentParser:
                    "before it was 0.25 used 0.5)")
     q.add_argument("--guided", action="store_true", help="with --calibrate: weight each token's share of a linear's "
                    "Hessian by how much the model's output feels that linear there (one forward and backward pass of "
-                   "the whole model first; perplexity -0.6 %% on the built-in model, "
-                   "benchmarks/results/accuracy_w200_guided_h100.md)")
+                   "the whole model first; on the built-in model -0.6 %% perplexity with --calibration-tokens 262144, but "
+                   "+1.5 %% with the default 16384: it needs many tokens; benchmarks/results/accuracy_w200_guided_h100.md)")
     q.add_argument("--finetune-steps", type=int, default=0, help="with --calibrate: Adam steps per decoder block "
                    "tuning row and input scales against the full-precision block outputs (default 0: none; 16 is "
                    "what benchmarks/results/accuracy.md measured)")

@@ -21,7 +21,7 @@ def test_sensitivity_is_the_sampled_label_gradient_energy_at_each_position():
     weights = _output_sensitivity(model, linears, tokens, 2, "cpu")
     assert set(weights) == {name, "model.layers.0.mlp.down_proj"} and len(weights[name]) == 2
     module, generator, energies = model.get_submodule(name), torch.Generator().manual_seed(0), []
-    for batch in tokens.split(2):
+    for sequence in tokens.split(1):
         offset = {}
 
         def add_offset(m, args, output):
@@ -29,7 +29,7 @@ def test_sensitivity_is_the_sampled_label_gradient_energy_at_each_position():
             return output + offset["t"]
 
         handle = module.register_forward_hook(add_offset)
-        log_p = torch.log_softmax(model(batch, use_cache=False).logits.float(), -1).flatten(0, 1)
+        log_p = torch.log_softmax(model(sequence, use_cache=False).logits.float(), -1).flatten(0, 1)
         handle.remove()
         labels = torch.multinomial(log_p.detach().exp(), 1, generator=generator)  # the same draws, in order
         (grad,) = torch.autograd.grad(-log_p.gather(1, labels).sum(), offset["t"])
