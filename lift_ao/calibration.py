@@ -824,7 +824,7 @@ def calibrate(
             for one forward and backward pass over ``tokens`` first (the blocks are still coded one at
             a time). Measured on SmolLM2-135M in the best recipes (262144 tokens, 200 windows):
             perplexity −0.6 % at 2.4 and at 3.0 bits, held-out KL −4–5 %, no bits; with 16384 tokens
-            (no end-to-end stage) +1.5 % [−0.2, +3.3]: the weighted Hessians need many tokens
+            (no end-to-end stage) +1.5 % [−0.2, +3.3]: give it many tokens
             (benchmarks/results/accuracy_w200_guided_h100.md).
         progress: a tqdm bar over blocks (with fine-tuning: the last block's output error after/before).
     Returns:
