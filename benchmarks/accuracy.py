@@ -417,9 +417,7 @@ def main(argv=None) -> None:
     if doc.get("rows") and (doc.get("windows"), doc.get("context")) != (args.windows, args.context):
         sys.exit(f"{json_path} holds rows measured with {doc['windows']} windows × {doc['context']} tokens; "
                  "use the same --windows/--context or another --out")
-    doc.update(windows=args.windows, context=args.context,
-               command="python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])]),
-               machine=f"{platform.node() or 'host'}: {_device_name(torch.device(args.device))}, torch {torch.__version__}")
+    doc.update(windows=args.windows, context=args.context)
     other_alpha = [n for n in names if n.startswith("lift-cal-") and n in doc["rows"]
                    and doc["rows"][n].get("alpha", 0.5) != args.alpha]
     if other_alpha and not args.redo:
@@ -427,7 +425,9 @@ def main(argv=None) -> None:
     todo = [n for n in names if args.redo or n not in doc["rows"]]
     if not todo:
         print("nothing to do: every requested row is in the results (pass --redo to measure again)")
-    else:
+    else:  # what measures rows names itself; re-rendering recorded rows elsewhere keeps their machine and command
+        doc.update(command="python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])]),
+                   machine=f"{platform.node() or 'host'}: {_device_name(torch.device(args.device))}, torch {torch.__version__}")
         reference, tokenizer = load_default_model(device=args.device)
         eval_tokens = tokenize_text(tokenizer, builtin_text("evaluation"))
         for name in todo:

@@ -33,6 +33,15 @@ def test_a_resumed_row_says_its_time_is_a_part(tmp_path):
     assert any(line.startswith("| lift-cal-ft-72/24 (72/24) | 2.516 | 146.8 | 15.67 |  | 85 |") for line in lines)
 
 
+def test_re_rendering_keeps_the_recorded_machine_and_command(tmp_path):
+    """Rendering recorded rows again (nothing to measure) on another machine must not name this one."""
+    _write(tmp_path / "acc.json", {"lift-cal-fte-48/20": _row("lift-cal-fte-48/20", alpha=0.25)})
+    accuracy.main(["--rows", "lift-cal-fte-48/20", "--alpha", "0.25", "--out", str(tmp_path / "acc")])
+    text = (tmp_path / "acc.md").read_text()
+    assert "Machine: vm: H100." in text and "Commands: `python benchmarks/accuracy.py`" in text
+    assert json.loads((tmp_path / "acc.json").read_text())["machine"] == "vm: H100"
+
+
 def test_rows_measured_at_another_alpha_are_refused(tmp_path):
     _write(tmp_path / "acc.json", {"lift-cal-ft-48/20": _row("lift-cal-ft-48/20")})  # no alpha recorded: 0.5
     with pytest.raises(SystemExit, match="measured at another --alpha"):
