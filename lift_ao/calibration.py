@@ -306,7 +306,8 @@ def _hessians(block, linears: list, inputs: list, device, token_weights: Optiona
         token_weights: {name in ``linears``: [(B, T) per batch]} (:func:`_output_sensitivity`): then
             each linear accumulates Σ w_t x_t x_tᵀ with its own weights and a group's Hessian is the
             mean of its members'.
-    Returns [(names, H (K, K) float64 = Σ x xᵀ / tokens)] in the order the groups first run.
+    Returns [(names, H (K, K) float64 = Σ x xᵀ / tokens, on the block's device)] in the order the
+    groups first run.
     """
     groups: list = []  # [names, H, tokens]
     group_of: dict = {}
@@ -325,15 +326,14 @@ def _hessians(block, linears: list, inputs: list, device, token_weights: Optiona
                 group_of[name] = index
                 groups[index][0].append(name)
             group = groups[group_of[name]]
-            if token_weights is not None:  # every member, weighted by its own outputs' sensitivity
+            first = group[0][0] == name
+            # Unweighted, the first member accumulates for the group; weighted, every member with its
+            # own outputs' sensitivity.
+            if first or token_weights is not None:
                 flat = x.detach().reshape(-1, x.shape[-1]).float()
-                weights = token_weights[name][batch].to(flat.device).reshape(-1, 1)
-                group[1] += (flat.T @ (flat * weights)).double()
-                group[2] += flat.shape[0] if group[0][0] == name else 0
-            elif group[0][0] == name:  # the first member accumulates for the group
-                flat = x.detach().reshape(-1, x.shape[-1]).float()
-                group[1] += (flat.T @ flat).double()
-                group[2] += flat.shape[0]
+                weighted = flat if token_weights is None else flat * token_weights[name][batch].to(flat.device).reshape(-1, 1)
+                group[1] += (flat.T @ weighted).double()
+                group[2] += flat.shape[0] if first else 0
         return record
 
     handles = [module.register_forward_pre_hook(hook(name)) for name, module in linears]
@@ -345,10 +345,9 @@ def _hessians(block, linears: list, inputs: list, device, token_weights: Optiona
     finally:
         for handle in handles:
             handle.remove()
-    # Accumulated where the block runs, not copied to the host and added there in float64 per batch and
-    # group; returned on the CPU as before.
-    return [(names, (h / max(count, 1) / (len(names) if token_weights is not None else 1)).cpu())
-            for names, h, count in groups]
+    # Accumulated and left where the block runs (its coding uses them there): not copied to the host
+    # and added there in float64 per batch and group.
+    return [(names, h / max(count, 1) / (len(names) if token_weights is not None else 1)) for names, h, count in groups]
 
 
 def _quantize_group(modules: list, hessian: torch.Tensor, lattice: Lattice, config: LiftQuantConfig,
@@ -585,6 +584,11 @@ def adam_steps(parameters: list, lr: float, steps: int, loss_at, on_step=None, *
 _ROTATION_STEP = 0.1
 
 
+def _tuned_rotation(weight: LiftQuantTensor, turn: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    """(left, right) rotation factors F + _ROTATION_STEP·ΔF of ``weight`` for the tuned (ΔL, ΔR)."""
+    return weight.rotation_left + _ROTATION_STEP * turn[0], weight.rotation_right + _ROTATION_STEP * turn[1]
+
+
 def finetune_block(block: torch.nn.Module, groups: list, inputs: list, targets: list, *, steps: int, lr: float,
                    device, code_rounds: int = 0, tune_rotation: bool = False) -> tuple[float, float]:
     """Tune a coded block's LiftQuant weights against target outputs, in place: codes, then scales.
@@ -622,11 +626,7 @@ def finetune_block(block: torch.nn.Module, groups: list, inputs: list, targets: 
 
     def rotation(g: int) -> Optional[tuple]:
         """Group g's current (left, right) factors; None when they are not tuned."""
-        if not tune_rotation:
-            return None
-        leader = old[groups[g][0]]
-        return (leader.rotation_left + _ROTATION_STEP * deltas[g][0],
-                leader.rotation_right + _ROTATION_STEP * deltas[g][1])
+        return _tuned_rotation(old[groups[g][0]], deltas[g]) if tune_rotation else None
 
     def units(codes: dict) -> dict:
         return {name: _unit_weight(old[name], codes[name]) for name in names}

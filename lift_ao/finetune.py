@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from lift_ao.calibration import (_ROTATION_STEP, _code_blocks, _code_signs, _decoder_blocks, _scaled_signs, _scaled_unit,
-                                 _tuned_weight, _unit_weight, adam_steps)
+from lift_ao.calibration import (_code_blocks, _code_signs, _decoder_blocks, _scaled_signs, _scaled_unit,
+                                 _tuned_rotation, _tuned_weight, _unit_weight, adam_steps)
 from lift_ao.io import SHARD_SUFFIX, CheckpointError, _sha256, load_shard, save_shard
 from lift_ao.tensor import LiftQuantTensor, share_constants
 from lift_ao.transform import unrotate
@@ -164,11 +164,6 @@ _MAPPING_STEP = 0.1
 def _tuned_mapping(weight: LiftQuantTensor, delta: torch.Tensor) -> torch.Tensor:
     """(d, D) the lattice matrix M + _MAPPING_STEP·Δ of ``weight`` for the tuned Δ."""
     return weight.mapping + _MAPPING_STEP * delta
-
-
-def _tuned_rotation(weight: LiftQuantTensor, turn: tuple) -> tuple[torch.Tensor, torch.Tensor]:
-    """(left, right) rotation factors F + _ROTATION_STEP·ΔF of ``weight`` for the tuned (ΔL, ΔR)."""
-    return weight.rotation_left + _ROTATION_STEP * turn[0], weight.rotation_right + _ROTATION_STEP * turn[1]
 
 
 def _dense_weights_by_shape(quantized: dict, log_r: dict, log_s: dict, mapping_delta: dict, rotation_delta: dict):
