@@ -245,7 +245,8 @@ def _run_block(block, inputs: list, device) -> list:
     return out
 
 
-def _output_sensitivity(model, linears: list, tokens: torch.Tensor, batch_size: int, device) -> dict:
+def _output_sensitivity(model, linears: list, tokens: torch.Tensor, batch_size: int, device,
+                        progress: bool = True) -> dict:
     """{name: [(B, T) float32 per batch of ``tokens``]} for each (name, module) of ``linears`` (the
     model's linears to code): w_t = Σ_n g_tn² per position t, with g_t the gradient of ℓ, the negative
     log-likelihood of labels sampled from the model's own next-token distributions (one per position),
@@ -255,7 +256,8 @@ def _output_sensitivity(model, linears: list, tokens: torch.Tensor, batch_size: 
     with respect to the weight is Σ_t g_t x_tᵀ) summed over the linear's outputs, positions taken
     apart: GuidedQuant's end-loss-guided Hessian (Kim et al., 2025) with one group of outputs. Tokens
     whose outputs the loss hardly feels weigh less than the plain XᵀX says. Costs one forward and
-    backward pass of the whole model over ``tokens`` on ``device`` (on a 2-core CPU ~3× a forward).
+    backward pass of the whole model over ``tokens`` on ``device`` (on a 2-core CPU ~3× a forward),
+    shown as a tqdm bar over sequences unless ``progress`` is False.
     """
     energy = {name: [] for name, _ in linears}
     outputs = {}
@@ -271,6 +273,7 @@ def _output_sensitivity(model, linears: list, tokens: torch.Tensor, batch_size: 
     handles = [m.register_forward_hook(record(name)) for name, m in linears]
     handles.append(model.get_input_embeddings().register_forward_hook(differentiable))
     generator = torch.Generator(device=device).manual_seed(0)
+    bar = tqdm(total=len(tokens), desc="output sensitivity", unit="seq", disable=not progress)
     try:
         with torch.enable_grad():
             for batch in tokens.split(batch_size):
@@ -288,9 +291,11 @@ def _output_sensitivity(model, linears: list, tokens: torch.Tensor, batch_size: 
                                                                   grad_outputs=grad.to(logits.dtype))):
                         per_sequence[name].append(g.float().pow(2).sum(-1))
                     outputs.clear()
+                    bar.update(1)
                 for name, rows in per_sequence.items():
                     energy[name].append(torch.cat(rows))
     finally:
+        bar.close()
         for handle in handles:
             handle.remove()
     for name, per_batch in energy.items():  # kept on the device until all batches ran: no sync per linear
@@ -872,7 +877,7 @@ def calibrate(
             model.to(device)
             coded = [(prefix + name, module) for block, prefix in zip(blocks, prefixes)
                      for name, module in quantizable_linears(block, config)]
-            sensitivity = _output_sensitivity(model, coded, tokens, batch_size, device)
+            sensitivity = _output_sensitivity(model, coded, tokens, batch_size, device, progress)
             model.to(home)
         with torch.no_grad():
             # Everything but the blocks runs where it is; the first block's inputs are captured there.
