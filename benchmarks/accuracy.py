@@ -47,7 +47,8 @@ from pathlib import Path
 import torch
 
 import lift_ao
-from lift_ao.calibration import DEFAULT_ALPHA, builtin_calibration_tokens, builtin_calibration_tokens_after, calibrate
+from lift_ao.calibration import (DEFAULT_ALPHA, DEFAULT_REFINE_PASSES, builtin_calibration_tokens,
+                                 builtin_calibration_tokens_after, calibrate)
 from lift_ao.finetune import finetune_end_to_end
 from lift_ao.sensitivity import SENSITIVITY_TOKENS, calibrated_sensitivity
 from lift_ao.data import DEFAULT_MODEL_NOTE, builtin_text, load_default_model, tokenize_text
@@ -181,8 +182,8 @@ def run_row(name: str, reference, tokenizer, eval_tokens, args) -> dict:
                     finetune["code_rounds"] = args.code_rounds
                 row["finetune"] = finetune
             calibrate(model, config, calibration, device=args.device, checkpoint_dir=checkpoint, alpha=args.alpha,
-                      guided=args.guided, **finetune)
-            row["alpha"] = args.alpha
+                      guided=args.guided, refine_passes=args.refine_passes, **finetune)
+            row["alpha"], row["refine_passes"] = args.alpha, args.refine_passes
             if args.guided:
                 row["guided"] = True
             if name.startswith("lift-cal-fte-"):
@@ -275,7 +276,10 @@ def _markdown(doc: dict) -> str:
         "calibration split in sequences of 512, input-scale strength α = "
         + "/".join(f"{a:g}" for a in sorted({r.get("alpha", 0.5) for r in doc["rows"].values()
                                               if r["method"].startswith("lift-cal-")} or {0.5}))
-        + " (per row: the JSON's `alpha`; 0.5 where absent), Hessian damping 1%"
+        + " (per row: the JSON's `alpha`; 0.5 where absent), Hessian damping 1%, "
+        + "/".join(str(p) for p in sorted({r.get("refine_passes", 0) for r in doc["rows"].values()
+                                           if r["method"].startswith("lift-cal-")} or {0}))
+        + " Gauss-Seidel refinement passes after LDLQ (per row: the JSON's `refine_passes`; 0 where absent)"
         + ("; rows marked guided (the JSON's `guided`): each token's share of a linear's Hessian weighted by "
            "its outputs' sensitivity (--guided, `calibrate(guided=True)`)"
            if any(r.get("guided") for r in doc["rows"].values()) else "")
@@ -381,6 +385,9 @@ def main(argv=None) -> None:
                         "weights (the same values; the CPU reference op is ~5x slower than a dense matmul)")
     parser.add_argument("--guided", action="store_true", help="calibrated rows: Hessians weighted per token by "
                         "the model's output sensitivity (lift_ao.calibrate(guided=True))")
+    parser.add_argument("--refine-passes", type=int, default=DEFAULT_REFINE_PASSES, help="calibrated rows: "
+                        "Gauss-Seidel passes after LDLQ (lift_ao.calibrate's refine_passes; default "
+                        f"{DEFAULT_REFINE_PASSES}; rows before it was recorded used 0)")
     parser.add_argument("--alpha", type=float, default=DEFAULT_ALPHA, help="calibrated rows: input-scale strength "
                         f"α (lift_ao.calibrate's alpha; default {DEFAULT_ALPHA}; rows before it was recorded used 0.5)")
     parser.add_argument("--finetune-steps", type=int, default=16, help="lift-cal-ft rows: Adam steps per decoder block")
