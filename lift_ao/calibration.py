@@ -17,6 +17,9 @@ sensitivities from the same tokens), then every layer is calibrated at its plann
   data-free encoding does, so the feedback acts in the domain the lattice was trained for; the row
   scale is then refitted by least squares in the H-metric, ``r = ⟨w, ŵ⟩_H / ⟨ŵ, ŵ⟩_H``. With
   ``H ∝ I`` no error is fed back and the codes are those of the data-free encoding.
+* **Refinement** (``refine_passes``, default 2). LDLQ codes each block before the later blocks'
+  errors exist; Gauss-Seidel passes then revisit every block at its optimum given all the others and
+  keep the new code in the rows where the exact H-weighted error falls (:func:`_refine_blocks`).
 * **Streaming.** One decoder block at a time is moved to ``device`` with its calibration inputs;
   block i+1's inputs are the outputs of the *quantized* block i. Linears that read the same tensor
   (q/k/v, gate/up) share one Hessian, and those of them with the same lattice one set of scales and
