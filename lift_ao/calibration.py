@@ -78,7 +78,7 @@ DEFAULT_ALPHA = 0.25
 
 # Gauss-Seidel passes of calibrate after block LDLQ (hessian_encode_rows' refine_passes). LDLQ codes each
 # block before it sees the later blocks' errors; revisiting every block given all the others lowered the
-# H-weighted error of SmolLM2's layers by 3-4 % in two passes, and perplexity with block fine-tuning
+# H-weighted error of SmolLM2's layers by 2.5-3.7 % in two passes, and perplexity with block fine-tuning
 # 19.98 -> 19.55, -2.2 % [-4.1, -0.2] (CPU, 16384 tokens, 48/20, 32 windows;
 # benchmarks/results/accuracy_refine_16k_cpu.md), for about twice LDLQ's search time.
 DEFAULT_REFINE_PASSES = 2
@@ -118,6 +118,8 @@ def hessian_encode_rows(
     """
     n, kp = rotated.shape
     d = lattice.d
+    if isinstance(refine_passes, bool) or not isinstance(refine_passes, int) or refine_passes < 0:
+        raise ValueError(f"refine_passes must be an int >= 0, got {refine_passes!r}")
     if kp % d:
         raise ValueError(f"rotated rows have {kp} columns, not a multiple of the block length {d}")
     if hessian.shape != (kp, kp):

@@ -179,8 +179,10 @@ def calibrated_sensitivity(
         found = json.loads(stored.read_text())
         if found["identity"] == identity:
             return found["scores"]
+    # Block LDLQ alone (refine_passes=0), as when these scores were measured to pay off: a probe only
+    # ranks the layers, and so scores stored before the refinement passes existed stay valid.
     probe = calibrate(copy.deepcopy(model), liftquant(lattice=lattice, seed=seed), tokens, device=device,
-                      alpha=alpha, checkpoint_dir=checkpoint_dir,
+                      alpha=alpha, refine_passes=0, checkpoint_dir=checkpoint_dir,
                       overwrite=overwrite, progress=progress)
     scores = measure_sensitivity(probe, model, score_tokens, progress=progress)
     if stored is not None:

@@ -181,6 +181,8 @@ def test_bad_input_is_refused():
         calibrate(torch.nn.Sequential(torch.nn.Linear(4, 4)), config, token_batch())
     with pytest.raises(ValueError, match="refine_passes must be an int >= 0"):
         calibrate(tiny_llama(), config, token_batch(), refine_passes=-1)
+    with pytest.raises(ValueError, match="refine_passes must be an int >= 0"):
+        hessian_encode_rows(torch.randn(4, 16), torch.eye(16), Lattice.load(LATTICE), refine_passes=-1)
     with pytest.raises(ValueError, match="hessian must be"):
         hessian_encode_rows(torch.randn(4, 16), torch.eye(8), Lattice.load(LATTICE))
 
