@@ -183,11 +183,11 @@ def _refine_blocks(target: torch.Tensor, decoded: torch.Tensor, codes: torch.Ten
         current = decoded[:, block].double()
         optimum = current + torch.linalg.solve(h_jj, error_h[:, block].T).T
         candidate_codes = nearest_codes(optimum.to(torch.float32), lattice, chunk_size=chunk)
-        candidate = lattice.decode(candidate_codes).double()
-        new_error, old_error = candidate - optimum, current - optimum
+        candidate = lattice.decode(candidate_codes)
+        new_error, old_error = candidate.double() - optimum, current - optimum
         better = ((new_error @ h_jj) * new_error).sum(1) < ((old_error @ h_jj) * old_error).sum(1)
-        step = torch.where(better[:, None], candidate - current, torch.zeros_like(candidate))
-        decoded[:, block] += step.to(decoded.dtype)
+        step = torch.where(better[:, None], candidate.double() - current, torch.zeros_like(current))
+        decoded[:, block] = torch.where(better[:, None], candidate.to(decoded.dtype), decoded[:, block])
         codes[:, j] = torch.where(better[:, None], candidate_codes, codes[:, j])
         error_h -= step @ h[block, :]
 
