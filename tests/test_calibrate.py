@@ -1,6 +1,7 @@
 """Calibrated LiftQuant (lift_ao.calibrate): Hessian-aware rounding, input scales, streaming, resume."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -161,6 +162,18 @@ def test_refined_calibration_codes_closer_to_the_model_and_is_part_of_the_checkp
     # Blocks coded without refinement are not resumed into a refined run.
     with pytest.raises(lift_ao.CheckpointError, match="another"):
         calibrate(copy.deepcopy(model), config, tokens, checkpoint_dir=tmp_path / "ldlq", progress=False)
+
+
+@pytest.mark.parametrize("option, expected", [([], calibration.DEFAULT_REFINE_PASSES), (["--refine-passes", "0"], 0)])
+def test_command_line_passes_the_refine_passes(tmp_path, monkeypatch, capsys, option, expected):
+    from test_resume import run_cli
+
+    asked = []
+    monkeypatch.setattr(calibration, "calibrate", lambda *a, **k: asked.append(k["refine_passes"]) or calibrate(*a, **k))
+    assert run_cli(tmp_path / "run", "--json", "--calibrate", *option) == 0
+    assert asked == [expected] and json.loads(capsys.readouterr().out)["refine_passes"] == expected
+    assert run_cli(tmp_path / "not_calibrated", "--refine-passes", "1") == 2
+    assert "add --calibrate" in capsys.readouterr().err
 
 
 def test_bad_input_is_refused():

