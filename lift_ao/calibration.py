@@ -118,8 +118,7 @@ def hessian_encode_rows(
     """
     n, kp = rotated.shape
     d = lattice.d
-    if isinstance(refine_passes, bool) or not isinstance(refine_passes, int) or refine_passes < 0:
-        raise ValueError(f"refine_passes must be an int >= 0, got {refine_passes!r}")
+    _check_count("refine_passes", refine_passes)
     if kp % d:
         raise ValueError(f"rotated rows have {kp} columns, not a multiple of the block length {d}")
     if hessian.shape != (kp, kp):
@@ -149,6 +148,12 @@ def hessian_encode_rows(
         _refine_blocks(rotated / row_scale[:, None], decoded, codes, h, lattice, chunk)
         row_scale = _row_scale(rotated, decoded, h)
     return codes.flatten(1), row_scale.to(torch.float32)
+
+
+def _check_count(name: str, value) -> None:
+    """Raise ValueError unless ``value`` is an int >= 0 (a bool is not)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be an int >= 0, got {value!r}")
 
 
 def _row_scale(rotated: torch.Tensor, decoded: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
@@ -912,9 +917,8 @@ def calibrate(
         raise ValueError(f"finetune_steps must be an int >= 0 and finetune_lr > 0, got {finetune_steps!r}, {finetune_lr!r}")
     if finetune_rotation and not finetune_steps:
         raise ValueError("finetune_rotation=True tunes the rotation in the fine-tuning steps: give finetune_steps > 0")
-    for name, value in (("code_rounds", code_rounds), ("refine_passes", refine_passes)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+    _check_count("code_rounds", code_rounds)
+    _check_count("refine_passes", refine_passes)  # before any work, though hessian_encode_rows checks it too
     blocks = _decoder_blocks(model)
     tokens = _check_tokens(tokens, model.get_input_embeddings().weight.shape[0])
     home = next(model.parameters()).device
