@@ -48,7 +48,7 @@ import torch
 
 import lift_ao
 from lift_ao.calibration import (DEFAULT_ALPHA, DEFAULT_REFINE_PASSES, builtin_calibration_tokens,
-                                 builtin_calibration_tokens_after, calibrate)
+                                 builtin_calibration_tokens_after, calibrate, default_refine_passes)
 from lift_ao.finetune import finetune_end_to_end
 from lift_ao.sensitivity import SENSITIVITY_TOKENS, calibrated_sensitivity
 from lift_ao.data import DEFAULT_MODEL_NOTE, builtin_text, load_default_model, tokenize_text
@@ -120,6 +120,18 @@ def _lattice_of(row: str) -> str:
     return LIFT_LATTICES.get(suffix, suffix)
 
 
+# What calibrated rows recorded before these entries existed were measured with.
+UNRECORDED_SETTINGS = {"alpha": 0.5, "refine_passes": 0}
+
+
+def _calibration_settings(row: str, args: argparse.Namespace) -> dict:
+    """The calibrate settings a calibrated row runs with, as its JSON records them (absent entries:
+    UNRECORDED_SETTINGS)."""
+    refine_passes = (default_refine_passes(end_to_end=row.startswith("lift-cal-fte-"))
+                     if args.refine_passes is None else args.refine_passes)
+    return {"alpha": args.alpha, "refine_passes": refine_passes}
+
+
 def _is_row(name: str) -> bool:
     lattice_row = re.fullmatch(r"lift-(cal-(ft[ce]?-)?)?(\d+/\d+)", name)
     plan_row = re.fullmatch(r"lift-cal-(ft[ce]?-)?plan-(.+)", name)
@@ -181,9 +193,10 @@ def run_row(name: str, reference, tokenizer, eval_tokens, args) -> dict:
                 if name.startswith("lift-cal-ftc-"):
                     finetune["code_rounds"] = args.code_rounds
                 row["finetune"] = finetune
-            calibrate(model, config, calibration, device=args.device, checkpoint_dir=checkpoint, alpha=args.alpha,
-                      guided=args.guided, refine_passes=args.refine_passes, **finetune)
-            row["alpha"], row["refine_passes"] = args.alpha, args.refine_passes
+            settings = _calibration_settings(name, args)
+            calibrate(model, config, calibration, device=args.device, checkpoint_dir=checkpoint,
+                      guided=args.guided, **settings, **finetune)
+            row.update(settings)
             if args.guided:
                 row["guided"] = True
             if name.startswith("lift-cal-fte-"):
@@ -274,10 +287,11 @@ def _markdown(doc: dict) -> str:
         "",
         "Calibrated rows (`lift-cal-*`): `lift_ao.calibrate` with the first --calibration-tokens tokens of the "
         "calibration split in sequences of 512, input-scale strength α = "
-        + "/".join(f"{a:g}" for a in sorted({r.get("alpha", 0.5) for r in doc["rows"].values()
+        + "/".join(f"{a:g}" for a in sorted({r.get("alpha", UNRECORDED_SETTINGS["alpha"]) for r in doc["rows"].values()
                                               if r["method"].startswith("lift-cal-")} or {0.5}))
         + " (per row: the JSON's `alpha`; 0.5 where absent), Hessian damping 1%, "
-        + "/".join(str(p) for p in sorted({r.get("refine_passes", 0) for r in doc["rows"].values()
+        + "/".join(str(p) for p in sorted({r.get("refine_passes", UNRECORDED_SETTINGS["refine_passes"])
+                                           for r in doc["rows"].values()
                                            if r["method"].startswith("lift-cal-")} or {0}))
         + " Gauss-Seidel refinement passes after LDLQ (per row: the JSON's `refine_passes`; 0 where absent)"
         + ("; rows marked guided (the JSON's `guided`): each token's share of a linear's Hessian weighted by "
@@ -385,9 +399,10 @@ def main(argv=None) -> None:
                         "weights (the same values; the CPU reference op is ~5x slower than a dense matmul)")
     parser.add_argument("--guided", action="store_true", help="calibrated rows: Hessians weighted per token by "
                         "the model's output sensitivity (lift_ao.calibrate(guided=True))")
-    parser.add_argument("--refine-passes", type=int, default=DEFAULT_REFINE_PASSES, help="calibrated rows: "
-                        "Gauss-Seidel passes after LDLQ (lift_ao.calibrate's refine_passes; default "
-                        f"{DEFAULT_REFINE_PASSES}; rows before it was recorded used 0)")
+    parser.add_argument("--refine-passes", type=int, default=None, help="calibrated rows: Gauss-Seidel passes "
+                        f"after LDLQ (lift_ao.calibrate's refine_passes; default {DEFAULT_REFINE_PASSES}, 0 for "
+                        "lift-cal-fte rows: lift_ao.calibration.default_refine_passes; rows before it was recorded "
+                        "used 0)")
     parser.add_argument("--alpha", type=float, default=DEFAULT_ALPHA, help="calibrated rows: input-scale strength "
                         f"α (lift_ao.calibrate's alpha; default {DEFAULT_ALPHA}; rows before it was recorded used 0.5)")
     parser.add_argument("--finetune-steps", type=int, default=16, help="lift-cal-ft rows: Adam steps per decoder block")
@@ -425,10 +440,13 @@ def main(argv=None) -> None:
         sys.exit(f"{json_path} holds rows measured with {doc['windows']} windows × {doc['context']} tokens; "
                  "use the same --windows/--context or another --out")
     doc.update(windows=args.windows, context=args.context)
-    other_alpha = [n for n in names if n.startswith("lift-cal-") and n in doc["rows"]
-                   and doc["rows"][n].get("alpha", 0.5) != args.alpha]
-    if other_alpha and not args.redo:
-        sys.exit(f"{json_path} holds {other_alpha} measured at another --alpha; use --redo or another --out")
+    # A recorded row answers a request only if it was measured with the requested settings.
+    other_settings = [n for n in names if n.startswith("lift-cal-") and n in doc["rows"]
+                      and any(doc["rows"][n].get(k, UNRECORDED_SETTINGS[k]) != v
+                              for k, v in _calibration_settings(n, args).items())]
+    if other_settings and not args.redo:
+        sys.exit(f"{json_path} holds {other_settings} measured at another --alpha or --refine-passes; use --redo "
+                 "or another --out")
     todo = [n for n in names if args.redo or n not in doc["rows"]]
     if not todo:
         print("nothing to do: every requested row is in the results (pass --redo to measure again)")

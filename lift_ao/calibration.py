@@ -66,7 +66,7 @@ from lift_ao.search import nearest_codes
 from lift_ao.tensor import LiftQuantTensor, _shared_mapping, _shared_rotation, share_constants
 from lift_ao.transform import padded_in_features, rotate, unrotate
 
-__all__ = ["adam_steps", "builtin_calibration_tokens", "builtin_calibration_tokens_after", "calibrate", "finetune_block", "hessian_encode_rows", "input_scales"]
+__all__ = ["adam_steps", "builtin_calibration_tokens", "builtin_calibration_tokens_after", "calibrate", "default_refine_passes", "finetune_block", "hessian_encode_rows", "input_scales"]
 
 
 # Input-scale strength of calibrate. Block LDLQ already weights the error by H, so strong AWQ-style
@@ -82,6 +82,18 @@ DEFAULT_ALPHA = 0.25
 # 19.98 -> 19.55, -2.2 % [-4.1, -0.2] (CPU, 16384 tokens, 48/20, 32 windows;
 # benchmarks/results/accuracy_refine_16k_cpu.md), for about twice LDLQ's search time.
 DEFAULT_REFINE_PASSES = 2
+
+
+def default_refine_passes(end_to_end: bool) -> int:
+    """The refinement passes to run when the user names none: :data:`DEFAULT_REFINE_PASSES`, or 0 when
+    the end-to-end stage (:func:`lift_ao.finetune_end_to_end`) follows the block stage.
+
+    Measured on the built-in model's two best GPU recipes (262144 block tokens, 1024 end-to-end steps,
+    200 windows): with the passes the held-out KL after the block stage fell 3-4 %, but perplexity moved
+    -0.0 % (±0.5 %) at 2.4 and 3.0 bits: the end-to-end stage recovers what the better rounding gives,
+    and the passes cost ~4 minutes on an H100 (benchmarks/results/accuracy_w200_refine_h200.md).
+    """
+    return 0 if end_to_end else DEFAULT_REFINE_PASSES
 
 
 def input_scales(second_moments: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -899,7 +911,9 @@ def calibrate(
             (benchmarks/results/accuracy_w200_guided_h100.md).
         refine_passes: Gauss-Seidel passes over each group's column blocks after the Hessian-aware
             rounding (:func:`hessian_encode_rows`; :data:`DEFAULT_REFINE_PASSES`, measured; 0: LDLQ
-            alone, as before 2026-11-27). Each costs about one more lattice search per block.
+            alone, as before 2026-11-27). Each costs about one more lattice search per block. Before
+            :func:`lift_ao.finetune_end_to_end` they measured no gain: pass
+            ``default_refine_passes(end_to_end=True)`` (0) there.
         progress: a tqdm bar over blocks (with fine-tuning: the last block's output error after/before).
     Returns:
         ``model``; linears outside the decoder blocks (``lm_head``) are left as they are.

@@ -123,8 +123,8 @@ def _cmd_quantize(args) -> dict:
     # Finished layers are kept under --out as they are done, so a killed run resumes where it stopped.
     partial = args.out / PARTIAL_DIR if args.out else None
     if args.calibrate:
-        from lift_ao.calibration import (DEFAULT_ALPHA, DEFAULT_REFINE_PASSES, builtin_calibration_tokens,
-                                         builtin_calibration_tokens_after, calibrate)
+        from lift_ao.calibration import (DEFAULT_ALPHA, builtin_calibration_tokens, builtin_calibration_tokens_after,
+                                         calibrate, default_refine_passes)
         from lift_ao.sensitivity import SENSITIVITY_TOKENS
 
         calibration = builtin_calibration_tokens(tokenizer, args.calibration_tokens)
@@ -132,8 +132,8 @@ def _cmd_quantize(args) -> dict:
         report["finetune_steps"], report["code_rounds"] = args.finetune_steps, args.code_rounds
         alpha = DEFAULT_ALPHA if args.alpha is None else args.alpha
         report["finetune_rotation"], report["alpha"], report["guided"] = args.finetune_rotation, alpha, args.guided
-        refine_passes = report["refine_passes"] = (DEFAULT_REFINE_PASSES if args.refine_passes is None
-                                                   else args.refine_passes)
+        refine_passes = report["refine_passes"] = (default_refine_passes(end_to_end=args.e2e_steps > 0)
+                                                   if args.refine_passes is None else args.refine_passes)
         if args.e2e_steps < 0:
             raise ValueError(f"--e2e-steps must be >= 0, got {args.e2e_steps}")
         # Checked before calibrating, which may take long, rather than when the end-to-end stage starts.
@@ -316,9 +316,10 @@ def _parser() -> argparse.ArgumentParser:
                    "the whole model first; on the built-in model -0.6 %% perplexity with --calibration-tokens 262144, but "
                    "+1.5 %% with the default 16384: it needs many tokens; benchmarks/results/accuracy_w200_guided_h100.md)")
     q.add_argument("--refine-passes", type=int, default=None, help="with --calibrate: Gauss-Seidel passes over each "
-                   "layer's column blocks after the Hessian-aware rounding (default 2, "
-                   "lift_ao.calibration.DEFAULT_REFINE_PASSES: -2.2 %% perplexity on the built-in model for about "
-                   "twice the rounding's search time; 0: none; benchmarks/results/accuracy_refine_16k_cpu.md)")
+                   "layer's column blocks after the Hessian-aware rounding (default 2: -2.2 %% perplexity on the "
+                   "built-in model for about twice the rounding's search time, accuracy_refine_16k_cpu.md; but 0 "
+                   "with --e2e-steps, after which they measured no gain, accuracy_w200_refine_h200.md; "
+                   "lift_ao.calibration.default_refine_passes)")
     q.add_argument("--finetune-steps", type=int, default=0, help="with --calibrate: Adam steps per decoder block "
                    "tuning row and input scales against the full-precision block outputs (default 0: none; 16 is "
                    "what benchmarks/results/accuracy.md measured)")

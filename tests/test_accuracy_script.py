@@ -1,5 +1,6 @@
 """benchmarks/accuracy.py's bookkeeping (no model run): the table of recorded rows, resumed rows, α checks."""
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -26,7 +27,8 @@ def _write(path: Path, rows: dict) -> None:
 
 def test_a_resumed_row_says_its_time_is_a_part(tmp_path):
     _write(tmp_path / "acc.json", {"lift-cal-fte-48/20": _row("lift-cal-fte-48/20", alpha=0.25, resumed=True),
-                                   "lift-cal-ft-72/24": _row("lift-cal-ft-72/24", alpha=0.25, resumed=False)})
+                                   "lift-cal-ft-72/24": _row("lift-cal-ft-72/24", alpha=0.25, refine_passes=2,
+                                                             resumed=False)})
     accuracy.main(["--rows", "lift-cal-fte-48/20,lift-cal-ft-72/24", "--out", str(tmp_path / "acc")])
     lines = (tmp_path / "acc.md").read_text().splitlines()
     assert any(line.startswith("| lift-cal-fte-48/20 (48/20) | 2.516 | 146.8 | 15.67 |  | 85 (resumed) |") for line in lines)
@@ -42,26 +44,46 @@ def test_re_rendering_keeps_the_recorded_machine_and_command(tmp_path):
     assert json.loads((tmp_path / "acc.json").read_text())["machine"] == "vm: H100"
 
 
-def test_rows_measured_at_another_alpha_are_refused(tmp_path):
-    _write(tmp_path / "acc.json", {"lift-cal-ft-48/20": _row("lift-cal-ft-48/20")})  # no alpha recorded: 0.5
-    with pytest.raises(SystemExit, match="measured at another --alpha"):
-        accuracy.main(["--rows", "lift-cal-ft-48/20", "--alpha", "0.25", "--out", str(tmp_path / "acc")])
+@pytest.mark.parametrize("recorded, options", [
+    ({}, ["--alpha", "0.25", "--refine-passes", "0"]),  # nothing recorded: α 0.5
+    ({"alpha": 0.25}, []),  # nothing recorded: LDLQ alone, while a lift-cal-ft row now refines twice
+    ({"alpha": 0.25, "refine_passes": 2}, ["--refine-passes", "1"]),
+])
+def test_rows_measured_with_other_calibration_settings_are_refused(tmp_path, recorded, options):
+    _write(tmp_path / "acc.json", {"lift-cal-ft-48/20": _row("lift-cal-ft-48/20", **recorded)})
+    with pytest.raises(SystemExit, match="measured at another --alpha or --refine-passes"):
+        accuracy.main(["--rows", "lift-cal-ft-48/20", *options, "--out", str(tmp_path / "acc")])
+    accuracy.main(["--rows", "lift-cal-ft-48/20", "--alpha", str(recorded.get("alpha", 0.5)), "--refine-passes",
+                   str(recorded.get("refine_passes", 0)), "--out", str(tmp_path / "acc")])  # its own settings: kept
+    assert (tmp_path / "acc.md").is_file()
+
+
+def test_each_calibrated_row_gets_its_default_refine_passes():
+    """Two passes for block-stage rows, none before the end-to-end stage (lift_ao.calibration.default_refine_passes);
+    --refine-passes sets every row's. (That calibrate receives them: the plan and end-to-end tests below.)"""
+    settings = lambda row, passes=None: accuracy._calibration_settings(  # noqa: E731
+        row, argparse.Namespace(alpha=0.25, refine_passes=passes))
+    assert settings("lift-cal-ft-48/20") == {"alpha": 0.25, "refine_passes": 2}
+    assert settings("lift-cal-fte-plan-48/20") == {"alpha": 0.25, "refine_passes": 0}
+    assert settings("lift-cal-fte-48/20", 1)["refine_passes"] == settings("lift-cal-48/20", 1)["refine_passes"] == 1
 
 
 def test_a_dotted_out_name_keeps_its_tail(tmp_path):
-    _write(tmp_path / "alpha_0.25.json", {"lift-cal-ft-48/20": _row("lift-cal-ft-48/20", alpha=0.25)})
+    _write(tmp_path / "alpha_0.25.json", {"lift-cal-ft-48/20": _row("lift-cal-ft-48/20", alpha=0.25, refine_passes=2)})
     accuracy.main(["--rows", "lift-cal-ft-48/20", "--alpha", "0.25", "--out", str(tmp_path / "alpha_0.25")])
     assert (tmp_path / "alpha_0.25.md").is_file() and not (tmp_path / "alpha_0.md").exists()
 
 
 def test_plan_scores_reach_the_plan_rows_config(tmp_path, monkeypatch):
-    """--plan-scores FILE: the plan row calibrates with liftquant(memory_budget=..., scores=FILE's)."""
+    """--plan-scores FILE: the plan row calibrates with liftquant(memory_budget=..., scores=FILE's) (and,
+    being a block-stage row, the default two refinement passes)."""
     scores = {"model.layers.0.mlp.up_proj": 2.0}
     (tmp_path / "scores.json").write_text(json.dumps(scores))
     configs = []
 
     def calibrate(model, config, *args, **kwargs):
         configs.append(config)
+        assert kwargs["refine_passes"] == 2 and kwargs["alpha"] == 0.25
         raise KeyboardInterrupt  # stop before any work
 
     monkeypatch.setattr(accuracy, "calibrate", calibrate)
@@ -100,9 +122,9 @@ def test_measured_plan_scores_come_from_calibrated_sensitivity(tmp_path, monkeyp
 
 def test_end_to_end_options_reach_the_stage_and_the_table(tmp_path, monkeypatch):
     """--e2e-tune-mapping / --e2e-tune-rotation reach finetune_end_to_end; a row recorded with them says
-    so in the table's description of the end-to-end stage."""
-    options = []
-    monkeypatch.setattr(accuracy, "calibrate", lambda *args, **kwargs: None)
+    so in the table's description of the end-to-end stage. Its block stage runs without refinement passes."""
+    options, block_stage = [], []
+    monkeypatch.setattr(accuracy, "calibrate", lambda *args, **kwargs: block_stage.append(kwargs))
 
     def finetune_end_to_end(*args, **kwargs):
         options.append(kwargs)
@@ -112,6 +134,7 @@ def test_end_to_end_options_reach_the_stage_and_the_table(tmp_path, monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         accuracy.main(["--rows", "lift-cal-fte-48/20", "--e2e-steps", "8", "--e2e-tune-mapping", "--out", str(tmp_path / "run")])
     assert options[0]["tune_mapping"] is True and options[0]["tune_rotation"] is False and options[0]["steps"] == 8
+    assert block_stage[0]["refine_passes"] == 0
     stage = dict(steps=1024, lr=0.003, batch_size=4, held_out=0.035, tokens=917504)
     _write(tmp_path / "acc.json", {"lift-cal-fte-48/20": _row("lift-cal-fte-48/20", alpha=0.25, calibration_tokens=262144,
                                                                end_to_end=dict(stage, tune_mapping=True,
@@ -130,9 +153,9 @@ def test_rows_are_compared_to_the_reference_window_by_window(tmp_path):
                     seconds=1.0, window_nll=window_nll)
 
     reference = _row("lift-reference") | {"method": "reference", "lattices": [], "eval": evaluated([2.0, 2.5, 3.0, 2.2])}
-    quantized = _row("lift-cal-ft-48/20", alpha=0.25) | {"eval": evaluated([2.1, 2.6, 3.1, 2.3])}
+    quantized = _row("lift-cal-ft-48/20", alpha=0.25, refine_passes=2) | {"eval": evaluated([2.1, 2.6, 3.1, 2.3])}
     _write(tmp_path / "acc.json", {"reference": reference, "lift-cal-ft-48/20": quantized,
-                                   "lift-cal-ft-72/24": _row("lift-cal-ft-72/24", alpha=0.25)})
+                                   "lift-cal-ft-72/24": _row("lift-cal-ft-72/24", alpha=0.25, refine_passes=2)})
     accuracy.main(["--rows", "lift-cal-ft-48/20", "--alpha", "0.25", "--out", str(tmp_path / "acc")])
     lines = (tmp_path / "acc.md").read_text().splitlines()
     # Every window 0.1 nats worse: +10.5 %, with no spread.

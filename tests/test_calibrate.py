@@ -164,7 +164,9 @@ def test_refined_calibration_codes_closer_to_the_model_and_is_part_of_the_checkp
         calibrate(copy.deepcopy(model), config, tokens, checkpoint_dir=tmp_path / "ldlq", progress=False)
 
 
-@pytest.mark.parametrize("option, expected", [([], calibration.DEFAULT_REFINE_PASSES), (["--refine-passes", "0"], 0)])
+@pytest.mark.parametrize("option, expected", [([], calibration.DEFAULT_REFINE_PASSES), (["--refine-passes", "0"], 0),
+                                              (["--e2e-steps", "1"], 0),  # measured no gain before that stage
+                                              (["--e2e-steps", "1", "--refine-passes", "1"], 1)])
 def test_command_line_passes_the_refine_passes(tmp_path, monkeypatch, capsys, option, expected):
     from test_resume import run_cli
 
