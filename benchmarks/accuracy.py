@@ -17,7 +17,7 @@ the disjoint *calibration* split. Rows:
     lift-cal-fte-{bits}       lift-cal-ft, then end-to-end fine-tuning of all scales against the reference
                               model's logits (lift_ao.finetune_end_to_end: --e2e-steps, --e2e-lr)
     lift-plan-2.4             mixed widths planned by sensitivity at the bytes of uniform 2.4 bits
-    lift-cal[-ft|-fte]-plan-{bits}  a calibrated row at mixed widths: liftquant(memory_budget=the bytes
+    lift-cal[-ft|-fte]-plan-{bits}  a calibrated row at mixed widths (--plan-window): liftquant(memory_budget=the bytes
                               of uniform {bits} (a rate or D/d, as above)), planned by lift_ao.calibrate
                               with the calibration tokens
 
@@ -47,6 +47,7 @@ from pathlib import Path
 import torch
 
 import lift_ao
+from lift_ao.budget import DEFAULT_RATE_WINDOW, parse_rate_window
 from lift_ao.calibration import (DEFAULT_ALPHA, DEFAULT_REFINE_PASSES, builtin_calibration_tokens,
                                  builtin_calibration_tokens_after, calibrate, default_refine_passes)
 from lift_ao.finetune import finetune_end_to_end
@@ -121,15 +122,16 @@ def _lattice_of(row: str) -> str:
 
 
 # What calibrated rows recorded before these entries existed were measured with.
-UNRECORDED_SETTINGS = {"alpha": 0.5, "refine_passes": 0}
+UNRECORDED_SETTINGS = {"alpha": 0.5, "refine_passes": 0, "rate_window": DEFAULT_RATE_WINDOW}
 
 
 def _calibration_settings(row: str, args: argparse.Namespace) -> dict:
     """The calibrate settings a calibrated row runs with, as its JSON records them (absent entries:
-    UNRECORDED_SETTINGS)."""
+    UNRECORDED_SETTINGS); plan rows' include the plan's rate window."""
     refine_passes = (default_refine_passes(end_to_end=row.startswith("lift-cal-fte-"))
                      if args.refine_passes is None else args.refine_passes)
-    return {"alpha": args.alpha, "refine_passes": refine_passes}
+    return {"alpha": args.alpha, "refine_passes": refine_passes, **({"rate_window": args.plan_window}
+                                                                   if "-plan-" in row else {})}
 
 
 def _is_row(name: str) -> bool:
@@ -183,7 +185,7 @@ def run_row(name: str, reference, tokenizer, eval_tokens, args) -> dict:
                         checkpoint_dir=None if checkpoint is None else checkpoint / "sensitivity")
                 elif args.plan_scores is not None:
                     scores = json.loads(Path(args.plan_scores).read_text())
-                config = lift_ao.liftquant(memory_budget=budget, scores=scores)
+                config = lift_ao.liftquant(memory_budget=budget, scores=scores, rate_window=args.plan_window)
                 if scores is not None:
                     row["plan_scores"] = str(args.plan_scores)
             finetune = {}
@@ -194,8 +196,8 @@ def run_row(name: str, reference, tokenizer, eval_tokens, args) -> dict:
                     finetune["code_rounds"] = args.code_rounds
                 row["finetune"] = finetune
             settings = _calibration_settings(name, args)
-            calibrate(model, config, calibration, device=args.device, checkpoint_dir=checkpoint,
-                      guided=args.guided, **settings, **finetune)
+            calibrate(model, config, calibration, device=args.device, checkpoint_dir=checkpoint, guided=args.guided,
+                      alpha=settings["alpha"], refine_passes=settings["refine_passes"], **finetune)
             row.update(settings)
             if args.guided:
                 row["guided"] = True
@@ -318,7 +320,14 @@ def _markdown(doc: dict) -> str:
                              + (", each input transform's rotation factors tuned too (--e2e-tune-rotation; stored per "
                                 "transform)" if r['end_to_end'].get("tune_rotation") else "")
                              for r in doc["rows"].values() if r.get("end_to_end")}))
-           or "none measured yet") + ".",
+           or "none measured yet") + "."
+        + (" `lift-cal-*-plan-*`: a lattice per linear, planned to the row's bytes by sensitivity among the lattices "
+           "within " + "/".join(sorted({f"±{w:g} bits" if w is not None else "any distance" for w in (
+               r.get("rate_window", UNRECORDED_SETTINGS["rate_window"]) for r in doc["rows"].values()
+               if "-plan-" in r["method"])}, key=str))
+           + " of the uniform plan's rate (per row: the JSON's `rate_window`; "
+           f"{UNRECORDED_SETTINGS['rate_window']:g} where absent; --plan-window)."
+           if any("-plan-" in r["method"] and r["method"].startswith("lift-cal-") for r in doc["rows"].values()) else ""),
         "",
         "HQQ rows (`hqq-*`): torchao's HQQ optimiser with its defaults (per-group scale and zero fitted by "
         "half-quadratic splitting of an ℓp<1 error, 20 iterations, groups along K). On this model it beats "
@@ -394,6 +403,9 @@ def main(argv=None) -> None:
     parser.add_argument("--plan-budget", type=int, default=None,
                         help="memory budget in bytes of the lift-cal-*-plan-* rows (default: the data-free uniform "
                              "plan's bytes at the row's lattice; calibrated groups' own input signs come out of it)")
+    parser.add_argument("--plan-window", type=parse_rate_window,
+                        default=DEFAULT_RATE_WINDOW, help="lift-cal-*-plan-* rows: the plan's rate window in bits "
+                        f"(lift_ao.plan's rate_window; 'none': any; default {DEFAULT_RATE_WINDOW})")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--eval-dense", action="store_true", help="evaluate lift_ao rows with their dequantized "
                         "weights (the same values; the CPU reference op is ~5x slower than a dense matmul)")
@@ -445,8 +457,8 @@ def main(argv=None) -> None:
                       and any(doc["rows"][n].get(k, UNRECORDED_SETTINGS[k]) != v
                               for k, v in _calibration_settings(n, args).items())]
     if other_settings and not args.redo:
-        sys.exit(f"{json_path} holds {other_settings} measured at another --alpha or --refine-passes; use --redo "
-                 "or another --out")
+        sys.exit(f"{json_path} holds {other_settings} measured at another --alpha, --refine-passes or --plan-window; "
+                 "use --redo or another --out")
     todo = [n for n in names if args.redo or n not in doc["rows"]]
     if not todo:
         print("nothing to do: every requested row is in the results (pass --redo to measure again)")

@@ -132,15 +132,16 @@ def quantize(
         # A budget is resolved here, where the whole model is visible: one lattice per layer.
         from dataclasses import replace
 
-        from lift_ao.budget import plan
+        from lift_ao.budget import DEFAULT_RATE_WINDOW, plan
 
         budget_plan = plan(
             model, config.memory_budget, reserve=config.reserve, kv_cache=config.kv_cache,
             allocation=config.allocation, calibration=calibration, include_lm_head=config.include_lm_head,
-            filter_fn=filter_fn, seed=config.seed, device=device, scores=config.scores,
+            filter_fn=filter_fn, seed=config.seed, device=device, scores=config.scores, rate_window=config.rate_window,
         )
         layer_configs = {
-            name: replace(config, lattice=lattice, memory_budget=None, reserve=0, kv_cache=None, scores=None)
+            name: replace(config, lattice=lattice, memory_budget=None, reserve=0, kv_cache=None, scores=None,
+                          rate_window=DEFAULT_RATE_WINDOW)
             for name, lattice in budget_plan.lattices().items()
         }
     elif calibration is not None:

@@ -64,6 +64,14 @@ _SIZE = re.compile(r"^\s*([+-]?)\s*(\d+(?:\.\d*)?|\.\d+)(?:e([+-]?\d+))?\s*([a-z
 
 ALLOCATIONS = ("sensitivity", "uniform")
 
+# plan's rate window: with sensitivity allocation, only lattices within this many bits of the uniform
+# plan's rate. The built-in score (‖W‖² · E[x²]) is independent per layer, so without a window it sends
+# some layers to ~1.5 bits, whose damage compounds: on SmolLM2-135M at 2.49 bits/weight the unbounded
+# plan had perplexity 4525, ±0.4 bits 407, uniform 717 (benchmarks/results/accuracy.md). Measured
+# scores (lift_ao.calibrated_sensitivity) tolerate a wider one: ±1.0 bits was -0.6 % [-1.1, -0.0]
+# perplexity against ±0.4 in the best 2.4-bit recipe (benchmarks/results/accuracy_w200_window_h200.md).
+DEFAULT_RATE_WINDOW = 0.4
+
 # Real shapes of models to plan without downloading them (Hugging Face config fields).
 PRESETS = {
     "llama3-70b": dict(
@@ -637,6 +645,18 @@ def _model_from_config(config, dtype: Optional[torch.dtype]) -> torch.nn.Module:
         return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
+def parse_rate_window(text: str) -> Optional[float]:
+    """A command line's rate window: bits (``"1.0"``), or ``"none"`` for no window."""
+    return None if text.strip().lower() == "none" else float(text)
+
+
+def check_rate_window(rate_window) -> None:
+    """Raise :class:`BudgetError` unless ``rate_window`` is None or a finite number of bits ≥ 0."""
+    if rate_window is not None and (isinstance(rate_window, bool) or not isinstance(rate_window, numbers.Real)
+                                    or not math.isfinite(rate_window) or rate_window < 0):
+        raise BudgetError(f"rate_window must be None (no window) or bits >= 0 such as 0.4, got {rate_window!r}")
+
+
 def plan(
     model_or_config,
     memory_budget: Union[int, str],
@@ -651,7 +671,7 @@ def plan(
     device=None,
     dtype: Optional[torch.dtype] = None,
     lattices: Optional[Iterable[Lattice]] = None,
-    rate_window: Optional[float] = 0.4,
+    rate_window: Optional[float] = DEFAULT_RATE_WINDOW,
     scores: Optional[dict] = None,
 ) -> Plan:
     """Choose a shipped lattice per linear layer so the model fits ``memory_budget``; touches no weight.
@@ -673,11 +693,9 @@ def plan(
         dtype: dtype of the high-precision parts when building from a config (default: the
             config's dtype, else bfloat16).
         lattices: candidate lattices (default: all shipped).
-        rate_window: sensitivity only: use only the candidates within this many bits of the rate the
-            uniform plan reaches (None: all). Layer scores are independent, so an unbounded spread
-            sends some layers to ~1.5 bits, whose damage compounds through the network: on
-            SmolLM2-135M at 2.49 bits/weight the unbounded mixed plan had perplexity 4525, the
-            ±0.4-bit one 407, uniform 717 (benchmarks/results/accuracy.md).
+        rate_window: sensitivity only: use only the candidates within this many bits (≥ 0) of the
+            rate the uniform plan reaches (None: all); :data:`DEFAULT_RATE_WINDOW` says why 0.4, and
+            that measured ``scores`` did better with 1.0.
         scores: sensitivity only: {layer FQN: weight ≥ 0} for every layer to plan, replacing the
             built-in score (‖W‖²_F · E[x²]): a layer's distortion at lattice j is score × MSE_j. For
             measured sensitivities: the loss increase the layer causes at lattice r, divided by MSE_r.
@@ -690,6 +708,7 @@ def plan(
     from lift_ao.api import quantizable_linears
     from lift_ao.config import LiftQuantConfig
 
+    check_rate_window(rate_window)
     budget = parse_bytes(memory_budget, "memory_budget")
     reserve = parse_bytes(reserve, "reserve", allow_zero=True)
     kv_cache = normalize_kv_cache(kv_cache)

@@ -91,7 +91,7 @@ def default_refine_passes(end_to_end: bool) -> int:
     Measured on the built-in model's two best GPU recipes (262144 block tokens, 1024 end-to-end steps,
     200 windows): with the passes the held-out KL after the block stage fell 3-4 %, but perplexity moved
     -0.0 % (±0.5 %) at 2.4 and 3.0 bits: the end-to-end stage recovers what the better rounding gives,
-    and the passes cost ~4 minutes on an H100 (benchmarks/results/accuracy_w200_refine_h200.md).
+    and the passes cost ~4 minutes on the GPU (benchmarks/results/accuracy_w200_refine_h200.md).
     """
     return 0 if end_to_end else DEFAULT_REFINE_PASSES
 
@@ -851,7 +851,8 @@ def _planned_lattices(model, prefixes: tuple, config: LiftQuantConfig, tokens: t
     scored = config.allocation == "sensitivity" and config.scores is None  # else the scores are given
     budget_plan = plan(model, config.memory_budget, reserve=config.reserve + own, kv_cache=config.kv_cache,
                        allocation=config.allocation, calibration=list(tokens.split(batch_size)) if scored else None,
-                       include_lm_head=config.include_lm_head, seed=config.seed, device=device, scores=config.scores)
+                       include_lm_head=config.include_lm_head, seed=config.seed, device=device, scores=config.scores,
+                       rate_window=config.rate_window)
     outside = [name for name in budget_plan.lattices() if not name.startswith(prefixes)]
     if outside:
         raise ValueError(f"the memory budget's plan also codes {outside}, which calibrate leaves in high "

@@ -81,11 +81,14 @@ def _add_eval_options(p: argparse.ArgumentParser) -> None:
 def _cmd_quantize(args) -> dict:
     import lift_ao
     from lift_ao.api import quantizable_linears, resolve_device
+    from lift_ao.budget import DEFAULT_RATE_WINDOW
     from lift_ao.evaluate import format_change, perplexity_ratio
 
     device = str(resolve_device(args.device or _default_device()))
     if args.memory_budget is not None and (args.bits is not None or args.lattice is not None):
         raise ValueError("--memory-budget replaces --bits and --lattice: give one of the three")
+    if args.rate_window != DEFAULT_RATE_WINDOW and args.memory_budget is None:
+        raise ValueError("--rate-window bounds the lattices a --memory-budget plan mixes: add --memory-budget SIZE")
     if args.measure_sensitivity and not (args.calibrate and args.memory_budget is not None):
         raise ValueError("--measure-sensitivity plans a --memory-budget in calibrated mode: add --calibrate and "
                          "--memory-budget SIZE")
@@ -100,11 +103,12 @@ def _cmd_quantize(args) -> dict:
     if args.lattice is not None or args.memory_budget is not None:
         bits = None
     config = lift_ao.liftquant(bits=bits, lattice=args.lattice, memory_budget=args.memory_budget, seed=args.seed,
-                               include_lm_head=args.lm_head, beam_width=args.beam_width)
+                               include_lm_head=args.lm_head, beam_width=args.beam_width,
+                               **({} if args.memory_budget is None else {"rate_window": args.rate_window}))
     t0 = time.perf_counter()
     model, tokenizer = _load_model(args.model, device)
     report = {"model": args.model, "device": device, "lattice": config.lattice, "bits_requested": bits,
-              "memory_budget": args.memory_budget,
+              "memory_budget": args.memory_budget, "rate_window": config.rate_window if args.memory_budget else None,
               "load_seconds": round(time.perf_counter() - t0, 2)}
     targets = quantizable_linears(model, config)
     linear_weights = sum(m.weight.numel() for _, m in targets)
@@ -236,7 +240,7 @@ def _cmd_plan(args) -> dict:
     if args.batch != 1 and kv_cache is None:
         raise ValueError("--batch sizes the KV cache: give --context too")
     result = plan(source, args.budget, reserve=args.reserve, kv_cache=kv_cache, allocation=args.allocation,
-                  include_lm_head=args.lm_head)
+                  include_lm_head=args.lm_head, rate_window=args.rate_window)
     result = replace(result, model_name=args.preset or str(args.hf_config))
     _log(args, str(result) if args.layers else result.summary())
     return result.to_dict()
@@ -277,6 +281,8 @@ def _cmd_bench(args) -> dict:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from lift_ao.budget import ALLOCATIONS, DEFAULT_RATE_WINDOW, PRESETS, parse_rate_window
+
     parser = argparse.ArgumentParser(prog="lift-ao", description="LiftQuant continuous bit-width weight quantization.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -295,6 +301,10 @@ def _parser() -> argparse.ArgumentParser:
                    "(lift_ao.calibrated_sensitivity, on the 16384 calibration tokens after those the other stages "
                    "read) instead of the built-in score: at 2.4 bits 1.4 %% lower perplexity on the built-in model "
                    "for one more calibration (benchmarks/results/accuracy_w200_h100.md)")
+    q.add_argument("--rate-window", type=parse_rate_window, default=DEFAULT_RATE_WINDOW, metavar="BITS",
+                   help=f"with --memory-budget: the planned lattices stay within BITS of the uniform plan's rate "
+                   f"(default {DEFAULT_RATE_WINDOW}; 'none': any). With --measure-sensitivity 1.0 measured -0.6 %% "
+                   "perplexity at 2.4 bits on the built-in model (benchmarks/results/accuracy_w200_window_h200.md)")
     q.add_argument("--seed", type=int, default=0, help="seed of the input rotations (default 0)")
     q.add_argument("--beam-width", type=int, default=None, help="beam width of the nearest-code search (default: "
                    "the lattice's, 64 for D >= 40, else 32); wider is slower and a little more accurate")
@@ -359,8 +369,6 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("lattice", help="train or list lattices (same as python -m lift_ao.lattice)", add_help=False)
 
-    from lift_ao.budget import ALLOCATIONS, PRESETS
-
     pl = sub.add_parser("plan", help="choose per-layer lattices so a model fits a memory budget (no weights needed)",
                         description="Plan a model on the meta device from its Hugging Face config: what stays in high "
                                     "precision, the KV cache, and a lattice per linear layer filling the rest.")
@@ -372,6 +380,9 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--batch", type=int, default=1, help="sequences in the KV cache (default 1)")
     pl.add_argument("--allocation", choices=ALLOCATIONS, default="sensitivity", help="mixed widths by sensitivity "
                     "(default) or one lattice for all layers")
+    pl.add_argument("--rate-window", type=parse_rate_window, default=DEFAULT_RATE_WINDOW, metavar="BITS",
+                    help=f"sensitivity allocation: lattices within BITS of the uniform plan's rate (default "
+                    f"{DEFAULT_RATE_WINDOW}; 'none': any)")
     pl.add_argument("--lm-head", action="store_true", help="also quantize the output projection")
     pl.add_argument("--layers", action="store_true", help="print the per-layer table, not only the totals")
     pl.add_argument("--json", action="store_true", help="print the plan as one JSON document on stdout")

@@ -17,6 +17,7 @@ import torch
 from torchao.core.config import AOBaseConfig
 from torchao.quantization.transform_module import register_quantize_module_handler
 
+from lift_ao.budget import DEFAULT_RATE_WINDOW
 from lift_ao.lattice import Lattice, LatticeError
 from lift_ao.search import check_beam_width
 from lift_ao.tensor import LiftQuantTensor
@@ -35,8 +36,9 @@ class LiftQuantConfig(AOBaseConfig):
         progress: show a progress bar while encoding each weight.
         memory_budget: bytes the model must fit (parsed by :func:`lift_ao.budget.parse_bytes`);
             when set, :func:`lift_ao.quantize` plans a lattice per layer (:func:`lift_ao.plan`).
-        reserve, kv_cache, allocation, scores: see :func:`lift_ao.plan` (budget configs only; scores,
-            e.g. from :func:`lift_ao.measure_sensitivity`, with allocation="sensitivity").
+        reserve, kv_cache, allocation, scores, rate_window: see :func:`lift_ao.plan` (budget configs
+            only; scores, e.g. from :func:`lift_ao.measure_sensitivity`, and rate_window with
+            allocation="sensitivity").
         beam_width: beam width of the nearest-code search (positive int); None = each lattice's
             default (:func:`lift_ao.search.default_beam_width`). Wider: lower error, slower encode.
     """
@@ -51,17 +53,19 @@ class LiftQuantConfig(AOBaseConfig):
     allocation: str = "sensitivity"
     beam_width: Optional[int] = None
     scores: Optional[dict] = None
+    rate_window: Optional[float] = DEFAULT_RATE_WINDOW
 
     def __post_init__(self):
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be a non-negative int, got {self.seed!r}")
         check_beam_width(self.beam_width)
         if self.memory_budget is None:
-            if self.reserve or self.kv_cache is not None or self.scores is not None:
-                raise ValueError("reserve=, kv_cache= and scores= only apply with memory_budget=...")
+            if (self.reserve or self.kv_cache is not None or self.scores is not None
+                    or self.rate_window != DEFAULT_RATE_WINDOW):
+                raise ValueError("reserve=, kv_cache=, scores= and rate_window= only apply with memory_budget=...")
             Lattice.load(self.lattice)  # fail at construction for an unknown lattice
             return
-        from lift_ao.budget import ALLOCATIONS, BudgetError, normalize_kv_cache, parse_bytes
+        from lift_ao.budget import ALLOCATIONS, BudgetError, check_rate_window, normalize_kv_cache, parse_bytes
 
         if self.lattice is not None:
             raise ValueError("give either lattice=... or memory_budget=..., not both")
@@ -72,6 +76,7 @@ class LiftQuantConfig(AOBaseConfig):
             raise BudgetError(f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
         if self.scores is not None and (self.allocation != "sensitivity" or not isinstance(self.scores, dict)):
             raise BudgetError("scores= must be a dict {layer FQN: weight} and weighs allocation='sensitivity' only")
+        check_rate_window(self.rate_window)
 
     @property
     def bits(self) -> float:
@@ -82,7 +87,7 @@ def liftquant(
     bits: Optional[float] = None, *, lattice: Optional[str] = None, round: str = "down", seed: int = 0,
     include_lm_head: bool = False, progress: bool = False, memory_budget=None, reserve=0,
     kv_cache: Optional[dict] = None, allocation: str = "sensitivity", beam_width: Optional[int] = None,
-    scores: Optional[dict] = None,
+    scores: Optional[dict] = None, rate_window: Optional[float] = DEFAULT_RATE_WINDOW,
 ) -> LiftQuantConfig:
     """Config for ``torchao.quantization.quantize_``.
 
@@ -97,6 +102,8 @@ def liftquant(
         allocation: ``"sensitivity"`` (mixed per-layer widths) or ``"uniform"`` (budget only).
         scores: {layer FQN: sensitivity weight} replacing the planner's built-in score, e.g. from
             :func:`lift_ao.measure_sensitivity` (budget with allocation="sensitivity" only).
+        rate_window: bits around the uniform plan's rate the per-layer lattices may take, None for
+            any (budget with allocation="sensitivity" only; :func:`lift_ao.plan`).
         round, seed, include_lm_head, progress, beam_width: see :meth:`Lattice.for_bits` and
             :class:`LiftQuantConfig`.
     Returns:
@@ -107,13 +114,14 @@ def liftquant(
             "liftquant needs exactly one of bits=... (e.g. 2.4), lattice=... (e.g. '24/10') or "
             "memory_budget=... (e.g. '24GiB')"
         )
-    if memory_budget is None and (reserve or kv_cache is not None or allocation != "sensitivity" or scores is not None):
-        raise ValueError("reserve=, kv_cache=, allocation= and scores= only apply with memory_budget=...")
+    if memory_budget is None and (reserve or kv_cache is not None or allocation != "sensitivity" or scores is not None
+                                  or rate_window != DEFAULT_RATE_WINDOW):
+        raise ValueError("reserve=, kv_cache=, allocation=, scores= and rate_window= only apply with memory_budget=...")
     if memory_budget is not None:
         return LiftQuantConfig(
             lattice=None, seed=seed, include_lm_head=include_lm_head, progress=progress,
             memory_budget=memory_budget, reserve=reserve, kv_cache=kv_cache, allocation=allocation,
-            beam_width=beam_width, scores=scores,
+            beam_width=beam_width, scores=scores, rate_window=rate_window,
         )
     if bits is not None:
         if isinstance(bits, bool) or not isinstance(bits, (int, float)) or not math.isfinite(bits):

@@ -51,20 +51,28 @@ def test_re_rendering_keeps_the_recorded_machine_and_command(tmp_path):
 ])
 def test_rows_measured_with_other_calibration_settings_are_refused(tmp_path, recorded, options):
     _write(tmp_path / "acc.json", {"lift-cal-ft-48/20": _row("lift-cal-ft-48/20", **recorded)})
-    with pytest.raises(SystemExit, match="measured at another --alpha or --refine-passes"):
+    with pytest.raises(SystemExit, match="measured at another --alpha, --refine-passes or --plan-window"):
         accuracy.main(["--rows", "lift-cal-ft-48/20", *options, "--out", str(tmp_path / "acc")])
     accuracy.main(["--rows", "lift-cal-ft-48/20", "--alpha", str(recorded.get("alpha", 0.5)), "--refine-passes",
                    str(recorded.get("refine_passes", 0)), "--out", str(tmp_path / "acc")])  # its own settings: kept
     assert (tmp_path / "acc.md").is_file()
 
 
+def test_plan_rows_measured_with_another_window_are_refused(tmp_path):
+    _write(tmp_path / "acc.json", {"lift-cal-fte-plan-48/20": _row("lift-cal-fte-plan-48/20", alpha=0.25)})  # ±0.4
+    with pytest.raises(SystemExit, match="--plan-window"):
+        accuracy.main(["--rows", "lift-cal-fte-plan-48/20", "--plan-window", "1.0", "--out", str(tmp_path / "acc")])
+    accuracy.main(["--rows", "lift-cal-fte-plan-48/20", "--out", str(tmp_path / "acc")])
+    assert "within ±0.4 bits of the uniform plan's rate" in (tmp_path / "acc.md").read_text()
+
+
 def test_each_calibrated_row_gets_its_default_refine_passes():
     """Two passes for block-stage rows, none before the end-to-end stage (lift_ao.calibration.default_refine_passes);
     --refine-passes sets every row's. (That calibrate receives them: the plan and end-to-end tests below.)"""
     settings = lambda row, passes=None: accuracy._calibration_settings(  # noqa: E731
-        row, argparse.Namespace(alpha=0.25, refine_passes=passes))
+        row, argparse.Namespace(alpha=0.25, refine_passes=passes, plan_window=1.0))
     assert settings("lift-cal-ft-48/20") == {"alpha": 0.25, "refine_passes": 2}
-    assert settings("lift-cal-fte-plan-48/20") == {"alpha": 0.25, "refine_passes": 0}
+    assert settings("lift-cal-fte-plan-48/20") == {"alpha": 0.25, "refine_passes": 0, "rate_window": 1.0}
     assert settings("lift-cal-fte-48/20", 1)["refine_passes"] == settings("lift-cal-48/20", 1)["refine_passes"] == 1
 
 
@@ -75,7 +83,8 @@ def test_a_dotted_out_name_keeps_its_tail(tmp_path):
 
 
 def test_plan_scores_reach_the_plan_rows_config(tmp_path, monkeypatch):
-    """--plan-scores FILE: the plan row calibrates with liftquant(memory_budget=..., scores=FILE's) (and,
+    """--plan-scores FILE, --plan-window: the plan row calibrates with liftquant(memory_budget=..., scores=FILE's,
+    rate_window=...) (and,
     being a block-stage row, the default two refinement passes)."""
     scores = {"model.layers.0.mlp.up_proj": 2.0}
     (tmp_path / "scores.json").write_text(json.dumps(scores))
@@ -89,8 +98,8 @@ def test_plan_scores_reach_the_plan_rows_config(tmp_path, monkeypatch):
     monkeypatch.setattr(accuracy, "calibrate", calibrate)
     with pytest.raises(KeyboardInterrupt):
         accuracy.main(["--rows", "lift-cal-ft-plan-48/20", "--plan-scores", str(tmp_path / "scores.json"),
-                       "--out", str(tmp_path / "acc")])
-    assert configs[0].scores == scores and configs[0].memory_budget > 0
+                       "--plan-window", "none", "--out", str(tmp_path / "acc")])
+    assert configs[0].scores == scores and configs[0].memory_budget > 0 and configs[0].rate_window is None
 
 
 def test_measured_plan_scores_come_from_calibrated_sensitivity(tmp_path, monkeypatch):

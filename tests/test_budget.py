@@ -127,6 +127,12 @@ def test_liftquant_budget_config_validation():
         lift_ao.liftquant(memory_budget="24GiB", allocation="greedy")
     with pytest.raises(BudgetError, match="not a size"):
         lift_ao.liftquant(memory_budget="lots")
+    assert lift_ao.liftquant(memory_budget="24GiB", rate_window=None).rate_window is None
+    for bad in (-0.1, float("nan"), "1.0", True):
+        with pytest.raises(BudgetError, match="rate_window must be"):
+            lift_ao.liftquant(memory_budget="24GiB", rate_window=bad)
+    with pytest.raises(ValueError, match="only apply with memory_budget"):
+        lift_ao.liftquant(bits=SHIPPED[0].bits, rate_window=1.0)
 
 
 # ----- byte model on real shapes (meta device) ------------------------------------------------
@@ -263,6 +269,10 @@ def test_sensitivity_rates_stay_within_the_window_around_the_uniform_rate():
     assert len(windowed) > 1 and all(abs(bits - rate) <= 0.2 + 1e-9 for bits in windowed), (rate, windowed)
     unbounded = {layer.bits for layer in plan(model, budget, rate_window=None).layers}
     assert max(abs(bits - rate) for bits in unbounded) > 0.2, (rate, unbounded)
+    # A budget config's window reaches the plan lift_ao.quantize makes.
+    quantized = lift_ao.quantize(model, lift_ao.liftquant(memory_budget=budget, rate_window=None), progress=False)
+    assert {m.weight.lattice.bits for m in quantized.modules()
+            if isinstance(getattr(m, "weight", None), lift_ao.LiftQuantTensor)} == unbounded
 
 
 # ----- exact accounting and end to end on a tiny Llama -----------------------------------------
@@ -349,6 +359,11 @@ def test_cli_plan(capsys, tmp_path):
     config.write_text(json.dumps(PRESETS["qwen2.5-32b"]))
     assert cli_main(["plan", "--hf-config", str(tmp_path), "--budget", "12GiB"]) == 0
     assert "448 layers" in capsys.readouterr().out  # Qwen2.5-32B: 64 layers × 7 linears
+    assert cli_main(["plan", "--preset", "llama3-8b", "--budget", "4GiB", "--rate-window", "none", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(
+        plan(PRESETS["llama3-8b"], "4GiB", rate_window=None).to_dict() | {"model": "llama3-8b"}))
+    assert cli_main(["plan", "--preset", "llama3-8b", "--budget", "4GiB", "--rate-window", "-1"]) == 2
+    assert "rate_window must be" in capsys.readouterr().err
     assert cli_main(["plan", "--preset", "llama3-8b", "--budget", "4 gigs"]) == 2
     assert "not a size" in capsys.readouterr().err
     assert cli_main(["plan", "--preset", "llama3-8b", "--budget", "1GiB"]) == 2

@@ -61,11 +61,12 @@ def test_quantize_plans_a_memory_budget(tmp_path, capsys):
 def test_quantize_measures_sensitivity_for_a_budget(tmp_path, monkeypatch, capsys):
     """--measure-sensitivity: lift_ao.calibrated_sensitivity on the calibration text after what the block
     and end-to-end stages read (16384 tokens), resumable under DIR/lift_ao.partial/sensitivity; calibrate
-    then plans from those scores."""
+    then plans from those scores, within --rate-window."""
     from test_resume import run_cli
     from tiny_models import token_batch
 
     import lift_ao
+    import lift_ao.budget
     import lift_ao.calibration
 
     text = token_batch(seed=5, batch=600, length=32)
@@ -82,15 +83,18 @@ def test_quantize_measures_sensitivity_for_a_budget(tmp_path, monkeypatch, capsy
     calibrate = lift_ao.calibration.calibrate
     monkeypatch.setattr(lift_ao.calibration, "calibrate", lambda model, config, *a, **k: planned.append(config.scores) or
                         calibrate(model, config, *a, **k))
+    plan, windows = lift_ao.budget.plan, []
+    monkeypatch.setattr(lift_ao.budget, "plan", lambda *a, **k: windows.append(k["rate_window"]) or plan(*a, **k))
     assert run_cli(tmp_path / "out", "--json", "--memory-budget", str(_budget()), "--calibrate", "--calibration-tokens",
-                   "128", "--e2e-tokens", "1024", "--measure-sensitivity", "--e2e-steps", "1", lattice=None,
-                   calibration_tokens=prefix) == 0
+                   "128", "--e2e-tokens", "1024", "--measure-sensitivity", "--e2e-steps", "1", "--rate-window", "1.0",
+                   lattice=None, calibration_tokens=prefix) == 0
     report = json.loads(capsys.readouterr().out)
     # The block stage read 4 sequences of 32, the end-to-end stage 32: the scores come from the next 512.
     assert torch.equal(seen["tokens"], text[:4]) and torch.equal(seen["score_tokens"], text[32:544])
     assert seen["checkpoint_dir"] == tmp_path / "out" / "lift_ao.partial" / "sensitivity"
     assert report["sensitivity_tokens"] == 512 * 32 and seen["budget"] == str(_budget())
     assert planned == [seen["scores"]]  # the one calibration of the model plans from the measured scores
+    assert windows[-1] == report["rate_window"] == 1.0  # calibrate's plan (the last; measuring plans uniform)
     assert not (tmp_path / "out" / "lift_ao.partial").exists()  # removed with the rest once the model is saved
 
 
@@ -102,6 +106,8 @@ def test_quantize_refuses_conflicting_budget_options(tmp_path, capsys):
     assert run_cli(tmp_path / "c", "--memory-budget", "1MB", "--measure-sensitivity", lattice=None) == 2
     assert run_cli(tmp_path / "d", "--calibrate", "--measure-sensitivity") == 2
     assert "--memory-budget" in capsys.readouterr().err
+    assert run_cli(tmp_path / "e", "--rate-window", "1.0") == 2
+    assert "add --memory-budget" in capsys.readouterr().err
 
 
 def test_quantize_reports_the_change_in_perplexity_window_by_window(tmp_path, capsys):

@@ -89,7 +89,7 @@ def test_bad_inputs_are_refused(measured):
             same.get_submodule(name).weight = torch.nn.Parameter(module.weight.dequantize())
     with pytest.raises(ValueError, match="nothing to plan on"):
         lift_ao.measure_sensitivity(model, same, tokens)
-    with pytest.raises(ValueError, match="scores= only apply with memory_budget"):
+    with pytest.raises(ValueError, match="scores= and rate_window= only apply with memory_budget"):
         lift_ao.liftquant(bits=2.4, scores={})
 
 
