@@ -303,8 +303,8 @@ def _parser() -> argparse.ArgumentParser:
                    "for one more calibration (benchmarks/results/accuracy_w200_h100.md)")
     q.add_argument("--rate-window", type=parse_rate_window, default=DEFAULT_RATE_WINDOW, metavar="BITS",
                    help=f"with --memory-budget: the planned lattices stay within BITS of the uniform plan's rate "
-                   f"(default {DEFAULT_RATE_WINDOW}; 'none': any). With --measure-sensitivity 1.0 measured -0.6 %% "
-                   "perplexity at 2.4 bits on the built-in model (benchmarks/results/accuracy_w200_window_h200.md)")
+                   f"(default {DEFAULT_RATE_WINDOW}; 'none': any). With --measure-sensitivity and --e2e-steps 1.0 measured "
+                   "-0.6 %% perplexity at 2.4 bits on the built-in model (benchmarks/results/accuracy_w200_window_h200.md)")
     q.add_argument("--seed", type=int, default=0, help="seed of the input rotations (default 0)")
     q.add_argument("--beam-width", type=int, default=None, help="beam width of the nearest-code search (default: "
                    "the lattice's, 64 for D >= 40, else 32); wider is slower and a little more accurate")
