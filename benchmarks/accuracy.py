@@ -48,8 +48,8 @@ import torch
 
 import lift_ao
 from lift_ao.budget import DEFAULT_RATE_WINDOW, parse_rate_window
-from lift_ao.calibration import (DEFAULT_ALPHA, DEFAULT_REFINE_PASSES, builtin_calibration_tokens,
-                                 builtin_calibration_tokens_after, calibrate, default_refine_passes)
+from lift_ao.calibration import DEFAULT_ALPHA, builtin_calibration_tokens, builtin_calibration_tokens_after, calibrate
+from lift_ao.rounding import DEFAULT_REFINE_PASSES, default_refine_passes
 from lift_ao.finetune import finetune_end_to_end
 from lift_ao.sensitivity import SENSITIVITY_TOKENS, calibrated_sensitivity
 from lift_ao.data import DEFAULT_MODEL_NOTE, builtin_text, load_default_model, tokenize_text
@@ -413,7 +413,7 @@ def main(argv=None) -> None:
                         "the model's output sensitivity (lift_ao.calibrate(guided=True))")
     parser.add_argument("--refine-passes", type=int, default=None, help="calibrated rows: Gauss-Seidel passes "
                         f"after LDLQ (lift_ao.calibrate's refine_passes; default {DEFAULT_REFINE_PASSES}, 0 for "
-                        "lift-cal-fte rows: lift_ao.calibration.default_refine_passes; rows before it was recorded "
+                        "lift-cal-fte rows: lift_ao.rounding.default_refine_passes; rows before it was recorded "
                         "used 0)")
     parser.add_argument("--alpha", type=float, default=DEFAULT_ALPHA, help="calibrated rows: input-scale strength "
                         f"α (lift_ao.calibrate's alpha; default {DEFAULT_ALPHA}; rows before it was recorded used 0.5)")

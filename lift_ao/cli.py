@@ -128,7 +128,8 @@ def _cmd_quantize(args) -> dict:
     partial = args.out / PARTIAL_DIR if args.out else None
     if args.calibrate:
         from lift_ao.calibration import (DEFAULT_ALPHA, builtin_calibration_tokens, builtin_calibration_tokens_after,
-                                         calibrate, default_refine_passes)
+                                         calibrate)
+        from lift_ao.rounding import default_refine_passes
         from lift_ao.sensitivity import SENSITIVITY_TOKENS
 
         calibration = builtin_calibration_tokens(tokenizer, args.calibration_tokens)
@@ -329,7 +330,7 @@ def _parser() -> argparse.ArgumentParser:
                    "layer's column blocks after the Hessian-aware rounding (default 2: -2.2 %% perplexity on the "
                    "built-in model for about twice the rounding's search time, accuracy_refine_16k_cpu.md; but 0 "
                    "with --e2e-steps, after which they measured no gain, accuracy_w200_refine_h200.md; "
-                   "lift_ao.calibration.default_refine_passes)")
+                   "lift_ao.rounding.default_refine_passes)")
     q.add_argument("--finetune-steps", type=int, default=0, help="with --calibrate: Adam steps per decoder block "
                    "tuning row and input scales against the full-precision block outputs (default 0: none; 16 is "
                    "what benchmarks/results/accuracy.md measured)")

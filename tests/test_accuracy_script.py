@@ -67,7 +67,7 @@ def test_plan_rows_measured_with_another_window_are_refused(tmp_path):
 
 
 def test_each_calibrated_row_gets_its_default_refine_passes():
-    """Two passes for block-stage rows, none before the end-to-end stage (lift_ao.calibration.default_refine_passes);
+    """Two passes for block-stage rows, none before the end-to-end stage (lift_ao.rounding.default_refine_passes);
     --refine-passes sets every row's. (That calibrate receives them: the plan and end-to-end tests below.)"""
     settings = lambda row, passes=None: accuracy._calibration_settings(  # noqa: E731
         row, argparse.Namespace(alpha=0.25, refine_passes=passes, plan_window=1.0))

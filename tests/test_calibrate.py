@@ -8,9 +8,10 @@ import torch
 
 import lift_ao
 from lift_ao import calibration
-from lift_ao.calibration import _quantize_group, calibrate, hessian_encode_rows, input_scales
+from lift_ao.calibration import _quantize_group, calibrate, input_scales
 from lift_ao.encode import encode_rows
 from lift_ao.lattice import Lattice
+from lift_ao.rounding import DEFAULT_REFINE_PASSES, hessian_encode_rows
 from tiny_models import tiny_llama, token_batch
 
 # 16/8 (2 bits) has the cheapest search of the shipped lattices: keeps the file fast.
@@ -164,7 +165,7 @@ def test_refined_calibration_codes_closer_to_the_model_and_is_part_of_the_checkp
         calibrate(copy.deepcopy(model), config, tokens, checkpoint_dir=tmp_path / "ldlq", progress=False)
 
 
-@pytest.mark.parametrize("option, expected", [([], calibration.DEFAULT_REFINE_PASSES), (["--refine-passes", "0"], 0),
+@pytest.mark.parametrize("option, expected", [([], DEFAULT_REFINE_PASSES), (["--refine-passes", "0"], 0),
                                               (["--e2e-steps", "1"], 0),  # measured no gain before that stage
                                               (["--e2e-steps", "1", "--refine-passes", "1"], 1)])
 def test_command_line_passes_the_refine_passes(tmp_path, monkeypatch, capsys, option, expected):
