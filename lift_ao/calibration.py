@@ -789,7 +789,7 @@ def calibrate(
             rounding (:mod:`lift_ao.rounding`; :data:`~lift_ao.rounding.DEFAULT_REFINE_PASSES`, measured; 0: LDLQ
             alone, as before 2026-11-27). Each costs about one more lattice search per block. Before
             :func:`lift_ao.finetune_end_to_end` they measured no gain: pass
-            ``default_refine_passes(end_to_end=True)`` (0) there.
+            ``lift_ao.rounding.default_refine_passes(end_to_end=True)`` (0) there.
         progress: a tqdm bar over blocks (with fine-tuning: the last block's output error after/before).
     Returns:
         ``model``; linears outside the decoder blocks (``lm_head``) are left as they are.

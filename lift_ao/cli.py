@@ -108,8 +108,10 @@ def _cmd_quantize(args) -> dict:
     t0 = time.perf_counter()
     model, tokenizer = _load_model(args.model, device)
     report = {"model": args.model, "device": device, "lattice": config.lattice, "bits_requested": bits,
-              "memory_budget": args.memory_budget, "rate_window": config.rate_window if args.memory_budget else None,
+              "memory_budget": args.memory_budget,
               "load_seconds": round(time.perf_counter() - t0, 2)}
+    if args.memory_budget is not None:
+        report["rate_window"] = config.rate_window
     targets = quantizable_linears(model, config)
     linear_weights = sum(m.weight.numel() for _, m in targets)
     report["bytes_before"] = lift_ao.footprint(model)
