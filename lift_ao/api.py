@@ -130,20 +130,14 @@ def quantize(
     layer_configs = {name: config for name, _ in targets}
     if config.memory_budget is not None:
         # A budget is resolved here, where the whole model is visible: one lattice per layer.
-        from dataclasses import replace
-
-        from lift_ao.budget import DEFAULT_RATE_WINDOW, plan
+        from lift_ao.budget import plan
 
         budget_plan = plan(
             model, config.memory_budget, reserve=config.reserve, kv_cache=config.kv_cache,
             allocation=config.allocation, calibration=calibration, include_lm_head=config.include_lm_head,
             filter_fn=filter_fn, seed=config.seed, device=device, scores=config.scores, rate_window=config.rate_window,
         )
-        layer_configs = {
-            name: replace(config, lattice=lattice, memory_budget=None, reserve=0, kv_cache=None, scores=None,
-                          rate_window=DEFAULT_RATE_WINDOW)
-            for name, lattice in budget_plan.lattices().items()
-        }
+        layer_configs = {name: config.at_lattice(lattice) for name, lattice in budget_plan.lattices().items()}
     elif calibration is not None:
         raise ValueError("calibration= only informs a memory_budget config's per-layer plan")
     if resume_dir is not None:

@@ -103,8 +103,7 @@ def _cmd_quantize(args) -> dict:
     if args.lattice is not None or args.memory_budget is not None:
         bits = None
     config = lift_ao.liftquant(bits=bits, lattice=args.lattice, memory_budget=args.memory_budget, seed=args.seed,
-                               include_lm_head=args.lm_head, beam_width=args.beam_width,
-                               **({} if args.memory_budget is None else {"rate_window": args.rate_window}))
+                               include_lm_head=args.lm_head, beam_width=args.beam_width, rate_window=args.rate_window)
     t0 = time.perf_counter()
     model, tokenizer = _load_model(args.model, device)
     report = {"model": args.model, "device": device, "lattice": config.lattice, "bits_requested": bits,

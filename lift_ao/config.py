@@ -10,7 +10,7 @@ in high precision unless asked and names the module in every error.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from typing import Optional
 
 import torch
@@ -23,6 +23,9 @@ from lift_ao.search import check_beam_width
 from lift_ao.tensor import LiftQuantTensor
 
 __all__ = ["LiftQuantConfig", "liftquant"]
+
+# Fields that shape a memory budget's plan: only a budget config may set them away from their defaults.
+_BUDGET_ONLY = ("reserve", "kv_cache", "scores", "rate_window")
 
 
 @dataclass
@@ -60,8 +63,7 @@ class LiftQuantConfig(AOBaseConfig):
             raise ValueError(f"seed must be a non-negative int, got {self.seed!r}")
         check_beam_width(self.beam_width)
         if self.memory_budget is None:
-            if (self.reserve or self.kv_cache is not None or self.scores is not None
-                    or self.rate_window != DEFAULT_RATE_WINDOW):
+            if any(getattr(self, name) != default for name, default in _budget_only_defaults().items()):
                 raise ValueError("reserve=, kv_cache=, scores= and rate_window= only apply with memory_budget=...")
             Lattice.load(self.lattice)  # fail at construction for an unknown lattice
             return
@@ -78,9 +80,18 @@ class LiftQuantConfig(AOBaseConfig):
             raise BudgetError("scores= must be a dict {layer FQN: weight} and weighs allocation='sensitivity' only")
         check_rate_window(self.rate_window)
 
+    def at_lattice(self, lattice: str) -> LiftQuantConfig:
+        """This budget config's settings for one planned layer at ``lattice``: no budget, and the fields
+        that shaped the plan back at their defaults."""
+        return replace(self, lattice=lattice, memory_budget=None, **_budget_only_defaults())
+
     @property
     def bits(self) -> float:
         return Lattice.load(self.lattice).bits
+
+
+def _budget_only_defaults() -> dict:
+    return {f.name: f.default for f in fields(LiftQuantConfig) if f.name in _BUDGET_ONLY}
 
 
 def liftquant(
