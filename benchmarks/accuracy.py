@@ -290,12 +290,13 @@ def _markdown(doc: dict) -> str:
         "Calibrated rows (`lift-cal-*`): `lift_ao.calibrate` with the first --calibration-tokens tokens of the "
         "calibration split in sequences of 512, input-scale strength α = "
         + "/".join(f"{a:g}" for a in sorted({r.get("alpha", UNRECORDED_SETTINGS["alpha"]) for r in doc["rows"].values()
-                                              if r["method"].startswith("lift-cal-")} or {0.5}))
-        + " (per row: the JSON's `alpha`; 0.5 where absent), Hessian damping 1%, "
+                                              if r["method"].startswith("lift-cal-")} or {UNRECORDED_SETTINGS["alpha"]}))
+        + f" (per row: the JSON's `alpha`; {UNRECORDED_SETTINGS['alpha']:g} where absent), Hessian damping 1%, "
         + "/".join(str(p) for p in sorted({r.get("refine_passes", UNRECORDED_SETTINGS["refine_passes"])
                                            for r in doc["rows"].values()
-                                           if r["method"].startswith("lift-cal-")} or {0}))
-        + " Gauss-Seidel refinement passes after LDLQ (per row: the JSON's `refine_passes`; 0 where absent)"
+                                           if r["method"].startswith("lift-cal-")} or {UNRECORDED_SETTINGS["refine_passes"]}))
+        + " Gauss-Seidel refinement passes after LDLQ (per row: the JSON's `refine_passes`; "
+        f"{UNRECORDED_SETTINGS['refine_passes']} where absent)"
         + ("; rows marked guided (the JSON's `guided`): each token's share of a linear's Hessian weighted by "
            "its outputs' sensitivity (--guided, `calibrate(guided=True)`)"
            if any(r.get("guided") for r in doc["rows"].values()) else "")
