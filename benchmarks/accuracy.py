@@ -208,11 +208,12 @@ def run_row(name: str, reference, tokenizer, eval_tokens, args) -> dict:
                               else builtin_calibration_tokens(tokenizer, args.e2e_tokens))
                 row["end_to_end"] = dict(steps=args.e2e_steps, lr=args.e2e_lr, tune_mapping=args.e2e_tune_mapping,
                                          tune_rotation=args.e2e_tune_rotation, batch_size=args.finetune_batch, held_out=args.e2e_held_out,
-                                         tokens=e2e_tokens.numel(), compiled=args.e2e_compile)
+                                         tokens=e2e_tokens.numel(), compiled=args.e2e_compile,
+                                         **({"unquantized_lr": args.e2e_unquantized_lr} if args.e2e_unquantized_lr else {}))
                 tuned = finetune_end_to_end(
                     model, reference, e2e_tokens, steps=args.e2e_steps, lr=args.e2e_lr, tune_mapping=args.e2e_tune_mapping,
-                    tune_rotation=args.e2e_tune_rotation, batch_size=args.finetune_batch, held_out=args.e2e_held_out, checkpoint_dir=checkpoint,
-                    compiled=args.e2e_compile)
+                    tune_rotation=args.e2e_tune_rotation, unquantized_lr=args.e2e_unquantized_lr, batch_size=args.finetune_batch,
+                    held_out=args.e2e_held_out, checkpoint_dir=checkpoint, compiled=args.e2e_compile)
                 row["end_to_end"].update(held_out_kl_before_after=[tuned.before, tuned.after],
                                          held_out_kl_checks=tuned.checks)
             row["calibration_tokens"] = calibration.numel()
@@ -320,6 +321,8 @@ def _markdown(doc: dict) -> str:
                                 if r['end_to_end'].get("tune_mapping") else "")
                              + (", each input transform's rotation factors tuned too (--e2e-tune-rotation; stored per "
                                 "transform)" if r['end_to_end'].get("tune_rotation") else "")
+                             + (f", the embeddings and norm weights tuned too at peak lr {r['end_to_end']['unquantized_lr']:g} "
+                                "(--e2e-unquantized-lr)" if r['end_to_end'].get("unquantized_lr") else "")
                              for r in doc["rows"].values() if r.get("end_to_end")}))
            or "none measured yet") + "."
         + (" `lift-cal-*-plan-*`: a lattice per linear, planned to the row's bytes by sensitivity among the lattices "
@@ -428,6 +431,9 @@ def main(argv=None) -> None:
                         "tunes each group's lattice matrix (finetune_end_to_end(tune_mapping=True))")
     parser.add_argument("--e2e-tune-rotation", action="store_true", help="lift-cal-fte rows: the end-to-end stage also "
                         "tunes each input transform's rotation factors (finetune_end_to_end(tune_rotation=True))")
+    parser.add_argument("--e2e-unquantized-lr", type=float, default=None, help="lift-cal-fte rows: the end-to-end "
+                        "stage also tunes the unquantized parameters (embeddings, norms) at this peak learning rate "
+                        "(finetune_end_to_end(unquantized_lr=...); default: they stay)")
     parser.add_argument("--e2e-tokens", type=int, default=None, help="lift-cal-fte rows: calibration tokens of the "
                         "end-to-end stage (default: --calibration-tokens; the first ones are the block stage's)")
     parser.add_argument("--e2e-compile", action=argparse.BooleanOptionalAction, default=None, help="lift-cal-fte "

@@ -513,7 +513,8 @@ def adam_steps(parameters: list, lr: float, steps: int, loss_at, on_step=None, *
                optimizer_state: dict | None = None) -> None:
     """``steps`` Adam steps on ``parameters`` minimising ``loss_at(step)`` (a scalar tensor), the
     learning rate cosine-decayed from ``lr`` to 0; ``on_step(loss, optimizer)`` after each (a progress
-    bar, a checkpoint of ``optimizer.state_dict()``).
+    bar, a checkpoint of ``optimizer.state_dict()``). ``parameters`` are tensors, or Adam parameter
+    groups (dicts) of which one may set its own peak ``"lr"``.
 
     An interrupted run continues with ``first_step`` (the steps done) and the optimizer state saved
     after the last of them: the parameters as they were then, the same steps follow.
@@ -521,14 +522,16 @@ def adam_steps(parameters: list, lr: float, steps: int, loss_at, on_step=None, *
     if first_step >= steps:
         return
     optimizer = torch.optim.Adam(parameters, lr=lr)
+    peaks = [group["lr"] for group in optimizer.param_groups]  # before a saved state's decayed ones
+    tensors = [p for group in optimizer.param_groups for p in group["params"]]
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
     with torch.enable_grad():
         for step in range(first_step, steps):
-            for group in optimizer.param_groups:  # set per step (not a scheduler), so a resumed run has it too
-                group["lr"] = lr * (0.5 * (1 + math.cos(math.pi * step / steps)))
+            for group, peak in zip(optimizer.param_groups, peaks):  # per step (not a scheduler): a resumed run has it too
+                group["lr"] = peak * (0.5 * (1 + math.cos(math.pi * step / steps)))
             loss = loss_at(step)
-            for parameter, grad in zip(parameters, torch.autograd.grad(loss, parameters)):
+            for parameter, grad in zip(tensors, torch.autograd.grad(loss, tensors)):
                 parameter.grad = grad
             optimizer.step()
             if on_step is not None:

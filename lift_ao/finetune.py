@@ -222,8 +222,8 @@ def _dense_weights_by_shape(quantized: dict, log_r: dict, log_s: dict, mapping_d
 def finetune_end_to_end(
     model: torch.nn.Module, teacher: torch.nn.Module, tokens: torch.Tensor, *, steps: int, lr: float = 3e-3,
     batch_size: int = 4, held_out: float = 0.125, check_every: int = 16, tune_mapping: bool = False,
-    tune_rotation: bool = False, checkpoint_dir=None, overwrite: bool = False, progress: bool = True,
-    compiled: Optional[bool] = None,
+    tune_rotation: bool = False, unquantized_lr: Optional[float] = None, checkpoint_dir=None, overwrite: bool = False,
+    progress: bool = True, compiled: Optional[bool] = None,
 ) -> EndToEndResult:
     """Tune the row and input scales (and, with ``tune_mapping`` / ``tune_rotation``, the lattice
     matrices / rotation factors) of every LiftQuant weight of ``model`` end to end, in place.
@@ -269,6 +269,11 @@ def finetune_end_to_end(
             at 2.4 bits, about what its 0.06 bits would buy as rate, and −0.1 % at 3.0 bits, less:
             it does not pay on a model this small, and may where its bits are few
             (benchmarks/results/accuracy_w200_mapping_h100.md).
+        unquantized_lr: also tune the model's floating-point parameters that are not LiftQuant weights
+            (embeddings and a tied output head, norm weights, biases), at this peak learning rate
+            (None: they stay), as PV-tuning's end-to-end stage does (``update_non_quantized_parameters``).
+            They are tuned as additive steps Δ and added in only if a held-out check improved, like
+            the factors; the model's size and format do not change.
         checkpoint_dir: where the run's progress is written at each held-out check and resumed from
             (a directory; e.g. the one :func:`lift_ao.calibrate` resumes from). A finished run's
             progress stays there: calling again returns its result without steps.
@@ -292,6 +297,8 @@ def finetune_end_to_end(
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0 or not lr > 0 or batch_size < 1:
         raise ValueError(f"steps must be an int >= 0, lr > 0 and batch_size >= 1, got {steps!r}, {lr!r}, {batch_size!r}")
+    if unquantized_lr is not None and not unquantized_lr > 0:
+        raise ValueError(f"unquantized_lr must be None or > 0, got {unquantized_lr!r}")
     if not 0 < held_out < 1 or isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 1:
         raise ValueError(f"held_out must be in (0, 1) and check_every an int >= 1, got {held_out!r}, {check_every!r}")
     if (not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.dtype.is_floating_point
@@ -332,19 +339,29 @@ def finetune_end_to_end(
     weights = _dense_weights_by_shape(quantized, log_r, {name: groups[id(w.input_signs)] for name, w in quantized.items()},
                                       {name: deltas[group_of(w)] for name, w in quantized.items() if deltas},
                                       {name: turns[transform_of(w)] for name, w in quantized.items() if turns})
-    factors = [*log_r.values(), *groups.values(), *deltas.values(), *(f for pair in turns.values() for f in pair)]
+    # named_parameters() lists a tied embedding / output head once; functional_call ties it back.
+    unquantized = {name: p for name, p in model.named_parameters() if p.is_floating_point()
+                   and not isinstance(p, LiftQuantTensor)} if unquantized_lr is not None else {}
+    steps_of = {name: torch.zeros_like(p, requires_grad=True) for name, p in unquantized.items()}
+    scales = [*log_r.values(), *groups.values(), *deltas.values(), *(f for pair in turns.values() for f in pair)]
+    factors = scales + list(steps_of.values())  # everything tuned: saved, resumed and kept together
+
+    def parameters_now() -> dict:
+        """{name: tensor} of everything tuned, as the forward takes it (functional_call's overrides)."""
+        return {**weights(), **{name: p + steps_of[name] for name, p in unquantized.items()}}
 
     @torch.no_grad()
     def held_out_loss() -> float:
-        dense = weights()
-        return sum(_distillation_loss(model, dense, teacher, b).item() * len(b) for b in held_batches) / len(held)
+        tuned = parameters_now()
+        return sum(_distillation_loss(model, tuned, teacher, b).item() * len(b) for b in held_batches) / len(held)
 
     identity = None  # hashed only for a run that checkpoints
     if checkpoint_dir is not None:
         Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
         identity = _run_identity(quantized, tokens, steps=steps, lr=lr, batch_size=batch_size, held_out=held_out,
                                  check_every=check_every, **({"tune_mapping": True} if tune_mapping else {}),
-                                 **({"tune_rotation": True} if tune_rotation else {}))
+                                 **({"tune_rotation": True} if tune_rotation else {}),
+                                 **({"unquantized_lr": unquantized_lr} if unquantized else {}))
     was_training = model.training
     model.eval()
     blocks_compiled = contextlib.ExitStack()
@@ -375,9 +392,9 @@ def finetune_end_to_end(
                     _save_progress(checkpoint_dir, identity, done, checks, factors, best_factors, optimizer)
             bar.set_postfix(kl=f"{loss.item():.4f}", held_out=f"{best:.4f}")
 
-        adam_steps(factors, lr, steps,
-                   lambda step: _distillation_loss(model, weights(), teacher, batches[step % len(batches)]), advance,
-                   first_step=done, optimizer_state=optimizer_state)
+        adam_steps([{"params": scales}] + ([{"params": list(steps_of.values()), "lr": unquantized_lr}] if steps_of else []),
+                   lr, steps, lambda step: _distillation_loss(model, parameters_now(), teacher, batches[step % len(batches)]),
+                   advance, first_step=done, optimizer_state=optimizer_state)
         bar.close()
         if best_factors is None:
             return EndToEndResult(before, before, tuple(checks))
@@ -392,6 +409,8 @@ def finetune_end_to_end(
                     w, log_r[name], folded[id(w.input_signs)], rotation=rotations.get(transform_of(w)),
                     mapping=mappings.get(group_of(w)))
             share_constants(model)  # wrapping in a Parameter copied the shared tensors apart
+            for name, p in unquantized.items():
+                p.add_(steps_of[name])
     finally:
         blocks_compiled.close()
         model.train(was_training)
