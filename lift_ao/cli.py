@@ -96,9 +96,12 @@ def _cmd_quantize(args) -> dict:
         raise ValueError("--guided weights the calibration Hessians: add --calibrate")
     if args.refine_passes is not None and not args.calibrate:
         raise ValueError("--refine-passes refines the calibrated (Hessian-aware) rounding: add --calibrate")
-    if (args.e2e_tune_mapping or args.e2e_tune_rotation) and not (args.calibrate and args.e2e_steps):
-        raise ValueError("--e2e-tune-mapping and --e2e-tune-rotation tune the end-to-end stage: add --calibrate and "
-                         "--e2e-steps N")
+    if ((args.e2e_tune_mapping or args.e2e_tune_rotation or args.e2e_unquantized_lr is not None)
+            and not (args.calibrate and args.e2e_steps)):
+        raise ValueError("--e2e-tune-mapping, --e2e-tune-rotation and --e2e-unquantized-lr tune the end-to-end stage: "
+                         "add --calibrate and --e2e-steps N")
+    if args.e2e_unquantized_lr is not None and not args.e2e_unquantized_lr > 0:
+        raise ValueError(f"--e2e-unquantized-lr must be > 0, got {args.e2e_unquantized_lr}")
     bits = 2.4 if args.bits is None else args.bits  # the default unless a lattice or a budget replaces it
     if args.lattice is not None or args.memory_budget is not None:
         bits = None
@@ -169,10 +172,12 @@ def _cmd_quantize(args) -> dict:
             report["e2e_tokens"], report["e2e_held_out"] = e2e_tokens.numel(), args.e2e_held_out
             report["e2e_compile"] = args.e2e_compile
             report["e2e_tune_mapping"], report["e2e_tune_rotation"] = args.e2e_tune_mapping, args.e2e_tune_rotation
+            report["e2e_unquantized_lr"] = args.e2e_unquantized_lr
             tuned = lift_ao.finetune_end_to_end(
                 model, teacher, e2e_tokens, steps=args.e2e_steps, held_out=args.e2e_held_out,
-                tune_mapping=args.e2e_tune_mapping, tune_rotation=args.e2e_tune_rotation, checkpoint_dir=partial,
-                overwrite=args.overwrite, compiled=args.e2e_compile)
+                tune_mapping=args.e2e_tune_mapping, tune_rotation=args.e2e_tune_rotation,
+                unquantized_lr=args.e2e_unquantized_lr, checkpoint_dir=partial, overwrite=args.overwrite,
+                compiled=args.e2e_compile)
             report["e2e_held_out_kl_before_after"] = [tuned.before, tuned.after]
             report["e2e_held_out_kl_checks"] = tuned.checks
             del teacher
@@ -358,6 +363,10 @@ def _parser() -> argparse.ArgumentParser:
                    "transform's rotation factors (stored per transform: ~+0.06 bits/weight on the built-in model, "
                    "~0.008 on an 8B one; there perplexity -1.1 %% at 2.4 bits, -0.1 %% at 3.0: not worth its bits on a model "
                    "that small; benchmarks/results/accuracy_w200_mapping_h100.md)")
+    q.add_argument("--e2e-unquantized-lr", type=float, default=None, metavar="LR", help="with --e2e-steps: also tune "
+                   "the unquantized parameters (embeddings and a tied head, norm weights) at this peak learning rate; "
+                   "same size and format (1e-4 on the built-in model: perplexity -1.5 %% at 2.4 bits, -0.9 %% at "
+                   "3.0; benchmarks/results/accuracy_w200_unquantized_h100.md; default: they stay)")
     q.add_argument("--e2e-compile", action=argparse.BooleanOptionalAction, default=None, help="with --e2e-steps: "
                    "run the decoder blocks through torch.compile during the end-to-end steps (default: on CUDA; "
                    "~1.5x faster on an H100 after a 25 s compilation, benchmarks/results/e2e_speed_h100.md)")

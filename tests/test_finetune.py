@@ -228,16 +228,19 @@ def test_weights_of_two_lattices_on_one_transform_get_a_matrix_each(runs):
     assert _kl(mixed, model, tokens[held_out_rows(16, 0.125)]) == pytest.approx(result.after, rel=1e-3)
 
 
-def test_tuned_lattice_matrices_survive_a_restart_and_a_save(runs, tmp_path, monkeypatch):
-    """An interrupted tune_mapping run resumes to the uninterrupted one's matrices; its progress is
-    refused by a run without tune_mapping; the tuned model saves and loads with its per-group M."""
+@pytest.mark.parametrize("option", [{"tune_mapping": True}, {"unquantized_lr": 1e-3}])
+def test_tuned_matrices_and_unquantized_parameters_survive_a_restart_and_a_save(runs, tmp_path, monkeypatch, option):
+    """An interrupted tune_mapping (unquantized_lr) run resumes to the uninterrupted one's matrices
+    (embeddings and norms); its progress is refused by a run without the option; the tuned model
+    saves and loads with its per-group M (its tuned unquantized parameters)."""
     import lift_ao.finetune as finetune
     from lift_ao import load_quantized, save_quantized
     from tiny_models import tiny_llama
 
     model, calibrated, _, _ = runs
     tokens = token_batch(0, batch=16, length=32)
-    settings = dict(RESUME, tune_mapping=True)
+    settings = dict(RESUME, **option)
+    monkeypatch.setattr(finetune, "PROGRESS_SECONDS", 0.0)  # written at every check
     whole = copy.deepcopy(calibrated)
     expected = lift_ao.finetune_end_to_end(whole, model, tokens, checkpoint_dir=tmp_path / "whole", **settings)
     assert expected.after < expected.before
@@ -253,12 +256,15 @@ def test_tuned_lattice_matrices_survive_a_restart_and_a_save(runs, tmp_path, mon
     with pytest.raises(KeyboardInterrupt):
         lift_ao.finetune_end_to_end(copy.deepcopy(calibrated), model, tokens, checkpoint_dir=tmp_path / "cut", **settings)
     monkeypatch.setattr(finetune, "_distillation_loss", loss)
-    with pytest.raises(CheckpointError, match="tune_mapping"):
+    with pytest.raises(CheckpointError, match=next(iter(option))):
         lift_ao.finetune_end_to_end(copy.deepcopy(calibrated), model, tokens, checkpoint_dir=tmp_path / "cut", **RESUME)
     resumed = copy.deepcopy(calibrated)
     assert lift_ao.finetune_end_to_end(resumed, model, tokens, checkpoint_dir=tmp_path / "cut", **settings) == expected
     for a, b in zip(_quantized_state(resumed).values(), _quantized_state(whole).values()):
         assert torch.equal(a, b)
+    assert all(torch.equal(a, b) for a, b in zip(_float_parameters(resumed).values(), _float_parameters(whole).values()))
+    assert any(not torch.equal(a, b) for a, b in zip(_float_parameters(resumed).values(),
+                                                      _float_parameters(calibrated).values())) == ("unquantized_lr" in option)
     save_quantized(resumed, tmp_path / "saved")
     loaded = load_quantized(tmp_path / "saved", tiny_llama())
     assert lift_ao.footprint(loaded) == lift_ao.footprint(resumed)  # siblings share their M again
@@ -343,16 +349,20 @@ def test_command_line_tunes_end_to_end(tmp_path, monkeypatch, capsys):
     options = []
     finetune = lift_ao.finetune_end_to_end
     monkeypatch.setattr(lift_ao, "finetune_end_to_end", lambda *a, **k: options.append(
-        (k["compiled"], k["tune_mapping"], k["tune_rotation"])) or finetune(*a, **k))
+        (k["compiled"], k["tune_mapping"], k["tune_rotation"], k["unquantized_lr"])) or finetune(*a, **k))
     assert run_cli(tmp_path / "tuned", "--calibrate", "--e2e-steps", "4") == 0
     assert run_cli(tmp_path / "compiled", "--calibrate", "--e2e-steps", "4", "--e2e-compile", "--e2e-tune-rotation") == 0
-    assert run_cli(tmp_path / "eager", "--calibrate", "--e2e-steps", "4", "--no-e2e-compile", "--e2e-tune-mapping") == 0
-    assert options == [(None, False, False), (True, False, True), (False, True, False)]  # None: compiled on CUDA only
+    assert run_cli(tmp_path / "eager", "--calibrate", "--e2e-steps", "4", "--no-e2e-compile", "--e2e-tune-mapping",
+                   "--e2e-unquantized-lr", "1e-4") == 0
+    # None: compiled on CUDA only
+    assert options == [(None, False, False, None), (True, False, True, None), (False, True, False, 1e-4)]
     assert run_cli(tmp_path / "bad", "--calibrate", "--e2e-steps", "-1") == 2
-    for option in ("--e2e-tune-mapping", "--e2e-tune-rotation"):  # nothing to tune them in
+    for option in (["--e2e-tune-mapping"], ["--e2e-tune-rotation"], ["--e2e-unquantized-lr", "1e-4"]):  # nothing to tune them in
         capsys.readouterr()
-        assert run_cli(tmp_path / "no_steps", "--calibrate", option) == 2
+        assert run_cli(tmp_path / "no_steps", "--calibrate", *option) == 2
         assert "add --calibrate and --e2e-steps N" in capsys.readouterr().err
+    assert run_cli(tmp_path / "bad_lr", "--calibrate", "--e2e-steps", "4", "--e2e-unquantized-lr", "0") == 2
+    assert "--e2e-unquantized-lr must be > 0" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("option", [("--e2e-held-out", "1.0"), ("--e2e-held-out", "0"), ("--e2e-tokens", "1000")])
@@ -433,6 +443,12 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_result(runs, uninterrup
 
     tokens = token_batch(0, batch=16, length=32)
     monkeypatch.setattr(finetune, "_distillation_loss", killed_at_step_7)
+    # Progress is written at most once a minute (and after the last step): these checks come too soon.
+    with pytest.raises(KeyboardInterrupt):
+        lift_ao.finetune_end_to_end(copy.deepcopy(calibrated), model, tokens, checkpoint_dir=tmp_path, **RESUME)
+    assert load_shard(tmp_path, finetune.PROGRESS_SHARD) is None
+    calls.clear(), killed.clear()
+    monkeypatch.setattr(finetune, "PROGRESS_SECONDS", 0.0)  # now at every check
     restarted = copy.deepcopy(calibrated)
     with pytest.raises(KeyboardInterrupt):
         lift_ao.finetune_end_to_end(restarted, model, tokens, checkpoint_dir=tmp_path, **RESUME)
