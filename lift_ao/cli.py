@@ -365,7 +365,8 @@ def _parser() -> argparse.ArgumentParser:
                    "that small; benchmarks/results/accuracy_w200_mapping_h100.md)")
     q.add_argument("--e2e-unquantized-lr", type=float, default=None, metavar="LR", help="with --e2e-steps: also tune "
                    "the unquantized parameters (embeddings and a tied head, norm weights) at this peak learning rate; "
-                   "same size and format (1e-4 on the built-in model: perplexity -1.5 %% at 2.4 bits, -0.9 %% at "
+                   "same size and format; 16 bytes per tuned number on the device (1e-4 on the built-in model: "
+                   "perplexity -1.5 %% at 2.4 bits, -0.9 %% at "
                    "3.0; benchmarks/results/accuracy_w200_unquantized_h100.md; default: they stay)")
     q.add_argument("--e2e-compile", action=argparse.BooleanOptionalAction, default=None, help="with --e2e-steps: "
                    "run the decoder blocks through torch.compile during the end-to-end steps (default: on CUDA; "
