@@ -514,7 +514,7 @@ def adam_steps(parameters: list, lr: float, steps: int, loss_at, on_step=None, *
     """``steps`` Adam steps on ``parameters`` minimising ``loss_at(step)`` (a scalar tensor), the
     learning rate cosine-decayed from ``lr`` to 0; ``on_step(loss, optimizer)`` after each (a progress
     bar, a checkpoint of ``optimizer.state_dict()``). ``parameters`` are tensors, or Adam parameter
-    groups (dicts) of which one may set its own peak ``"lr"``.
+    groups (dicts), each of which may set its own peak ``"lr"``.
 
     An interrupted run continues with ``first_step`` (the steps done) and the optimizer state saved
     after the last of them: the parameters as they were then, the same steps follow.

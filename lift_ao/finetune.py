@@ -10,7 +10,8 @@ learned factors are folded into ``row_scale`` and ``input_signs``, so the format
 footprint are unchanged. With ``tune_mapping=True`` the lattice matrix M of each group of weights that
 read one activation is tuned too (AQLM's end-to-end stage tunes its codebooks likewise) and stored per
 group, and with ``tune_rotation=True`` each input transform's rotation factors: same format and
-kernels, a few more floats per group.
+kernels, a few more floats per group. With ``unquantized_lr`` the parameters that are not quantized
+(embeddings, norms) are tuned as well, as PV-tuning does: same format and size.
 
 Resume: with ``checkpoint_dir``, the factors, Adam's state and the best held-out factors so far are
 written there (one checksummed shard) at a held-out check at most once a minute
@@ -70,15 +71,18 @@ PROGRESS_SHARD = "end_to_end"
 PROGRESS_SECONDS = 60.0
 
 
-def _run_identity(quantized: dict, tokens: torch.Tensor, **settings) -> dict:
+def _run_identity(quantized: dict, unquantized: dict, tokens: torch.Tensor, **settings) -> dict:
     """What a run's progress may only be resumed under: its settings, a SHA-256 of its tokens and one of
     the starting weights (names, shapes, row scales and input transforms: a different calibration
-    changes them; the codes, possibly gigabytes, are not hashed)."""
+    changes them; the codes, possibly gigabytes, are not hashed; the ``unquantized`` parameters that are
+    tuned too, whose steps would not fit other starting values)."""
     digest = hashlib.sha256()
     for name, w in quantized.items():
         digest.update(f"{name}{tuple(w.shape)}".encode())
         for t in (w.row_scale, w.input_signs):
             digest.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    for name, p in unquantized.items():
+        digest.update(name.encode() + p.detach().float().cpu().contiguous().numpy().tobytes())
     return dict(settings, tokens_sha256=_sha256(tokens.long()), weights_sha256=digest.hexdigest())
 
 
@@ -368,7 +372,7 @@ def finetune_end_to_end(
     identity = None  # hashed only for a run that checkpoints
     if checkpoint_dir is not None:
         Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
-        identity = _run_identity(quantized, tokens, steps=steps, lr=lr, batch_size=batch_size, held_out=held_out,
+        identity = _run_identity(quantized, unquantized, tokens, steps=steps, lr=lr, batch_size=batch_size, held_out=held_out,
                                  check_every=check_every, **({"tune_mapping": True} if tune_mapping else {}),
                                  **({"tune_rotation": True} if tune_rotation else {}),
                                  **({"unquantized_lr": unquantized_lr} if unquantized else {}))

@@ -258,6 +258,12 @@ def test_tuned_matrices_and_unquantized_parameters_survive_a_restart_and_a_save(
     monkeypatch.setattr(finetune, "_distillation_loss", loss)
     with pytest.raises(CheckpointError, match=next(iter(option))):
         lift_ao.finetune_end_to_end(copy.deepcopy(calibrated), model, tokens, checkpoint_dir=tmp_path / "cut", **RESUME)
+    if "unquantized_lr" in option:  # the steps saved there belong to other starting embeddings
+        other = copy.deepcopy(calibrated)
+        with torch.no_grad():
+            other.model.embed_tokens.weight.mul_(2)
+        with pytest.raises(CheckpointError, match="weights_sha256"):
+            lift_ao.finetune_end_to_end(other, model, tokens, checkpoint_dir=tmp_path / "cut", **settings)
     resumed = copy.deepcopy(calibrated)
     assert lift_ao.finetune_end_to_end(resumed, model, tokens, checkpoint_dir=tmp_path / "cut", **settings) == expected
     for a, b in zip(_quantized_state(resumed).values(), _quantized_state(whole).values()):
