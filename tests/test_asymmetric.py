@@ -72,9 +72,10 @@ def test_asymmetric_calibration_codes_closer_to_the_model_and_is_part_of_the_che
     plain = calibrate(copy.deepcopy(model), config, tokens, refine_passes=0, progress=False)
     asymmetric = calibrate(copy.deepcopy(model), config, tokens, refine_passes=0, asymmetric=True, progress=False,
                            checkpoint_dir=tmp_path)
-    # Measured: KL to the model on other text 8.86e-4 (plain) → 6.25e-4 (asymmetric); with 16 block
-    # fine-tuning steps 7.79e-4 → 5.82e-4, and at 24/10 −17 % / −14 %.
-    assert kl(asymmetric) < 0.8 * kl(plain)
+    # Measured: KL to the model on other text 8.86e-4 (plain) → 7.55e-4 (asymmetric); with 16 block
+    # fine-tuning steps 7.79e-4 → 6.70e-4 (with the correction damped 1 % instead of 100 %: 6.25e-4 and
+    # 5.82e-4 here, but far worse on SmolLM2, see calibration.ASYMMETRIC_DAMPING).
+    assert kl(asymmetric) < 0.9 * kl(plain)
     # Block 0 reads the full-precision model's own inputs: coded as without the option.
     for name, module in quantizable_linears(_decoder_blocks(plain)[0], config):
         twin = _decoder_blocks(asymmetric)[0].get_submodule(name).weight
