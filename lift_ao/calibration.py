@@ -324,9 +324,10 @@ def _hessians(block, linears: list, inputs: list, device, token_weights: Optiona
 # Damping of asymmetric calibration's correction, a fraction of the Hessian's mean diagonal: far more
 # than the rounding's 1 %, because the correction is a least-squares fit on the calibration tokens and
 # H is ill-conditioned (condition numbers 1e3–1e9 on SmolLM2): at 1 % it put 11–29 % of W's norm into
-# directions the tokens barely excite, and 2.4-bit perplexity rose 19.55 → 34.42 (CPU, 16384 tokens,
-# benchmarks/results/accuracy_asymmetric_calibration_cpu.md). On the first 4 blocks (KL of their output to the
-# full-precision one, no fine-tuning) 1 % was +12 %, 10 % +2 % and 100 % −6 % against no correction.
+# directions the tokens barely excite, and 2.4-bit perplexity rose 19.55 → 34.42 (CPU, 16384 tokens).
+# On the first 4 blocks (KL of their output to the full-precision one, no fine-tuning) 1 % was +12 %,
+# 10 % +2 % and 100 % −6 % against no correction; the whole model at 100 % was still +5.1 %
+# (benchmarks/results/accuracy_asymmetric_calibration_cpu.md).
 ASYMMETRIC_DAMPING = 1.0
 
 
