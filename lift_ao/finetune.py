@@ -357,8 +357,9 @@ def finetune_end_to_end(
     unquantized = {name: p for name, p in model.named_parameters() if p.is_floating_point()
                    and not isinstance(p, LiftQuantTensor)} if unquantized_lr is not None else {}
     steps_of = {name: torch.zeros_like(p, requires_grad=True) for name, p in unquantized.items()}
-    scales = [*log_r.values(), *groups.values(), *deltas.values(), *(f for pair in turns.values() for f in pair)]
-    factors = scales + list(steps_of.values())  # everything tuned: saved, resumed and kept together
+    # What the LiftQuant weights store, tuned at ``lr``: log-factors of the scales, Δ of M and of the rotations.
+    weight_factors = [*log_r.values(), *groups.values(), *deltas.values(), *(f for pair in turns.values() for f in pair)]
+    factors = weight_factors + list(steps_of.values())  # everything tuned: saved, resumed and kept together
 
     def parameters_now() -> dict:
         """{name: tensor} of everything tuned, as the forward takes it (functional_call's overrides)."""
@@ -409,7 +410,7 @@ def finetune_end_to_end(
                     written = time.monotonic()
             bar.set_postfix(kl=f"{loss.item():.4f}", held_out=f"{best:.4f}")
 
-        adam_steps([{"params": scales}] + ([{"params": list(steps_of.values()), "lr": unquantized_lr}] if steps_of else []),
+        adam_steps([{"params": weight_factors}] + ([{"params": list(steps_of.values()), "lr": unquantized_lr}] if steps_of else []),
                    lr, steps, lambda step: _distillation_loss(model, parameters_now(), teacher, batches[step % len(batches)]),
                    advance, first_step=done, optimizer_state=optimizer_state)
         bar.close()
