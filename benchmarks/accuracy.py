@@ -197,13 +197,10 @@ def run_row(name: str, reference, tokenizer, eval_tokens, args) -> dict:
                 row["finetune"] = finetune
             settings = _calibration_settings(name, args)
             calibrate(model, config, calibration, device=args.device, checkpoint_dir=checkpoint, guided=args.guided,
-                      asymmetric=args.asymmetric,
                       alpha=settings["alpha"], refine_passes=settings["refine_passes"], **finetune)
             row.update(settings)
             if args.guided:
                 row["guided"] = True
-            if args.asymmetric:
-                row["asymmetric"] = True
             if name.startswith("lift-cal-fte-"):
                 # A superset of the block stage's text (its first tokens are the same): the end-to-end
                 # stage overfits its sequences, while the block stage's cost grows with them.
@@ -304,9 +301,6 @@ def _markdown(doc: dict) -> str:
         + ("; rows marked guided (the JSON's `guided`): each token's share of a linear's Hessian weighted by "
            "its outputs' sensitivity (--guided, `calibrate(guided=True)`)"
            if any(r.get("guided") for r in doc["rows"].values()) else "")
-        + ("; rows marked asymmetric (the JSON's `asymmetric`): each linear coded against the input the "
-           "full-precision model gives it (--asymmetric, `calibrate(asymmetric=True)`)"
-           if any(r.get("asymmetric") for r in doc["rows"].values()) else "")
         + ", decoder blocks streamed one at a time; no intra-block fine-tuning. `lift-cal-ft-*`: the same plus intra-block "
         "fine-tuning (row and input scales, Adam against the full-precision model's block outputs): "
         + (", ".join(sorted({f"{r['finetune']['finetune_steps']} steps per block of {r['finetune']['batch_size']} "
@@ -419,8 +413,6 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--eval-dense", action="store_true", help="evaluate lift_ao rows with their dequantized "
                         "weights (the same values; the CPU reference op is ~5x slower than a dense matmul)")
-    parser.add_argument("--asymmetric", action="store_true", help="calibrated rows: each linear coded against the "
-                        "full-precision model's input of it (lift_ao.calibrate(asymmetric=True))")
     parser.add_argument("--guided", action="store_true", help="calibrated rows: Hessians weighted per token by "
                         "the model's output sensitivity (lift_ao.calibrate(guided=True))")
     parser.add_argument("--refine-passes", type=int, default=None, help="calibrated rows: Gauss-Seidel passes "

@@ -63,7 +63,7 @@ def main():
     rows = []
     for b in blocks:
         layer = _decoder_blocks(model)[b]
-        for group, h, _ in hessians[b]:
+        for group, h in hessians[b]:
             w = torch.cat([layer.get_submodule(name).weight.detach().double() for name in group])
             total = torch.einsum("nk,kl,nl->", w, h, w).item()
             row = dict(block=b, group="/".join(name.split(".")[-1] for name in group), errors={})

@@ -43,7 +43,6 @@ sensitivities from the same tokens), then every layer is calibrated at its plann
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import math
 from typing import Optional
@@ -254,25 +253,20 @@ def _output_sensitivity(model, linears: list, tokens: torch.Tensor, batch_size: 
     return energy
 
 
-def _hessians(block, linears: list, inputs: list, device, token_weights: Optional[dict] = None,
-              reference: Optional[list] = None) -> list:
+def _hessians(block, linears: list, inputs: list, device, token_weights: Optional[dict] = None) -> list:
     """Group the block's linears by the tensor they read and accumulate each group's X̃ᵀX̃.
 
     Args:
         token_weights: {name in ``linears``: [(B, T) per batch]} (:func:`_output_sensitivity`): then
             each linear accumulates Σ w_t x_t x_tᵀ with its own weights and a group's Hessian is the
             mean of its members'.
-        reference: the full-precision model's inputs of the block, batch for batch beside ``inputs``
-            (asymmetric calibration): then each group also accumulates A = Σ x_ref x_tᵀ (weighted
-            alike), the same tokens' inputs of the linear in the full-precision model.
-    Returns [(names, H (K, K) float64 = Σ x xᵀ / tokens, A − H (K, K) float64 / tokens or None, on the
-    block's device)] in the order the groups first run.
+    Returns [(names, H (K, K) float64 = Σ x xᵀ / tokens, on the block's device)] in the order the
+    groups first run.
     """
-    groups: list = []  # [names, H, tokens, A]
+    groups: list = []  # [names, H, tokens]
     group_of: dict = {}
     seen: list = []  # this batch's input tensor of each group (identity decides siblings)
-    stash: dict = {}  # {name: this batch's weighted inputs}, for A
-    batch, referencing = 0, False
+    batch = 0
 
     def hook(name):
         def record(module, args):
@@ -281,8 +275,7 @@ def _hessians(block, linears: list, inputs: list, device, token_weights: Optiona
                 index = next((i for i, t in enumerate(seen) if t is x), None)
                 if index is None:
                     index = len(groups)
-                    zeros = functools.partial(torch.zeros, x.shape[-1], x.shape[-1], dtype=torch.float64, device=x.device)
-                    groups.append([[], zeros(), 0, zeros() if reference is not None else None])
+                    groups.append([[], torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float64, device=x.device), 0])
                     seen.append(x)
                 group_of[name] = index
                 groups[index][0].append(name)
@@ -292,67 +285,30 @@ def _hessians(block, linears: list, inputs: list, device, token_weights: Optiona
             # own outputs' sensitivity.
             if first or token_weights is not None:
                 flat = x.detach().reshape(-1, x.shape[-1]).float()
-                if referencing:
-                    group[3] += (flat.T @ stash.pop(name)).double()
-                    return
                 weighted = flat if token_weights is None else flat * token_weights[name][batch].to(flat.device).reshape(-1, 1)
                 group[1] += (flat.T @ weighted).double()
                 group[2] += flat.shape[0] if first else 0
-                if reference is not None:
-                    stash[name] = weighted
         return record
 
     handles = [module.register_forward_pre_hook(hook(name)) for name, module in linears]
     try:
-        for i, (hidden, kwargs) in enumerate(inputs):
+        for hidden, kwargs in inputs:
             block(hidden.to(device), **_to(kwargs, device))
             seen.clear()  # tensors of the next batch are new objects
-            if reference is not None:
-                referencing = True
-                block(reference[i][0].to(device), **_to(reference[i][1], device))
-                referencing = False
             batch += 1
     finally:
         for handle in handles:
             handle.remove()
     # Accumulated and left where the block runs (its coding uses them there): not copied to the host
     # and added there in float64 per batch and group.
-    return [(names, h / (norm := max(count, 1) * (len(names) if token_weights is not None else 1)),
-             None if a is None else (a - h) / norm) for names, h, count, a in groups]
-
-
-# Damping of asymmetric calibration's correction, a fraction of the Hessian's mean diagonal: far more
-# than the rounding's 1 %, because the correction is a least-squares fit on the calibration tokens and
-# H is ill-conditioned (condition numbers 1e3–1e9 on SmolLM2): at 1 % it put 11–29 % of W's norm into
-# directions the tokens barely excite, and 2.4-bit perplexity rose 19.55 → 34.42 (CPU, 16384 tokens).
-# On the first 4 blocks (KL of their output to the full-precision one, no fine-tuning) 1 % was +12 %,
-# 10 % +2 % and 100 % −6 % against no correction; the whole model at 100 % was still +5.1 %
-# (benchmarks/results/accuracy_asymmetric_calibration_cpu.md).
-ASYMMETRIC_DAMPING = 1.0
-
-
-def _asymmetric_target(weight: torch.Tensor, hessian: torch.Tensor, shift: torch.Tensor, damping: float) -> torch.Tensor:
-    """(N, K) float32 W̃ = W + W (A − H) H_d⁻¹ for ``weight`` W (N, K), ``hessian`` H = E[x xᵀ] and
-    ``shift`` A − H with A = E[x_ref xᵀ] (K, K float64, :func:`_hessians` with a reference); H_d is H
-    plus ``damping`` × its mean diagonal (:data:`ASYMMETRIC_DAMPING`). Undamped, W̃ = W A H⁻¹ minimises
-    E‖W x_ref − Ŵ x‖² over Ŵ, and E‖W x_ref − Ŵ x‖² = E‖(W̃ − Ŵ) x‖² + const: the error the rounding
-    minimises for W̃. Written as W plus a correction, so A = H (x_ref = x) leaves W exactly as it is."""
-    damped = hessian + damping * hessian.diagonal().mean() * torch.eye(hessian.shape[0], dtype=hessian.dtype,
-                                                                       device=hessian.device)
-    correction = torch.linalg.solve(damped, shift.T @ weight.double().T).T  # H_d is symmetric
-    return weight + correction.float()
+    return [(names, h / max(count, 1) / (len(names) if token_weights is not None else 1)) for names, h, count in groups]
 
 
 def _quantize_group(modules: list, hessian: torch.Tensor, lattice: Lattice, config: LiftQuantConfig,
-                    alpha: float, damping: float, device, refine_passes: int = 0,
-                    shift: Optional[torch.Tensor] = None) -> None:
+                    alpha: float, damping: float, device, refine_passes: int = 0) -> None:
     """Code linears that read one input with a shared Hessian (K, K), scales and rotation
-    (:func:`lift_ao.rounding.hessian_encode_rows` with ``damping`` and ``refine_passes``); with
-    ``shift`` (asymmetric calibration) the codes approximate :func:`_asymmetric_target` instead of
-    the weight."""
+    (:func:`lift_ao.rounding.hessian_encode_rows` with ``damping`` and ``refine_passes``)."""
     weight = torch.cat([m.weight.detach().to(device, torch.float32) for m in modules])
-    if shift is not None:
-        weight = _asymmetric_target(weight, hessian.to(device), shift.to(device), ASYMMETRIC_DAMPING)
     k = weight.shape[1]
     scales = input_scales(hessian.diagonal(), alpha).to(device)
     hessian = hessian.to(device) / (scales[:, None] * scales[None, :])
@@ -739,12 +695,10 @@ def _load_block(directory, index: int, block, device) -> bool:
 
 
 def _manifest(config: LiftQuantConfig, tokens: torch.Tensor, alpha: float, damping: float, blocks,
-              finetune: dict, planned: Optional[dict], refine_passes: int, asymmetric: bool) -> dict:
+              finetune: dict, planned: Optional[dict], refine_passes: int) -> dict:
     settings = {"lattice": config.lattice, "seed": config.seed, "alpha": alpha, "damping": damping}
     if refine_passes:  # absent for LDLQ alone: directories written before refinement existed mean that
         settings["refine_passes"] = refine_passes
-    if asymmetric:  # absent without it, likewise
-        settings["asymmetric"] = True
     if planned is not None:  # absent for one lattice: earlier runs stay resumable
         settings["planned_lattices"] = planned
     if finetune["steps"] or "code_rounds" in finetune:  # absent without fine-tuning: earlier runs stay resumable
@@ -797,7 +751,7 @@ def calibrate(
     model: torch.nn.Module, config: LiftQuantConfig, tokens: torch.Tensor, *, checkpoint_dir=None,
     overwrite: bool = False, device=None, alpha: float = DEFAULT_ALPHA, damping: float = 0.01, batch_size: int = 8,
     finetune_steps: int = 0, finetune_lr: float = 1e-2, code_rounds: int = 0, finetune_rotation: bool = False,
-    guided: bool = False, refine_passes: int = DEFAULT_REFINE_PASSES, asymmetric: bool = False, progress: bool = True,
+    guided: bool = False, refine_passes: int = DEFAULT_REFINE_PASSES, progress: bool = True,
 ) -> torch.nn.Module:
     """Quantize the linears of every decoder block with calibration data, in place.
 
@@ -839,15 +793,6 @@ def calibrate(
             alone, as before 2026-11-27). Each costs about one more lattice search per block. Before
             :func:`lift_ao.finetune_end_to_end` they measured no gain: pass
             ``lift_ao.rounding.default_refine_passes(end_to_end=True)`` (0) there.
-        asymmetric: code each linear against the full-precision model's input of it (GPTAQ's
-            asymmetric calibration, Li et al. 2025): minimise E‖W x_ref − Ŵ x‖², x_ref the input the
-            full-precision model gives the linear and x the quantized model's, instead of
-            E‖(W − Ŵ) x‖², so that coding also corrects what earlier blocks changed in its input
-            (:func:`_quantize_group`). Runs the full-precision model's activations alongside (as
-            fine-tuning does) and each block twice while its Hessians are gathered. Measured on
-            SmolLM2-135M at 2.4 bits with 16384 tokens and block fine-tuning: perplexity +5.1 % [+2.7,
-            +7.5] (+76 % with the correction damped like the rounding): off by default, not yet measured
-            with many tokens (benchmarks/results/accuracy_asymmetric_calibration_cpu.md).
         progress: a tqdm bar over blocks (with fine-tuning: the last block's output error after/before).
     Returns:
         ``model``; linears outside the decoder blocks (``lm_head``) are left as they are.
@@ -883,8 +828,8 @@ def calibrate(
             finetune["rotation"] = True
         if guided:  # likewise
             finetune["guided"] = True
-        open_partial(checkpoint_dir, _manifest(config, tokens, alpha, damping, blocks, finetune, planned, refine_passes,
-                                               asymmetric), overwrite=overwrite)
+        open_partial(checkpoint_dir, _manifest(config, tokens, alpha, damping, blocks, finetune, planned, refine_passes),
+                     overwrite=overwrite)
 
     was_training = model.training
     model.eval()
@@ -899,27 +844,24 @@ def calibrate(
         with torch.no_grad():
             # Everything but the blocks runs where it is; the first block's inputs are captured there.
             inputs = _block_inputs(model, blocks, tokens, batch_size, home)
-            # With fine-tuning (as targets) or asymmetric calibration (as the linears' reference inputs),
-            # the full-precision model's activations run alongside.
+            # With fine-tuning, the full-precision model's activations run alongside as the targets.
             tuning = bool(finetune_steps or code_rounds)
-            full_precision = inputs if tuning or asymmetric else None
+            full_precision = inputs if tuning else None
             bar = tqdm(blocks, desc=f"calibrate {config.lattice or 'budget plan'}", unit="block",
                        disable=not progress)
             for i, block in enumerate(bar):
                 block.to(device)
-                targets = None if full_precision is None else _run_block(block, full_precision, device)
+                targets = _run_block(block, full_precision, device) if tuning else None
                 if checkpoint_dir is None or not _load_block(checkpoint_dir, i, block, device):
                     linears = quantizable_linears(block, config)
                     lattices = {name: Lattice.load(config.lattice if planned is None else planned[prefixes[i] + name])
                                 for name, _ in linears}
                     modules, groups = dict(linears), []
                     weights = None if sensitivity is None else {n: sensitivity[prefixes[i] + n] for n, _ in linears}
-                    # The first block's inputs are the full-precision model's: nothing to correct there.
-                    reference = full_precision if asymmetric and full_precision is not inputs else None
-                    for names, hessian, shift in _hessians(block, linears, inputs, device, weights, reference):
+                    for names, hessian in _hessians(block, linears, inputs, device, weights):
                         for lattice, members in _by_lattice(names, lattices):
                             _quantize_group([modules[n] for n in members], hessian, lattice, config, alpha, damping,
-                                            device, refine_passes, shift)
+                                            device, refine_passes)
                             groups.append(members)
                     if tuning:
                         before, after = finetune_block(block, groups, inputs, targets, steps=finetune_steps,

@@ -94,8 +94,6 @@ def _cmd_quantize(args) -> dict:
                          "--memory-budget SIZE")
     if args.guided and not args.calibrate:
         raise ValueError("--guided weights the calibration Hessians: add --calibrate")
-    if args.asymmetric and not args.calibrate:
-        raise ValueError("--asymmetric sets the calibrated rounding's target: add --calibrate")
     if args.refine_passes is not None and not args.calibrate:
         raise ValueError("--refine-passes refines the calibrated (Hessian-aware) rounding: add --calibrate")
     if ((args.e2e_tune_mapping or args.e2e_tune_rotation or args.e2e_unquantized_lr is not None)
@@ -143,7 +141,6 @@ def _cmd_quantize(args) -> dict:
         report["finetune_steps"], report["code_rounds"] = args.finetune_steps, args.code_rounds
         alpha = DEFAULT_ALPHA if args.alpha is None else args.alpha
         report["finetune_rotation"], report["alpha"], report["guided"] = args.finetune_rotation, alpha, args.guided
-        report["asymmetric"] = args.asymmetric
         refine_passes = report["refine_passes"] = (default_refine_passes(end_to_end=args.e2e_steps > 0)
                                                    if args.refine_passes is None else args.refine_passes)
         if args.e2e_steps < 0:
@@ -166,7 +163,7 @@ def _cmd_quantize(args) -> dict:
         calibrate(model, config, calibration, checkpoint_dir=partial, overwrite=args.overwrite, device=device,
                   finetune_steps=args.finetune_steps, code_rounds=args.code_rounds,
                   finetune_rotation=args.finetune_rotation, alpha=alpha, guided=args.guided,
-                  refine_passes=refine_passes, asymmetric=args.asymmetric)
+                  refine_passes=refine_passes)
         if args.e2e_steps:
             # A superset of the block stage's text (its first tokens are the same): the end-to-end stage
             # overfits few sequences, while the block stage's cost grows with them.
@@ -335,11 +332,6 @@ def _parser() -> argparse.ArgumentParser:
                    "Hessian by how much the model's output feels that linear there (one forward and backward pass of "
                    "the whole model first; on the built-in model -0.6 %% perplexity with --calibration-tokens 262144, but "
                    "+1.5 %% with the default 16384: it needs many tokens; benchmarks/results/accuracy_w200_guided_h100.md)")
-    q.add_argument("--asymmetric", action="store_true", help="with --calibrate: code each linear against the input "
-                   "the full-precision model gives it, so coding also corrects what earlier blocks changed there "
-                   "(GPTAQ's asymmetric calibration; each block runs twice while its Hessians are gathered; on the "
-                   "built-in model at 2.4 bits with 16384 tokens perplexity +5.1 %%: "
-                   "benchmarks/results/accuracy_asymmetric_calibration_cpu.md)")
     q.add_argument("--refine-passes", type=int, default=None, help="with --calibrate: Gauss-Seidel passes over each "
                    "layer's column blocks after the Hessian-aware rounding (default 2: -2.2 %% perplexity on the "
                    "built-in model for about twice the rounding's search time, accuracy_refine_16k_cpu.md; but 0 "

@@ -49,11 +49,10 @@ def test_uniform_weights_give_the_plain_hessians():
         ones = {name: [torch.ones(2, 16), torch.ones(2, 16)] for name, _ in linears}
         uniform = _hessians(block, linears, inputs, "cpu", ones)
         scaled = _hessians(block, linears, inputs, "cpu", {n: [2 * w for w in ws] for n, ws in ones.items()})
-    assert [names for names, _, _ in plain] == [names for names, _, _ in uniform]
-    assert [len(names) for names, _, _ in plain] == [3, 1, 2, 1]  # q/k/v, o, gate/up, down
-    for (_, a, none), (_, b, _), (_, c, _) in zip(plain, uniform, scaled):
+    assert [names for names, _ in plain] == [names for names, _ in uniform]
+    assert [len(names) for names, _ in plain] == [3, 1, 2, 1]  # q/k/v, o, gate/up, down
+    for (_, a), (_, b), (_, c) in zip(plain, uniform, scaled):
         assert torch.allclose(a, b, rtol=1e-12, atol=0) and torch.allclose(2 * a, c, rtol=1e-12, atol=0)
-        assert none is None  # no reference inputs, no asymmetric term
 
 
 def test_guided_calibration_codes_closer_to_the_model():
