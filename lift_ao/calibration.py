@@ -695,14 +695,18 @@ def _load_block(directory, index: int, block, device) -> bool:
 
 
 def _manifest(config: LiftQuantConfig, tokens: torch.Tensor, alpha: float, damping: float, blocks,
-              finetune: dict, planned: Optional[dict], refine_passes: int) -> dict:
+              finetune: dict, planned: Optional[dict], refine_passes: int, guided: bool) -> dict:
     settings = {"lattice": config.lattice, "seed": config.seed, "alpha": alpha, "damping": damping}
     if refine_passes:  # absent for LDLQ alone: directories written before refinement existed mean that
         settings["refine_passes"] = refine_passes
     if planned is not None:  # absent for one lattice: earlier runs stay resumable
         settings["planned_lattices"] = planned
     if finetune["steps"] or "code_rounds" in finetune:  # absent without fine-tuning: earlier runs stay resumable
-        settings["finetune"] = finetune
+        # `guided` was first recorded inside the fine-tuning entry: it stays there, so that guided
+        # fine-tuned directories written then stay resumable.
+        settings["finetune"] = {**finetune, "guided": True} if guided else finetune
+    elif guided:
+        settings["guided"] = True
     return {"calibrate": settings,
             "tokens": {"shape": list(tokens.shape), "sha256": hashlib.sha256(tokens.numpy().tobytes()).hexdigest()},
             "blocks": [[n, list(m.weight.shape)] for b in blocks for n, m in quantizable_linears(b, config)]}
@@ -826,10 +830,8 @@ def calibrate(
             finetune["code_rounds"] = code_rounds
         if finetune_rotation:  # absent without it, likewise
             finetune["rotation"] = True
-        if guided:  # likewise
-            finetune["guided"] = True
-        open_partial(checkpoint_dir, _manifest(config, tokens, alpha, damping, blocks, finetune, planned, refine_passes),
-                     overwrite=overwrite)
+        open_partial(checkpoint_dir, _manifest(config, tokens, alpha, damping, blocks, finetune, planned, refine_passes,
+                                               guided), overwrite=overwrite)
 
     was_training = model.training
     model.eval()

@@ -2,6 +2,7 @@
 
 import copy
 
+import pytest
 import torch
 
 import lift_ao
@@ -86,3 +87,15 @@ def test_a_guided_run_resumes_bit_identically(tmp_path, monkeypatch):
     plain = calibrate(copy.deepcopy(model), config, tokens, progress=False)
     assert not torch.equal(plain.model.layers[1].mlp.down_proj.weight.packed_codes,
                            complete.model.layers[1].mlp.down_proj.weight.packed_codes)  # guided codes differ
+
+
+@pytest.mark.parametrize("finetune_steps", [0, 2])
+def test_guided_and_plain_runs_do_not_resume_each_other(tmp_path, finetune_steps):
+    """Their codes differ (test above), so a directory of one is refused to the other, with and
+    without fine-tuning (guided was once recorded only with it)."""
+    model, config, tokens = tiny_llama(), lift_ao.liftquant(lattice="16/8"), token_batch(2, batch=16, length=32)
+    run = lambda guided: calibrate(copy.deepcopy(model), config, tokens, guided=guided,  # noqa: E731
+                                   finetune_steps=finetune_steps, checkpoint_dir=tmp_path, progress=False)
+    run(False)
+    with pytest.raises(lift_ao.CheckpointError, match="partial run of another"):
+        run(True)
