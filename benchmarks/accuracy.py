@@ -134,6 +134,30 @@ def _calibration_settings(row: str, args: argparse.Namespace) -> dict:
                                                                    if "-plan-" in row else {})}
 
 
+def _requested(row: str, args: argparse.Namespace) -> dict:
+    """Every command-line setting that changes what row ``row`` measures, as given (recorded in new
+    rows as ``requested``: a recorded row answers a request only with equal settings). Not among
+    them: --device, --e2e-compile and --checkpoint-root, which change how it runs, not what."""
+    names = []
+    if row == "lift-plan-2.4":
+        names = ["plan_tokens"]
+    elif row.startswith("lift-cal-"):
+        names = ["calibration_tokens", "guided"]
+        if "-plan-" in row:
+            names += ["plan_budget", "plan_scores"]
+        if row.startswith(("lift-cal-ft-", "lift-cal-ftc-", "lift-cal-fte-")):
+            names += ["finetune_steps", "finetune_lr", "finetune_batch", "finetune_rotation"]
+        if row.startswith("lift-cal-ftc-"):
+            names += ["code_rounds"]
+        if row.startswith("lift-cal-fte-"):
+            names += ["e2e_steps", "e2e_lr", "e2e_tokens", "e2e_held_out", "e2e_tune_mapping", "e2e_tune_rotation",
+                      "e2e_unquantized_lr"]
+    requested = {name: getattr(args, name) for name in names}
+    if row.startswith("lift-cal-"):
+        requested.update(_calibration_settings(row, args))  # α, refinement passes (resolved), rate window
+    return json.loads(json.dumps(requested, default=str))  # as the JSON holds it (paths as strings)
+
+
 def _is_row(name: str) -> bool:
     lattice_row = re.fullmatch(r"lift-(cal-(ft[ce]?-)?)?(\d+/\d+)", name)
     plan_row = re.fullmatch(r"lift-cal-(ft[ce]?-)?plan-(.+)", name)
@@ -153,7 +177,7 @@ def run_row(name: str, reference, tokenizer, eval_tokens, args) -> dict:
     linears = _linears(model)
     linear_weights = sum(m.weight.numel() for m in linears)
     linear_bytes_before = sum(m.weight.nbytes for m in linears)
-    row = {"method": name, "load_average_before": os.getloadavg()}
+    row = {"method": name, "requested": _requested(name, args), "load_average_before": os.getloadavg()}
     start = time.perf_counter()
     if name == "reference":
         linear_bytes = linear_bytes_before
@@ -391,7 +415,7 @@ def _plot(doc: dict, path: Path) -> bool:
     return True
 
 
-def main(argv=None) -> None:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated rows among {', '.join(ROWS)}")
     parser.add_argument("--windows", type=int, default=8, help="evaluation windows (default 8)")
@@ -445,6 +469,11 @@ def main(argv=None) -> None:
                         "from there (bit-identical)")
     parser.add_argument("--redo", action="store_true", help="measure rows already in the results again")
     parser.add_argument("--out", type=Path, default=RESULTS / "accuracy", help="results path without suffix")
+    return parser
+
+
+def main(argv=None) -> None:
+    parser = _parser()
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.rows.split(",") if n.strip()]
     unknown = sorted(n for n in names if not _is_row(n))
@@ -459,13 +488,20 @@ def main(argv=None) -> None:
         sys.exit(f"{json_path} holds rows measured with {doc['windows']} windows × {doc['context']} tokens; "
                  "use the same --windows/--context or another --out")
     doc.update(windows=args.windows, context=args.context)
-    # A recorded row answers a request only if it was measured with the requested settings.
-    other_settings = [n for n in names if n.startswith("lift-cal-") and n in doc["rows"]
-                      and any(doc["rows"][n].get(k, UNRECORDED_SETTINGS[k]) != v
-                              for k, v in _calibration_settings(n, args).items())]
+    # A recorded row answers a request only if it was measured with the requested settings: all of
+    # them where it recorded them, else (rows written before `requested`) those it recorded apart.
+    other_settings = {}
+    for n in (n for n in names if n in doc["rows"]):
+        recorded, wanted = doc["rows"][n].get("requested"), _requested(n, args)
+        if recorded is None:
+            recorded = {k: doc["rows"][n].get(k, UNRECORDED_SETTINGS[k]) for k in _calibration_settings(n, args)
+                        } if n.startswith("lift-cal-") else {}
+            wanted = {k: wanted[k] for k in recorded}
+        if recorded != wanted:
+            other_settings[n] = sorted(k for k in recorded.keys() | wanted.keys() if recorded.get(k) != wanted.get(k))
     if other_settings and not args.redo:
-        sys.exit(f"{json_path} holds {other_settings} measured at another --alpha, --refine-passes or --plan-window; "
-                 "use --redo or another --out")
+        sys.exit(f"{json_path} holds rows measured with other settings ({other_settings}; rate_window is "
+                 "--plan-window, the others their option's name); use those options, --redo or another --out")
     todo = [n for n in names if args.redo or n not in doc["rows"]]
     if not todo:
         print("nothing to do: every requested row is in the results (pass --redo to measure again)")

@@ -51,10 +51,26 @@ def test_re_rendering_keeps_the_recorded_machine_and_command(tmp_path):
 ])
 def test_rows_measured_with_other_calibration_settings_are_refused(tmp_path, recorded, options):
     _write(tmp_path / "acc.json", {"lift-cal-ft-48/20": _row("lift-cal-ft-48/20", **recorded)})
-    with pytest.raises(SystemExit, match="measured at another --alpha, --refine-passes or --plan-window"):
+    with pytest.raises(SystemExit, match="measured with other settings"):
         accuracy.main(["--rows", "lift-cal-ft-48/20", *options, "--out", str(tmp_path / "acc")])
     accuracy.main(["--rows", "lift-cal-ft-48/20", "--alpha", str(recorded.get("alpha", 0.5)), "--refine-passes",
                    str(recorded.get("refine_passes", 0)), "--out", str(tmp_path / "acc")])  # its own settings: kept
+    assert (tmp_path / "acc.md").is_file()
+
+
+def test_rows_recorded_with_their_requested_settings_answer_only_the_same_request(tmp_path):
+    """New rows record every setting that changes them (`requested`): an end-to-end or calibration
+    option that differs is refused by name, an execution option (--device) is not."""
+    recipe = ["--rows", "lift-cal-fte-48/20", "--e2e-steps", "1024", "--e2e-unquantized-lr", "1e-4", "--guided"]
+    requested = accuracy._requested("lift-cal-fte-48/20", accuracy._parser().parse_args(recipe))
+    assert requested["e2e_steps"] == 1024 and requested["guided"] and requested["refine_passes"] == 0
+    _write(tmp_path / "acc.json", {"lift-cal-fte-48/20": _row("lift-cal-fte-48/20", requested=requested)})
+    for changed in (["--e2e-steps", "2048"], ["--e2e-unquantized-lr", "3e-4"], ["--calibration-tokens", "8192"]):
+        with pytest.raises(SystemExit, match=f"other settings.*{changed[0][2:].replace('-', '_')}"):
+            accuracy.main([*recipe, *changed, "--out", str(tmp_path / "acc")])
+    with pytest.raises(SystemExit, match=r"other settings.*guided"):
+        accuracy.main([*recipe[:-1], "--out", str(tmp_path / "acc")])
+    accuracy.main([*recipe, "--device", "cpu", "--out", str(tmp_path / "acc")])  # the same request: kept
     assert (tmp_path / "acc.md").is_file()
 
 
