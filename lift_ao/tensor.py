@@ -262,6 +262,29 @@ def _(func, types, args, kwargs):
     return torch.ops.lift_ao.lifted_matmul(lifted, weight.packed_codes, weight.row_scale, bias)
 
 
+# What each weight owns; the rest (M, input signs/scales, rotation factors) may be shared with
+# sibling layers, other models and the caches above.
+_OWN_DATA = ("packed_codes", "row_scale")
+
+
+@implements(aten.copy_.default)
+def _(func, types, args, kwargs):
+    # load_state_dict's copy. torchao's default writes every stored tensor in place, which would also
+    # change every layer and model sharing this one's M or transform (and the caches that hand them
+    # out): only what the weight owns is written; the shared constants are rebound to src's.
+    self, src = args[0], args[1]
+    shapes = lambda t: [getattr(t, n).shape for n in t.tensor_data_names]  # noqa: E731
+    if not isinstance(src, LiftQuantTensor) or (self.shape, self.dtype, shapes(self)) != (src.shape, src.dtype, shapes(src)):
+        raise ValueError(f"cannot copy {src!r} into LiftQuantTensor({self._quantization_type()}): the shape, dtype and "
+                         "lattice must match; quantize the model with the same config before loading this state")
+    for name in self.tensor_data_names:
+        if name in _OWN_DATA:
+            getattr(self, name).copy_(getattr(src, name))
+        else:
+            setattr(self, name, getattr(src, name).to(self.device))
+    return self
+
+
 @implements(aten._to_copy.default)
 def _(func, types, args, kwargs):
     # Moves the stored tensors to the new device; a new dtype only changes the logical dtype

@@ -116,6 +116,23 @@ def test_copy_and_state_dict_round_trip(quantized, lattice):
     torch.testing.assert_close(dst(x), src(x), rtol=0, atol=0)
 
 
+def test_copy_leaves_weights_that_shared_its_constants_alone(lattice):
+    """Weights with the same K, lattice and seed share M and the rotation (one cached copy): copying
+    another seed's weight into one of them (load_state_dict) must change that one only."""
+    gen = _gen(7)
+    a, b = (LiftQuantTensor.from_hp(torch.randn(37, 53, generator=gen), lattice, seed=0) for _ in range(2))
+    src = LiftQuantTensor.from_hp(torch.randn(37, 53, generator=gen), lattice, seed=1)
+    assert a.rotation_left is b.rotation_left and a.mapping is b.mapping  # shared, as the footprint counts
+    b_before = b.dequantize()
+    a.copy_(src)
+    assert torch.equal(a.dequantize(), src.dequantize())
+    assert torch.equal(b.dequantize(), b_before)
+    fresh = LiftQuantTensor.from_hp(torch.randn(37, 53, generator=gen), lattice, seed=0)
+    assert torch.equal(fresh.rotation_left, b.rotation_left) and not torch.equal(fresh.rotation_left, src.rotation_left)
+    with pytest.raises(ValueError, match="same config"):
+        a.copy_(LiftQuantTensor.from_hp(torch.randn(37, 64, generator=gen), lattice))
+
+
 @pytest.mark.parametrize("start, end, view", [(5, 20, False), (0, 32, True), (32, 37, True), (32, None, True),
                                              (0, 33, False), (31, 37, False), (7, 7, False), (-3, None, False)])
 def test_row_slice_keeps_whole_rows(quantized, start, end, view):
