@@ -33,7 +33,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from lift_ao.packing import interleave_rows
+from lift_ao.packing import check_packed, interleave_rows
 from lift_ao.tensor import LiftQuantTensor, share_constants
 
 __all__ = [
@@ -55,7 +55,8 @@ class CheckpointError(ValueError):
 
 
 def _sha256(t: torch.Tensor) -> str:
-    return hashlib.sha256(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+    # Flattened first: a 0-dim tensor cannot be viewed as bytes (the digest of others is unchanged).
+    return hashlib.sha256(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
 def _library_version() -> str:
@@ -78,6 +79,26 @@ def _check_model(model, what: str) -> None:
         raise TypeError(f"{what} must be a torch.nn.Module, got {type(model).__name__}")
 
 
+def _tensor_identity(value) -> tuple:
+    """Equal for tied parameters: the same object, or (after a load, which wraps each in its own
+    Parameter) the same elements of one storage."""
+    if not isinstance(value, torch.Tensor) or isinstance(value, LiftQuantTensor) or value.is_meta:
+        return ("object", id(value))
+    return ("storage", value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape),
+            value.stride(), value.dtype, value.device)
+
+
+def _check_parts(path: Path, key: str, parts: list, rows: int) -> None:
+    """The stored parts of a LiftQuantTensor have its dtypes and ``rows`` row scales (the SHA-256s
+    cover the bytes, not the header's dtype and shape)."""
+    found = {name: (t.dtype, tuple(t.shape)) for name, t in zip(LiftQuantTensor.tensor_data_names, parts)}
+    wrong = {name: dtype for name, (dtype, _) in found.items()
+             if dtype != (torch.int32 if name == "packed_codes" else torch.float32)}
+    if wrong or found["row_scale"][1] != (rows,):
+        raise CheckpointError(f"{path}: {key} stores {found} (codes must be int32, the rest float32, {rows} row "
+                              "scales); the file is inconsistent, re-quantize")
+
+
 def save_quantized(model: torch.nn.Module, directory) -> Path:
     """Write ``model`` (quantized or partly quantized) to ``directory``.
 
@@ -90,12 +111,13 @@ def save_quantized(model: torch.nn.Module, directory) -> Path:
     tensors: dict[str, torch.Tensor] = {}
     quantized: dict[str, dict] = {}
     aliases: dict[str, str] = {}
-    first_key_of: dict[int, str] = {}
+    first_key_of: dict = {}
     for key, value in model.state_dict(keep_vars=True).items():
-        if id(value) in first_key_of:  # tied parameters are stored once
-            aliases[key] = first_key_of[id(value)]
+        identity = _tensor_identity(value)
+        if identity in first_key_of:  # tied parameters are stored once
+            aliases[key] = first_key_of[identity]
             continue
-        first_key_of[id(value)] = key
+        first_key_of[identity] = key
         data = value.detach() if isinstance(value, torch.Tensor) else value
         if isinstance(data, torch.Tensor) and data.is_meta:
             raise ValueError(f"{key} is on the meta device (no values to save); load or quantize the real weights first")
@@ -131,8 +153,12 @@ def _write_atomically(target: Path, write) -> None:
     """``write(tmp_path)`` then rename onto ``target``: a crash leaves the old file or none, never half of one."""
     fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, suffix=".tmp", dir=target.parent)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
     try:
         write(tmp)
+        # As a plainly created file: mkstemp's (and safetensors' writer's) 0600 would survive the rename.
+        os.chmod(tmp, 0o666 & ~umask)
         with open(tmp, "rb") as f:  # on disk before the rename, so a power cut cannot expose an empty file
             os.fsync(f.fileno())
         os.replace(tmp, target)
@@ -205,7 +231,7 @@ def load_quantized(directory, model: Optional[torch.nn.Module] = None, *, device
         CheckpointError: truncated/tampered file, unknown format version, lattice mismatch, or a
             model whose modules or shapes differ from the checkpoint's.
     """
-    from lift_ao.api import resolve_device  # lift_ao.api imports this module
+    from lift_ao.api import _is_hf_conv1d, resolve_device  # lift_ao.api imports this module
 
     directory = _directory(directory, "directory")
     if model is not None:
@@ -222,11 +248,18 @@ def load_quantized(directory, model: Optional[torch.nn.Module] = None, *, device
             current = getattr(module, param_name)
         except AttributeError as e:
             raise CheckpointError(f"{path}: the model has no {key!r}; load into the architecture that was saved") from e
+        if _is_hf_conv1d(module) and list(current.shape) == info["shape"][::-1]:
+            # quantize made this GPT-2 Conv1D (weight (in, out)) an nn.Linear: so does the load.
+            parent, _, child = module_name.rpartition(".")
+            module = torch.nn.Linear(*current.shape, bias=module.bias is not None, device="meta")
+            setattr(model.get_submodule(parent), child, module)
+            current = module.weight
         if list(current.shape) != info["shape"]:
             raise CheckpointError(f"{path}: {key} has shape {info['shape']}, the model expects {list(current.shape)}")
         if header["format_version"] == 2:  # rows one after another: regrouped exactly (lift_ao.packing)
             tensors[f"{key}.packed_codes"] = interleave_rows(tensors[f"{key}.packed_codes"])
         parts = [tensors.pop(f"{key}.{name}").to(device) for name in LiftQuantTensor.tensor_data_names]
+        _check_parts(path, key, parts, info["shape"][0])
         weight = LiftQuantTensor(*parts, torch.Size(info["shape"]), getattr(torch, info["dtype"]))
         stored = weight.lattice
         if stored.fingerprint != info["lattice_fingerprint"] or stored.name != info["lattice"]:
@@ -240,6 +273,10 @@ def load_quantized(directory, model: Optional[torch.nn.Module] = None, *, device
                 f"{path}: {key}'s input transform does not match its recorded fingerprint ({recorded}); "
                 "the file is inconsistent, re-quantize"
             )
+        try:
+            check_packed(weight.packed_codes, info["shape"][0], weight.code_length)
+        except ValueError as e:
+            raise CheckpointError(f"{path}: {key}: {e}; the file is inconsistent, re-quantize") from e
         setattr(module, param_name, torch.nn.Parameter(weight, requires_grad=False))
     plain = {k: t.to(device) for k, t in tensors.items()}
     for alias, target in header["aliases"].items():
@@ -251,8 +288,15 @@ def load_quantized(directory, model: Optional[torch.nn.Module] = None, *, device
         raise CheckpointError(
             f"{path} does not match the model: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
         )
-    # Aliases get the same tensor, so tied parameters share storage again after loading.
     model.load_state_dict(plain, strict=False, assign=True)
+    # assign=True wraps each alias in a Parameter of its own: tie them again (the same object, as
+    # before saving; a later save then still stores them once).
+    for alias, target in header["aliases"].items():
+        owner, _, name = target.rpartition(".")
+        tied = model.get_submodule(owner)._parameters.get(name)
+        if tied is not None:
+            owner, _, name = alias.rpartition(".")
+            setattr(model.get_submodule(owner), name, tied)
     share_constants(model)
     return model
 

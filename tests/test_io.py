@@ -1,13 +1,14 @@
 """save_quantized / load_quantized: bit-exact round trip and refusal of bad checkpoints."""
 
 import json
+import os
 
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from checks import assert_bit_identical
-from tiny_models import tiny_llama, token_batch
+from tiny_models import tiny_gpt2, tiny_llama, token_batch
 
 import lift_ao
 from lift_ao import CheckpointError, liftquant, load_quantized, save_quantized
@@ -81,6 +82,58 @@ def test_tampered_tensor_is_refused(saved, tmp_path):
     _rewrite(saved[1], tmp_path, edit_tensors=flip_one_bit)
     with pytest.raises(CheckpointError, match="SHA-256"):
         load_quantized(tmp_path, tiny_llama(tie=True))
+
+
+def test_a_part_relabelled_with_another_dtype_is_refused(saved, tmp_path):
+    """The SHA-256s cover the bytes only: float32 row scales relabelled int32 (same bytes, same digest)."""
+    def relabel(tensors):
+        key = next(k for k in tensors if k.endswith("row_scale"))
+        tensors[key] = tensors[key].view(torch.int32)
+        return tensors
+
+    _rewrite(saved[1], tmp_path, edit_tensors=relabel)
+    with pytest.raises(CheckpointError, match="codes must be int32, the rest float32"):
+        load_quantized(tmp_path, tiny_llama(tie=True))
+
+
+def test_tied_parameters_stay_one_through_two_round_trips(saved, tmp_path):
+    model, directory = saved
+    loaded = load_quantized(directory, tiny_llama(seed=1, tie=True))
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    save_quantized(loaded, tmp_path)  # stored once again, not as two tensors
+    with safe_open(str(tmp_path / CHECKPOINT_NAME), framework="pt") as f:
+        assert json.loads(f.metadata()["lift_ao"])["aliases"] == {"lm_head.weight": "model.embed_tokens.weight"}
+    again = load_quantized(tmp_path, tiny_llama(seed=1, tie=True))
+    assert again.lm_head.weight is again.model.embed_tokens.weight
+    assert_bit_identical(model, again)
+
+
+def test_scalar_buffers_load_and_the_file_follows_the_umask(tmp_path):
+    def model(temperature):
+        m = torch.nn.Sequential(torch.nn.Linear(64, 64))
+        m.register_buffer("temperature", torch.tensor(temperature))
+        return m
+
+    quantized = lift_ao.quantize(model(0.7), liftquant(bits=2.4), progress=False)
+    umask = os.umask(0o022)
+    try:
+        save_quantized(quantized, tmp_path)
+    finally:
+        os.umask(umask)
+    assert (tmp_path / CHECKPOINT_NAME).stat().st_mode & 0o777 == 0o644  # not mkstemp's 0600
+    assert torch.equal(load_quantized(tmp_path, model(0.0)).temperature, torch.tensor(0.7))
+
+
+@pytest.mark.parametrize("into", ["saved config", "a GPT-2 model"])
+def test_gpt2_conv1d_layers_load_as_they_were_quantized(tmp_path, into):
+    """quantize turns GPT-2's Conv1D (weight (in, out)) into nn.Linear; the load does the same."""
+    model = lift_ao.quantize(tiny_gpt2(), liftquant(bits=2.4), progress=False)
+    save_quantized(model, tmp_path)
+    loaded = load_quantized(tmp_path, None if into == "saved config" else tiny_gpt2(seed=1))
+    assert_bit_identical(model, loaded)
+    tokens = token_batch()
+    with torch.no_grad():
+        assert torch.equal(model(tokens).logits, loaded(tokens).logits)
 
 
 def test_wrong_format_version_is_refused(saved, tmp_path):
