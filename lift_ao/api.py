@@ -189,7 +189,7 @@ def _resume_layer(resume_dir, name: str, module: torch.nn.Module, config: LiftQu
     if info.get("source_sha256") != source:
         raise CheckpointError(
             f"{resume_dir}: the saved codes of {name} were made from a different weight (same shapes, other "
-            "values); use another resume_dir, or overwrite=True (lift-ao quantize --overwrite)"
+            "values: overwrite=True keeps a directory whose settings match); use another resume_dir or delete this one"
         )
     if device is not None:
         module.to(device)  # as quantize_(..., device=device) does

@@ -52,7 +52,7 @@ from tqdm.auto import tqdm
 
 from lift_ao.api import quantizable_linears, resolve_device
 from lift_ao.config import LiftQuantConfig
-from lift_ao.io import load_shard, open_partial, save_shard
+from lift_ao.io import CheckpointError, load_shard, open_partial, save_shard
 from lift_ao.lattice import Lattice
 from lift_ao.packing import pack_codes, unpack_codes
 from lift_ao.rounding import DEFAULT_REFINE_PASSES, _check_count, hessian_encode_rows
@@ -317,7 +317,7 @@ def _quantize_group(modules: list, hessian: torch.Tensor, lattice: Lattice, conf
     rotated_hessian = rotate(rotate(hessian, signs.double(), left.double(), right.double()).T,
                              signs.double(), left.double(), right.double())
     codes, row_scale = hessian_encode_rows(rotated, rotated_hessian, lattice.to(device), damping=damping,
-                                           refine_passes=refine_passes)
+                                           refine_passes=refine_passes, beam_width=config.beam_width)
     # x/s enters the rotation through its per-input signs; the padding keeps its ±1.
     folded_signs = signs.clone()
     folded_signs[:k] /= scales.to(torch.float32)
@@ -663,7 +663,17 @@ def finetune_block(block: torch.nn.Module, groups: list, inputs: list, targets: 
 _SHARED = ("mapping", "input_signs", "rotation_left", "rotation_right")
 
 
-def _save_block(directory, index: int, block, groups: list) -> None:
+def _block_source(block, config: LiftQuantConfig) -> str:
+    """SHA-256 of the full-precision weights of ``block``'s coded linears: a resumed block must have
+    been coded from these (the manifest records shapes, not values)."""
+    digest = hashlib.sha256()
+    for name, module in quantizable_linears(block, config):
+        digest.update(name.encode())
+        digest.update(module.weight.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _save_block(directory, index: int, block, groups: list, source: str) -> None:
     tensors, weights = {}, {}
     for names in groups:
         for name in names:
@@ -674,15 +684,24 @@ def _save_block(directory, index: int, block, groups: list) -> None:
         # tensors that share memory.
         leader = block.get_submodule(names[0]).weight
         tensors.update({f"{names[0]}.{n}": getattr(leader, n).clone() for n in _SHARED})
-    save_shard(directory, f"block_{index:04d}", tensors, {"groups": groups, "weights": weights})
+    save_shard(directory, f"block_{index:04d}", tensors, {"groups": groups, "weights": weights, "source_sha256": source})
 
 
-def _load_block(directory, index: int, block, device) -> bool:
-    """Put a finished block's codes back into ``block``; False when it has not been finished."""
+def _load_block(directory, index: int, block, device, source: str) -> bool:
+    """Put a finished block's codes back into ``block``; False when it has not been finished.
+
+    Raises:
+        CheckpointError: the block was coded from other weights (``source``, :func:`_block_source`).
+    """
     shard = load_shard(directory, f"block_{index:04d}")
     if shard is None:
         return False
     info, tensors = shard
+    # Shards written before the hash was recorded have none: accepted as before.
+    if info.get("source_sha256", source) != source:
+        raise CheckpointError(
+            f"{directory}: decoder block {index} was coded from other weights (same shapes, other values: another "
+            "model?); use another checkpoint directory or delete this one")
     for names in info["groups"]:
         shared = {n: tensors[f"{names[0]}.{n}"].to(device) for n in _SHARED}
         for name in names:
@@ -699,6 +718,8 @@ def _manifest(config: LiftQuantConfig, tokens: torch.Tensor, alpha: float, dampi
     settings = {"lattice": config.lattice, "seed": config.seed, "alpha": alpha, "damping": damping}
     if refine_passes:  # absent for LDLQ alone: directories written before refinement existed mean that
         settings["refine_passes"] = refine_passes
+    if config.beam_width is not None:  # absent for the lattices' defaults, likewise
+        settings["beam_width"] = config.beam_width
     if planned is not None:  # absent for one lattice: earlier runs stay resumable
         settings["planned_lattices"] = planned
     if finetune["steps"] or "code_rounds" in finetune:  # absent without fine-tuning: earlier runs stay resumable
@@ -854,7 +875,8 @@ def calibrate(
             for i, block in enumerate(bar):
                 block.to(device)
                 targets = _run_block(block, full_precision, device) if tuning else None
-                if checkpoint_dir is None or not _load_block(checkpoint_dir, i, block, device):
+                source = None if checkpoint_dir is None else _block_source(block, config)
+                if checkpoint_dir is None or not _load_block(checkpoint_dir, i, block, device, source):
                     linears = quantizable_linears(block, config)
                     lattices = {name: Lattice.load(config.lattice if planned is None else planned[prefixes[i] + name])
                                 for name, _ in linears}
@@ -871,7 +893,7 @@ def calibrate(
                                                        tune_rotation=finetune_rotation)
                         bar.set_postfix(finetune=f"{after / before:.3f}" if before else "-")
                     if checkpoint_dir is not None:
-                        _save_block(checkpoint_dir, i, block, groups)
+                        _save_block(checkpoint_dir, i, block, groups, source)
                 if i + 1 < len(blocks):
                     inputs = _run_block(block, inputs, device)
                 full_precision = targets

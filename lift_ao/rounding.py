@@ -47,7 +47,7 @@ def default_refine_passes(end_to_end: bool) -> int:
 
 def hessian_encode_rows(
     rotated: torch.Tensor, hessian: torch.Tensor, lattice: Lattice, *, damping: float = 0.01,
-    refine_passes: int = 0,
+    refine_passes: int = 0, beam_width: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Code rotated weight rows with block-LDLQ error feedback (the calibrated :func:`lift_ao.encode.encode_rows`).
 
@@ -58,6 +58,7 @@ def hessian_encode_rows(
         damping: added to H's diagonal, as a fraction of its mean diagonal (GPTQ's percdamp).
         refine_passes: Gauss-Seidel passes over the blocks after LDLQ (:func:`_refine_blocks`); each
             lowers (never raises) every row's error in the H-metric, at about LDLQ's cost per pass.
+        beam_width: the nearest-code search's beam (None: the lattice's default).
     Returns:
         codes: (N, Kp·D/d) bool, True = +1, block-major.
         row_scale: (N,) float32.
@@ -83,7 +84,7 @@ def hessian_encode_rows(
     chunk = -(-n // torch.get_num_threads()) if rotated.device.type == "cpu" else None
     for j, start in enumerate(range(0, kp, d)):
         stop = start + d
-        codes[:, j] = nearest_codes(target[:, start:stop], lattice, chunk_size=chunk)
+        codes[:, j] = nearest_codes(target[:, start:stop], lattice, chunk_size=chunk, beam_width=beam_width)
         decoded[:, start:stop] = lattice.decode(codes[:, j])
         if stop < kp:
             error = target[:, start:stop] - decoded[:, start:stop]
@@ -91,7 +92,7 @@ def hessian_encode_rows(
             target[:, stop:] -= error @ feedback.to(torch.float32)
     row_scale = _row_scale(rotated, decoded, h)
     for _ in range(refine_passes):
-        _refine_blocks(rotated / row_scale[:, None], decoded, codes, h, lattice, chunk)
+        _refine_blocks(rotated / row_scale[:, None], decoded, codes, h, lattice, chunk, beam_width)
         row_scale = _row_scale(rotated, decoded, h)
     return codes.flatten(1), row_scale.to(torch.float32)
 
@@ -111,7 +112,7 @@ def _row_scale(rotated: torch.Tensor, decoded: torch.Tensor, h: torch.Tensor) ->
 
 
 def _refine_blocks(target: torch.Tensor, decoded: torch.Tensor, codes: torch.Tensor, h: torch.Tensor,
-                   lattice: Lattice, chunk) -> None:
+                   lattice: Lattice, chunk, beam_width: int | None) -> None:
     """One Gauss-Seidel pass lowering e ᵀH e, e = target − decoded, per row, block by block (in place).
 
     With the other blocks fixed, e ᵀH e as a function of block j's point c is
@@ -133,7 +134,7 @@ def _refine_blocks(target: torch.Tensor, decoded: torch.Tensor, codes: torch.Ten
         h_jj = h[block, block]
         current = decoded[:, block].double()
         optimum = current + torch.linalg.solve(h_jj, error_h[:, block].T).T
-        candidate_codes = nearest_codes(optimum.to(torch.float32), lattice, chunk_size=chunk)
+        candidate_codes = nearest_codes(optimum.to(torch.float32), lattice, chunk_size=chunk, beam_width=beam_width)
         candidate = lattice.decode(candidate_codes)
         new_error, old_error = candidate.double() - optimum, current - optimum
         better = ((new_error @ h_jj) * new_error).sum(1) < ((old_error @ h_jj) * old_error).sum(1)

@@ -149,6 +149,9 @@ def test_calibrate_tiny_llama_streams_resumes_bit_identically(tmp_path, monkeypa
 
     with pytest.raises(lift_ao.CheckpointError, match="tokens"):
         calibrate(copy.deepcopy(model), config, tokens[:2], checkpoint_dir=tmp_path / "resumed", progress=False)
+    # Another model of the same shapes: its blocks were not coded from these weights.
+    with pytest.raises(lift_ao.CheckpointError, match="block 0 was coded from other weights"):
+        calibrate(tiny_llama(seed=1), config, tokens, checkpoint_dir=tmp_path / "resumed", progress=False)
 
 
 def test_refined_calibration_codes_closer_to_the_model_and_is_part_of_the_checkpoint(tmp_path):
@@ -177,6 +180,18 @@ def test_command_line_passes_the_refine_passes(tmp_path, monkeypatch, capsys, op
     assert asked == [expected] and json.loads(capsys.readouterr().out)["refine_passes"] == expected
     assert run_cli(tmp_path / "not_calibrated", "--refine-passes", "1") == 2
     assert "add --calibrate" in capsys.readouterr().err
+
+
+def test_the_configs_beam_width_reaches_the_calibrated_search_and_its_checkpoint(tmp_path):
+    model, tokens = tiny_llama(), token_batch(0, batch=8, length=32)
+    codes = lambda m: m.model.layers[1].mlp.down_proj.weight.packed_codes  # noqa: E731
+    default = calibrate(copy.deepcopy(model), lift_ao.liftquant(lattice="16/8"), tokens, checkpoint_dir=tmp_path,
+                        progress=False)
+    narrow = calibrate(copy.deepcopy(model), lift_ao.liftquant(lattice="16/8", beam_width=1), tokens, progress=False)
+    assert not torch.equal(codes(default), codes(narrow))
+    with pytest.raises(lift_ao.CheckpointError, match="calibrate"):  # not a resume of the default beam's run
+        calibrate(copy.deepcopy(model), lift_ao.liftquant(lattice="16/8", beam_width=1), tokens,
+                  checkpoint_dir=tmp_path, progress=False)
 
 
 def test_bad_input_is_refused():
