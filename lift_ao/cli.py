@@ -27,6 +27,7 @@ __all__ = ["main"]
 
 BUILTIN = "builtin"
 PARTIAL_DIR = "lift_ao.partial"  # under --out: one shard per finished layer (lift_ao.quantize's resume_dir)
+_E2E_HELD_OUT = 0.125  # --e2e-held-out's default
 
 
 def _log(args, message: str) -> None:
@@ -78,6 +79,11 @@ def _add_eval_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--windows", type=int, default=8, help="number of windows to score (default 8; 0 = all)")
 
 
+def _given(args, **defaults) -> list[str]:
+    """The options among ``defaults`` (dest=default value) that the command line set, as flags."""
+    return ["--" + dest.replace("_", "-") for dest, default in defaults.items() if getattr(args, dest) != default]
+
+
 def _cmd_quantize(args) -> dict:
     import lift_ao
     from lift_ao.api import quantizable_linears, resolve_device
@@ -92,14 +98,19 @@ def _cmd_quantize(args) -> dict:
     if args.measure_sensitivity and not (args.calibrate and args.memory_budget is not None):
         raise ValueError("--measure-sensitivity plans a --memory-budget in calibrated mode: add --calibrate and "
                          "--memory-budget SIZE")
-    if args.guided and not args.calibrate:
-        raise ValueError("--guided weights the calibration Hessians: add --calibrate")
-    if args.refine_passes is not None and not args.calibrate:
-        raise ValueError("--refine-passes refines the calibrated (Hessian-aware) rounding: add --calibrate")
-    if ((args.e2e_tune_mapping or args.e2e_tune_rotation or args.e2e_unquantized_lr is not None)
-            and not (args.calibrate and args.e2e_steps)):
-        raise ValueError("--e2e-tune-mapping, --e2e-tune-rotation and --e2e-unquantized-lr tune the end-to-end stage: "
-                         "add --calibrate and --e2e-steps N")
+    # Options of calibrated mode's stages are refused without them, never silently ignored.
+    calibrated_only = _given(args, guided=False, refine_passes=None, alpha=None, finetune_steps=0,
+                             finetune_rotation=False, code_rounds=0, e2e_steps=0)
+    if calibrated_only and not args.calibrate:
+        raise ValueError(f"{', '.join(calibrated_only)} set calibrated mode's stages (Hessians, rounding, "
+                         "fine-tuning): add --calibrate")
+    end_to_end_only = _given(args, e2e_tokens=None, e2e_held_out=_E2E_HELD_OUT, e2e_tune_mapping=False,
+                             e2e_tune_rotation=False, e2e_unquantized_lr=None, e2e_compile=None)
+    if end_to_end_only and not (args.calibrate and args.e2e_steps):
+        raise ValueError(f"{', '.join(end_to_end_only)} set the end-to-end stage: add --calibrate and --e2e-steps N")
+    if args.calibrate and args.lm_head:
+        raise ValueError("--calibrate codes the decoder blocks and keeps the output projection in full precision: "
+                         "drop --lm-head (or quantize without --calibrate)")
     if args.e2e_unquantized_lr is not None and not args.e2e_unquantized_lr > 0:
         raise ValueError(f"--e2e-unquantized-lr must be > 0, got {args.e2e_unquantized_lr}")
     bits = 2.4 if args.bits is None else args.bits  # the default unless a lattice or a budget replaces it
@@ -315,7 +326,8 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=0, help="seed of the input rotations (default 0)")
     q.add_argument("--beam-width", type=int, default=None, help="beam width of the nearest-code search (default: "
                    "the lattice's, 64 for D >= 40, else 32); wider is slower and a little more accurate")
-    q.add_argument("--lm-head", action="store_true", help="also quantize the output projection")
+    q.add_argument("--lm-head", action="store_true", help="also quantize the output projection (not with --calibrate, "
+                   "which codes the decoder blocks)")
     q.add_argument("--out", type=Path, default=None, help="save the quantized model (safetensors) to this directory; "
                    f"finished layers are kept in DIR/{PARTIAL_DIR} until then, so rerunning a killed run resumes it")
     q.add_argument("--overwrite", action="store_true", help=f"discard a DIR/{PARTIAL_DIR} left by a run with another "
@@ -354,7 +366,7 @@ def _parser() -> argparse.ArgumentParser:
                    "end-to-end stage, the first of them the block stage's (default: --calibration-tokens; more "
                    "overfits less: 2.4 bits on the built-in model, 262144 → 917504 tokens: perplexity 16.90 → 16.30, "
                    "benchmarks/results/accuracy_fte1024_e2e917k_2bit4_h100.md)")
-    q.add_argument("--e2e-held-out", type=float, default=0.125, help="with --e2e-steps: fraction of the end-to-end "
+    q.add_argument("--e2e-held-out", type=float, default=_E2E_HELD_OUT, help="with --e2e-steps: fraction of the end-to-end "
                    "sequences held out to pick the kept scales (default 0.125)")
     q.add_argument("--e2e-tune-mapping", action="store_true", help="with --e2e-steps: also tune each sibling group's "
                    "lattice matrix M (stored per group: +0.027 bits/weight on the built-in model at 2.4 bits, "

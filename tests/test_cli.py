@@ -134,3 +134,22 @@ def test_quantize_reports_the_change_in_perplexity_window_by_window(tmp_path, ca
     assert (ratio["ratio"], ratio["low"], ratio["high"]) == pytest.approx(
         (np.exp(differences.mean()), np.exp(differences.mean() - 2 * se), np.exp(differences.mean() + 2 * se)))
     assert f"{100 * (ratio['ratio'] - 1):+.1f} % [" in captured.err
+
+
+@pytest.mark.parametrize("options, needs", [
+    (["--alpha", "0.5"], "add --calibrate"), (["--finetune-steps", "4"], "add --calibrate"),
+    (["--finetune-rotation"], "add --calibrate"), (["--code-rounds", "1"], "add --calibrate"),
+    (["--e2e-steps", "8"], "add --calibrate"), (["--guided"], "add --calibrate"),
+    (["--calibrate", "--e2e-held-out", "0.25"], "add --calibrate and --e2e-steps N"),
+    (["--calibrate", "--e2e-tokens", "4096"], "add --calibrate and --e2e-steps N"),
+    (["--calibrate", "--no-e2e-compile"], "add --calibrate and --e2e-steps N"),
+    (["--calibrate", "--lm-head"], "drop --lm-head"),
+])
+def test_quantize_refuses_stage_options_it_would_ignore(tmp_path, capsys, options, needs):
+    """Before any work: each was once accepted and silently ignored (or, --lm-head, crashed after calibrating)."""
+    from test_resume import run_cli
+
+    assert run_cli(tmp_path / "run", *options) == 2
+    err = capsys.readouterr().err
+    flag = options[-1] if options[-1].startswith("--") else options[-2]
+    assert needs in err and flag.replace("--no-", "--") in err
