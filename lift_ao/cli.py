@@ -212,6 +212,14 @@ def _cmd_quantize(args) -> dict:
                f"(linear layers {report['linear_bytes_before'] / 2**20:.1f} -> {report['linear_bytes_after'] / 2**20:.1f} MiB); "
                f"{report['bits_per_weight']:.4f} bits/weight with scales and transforms "
                f"({report['code_bits_per_weight']:.4f} in codes); encoded in {report['quantize_seconds']:.0f} s")
+    if config.memory_budget is not None and report["bytes_after"] > config.memory_budget:
+        # The plan keeps room for each calibrated group's own transform, not for what the end-to-end
+        # stage adds (a tuned M per group, tuned rotation factors per transform): said, never silent.
+        report["over_budget_bytes"] = over = report["bytes_after"] - config.memory_budget
+        print(f"lift-ao quantize: warning: the model takes {over} bytes more than --memory-budget "
+              f"({config.memory_budget}), mostly the end-to-end stage's tuned M and rotation factors, which the "
+              f"plan does not count: run again with --memory-budget about {config.memory_budget - over} to fit",
+              file=sys.stderr, flush=True)
     if tokens is not None:
         after = _perplexity(args, model, tokens)
         report["perplexity_after"] = after.to_dict()

@@ -56,6 +56,19 @@ def test_quantize_plans_a_memory_budget(tmp_path, capsys):
     assert report["memory_budget"] == str(_budget()) and report["lattice"] is None
     assert report["lattices"] == {name: lattices.count(name) for name in set(lattices)} and len(report["lattices"]) > 1
     assert report["bytes_after"] <= _budget() and lift_ao.footprint(model) <= _budget()
+    assert "over_budget_bytes" not in report
+
+
+def test_quantize_says_when_the_end_to_end_stage_takes_the_model_over_its_budget(tmp_path, capsys):
+    """Its tuned M per group is not in the plan: the overshoot is reported and warned about, with the fix."""
+    from test_resume import run_cli
+
+    assert run_cli(tmp_path / "out", "--json", "--memory-budget", "100000", "--calibrate", "--e2e-steps", "8",
+                   "--e2e-tune-mapping", lattice=None) == 0
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
+    assert report["over_budget_bytes"] == report["bytes_after"] - 100000 > 0
+    assert f"run again with --memory-budget about {100000 - report['over_budget_bytes']}" in captured.err
 
 
 def test_quantize_measures_sensitivity_for_a_budget(tmp_path, monkeypatch, capsys):
