@@ -282,7 +282,9 @@ def load_quantized(directory, model: Optional[torch.nn.Module] = None, *, device
     for alias, target in header["aliases"].items():
         if target in plain:
             plain[alias] = plain[target]
-    expected = set(model.state_dict()) - set(header["quantized"])
+    # Aliases of a quantized weight are tied below, like the others.
+    expected = set(model.state_dict()) - set(header["quantized"]) - {
+        alias for alias, target in header["aliases"].items() if target in header["quantized"]}
     missing, unexpected = expected - set(plain), set(plain) - expected
     if missing or unexpected:
         raise CheckpointError(

@@ -261,3 +261,17 @@ def test_non_checkpoint_is_refused(tmp_path):
     save_file({"x": torch.zeros(2)}, str(tmp_path / CHECKPOINT_NAME))
     with pytest.raises(CheckpointError, match="not written by lift_ao"):
         load_quantized(tmp_path, tiny_llama())
+
+
+def test_a_quantized_weight_tied_by_hand_loads_tied(tmp_path):
+    def model():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(64, 64, bias=False), torch.nn.Linear(64, 64, bias=False))
+
+    tied = lift_ao.quantize(model(), liftquant(bits=2.4), filter_fn=lambda m, name: name == "0", progress=False)
+    tied[1].weight = tied[0].weight
+    save_quantized(tied, tmp_path)
+    loaded = load_quantized(tmp_path, model())
+    assert loaded[1].weight is loaded[0].weight and isinstance(loaded[0].weight, lift_ao.LiftQuantTensor)
+    x = torch.randn(3, 64)
+    assert torch.equal(loaded(x), tied(x))
