@@ -171,12 +171,16 @@ def _as_token_stream(array, path: Path) -> torch.Tensor:
     return tokens
 
 
+_BINARY_SUFFIXES = (".bin", ".pt", ".pth", ".npz", ".pkl", ".arrow", ".parquet")
+
+
 def load_token_file(path, tokenizer=None) -> torch.Tensor:
     """Tokens to evaluate on, from a file: LongTensor ``(T,)``.
 
     Args:
         path: ``*.safetensors`` holding a 1-D integer tensor named ``tokens``; ``*.npy`` holding a
-            1-D integer array; anything else is read as UTF-8 text and tokenized.
+            1-D integer array; anything else is read as UTF-8 text (line endings as they are) and
+            tokenized, except other binary formats (``.bin``, ``.pt``, ``.npz``...), which are refused.
         tokenizer: needed for text files only.
     """
     path = Path(path)
@@ -195,8 +199,18 @@ def load_token_file(path, tokenizer=None) -> torch.Tensor:
     if suffix == ".npy":
         import numpy as np
 
-        return _as_token_stream(np.load(path, allow_pickle=False), path)
+        array = np.load(path, allow_pickle=False)
+        return _as_token_stream(array.astype(array.dtype.newbyteorder("=")), path)  # torch reads native order only
+    formats = (f"{path}: give pre-tokenized ids as .safetensors (a 1-D 'tokens' tensor) or .npy, or a UTF-8 text "
+               "file to tokenize")
+    if suffix in _BINARY_SUFFIXES:  # raw ids (e.g. nanoGPT's .bin) would otherwise be read as text
+        raise ValueError(f"{formats}; {suffix} files are not read (convert: np.save('tokens.npy', ids))")
     if tokenizer is None:
         raise ValueError(f"{path}: a text file needs a tokenizer; pass one, or give pre-tokenized "
                          ".safetensors/.npy tokens")
-    return tokenize_text(tokenizer, path.read_text(encoding="utf-8"))
+    try:
+        with open(path, encoding="utf-8", newline="") as f:  # newline="": scored on the text as it is
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{formats}; this one is not UTF-8 text ({e})") from e
+    return tokenize_text(tokenizer, text)

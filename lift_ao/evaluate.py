@@ -134,10 +134,10 @@ def perplexity(
     """
     stride = context_length if stride is None else stride
     _check_arguments(tokens, context_length, stride, max_windows, batch_size)
+    tokens = tokens.long()  # before min/max: torch has none for uint16/uint32
     _check_vocabulary(model, tokens)
     starts = _window_starts(tokens.numel(), context_length, stride, max_windows)
     input_device = _input_device(model, device)
-    tokens = tokens.long()
     window_nll = []  # float64 sums, divided by their counts at the end
     window_tokens = []
     was_training = model.training
@@ -180,7 +180,9 @@ def perplexity(
 
 
 def paired_nll_difference(result: PerplexityResult, baseline: PerplexityResult) -> tuple[float, float]:
-    """(mean, standard error) over windows of ``result``'s window NLL minus ``baseline``'s, in nats.
+    """(mean, standard error) over windows of ``result``'s window NLL minus ``baseline``'s, in nats,
+    each window weighted by the tokens it scores (the first C − 1, later ones min(stride, C − 1)),
+    so the mean is exactly ``result.nll − baseline.nll``.
 
     Both must come from the same windows (same tokens, context length, stride and window count). The
     perplexity ratio is ``exp(mean)``, and ``exp(mean ± 2·SE)`` its ~95 % interval over the text's
@@ -199,7 +201,13 @@ def paired_nll_difference(result: PerplexityResult, baseline: PerplexityResult) 
         raise ValueError("paired comparison needs at least 2 windows")
     difference = torch.tensor(result.window_nll, dtype=torch.float64) - torch.tensor(baseline.window_nll,
                                                                                        dtype=torch.float64)
-    return difference.mean().item(), (difference.std() / difference.numel() ** 0.5).item()
+    n, c = difference.numel(), result.context_length
+    weights = torch.full((n,), float(min(result.stride, c - 1)), dtype=torch.float64)
+    weights[0] = c - 1
+    mean = (weights * difference).sum() / weights.sum()
+    # The weighted mean's standard error (equal weights: the sample std / √n).
+    error = (weights.square() * (difference - mean).square()).sum().mul(n / (n - 1)).sqrt() / weights.sum()
+    return mean.item(), error.item()
 
 
 def perplexity_ratio(result: PerplexityResult, baseline: PerplexityResult) -> tuple[float, float, float]:

@@ -112,6 +112,24 @@ def test_window_nlls_and_their_paired_difference(model):
         paired_nll_difference(one, one)
 
 
+@pytest.mark.parametrize("stride", [4, 9])
+def test_overlapping_windows_pair_to_the_exact_perplexity_ratio(model, stride):
+    """With stride < C the first window scores C − 1 tokens and the others stride: the paired mean is
+    token-weighted, so exp(mean) is the ratio of the two perplexities, as for disjoint windows."""
+    tokens = _stream(80, model.config.vocab_size, seed=3)
+    result = perplexity(model, tokens, context_length=16, stride=stride, progress=False)
+    other = perplexity(tiny_llama(seed=1), tokens, context_length=16, stride=stride, progress=False)
+    ratio, low, high = perplexity_ratio(other, result)
+    assert ratio == pytest.approx(other.perplexity / result.perplexity, rel=1e-9) and low < ratio < high
+
+
+def test_unsigned_16_and_32_bit_token_ids(model):
+    tokens = _stream(80, model.config.vocab_size, seed=4)
+    expected = perplexity(model, tokens, context_length=16, progress=False).perplexity
+    for dtype in (torch.uint16, torch.uint32):
+        assert perplexity(model, tokens.to(dtype), context_length=16, progress=False).perplexity == expected
+
+
 def test_restores_training_mode(model):
     model.train()
     try:
@@ -238,11 +256,12 @@ def test_load_token_file_formats(tmp_path):
     ids = torch.tensor([5, 1, 4, 1, 5], dtype=torch.int32)
     save_file({"tokens": ids}, str(tmp_path / "t.safetensors"))
     np.save(tmp_path / "t.npy", ids.numpy().astype(np.uint16))
-    (tmp_path / "t.txt").write_text("hi!", encoding="utf-8")
-    for name in ("t.safetensors", "t.npy"):
+    np.save(tmp_path / "big_endian.npy", ids.numpy().astype(">i4"))
+    (tmp_path / "t.txt").write_bytes("hi!\r\n".encode())
+    for name in ("t.safetensors", "t.npy", "big_endian.npy"):
         loaded = load_token_file(tmp_path / name)
         assert loaded.dtype == torch.long and loaded.tolist() == ids.tolist()
-    assert load_token_file(tmp_path / "t.txt", _character_tokenizer).tolist() == [104, 105, 33]
+    assert load_token_file(tmp_path / "t.txt", _character_tokenizer).tolist() == [104, 105, 33, 13, 10]  # as written
 
 
 def test_load_token_file_errors(tmp_path):
@@ -251,10 +270,13 @@ def test_load_token_file_errors(tmp_path):
     np.save(tmp_path / "float.npy", np.zeros(4, dtype=np.float32))
     np.save(tmp_path / "negative.npy", np.array([1, -2]))
     (tmp_path / "t.txt").write_text("hi", encoding="utf-8")
+    np.arange(5, dtype=np.uint16).tofile(tmp_path / "train.bin")  # nanoGPT's raw ids: valid ASCII, not text
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
     cases = [("wrong_name.safetensors", "no tensor named 'tokens'"), ("two_d.safetensors", "1-D integer"),
-             ("float.npy", "1-D integer"), ("negative.npy", ">= 0"), ("t.txt", "needs a tokenizer")]
+             ("float.npy", "1-D integer"), ("negative.npy", ">= 0"), ("t.txt", "needs a tokenizer"),
+             ("train.bin", ".bin files are not read"), ("latin1.txt", "not UTF-8 text")]
     for name, message in cases:
         with pytest.raises(ValueError, match=message):
-            load_token_file(tmp_path / name)
+            load_token_file(tmp_path / name, None if name == "t.txt" else _character_tokenizer)
     with pytest.raises(FileNotFoundError, match="no such file"):
         load_token_file(tmp_path / "missing.txt")
