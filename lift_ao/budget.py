@@ -756,6 +756,13 @@ def plan(
         energy = [float(m.weight.detach().double().square().sum()) for m in modules]
         input_ms = _input_mean_squares(model, modules, calibration) if calibration is not None else [1.0] * len(modules)
         scores = [e * x for e, x in zip(energy, input_ms)]
+        # One inf ties every plan (all go to the smallest lattice), a NaN scrambles it: refused here,
+        # as quantizing the layer would refuse it.
+        broken = [name for (name, m), score in zip(targets, scores)
+                  if not m.weight.dtype.is_floating_point or not math.isfinite(score)]
+        if broken:
+            raise BudgetError(f"{broken[:3]}: weights that are not floating point or hold NaN/Inf (or whose calibration "
+                              "activations overflow): fix the checkpoint, or leave those layers out")
     else:
         scores = [float(n * k) for n, k in shapes]
 

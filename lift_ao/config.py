@@ -61,6 +61,9 @@ class LiftQuantConfig(AOBaseConfig):
     def __post_init__(self):
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be a non-negative int, got {self.seed!r}")
+        for flag in ("include_lm_head", "progress"):  # "no" would be truthy
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
         check_beam_width(self.beam_width)
         if self.memory_budget is None:
             if any(getattr(self, name) != default for name, default in _budget_only_defaults().items()):
@@ -70,7 +73,8 @@ class LiftQuantConfig(AOBaseConfig):
         from lift_ao.budget import ALLOCATIONS, BudgetError, check_rate_window, normalize_kv_cache, parse_bytes
 
         if self.lattice is not None:
-            raise ValueError("give either lattice=... or memory_budget=..., not both")
+            raise ValueError("give either lattice=... or memory_budget=..., not both (LiftQuantConfig's lattice "
+                             "defaults to '24/10': pass lattice=None, or use liftquant(memory_budget=...))")
         self.memory_budget = parse_bytes(self.memory_budget, "memory_budget")
         self.reserve = parse_bytes(self.reserve, "reserve", allow_zero=True)
         self.kv_cache = normalize_kv_cache(self.kv_cache)
@@ -153,6 +157,12 @@ def _liftquant_module_handler(
             "not show the handler: call lift_ao.quantize(model, config), or apply a plan with "
             "quantize_(model, lift_ao.plan(model, memory_budget=...).to_fqn_config(), filter_fn=None)"
         )
+    from lift_ao.api import _is_hf_conv1d  # lift_ao.api imports this module
+
+    if _is_hf_conv1d(module):
+        raise TypeError(f"{type(module).__name__} stores its weight transposed (in, out), which this handler would code "
+                        "as (out, in): quantize GPT-2-style models with lift_ao.quantize(model, config), which "
+                        "converts these layers to nn.Linear first")
     weight = getattr(module, parameter_name, None)
     if weight is None or isinstance(weight, LiftQuantTensor):
         # Nothing to code: a module that an FqnToConfig pattern matched but that holds no weight

@@ -109,8 +109,10 @@ def measure_sensitivity(
     if mismatched:
         raise ValueError(f"the reference lacks full-precision linears of the quantized model's shapes: "
                          f"{mismatched[:3]}; pass the full-precision model the quantized one was made from")
-    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.dtype.is_floating_point:
+    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.dtype not in (torch.int32, torch.int64):
         raise ValueError("tokens must be a LongTensor (sequences, length) of token ids")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     device = next(iter(quantized.values())).packed_codes.device
     batches = [b.to(device) for b in tokens.long().split(batch_size)]
     dense = {f"{n}.weight": w.dequantize() for n, w in quantized.items()}

@@ -14,7 +14,7 @@ import re
 
 import pytest
 import torch
-from tiny_models import tiny_llama
+from tiny_models import tiny_gpt2, tiny_llama, token_batch
 from torchao.quantization import quantize_
 
 import lift_ao
@@ -23,6 +23,8 @@ from lift_ao import (
     save_quantized,
 )
 from lift_ao.cli import main as cli_main
+from lift_ao.config import LiftQuantConfig
+from lift_ao.sensitivity import measure_sensitivity
 
 NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without a GPU")
 L = Lattice.load("16/8")
@@ -40,6 +42,17 @@ def nan_weight() -> torch.Tensor:
     w = torch.randn(8, 16)
     w[3, 5] = math.nan
     return w
+
+
+def inf_llama() -> torch.nn.Module:
+    model = tiny_llama()
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.weight[0, 0] = math.inf
+    return model
+
+
+def quantized_llama() -> torch.nn.Module:
+    return lift_ao.quantize(tiny_llama(), liftquant(bits=2.4), progress=False)
 
 
 def saved_checkpoint(tmp_path):
@@ -129,6 +142,17 @@ CASES = [
     ("plan", lambda p: plan(torch.nn.Sequential(), "1GiB"), BudgetError, "no linear layer"),
     ("plan", lambda p: plan(torch.nn.Conv2d(3, 3, 3), "1GiB"), BudgetError, "no linear layer"),
     ("plan", lambda p: plan(tiny_llama(), "1GiB", allocation="greedy"), BudgetError, "allocation must be one of"),
+    ("plan", lambda p: plan(inf_llama(), "1GiB"), BudgetError, r"q_proj'\]: .*NaN/Inf.*fix the checkpoint"),
+    # configs and the torchao handler
+    ("liftquant", lambda p: liftquant(bits=2.4, include_lm_head="no"), ValueError, "include_lm_head must be True or False"),
+    ("LiftQuantConfig", lambda p: LiftQuantConfig(memory_budget="24GiB"), ValueError, "pass lattice=None"),
+    ("quantize_", lambda p: quantize_(tiny_gpt2(), liftquant(bits=2.4), filter_fn=lambda m, n: n.endswith("c_attn")),
+     TypeError, r"transposed .*lift_ao.quantize\(model, config\)"),
+    # measure_sensitivity
+    ("measure_sensitivity", lambda p: measure_sensitivity(quantized_llama(), tiny_llama(), token_batch().bool()),
+     ValueError, "LongTensor"),
+    ("measure_sensitivity", lambda p: measure_sensitivity(quantized_llama(), tiny_llama(), token_batch(), batch_size=0),
+     ValueError, "batch_size must be a positive int"),
 ]
 
 
