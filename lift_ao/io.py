@@ -118,8 +118,11 @@ def save_quantized(model: torch.nn.Module, directory) -> Path:
             aliases[key] = first_key_of[identity]
             continue
         first_key_of[identity] = key
-        data = value.detach() if isinstance(value, torch.Tensor) else value
-        if isinstance(data, torch.Tensor) and data.is_meta:
+        if not isinstance(value, torch.Tensor):  # e.g. a module's get_extra_state() dict
+            raise TypeError(f"{key} is a {type(value).__name__}: save_quantized stores tensors only (safetensors); "
+                            "store it as a tensor or save it separately")
+        data = value.detach()
+        if data.is_meta:
             raise ValueError(f"{key} is on the meta device (no values to save); load or quantize the real weights first")
         if isinstance(data, LiftQuantTensor):
             quantized[key] = {

@@ -51,6 +51,17 @@ def inf_llama() -> torch.nn.Module:
     return model
 
 
+def with_extra_state() -> torch.nn.Module:
+    class Stateful(torch.nn.Linear):
+        def get_extra_state(self):
+            return {"step": 3}
+
+        def set_extra_state(self, state):
+            pass
+
+    return Stateful(16, 8)
+
+
 def quantized_llama() -> torch.nn.Module:
     return lift_ao.quantize(tiny_llama(), liftquant(bits=2.4), progress=False)
 
@@ -117,6 +128,7 @@ CASES = [
     ("save_quantized", lambda p: save_quantized(linear(), None), TypeError, "directory path"),
     ("save_quantized", lambda p: save_quantized(linear(), saved_checkpoint(p) / "lift_ao.safetensors"), ValueError, "is a file"),
     ("save_quantized", lambda p: save_quantized(linear().to("meta"), p), ValueError, "meta device"),
+    ("save_quantized", lambda p: save_quantized(with_extra_state(), p), TypeError, "_extra_state is a dict: .*tensors only"),
     ("load_quantized", lambda p: load_quantized(None), TypeError, "directory path"),
     ("load_quantized", lambda p: load_quantized(saved_checkpoint(p), "llama"), TypeError, "must be a torch.nn.Module"),
     ("load_quantized", lambda p: load_quantized(p, linear()), CheckpointError, r"no checkpoint .*save_quantized"),
