@@ -25,7 +25,7 @@ from lift_ao.tensor import LiftQuantTensor
 __all__ = ["LiftQuantConfig", "liftquant"]
 
 # Fields that shape a memory budget's plan: only a budget config may set them away from their defaults.
-_BUDGET_ONLY = ("reserve", "kv_cache", "scores", "rate_window")
+_BUDGET_ONLY = ("reserve", "kv_cache", "allocation", "scores", "rate_window")
 
 
 @dataclass
@@ -67,7 +67,8 @@ class LiftQuantConfig(AOBaseConfig):
         check_beam_width(self.beam_width)
         if self.memory_budget is None:
             if any(getattr(self, name) != default for name, default in _budget_only_defaults().items()):
-                raise ValueError("reserve=, kv_cache=, scores= and rate_window= only apply with memory_budget=...")
+                raise ValueError("reserve=, kv_cache=, allocation=, scores= and rate_window= only apply with "
+                                 "memory_budget=...")
             Lattice.load(self.lattice)  # fail at construction for an unknown lattice
             return
         from lift_ao.budget import ALLOCATIONS, BudgetError, check_rate_window, normalize_kv_cache, parse_bytes

@@ -158,6 +158,8 @@ CASES = [
     # configs and the torchao handler
     ("liftquant", lambda p: liftquant(bits=2.4, include_lm_head="no"), ValueError, "include_lm_head must be True or False"),
     ("LiftQuantConfig", lambda p: LiftQuantConfig(memory_budget="24GiB"), ValueError, "pass lattice=None"),
+    ("LiftQuantConfig", lambda p: LiftQuantConfig(lattice="24/10", allocation="bogus"), ValueError,
+     "allocation=.* only apply with memory_budget"),
     ("quantize_", lambda p: quantize_(tiny_gpt2(), liftquant(bits=2.4), filter_fn=lambda m, n: n.endswith("c_attn")),
      TypeError, r"transposed .*lift_ao.quantize\(model, config\)"),
     # measure_sensitivity
