@@ -52,7 +52,9 @@ def encode_rows(
     steps = range(0, n, rows_per_step)
     for start in tqdm(steps, desc="encode", unit="chunk", leave=False, disable=not progress):
         rows = rotated[start : start + rows_per_step]
-        rms = rows.pow(2).mean(1).sqrt()
+        # In float64: float32 squares underflow below |w| ~ 1e-23 and overflow above ~ 1e19, which made
+        # such rows look all-zero (every block coded as zero).
+        rms = rows.double().pow(2).mean(1).sqrt().to(rows.dtype)
         # An all-zero row codes anything with a zero scale; divide by 1 to stay finite.
         unit = rows / torch.where(rms > 0, rms, torch.ones_like(rms))[:, None]
         block_codes = nearest_codes(unit.reshape(-1, lattice.d), lattice, beam_width=beam_width)

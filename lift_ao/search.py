@@ -34,7 +34,7 @@ from functools import lru_cache
 
 import torch
 
-from lift_ao.lattice import Lattice
+from lift_ao.lattice import Lattice, LatticeError
 
 __all__ = ["nearest_codes", "default_beam_width", "check_beam_width", "enumerate_codes", "exhaustive_codes", "code_errors"]
 
@@ -73,6 +73,8 @@ def _check_input(x: torch.Tensor, lattice: Lattice) -> torch.Tensor:
         )
     if not x.is_floating_point():
         raise TypeError(f"x must be floating point, got {x.dtype}")
+    if not torch.isfinite(x).all():  # the search would return an arbitrary code
+        raise ValueError("x holds NaN/Inf values; no lattice point is nearest to them (fix the weights first)")
     return x.to(torch.float32)
 
 
@@ -316,7 +318,11 @@ def default_beam_width(lattice: Lattice) -> int:
     """
     stored = lattice.metadata.get("beam_width")
     if stored is not None:
-        return int(stored)
+        try:
+            return check_beam_width(int(stored))
+        except ValueError:
+            raise LatticeError(f"lattice {lattice.name} records beam_width {stored!r} in its metadata, not a positive "
+                               "int: retrain or re-save the lattice with --beam-width K") from None
     return _WIDE_BEAM_WIDTH if lattice.D >= _WIDE_BEAM_MIN_D else _BEAM_WIDTH
 
 

@@ -221,7 +221,8 @@ class LiftQuantTensor(TorchAOBaseTensor):
     def dequantize(self, output_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """Dense (N, K) weight in ``output_dtype`` (default: ``self.dtype``)."""
         n = self.shape[0]
-        codes = unpack_codes(self.packed_codes, self.code_length, n).view(n, -1, self.code_bits)
+        codes = unpack_codes(self.packed_codes, self.code_length, n).view(n, self.code_length // self.code_bits,
+                                                                          self.code_bits)  # n may be 0
         blocks = (codes.to(torch.float32) * 2 - 1) @ self.mapping.T  # (N, Kp/d, d)
         rotated = blocks.flatten(1) * self.row_scale[:, None]
         dense = unrotate(rotated, self.input_signs, self.rotation_left, self.rotation_right, self.shape[1])

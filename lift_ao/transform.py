@@ -107,6 +107,8 @@ def rotate(v: torch.Tensor, signs: Optional[torch.Tensor], left: torch.Tensor, r
     """
     k1, k2 = left.shape[0], right.shape[0]
     kp = k1 * k2
+    if v.shape[-1] > kp:  # a negative pad would crop silently
+        raise ValueError(f"rotate: {v.shape[-1]} features for a rotation of {kp}; make the rotation for this width")
     v = torch.nn.functional.pad(v, (0, kp - v.shape[-1]))
     if signs is not None:
         v = v * signs

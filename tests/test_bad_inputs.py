@@ -24,7 +24,9 @@ from lift_ao import (
 )
 from lift_ao.cli import main as cli_main
 from lift_ao.config import LiftQuantConfig
+from lift_ao.search import nearest_codes
 from lift_ao.sensitivity import measure_sensitivity
+from lift_ao.transform import make_rotation, rotate
 
 NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without a GPU")
 L = Lattice.load("16/8")
@@ -145,6 +147,11 @@ CASES = [
     ("Lattice.load", lambda p: Lattice.load("24/11"), LatticeError, "no shipped lattice 24/11; shipped: "),
     ("Lattice", lambda p: Lattice(10, 8, torch.zeros(10, 8)), LatticeError, "0 < d < D"),
     ("Lattice", lambda p: Lattice(2, 4, torch.full((2, 4), math.nan)), LatticeError, "NaN/Inf"),
+    ("nearest_codes", lambda p: nearest_codes(torch.tensor([[math.nan] + [0.0] * 7]), L), ValueError, "NaN/Inf"),
+    ("nearest_codes", lambda p: nearest_codes(torch.zeros(2, 8), Lattice(8, 16, L.M, L.mse, {"beam_width": "0"})),
+     LatticeError, "records beam_width '0'"),
+    ("rotate", lambda p: rotate(torch.randn(2, 60), *(lambda r: (r.signs, r.left, r.right))(make_rotation(50, 10, 0))),
+     ValueError, "60 features for a rotation of 50"),
     # plan
     ("plan", lambda p: plan(42, "1GiB"), TypeError, r"takes an nn.Module, a transformers config"),
     ("plan", lambda p: plan(tiny_llama(), "lots"), BudgetError, "not a size"),

@@ -116,6 +116,20 @@ def test_copy_and_state_dict_round_trip(quantized, lattice):
     torch.testing.assert_close(dst(x), src(x), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("scale", [1e-25, 1e20])
+def test_tiny_and_huge_weights_code_as_well_as_unit_ones(lattice, scale):
+    """The row RMS in float32 underflowed (|w| < ~1e-23) or overflowed (> ~1e19): every block coded as zero."""
+    w = torch.randn(8, 40, generator=_gen(8))
+    error = lambda s: ((LiftQuantTensor.from_hp(w * s, lattice).dequantize().double() - w.double() * s).norm()  # noqa: E731
+                       / (w.double() * s).norm()).item()
+    assert error(scale) == pytest.approx(error(1.0), rel=1e-3)
+
+
+def test_an_empty_row_slice_dequantizes(quantized):
+    _, w = quantized
+    assert w[7:7].dequantize().shape == (0, 53)
+
+
 def test_copy_leaves_weights_that_shared_its_constants_alone(lattice):
     """Weights with the same K, lattice and seed share M and the rotation (one cached copy): copying
     another seed's weight into one of them (load_state_dict) must change that one only."""
