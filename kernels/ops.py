@@ -90,13 +90,24 @@ def lifted_matmul(
 ) -> torch.Tensor:
     """y = r ⊙ (Q x̃) + b; x̃ (..., L), packed_codes packed_shape(N, L) int32, row_scale (N,) → (..., N),
     dtype of x̃."""
+    _check_matmul_args(lifted, packed_codes, row_scale, bias)
+    return lifted_matmul_reference(lifted, packed_codes, row_scale, bias)
+
+
+def _check_matmul_args(lifted, packed_codes, row_scale, bias) -> None:
+    """What the op's result relies on (the codes' padding hides a lifted length off by < 128)."""
+    if row_scale.dim() != 1 or not lifted.is_floating_point():
+        raise ValueError(f"lifted_matmul: row_scale must be (N,) and the lifted activation floating point, got "
+                         f"{tuple(row_scale.shape)} and {lifted.dtype}")
+    if bias is not None and tuple(bias.shape) != tuple(row_scale.shape):
+        raise ValueError(f"lifted_matmul: bias must be (N,) = {tuple(row_scale.shape)}, got {tuple(bias.shape)}")
     check_packed(packed_codes, row_scale.shape[0], lifted.shape[-1],
                  "lifted_matmul: the codes do not match the row scales and the lifted activation")
-    return lifted_matmul_reference(lifted, packed_codes, row_scale, bias)
 
 
 @lifted_matmul.register_fake
 def _(lifted, packed_codes, row_scale, bias):
+    _check_matmul_args(lifted, packed_codes, row_scale, bias)
     return lifted.new_empty(*lifted.shape[:-1], row_scale.shape[0])
 
 
@@ -109,7 +120,7 @@ def _matmul_setup_context(ctx, inputs, output):
 def _matmul_backward(ctx, grad_out):
     packed_codes, row_scale = ctx.saved_tensors
     grad_lifted = lifted_matmul_backward_reference(grad_out, packed_codes, row_scale, ctx.code_length)
-    grad_bias = grad_out.flatten(0, -2).sum(0) if ctx.needs_input_grad[3] else None
+    grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0) if ctx.needs_input_grad[3] else None  # 1-D too
     return grad_lifted, None, None, grad_bias
 
 

@@ -87,9 +87,13 @@ class LiftAOPassManager(_ManagerBase):
     def uuid(self) -> Optional[Any]:
         """Cache key: hash of lift_ao's pass sources and the chained passes' uuids.
 
-        None (Inductor bypasses its cache) when a chained pass cannot name itself, as Inductor
-        would have done for that pass alone.
+        None (Inductor bypasses its FX graph cache) when a chained pass cannot name itself, as Inductor
+        would have done for that pass alone, and under ``freezing``: the passes then decide from frozen
+        weights' values (equal transforms merged, norm weights folded into new constants), which the
+        cache key does not hold, so another model of the same shapes would reuse this one's graph.
         """
+        if inductor_config.freezing:
+            return None
         chained_ids = []
         for chained_pass in self.chained:
             chained_id = chained_pass.uuid() if isinstance(chained_pass, custom_graph_pass.CustomGraphPass) else None
@@ -99,10 +103,6 @@ class LiftAOPassManager(_ManagerBase):
         digest = hashlib.sha256(custom_graph_pass.get_hash_for_files(_SOURCES))
         digest.update("|".join(chained_ids).encode())
         return digest.hexdigest()
-
-
-# (value we put in the slot, value it held before) while installed.
-_installed: Optional[tuple[Any, Any]] = None
 
 
 def _manager_of(value: Any) -> Optional[LiftAOPassManager]:
@@ -123,7 +123,6 @@ def install() -> LiftAOPassManager:
     Returns:
         the installed manager.
     """
-    global _installed
     previous = getattr(inductor_config, SLOT)
     existing = _manager_of(previous)
     if existing is not None:
@@ -135,29 +134,22 @@ def install() -> LiftAOPassManager:
         manager = LiftAOPassManager(() if previous is None else (previous,))
         value = manager
     setattr(inductor_config, SLOT, value)
-    _installed = (value, previous)
     return manager
 
 
 def uninstall() -> bool:
-    """Remove lift_ao's passes, restoring the slot's previous value.
-
-    If the slot was changed after :func:`install`, only our manager is taken out of it (a list keeps
-    the other passes; a manager chaining a pass is replaced by that pass).
+    """Remove lift_ao's passes: our manager leaves the slot and the pass it chained (the slot's value
+    before :func:`install`) takes its place, wherever it is now; passes added since stay.
 
     Returns:
         True if a lift_ao manager was removed.
     """
-    global _installed
     current = getattr(inductor_config, SLOT)
     manager = _manager_of(current)
-    _installed, installed = None, _installed
     if manager is None:
         return False
-    if installed is not None and current is installed[0]:
-        restored = installed[1]
-    elif isinstance(current, (list, tuple)):
-        restored = type(current)(p for p in current if p is not manager)
+    if isinstance(current, (list, tuple)):  # appended to by install or by the user, or composed around us
+        restored = type(current)(q for p in current for q in (manager.chained if p is manager else (p,)))
     else:
         restored = manager.chained[0] if manager.chained else None
     setattr(inductor_config, SLOT, restored)

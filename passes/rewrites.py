@@ -79,6 +79,13 @@ def _aliasing_key(node) -> object:
     return ("storage", val.untyped_storage()._cdata, val.storage_offset(), tuple(val.shape), val.stride(), val.dtype)
 
 
+def _reads(node: fx.Node, value: fx.Node) -> int:
+    """How many of ``node``'s arguments (nested ones too) are ``value``."""
+    found: list = []
+    fx.node.map_arg((node.args, node.kwargs), lambda n: found.append(n) or n)
+    return sum(n is value for n in found)
+
+
 def _is_op(node, qualified_name: str) -> bool:
     """Whether ``node`` calls the default overload of the op ``namespace::name``."""
     target = getattr(node, "target", None)
@@ -177,7 +184,8 @@ def fuse_lifts(graph: fx.Graph) -> int:
         if not chains:
             continue
         first = chains[0][1]
-        operands = [a for _, m in chains for a in m.args[1:] if isinstance(a, fx.Node)]
+        # The fused node takes every chain's transform and matmul operands: all must exist before it.
+        operands = [a for lift, m in chains for a in (*lift.args[1:], *m.args[1:]) if isinstance(a, fx.Node)]
         if any(order[a] >= order[first] for a in operands):
             continue
         with graph.inserting_before(first):
@@ -266,6 +274,8 @@ def fold_scales(graph: fx.Graph) -> int:
         if factor is None or len(mul.users) != 1:
             continue
         (fused,) = mul.users
+        if _reads(fused, mul) != 1:
+            continue  # it also reads the norm's output elsewhere (e.g. as the bias), which must stay unfolded
         signs = _signs_to_fold(fused, mul)
         if signs is None:
             continue

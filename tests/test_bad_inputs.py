@@ -24,6 +24,7 @@ from lift_ao import (
 )
 from lift_ao.cli import main as cli_main
 from lift_ao.config import LiftQuantConfig
+from lift_ao.packing import packed_shape
 from lift_ao.search import nearest_codes
 from lift_ao.sensitivity import measure_sensitivity
 from lift_ao.transform import make_rotation, rotate
@@ -62,6 +63,13 @@ def with_extra_state() -> torch.nn.Module:
             pass
 
     return Stateful(16, 8)
+
+
+def matmul_args(lifted=None, row_scale=None, bias=None) -> tuple:
+    """lift_ao::lifted_matmul's arguments for 8 rows of 128 code bits, with one replaced."""
+    codes = torch.zeros(packed_shape(8, 128), dtype=torch.int32)
+    return (torch.ones(2, 128) if lifted is None else lifted, codes, torch.ones(8) if row_scale is None else row_scale,
+            bias)
 
 
 def quantized_llama() -> torch.nn.Module:
@@ -152,6 +160,12 @@ CASES = [
      LatticeError, "records beam_width '0'"),
     ("rotate", lambda p: rotate(torch.randn(2, 60), *(lambda r: (r.signs, r.left, r.right))(make_rotation(50, 10, 0))),
      ValueError, "60 features for a rotation of 50"),
+    ("lifted_matmul", lambda p: torch.ops.lift_ao.lifted_matmul(*matmul_args(row_scale=torch.ones(8, 1))), ValueError,
+     r"row_scale must be \(N,\)"),
+    ("lifted_matmul", lambda p: torch.ops.lift_ao.lifted_matmul(*matmul_args(bias=torch.ones(1))), ValueError,
+     r"bias must be \(N,\)"),
+    ("lifted_matmul", lambda p: torch.ops.lift_ao.lifted_matmul(*matmul_args(lifted=torch.ones(2, 128, dtype=torch.int32))),
+     ValueError, "floating point"),
     # plan
     ("plan", lambda p: plan(42, "1GiB"), TypeError, r"takes an nn.Module, a transformers config"),
     ("plan", lambda p: plan(tiny_llama(), "lots"), BudgetError, "not a size"),

@@ -94,8 +94,19 @@ def test_pass_list_gets_manager_appended_and_restored(user_slot):
     passes.install()
     value = getattr(inductor_config, SLOT)
     assert value[:2] == users and isinstance(value[2], LiftAOPassManager) and len(value) == 3
+    value.append(late := _UserPass("late"))  # added in place after install: stays
     passes.uninstall()
-    assert getattr(inductor_config, SLOT) is users
+    assert getattr(inductor_config, SLOT) == [*users, late]
+
+
+@pytest.mark.skipif(not hasattr(torch._inductor.custom_graph_pass, "get_custom_graph_passes"),
+                    reason="slot lists need torch >= 2.13")
+def test_uninstall_keeps_the_chained_pass_when_the_user_composed_a_list_around_us(user_slot):
+    first, later = _UserPass("first"), _UserPass("later")
+    setattr(inductor_config, SLOT, first)
+    passes.install()
+    setattr(inductor_config, SLOT, [getattr(inductor_config, SLOT), later])
+    assert passes.uninstall() is True and getattr(inductor_config, SLOT) == [first, later]
 
 
 def test_uuid_is_stable_and_keys_chained_passes():
@@ -104,6 +115,9 @@ def test_uuid_is_stable_and_keys_chained_passes():
     assert with_user not in (None, LiftAOPassManager().uuid(), LiftAOPassManager((_UserPass("b"),)).uuid())
     # A plain function cannot name itself: Inductor must bypass its cache, as it would for it alone.
     assert LiftAOPassManager((lambda graph: None,)).uuid() is None
+    # Under freezing the rewrites read frozen weights' values, which the cache key does not hold.
+    with inductor_config.patch(freezing=True):
+        assert LiftAOPassManager().uuid() is None
 
 
 # ----- rewrites on make_fx graphs -----------------------------------------------------------------
@@ -203,6 +217,39 @@ def test_lifts_with_the_same_input_nodes_are_computed_once(siblings):
     assert done == {"shared_transform": 1, "lift_fusion": 0, "scale_folding": 0}
     assert _count_targets(gm)["lift_activation"] == 1
     for got, want in zip(gm(*args), two_heads(*args)):
+        torch.testing.assert_close(got, want)
+
+
+def test_no_fold_when_the_fused_op_also_reads_the_norm_output_as_its_bias():
+    """One reader, two slots: folding the signs into the norm would also flip the bias."""
+    w = LiftQuantTensor.from_hp(torch.randn(K, K, generator=_gen(17)), Lattice.load("24/10"))  # N == K
+
+    def bias_from_norm(x, norm_weight, *flat):
+        normed = norm_weight * x
+        return ops.lifted_matmul(ops.lift_activation(normed, *flat[:4]), *flat[4:], normed)
+
+    args = [torch.randn(K, generator=_gen(18)), torch.rand(K, generator=_gen(19)) + 0.5, *_flat(w)]
+    gm = make_fx(bias_from_norm, tracing_mode="fake")(*args)
+    assert run_passes(gm.graph)["scale_folding"] == 0
+    gm.recompile()
+    torch.testing.assert_close(gm(*args), bias_from_norm(*args))
+
+
+def test_no_fusion_before_a_later_lifts_transform_exists(siblings):
+    """A sibling's transform computed after the first matmul: the fused op would read it too early."""
+    q, k = siblings[0], siblings[1]
+
+    def late_transform(x, signs, left, right, mapping, cq, sq, ck, sk):
+        a = ops.lifted_matmul(ops.lift_activation(x, signs, left, right, mapping), cq, sq, None)
+        b = ops.lifted_matmul(ops.lift_activation(x, signs * 2, left, right, mapping), ck, sk, None)
+        return a, b
+
+    args = [torch.randn(3, K, generator=_gen(20)), *_flat(q), *_flat(k)[4:]]
+    gm = make_fx(late_transform, tracing_mode="fake")(*args)
+    assert run_passes(gm.graph)["lift_fusion"] == 0
+    gm.graph.lint()
+    gm.recompile()
+    for got, want in zip(gm(*args), late_transform(*args)):
         torch.testing.assert_close(got, want)
 
 

@@ -125,6 +125,14 @@ def test_tiny_and_huge_weights_code_as_well_as_unit_ones(lattice, scale):
     assert error(scale) == pytest.approx(error(1.0), rel=1e-3)
 
 
+def test_a_single_activation_vector_backpropagates_into_the_bias(quantized):
+    """As nn.Linear: a 1-D input with a bias that needs its gradient (the bias gradient crashed)."""
+    _, w = quantized
+    bias = torch.randn(37, generator=_gen(9), requires_grad=True)
+    F.linear(torch.randn(53, generator=_gen(10)), w, bias).sum().backward()
+    torch.testing.assert_close(bias.grad, torch.ones(37))
+
+
 def test_an_empty_row_slice_dequantizes(quantized):
     _, w = quantized
     assert w[7:7].dequantize().shape == (0, 53)
