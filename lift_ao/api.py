@@ -18,12 +18,9 @@ from lift_ao.config import LiftQuantConfig
 from lift_ao.io import CheckpointError, _sha256, load_shard, open_partial, save_shard
 from lift_ao.lattice import Lattice
 from lift_ao.search import check_beam_width, default_beam_width
-from lift_ao.tensor import LiftQuantTensor
+from lift_ao.tensor import LiftQuantTensor, check_weight
 
 __all__ = ["quantize", "quantizable_linears", "resolve_device"]
-
-# Names that torchtune / torchchat / gpt-fast give the output projection.
-_OUTPUT_PROJECTION_NAMES = ("lm_head", "output")
 
 
 def _output_projection(model: torch.nn.Module) -> Optional[torch.nn.Module]:
@@ -64,7 +61,9 @@ def quantizable_linears(
         is_linear = isinstance(module, torch.nn.Linear) or _is_hf_conv1d(module)
         if not is_linear or isinstance(module.weight, LiftQuantTensor):
             continue
-        is_output = module is output or name.rsplit(".", 1)[-1] in _OUTPUT_PROJECTION_NAMES
+        # By name only where the model cannot say (no get_output_embeddings): a top-level `output`
+        # (torchtune, torchchat) or any `lm_head`, not a block's own `output` linear.
+        is_output = module is output or (output is None and (name == "output" or name.rsplit(".", 1)[-1] == "lm_head"))
         if is_output and not config.include_lm_head:
             continue
         if filter_fn is not None and not filter_fn(module, name):
@@ -140,6 +139,8 @@ def quantize(
         layer_configs = {name: config.at_lattice(lattice) for name, lattice in budget_plan.lattices().items()}
     elif calibration is not None:
         raise ValueError("calibration= only informs a memory_budget config's per-layer plan")
+    for name, module in targets:  # all before any is coded: a bad layer must not leave the model half quantized
+        check_weight(module.weight, name)
     if resume_dir is not None:
         open_partial(resume_dir, _run_identity(targets, layer_configs, config, device), overwrite=overwrite)
     desc = f"liftquant {config.lattice or 'budget plan'}"

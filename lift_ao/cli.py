@@ -16,6 +16,7 @@ import collections
 import copy
 import dataclasses
 import json
+import math
 import shutil
 import sys
 import time
@@ -241,6 +242,8 @@ def _cmd_quantize(args) -> dict:
 def _cmd_eval(args) -> dict:
     import lift_ao
 
+    if args.checkpoint and args.model is not None:
+        raise ValueError("give --model or --checkpoint, not both (a checkpoint rebuilds its own model)")
     device = str(lift_ao.api.resolve_device(args.device or _default_device()))
     if args.checkpoint:
         from transformers import AutoTokenizer
@@ -248,10 +251,10 @@ def _cmd_eval(args) -> dict:
         model = lift_ao.load_quantized(args.checkpoint, device=device).eval()
         tokenizer = AutoTokenizer.from_pretrained(args.checkpoint, local_files_only=True)
     else:
-        model, tokenizer = _load_model(args.model, device)
+        model, tokenizer = _load_model(args.model or BUILTIN, device)
     result = _perplexity(args, model, _eval_tokens(args, tokenizer)).to_dict()
     _log(args, f"perplexity: {result['perplexity']:.3f} over {result['tokens']} tokens")
-    return {"model": args.checkpoint or args.model, "device": device, **result}
+    return {"model": str(args.checkpoint) if args.checkpoint else args.model or BUILTIN, "device": device, **result}
 
 
 def _cmd_plan(args) -> dict:
@@ -262,7 +265,7 @@ def _cmd_plan(args) -> dict:
     if (args.hf_config is None) == (args.preset is None):
         raise ValueError("give exactly one of --hf-config PATH or --preset NAME")
     source = PRESETS[args.preset] if args.preset else args.hf_config
-    kv_cache = dict(context=args.context, batch=args.batch) if args.context else None
+    kv_cache = dict(context=args.context, batch=args.batch) if args.context is not None else None
     if args.batch != 1 and kv_cache is None:
         raise ValueError("--batch sizes the KV cache: give --context too")
     result = plan(source, args.budget, reserve=args.reserve, kv_cache=kv_cache, allocation=args.allocation,
@@ -284,7 +287,10 @@ def _cmd_bench(args) -> dict:
     rows, features = args.shape
     if rows <= 0 or features <= 0 or args.batch <= 0:
         raise ValueError(f"--shape and --batch must be positive, got {args.shape} and {args.batch}")
-    lattice = lift_ao.Lattice.for_bits(args.bits) if args.lattice is None else lift_ao.Lattice.load(args.lattice)
+    if args.bits is not None and args.lattice is not None:
+        raise ValueError("give --bits or --lattice, not both")
+    lattice = lift_ao.Lattice.for_bits(2.4 if args.bits is None else args.bits) if args.lattice is None \
+        else lift_ao.Lattice.load(args.lattice)
     # Speed does not depend on code values: random codes skip the search (seconds per layer on CPU).
     generator = torch.Generator().manual_seed(0)
     weight = lift_ao.LiftQuantTensor.from_random_codes((rows, features), lattice, dtype=dtype, device=device,
@@ -395,7 +401,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_eval_options(q)
 
     e = sub.add_parser("eval", help="perplexity of a model or a saved quantized checkpoint")
-    e.add_argument("--model", default=BUILTIN, help="'builtin' or a local Hugging Face model directory")
+    e.add_argument("--model", default=None, help="'builtin' (the default) or a local Hugging Face model directory")
     e.add_argument("--checkpoint", type=Path, default=None, help="a directory written by `lift-ao quantize --out`")
     _add_eval_options(e)
 
@@ -425,7 +431,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--shape", type=int, nargs=2, default=[4096, 4096], metavar=("N", "K"),
                    help="output and input features (default 4096 4096)")
     b.add_argument("--batch", type=int, default=1, help="activation rows (tokens), default 1")
-    b.add_argument("--bits", type=float, default=2.4, help="bits per weight, as for quantize (default 2.4)")
+    b.add_argument("--bits", type=float, default=None, help="bits per weight, as for quantize (default 2.4)")
     b.add_argument("--lattice", default=None, help="a lattice name such as 24/10 instead of --bits")
     b.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16",
                    help="activation / logical weight dtype (default bfloat16)")
@@ -455,8 +461,20 @@ def main(argv=None) -> int:
         print(f"lift-ao {args.command}: failed: {e}", file=sys.stderr)
         return 1
     if args.json:
-        print(json.dumps(report, indent=2))
+        # Strict JSON: a diverged model's inf/NaN perplexity becomes null, not the non-standard Infinity/NaN.
+        print(json.dumps(_finite_or_none(report), indent=2, allow_nan=False))
     return 0
+
+
+def _finite_or_none(value):
+    """``value`` with every non-finite float (nested too) replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(v) for v in value]
+    return value
 
 
 if __name__ == "__main__":

@@ -61,6 +61,23 @@ def _shared_rotation(in_features: int, block: int, seed: int, device: torch.devi
     return tuple(t.to(device) for t in (rotation.signs, rotation.left, rotation.right))
 
 
+def check_weight(weight, name: str = "weight") -> None:
+    """Raise unless ``weight`` is a 2-D (out, in) floating-point tensor with values, all finite: what
+    :meth:`LiftQuantTensor.from_hp` codes (``lift_ao.quantize`` checks every layer before coding any)."""
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
+        raise ValueError(f"{name}: LiftQuant codes 2-D linear weights (out, in); got {shape}")
+    if not weight.is_floating_point():
+        raise TypeError(f"{name}: weight must be floating point to quantize, got {weight.dtype}")
+    if weight.is_meta:
+        raise ValueError(f"{name}: weight is on the meta device (no values); load the real weights before quantizing")
+    if weight.numel() == 0:
+        raise ValueError(f"{name}: cannot quantize an empty weight of shape {tuple(weight.shape)}")
+    # In slices of ~4M entries: isfinite on the whole weight would briefly cost ~2x its size.
+    if not all(torch.isfinite(rows).all() for rows in weight.split(max(1, 2**22 // weight.shape[1]))):
+        raise ValueError(f"{name}: weight has NaN/Inf entries; fix the checkpoint before quantizing")
+
+
 class LiftQuantTensor(TorchAOBaseTensor):
     """LiftQuant-coded linear weight of logical shape (N, K); see the module docstring."""
 
@@ -110,18 +127,7 @@ class LiftQuantTensor(TorchAOBaseTensor):
             raise TypeError(f"{name}: lattice must be a lift_ao.Lattice (e.g. Lattice.load('24/10')), got {lattice!r}")
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"{name}: seed must be a non-negative int, got {seed!r}")
-        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-            shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
-            raise ValueError(f"{name}: LiftQuant codes 2-D linear weights (out, in); got {shape}")
-        if not weight.is_floating_point():
-            raise TypeError(f"{name}: weight must be floating point to quantize, got {weight.dtype}")
-        if weight.is_meta:
-            raise ValueError(f"{name}: weight is on the meta device (no values); load the real weights before quantizing")
-        if weight.numel() == 0:
-            raise ValueError(f"{name}: cannot quantize an empty weight of shape {tuple(weight.shape)}")
-        # In slices of ~4M entries: isfinite on the whole weight would briefly cost ~2x its size.
-        if not all(torch.isfinite(rows).all() for rows in weight.split(max(1, 2**22 // weight.shape[1]))):
-            raise ValueError(f"{name}: weight has NaN/Inf entries; fix the checkpoint before quantizing")
+        check_weight(weight, name)
         signs, left, right = _shared_rotation(weight.shape[1], lattice.d, seed, weight.device)
         packed, row_scale = encode_weight(
             weight, lattice.to(weight.device), signs, left, right, progress=progress, beam_width=beam_width

@@ -166,3 +166,46 @@ def test_quantize_refuses_stage_options_it_would_ignore(tmp_path, capsys, option
     err = capsys.readouterr().err
     flag = options[-1] if options[-1].startswith("--") else options[-2]
     assert needs in err and flag.replace("--no-", "--") in err
+
+
+def _eval(monkeypatch, capsys, tmp_path, *options, model=None):
+    """``lift-ao eval --json`` on 64 random token ids with the tiny Llama (or ``model``); (exit code, stdout, stderr)."""
+    import numpy as np
+    from tiny_models import tiny_llama
+
+    import lift_ao
+
+    np.save(tmp_path / "tokens.npy", np.random.default_rng(0).integers(0, 96, 64))
+    model = model or tiny_llama()
+    monkeypatch.setattr(cli, "_load_model", lambda spec, device: (model, None))
+    monkeypatch.setattr(lift_ao, "load_quantized", lambda directory, device=None: model)
+    monkeypatch.setattr("transformers.AutoTokenizer.from_pretrained", lambda *a, **k: None)
+    code = cli.main(["eval", "--device", "cpu", "--text", str(tmp_path / "tokens.npy"), "--context", "16",
+                     "--json", *options])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_eval_of_a_checkpoint_prints_json_and_refuses_a_model_beside_it(monkeypatch, capsys, tmp_path):
+    code, out, _ = _eval(monkeypatch, capsys, tmp_path, "--checkpoint", str(tmp_path))
+    assert code == 0 and json.loads(out)["model"] == str(tmp_path)  # a Path was not JSON-serialisable
+    code, _, err = _eval(monkeypatch, capsys, tmp_path, "--checkpoint", str(tmp_path), "--model", "builtin")
+    assert code == 2 and "not both" in err
+
+
+def test_eval_json_stays_strict_json_for_a_diverged_model(monkeypatch, capsys, tmp_path):
+    from tiny_models import tiny_llama
+
+    model = tiny_llama()
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] = float("nan")
+    code, out, _ = _eval(monkeypatch, capsys, tmp_path, model=model)
+    strict = json.loads(out, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+    assert code == 0 and strict["perplexity"] is None
+
+
+def test_bench_and_plan_refuse_options_they_would_ignore(capsys):
+    assert cli.main(["bench", "--shape", "48", "64", "--bits", "3.0", "--lattice", "24/10", "--device", "cpu"]) == 2
+    assert "not both" in capsys.readouterr().err
+    assert cli.main(["plan", "--preset", "llama3-70b", "--budget", "24GiB", "--context", "0"]) == 2
+    assert "positive" in capsys.readouterr().err

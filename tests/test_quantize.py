@@ -98,3 +98,28 @@ def test_compiled_model_matches_eager():
     compiled = torch.compile(model, fullgraph=True)
     with torch.no_grad():
         torch.testing.assert_close(compiled(tokens).logits, model(tokens).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_only_the_models_output_projection_is_kept_not_a_blocks_output_linear():
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.dense, self.output = torch.nn.Linear(64, 64), torch.nn.Linear(64, 64)
+
+    class Model(torch.nn.Module):  # no get_output_embeddings: the top-level `output` is the head
+        def __init__(self):
+            super().__init__()
+            self.block, self.output = Block(), torch.nn.Linear(64, 96)
+
+    model = lift_ao.quantize(Model(), liftquant(lattice="24/10"), progress=False)
+    assert isinstance(model.block.output.weight, LiftQuantTensor) and isinstance(model.block.dense.weight, LiftQuantTensor)
+    assert not isinstance(model.output.weight, LiftQuantTensor)
+
+
+def test_a_bad_layer_is_refused_before_any_layer_is_coded():
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 64), torch.nn.Linear(64, 64))
+    with torch.no_grad():
+        model[2].weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="2: weight has NaN/Inf"):
+        lift_ao.quantize(model, liftquant(lattice="24/10"), progress=False)
+    assert not any(isinstance(m.weight, LiftQuantTensor) for m in model)
