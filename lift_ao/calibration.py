@@ -52,11 +52,11 @@ from tqdm.auto import tqdm
 
 from lift_ao.api import quantizable_linears, resolve_device
 from lift_ao.config import LiftQuantConfig
-from lift_ao.io import CheckpointError, load_shard, open_partial, save_shard
+from lift_ao.io import CheckpointError, _sha256, load_shard, open_partial, save_shard
 from lift_ao.lattice import Lattice
 from lift_ao.packing import pack_codes, unpack_codes
 from lift_ao.rounding import DEFAULT_REFINE_PASSES, _check_count, hessian_encode_rows
-from lift_ao.tensor import LiftQuantTensor, _shared_mapping, _shared_rotation, share_constants
+from lift_ao.tensor import SHARED_DATA_NAMES, LiftQuantTensor, _shared_mapping, _shared_rotation, share_constants
 from lift_ao.transform import padded_in_features, rotate, unrotate
 
 __all__ = ["adam_steps", "builtin_calibration_tokens", "builtin_calibration_tokens_after", "calibrate", "finetune_block", "input_scales"]
@@ -660,7 +660,6 @@ def finetune_block(block: torch.nn.Module, groups: list, inputs: list, targets: 
 
 
 # Tensors that the linears of a group share (one lattice, one transform): stored once per group.
-_SHARED = ("mapping", "input_signs", "rotation_left", "rotation_right")
 
 
 def _block_source(block, config: LiftQuantConfig) -> str:
@@ -668,8 +667,7 @@ def _block_source(block, config: LiftQuantConfig) -> str:
     been coded from these (the manifest records shapes, not values)."""
     digest = hashlib.sha256()
     for name, module in quantizable_linears(block, config):
-        digest.update(name.encode())
-        digest.update(module.weight.detach().float().cpu().contiguous().numpy().tobytes())
+        digest.update(f"{name}:{_sha256(module.weight)};".encode())
     return digest.hexdigest()
 
 
@@ -683,7 +681,7 @@ def _save_block(directory, index: int, block, groups: list, source: str) -> None
         # Cloned: M and the rotation factors are also shared between groups, and safetensors refuses
         # tensors that share memory.
         leader = block.get_submodule(names[0]).weight
-        tensors.update({f"{names[0]}.{n}": getattr(leader, n).clone() for n in _SHARED})
+        tensors.update({f"{names[0]}.{n}": getattr(leader, n).clone() for n in SHARED_DATA_NAMES})
     save_shard(directory, f"block_{index:04d}", tensors, {"groups": groups, "weights": weights, "source_sha256": source})
 
 
@@ -703,7 +701,7 @@ def _load_block(directory, index: int, block, device, source: str) -> bool:
             f"{directory}: decoder block {index} was coded from other weights (same shapes, other values: another "
             "model?); use another checkpoint directory or delete this one")
     for names in info["groups"]:
-        shared = {n: tensors[f"{names[0]}.{n}"].to(device) for n in _SHARED}
+        shared = {n: tensors[f"{names[0]}.{n}"].to(device) for n in SHARED_DATA_NAMES}
         for name in names:
             parts = {n: tensors[f"{name}.{n}"].to(device) for n in ("packed_codes", "row_scale")} | shared
             spec = info["weights"][name]
@@ -873,9 +871,10 @@ def calibrate(
             bar = tqdm(blocks, desc=f"calibrate {config.lattice or 'budget plan'}", unit="block",
                        disable=not progress)
             for i, block in enumerate(bar):
+                # Hashed where the block waits (the host, for a streamed model), before it moves.
+                source = None if checkpoint_dir is None else _block_source(block, config)
                 block.to(device)
                 targets = _run_block(block, full_precision, device) if tuning else None
-                source = None if checkpoint_dir is None else _block_source(block, config)
                 if checkpoint_dir is None or not _load_block(checkpoint_dir, i, block, device, source):
                     linears = quantizable_linears(block, config)
                     lattices = {name: Lattice.load(config.lattice if planned is None else planned[prefixes[i] + name])

@@ -19,7 +19,7 @@ from lift_ao.packing import interleave_rows, pack_row_words, words_per_row
 from lift_ao.search import nearest_codes
 from lift_ao.transform import rotate
 
-__all__ = ["encode_rows", "encode_weight"]
+__all__ = ["encode_rows", "encode_weight", "unit_rms_rows"]
 
 # Rows encoded per step: bounds the search's working set and paces the progress bar.
 _BLOCKS_PER_STEP = 1 << 16
@@ -27,6 +27,15 @@ _BLOCKS_PER_STEP = 1 << 16
 
 def _rows_per_step(kp: int, lattice: Lattice) -> int:
     return max(1, _BLOCKS_PER_STEP * lattice.d // kp)
+
+
+def unit_rms_rows(rows: torch.Tensor) -> torch.Tensor:
+    """(N, K) ``rows`` divided by their RMS (all-zero rows stay zero: they code anything at scale 0).
+
+    The RMS is taken in float64: float32 squares underflow below |w| ~ 1e-23 and overflow above
+    ~ 1e19, which made such rows look all-zero (every block coded as zero)."""
+    rms = rows.double().pow(2).mean(1).sqrt().to(rows.dtype)
+    return rows / torch.where(rms > 0, rms, torch.ones_like(rms))[:, None]
 
 
 def encode_rows(
@@ -52,12 +61,7 @@ def encode_rows(
     steps = range(0, n, rows_per_step)
     for start in tqdm(steps, desc="encode", unit="chunk", leave=False, disable=not progress):
         rows = rotated[start : start + rows_per_step]
-        # In float64: float32 squares underflow below |w| ~ 1e-23 and overflow above ~ 1e19, which made
-        # such rows look all-zero (every block coded as zero).
-        rms = rows.double().pow(2).mean(1).sqrt().to(rows.dtype)
-        # An all-zero row codes anything with a zero scale; divide by 1 to stay finite.
-        unit = rows / torch.where(rms > 0, rms, torch.ones_like(rms))[:, None]
-        block_codes = nearest_codes(unit.reshape(-1, lattice.d), lattice, beam_width=beam_width)
+        block_codes = nearest_codes(unit_rms_rows(rows).reshape(-1, lattice.d), lattice, beam_width=beam_width)
         decoded = lattice.decode(block_codes).view(rows.shape)
         norm2 = decoded.pow(2).sum(1)
         row_scale[start : start + rows.shape[0]] = (rows * decoded).sum(1) / norm2.clamp_min(1e-30)

@@ -88,15 +88,20 @@ def _tensor_identity(value) -> tuple:
             value.stride(), value.dtype, value.device)
 
 
-def _check_parts(path: Path, key: str, parts: list, rows: int) -> None:
-    """The stored parts of a LiftQuantTensor have its dtypes and ``rows`` row scales (the SHA-256s
-    cover the bytes, not the header's dtype and shape)."""
-    found = {name: (t.dtype, tuple(t.shape)) for name, t in zip(LiftQuantTensor.tensor_data_names, parts)}
+def _check_parts(path: Path, key: str, weight: LiftQuantTensor) -> None:
+    """A loaded weight's stored parts have its dtypes, one row scale per row and the codes of its rows
+    (the SHA-256s cover the bytes, not the header's dtype and shape)."""
+    rows = weight.shape[0]
+    found = {name: (getattr(weight, name).dtype, tuple(getattr(weight, name).shape)) for name in weight.tensor_data_names}
     wrong = {name: dtype for name, (dtype, _) in found.items()
              if dtype != (torch.int32 if name == "packed_codes" else torch.float32)}
     if wrong or found["row_scale"][1] != (rows,):
         raise CheckpointError(f"{path}: {key} stores {found} (codes must be int32, the rest float32, {rows} row "
                               "scales); the file is inconsistent, re-quantize")
+    try:
+        check_packed(weight.packed_codes, rows, weight.code_length)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {key}: {e}; the file is inconsistent, re-quantize") from e
 
 
 def save_quantized(model: torch.nn.Module, directory) -> Path:
@@ -262,8 +267,8 @@ def load_quantized(directory, model: Optional[torch.nn.Module] = None, *, device
         if header["format_version"] == 2:  # rows one after another: regrouped exactly (lift_ao.packing)
             tensors[f"{key}.packed_codes"] = interleave_rows(tensors[f"{key}.packed_codes"])
         parts = [tensors.pop(f"{key}.{name}").to(device) for name in LiftQuantTensor.tensor_data_names]
-        _check_parts(path, key, parts, info["shape"][0])
         weight = LiftQuantTensor(*parts, torch.Size(info["shape"]), getattr(torch, info["dtype"]))
+        _check_parts(path, key, weight)
         stored = weight.lattice
         if stored.fingerprint != info["lattice_fingerprint"] or stored.name != info["lattice"]:
             raise CheckpointError(
@@ -276,10 +281,6 @@ def load_quantized(directory, model: Optional[torch.nn.Module] = None, *, device
                 f"{path}: {key}'s input transform does not match its recorded fingerprint ({recorded}); "
                 "the file is inconsistent, re-quantize"
             )
-        try:
-            check_packed(weight.packed_codes, info["shape"][0], weight.code_length)
-        except ValueError as e:
-            raise CheckpointError(f"{path}: {key}: {e}; the file is inconsistent, re-quantize") from e
         setattr(module, param_name, torch.nn.Parameter(weight, requires_grad=False))
     plain = {k: t.to(device) for k, t in tensors.items()}
     for alias, target in header["aliases"].items():

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from lift_ao.encode import unit_rms_rows
 from lift_ao.lattice import Lattice
 from lift_ao.search import nearest_codes
 
@@ -75,8 +76,7 @@ def hessian_encode_rows(
     h = h + (damping * mean_diagonal if mean_diagonal > 0 else 1.0) * torch.eye(kp, dtype=h.dtype, device=h.device)
     # Upper Cholesky factor of H⁻¹: row block j of U holds how block j's error moves the later columns.
     u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-    rms = rotated.double().pow(2).mean(1).sqrt().to(rotated.dtype)  # float64: see lift_ao.encode
-    target = rotated / torch.where(rms > 0, rms, torch.ones_like(rms))[:, None]
+    target = unit_rms_rows(rotated)
     codes = torch.empty(n, kp // d, lattice.D, dtype=torch.bool, device=rotated.device)
     decoded = torch.empty_like(target)
     # One column block of N rows is a small search: on CPU split it into one chunk per thread so the

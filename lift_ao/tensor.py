@@ -47,6 +47,10 @@ __all__ = ["LiftQuantTensor", "share_constants"]
 aten = torch.ops.aten
 
 
+# The stored tensors a weight may share with sibling layers, other models and the caches below (the
+# rest, codes and row scales, it owns).
+SHARED_DATA_NAMES = ("mapping", "input_signs", "rotation_left", "rotation_right")
+
 # One copy of each M and each rotation per device, so linears with the same lattice share M and
 # linears reading the same activation (q/k/v, gate/up: same K, d and seed) share the rotation, as
 # the footprint counts and the passes expect.
@@ -269,11 +273,6 @@ def _(func, types, args, kwargs):
     return torch.ops.lift_ao.lifted_matmul(lifted, weight.packed_codes, weight.row_scale, bias)
 
 
-# What each weight owns; the rest (M, input signs/scales, rotation factors) may be shared with
-# sibling layers, other models and the caches above.
-_OWN_DATA = ("packed_codes", "row_scale")
-
-
 @implements(aten.copy_.default)
 def _(func, types, args, kwargs):
     # load_state_dict's copy. torchao's default writes every stored tensor in place, which would also
@@ -285,10 +284,10 @@ def _(func, types, args, kwargs):
         raise ValueError(f"cannot copy {src!r} into LiftQuantTensor({self._quantization_type()}): the shape, dtype and "
                          "lattice must match; quantize the model with the same config before loading this state")
     for name in self.tensor_data_names:
-        if name in _OWN_DATA:
-            getattr(self, name).copy_(getattr(src, name))
-        else:
+        if name in SHARED_DATA_NAMES:
             setattr(self, name, getattr(src, name).to(self.device))
+        else:
+            getattr(self, name).copy_(getattr(src, name))
     return self
 
 
@@ -344,7 +343,7 @@ def share_constants(model: torch.nn.Module) -> None:
         weight = getattr(module, "weight", None)
         if not isinstance(weight, LiftQuantTensor):
             continue
-        for name in ("mapping", "input_signs", "rotation_left", "rotation_right"):
+        for name in SHARED_DATA_NAMES:
             tensor = getattr(weight, name)
             key = (name, tensor.device, tensor.dtype, tuple(tensor.shape), tensor.cpu().numpy().tobytes())
             setattr(weight, name, shared.setdefault(key, tensor))
