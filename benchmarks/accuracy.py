@@ -50,7 +50,7 @@ import lift_ao
 from lift_ao.budget import DEFAULT_RATE_WINDOW, parse_rate_window
 from lift_ao.calibration import DEFAULT_ALPHA, builtin_calibration_tokens, builtin_calibration_tokens_after, calibrate
 from lift_ao.rounding import DEFAULT_REFINE_PASSES, default_refine_passes
-from lift_ao.finetune import finetune_end_to_end
+from lift_ao.finetune import finetune_end_to_end, tuned_parts
 from lift_ao.sensitivity import SENSITIVITY_TOKENS, calibrated_sensitivity
 from lift_ao.data import DEFAULT_MODEL_NOTE, builtin_text, load_default_model, tokenize_text
 from lift_ao.evaluate import PerplexityResult, format_change, perplexity, perplexity_ratio
@@ -220,8 +220,10 @@ def run_row(name: str, reference, tokenizer, eval_tokens, args) -> dict:
                     finetune["code_rounds"] = args.code_rounds
                 row["finetune"] = finetune
             settings = _calibration_settings(name, args)
+            # A budget plan keeps room for what the end-to-end stage will tune per group.
+            tuned_later = tuned_parts(args.e2e_tune_mapping, args.e2e_tune_rotation) if name.startswith("lift-cal-fte-") else ()
             calibrate(model, config, calibration, device=args.device, checkpoint_dir=checkpoint, guided=args.guided,
-                      alpha=settings["alpha"], refine_passes=settings["refine_passes"], **finetune)
+                      alpha=settings["alpha"], refine_passes=settings["refine_passes"], tuned_later=tuned_later, **finetune)
             row.update(settings)
             if args.guided:
                 row["guided"] = True

@@ -11,7 +11,11 @@
    layers exactly as :mod:`lift_ao.tensor` shares them: one rotation per (K, d, seed, device), one
    M per (lattice, device).
    So a layer's planned ``bytes`` equals ``LiftQuantTensor.storage_bytes()`` and the plan's
-   ``model_bytes`` equals ``lift_ao.footprint(model)`` after ``lift_ao.quantize``.
+   ``model_bytes`` equals ``lift_ao.footprint(model)`` after ``lift_ao.quantize``. A model that
+   :func:`lift_ao.calibrate` codes instead (``groups=``) stores input signs per group of siblings and
+   block length (its input scales are folded into them), and what is tuned per group (``tuned=``:
+   the end-to-end stage's M, tuned rotation factors) per group and lattice; the plan's
+   ``model_bytes`` then equals the footprint of the calibrated and tuned model.
 2. **Reservations.** KV cache = layers × 2 × kv_heads × head_dim × context × batch × dtype bytes
    (from the model's config, full attention in every layer), plus a free-form ``reserve``.
 3. **Sensitivity.** Quantizing layer i with lattice j adds about ``mse_j · ||W_i||²_F · E[x²]`` to
@@ -47,7 +51,7 @@ from lift_ao.packing import packed_shape
 from lift_ao.transform import padded_in_features
 
 __all__ = [
-    "ALLOCATIONS", "BudgetError", "LayerPlan", "Plan", "PRESETS", "code_bytes", "format_bytes", "kv_cache_bytes",
+    "ALLOCATIONS", "BudgetError", "LayerPlan", "Plan", "PRESETS", "TUNED_PARTS", "code_bytes", "format_bytes", "kv_cache_bytes",
     "layer_storage_bytes", "normalize_kv_cache", "parse_bytes", "plan",
 ]
 
@@ -191,12 +195,30 @@ def code_bytes(out_features: int, in_features: int, lattice: Lattice) -> int:
     return code_words * _WORD_BYTES + out_features * _FLOAT32_BYTES
 
 
-def _shared_storages(in_features: int, lattice: Lattice, seed: int, device: torch.device) -> dict:
-    """{storage key: bytes} of the M and rotation a layer points to (see the module docstring)."""
+# What lift_ao.calibrate's groups of siblings (linears that read one tensor) store per group beside
+# their input signs when they are tuned: rotation factors (calibrate's finetune_rotation,
+# finetune_end_to_end's tune_rotation) and M (finetune_end_to_end's tune_mapping).
+TUNED_PARTS = ("rotation", "mapping")
+
+
+def _shared_storages(in_features: int, lattice: Lattice, seed: int, device: torch.device, group=None,
+                     tuned: frozenset = frozenset()) -> dict:
+    """{storage key: bytes} of the input signs, rotation factors and M a layer points to (see the module
+    docstring). With ``group`` (the layer's sibling group, for a model ``lift_ao.calibrate`` codes) the
+    signs are the group's own per block length d (1/s folded in), and so are the ``tuned`` parts
+    (:data:`TUNED_PARTS`), per lattice; keys of a group start with ``"group"``."""
     kp, k1, k2 = padded_in_features(in_features, lattice.d)
     rotation = ("rotation", in_features, lattice.d, seed, str(device))
-    mapping = ("mapping", lattice.name, str(device))
-    return {rotation: (kp + k1 * k1 + k2 * k2) * _FLOAT32_BYTES, mapping: lattice.d * lattice.D * _FLOAT32_BYTES}
+    keys = {
+        "signs": rotation if group is None else ("group", group, "signs", lattice.d),
+        "factors": ("group", group, "factors", lattice.name) if "rotation" in tuned else rotation,
+        "mapping": ("group", group, "mapping", lattice.name) if "mapping" in tuned else ("mapping", lattice.name, str(device)),
+    }
+    sizes = {"signs": kp, "factors": k1 * k1 + k2 * k2, "mapping": lattice.d * lattice.D}
+    storages: dict = {}
+    for part, key in keys.items():
+        storages[key] = storages.get(key, 0) + sizes[part] * _FLOAT32_BYTES
+    return storages
 
 
 def layer_storage_bytes(out_features: int, in_features: int, lattice: Lattice) -> int:
@@ -595,19 +617,39 @@ def _solve_sensitivity(own, shared, distortion, fixed, budget, rates) -> tuple[l
     two lattices fill a budget better than twenty). The plan is the least-distortion result among
     those, every layer's cheapest option and the best uniform plan, each that fits. The family does
     not depend on the budget and each member only improves as the budget grows, so the plan's
-    distortion never increases with the budget.
+    distortion never increases with the budget (with sibling groups, whose storages are shared out
+    among their members instead, only as long as siblings do not split between lattices).
     """
     n_options = len(own[0])
-    points = [list(zip(own[i], distortion[i])) for i in range(len(own))]
+    # A sibling group's storages (keys starting with "group", plan(groups=...)) serve its few members
+    # only: reserving each for every lattice on their hulls would hold back several copies per group.
+    # Instead each member's options carry an equal share of them, exact when the siblings pick one
+    # lattice; when they split, the exact total is higher, and the separable solve is repeated with the
+    # capacity lowered by the overshoot.
+    users: dict = {}
+    for i in range(len(own)):
+        for key in {key for j in range(n_options) for key in shared[i][j] if key[0] == "group"}:
+            users[key] = users.get(key, 0) + 1
+    amortized = [[own[i][j] + sum(b / users[key] for key, b in shared[i][j].items() if key in users)
+                  for j in range(n_options)] for i in range(len(own))]
+    points = [list(zip(amortized[i], distortion[i])) for i in range(len(own))]
     full_hulls = [_lower_hull(p, range(n_options)) for p in points]
     on_hulls = sorted({j for hull in full_hulls for j in hull}, key=lambda j: rates[j])
     families = [full_hulls] + [[_lower_hull(p, pair) for p in points] for pair in zip(on_hulls, on_hulls[1:])]
     options = [[hull[0] for hull in full_hulls], _solve_uniform(own, shared, distortion, fixed, budget)[0]]
     for hulls in families:
-        reserved = {key: b for i, hull in enumerate(hulls) for j in hull for key, b in shared[i][j].items()}
-        separable = _solve_separable(own, distortion, hulls, budget - fixed - sum(reserved.values()))
-        if separable is not None:
+        reserved = {key: b for i, hull in enumerate(hulls) for j in hull for key, b in shared[i][j].items()
+                    if key not in users}
+        capacity = budget - fixed - sum(reserved.values())
+        for _ in range(4):  # without sibling groups the first result fits: one pass
+            separable = _solve_separable(amortized, distortion, hulls, capacity)
+            if separable is None:
+                break
             options.append(separable)
+            over = _total_bytes(separable, own, shared, fixed) - budget
+            if over <= 0:
+                break
+            capacity -= over
     scored = []
     for choice in options:
         total = _total_bytes(choice, own, shared, fixed)
@@ -675,6 +717,8 @@ def plan(
     lattices: Optional[Iterable[Lattice]] = None,
     rate_window: Optional[float] = DEFAULT_RATE_WINDOW,
     scores: Optional[dict] = None,
+    groups: Optional[list] = None,
+    tuned: tuple = (),
 ) -> Plan:
     """Choose a shipped lattice per linear layer so the model fits ``memory_budget``; touches no weight.
 
@@ -701,6 +745,12 @@ def plan(
         scores: sensitivity only: {layer FQN: weight ≥ 0} for every layer to plan, replacing the
             built-in score (‖W‖²_F · E[x²]): a layer's distortion at lattice j is score × MSE_j. For
             measured sensitivities: the loss increase the layer causes at lattice r, divided by MSE_r.
+        groups: plan for :func:`lift_ao.calibrate`, whose groups of siblings (lists of layer FQNs that
+            read one tensor: ``lift_ao.calibration.sibling_groups``; a layer in none is alone) each
+            store their own input signs per block length d instead of sharing one rotation's.
+        tuned: with ``groups``, the parts tuned and so stored per group and lattice: ``"rotation"``
+            (calibrate's ``finetune_rotation``, ``finetune_end_to_end``'s ``tune_rotation``) and/or
+            ``"mapping"`` (``finetune_end_to_end``'s ``tune_mapping``): :data:`TUNED_PARTS`.
     Returns:
         :class:`Plan` with ``total_bytes ≤ budget``.
     Raises:
@@ -711,6 +761,8 @@ def plan(
     from lift_ao.config import LiftQuantConfig
 
     check_rate_window(rate_window)
+    if isinstance(tuned, str) or not set(tuned) <= set(TUNED_PARTS) or (tuned and groups is None):
+        raise BudgetError(f"tuned must be a tuple of {TUNED_PARTS}, given with groups=; got {tuned!r}")
     budget = parse_bytes(memory_budget, "memory_budget")
     reserve = parse_bytes(reserve, "reserve", allow_zero=True)
     kv_cache = normalize_kv_cache(kv_cache)
@@ -766,11 +818,14 @@ def plan(
     else:
         scores = [float(n * k) for n, k in shapes]
 
+    group_of = {name: index for index, names in enumerate(groups or []) for name in names}
+
     def tables(lattices: list[Lattice]):
         """Per layer × lattice: own bytes, shared storages, distortion (score × lattice MSE)."""
         mses = [_lattice_mse(l) for l in lattices]
         own = [[code_bytes(n, k, l) for l in lattices] for n, k in shapes]
-        shared = [[_shared_storages(k, l, seed, device) for l in lattices] for _, k in shapes]
+        shared = [[_shared_storages(k, l, seed, device, group_of.get(name, name) if groups is not None else None,
+                                    frozenset(tuned)) for l in lattices] for (name, _), (_, k) in zip(targets, shapes)]
         return own, shared, [[s * e for e in mses] for s in scores]
 
     own, shared, distortion = tables(candidates)

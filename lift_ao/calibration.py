@@ -51,13 +51,14 @@ import torch
 from tqdm.auto import tqdm
 
 from lift_ao.api import quantizable_linears, resolve_device
+from lift_ao.budget import TUNED_PARTS
 from lift_ao.config import LiftQuantConfig
 from lift_ao.io import CheckpointError, _sha256, load_shard, open_partial, save_shard
 from lift_ao.lattice import Lattice
 from lift_ao.packing import pack_codes, unpack_codes
 from lift_ao.rounding import DEFAULT_REFINE_PASSES, _check_count, hessian_encode_rows
 from lift_ao.tensor import SHARED_DATA_NAMES, LiftQuantTensor, _shared_mapping, _shared_rotation, share_constants
-from lift_ao.transform import padded_in_features, rotate, unrotate
+from lift_ao.transform import rotate, unrotate
 
 __all__ = ["adam_steps", "builtin_calibration_tokens", "builtin_calibration_tokens_after", "calibrate", "finetune_block", "input_scales"]
 
@@ -731,29 +732,49 @@ def _manifest(config: LiftQuantConfig, tokens: torch.Tensor, alpha: float, dampi
             "blocks": [[n, list(m.weight.shape)] for b in blocks for n, m in quantizable_linears(b, config)]}
 
 
-def _own_transform_bytes(in_features: int, rotation: bool) -> int:
-    """Upper bound on the bytes of one calibrated group's own transform: its input signs (1/s folded
-    in) and, with ``rotation``, its tuned rotation factors, at the largest padding of any lattice."""
-    sizes = [padded_in_features(in_features, d) for d in {lattice.d for lattice in Lattice.shipped()}]
-    return max(4 * (kp + (k1 * k1 + k2 * k2 if rotation else 0)) for kp, k1, k2 in sizes)
+def sibling_groups(model: torch.nn.Module, names: list, batch: torch.Tensor, weights: Optional[dict] = None) -> list[list[str]]:
+    """``names`` (linear FQNs) grouped by the tensor they read in one forward of ``batch`` (token ids,
+    (B, T), on the model's device) with ``weights`` (``functional_call``'s; default: the model's own), in
+    the order the groups first run. Siblings (q/k/v, gate/up) are what calibrate codes with one Hessian."""
+    groups: list = []
+    read: list = []  # the tensor of each group; held, so that no later tensor reuses its id()
+
+    def hook(name):
+        def record(module, args):
+            index = next((i for i, x in enumerate(read) if x is args[0]), None)
+            if index is None:
+                index = len(groups)
+                groups.append([])
+                read.append(args[0])
+            groups[index].append(name)
+        return record
+
+    handles = [model.get_submodule(name).register_forward_pre_hook(hook(name)) for name in names]
+    try:
+        with torch.no_grad():
+            torch.func.functional_call(model, weights or {}, (batch,), {"use_cache": False})
+    finally:
+        for handle in handles:
+            handle.remove()
+    return groups
 
 
 def _planned_lattices(model, prefixes: tuple, config: LiftQuantConfig, tokens: torch.Tensor, batch_size: int,
-                      device, rotation: bool) -> dict:
+                      device, tuned: frozenset) -> dict:
     """{module FQN: lattice name} of a memory-budget config, planned over the model with the config's
-    scores or else the calibration tokens as the sensitivity data; refused if the plan codes a linear outside the
-    decoder blocks, whose FQN ``prefixes`` ("model.layers.0." …) are given (calibrate codes only
-    those, so the model would not fit the budget)."""
-    from lift_ao.budget import plan
+    scores or else the calibration tokens as the sensitivity data, for calibrated groups of siblings
+    that store their own input signs and the ``tuned`` parts (``lift_ao.plan``'s ``groups``/``tuned``);
+    refused if the plan codes a linear outside the decoder blocks, whose FQN ``prefixes``
+    ("model.layers.0." …) are given (calibrate codes only those, so the model would not fit the budget)."""
+    from lift_ao.budget import plan  # looked up when called: tests count the plans
 
-    # The plan counts one transform per input size as shared by all layers; calibrated groups have
-    # their own (``rotation``: tuned factors too): keep room for one per linear.
-    own = sum(_own_transform_bytes(m.weight.shape[1], rotation) for _, m in quantizable_linears(model, config))
+    names = [name for name, _ in quantizable_linears(model, config)]
+    groups = sibling_groups(model, names, tokens[:1, :8].to(next(model.parameters()).device))
     scored = config.allocation == "sensitivity" and config.scores is None  # else the scores are given
-    budget_plan = plan(model, config.memory_budget, reserve=config.reserve + own, kv_cache=config.kv_cache,
+    budget_plan = plan(model, config.memory_budget, reserve=config.reserve, kv_cache=config.kv_cache,
                        allocation=config.allocation, calibration=list(tokens.split(batch_size)) if scored else None,
                        include_lm_head=config.include_lm_head, seed=config.seed, device=device, scores=config.scores,
-                       rate_window=config.rate_window)
+                       rate_window=config.rate_window, groups=groups, tuned=tuple(sorted(tuned)))
     outside = [name for name in budget_plan.lattices() if not name.startswith(prefixes)]
     if outside:
         raise ValueError(f"the memory budget's plan also codes {outside}, which calibrate leaves in high "
@@ -774,7 +795,7 @@ def calibrate(
     model: torch.nn.Module, config: LiftQuantConfig, tokens: torch.Tensor, *, checkpoint_dir=None,
     overwrite: bool = False, device=None, alpha: float = DEFAULT_ALPHA, damping: float = 0.01, batch_size: int = 8,
     finetune_steps: int = 0, finetune_lr: float = 1e-2, code_rounds: int = 0, finetune_rotation: bool = False,
-    guided: bool = False, refine_passes: int = DEFAULT_REFINE_PASSES, progress: bool = True,
+    guided: bool = False, refine_passes: int = DEFAULT_REFINE_PASSES, tuned_later: tuple = (), progress: bool = True,
 ) -> torch.nn.Module:
     """Quantize the linears of every decoder block with calibration data, in place.
 
@@ -816,6 +837,9 @@ def calibrate(
             alone, as before 2026-11-27). Each costs about one more lattice search per block. Before
             :func:`lift_ao.finetune_end_to_end` they measured no gain: pass
             ``lift_ao.rounding.default_refine_passes(end_to_end=True)`` (0) there.
+        tuned_later: what :func:`lift_ao.finetune_end_to_end` will tune afterwards and store per group
+            of siblings, ``"mapping"`` (its ``tune_mapping``) and/or ``"rotation"`` (``tune_rotation``): a
+            memory-budget plan keeps room for those copies, so the tuned model still fits the budget.
         progress: a tqdm bar over blocks (with fine-tuning: the last block's output error after/before).
     Returns:
         ``model``; linears outside the decoder blocks (``lm_head``) are left as they are.
@@ -835,6 +859,8 @@ def calibrate(
         raise ValueError("finetune_rotation=True tunes the rotation in the fine-tuning steps: give finetune_steps > 0")
     _check_count("code_rounds", code_rounds)
     _check_count("refine_passes", refine_passes)  # before any work, though hessian_encode_rows checks it too
+    if isinstance(tuned_later, str) or not set(tuned_later) <= set(TUNED_PARTS):
+        raise ValueError(f"tuned_later must be a tuple of {TUNED_PARTS}, got {tuned_later!r}")
     blocks = _decoder_blocks(model)
     tokens = _check_tokens(tokens, model.get_input_embeddings().weight.shape[0])
     home = next(model.parameters()).device
@@ -842,7 +868,8 @@ def calibrate(
     fqn_of = {id(m): n for n, m in model.named_modules()}
     prefixes = tuple(fqn_of[id(block)] + "." for block in blocks)
     planned = (None if config.memory_budget is None
-               else _planned_lattices(model, prefixes, config, tokens, batch_size, device, finetune_rotation))
+               else _planned_lattices(model, prefixes, config, tokens, batch_size, device,
+                                      frozenset(tuned_later) | ({"rotation"} if finetune_rotation else set())))
     if checkpoint_dir is not None:
         finetune = {"steps": finetune_steps, "lr": finetune_lr, "batch_size": batch_size}
         if code_rounds:  # absent without code flipping: directories of earlier runs stay resumable

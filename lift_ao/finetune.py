@@ -41,7 +41,7 @@ from lift_ao.io import SHARD_SUFFIX, CheckpointError, _sha256, load_shard, save_
 from lift_ao.tensor import LiftQuantTensor, share_constants
 from lift_ao.transform import unrotate
 
-__all__ = ["EndToEndResult", "finetune_end_to_end", "held_out_rows"]
+__all__ = ["EndToEndResult", "finetune_end_to_end", "held_out_rows", "tuned_parts"]
 
 
 class EndToEndResult(NamedTuple):
@@ -227,6 +227,12 @@ def _dense_weights_by_shape(quantized: dict, log_r: dict, log_s: dict, mapping_d
         return dense
 
     return weights
+
+
+def tuned_parts(tune_mapping: bool, tune_rotation: bool) -> tuple:
+    """What :func:`finetune_end_to_end` with these settings stores per group of siblings: the
+    ``tuned_later`` that :func:`lift_ao.calibrate` needs to plan a memory budget with room for it."""
+    return tuple(part for part, on in (("mapping", tune_mapping), ("rotation", tune_rotation)) if on)
 
 
 def finetune_end_to_end(

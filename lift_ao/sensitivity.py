@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from lift_ao.budget import _lattice_mse, plan
-from lift_ao.calibration import DEFAULT_ALPHA, calibrate
+from lift_ao.calibration import DEFAULT_ALPHA, calibrate, sibling_groups
 from lift_ao.config import liftquant
 from lift_ao.io import _sha256, _write_atomically
 from lift_ao.lattice import Lattice
@@ -49,32 +49,6 @@ SENSITIVITY_TOKENS = 16384
 # the measurement's noise (SmolLM2-135M, 8192 tokens: gains down to −0.0035 nats against a mean of
 # 0.0048), and a zero score would send the layer to the cheapest lattice whatever its real damage.
 _FLOOR_OF_MEAN_GAIN = 0.2
-
-
-def _sibling_groups(model: torch.nn.Module, names: list, weights: dict, batch: torch.Tensor) -> list[list[str]]:
-    """``names`` (linear FQNs) grouped by the tensor they read in one forward of ``batch`` with
-    ``weights`` (``functional_call``'s), in the order the groups first run."""
-    groups: list = []
-    read: list = []  # the tensor of each group; held, so that no later tensor reuses its id()
-
-    def hook(name):
-        def record(module, args):
-            index = next((i for i, x in enumerate(read) if x is args[0]), None)
-            if index is None:
-                index = len(groups)
-                groups.append([])
-                read.append(args[0])
-            groups[index].append(name)
-        return record
-
-    handles = [model.get_submodule(name).register_forward_pre_hook(hook(name)) for name in names]
-    try:
-        with torch.no_grad():
-            torch.func.functional_call(model, weights, (batch,), {"use_cache": False})
-    finally:
-        for handle in handles:
-            handle.remove()
-    return groups
 
 
 def measure_sensitivity(
@@ -128,7 +102,7 @@ def measure_sensitivity(
                                   reduction="sum").item()
             return total / tokens.numel()
 
-        groups = _sibling_groups(model, list(quantized), dense, batches[0])
+        groups = sibling_groups(model, list(quantized), batches[0], dense)
         base = kl(dense)
         gains = [base - kl(dense | {f"{n}.weight": full[n] for n in names})
                  for names in tqdm(groups, desc="sensitivity", unit="group", disable=not progress)]

@@ -229,7 +229,7 @@ def test_calibrate_to_a_memory_budget_codes_each_layer_at_its_planned_lattice(tm
     got = {n: m.weight.lattice.name for n, m in calibrated.named_modules()
            if isinstance(getattr(m, "weight", None), lift_ao.LiftQuantTensor)}
     planned = calibration._planned_lattices(model, ("model.layers.0.", "model.layers.1."), config, tokens, 8, "cpu",
-                                           rotation=False)
+                                           frozenset())
     assert got == planned and len(got) == 14
     assert len(set(got.values())) > 1, "the plan is uniform: this test would show nothing"
     assert lift_ao.footprint(calibrated) <= uniform.model_bytes
@@ -251,3 +251,35 @@ def test_calibrate_to_a_memory_budget_codes_each_layer_at_its_planned_lattice(tm
     one_rate = calibrate(copy.deepcopy(model), uniform_config, tokens, progress=False)
     rates = {m.weight.lattice.name for m in one_rate.modules() if isinstance(getattr(m, "weight", None), lift_ao.LiftQuantTensor)}
     assert len(rates) == 1 and lift_ao.footprint(one_rate) <= uniform.model_bytes
+
+
+def test_a_budget_plan_keeps_room_for_what_the_end_to_end_stage_tunes():
+    """tuned_later=("mapping", "rotation"): each sibling group's tuned M and rotation factors are in the
+    plan, so the model fits its budget after finetune_end_to_end (planned without them, the same run
+    does not); the plan's bytes are the tuned model's footprint exactly."""
+    # 16 sequences of 64 tokens: enough that the tuned state beats the calibrated one on the held-out
+    # sequences and is kept (with fewer, nothing is kept and nothing is added).
+    model, tokens = tiny_llama(), token_batch(0, batch=16, length=64)
+    budget = lift_ao.plan(model, 10**12, allocation="uniform", lattices=[Lattice.load("24/10")]).model_bytes
+    both = ("mapping", "rotation")
+
+    def tuned(config, tuned_later):
+        quantized = calibrate(copy.deepcopy(model), config, tokens, tuned_later=tuned_later, progress=False)
+        result = lift_ao.finetune_end_to_end(quantized, model, tokens, steps=8, lr=3e-3, check_every=4,
+                                             tune_mapping=True, tune_rotation=True, progress=False)
+        assert result.after < result.before  # the tuned state is kept
+        return lift_ao.footprint(quantized)
+
+    config = lift_ao.liftquant(memory_budget=budget)
+    assert tuned(config, both) <= budget
+    assert tuned(config, ()) > budget
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    groups = calibration.sibling_groups(model, names, tokens[:1, :8])
+    assert sorted(map(len, groups)) == [1, 1, 1, 1, 2, 2, 3, 3]
+    uniform = lift_ao.liftquant(memory_budget=budget, allocation="uniform")
+    planned = lift_ao.plan(model, budget, allocation="uniform", groups=groups, tuned=both)
+    assert tuned(uniform, both) == planned.model_bytes
+    with pytest.raises(ValueError, match="tuned_later must be a tuple of"):
+        calibrate(copy.deepcopy(model), config, tokens, tuned_later=("codes",), progress=False)
+    with pytest.raises(lift_ao.BudgetError, match="given with groups="):
+        lift_ao.plan(model, budget, tuned=both)
