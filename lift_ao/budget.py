@@ -13,9 +13,9 @@
    So a layer's planned ``bytes`` equals ``LiftQuantTensor.storage_bytes()`` and the plan's
    ``model_bytes`` equals ``lift_ao.footprint(model)`` after ``lift_ao.quantize``. A model that
    :func:`lift_ao.calibrate` codes instead (``groups=``) stores input signs per group of siblings and
-   block length (its input scales are folded into them), and what is tuned per group (``tuned=``:
-   the end-to-end stage's M, tuned rotation factors) per group and lattice; the plan's
-   ``model_bytes`` then equals the footprint of the calibrated and tuned model.
+   block length (its input scales are folded into them), and what is tuned stores per group too
+   (``tuned=``, :data:`TUNED_PARTS`); the plan's ``model_bytes`` is then the footprint of the
+   calibrated and tuned model (or more, where equal values are merged).
 2. **Reservations.** KV cache = layers × 2 × kv_heads × head_dim × context × batch × dtype bytes
    (from the model's config, full attention in every layer), plus a free-form ``reserve``.
 3. **Sensitivity.** Quantizing layer i with lattice j adds about ``mse_j · ||W_i||²_F · E[x²]`` to
@@ -195,23 +195,27 @@ def code_bytes(out_features: int, in_features: int, lattice: Lattice) -> int:
     return code_words * _WORD_BYTES + out_features * _FLOAT32_BYTES
 
 
-# What lift_ao.calibrate's groups of siblings (linears that read one tensor) store per group beside
-# their input signs when they are tuned: rotation factors (calibrate's finetune_rotation,
-# finetune_end_to_end's tune_rotation) and M (finetune_end_to_end's tune_mapping).
-TUNED_PARTS = ("rotation", "mapping")
+# What lift_ao.calibrate's groups of siblings (linears that read one tensor) tune, and so store per group:
+# "scales", the input scales of each run of siblings on one lattice (calibrate's finetune_steps: the
+# group's input signs, 1/s folded in, then differ per lattice instead of per block length d);
+# "rotation", the rotation factors (calibrate's finetune_rotation, finetune_end_to_end's tune_rotation);
+# "mapping", M (finetune_end_to_end's tune_mapping).
+TUNED_PARTS = ("scales", "rotation", "mapping")
 
 
 def _shared_storages(in_features: int, lattice: Lattice, seed: int, device: torch.device, group=None,
                      tuned: frozenset = frozenset()) -> dict:
     """{storage key: bytes} of the input signs, rotation factors and M a layer points to (see the module
     docstring). With ``group`` (the layer's sibling group, for a model ``lift_ao.calibrate`` codes) the
-    signs are the group's own per block length d (1/s folded in), and so are the ``tuned`` parts
-    (:data:`TUNED_PARTS`), per lattice; keys of a group start with ``"group"``."""
+    signs are the group's own, per block length d (per lattice with ``"scales"`` in ``tuned``), and so
+    are the rotation factors with ``"rotation"``; with ``"mapping"`` M is the group's own per lattice
+    (:data:`TUNED_PARTS`). Keys of a group start with ``"group"``."""
     kp, k1, k2 = padded_in_features(in_features, lattice.d)
     rotation = ("rotation", in_features, lattice.d, seed, str(device))
+    transform = lattice.name if "scales" in tuned else lattice.d  # what a group's own transform is per
     keys = {
-        "signs": rotation if group is None else ("group", group, "signs", lattice.d),
-        "factors": ("group", group, "factors", lattice.name) if "rotation" in tuned else rotation,
+        "signs": rotation if group is None else ("group", group, "signs", transform),
+        "factors": ("group", group, "factors", transform) if "rotation" in tuned else rotation,
         "mapping": ("group", group, "mapping", lattice.name) if "mapping" in tuned else ("mapping", lattice.name, str(device)),
     }
     sizes = {"signs": kp, "factors": k1 * k1 + k2 * k2, "mapping": lattice.d * lattice.D}
@@ -606,6 +610,26 @@ def _solve_uniform(own, shared, distortion, fixed, budget) -> tuple[list, int]:
     return [j] * len(own), total
 
 
+def _largest_fitting(solve: Callable, capacity: int, total: Callable, budget: int) -> Optional[list]:
+    """``solve(capacity)`` (a choice, or None when even the cheapest exceeds the capacity) if its exact
+    ``total`` fits ``budget``, else the result at the largest lower capacity that fits (bisection: the
+    results only grow with the capacity); None when none does."""
+    choice = solve(capacity)
+    if choice is None or total(choice) <= budget:
+        return choice
+    best, low, high = None, 0, capacity - 1
+    while low <= high:
+        middle = (low + high) // 2
+        choice = solve(middle)
+        if choice is not None and total(choice) <= budget:
+            best, low = choice, middle + 1
+        elif choice is None:
+            low = middle + 1
+        else:
+            high = middle - 1
+    return best
+
+
 def _solve_sensitivity(own, shared, distortion, fixed, budget, rates) -> tuple[list, int]:
     """Mixed widths: (option per layer, exact total); the total exceeds ``budget`` only when nothing fits.
     ``rates``: bits per weight of each option.
@@ -617,46 +641,67 @@ def _solve_sensitivity(own, shared, distortion, fixed, budget, rates) -> tuple[l
     two lattices fill a budget better than twenty). The plan is the least-distortion result among
     those, every layer's cheapest option and the best uniform plan, each that fits. The family does
     not depend on the budget and each member only improves as the budget grows, so the plan's
-    distortion never increases with the budget (with sibling groups, whose storages are shared out
-    among their members instead, only as long as siblings do not split between lattices).
+    distortion never increases with the budget.
+
+    A sibling group's storages (keys starting with ``"group"``, ``plan(groups=...)``) serve its few
+    members only: reserving each for every lattice on their hulls would hold back several copies per
+    group. Instead each member's options carry an equal share of them, exact when the siblings pick
+    one lattice; when they split, the exact total is higher, and the capacity is lowered until the
+    result fits (:func:`_largest_fitting`). The same problem solved with each group as one unit on one
+    lattice (exact) is a further candidate.
     """
-    n_options = len(own[0])
-    # A sibling group's storages (keys starting with "group", plan(groups=...)) serve its few members
-    # only: reserving each for every lattice on their hulls would hold back several copies per group.
-    # Instead each member's options carry an equal share of them, exact when the siblings pick one
-    # lattice; when they split, the exact total is higher, and the separable solve is repeated with the
-    # capacity lowered by the overshoot.
+    n_layers, n_options = len(own), len(own[0])
     users: dict = {}
-    for i in range(len(own)):
+    for i in range(n_layers):
         for key in {key for j in range(n_options) for key in shared[i][j] if key[0] == "group"}:
             users[key] = users.get(key, 0) + 1
     amortized = [[own[i][j] + sum(b / users[key] for key, b in shared[i][j].items() if key in users)
-                  for j in range(n_options)] for i in range(len(own))]
-    points = [list(zip(amortized[i], distortion[i])) for i in range(len(own))]
+                  for j in range(n_options)] for i in range(n_layers)]
+    points = [list(zip(amortized[i], distortion[i])) for i in range(n_layers)]
     full_hulls = [_lower_hull(p, range(n_options)) for p in points]
     on_hulls = sorted({j for hull in full_hulls for j in hull}, key=lambda j: rates[j])
     families = [full_hulls] + [[_lower_hull(p, pair) for p in points] for pair in zip(on_hulls, on_hulls[1:])]
     options = [[hull[0] for hull in full_hulls], _solve_uniform(own, shared, distortion, fixed, budget)[0]]
+
+    def total(choice: list) -> int:
+        return _total_bytes(choice, own, shared, fixed)
+
     for hulls in families:
         reserved = {key: b for i, hull in enumerate(hulls) for j in hull for key, b in shared[i][j].items()
                     if key not in users}
-        capacity = budget - fixed - sum(reserved.values())
-        for _ in range(4):  # without sibling groups the first result fits: one pass
-            separable = _solve_separable(amortized, distortion, hulls, capacity)
-            if separable is None:
-                break
-            options.append(separable)
-            over = _total_bytes(separable, own, shared, fixed) - budget
-            if over <= 0:
-                break
-            capacity -= over
+        options.append(_largest_fitting(lambda capacity: _solve_separable(amortized, distortion, hulls, capacity),
+                                        budget - fixed - sum(reserved.values()), total, budget))
+    if users:
+        options.append(_solve_by_group(own, shared, distortion, fixed, budget, rates))
     scored = []
-    for choice in options:
-        total = _total_bytes(choice, own, shared, fixed)
-        fits = total <= budget
-        scored.append((not fits, sum(distortion[i][j] for i, j in enumerate(choice)) if fits else total, total, choice))
-    _, _, total, choice = min(scored, key=lambda item: item[:3])
-    return choice, total
+    for choice in filter(None, options):
+        fits = total(choice) <= budget
+        scored.append((not fits, sum(distortion[i][j] for i, j in enumerate(choice)) if fits else total(choice),
+                       total(choice), choice))
+    _, _, total_bytes, choice = min(scored, key=lambda item: item[:3])
+    return choice, total_bytes
+
+
+def _solve_by_group(own, shared, distortion, fixed, budget, rates) -> list:
+    """:func:`_solve_sensitivity` with each sibling group (layers whose storages carry one group key) as
+    one unit on one lattice: its bytes and storages are its members' (the group's own counted once), its
+    distortion their sum. Returns an option per layer."""
+    unit_of = [next(key[1] for key in shared[i][0] if key[0] == "group") for i in range(len(own))]
+    units = list(dict.fromkeys(unit_of))
+    members = {u: [i for i in range(len(own)) if unit_of[i] == u] for u in units}
+    unit_own, unit_shared, unit_distortion = [], [], []
+    for u in units:
+        own_u, shared_u = [], []
+        for j in range(len(own[0])):
+            storages = {key: b for i in members[u] for key, b in shared[i][j].items()}
+            own_u.append(sum(own[i][j] for i in members[u]) + sum(b for key, b in storages.items() if key[0] == "group"))
+            shared_u.append({key: b for key, b in storages.items() if key[0] != "group"})
+        unit_own.append(own_u)
+        unit_shared.append(shared_u)
+        unit_distortion.append([sum(distortion[i][j] for i in members[u]) for j in range(len(own[0]))])
+    choice, _ = _solve_sensitivity(unit_own, unit_shared, unit_distortion, fixed, budget, rates)
+    option_of = dict(zip(units, choice))
+    return [option_of[u] for u in unit_of]
 
 
 # ----- entry point ----------------------------------------------------------------------------
@@ -747,10 +792,13 @@ def plan(
             measured sensitivities: the loss increase the layer causes at lattice r, divided by MSE_r.
         groups: plan for :func:`lift_ao.calibrate`, whose groups of siblings (lists of layer FQNs that
             read one tensor: ``lift_ao.calibration.sibling_groups``; a layer in none is alone) each
-            store their own input signs per block length d instead of sharing one rotation's.
-        tuned: with ``groups``, the parts tuned and so stored per group and lattice: ``"rotation"``
-            (calibrate's ``finetune_rotation``, ``finetune_end_to_end``'s ``tune_rotation``) and/or
-            ``"mapping"`` (``finetune_end_to_end``'s ``tune_mapping``): :data:`TUNED_PARTS`.
+            store their own input signs per block length d instead of sharing one rotation's. The plan's
+            ``model_bytes`` is then the calibrated (and tuned) model's footprint, or more where
+            ``share_constants`` finds equal values to merge (e.g. input signs with ``alpha=0``).
+        tuned: with ``groups``, what is tuned and so stored per group (:data:`TUNED_PARTS`): ``"scales"``
+            (calibrate's ``finetune_steps``: input signs per lattice), ``"rotation"`` (calibrate's
+            ``finetune_rotation``, ``finetune_end_to_end``'s ``tune_rotation``), ``"mapping"``
+            (``finetune_end_to_end``'s ``tune_mapping``).
     Returns:
         :class:`Plan` with ``total_bytes ≤ budget``.
     Raises:

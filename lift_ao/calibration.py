@@ -51,7 +51,6 @@ import torch
 from tqdm.auto import tqdm
 
 from lift_ao.api import quantizable_linears, resolve_device
-from lift_ao.budget import TUNED_PARTS
 from lift_ao.config import LiftQuantConfig
 from lift_ao.io import CheckpointError, _sha256, load_shard, open_partial, save_shard
 from lift_ao.lattice import Lattice
@@ -759,6 +758,11 @@ def sibling_groups(model: torch.nn.Module, names: list, batch: torch.Tensor, wei
     return groups
 
 
+# What finetune_end_to_end may tune per group of siblings (calibrate's tuned_later): its tune_mapping
+# and tune_rotation (lift_ao.budget.TUNED_PARTS).
+_TUNED_LATER = ("mapping", "rotation")
+
+
 def _planned_lattices(model, prefixes: tuple, config: LiftQuantConfig, tokens: torch.Tensor, batch_size: int,
                       device, tuned: frozenset) -> dict:
     """{module FQN: lattice name} of a memory-budget config, planned over the model with the config's
@@ -822,8 +826,8 @@ def calibrate(
         code_rounds: rounds of code flipping per decoder block before the scales are tuned (0: the
             codes stay those of the Hessian-aware rounding): each costs about two forward and two
             backward passes of the block over all calibration tokens (:func:`finetune_block`).
-        finetune_rotation: the fine-tuning also tunes each group's rotation factors (stored per group:
-            k1² + k2² floats each, and siblings still share them).
+        finetune_rotation: the fine-tuning also tunes each group's rotation factors (stored per group
+            and lattice: k1² + k2² floats each, shared by the siblings on that lattice).
         guided: weight each token's contribution to a linear's Hessian (and so to its input scales and
             its Hessian-aware rounding) by how much the model's next-token distributions feel that
             linear's output there (:func:`_output_sensitivity`). Needs the whole model on ``device``
@@ -859,8 +863,8 @@ def calibrate(
         raise ValueError("finetune_rotation=True tunes the rotation in the fine-tuning steps: give finetune_steps > 0")
     _check_count("code_rounds", code_rounds)
     _check_count("refine_passes", refine_passes)  # before any work, though hessian_encode_rows checks it too
-    if isinstance(tuned_later, str) or not set(tuned_later) <= set(TUNED_PARTS):
-        raise ValueError(f"tuned_later must be a tuple of {TUNED_PARTS}, got {tuned_later!r}")
+    if isinstance(tuned_later, str) or not set(tuned_later) <= set(_TUNED_LATER):
+        raise ValueError(f"tuned_later must be a tuple of {_TUNED_LATER}, got {tuned_later!r}")
     blocks = _decoder_blocks(model)
     tokens = _check_tokens(tokens, model.get_input_embeddings().weight.shape[0])
     home = next(model.parameters()).device
@@ -869,7 +873,8 @@ def calibrate(
     prefixes = tuple(fqn_of[id(block)] + "." for block in blocks)
     planned = (None if config.memory_budget is None
                else _planned_lattices(model, prefixes, config, tokens, batch_size, device,
-                                      frozenset(tuned_later) | ({"rotation"} if finetune_rotation else set())))
+                                      frozenset(tuned_later) | {part for part, on in (("scales", finetune_steps > 0),
+                                                                                      ("rotation", finetune_rotation)) if on}))
     if checkpoint_dir is not None:
         finetune = {"steps": finetune_steps, "lr": finetune_lr, "batch_size": batch_size}
         if code_rounds:  # absent without code flipping: directories of earlier runs stay resumable

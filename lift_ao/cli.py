@@ -215,6 +215,12 @@ def _cmd_quantize(args) -> dict:
                f"(linear layers {report['linear_bytes_before'] / 2**20:.1f} -> {report['linear_bytes_after'] / 2**20:.1f} MiB); "
                f"{report['bits_per_weight']:.4f} bits/weight with scales and transforms "
                f"({report['code_bits_per_weight']:.4f} in codes); encoded in {report['quantize_seconds']:.0f} s")
+    if config.memory_budget is not None and report["bytes_after"] > config.memory_budget:
+        # The plan counts what every stage stores, so this is a planning bug: said, never silent.
+        report["over_budget_bytes"] = over = report["bytes_after"] - config.memory_budget
+        print(f"lift-ao quantize: warning: the model takes {over} bytes more than --memory-budget "
+              f"({config.memory_budget}), which its plan did not foresee (please report it); run again with "
+              f"--memory-budget {config.memory_budget - over} to fit", file=sys.stderr, flush=True)
     if tokens is not None:
         after = _perplexity(args, model, tokens)
         report["perplexity_after"] = after.to_dict()

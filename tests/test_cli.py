@@ -79,6 +79,22 @@ def test_quantize_keeps_room_in_the_budget_for_what_the_end_to_end_stage_tunes(t
     assert report["bytes_after"] == lift_ao.footprint(model) <= budget
 
 
+def test_quantize_says_when_a_model_is_over_its_budget_after_all(tmp_path, monkeypatch, capsys):
+    """The plan counts what every stage stores; should a model still end over --memory-budget (a planning
+    bug), it is said with the bytes over, never silent."""
+    from test_resume import run_cli
+
+    import lift_ao
+
+    footprint = lift_ao.footprint
+    monkeypatch.setattr(lift_ao, "footprint", lambda x: footprint(x) + (10**6 if isinstance(x, torch.nn.Module) else 0))
+    assert run_cli(tmp_path / "out", "--json", "--memory-budget", str(_budget()), lattice=None) == 0
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
+    assert report["over_budget_bytes"] == report["bytes_after"] - _budget() > 0
+    assert "which its plan did not foresee" in captured.err
+
+
 def test_quantize_measures_sensitivity_for_a_budget(tmp_path, monkeypatch, capsys):
     """--measure-sensitivity: lift_ao.calibrated_sensitivity on the calibration text after what the block
     and end-to-end stages read (16384 tokens), resumable under DIR/lift_ao.partial/sensitivity; calibrate
