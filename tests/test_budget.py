@@ -202,9 +202,10 @@ def _sibling_groups(model) -> list:
 
 @needs_lattices
 @pytest.mark.parametrize("tuned", [(), ("scales",), ("mapping", "rotation"), ("scales", "mapping", "rotation")])
-def test_plans_for_calibrated_groups_never_exceed_and_are_monotone(tuned):
+def test_plans_for_calibrated_groups_never_exceed_and_mostly_improve(tuned):
     """groups=/tuned=: a group's own storages are shared out among its members in the solver, which
-    must still keep every plan within its budget, and the distortion must still fall as it grows."""
+    must still keep every plan within its budget; the distortion falls as it grows at these steps
+    (not at every step: with siblings split, a few bytes more rarely cost up to ~2 %)."""
     model = tiny_llama(0)
     groups = _sibling_groups(model)
     lo, hi = bounds(model)
@@ -221,8 +222,8 @@ def test_plans_for_calibrated_groups_never_exceed_and_are_monotone(tuned):
 def test_a_plan_for_calibrated_groups_is_found_whenever_one_fits():
     """Every assignment of 4 lattices to a 1-block model's 7 linears is tried: from the smallest exact total
     up, plan(groups=, tuned=) finds a plan within each budget (with siblings split between lattices its
-    shared-out costs undercount; it found none at 18 of these ~2900 budgets before it lowered the
-    capacity and tried whole groups)."""
+    shared-out costs undercount; without "scales" in the choices it found none at 18 of ~2900 such
+    budgets before it lowered the capacity and tried whole groups)."""
     import itertools
     import random
 
@@ -236,12 +237,13 @@ def test_a_plan_for_calibrated_groups_is_found_whenever_one_fits():
     rng, shipped = random.Random(0), Lattice.shipped()
     for _ in range(40):
         lattices = rng.sample(shipped, 4)
-        tuned = rng.choice([(), ("rotation",), ("mapping",), ("mapping", "rotation")])
+        tuned = rng.choice([(), ("rotation",), ("mapping",), ("mapping", "rotation"), ("scales",),
+                            ("scales", "rotation")])
         seen = {}
         solve = budget_module._solve_sensitivity
 
         def record(*args):
-            seen["tables"] = args[:4]
+            seen.setdefault("tables", args[:4])  # the layers' tables, not those of the whole-group solve
             return solve(*args)
 
         with pytest.MonkeyPatch.context() as patch:
