@@ -842,8 +842,9 @@ def calibrate(
             :func:`lift_ao.finetune_end_to_end` they measured no gain: pass
             ``lift_ao.rounding.default_refine_passes(end_to_end=True)`` (0) there.
         tuned_later: what :func:`lift_ao.finetune_end_to_end` will tune afterwards and store per group
-            of siblings, ``"mapping"`` (its ``tune_mapping``) and/or ``"rotation"`` (``tune_rotation``): a
-            memory-budget plan keeps room for those copies, so the tuned model still fits the budget.
+            of siblings, ``"mapping"`` (its ``tune_mapping``) and/or ``"rotation"`` (``tune_rotation``;
+            :func:`lift_ao.finetune.tuned_parts` gives the tuple): a memory-budget plan keeps room for
+            those copies, so the tuned model still fits the budget.
         progress: a tqdm bar over blocks (with fine-tuning: the last block's output error after/before).
     Returns:
         ``model``; linears outside the decoder blocks (``lm_head``) are left as they are.
