@@ -677,11 +677,12 @@ def _solve_sensitivity(own, shared, distortion, fixed, budget, rates) -> tuple[l
         options.append(_solve_by_group(own, shared, distortion, fixed, budget, rates))
     scored = []
     for choice in filter(None, options):
-        fits = total(choice) <= budget
-        scored.append((not fits, sum(distortion[i][j] for i, j in enumerate(choice)) if fits else total(choice),
-                       total(choice), choice))
-    _, _, total_bytes, choice = min(scored, key=lambda item: item[:3])
-    return choice, total_bytes
+        choice_bytes = total(choice)
+        fits = choice_bytes <= budget
+        scored.append((not fits, sum(distortion[i][j] for i, j in enumerate(choice)) if fits else choice_bytes,
+                       choice_bytes, choice))
+    _, _, choice_bytes, choice = min(scored, key=lambda item: item[:3])
+    return choice, choice_bytes
 
 
 def _solve_by_group(own, shared, distortion, fixed, budget, rates) -> list:
@@ -814,6 +815,7 @@ def plan(
     check_rate_window(rate_window)
     if isinstance(tuned, str) or not set(tuned) <= set(TUNED_PARTS) or (tuned and groups is None):
         raise BudgetError(f"tuned must be a tuple of {TUNED_PARTS}, given with groups=; got {tuned!r}")
+    tuned = frozenset(tuned)
     budget = parse_bytes(memory_budget, "memory_budget")
     reserve = parse_bytes(reserve, "reserve", allow_zero=True)
     kv_cache = normalize_kv_cache(kv_cache)
@@ -875,8 +877,8 @@ def plan(
         """Per layer × lattice: own bytes, shared storages, distortion (score × lattice MSE)."""
         mses = [_lattice_mse(l) for l in lattices]
         own = [[code_bytes(n, k, l) for l in lattices] for n, k in shapes]
-        shared = [[_shared_storages(k, l, seed, device, group_of.get(name, name) if groups is not None else None,
-                                    frozenset(tuned)) for l in lattices] for (name, _), (_, k) in zip(targets, shapes)]
+        shared = [[_shared_storages(k, l, seed, device, group_of.get(name, name) if groups is not None else None, tuned)
+                   for l in lattices] for (name, _), (_, k) in zip(targets, shapes)]
         return own, shared, [[s * e for e in mses] for s in scores]
 
     own, shared, distortion = tables(candidates)

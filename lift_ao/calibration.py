@@ -51,6 +51,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lift_ao.api import quantizable_linears, resolve_device
+from lift_ao.budget import TUNED_PARTS
 from lift_ao.config import LiftQuantConfig
 from lift_ao.io import CheckpointError, _sha256, load_shard, open_partial, save_shard
 from lift_ao.lattice import Lattice
@@ -659,9 +660,6 @@ def finetune_block(block: torch.nn.Module, groups: list, inputs: list, targets: 
     return before, after
 
 
-# Tensors that the linears of a group share (one lattice, one transform): stored once per group.
-
-
 def _block_source(block, config: LiftQuantConfig) -> str:
     """SHA-256 of the full-precision weights of ``block``'s coded linears: a resumed block must have
     been coded from these (the manifest records shapes, not values)."""
@@ -756,11 +754,6 @@ def sibling_groups(model: torch.nn.Module, names: list, batch: torch.Tensor, wei
         for handle in handles:
             handle.remove()
     return groups
-
-
-# What finetune_end_to_end may tune per group of siblings (calibrate's tuned_later): its tune_mapping
-# and tune_rotation (lift_ao.budget.TUNED_PARTS).
-_TUNED_LATER = ("mapping", "rotation")
 
 
 def _planned_lattices(model, prefixes: tuple, config: LiftQuantConfig, tokens: torch.Tensor, batch_size: int,
@@ -864,8 +857,9 @@ def calibrate(
         raise ValueError("finetune_rotation=True tunes the rotation in the fine-tuning steps: give finetune_steps > 0")
     _check_count("code_rounds", code_rounds)
     _check_count("refine_passes", refine_passes)  # before any work, though hessian_encode_rows checks it too
-    if isinstance(tuned_later, str) or not set(tuned_later) <= set(_TUNED_LATER):
-        raise ValueError(f"tuned_later must be a tuple of {_TUNED_LATER}, got {tuned_later!r}")
+    later = tuple(part for part in TUNED_PARTS if part != "scales")  # "scales" is the block stage's own
+    if isinstance(tuned_later, str) or not set(tuned_later) <= set(later):
+        raise ValueError(f"tuned_later must be a tuple of {later}, got {tuned_later!r}")
     blocks = _decoder_blocks(model)
     tokens = _check_tokens(tokens, model.get_input_embeddings().weight.shape[0])
     home = next(model.parameters()).device
