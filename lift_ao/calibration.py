@@ -20,7 +20,9 @@ sensitivities from the same tokens), then every layer is calibrated at its plann
 * **Resume.** With ``checkpoint_dir``, each finished block's codes are written there as one shard
   (:func:`lift_ao.io.save_shard`: atomic, checksummed, under a manifest of the run's settings and
   calibration tokens); a restarted run loads finished blocks instead of re-encoding them and
-  recomputes their outputs, so it ends bit-identical to an uninterrupted run.
+  recomputes their outputs up to the last block still to code, so it ends bit-identical to an
+  uninterrupted run. A run whose blocks are all finished (stopped in a later stage) only loads them:
+  no sensitivity pass, no block runs.
 * **Intra-block fine-tuning** (``finetune_steps > 0``). After a block's linears are coded, the
   continuous parameters of its quantized weights are tuned with Adam to bring the block's output on
   the calibration activations closer to the full-precision model's: each linear's row scales r and
@@ -683,21 +685,33 @@ def _save_block(directory, index: int, block, groups: list, source: str) -> None
     save_shard(directory, f"block_{index:04d}", tensors, {"groups": groups, "weights": weights, "source_sha256": source})
 
 
-def _load_block(directory, index: int, block, device, source: str) -> bool:
-    """Put a finished block's codes back into ``block``; False when it has not been finished.
+def _finished_block(directory, index: int, source: str) -> Optional[tuple[dict, dict]]:
+    """The verified shard ``(info, tensors)`` of decoder block ``index``, None when it has not been finished.
 
     Raises:
         CheckpointError: the block was coded from other weights (``source``, :func:`_block_source`).
     """
     shard = load_shard(directory, f"block_{index:04d}")
-    if shard is None:
-        return False
-    info, tensors = shard
     # Shards written before the hash was recorded have none: accepted as before.
-    if info.get("source_sha256", source) != source:
+    if shard is not None and shard[0].get("source_sha256", source) != source:
         raise CheckpointError(
             f"{directory}: decoder block {index} was coded from other weights (same shapes, other values: another "
             "model?); use another checkpoint directory or delete this one")
+    return shard
+
+
+def _load_block(directory, index: int, block, device, source: str) -> None:
+    """Put the codes of finished block ``index`` back into ``block``.
+
+    Raises:
+        CheckpointError: the block was coded from other weights, or its shard is gone or corrupt now although
+            it was there when the run started (another process writing the directory).
+    """
+    shard = _finished_block(directory, index, source)
+    if shard is None:
+        raise CheckpointError(f"{directory}: decoder block {index} was finished when this run started and is "
+                              "missing or corrupt now: is another run writing this directory? Run again")
+    info, tensors = shard
     for names in info["groups"]:
         shared = {n: tensors[f"{names[0]}.{n}"].to(device) for n in SHARED_DATA_NAMES}
         for name in names:
@@ -706,7 +720,6 @@ def _load_block(directory, index: int, block, device, source: str) -> bool:
             weight = LiftQuantTensor(*(parts[n] for n in LiftQuantTensor.tensor_data_names),
                                      torch.Size(spec["shape"]), getattr(torch, spec["dtype"]))
             block.get_submodule(name).weight = torch.nn.Parameter(weight, requires_grad=False)
-    return True
 
 
 def _manifest(config: LiftQuantConfig, tokens: torch.Tensor, alpha: float, damping: float, blocks,
@@ -879,11 +892,18 @@ def calibrate(
         open_partial(checkpoint_dir, _manifest(config, tokens, alpha, damping, blocks, finetune, planned, refine_passes,
                                                guided), overwrite=overwrite)
 
+    # A resumed run does only what the blocks still to code need: the sensitivity pass and the runs of the
+    # blocks up to the last of them (none at all when a run stopped after calibration, e.g. in a later stage).
+    # Hashed before anything moves or is coded, where the blocks wait (the host, for a streamed model).
+    sources = [None if checkpoint_dir is None else _block_source(block, config) for block in blocks]
+    finished = [checkpoint_dir is not None and _finished_block(checkpoint_dir, i, source) is not None
+                for i, source in enumerate(sources)]
+    last = max((i for i, done in enumerate(finished) if not done), default=-1)  # the last block to code
     was_training = model.training
     model.eval()
     try:
         sensitivity = None
-        if guided:
+        if guided and last >= 0:
             model.to(device)
             coded = [(prefix + name, module) for block, prefix in zip(blocks, prefixes)
                      for name, module in quantizable_linears(block, config)]
@@ -891,18 +911,18 @@ def calibrate(
             model.to(home)
         with torch.no_grad():
             # Everything but the blocks runs where it is; the first block's inputs are captured there.
-            inputs = _block_inputs(model, blocks, tokens, batch_size, home)
+            inputs = _block_inputs(model, blocks, tokens, batch_size, home) if last >= 0 else None
             # With fine-tuning, the full-precision model's activations run alongside as the targets.
             tuning = bool(finetune_steps or code_rounds)
             full_precision = inputs if tuning else None
             bar = tqdm(blocks, desc=f"calibrate {config.lattice or 'budget plan'}", unit="block",
                        disable=not progress)
             for i, block in enumerate(bar):
-                # Hashed where the block waits (the host, for a streamed model), before it moves.
-                source = None if checkpoint_dir is None else _block_source(block, config)
                 block.to(device)
-                targets = _run_block(block, full_precision, device) if tuning else None
-                if checkpoint_dir is None or not _load_block(checkpoint_dir, i, block, device, source):
+                targets = _run_block(block, full_precision, device) if tuning and i <= last else None
+                if finished[i]:
+                    _load_block(checkpoint_dir, i, block, device, sources[i])
+                else:
                     linears = quantizable_linears(block, config)
                     lattices = {name: Lattice.load(config.lattice if planned is None else planned[prefixes[i] + name])
                                 for name, _ in linears}
@@ -919,8 +939,8 @@ def calibrate(
                                                        tune_rotation=finetune_rotation)
                         bar.set_postfix(finetune=f"{after / before:.3f}" if before else "-")
                     if checkpoint_dir is not None:
-                        _save_block(checkpoint_dir, i, block, groups, source)
-                if i + 1 < len(blocks):
+                        _save_block(checkpoint_dir, i, block, groups, sources[i])
+                if i < last:
                     inputs = _run_block(block, inputs, device)
                 full_precision = targets
                 block.to(home)

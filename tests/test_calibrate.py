@@ -154,6 +154,18 @@ def test_calibrate_tiny_llama_streams_resumes_bit_identically(tmp_path, monkeypa
         calibrate(tiny_llama(seed=1), config, tokens, checkpoint_dir=tmp_path / "resumed", progress=False)
 
 
+def test_a_finished_block_that_vanishes_during_the_run_is_refused(tmp_path, monkeypatch):
+    """A resumed run plans its work from the shards there at its start (it skips what only finished
+    blocks need); one gone by the time it is loaded (another process writing the directory) is an error."""
+    model, config, tokens = tiny_llama(), lift_ao.liftquant(lattice=LATTICE), token_batch(0, batch=4, length=16)
+    calibrate(copy.deepcopy(model), config, tokens, checkpoint_dir=tmp_path, progress=False)
+    reads, load = [], calibration.load_shard
+    monkeypatch.setattr(calibration, "load_shard", lambda directory, name: reads.append(name) or
+                        (None if reads.count(name) > 1 else load(directory, name)))
+    with pytest.raises(lift_ao.CheckpointError, match="block 0 was finished when this run started"):
+        calibrate(copy.deepcopy(model), config, tokens, checkpoint_dir=tmp_path, progress=False)
+
+
 def test_refined_calibration_codes_closer_to_the_model_and_is_part_of_the_checkpoint(tmp_path):
     from test_finetune import _kl
 

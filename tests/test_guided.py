@@ -89,6 +89,31 @@ def test_a_guided_run_resumes_bit_identically(tmp_path, monkeypatch):
                            complete.model.layers[1].mlp.down_proj.weight.packed_codes)  # guided codes differ
 
 
+def test_a_resumed_run_does_only_what_the_blocks_left_to_code_need(tmp_path, monkeypatch):
+    """All blocks finished (a run stopped in a later stage): the resume only loads them, no sensitivity
+    pass and no block runs. Block 0 left to code: the sensitivity pass and block 0's full-precision run
+    (its fine-tuning targets), none for block 1. Both end as the uninterrupted run did."""
+    from lift_ao import calibration
+    from lift_ao.io import SHARD_SUFFIX
+    from test_calibrate import _state
+
+    model, config, tokens = tiny_llama(), lift_ao.liftquant(lattice="16/8"), token_batch(2, batch=16, length=32)
+    run = lambda: _state(calibrate(copy.deepcopy(model), config, tokens, guided=True, finetune_steps=2,  # noqa: E731
+                                   checkpoint_dir=tmp_path, progress=False))
+    complete, calls = run(), []
+    for name in ("_output_sensitivity", "_block_inputs", "_run_block"):
+        def counted(*args, _name=name, _work=getattr(calibration, name), **kwargs):
+            calls.append(_name)
+            return _work(*args, **kwargs)
+        monkeypatch.setattr(calibration, name, counted)
+    for expected_calls in ([], ["_output_sensitivity", "_block_inputs", "_run_block"]):
+        resumed = run()
+        assert calls == expected_calls
+        assert complete.keys() == resumed.keys() and all(torch.equal(complete[k], resumed[k]) for k in complete)
+        (tmp_path / f"block_0000{SHARD_SUFFIX}").unlink()  # then block 0 is left to code
+        calls.clear()
+
+
 @pytest.mark.parametrize("finetune_steps", [0, 2])
 def test_guided_and_plain_runs_do_not_resume_each_other(tmp_path, finetune_steps):
     """Their codes differ (test above), so a directory of one is refused to the other, with and
