@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from lift_ao.calibration import (_code_blocks, _code_signs, _decoder_blocks, _scaled_signs, _scaled_unit,
-                                 _tuned_rotation, _tuned_weight, _unit_weight, adam_steps)
+                                 _tuned_rotation, _tuned_weight, _unit_weight, adam_steps, sibling_groups)
 from lift_ao.io import SHARD_SUFFIX, CheckpointError, _sha256, load_shard, save_shard
 from lift_ao.tensor import LiftQuantTensor, share_constants
 from lift_ao.transform import unrotate
@@ -245,8 +245,9 @@ def finetune_end_to_end(
     matrices / rotation factors) of every LiftQuant weight of ``model`` end to end, in place.
 
     Adam (cosine-decayed ``lr``) learns ``r ← r·exp(a)`` per row of each weight and ``σ ← σ·exp(b)``
-    per input channel of each distinct ``input_signs`` tensor (siblings that share one keep sharing
-    it) to minimise KL(teacher ‖ model) of the next-token distributions, one batch of ``batch_size``
+    per input channel of each input transform (the ``input_signs`` of a group of siblings, the linears
+    that read one activation, such as q/k/v; siblings that share one tensor keep sharing it, and groups
+    whose signs are one tensor because their values are equal get a vector each) to minimise KL(teacher ‖ model) of the next-token distributions, one batch of ``batch_size``
     training sequences per step in turn.
 
     A ``held_out`` fraction of the sequences, spread evenly over them (:func:`held_out_rows`: text
@@ -339,26 +340,33 @@ def finetune_end_to_end(
     batches = [b.to(device) for b in tokens[trained].long().split(batch_size)]
     held_batches = [b.to(device) for b in tokens[held].long().split(batch_size)]
     log_r = {name: torch.zeros(w.shape[0], device=device, requires_grad=True) for name, w in quantized.items()}
-    # One factor vector per distinct input transform: siblings (q/k/v, gate/up) share input_signs.
-    signs_of = {id(w.input_signs): w.input_signs for w in quantized.values()}
-    groups = {key: torch.zeros(signs.shape[0], device=device, requires_grad=True) for key, signs in signs_of.items()}
-    # One Δ per input transform and lattice: siblings of one lattice keep one M. Not per transform alone:
-    # weights of different lattices may share input_signs (equal values, merged by share_constants).
-    def group_of(w: LiftQuantTensor) -> tuple:
-        return id(w.input_signs), id(w.mapping)
+    # What is tuned is keyed by the weight's group of siblings (the linears that read one activation) and
+    # by the tensors it stores: equal constants of different groups are one tensor after share_constants
+    # (data-free input signs depend only on the padded size; all of them with alpha=0), and tuned as one
+    # they would move every such group together.
+    sibling_of = {f"{module}.weight": g for g, group in enumerate(sibling_groups(
+        model, [name.removesuffix(".weight") for name in quantized], batches[0][:1, :8])) for module in group}
 
-    leaders = {group_of(w): w for w in quantized.values()}
+    def transform_of(name: str) -> tuple:  # an input transform: one per group, or per block length in it
+        return sibling_of.get(name, name), id(quantized[name].input_signs)  # not run by the batch: alone
+
+    # One factor vector per input transform: siblings (q/k/v, gate/up) of one block length share input_signs.
+    transforms = {transform_of(name): w for name, w in quantized.items()}
+    groups = {key: torch.zeros(w.input_signs.shape[0], device=device, requires_grad=True) for key, w in transforms.items()}
+
+    # One Δ per input transform and lattice: siblings of one lattice keep one M (siblings of different
+    # lattices and one block length share input_signs).
+    def lattice_of(name: str) -> tuple:
+        return *transform_of(name), id(quantized[name].mapping)
+
+    leaders = {lattice_of(name): w for name, w in quantized.items()}
     deltas = {key: torch.zeros_like(w.mapping, requires_grad=True) for key, w in leaders.items()} if tune_mapping else {}
-    # One (ΔL, ΔR) per input transform: its input_signs and rotation.
-    def transform_of(w: LiftQuantTensor) -> tuple:
-        return id(w.input_signs), id(w.rotation_left), id(w.rotation_right)
-
-    transforms = {transform_of(w): w for w in quantized.values()}
+    # One (ΔL, ΔR) per input transform.
     turns = {key: tuple(torch.zeros_like(f, requires_grad=True) for f in (w.rotation_left, w.rotation_right))
              for key, w in transforms.items()} if tune_rotation else {}
-    weights = _dense_weights_by_shape(quantized, log_r, {name: groups[id(w.input_signs)] for name, w in quantized.items()},
-                                      {name: deltas[group_of(w)] for name, w in quantized.items() if deltas},
-                                      {name: turns[transform_of(w)] for name, w in quantized.items() if turns})
+    weights = _dense_weights_by_shape(quantized, log_r, {name: groups[transform_of(name)] for name in quantized},
+                                      {name: deltas[lattice_of(name)] for name in quantized if deltas},
+                                      {name: turns[transform_of(name)] for name in quantized if turns})
     # named_parameters() lists a tied embedding / output head once; functional_call ties it back.
     unquantized = {name: p for name, p in model.named_parameters() if p.is_floating_point()
                    and not isinstance(p, LiftQuantTensor)} if unquantized_lr is not None else {}
@@ -425,13 +433,13 @@ def finetune_end_to_end(
         with torch.no_grad():
             for factor, kept in zip(factors, best_factors):
                 factor.copy_(kept)
-            folded = {key: _scaled_signs(signs_of[key], log_s) for key, log_s in groups.items()}
+            folded = {key: _scaled_signs(transforms[key].input_signs, log_s) for key, log_s in groups.items()}
             mappings = {key: _tuned_mapping(leaders[key], delta) for key, delta in deltas.items()}
             rotations = {key: _tuned_rotation(transforms[key], turn) for key, turn in turns.items()}
             for name, w in quantized.items():
                 model.get_submodule(name.removesuffix(".weight")).weight = _tuned_weight(
-                    w, log_r[name], folded[id(w.input_signs)], rotation=rotations.get(transform_of(w)),
-                    mapping=mappings.get(group_of(w)))
+                    w, log_r[name], folded[transform_of(name)], rotation=rotations.get(transform_of(name)),
+                    mapping=mappings.get(lattice_of(name)))
             share_constants(model)  # wrapping in a Parameter copied the shared tensors apart
             for name, p in unquantized.items():
                 p.add_(steps_of[name])

@@ -228,6 +228,29 @@ def test_weights_of_two_lattices_on_one_transform_get_a_matrix_each(runs):
     assert _kl(mixed, model, tokens[held_out_rows(16, 0.125)]) == pytest.approx(result.after, rel=1e-3)
 
 
+def test_groups_whose_equal_input_signs_are_one_tensor_get_their_own_factors(runs):
+    """Data-free input signs depend only on the padded size, so share_constants makes those of every
+    group with K = 64 (q/k/v, o, gate/up of both blocks) one tensor: each group is still tuned on its own
+    (one vector for all of them was tuned until 2026-11-27), its siblings sharing theirs."""
+    model, _, _, _ = runs
+    quantized = lift_ao.quantize(copy.deepcopy(model), lift_ao.liftquant(lattice=LATTICE), progress=False)
+    signs = lambda m, block, name: m.model.layers[block].get_submodule(name).weight.input_signs  # noqa: E731
+    groups = [(0, "self_attn.q_proj"), (0, "self_attn.o_proj"), (0, "mlp.gate_proj"), (1, "self_attn.q_proj")]
+    lift_ao.share_constants(quantized)  # as finetune_end_to_end does first
+    assert all(signs(quantized, *g) is signs(quantized, 0, "self_attn.q_proj") for g in groups)  # one tensor
+    result = lift_ao.finetune_end_to_end(quantized, model, token_batch(0, batch=16, length=32), steps=8, lr=1e-2,
+                                         batch_size=BATCH, check_every=4, tune_mapping=True, tune_rotation=True,
+                                         progress=False)
+    assert result.after < result.before
+    for part in ("input_signs", "mapping", "rotation_left"):
+        tuned = [getattr(quantized.model.layers[block].get_submodule(name).weight, part) for block, name in groups]
+        assert all(not torch.equal(a, b) for i, a in enumerate(tuned) for b in tuned[i + 1:]), part
+        attention = quantized.model.layers[1].self_attn
+        assert getattr(attention.q_proj.weight, part) is getattr(attention.v_proj.weight, part), part
+        mlp = quantized.model.layers[0].mlp
+        assert getattr(mlp.gate_proj.weight, part) is getattr(mlp.up_proj.weight, part), part
+
+
 @pytest.mark.parametrize("option", [{"tune_mapping": True}, {"unquantized_lr": 1e-3}])
 def test_tuned_matrices_and_unquantized_parameters_survive_a_restart_and_a_save(runs, tmp_path, monkeypatch, option):
     """An interrupted tune_mapping (unquantized_lr) run resumes to the uninterrupted one's matrices
