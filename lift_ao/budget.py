@@ -203,13 +203,19 @@ def code_bytes(out_features: int, in_features: int, lattice: Lattice) -> int:
 TUNED_PARTS = ("scales", "rotation", "mapping")
 
 
+def _group_of(key: tuple):
+    """The sibling group that alone holds the storage ``key`` (:func:`_shared_storages`), None for a storage
+    that layers of any group may share."""
+    return key[1] if key[0] == "group" else None
+
+
 def _shared_storages(in_features: int, lattice: Lattice, seed: int, device: torch.device, group=None,
                      tuned: frozenset = frozenset()) -> dict:
     """{storage key: bytes} of the input signs, rotation factors and M a layer points to (see the module
     docstring). With ``group`` (the layer's sibling group, for a model ``lift_ao.calibrate`` codes) the
     signs are the group's own, per block length d (per lattice with ``"scales"`` in ``tuned``), and so
     are the rotation factors with ``"rotation"``; with ``"mapping"`` M is the group's own per lattice
-    (:data:`TUNED_PARTS`). Keys of a group start with ``"group"``."""
+    (:data:`TUNED_PARTS`): keys that :func:`_group_of` maps to ``group``."""
     kp, k1, k2 = padded_in_features(in_features, lattice.d)
     rotation = ("rotation", in_features, lattice.d, seed, str(device))
     transform = lattice.name if "scales" in tuned else lattice.d  # what a group's own transform is per
@@ -644,7 +650,7 @@ def _solve_sensitivity(own, shared, distortion, fixed, budget, rates) -> tuple[l
     not depend on the budget and each member only improves as the budget grows, so the plan's
     distortion never increases with the budget (without sibling groups: see below).
 
-    A sibling group's storages (keys starting with ``"group"``, ``plan(groups=...)``) serve its few
+    A sibling group's storages (:func:`_group_of`, ``plan(groups=...)``) serve its few
     members only: reserving each for every lattice on their hulls would hold back several copies per
     group. Instead each member's options carry an equal share of them, exact when the siblings pick
     one lattice; when they split, the exact total is higher, and the capacity is lowered until the
@@ -655,7 +661,7 @@ def _solve_sensitivity(own, shared, distortion, fixed, budget, rates) -> tuple[l
     n_layers, n_options = len(own), len(own[0])
     users: dict = {}
     for i in range(n_layers):
-        for key in {key for j in range(n_options) for key in shared[i][j] if key[0] == "group"}:
+        for key in {key for j in range(n_options) for key in shared[i][j] if _group_of(key) is not None}:
             users[key] = users.get(key, 0) + 1
     amortized = [[own[i][j] + sum(b / users[key] for key, b in shared[i][j].items() if key in users)
                   for j in range(n_options)] for i in range(n_layers)]
@@ -689,7 +695,7 @@ def _solve_by_group(own, shared, distortion, fixed, budget, rates) -> list:
     """:func:`_solve_sensitivity` with each sibling group (layers whose storages carry one group key) as
     one unit on one lattice: its bytes and storages are its members' (the group's own counted once), its
     distortion their sum. Returns an option per layer."""
-    unit_of = [next(key[1] for key in shared[i][0] if key[0] == "group") for i in range(len(own))]
+    unit_of = [next(_group_of(key) for key in shared[i][0] if _group_of(key) is not None) for i in range(len(own))]
     units = list(dict.fromkeys(unit_of))
     members = {u: [i for i in range(len(own)) if unit_of[i] == u] for u in units}
     unit_own, unit_shared, unit_distortion = [], [], []
@@ -697,8 +703,8 @@ def _solve_by_group(own, shared, distortion, fixed, budget, rates) -> list:
         own_u, shared_u = [], []
         for j in range(len(own[0])):
             storages = {key: b for i in members[u] for key, b in shared[i][j].items()}
-            own_u.append(sum(own[i][j] for i in members[u]) + sum(b for key, b in storages.items() if key[0] == "group"))
-            shared_u.append({key: b for key, b in storages.items() if key[0] != "group"})
+            own_u.append(sum(own[i][j] for i in members[u]) + sum(b for key, b in storages.items() if _group_of(key) is not None))
+            shared_u.append({key: b for key, b in storages.items() if _group_of(key) is None})
         unit_own.append(own_u)
         unit_shared.append(shared_u)
         unit_distortion.append([sum(distortion[i][j] for i in members[u]) for j in range(len(own[0]))])
