@@ -22,7 +22,8 @@ sensitivities from the same tokens), then every layer is calibrated at its plann
   calibration tokens); a restarted run loads finished blocks instead of re-encoding them and
   recomputes their outputs up to the last block still to code, so it ends bit-identical to an
   uninterrupted run. A run whose blocks are all finished (stopped in a later stage) only loads them:
-  no sensitivity pass, no block runs.
+  no guided sensitivity pass, no block runs (a memory-budget plan is still made again: the run's
+  identity includes it).
 * **Intra-block fine-tuning** (``finetune_steps > 0``). After a block's linears are coded, the
   continuous parameters of its quantized weights are tuned with Adam to bring the block's output on
   the calibration activations closer to the full-precision model's: each linear's row scales r and
@@ -760,10 +761,13 @@ def sibling_groups(model: torch.nn.Module, names: list, batch: torch.Tensor, wei
         return record
 
     handles = [model.get_submodule(name).register_forward_pre_hook(hook(name)) for name in names]
+    was_training = model.training
+    model.eval()  # dropout would draw from the global generator
     try:
         with torch.no_grad():
             torch.func.functional_call(model, weights or {}, (batch,), {"use_cache": False})
     finally:
+        model.train(was_training)
         for handle in handles:
             handle.remove()
     return groups

@@ -6,11 +6,16 @@ once, log-factors of every LiftQuant weight's row scales and of each shared inpu
 scales (``input_signs``, which carry the activation-aware 1/s) so that the quantized model's next-token
 distribution matches the teacher's (KL divergence on calibration tokens, as QuIP#'s and AQLM's
 end-to-end fine-tuning do for their continuous parameters). The codes and the rotation stay; the
-learned factors are folded into ``row_scale`` and ``input_signs``, so the format, the kernels and the
-footprint are unchanged. With ``tune_mapping=True`` the lattice matrix M of each group of weights that
-read one activation is tuned too (AQLM's end-to-end stage tunes its codebooks likewise) and stored per
-group, and with ``tune_rotation=True`` each input transform's rotation factors: same format and
-kernels, a few more floats per group. With ``unquantized_lr`` the parameters that are not quantized
+learned factors are folded into ``row_scale`` and ``input_signs``, so the format and the kernels are
+unchanged, and so is the footprint of a model calibrated at ``alpha > 0``, whose groups of siblings each
+have their own input signs already. Groups whose signs are one tensor because their values are equal
+(data-free or ``alpha=0`` models: signs depend only on the padded size) are tuned apart and get their
+own: a K-float vector per group more (~3.4 MB on Llama-3-8B), which a memory-budget plan made for
+data-free coding did not count (:func:`lift_ao.calibrate` with ``tuned_later`` plans for it). With
+``tune_mapping=True`` the lattice matrix M of each group of weights that read one activation is tuned
+too (AQLM's end-to-end stage tunes its codebooks likewise) and stored per group, and with
+``tune_rotation=True`` each input transform's rotation factors: same format and kernels, a few more
+floats per group. With ``unquantized_lr`` the parameters that are not quantized
 (embeddings, norms) are tuned as well, as PV-tuning does: same format and size.
 
 Resume: with ``checkpoint_dir``, the factors, Adam's state and the best held-out factors so far are
@@ -343,30 +348,35 @@ def finetune_end_to_end(
     # What is tuned is keyed by the weight's group of siblings (the linears that read one activation) and
     # by the tensors it stores: equal constants of different groups are one tensor after share_constants
     # (data-free input signs depend only on the padded size; all of them with alpha=0), and tuned as one
-    # they would move every such group together.
+    # they would move every such group together. The grouping forward runs on dense weights: the stage
+    # never runs the LiftQuant kernels.
     sibling_of = {f"{module}.weight": g for g, group in enumerate(sibling_groups(
-        model, [name.removesuffix(".weight") for name in quantized], batches[0][:1, :8])) for module in group}
+        model, [name.removesuffix(".weight") for name in quantized], batches[0][:1, :8],
+        {name: w.dequantize() for name, w in quantized.items()})) for module in group}
 
-    def transform_of(name: str) -> tuple:  # an input transform: one per group, or per block length in it
-        return sibling_of.get(name, name), id(quantized[name].input_signs)  # not run by the batch: alone
+    def signs_of(name: str) -> tuple:  # an input transform's signs: a group's (per block length or lattice)
+        return sibling_of.get(name), id(quantized[name].input_signs)  # not run by the batch: by tensor alone
 
-    # One factor vector per input transform: siblings (q/k/v, gate/up) of one block length share input_signs.
-    transforms = {transform_of(name): w for name, w in quantized.items()}
-    groups = {key: torch.zeros(w.input_signs.shape[0], device=device, requires_grad=True) for key, w in transforms.items()}
+    def rotation_of(name: str) -> tuple:
+        return *signs_of(name), id(quantized[name].rotation_left), id(quantized[name].rotation_right)
 
-    # One Δ per input transform and lattice: siblings of one lattice keep one M (siblings of different
-    # lattices and one block length share input_signs).
     def lattice_of(name: str) -> tuple:
-        return *transform_of(name), id(quantized[name].mapping)
+        return *signs_of(name), id(quantized[name].mapping)
 
+    # One factor vector per input transform: siblings that share input_signs share it.
+    transforms = {signs_of(name): w for name, w in quantized.items()}
+    groups = {key: torch.zeros(w.input_signs.shape[0], device=device, requires_grad=True) for key, w in transforms.items()}
+    # One Δ per input transform and lattice: siblings of one lattice keep one M (siblings of several
+    # lattices can share input_signs: equal values, merged by share_constants).
     leaders = {lattice_of(name): w for name, w in quantized.items()}
     deltas = {key: torch.zeros_like(w.mapping, requires_grad=True) for key, w in leaders.items()} if tune_mapping else {}
-    # One (ΔL, ΔR) per input transform.
+    # One (ΔL, ΔR) per input transform and rotation.
+    rotated = {rotation_of(name): w for name, w in quantized.items()}
     turns = {key: tuple(torch.zeros_like(f, requires_grad=True) for f in (w.rotation_left, w.rotation_right))
-             for key, w in transforms.items()} if tune_rotation else {}
-    weights = _dense_weights_by_shape(quantized, log_r, {name: groups[transform_of(name)] for name in quantized},
+             for key, w in rotated.items()} if tune_rotation else {}
+    weights = _dense_weights_by_shape(quantized, log_r, {name: groups[signs_of(name)] for name in quantized},
                                       {name: deltas[lattice_of(name)] for name in quantized if deltas},
-                                      {name: turns[transform_of(name)] for name in quantized if turns})
+                                      {name: turns[rotation_of(name)] for name in quantized if turns})
     # named_parameters() lists a tied embedding / output head once; functional_call ties it back.
     unquantized = {name: p for name, p in model.named_parameters() if p.is_floating_point()
                    and not isinstance(p, LiftQuantTensor)} if unquantized_lr is not None else {}
@@ -390,7 +400,11 @@ def finetune_end_to_end(
         identity = _run_identity(quantized, unquantized, tokens, steps=steps, lr=lr, batch_size=batch_size, held_out=held_out,
                                  check_every=check_every, **({"tune_mapping": True} if tune_mapping else {}),
                                  **({"tune_rotation": True} if tune_rotation else {}),
-                                 **({"unquantized_lr": unquantized_lr} if unquantized else {}))
+                                 **({"unquantized_lr": unquantized_lr} if unquantized else {}),
+                                 # Absent where each input_signs tensor is one group's (calibrated at alpha > 0):
+                                 # their progress, written before groups were told apart, stays resumable.
+                                 **({"factors_per_group": True}
+                                    if len(transforms) != len({id(w.input_signs) for w in quantized.values()}) else {}))
     was_training = model.training
     model.eval()
     blocks_compiled = contextlib.ExitStack()
@@ -435,10 +449,10 @@ def finetune_end_to_end(
                 factor.copy_(kept)
             folded = {key: _scaled_signs(transforms[key].input_signs, log_s) for key, log_s in groups.items()}
             mappings = {key: _tuned_mapping(leaders[key], delta) for key, delta in deltas.items()}
-            rotations = {key: _tuned_rotation(transforms[key], turn) for key, turn in turns.items()}
+            rotations = {key: _tuned_rotation(rotated[key], turn) for key, turn in turns.items()}
             for name, w in quantized.items():
                 model.get_submodule(name.removesuffix(".weight")).weight = _tuned_weight(
-                    w, log_r[name], folded[transform_of(name)], rotation=rotations.get(transform_of(name)),
+                    w, log_r[name], folded[signs_of(name)], rotation=rotations.get(rotation_of(name)),
                     mapping=mappings.get(lattice_of(name)))
             share_constants(model)  # wrapping in a Parameter copied the shared tensors apart
             for name, p in unquantized.items():

@@ -297,6 +297,18 @@ def test_a_budget_plan_keeps_room_for_what_the_end_to_end_stage_tunes():
         lift_ao.plan(model, budget, tuned=both)
 
 
+def test_grouping_siblings_leaves_a_training_model_and_the_global_generator_as_they_were():
+    """sibling_groups runs the model in eval mode: its dropout would draw from the global generator."""
+    model, tokens = tiny_llama(), token_batch(0, batch=1, length=8)
+    for block in model.model.layers:
+        block.self_attn.attention_dropout = 0.5
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    model.train()
+    state = torch.get_rng_state()
+    assert len(calibration.sibling_groups(model, names, tokens)) == 8
+    assert model.training and torch.equal(torch.get_rng_state(), state)
+
+
 def test_a_budget_plan_counts_input_scales_tuned_per_lattice():
     """finetune_steps tunes the input scales of each run of siblings on one lattice, so siblings split
     between two lattices of one block length store two sets of input signs: the plan counts them

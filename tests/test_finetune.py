@@ -531,6 +531,28 @@ def test_progress_written_before_the_learning_curve_is_refused_or_overwritten(ru
                                        overwrite=True, **RESUME) == losses
 
 
+def test_progress_of_merged_groups_from_before_they_were_told_apart_is_refused(runs, uninterrupted, tmp_path):
+    """Progress of a model whose groups share input signs, written when they were tuned as one (fewer
+    factors), is refused with the fix named instead of crashing on the factors' shapes; a calibrated
+    model's progress (alpha > 0: every group its own signs) records nothing new and stays resumable."""
+    import lift_ao.finetune as finetune
+    from lift_ao.io import save_shard
+
+    model, _, _, _ = runs
+    _, _, calibrated_directory = uninterrupted
+    assert "factors_per_group" not in load_shard(calibrated_directory, finetune.PROGRESS_SHARD)[0]["identity"]
+    quantized = lift_ao.quantize(copy.deepcopy(model), lift_ao.liftquant(lattice=LATTICE), progress=False)
+    tokens = token_batch(0, batch=16, length=32)
+    expected = lift_ao.finetune_end_to_end(copy.deepcopy(quantized), model, tokens, checkpoint_dir=tmp_path, **RESUME)
+    info, tensors = load_shard(tmp_path, finetune.PROGRESS_SHARD)
+    assert info["identity"].pop("factors_per_group") is True
+    save_shard(tmp_path, finetune.PROGRESS_SHARD, tensors, info)  # as lift_ao wrote it before
+    with pytest.raises(CheckpointError, match="factors_per_group.*overwrite"):
+        lift_ao.finetune_end_to_end(copy.deepcopy(quantized), model, tokens, checkpoint_dir=tmp_path, **RESUME)
+    assert lift_ao.finetune_end_to_end(copy.deepcopy(quantized), model, tokens, checkpoint_dir=tmp_path,
+                                       overwrite=True, **RESUME) == expected
+
+
 @pytest.mark.parametrize("alpha, expected", [(None, lift_ao.calibration.DEFAULT_ALPHA), ("0", 0.0), ("0.5", 0.5)])
 def test_command_line_passes_the_input_scale_strength(tmp_path, monkeypatch, capsys, alpha, expected):
     from test_resume import run_cli
