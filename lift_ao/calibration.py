@@ -46,6 +46,7 @@ sensitivities from the same tokens), then every layer is calibrated at its plann
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 from typing import Optional
@@ -743,6 +744,19 @@ def _manifest(config: LiftQuantConfig, tokens: torch.Tensor, alpha: float, dampi
             "blocks": [[n, list(m.weight.shape)] for b in blocks for n, m in quantizable_linears(b, config)]}
 
 
+@contextlib.contextmanager
+def _evaluating(model: torch.nn.Module):
+    """Inside, ``model`` is in eval mode (dropout would draw from the global generator and make what is
+    measured vary); after, each of its modules is in the mode it was in."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
 def sibling_groups(model: torch.nn.Module, names: list, batch: torch.Tensor, weights: Optional[dict] = None) -> list[list[str]]:
     """``names`` (linear FQNs) grouped by the tensor they read in one forward of ``batch`` (token ids,
     (B, T), on the model's device) with ``weights`` (``functional_call``'s; default: the model's own), in
@@ -761,13 +775,10 @@ def sibling_groups(model: torch.nn.Module, names: list, batch: torch.Tensor, wei
         return record
 
     handles = [model.get_submodule(name).register_forward_pre_hook(hook(name)) for name in names]
-    was_training = model.training
-    model.eval()  # dropout would draw from the global generator
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _evaluating(model):
             torch.func.functional_call(model, weights or {}, (batch,), {"use_cache": False})
     finally:
-        model.train(was_training)
         for handle in handles:
             handle.remove()
     return groups
@@ -785,10 +796,12 @@ def _planned_lattices(model, prefixes: tuple, config: LiftQuantConfig, tokens: t
     names = [name for name, _ in quantizable_linears(model, config)]
     groups = sibling_groups(model, names, tokens[:1, :8].to(next(model.parameters()).device))
     scored = config.allocation == "sensitivity" and config.scores is None  # else the scores are given
-    budget_plan = plan(model, config.memory_budget, reserve=config.reserve, kv_cache=config.kv_cache,
-                       allocation=config.allocation, calibration=list(tokens.split(batch_size)) if scored else None,
-                       include_lm_head=config.include_lm_head, seed=config.seed, device=device, scores=config.scores,
-                       rate_window=config.rate_window, groups=groups, tuned=tuple(sorted(tuned)))
+    with _evaluating(model):  # the plan's activation statistics: the same on a resume
+        budget_plan = plan(model, config.memory_budget, reserve=config.reserve, kv_cache=config.kv_cache,
+                           allocation=config.allocation, calibration=list(tokens.split(batch_size)) if scored else None,
+                           include_lm_head=config.include_lm_head, seed=config.seed, device=device,
+                           scores=config.scores, rate_window=config.rate_window, groups=groups,
+                           tuned=tuple(sorted(tuned)))
     outside = [name for name in budget_plan.lattices() if not name.startswith(prefixes)]
     if outside:
         raise ValueError(f"the memory budget's plan also codes {outside}, which calibrate leaves in high "

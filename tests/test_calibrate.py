@@ -297,16 +297,27 @@ def test_a_budget_plan_keeps_room_for_what_the_end_to_end_stage_tunes():
         lift_ao.plan(model, budget, tuned=both)
 
 
-def test_grouping_siblings_leaves_a_training_model_and_the_global_generator_as_they_were():
-    """sibling_groups runs the model in eval mode: its dropout would draw from the global generator."""
-    model, tokens = tiny_llama(), token_batch(0, batch=1, length=8)
+def test_grouping_and_planning_leave_the_modules_modes_and_the_global_generator_as_they_were():
+    """sibling_groups and a budget's plan run the model in eval mode (its dropout would draw from the
+    global generator, and a resumed run's plan could differ), then give each module its own mode back."""
+    model, tokens = tiny_llama(), token_batch(0, batch=8, length=32)
     for block in model.model.layers:
         block.self_attn.attention_dropout = 0.5
     names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
     model.train()
+    model.model.layers[0].eval()
+    modes = [m.training for m in model.modules()]
     state = torch.get_rng_state()
-    assert len(calibration.sibling_groups(model, names, tokens)) == 8
-    assert model.training and torch.equal(torch.get_rng_state(), state)
+    assert len(calibration.sibling_groups(model, names, tokens[:1, :8])) == 8
+    uniform = lift_ao.plan(model, 10**12, allocation="uniform", lattices=[Lattice.load("24/10")])
+    planned = calibration._planned_lattices(model, ("model.layers.0.", "model.layers.1."),
+                                            lift_ao.liftquant(memory_budget=uniform.model_bytes), tokens, 8, "cpu",
+                                            frozenset())
+    assert [m.training for m in model.modules()] == modes and torch.equal(torch.get_rng_state(), state)
+    model.eval()
+    assert planned == calibration._planned_lattices(model, ("model.layers.0.", "model.layers.1."),
+                                                    lift_ao.liftquant(memory_budget=uniform.model_bytes), tokens, 8,
+                                                    "cpu", frozenset())
 
 
 def test_a_budget_plan_counts_input_scales_tuned_per_lattice():
