@@ -57,6 +57,19 @@ def test_scores_are_each_groups_gain_over_its_lattice_mse(measured):
         assert per_parameter == pytest.approx([max(gain, floor) / params] * len(names), rel=1e-3), names
 
 
+def test_scores_of_models_in_training_mode_are_measured_without_dropout(measured):
+    """Both models are measured in eval mode (their dropout would make the scores vary run to run) and
+    given their modes back: with dropout 0.5 in training mode the scores are the dropout-free ones."""
+    reference, model, tokens, scores = measured
+    reference, model = copy.deepcopy(reference), copy.deepcopy(model)
+    for m in (reference, model):
+        for block in m.model.layers:
+            block.self_attn.attention_dropout = 0.5
+        m.train()
+    again = lift_ao.measure_sensitivity(model, reference, tokens, batch_size=4, progress=False)
+    assert again == scores and model.training and reference.training
+
+
 def test_a_plan_from_measured_scores_codes_the_most_sensitive_group_widest(measured):
     """liftquant(memory_budget=..., scores=...) plans from the given scores: the group with the largest
     gain per parameter gets a rate at least that of every other layer."""
