@@ -19,8 +19,9 @@
 # (accuracy_fte1024_e2e917k_a025_2bit4_h100.md ran so).
 #
 # The built-in model's recipes leave an H100 mostly idle: three accuracy.py processes at once (each with
-# its own --checkpoint-root and --out, OMP_NUM_THREADS=5) each ran as fast as one alone, so batch variants
-# that way (accuracy_w200_fit_variants_2bit4_h100.md; their times are then not the recipe's).
+# its own --checkpoint-root and --out, OMP_NUM_THREADS=5) finished in ~1090 s over two calls, against
+# ~650 s for one alone, so batch variants that way (accuracy_w200_fit_variants_2bit4_h100.md; their
+# times are then not the recipe's).
 set -euo pipefail
 SHA256=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 MODEL=SmolLM2-135M-Instruct.Q4_1.gguf
