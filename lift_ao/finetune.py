@@ -252,8 +252,9 @@ def finetune_end_to_end(
     Adam (cosine-decayed ``lr``) learns ``r ← r·exp(a)`` per row of each weight and ``σ ← σ·exp(b)``
     per input channel of each input transform (the ``input_signs`` of a group of siblings, the linears
     that read one activation, such as q/k/v; siblings that share one tensor keep sharing it, and groups
-    whose signs are one tensor because their values are equal get a vector each) to minimise KL(teacher ‖ model) of the next-token distributions, one batch of ``batch_size``
-    training sequences per step in turn.
+    whose signs are one tensor because their values are equal get a vector each) to minimise
+    KL(teacher ‖ model) of the next-token distributions, one batch of ``batch_size`` training sequences
+    per step in turn.
 
     A ``held_out`` fraction of the sequences, spread evenly over them (:func:`held_out_rows`: text
     order is not random, so the last ones may be atypical), is never trained on: the KL there is measured
