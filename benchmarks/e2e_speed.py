@@ -90,12 +90,16 @@ def markdown(doc: dict) -> str:
              "| variant | s / step | s / check | s compiling | recipe s (compile + steps + checks) | × eager | "
              "graphs compiled while timed |",
              "|---|---:|---:|---:|---:|---:|---:|"]
+    # A step's time is a difference of two runs' times: where it is not positive, this machine's noise is larger
+    # than the steps' cost (a tiny model on a busy CPU) and the variant's recipe cannot be priced.
     recipe = {name: r["compile_seconds"] + RECIPE_STEPS * r["step_seconds"]
-              + (RECIPE_STEPS // RECIPE_CHECK_EVERY + 1) * r["check_seconds"] for name, r in doc["variants"].items()}
+              + (RECIPE_STEPS // RECIPE_CHECK_EVERY + 1) * r["check_seconds"]
+              for name, r in doc["variants"].items() if r["step_seconds"] > 0}
     for name, r in doc["variants"].items():
-        ratio = f"{recipe['eager'] / recipe[name]:.2f}" if "eager" in recipe else ""
+        priced = f"{recipe[name]:.0f}" if name in recipe else "below noise"
+        ratio = f"{recipe['eager'] / recipe[name]:.2f}" if "eager" in recipe and name in recipe else ""
         lines.append(f"| {name} | {r['step_seconds']:.3f} | {r['check_seconds']:.3f} | {r['compile_seconds']:.0f} | "
-                     f"{recipe[name]:.0f} | {ratio} | {r['graphs_compiled_while_timed']} |")
+                     f"{priced} | {ratio} | {r['graphs_compiled_while_timed']} |")
     return "\n".join(lines) + "\n"
 
 
