@@ -46,7 +46,6 @@ sensitivities from the same tokens), then every layer is calibrated at its plann
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import math
 from typing import Optional
@@ -57,6 +56,7 @@ from tqdm.auto import tqdm
 from lift_ao.api import quantizable_linears, resolve_device
 from lift_ao.budget import TUNED_PARTS
 from lift_ao.config import LiftQuantConfig
+from lift_ao.evaluate import evaluating
 from lift_ao.io import CheckpointError, _sha256, load_shard, open_partial, save_shard
 from lift_ao.lattice import Lattice
 from lift_ao.packing import pack_codes, unpack_codes
@@ -744,19 +744,6 @@ def _manifest(config: LiftQuantConfig, tokens: torch.Tensor, alpha: float, dampi
             "blocks": [[n, list(m.weight.shape)] for b in blocks for n, m in quantizable_linears(b, config)]}
 
 
-@contextlib.contextmanager
-def _evaluating(model: torch.nn.Module):
-    """Inside, ``model`` is in eval mode (dropout would draw from the global generator and make what is
-    measured vary); after, each of its modules is in the mode it was in."""
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in modes:
-            module.training = training
-
-
 def sibling_groups(model: torch.nn.Module, names: list, batch: torch.Tensor, weights: Optional[dict] = None) -> list[list[str]]:
     """``names`` (linear FQNs) grouped by the tensor they read in one forward of ``batch`` (token ids,
     (B, T), on the model's device) with ``weights`` (``functional_call``'s; default: the model's own), in
@@ -776,7 +763,7 @@ def sibling_groups(model: torch.nn.Module, names: list, batch: torch.Tensor, wei
 
     handles = [model.get_submodule(name).register_forward_pre_hook(hook(name)) for name in names]
     try:
-        with torch.no_grad(), _evaluating(model):
+        with torch.no_grad(), evaluating(model):
             torch.func.functional_call(model, weights or {}, (batch,), {"use_cache": False})
     finally:
         for handle in handles:
@@ -796,7 +783,7 @@ def _planned_lattices(model, prefixes: tuple, config: LiftQuantConfig, tokens: t
     names = [name for name, _ in quantizable_linears(model, config)]
     groups = sibling_groups(model, names, tokens[:1, :8].to(next(model.parameters()).device))
     scored = config.allocation == "sensitivity" and config.scores is None  # else the scores are given
-    with _evaluating(model):  # the plan's activation statistics: the same on a resume
+    with evaluating(model):  # the plan's activation statistics: the same on a resume
         budget_plan = plan(model, config.memory_budget, reserve=config.reserve, kv_cache=config.kv_cache,
                            allocation=config.allocation, calibration=list(tokens.split(batch_size)) if scored else None,
                            include_lm_head=config.include_lm_head, seed=config.seed, device=device,
@@ -916,9 +903,7 @@ def calibrate(
     finished = [checkpoint_dir is not None and _finished_block(checkpoint_dir, i, source) is not None
                 for i, source in enumerate(sources)]
     last = max((i for i, done in enumerate(finished) if not done), default=-1)  # the last block to code
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         sensitivity = None
         if guided and last >= 0:
             model.to(device)
@@ -964,6 +949,4 @@ def calibrate(
         # Blocks loaded from checkpoint_dir hold their own copies of M and the rotation factors: share
         # them as a run without a resume does, so both give the same footprint.
         share_constants(model)
-    finally:
-        model.train(was_training)
     return model

@@ -6,6 +6,7 @@ and one whose linear weights are tensor subclasses (``LiftQuantTensor``, torchao
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -96,6 +97,21 @@ def _check_vocabulary(model: torch.nn.Module, tokens: torch.Tensor) -> None:
                          "tokenize the text with this model's tokenizer")
 
 
+@contextlib.contextmanager
+def evaluating(*models: torch.nn.Module):
+    """Inside, every one of ``models`` is in eval mode (dropout would draw from the global generator and
+    make what is measured or tuned vary); after, each of their modules is in the mode it was in, mixed
+    modes included (``model.train(was_training)`` would set them all alike)."""
+    modes = [(module, module.training) for model in models for module in model.modules()]
+    for model in models:
+        model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
 def perplexity(
     model: torch.nn.Module,
     tokens: torch.Tensor,
@@ -140,30 +156,25 @@ def perplexity(
     input_device = _input_device(model, device)
     window_nll = []  # float64 sums, divided by their counts at the end
     window_tokens = []
-    was_training = model.training
-    model.eval()
     begin_time = time.perf_counter()
-    try:
-        with torch.inference_mode(), tqdm(total=len(starts), desc="perplexity", unit="window",
-                                           disable=not progress) as bar:
-            for first in range(0, len(starts), batch_size):
-                batch_starts = starts[first : first + batch_size]
-                windows = torch.stack([tokens[s : s + context_length] for s in batch_starts]).to(input_device)
-                logits = getattr(model(windows), "logits", None)
-                if logits is None:
-                    raise TypeError(f"{type(model).__name__}(input_ids) returned no .logits; pass a causal LM "
-                                    "such as a transformers *ForCausalLM model")
-                # Position p's logits predict token p + 1. The first window of the stream scores targets
-                # 1..C-1; later ones only their last `stride` targets (at most C-1: target 0 has no context).
-                for row, start in enumerate(batch_starts):
-                    target_from = 1 if start == 0 else max(context_length - stride, 1)
-                    predicted = logits[row, target_from - 1 : context_length - 1].float()
-                    nll = torch.nn.functional.cross_entropy(predicted, windows[row, target_from:], reduction="sum")
-                    window_nll.append(nll.double().cpu())
-                    window_tokens.append(context_length - target_from)
-                bar.update(len(batch_starts))
-    finally:
-        model.train(was_training)
+    with evaluating(model), torch.inference_mode(), tqdm(total=len(starts), desc="perplexity", unit="window",
+                                                        disable=not progress) as bar:
+        for first in range(0, len(starts), batch_size):
+            batch_starts = starts[first : first + batch_size]
+            windows = torch.stack([tokens[s : s + context_length] for s in batch_starts]).to(input_device)
+            logits = getattr(model(windows), "logits", None)
+            if logits is None:
+                raise TypeError(f"{type(model).__name__}(input_ids) returned no .logits; pass a causal LM "
+                                "such as a transformers *ForCausalLM model")
+            # Position p's logits predict token p + 1. The first window of the stream scores targets
+            # 1..C-1; later ones only their last `stride` targets (at most C-1: target 0 has no context).
+            for row, start in enumerate(batch_starts):
+                target_from = 1 if start == 0 else max(context_length - stride, 1)
+                predicted = logits[row, target_from - 1 : context_length - 1].float()
+                nll = torch.nn.functional.cross_entropy(predicted, windows[row, target_from:], reduction="sum")
+                window_nll.append(nll.double().cpu())
+                window_tokens.append(context_length - target_from)
+            bar.update(len(batch_starts))
     scored = sum(window_tokens)
     mean_nll = torch.stack(window_nll).sum().item() / scored
     return PerplexityResult(

@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 
 from lift_ao.calibration import (_code_blocks, _code_signs, _decoder_blocks, _scaled_signs, _scaled_unit,
                                  _tuned_rotation, _tuned_weight, _unit_weight, adam_steps, sibling_groups)
+from lift_ao.evaluate import evaluating
 from lift_ao.io import SHARD_SUFFIX, CheckpointError, _sha256, load_shard, save_shard
 from lift_ao.tensor import LiftQuantTensor, share_constants
 from lift_ao.transform import unrotate
@@ -406,10 +407,8 @@ def finetune_end_to_end(
                                  # their progress, written before groups were told apart, stays resumable.
                                  **({"factors_per_group": True}
                                     if len(transforms) != len({id(w.input_signs) for w in quantized.values()}) else {}))
-    was_training = model.training
-    model.eval()
-    blocks_compiled = contextlib.ExitStack()
-    try:
+    # The teacher too: its dropout would make the targets noise.
+    with evaluating(model, teacher), contextlib.ExitStack() as blocks_compiled:
         if compiled or (compiled is None and device.type == "cuda"):
             blocks_compiled.enter_context(_compiled_blocks(model, teacher))
         resumed = None if checkpoint_dir is None or not steps else _load_progress(checkpoint_dir, identity, factors,
@@ -458,7 +457,4 @@ def finetune_end_to_end(
             share_constants(model)  # wrapping in a Parameter copied the shared tensors apart
             for name, p in unquantized.items():
                 p.add_(steps_of[name])
-    finally:
-        blocks_compiled.close()
-        model.train(was_training)
     return EndToEndResult(before, best, tuple(checks))

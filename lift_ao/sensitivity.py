@@ -31,8 +31,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from lift_ao.budget import _lattice_mse, plan
-from lift_ao.calibration import DEFAULT_ALPHA, _evaluating, calibrate, sibling_groups
+from lift_ao.calibration import DEFAULT_ALPHA, calibrate, sibling_groups
 from lift_ao.config import liftquant
+from lift_ao.evaluate import evaluating
 from lift_ao.io import _sha256, _write_atomically
 from lift_ao.lattice import Lattice
 from lift_ao.tensor import LiftQuantTensor
@@ -91,7 +92,7 @@ def measure_sensitivity(
     batches = [b.to(device) for b in tokens.long().split(batch_size)]
     dense = {f"{n}.weight": w.dequantize() for n, w in quantized.items()}
 
-    with torch.no_grad(), _evaluating(model), _evaluating(reference):  # no dropout: the same scores each run
+    with torch.no_grad(), evaluating(model, reference):  # no dropout: the same scores each run
         targets = [F.log_softmax(reference(b, use_cache=False).logits.float(), -1).flatten(0, 1) for b in batches]
 
         def kl(weights: dict) -> float:

@@ -297,9 +297,9 @@ def test_a_budget_plan_keeps_room_for_what_the_end_to_end_stage_tunes():
         lift_ao.plan(model, budget, tuned=both)
 
 
-def test_grouping_and_planning_leave_the_modules_modes_and_the_global_generator_as_they_were():
-    """sibling_groups and a budget's plan run the model in eval mode (its dropout would draw from the
-    global generator, and a resumed run's plan could differ), then give each module its own mode back."""
+def test_grouping_planning_and_calibrating_leave_the_modules_modes_and_the_global_generator_as_they_were():
+    """sibling_groups, a budget's plan and calibrate run the model in eval mode (its dropout would draw from
+    the global generator, and a resumed run's plan could differ), then give each module its own mode back."""
     model, tokens = tiny_llama(), token_batch(0, batch=8, length=32)
     for block in model.model.layers:
         block.self_attn.attention_dropout = 0.5
@@ -314,6 +314,9 @@ def test_grouping_and_planning_leave_the_modules_modes_and_the_global_generator_
                                             lift_ao.liftquant(memory_budget=uniform.model_bytes), tokens, 8, "cpu",
                                             frozenset())
     assert [m.training for m in model.modules()] == modes and torch.equal(torch.get_rng_state(), state)
+    coded = calibrate(copy.deepcopy(model), lift_ao.liftquant(lattice="16/8"), tokens, batch_size=4, finetune_steps=2,
+                      progress=False)
+    assert [m.training for m in coded.modules()] == modes
     model.eval()
     assert planned == calibration._planned_lattices(model, ("model.layers.0.", "model.layers.1."),
                                                     lift_ao.liftquant(memory_budget=uniform.model_bytes), tokens, 8,

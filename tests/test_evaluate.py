@@ -130,11 +130,13 @@ def test_unsigned_16_and_32_bit_token_ids(model):
         assert perplexity(model, tokens.to(dtype), context_length=16, progress=False).perplexity == expected
 
 
-def test_restores_training_mode(model):
+def test_restores_each_modules_mode(model):
     model.train()
+    model.model.layers[0].eval()
+    modes = [m.training for m in model.modules()]
     try:
         perplexity(model, _stream(32, model.config.vocab_size), context_length=16, progress=False)
-        assert model.training
+        assert [m.training for m in model.modules()] == modes and model.training and not model.model.layers[0].training
     finally:
         model.eval()
 

@@ -106,6 +106,24 @@ def test_zero_steps_change_nothing(runs):
     assert all(torch.equal(v, state[k]) for k, v in _quantized_state(untouched).items())
 
 
+def test_dropout_in_a_training_mode_teacher_or_student_changes_nothing_and_their_modes_come_back(runs):
+    """Both run in eval mode: dropout in the teacher would make the targets noise, in the student the loss."""
+    model, calibrated, tuned, losses = runs
+    teacher, student = copy.deepcopy(model), copy.deepcopy(calibrated)
+    for m in (teacher, student):
+        for block in m.model.layers:
+            block.self_attn.attention_dropout = 0.5
+        m.train()
+        m.model.layers[0].eval()
+    modes = [[m.training for m in net.modules()] for net in (teacher, student)]
+    again = lift_ao.finetune_end_to_end(student, teacher, token_batch(0, batch=64, length=32), steps=64, lr=1e-2,
+                                        batch_size=BATCH, progress=False)
+    assert again == losses
+    assert [[m.training for m in net.modules()] for net in (teacher, student)] == modes
+    state = _quantized_state(tuned)
+    assert all(torch.equal(v, state[k]) for k, v in _quantized_state(student).items())
+
+
 def test_tuned_lattice_matrices_lower_the_kl_further_and_are_shared_by_siblings(runs):
     """tune_mapping=True: each group of weights that read one activation gets its own M, tuned with the
     scales; the codes stay, siblings keep one M (one lift per activation), and the LiftQuant op computes
