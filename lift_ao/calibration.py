@@ -258,6 +258,17 @@ def _output_sensitivity(model, linears: list, tokens: torch.Tensor, batch_size: 
     return energy
 
 
+def _group_reading(read: list, x: torch.Tensor) -> int:
+    """Index of the group whose input is ``x`` in ``read`` (each group's input tensor, in the order the
+    groups first ran), ``x`` appended as a new group's if none. Identity, not equal values, makes siblings:
+    q/k/v read the very tensor the norm returned, two layers that read equal activations are not siblings."""
+    index = next((i for i, t in enumerate(read) if t is x), None)
+    if index is None:
+        read.append(x)
+        return len(read) - 1
+    return index
+
+
 def _hessians(block, linears: list, inputs: list, device, token_weights: Optional[dict] = None) -> list:
     """Group the block's linears by the tensor they read and accumulate each group's X̃ᵀX̃.
 
@@ -277,11 +288,9 @@ def _hessians(block, linears: list, inputs: list, device, token_weights: Optiona
         def record(module, args):
             x = args[0]
             if name not in group_of:  # first batch: join the group whose tensor this is, or open one
-                index = next((i for i, t in enumerate(seen) if t is x), None)
-                if index is None:
-                    index = len(groups)
+                index = _group_reading(seen, x)
+                if index == len(groups):
                     groups.append([[], torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float64, device=x.device), 0])
-                    seen.append(x)
                 group_of[name] = index
                 groups[index][0].append(name)
             group = groups[group_of[name]]
@@ -753,11 +762,9 @@ def sibling_groups(model: torch.nn.Module, names: list, batch: torch.Tensor, wei
 
     def hook(name):
         def record(module, args):
-            index = next((i for i, x in enumerate(read) if x is args[0]), None)
-            if index is None:
-                index = len(groups)
+            index = _group_reading(read, args[0])
+            if index == len(groups):
                 groups.append([])
-                read.append(args[0])
             groups[index].append(name)
         return record
 
