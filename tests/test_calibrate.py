@@ -12,7 +12,7 @@ from lift_ao.calibration import _quantize_group, calibrate, input_scales
 from lift_ao.encode import encode_rows
 from lift_ao.lattice import Lattice
 from lift_ao.rounding import DEFAULT_REFINE_PASSES, hessian_encode_rows
-from tiny_models import tiny_llama, token_batch
+from tiny_models import tiny_llama, token_batch, train_with_dropout
 
 # 16/8 (2 bits) has the cheapest search of the shipped lattices: keeps the file fast.
 LATTICE = "16/8"
@@ -301,12 +301,8 @@ def test_grouping_planning_and_calibrating_leave_the_modules_modes_and_the_globa
     """sibling_groups, a budget's plan and calibrate run the model in eval mode (its dropout would draw from
     the global generator, and a resumed run's plan could differ), then give each module its own mode back."""
     model, tokens = tiny_llama(), token_batch(0, batch=8, length=32)
-    for block in model.model.layers:
-        block.self_attn.attention_dropout = 0.5
     names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
-    model.train()
-    model.model.layers[0].eval()
-    modes = [m.training for m in model.modules()]
+    [modes] = train_with_dropout(model)
     state = torch.get_rng_state()
     assert len(calibration.sibling_groups(model, names, tokens[:1, :8])) == 8
     uniform = lift_ao.plan(model, 10**12, allocation="uniform", lattices=[Lattice.load("24/10")])

@@ -12,7 +12,7 @@ from lift_ao.finetune import held_out_rows
 from lift_ao.io import CheckpointError, load_shard
 from lift_ao.tensor import LiftQuantTensor
 from test_calibrate_finetune import _logit_error, _quantized_state
-from tiny_models import tiny_llama, token_batch
+from tiny_models import tiny_llama, token_batch, train_with_dropout
 
 LATTICE, BATCH = "16/8", 8
 
@@ -110,12 +110,7 @@ def test_dropout_in_a_training_mode_teacher_or_student_changes_nothing_and_their
     """Both run in eval mode: dropout in the teacher would make the targets noise, in the student the loss."""
     model, calibrated, tuned, losses = runs
     teacher, student = copy.deepcopy(model), copy.deepcopy(calibrated)
-    for m in (teacher, student):
-        for block in m.model.layers:
-            block.self_attn.attention_dropout = 0.5
-        m.train()
-        m.model.layers[0].eval()
-    modes = [[m.training for m in net.modules()] for net in (teacher, student)]
+    modes = train_with_dropout(teacher, student)
     again = lift_ao.finetune_end_to_end(student, teacher, token_batch(0, batch=64, length=32), steps=64, lr=1e-2,
                                         batch_size=BATCH, progress=False)
     assert again == losses

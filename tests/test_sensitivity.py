@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import lift_ao
 from lift_ao.budget import _lattice_mse
 from lift_ao.lattice import Lattice
-from tiny_models import tiny_gpt2, tiny_llama, tiny_qwen2, token_batch
+from tiny_models import tiny_gpt2, tiny_llama, tiny_qwen2, token_batch, train_with_dropout
 
 LATTICE = "24/10"
 GROUPS = [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
@@ -62,12 +62,9 @@ def test_scores_of_models_in_training_mode_are_measured_without_dropout(measured
     given their modes back: with dropout 0.5 in training mode the scores are the dropout-free ones."""
     reference, model, tokens, scores = measured
     reference, model = copy.deepcopy(reference), copy.deepcopy(model)
-    for m in (reference, model):
-        for block in m.model.layers:
-            block.self_attn.attention_dropout = 0.5
-        m.train()
+    modes = train_with_dropout(reference, model)
     again = lift_ao.measure_sensitivity(model, reference, tokens, batch_size=4, progress=False)
-    assert again == scores and model.training and reference.training
+    assert again == scores and [[m.training for m in net.modules()] for net in (reference, model)] == modes
 
 
 def test_a_plan_from_measured_scores_codes_the_most_sensitive_group_widest(measured):

@@ -30,3 +30,14 @@ def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
 
 def token_batch(seed: int = 0, batch: int = 2, length: int = 12, vocab: int = 96) -> torch.Tensor:
     return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def train_with_dropout(*models: torch.nn.Module) -> list:
+    """Put Llama-like ``models`` in training mode with attention dropout 0.5, their first decoder block in
+    eval mode (mixed modes), as a user might hand them over; returns every module's mode, model by model."""
+    for model in models:
+        for block in model.model.layers:
+            block.self_attn.attention_dropout = 0.5
+        model.train()
+        model.model.layers[0].eval()
+    return [[m.training for m in model.modules()] for model in models]
