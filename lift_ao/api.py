@@ -151,7 +151,8 @@ def quantize(
             setattr(model.get_submodule(parent_name), child, linear)
             module = linear
         source = _sha256(module.weight) if resume_dir is not None else None
-        if source is not None and _resume_layer(resume_dir, name, module, layer_configs[name], source, device):
+        if source is not None and _resume_layer(resume_dir, name, module, layer_configs[name], source, device,
+                                                overwrite):
             continue
         try:
             quantize_(module, layer_configs[name], filter_fn=lambda m, _: m is module, device=device)
@@ -181,17 +182,14 @@ def _run_identity(targets, layer_configs: dict, config: LiftQuantConfig, device)
     return {"seed": config.seed, "layers": layers}
 
 
-def _resume_layer(resume_dir, name: str, module: torch.nn.Module, config: LiftQuantConfig, source: str, device) -> bool:
-    """Put a finished layer's saved codes in place; False when the layer still has to be encoded."""
-    stored = load_shard(resume_dir, name)
+def _resume_layer(resume_dir, name: str, module: torch.nn.Module, config: LiftQuantConfig, source: str, device,
+                  overwrite: bool) -> bool:
+    """Put a finished layer's saved codes in place; False when the layer still has to be encoded (codes
+    of another weight ``source`` are refused, or discarded with ``overwrite``: :func:`lift_ao.io.load_shard`)."""
+    stored = load_shard(resume_dir, name, source=source, overwrite=overwrite)
     if stored is None:
         return False
-    info, tensors = stored
-    if info.get("source_sha256") != source:
-        raise CheckpointError(
-            f"{resume_dir}: the saved codes of {name} were made from a different weight (same shapes, other "
-            "values: overwrite=True keeps a directory whose settings match); use another resume_dir or delete this one"
-        )
+    _, tensors = stored
     if device is not None:
         module.to(device)  # as quantize_(..., device=device) does
     weight = module.weight

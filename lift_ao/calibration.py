@@ -696,19 +696,14 @@ def _save_block(directory, index: int, block, groups: list, source: str) -> None
     save_shard(directory, f"block_{index:04d}", tensors, {"groups": groups, "weights": weights, "source_sha256": source})
 
 
-def _finished_block(directory, index: int, source: str) -> Optional[tuple[dict, dict]]:
-    """The verified shard ``(info, tensors)`` of decoder block ``index``, None when it has not been finished.
+def _finished_block(directory, index: int, source: str, overwrite: bool = False) -> Optional[tuple[dict, dict]]:
+    """The verified shard ``(info, tensors)`` of decoder block ``index``, None when it has not been finished
+    (or was coded from other weights, ``source`` (:func:`_block_source`), and ``overwrite`` discarded it).
 
     Raises:
-        CheckpointError: the block was coded from other weights (``source``, :func:`_block_source`).
+        CheckpointError: the block was coded from other weights (and not ``overwrite``).
     """
-    shard = load_shard(directory, f"block_{index:04d}")
-    # Shards written before the hash was recorded have none: accepted as before.
-    if shard is not None and shard[0].get("source_sha256", source) != source:
-        raise CheckpointError(
-            f"{directory}: decoder block {index} was coded from other weights (same shapes, other values: another "
-            "model?); use another checkpoint directory or delete this one")
-    return shard
+    return load_shard(directory, f"block_{index:04d}", source=source, overwrite=overwrite)
 
 
 def _load_block(directory, index: int, block, device, source: str) -> None:
@@ -907,7 +902,7 @@ def calibrate(
     # blocks up to the last of them (none at all when a run stopped after calibration, e.g. in a later stage).
     # Hashed before anything moves or is coded, where the blocks wait (the host, for a streamed model).
     sources = [None if checkpoint_dir is None else _block_source(block, config) for block in blocks]
-    finished = [checkpoint_dir is not None and _finished_block(checkpoint_dir, i, source) is not None
+    finished = [checkpoint_dir is not None and _finished_block(checkpoint_dir, i, source, overwrite) is not None
                 for i, source in enumerate(sources)]
     last = max((i for i, done in enumerate(finished) if not done), default=-1)  # the last block to code
     with evaluating(model):

@@ -364,12 +364,22 @@ def save_shard(directory, name: str, tensors: dict[str, torch.Tensor], info: Opt
     return target
 
 
-def load_shard(directory, name: str) -> Optional[tuple[dict, dict[str, torch.Tensor]]]:
+def load_shard(directory, name: str, *, source: Optional[str] = None,
+               overwrite: bool = False) -> Optional[tuple[dict, dict[str, torch.Tensor]]]:
     """``(info, tensors)`` of a shard written by :func:`save_shard`, or None when the unit must be done.
 
     A missing shard returns None. So does a truncated or corrupt one (only possible from disk faults
     or hand edits, since shards are renamed into place whole): it is deleted with a warning, because
     redoing a unit is always safe while loading a bad one never is.
+
+    Args:
+        source: a hash of what the unit is made from (e.g. its weights), which its writer recorded as
+            ``info["source_sha256"]``: the manifest records shapes, not values, so a shard of another
+            model of the same shapes is found here. Shards without a recorded source are accepted.
+        overwrite: such a shard is deleted (the unit is redone) instead of refused, as ``open_partial``'s
+            ``overwrite`` discards a run of other settings.
+    Raises:
+        CheckpointError: the shard was made from another ``source`` (and not ``overwrite``).
     """
     path = Path(directory) / f"{name}{SHARD_SUFFIX}"
     if not path.is_file():
@@ -378,6 +388,13 @@ def load_shard(directory, name: str) -> Optional[tuple[dict, dict[str, torch.Ten
         header, tensors = _read_verified(path)
     except CheckpointError as e:
         warnings.warn(f"{e}; redoing {name}", stacklevel=2)
+        path.unlink()
+        return None
+    if source is not None and header["info"].get("source_sha256", source) != source:
+        if not overwrite:
+            raise CheckpointError(
+                f"{path} was made from other weights than this run's (same shapes, other values: another model?); "
+                "use another directory, or overwrite it (overwrite=True; lift-ao quantize --overwrite)")
         path.unlink()
         return None
     return header["info"], tensors

@@ -149,9 +149,14 @@ def test_calibrate_tiny_llama_streams_resumes_bit_identically(tmp_path, monkeypa
 
     with pytest.raises(lift_ao.CheckpointError, match="tokens"):
         calibrate(copy.deepcopy(model), config, tokens[:2], checkpoint_dir=tmp_path / "resumed", progress=False)
-    # Another model of the same shapes: its blocks were not coded from these weights.
-    with pytest.raises(lift_ao.CheckpointError, match="block 0 was coded from other weights"):
+    # Another model of the same shapes: its blocks were not coded from these weights; overwrite redoes them.
+    with pytest.raises(lift_ao.CheckpointError, match="block_0000.shard.safetensors was made from other weights"):
         calibrate(tiny_llama(seed=1), config, tokens, checkpoint_dir=tmp_path / "resumed", progress=False)
+    other = calibrate(tiny_llama(seed=1), config, tokens, progress=False)
+    redone = calibrate(tiny_llama(seed=1), config, tokens, checkpoint_dir=tmp_path / "resumed", overwrite=True,
+                       progress=False)
+    expected, got = _state(other), _state(redone)
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
 
 
 def test_a_finished_block_that_vanishes_during_the_run_is_refused(tmp_path, monkeypatch):
@@ -160,8 +165,8 @@ def test_a_finished_block_that_vanishes_during_the_run_is_refused(tmp_path, monk
     model, config, tokens = tiny_llama(), lift_ao.liftquant(lattice=LATTICE), token_batch(0, batch=4, length=16)
     calibrate(copy.deepcopy(model), config, tokens, checkpoint_dir=tmp_path, progress=False)
     reads, load = [], calibration.load_shard
-    monkeypatch.setattr(calibration, "load_shard", lambda directory, name: reads.append(name) or
-                        (None if reads.count(name) > 1 else load(directory, name)))
+    monkeypatch.setattr(calibration, "load_shard", lambda directory, name, **checks: reads.append(name) or
+                        (None if reads.count(name) > 1 else load(directory, name, **checks)))
     with pytest.raises(lift_ao.CheckpointError, match="block 0 was finished when this run started"):
         calibrate(copy.deepcopy(model), config, tokens, checkpoint_dir=tmp_path, progress=False)
 

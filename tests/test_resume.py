@@ -139,6 +139,17 @@ def test_directory_of_another_run_is_refused(finished, tmp_path, change):
     assert _shards(run) == _shards(finished)  # nothing of the other run was touched
 
 
+def test_overwrite_redoes_the_layers_of_another_model_of_the_same_shapes(finished, tmp_path):
+    """The manifest records shapes, not values: another model's shards are found layer by layer (refused
+    above), and overwrite=True redoes them instead, as it discards a run of other settings."""
+    run = shutil.copytree(finished, tmp_path / "run")
+    other = lift_ao.quantize(tiny_llama(seed=1), liftquant(lattice=LATTICE), progress=False)
+    assert_bit_identical(other, lift_ao.quantize(tiny_llama(seed=1), liftquant(lattice=LATTICE), progress=False,
+                                                 resume_dir=run, overwrite=True))
+    assert_bit_identical(other, lift_ao.quantize(tiny_llama(seed=1), liftquant(lattice=LATTICE), progress=False,
+                                                 resume_dir=run))  # now its own shards
+
+
 def test_cli_refuses_another_run_and_overwrite_starts_over(finished, tmp_path, capsys):
     shutil.copytree(finished, tmp_path / PARTIAL_DIR)
     assert run_cli(tmp_path, "--seed", "1") == 2
