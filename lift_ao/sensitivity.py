@@ -23,6 +23,7 @@ tokens (tokens × vocabulary float32).
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 from pathlib import Path
 
@@ -139,8 +140,8 @@ def calibrated_sensitivity(
             studies used 32 sequences of 512 after the calibration text), never the evaluation text.
         alpha, seed, device: the copy's :func:`lift_ao.calibrate` settings (seed also of the plan).
         checkpoint_dir: the copy's calibration resumes from here, and the scores are kept here
-            (``sensitivity_scores.json``): a restarted run with the same lattice, seed, alpha and tokens
-            reads them instead of measuring again, so its plan is the one the interrupted run made.
+            (``sensitivity_scores.json``): a restarted run with the same model, lattice, seed, alpha and
+            tokens reads them instead of measuring again, so its plan is the one the interrupted run made.
         overwrite, progress: as for :func:`lift_ao.calibrate`.
     Returns:
         {linear FQN: score}, as :func:`measure_sensitivity` returns.
@@ -149,8 +150,10 @@ def calibrated_sensitivity(
         CheckpointError: ``checkpoint_dir`` holds another calibration (and not ``overwrite``).
     """
     (lattice,) = set(plan(model, memory_budget, allocation="uniform", seed=seed).lattices().values())
+    # The model's values too: another model of the same shapes has other scores.
+    model_sha256 = hashlib.sha256(b"".join(f"{name}:{_sha256(t)};".encode() for name, t in model.state_dict().items()))
     identity = dict(lattice=lattice, seed=seed, alpha=alpha, tokens_sha256=_sha256(tokens.long()),
-                    score_tokens_sha256=_sha256(score_tokens.long()))
+                    score_tokens_sha256=_sha256(score_tokens.long()), model_sha256=model_sha256.hexdigest())
     stored = None if checkpoint_dir is None else Path(checkpoint_dir) / SCORES_FILE
     if stored is not None and stored.is_file():
         found = json.loads(stored.read_text())

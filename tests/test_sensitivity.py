@@ -107,7 +107,7 @@ def test_calibrated_sensitivity_measures_a_copy_calibrated_at_the_budgets_unifor
                                                                                         monkeypatch):
     """The scores are measure_sensitivity's of a copy calibrated at the lattice a uniform plan of the budget
     gives every layer; the model is left as it was; a restart with the checkpoint directory reads the
-    kept scores instead of measuring, and other tokens or settings are measured again."""
+    kept scores instead of measuring, and other tokens, settings or models are measured again."""
     import lift_ao.sensitivity as sensitivity
 
     reference, _, tokens, _ = measured
@@ -133,8 +133,13 @@ def test_calibrated_sensitivity_measures_a_copy_calibrated_at_the_budgets_unifor
     lift_ao.calibrated_sensitivity(reference, budget, calibration[:4], tokens, checkpoint_dir=tmp_path, progress=False)
     lift_ao.calibrated_sensitivity(reference, budget, calibration, tokens, alpha=0.5, checkpoint_dir=tmp_path,
                                    progress=False)
-    # Other score tokens, calibration tokens or alpha: measured again, not read from the directory.
-    assert len(measured_again) == 3 and torch.equal(measured_again[0], tokens[:4])
+    other = copy.deepcopy(reference)  # another model of the same shapes
+    with torch.no_grad():
+        other.model.norm.weight.add_(0.01)
+    lift_ao.calibrated_sensitivity(other, budget, calibration, tokens, alpha=0.5, checkpoint_dir=tmp_path,
+                                   progress=False)
+    # Other score tokens, calibration tokens, alpha or model: measured again, not read from the directory.
+    assert len(measured_again) == 4 and torch.equal(measured_again[0], tokens[:4])
 
 
 def test_calibration_tokens_after_a_prefix(monkeypatch):
