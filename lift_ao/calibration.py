@@ -807,6 +807,25 @@ def _by_lattice(names: list, lattices: dict) -> list[tuple[Lattice, list]]:
     return list(runs.values())
 
 
+def check_settings(*, alpha: float = DEFAULT_ALPHA, damping: float = 0.01, finetune_steps: int = 0,
+                   finetune_lr: float = 1e-2, code_rounds: int = 0, finetune_rotation: bool = False,
+                   refine_passes: int = DEFAULT_REFINE_PASSES, tuned_later: tuple = ()) -> None:
+    """Raise ValueError for :func:`calibrate` settings it would refuse (arguments as there): it checks them
+    before any work, and the command line before it loads the model or measures anything."""
+    if not 0 <= alpha <= 1 or damping < 0:
+        raise ValueError(f"alpha must be in [0, 1] and damping >= 0, got alpha={alpha}, damping={damping}")
+    if isinstance(finetune_steps, bool) or not isinstance(finetune_steps, int) or finetune_steps < 0 \
+            or not finetune_lr > 0:
+        raise ValueError(f"finetune_steps must be an int >= 0 and finetune_lr > 0, got {finetune_steps!r}, {finetune_lr!r}")
+    if finetune_rotation and not finetune_steps:
+        raise ValueError("finetune_rotation=True tunes the rotation in the fine-tuning steps: give finetune_steps > 0")
+    _check_count("code_rounds", code_rounds)
+    _check_count("refine_passes", refine_passes)  # before any work, though hessian_encode_rows checks it too
+    later = tuple(part for part in TUNED_PARTS if part != "scales")  # "scales" is the block stage's own
+    if isinstance(tuned_later, str) or not set(tuned_later) <= set(later):
+        raise ValueError(f"tuned_later must be a tuple of {later}, got {tuned_later!r}")
+
+
 def calibrate(
     model: torch.nn.Module, config: LiftQuantConfig, tokens: torch.Tensor, *, checkpoint_dir=None,
     overwrite: bool = False, device=None, alpha: float = DEFAULT_ALPHA, damping: float = 0.01, batch_size: int = 8,
@@ -867,18 +886,9 @@ def calibrate(
     """
     if not isinstance(config, LiftQuantConfig):
         raise TypeError(f"config must come from lift_ao.liftquant(...), got {type(config).__name__}")
-    if not 0 <= alpha <= 1 or damping < 0:
-        raise ValueError(f"alpha must be in [0, 1] and damping >= 0, got alpha={alpha}, damping={damping}")
-    if isinstance(finetune_steps, bool) or not isinstance(finetune_steps, int) or finetune_steps < 0 \
-            or not finetune_lr > 0:
-        raise ValueError(f"finetune_steps must be an int >= 0 and finetune_lr > 0, got {finetune_steps!r}, {finetune_lr!r}")
-    if finetune_rotation and not finetune_steps:
-        raise ValueError("finetune_rotation=True tunes the rotation in the fine-tuning steps: give finetune_steps > 0")
-    _check_count("code_rounds", code_rounds)
-    _check_count("refine_passes", refine_passes)  # before any work, though hessian_encode_rows checks it too
-    later = tuple(part for part in TUNED_PARTS if part != "scales")  # "scales" is the block stage's own
-    if isinstance(tuned_later, str) or not set(tuned_later) <= set(later):
-        raise ValueError(f"tuned_later must be a tuple of {later}, got {tuned_later!r}")
+    check_settings(alpha=alpha, damping=damping, finetune_steps=finetune_steps, finetune_lr=finetune_lr,
+                   code_rounds=code_rounds, finetune_rotation=finetune_rotation, refine_passes=refine_passes,
+                   tuned_later=tuned_later)
     blocks = _decoder_blocks(model)
     tokens = _check_tokens(tokens, model.get_input_embeddings().weight.shape[0])
     home = next(model.parameters()).device

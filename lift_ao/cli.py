@@ -95,6 +95,10 @@ def _cmd_quantize(args) -> dict:
     device = str(resolve_device(args.device or _default_device()))
     if args.memory_budget is not None and (args.bits is not None or args.lattice is not None):
         raise ValueError("--memory-budget replaces --bits and --lattice: give one of the three")
+    if args.bits is not None and args.lattice is not None:
+        raise ValueError("--lattice replaces --bits (each rate has its lattice): give one of the two")
+    if args.out is not None and args.out.exists() and not args.out.is_dir():
+        raise ValueError(f"--out {args.out} is a file: give a directory (created if missing)")
     if args.rate_window != DEFAULT_RATE_WINDOW and args.memory_budget is None:
         raise ValueError("--rate-window bounds the lattices a --memory-budget plan mixes: add --memory-budget SIZE")
     if args.measure_sensitivity and not (args.calibrate and args.memory_budget is not None):
@@ -115,6 +119,13 @@ def _cmd_quantize(args) -> dict:
                          "drop --lm-head (or quantize without --calibrate)")
     if args.e2e_unquantized_lr is not None and not args.e2e_unquantized_lr > 0:
         raise ValueError(f"--e2e-unquantized-lr must be > 0, got {args.e2e_unquantized_lr}")
+    if args.calibrate:  # before the model loads and the sensitivity is measured, both of which may take long
+        from lift_ao.calibration import check_settings
+
+        check_settings(finetune_steps=args.finetune_steps, code_rounds=args.code_rounds,
+                       finetune_rotation=args.finetune_rotation,
+                       **({} if args.alpha is None else {"alpha": args.alpha}),
+                       **({} if args.refine_passes is None else {"refine_passes": args.refine_passes}))
     bits = 2.4 if args.bits is None else args.bits  # the default unless a lattice or a budget replaces it
     if args.lattice is not None or args.memory_budget is not None:
         bits = None

@@ -192,6 +192,25 @@ def test_quantize_refuses_stage_options_it_would_ignore(tmp_path, capsys, option
     assert needs in err and flag.replace("--no-", "--") in err
 
 
+@pytest.mark.parametrize("options, message", [
+    (["--bits", "3.0", "--lattice", "24/10"], "--lattice replaces --bits"),
+    (["--out", "FILE"], "is a file: give a directory"),
+    (["--calibrate", "--finetune-rotation"], "give finetune_steps > 0"),
+    (["--calibrate", "--finetune-steps", "-1"], "finetune_steps must be an int >= 0"),
+    (["--calibrate", "--code-rounds", "-2"], "code_rounds must be an int >= 0"),
+    (["--calibrate", "--refine-passes", "-1"], "refine_passes must be an int >= 0"),
+    (["--calibrate", "--alpha", "1.5"], "alpha must be in [0, 1]"),
+])
+def test_quantize_refuses_bad_settings_before_it_loads_the_model(tmp_path, monkeypatch, capsys, options, message):
+    """Each was refused (or, --bits beside --lattice, silently dropped) only after the model loaded and the
+    perplexity before, or a whole sensitivity calibration, had been measured."""
+    (tmp_path / "FILE").write_text("")
+    monkeypatch.setattr(cli, "_load_model", lambda spec, device: pytest.fail("loaded the model"))
+    options = [str(tmp_path / o) if o == "FILE" else o for o in options]
+    assert cli.main(["quantize", "--device", "cpu", *options]) == 2
+    assert message in capsys.readouterr().err
+
+
 def _eval(monkeypatch, capsys, tmp_path, *options, model=None):
     """``lift-ao eval --json`` on 64 random token ids with the tiny Llama (or ``model``); (exit code, stdout, stderr)."""
     import numpy as np
