@@ -81,8 +81,8 @@ def _check_model(model, what: str) -> None:
 
 def _tensor_identity(value) -> tuple:
     """Equal for tied parameters: the same object, or (after a load, which wraps each in its own
-    Parameter) the same elements of one storage."""
-    if not isinstance(value, torch.Tensor) or isinstance(value, LiftQuantTensor) or value.is_meta:
+    Parameter) the same elements of one storage. Empty tensors all have storage address 0: by object."""
+    if not isinstance(value, torch.Tensor) or isinstance(value, LiftQuantTensor) or value.is_meta or not value.numel():
         return ("object", id(value))
     return ("storage", value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape),
             value.stride(), value.dtype, value.device)
@@ -176,9 +176,24 @@ def _write_atomically(target: Path, write) -> None:
 
 
 def _read_checkpoint(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """A checkpoint's header and tensors, verified; the header's fields (which no SHA-256 covers) are checked
+    for the types :func:`save_quantized` writes."""
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}; write one with lift_ao.save_quantized(model, dir)")
-    return _read_verified(path, readable=(FORMAT_VERSION, *_CONVERTED_VERSIONS))
+    header, tensors = _read_verified(path, readable=(FORMAT_VERSION, *_CONVERTED_VERSIONS))
+    quantized, aliases = header.get("quantized"), header.get("aliases")
+
+    def well_formed(info) -> bool:
+        dtype = getattr(torch, str(info.get("dtype")), None) if isinstance(info, dict) else None
+        return (isinstance(dtype, torch.dtype) and dtype.is_floating_point and isinstance(info.get("shape"), list)
+                and len(info["shape"]) == 2 and all(isinstance(n, int) and n > 0 for n in info["shape"])
+                and all(isinstance(info.get(k), str) for k in ("lattice", "lattice_fingerprint", "transform_fingerprint")))
+
+    if not (isinstance(quantized, dict) and isinstance(aliases, dict) and all(map(well_formed, quantized.values()))
+            and all(isinstance(v, str) for v in aliases.values())):
+        raise CheckpointError(f"{path}: the lift_ao header is corrupt (its 'quantized' or 'aliases' entries are not "
+                              "what save_quantized writes); save the model again")
+    return header, tensors
 
 
 def _read_verified(path: Path, readable: tuple[int, ...] = (FORMAT_VERSION,)) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -196,6 +211,8 @@ def _read_verified(path: Path, readable: tuple[int, ...] = (FORMAT_VERSION,)) ->
         header = json.loads(meta["lift_ao"])
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: the lift_ao header is corrupt ({e})") from e
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: the lift_ao header is corrupt (a JSON {type(header).__name__}, not an object)")
     version = header.get("format_version")
     if version not in readable:
         raise CheckpointError(
@@ -230,14 +247,17 @@ def load_quantized(directory, model: Optional[torch.nn.Module] = None, *, device
 
     Args:
         directory: the directory passed to :func:`save_quantized`.
-        model: the un-quantized architecture to load into (any device, ``meta`` included); when
-            omitted, a Hugging Face causal LM is built from the saved ``config.json``.
+        model: the un-quantized architecture to load into (any device; ``meta`` where its buffers that
+            are computed rather than saved, such as rotary frequencies, are real, as under accelerate's
+            ``init_empty_weights(include_buffers=False)``); when omitted, a Hugging Face causal LM is
+            built from the saved ``config.json``.
         device: where the loaded tensors go (default: CPU).
     Returns:
         The model with LiftQuant weights and every other tensor restored bit-exactly.
     Raises:
-        CheckpointError: truncated/tampered file, unknown format version, lattice mismatch, or a
-            model whose modules or shapes differ from the checkpoint's.
+        CheckpointError: truncated/tampered file, unknown format version, lattice mismatch, a model
+            whose modules or shapes differ from the checkpoint's, or computed buffers left on ``meta``;
+            the model is then left as it was.
     """
     from lift_ao.api import _is_hf_conv1d, resolve_device  # lift_ao.api imports this module
 
@@ -249,20 +269,23 @@ def load_quantized(directory, model: Optional[torch.nn.Module] = None, *, device
     header, tensors = _read_checkpoint(path)
     if model is None:
         model = _model_from_hf_config(directory)
-    for key, info in header["quantized"].items():
-        module_name, _, param_name = key.rpartition(".")
+
+    def parameter(key: str) -> tuple:
+        """(module, its tensor) named ``key``."""
+        module_name, _, name = key.rpartition(".")
         try:
             module = model.get_submodule(module_name)
-            current = getattr(module, param_name)
+            return module, getattr(module, name)
         except AttributeError as e:
             raise CheckpointError(f"{path}: the model has no {key!r}; load into the architecture that was saved") from e
-        if _is_hf_conv1d(module) and list(current.shape) == info["shape"][::-1]:
-            # quantize made this GPT-2 Conv1D (weight (in, out)) an nn.Linear: so does the load.
-            parent, _, child = module_name.rpartition(".")
-            module = torch.nn.Linear(*current.shape, bias=module.bias is not None, device="meta")
-            setattr(model.get_submodule(parent), child, module)
-            current = module.weight
-        if list(current.shape) != info["shape"]:
+
+    # Everything is checked before the model changes: a refused load leaves it as it was.
+    weights = {}  # key: (module, Conv1D's (in, out) shape when it becomes an nn.Linear, else None, weight)
+    for key, info in header["quantized"].items():
+        module, current = parameter(key)
+        # quantize made a GPT-2 Conv1D (weight (in, out)) an nn.Linear: so does the load.
+        conv1d = tuple(current.shape) if _is_hf_conv1d(module) and list(current.shape) == info["shape"][::-1] else None
+        if conv1d is None and list(current.shape) != info["shape"]:
             raise CheckpointError(f"{path}: {key} has shape {info['shape']}, the model expects {list(current.shape)}")
         if header["format_version"] == 2:  # rows one after another: regrouped exactly (lift_ao.packing)
             tensors[f"{key}.packed_codes"] = interleave_rows(tensors[f"{key}.packed_codes"])
@@ -281,19 +304,42 @@ def load_quantized(directory, model: Optional[torch.nn.Module] = None, *, device
                 f"{path}: {key}'s input transform does not match its recorded fingerprint ({recorded}); "
                 "the file is inconsistent, re-quantize"
             )
-        setattr(module, param_name, torch.nn.Parameter(weight, requires_grad=False))
+        weights[key] = (module, conv1d, weight)
     plain = {k: t.to(device) for k, t in tensors.items()}
     for alias, target in header["aliases"].items():
         if target in plain:
             plain[alias] = plain[target]
-    # Aliases of a quantized weight are tied below, like the others.
-    expected = set(model.state_dict()) - set(header["quantized"]) - {
+        else:
+            parameter(alias)  # an alias of a quantized weight: tied below, like the others
+    state = model.state_dict()
+    expected = set(state) - set(header["quantized"]) - {
         alias for alias, target in header["aliases"].items() if target in header["quantized"]}
     missing, unexpected = expected - set(plain), set(plain) - expected
     if missing or unexpected:
         raise CheckpointError(
             f"{path} does not match the model: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
         )
+    # Another floating dtype is the checkpoint's to choose (assign=True keeps it); integers for floats are not.
+    differ = {k: (f"{list(t.shape)} {t.dtype}", f"{list(state[k].shape)} {state[k].dtype}") for k, t in plain.items()
+              if t.shape != state[k].shape or t.dtype.is_floating_point != state[k].dtype.is_floating_point}
+    if differ:
+        raise CheckpointError(f"{path} does not match the model: (stored, model's) shapes or dtypes differ for "
+                              f"{dict(list(differ.items())[:5])}; load into the architecture that was saved")
+    # A buffer that is computed, not saved (rotary frequencies), is not in the checkpoint: on meta it stays there.
+    unsaved = [name for name, b in model.named_buffers() if b.is_meta and name not in plain]
+    if unsaved:
+        raise CheckpointError(f"{path}: the model's buffers {unsaved[:5]} are on the meta device and not in the "
+                              "checkpoint (computed, not saved), so the loaded model could not run: build the model "
+                              "on a real device (e.g. under accelerate's init_empty_weights(include_buffers=False)), "
+                              "or let load_quantized build it from config.json (model=None)")
+
+    for key, (module, conv1d, weight) in weights.items():
+        module_name, _, param_name = key.rpartition(".")
+        if conv1d is not None:
+            parent, _, child = module_name.rpartition(".")
+            module = torch.nn.Linear(*conv1d, bias=module.bias is not None, device="meta")
+            setattr(model.get_submodule(parent), child, module)
+        setattr(module, param_name, torch.nn.Parameter(weight, requires_grad=False))
     model.load_state_dict(plain, strict=False, assign=True)
     # assign=True wraps each alias in a Parameter of its own: tie them again (the same object, as
     # before saving; a later save then still stores them once).

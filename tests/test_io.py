@@ -255,6 +255,87 @@ def test_mismatched_model_is_refused(saved):
         load_quantized(directory, other)
 
 
+def _state_of(model) -> dict:
+    return {k: (type(v), v.detach().clone()) for k, v in model.state_dict(keep_vars=True).items()}
+
+
+def _unchanged(model, before: dict) -> bool:
+    after = _state_of(model)
+    return after.keys() == before.keys() and all(
+        after[k][0] is t and after[k][1].dtype == v.dtype and torch.equal(after[k][1], v) for k, (t, v) in before.items())
+
+
+def test_a_model_whose_unquantized_shapes_or_dtypes_differ_is_refused_and_left_as_it_was(saved, tmp_path):
+    """Checked before anything changes: once the quantized layers were swapped in first, and load_state_dict
+    then raised a RuntimeError on the embedding's shape."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    _, directory = saved
+    config = tiny_llama(tie=True).config.to_dict() | {"vocab_size": 128}
+    other = LlamaForCausalLM(LlamaConfig(**config))
+    before = _state_of(other)
+    with pytest.raises(CheckpointError, match="shapes or dtypes differ for .*model.embed_tokens.weight"):
+        load_quantized(directory, other)
+    assert _unchanged(other, before)
+
+    def relabel(tensors):  # a float32 norm's bytes relabelled int32: same bytes, same digest
+        tensors["model.norm.weight"] = tensors["model.norm.weight"].view(torch.int32)
+        return tensors
+
+    _rewrite(directory, tmp_path, edit_tensors=relabel)
+    model = tiny_llama(tie=True)
+    before = _state_of(model)
+    with pytest.raises(CheckpointError, match="model.norm.weight.*int32"):
+        load_quantized(tmp_path, model)
+    assert _unchanged(model, before)
+
+
+def test_a_meta_model_whose_computed_buffers_are_not_real_is_refused(saved):
+    """Rotary frequencies are computed, not saved: on the meta device the loaded model could not run."""
+    from accelerate import init_empty_weights
+    from transformers import LlamaForCausalLM
+
+    model, directory = saved
+    with torch.device("meta"):
+        meta = LlamaForCausalLM(model.config)
+    with pytest.raises(CheckpointError, match="rotary_emb.inv_freq.*init_empty_weights"):
+        load_quantized(directory, meta)
+    with init_empty_weights(include_buffers=False):
+        empty = LlamaForCausalLM(model.config)
+    assert_bit_identical(model, load_quantized(directory, empty))
+
+
+@pytest.mark.parametrize("header", [[1, 2], {"quantized": "x"}, "drop quantized", "dtype int32", "shape string"])
+def test_a_malformed_header_is_refused(saved, tmp_path, header):
+    """The header's JSON is no tensor's bytes, so no SHA-256 covers it: its fields are checked."""
+    def edit(h):
+        key = next(iter(h["quantized"]))
+        if header == "drop quantized":
+            return {k: v for k, v in h.items() if k != "quantized"}
+        if header == "dtype int32":
+            return {**h, "quantized": {**h["quantized"], key: {**h["quantized"][key], "dtype": "int32"}}}
+        if header == "shape string":
+            return {**h, "quantized": {**h["quantized"], key: {**h["quantized"][key], "shape": "64x64"}}}
+        return header if isinstance(header, list) else {**h, **header}
+
+    _rewrite(saved[1], tmp_path, edit_header=edit)
+    with pytest.raises(CheckpointError, match="the lift_ao header is corrupt"):
+        load_quantized(tmp_path, tiny_llama(tie=True))
+
+
+def test_distinct_empty_tensors_are_not_taken_for_tied_ones(tmp_path):
+    """Every empty tensor has storage address 0."""
+    class Empty(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Parameter(torch.zeros(0))
+            self.b = torch.nn.Parameter(torch.zeros(0), requires_grad=False)
+
+    save_quantized(Empty(), tmp_path)
+    loaded = load_quantized(tmp_path, Empty())
+    assert loaded.a is not loaded.b and loaded.a.requires_grad and not loaded.b.requires_grad
+
+
 def test_non_checkpoint_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="no checkpoint"):
         load_quantized(tmp_path, tiny_llama())
@@ -275,3 +356,8 @@ def test_a_quantized_weight_tied_by_hand_loads_tied(tmp_path):
     assert loaded[1].weight is loaded[0].weight and isinstance(loaded[0].weight, lift_ao.LiftQuantTensor)
     x = torch.randn(3, 64)
     assert torch.equal(loaded(x), tied(x))
+    shorter = torch.nn.Sequential(model()[0])  # the alias' module is missing (was: a raw AttributeError)
+    before = _state_of(shorter)
+    with pytest.raises(CheckpointError, match="the model has no '1.weight'"):
+        load_quantized(tmp_path, shorter)
+    assert _unchanged(shorter, before)
