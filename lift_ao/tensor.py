@@ -263,7 +263,9 @@ implements_torch_function = LiftQuantTensor.implements_torch_function
 @implements(aten.linear.default)
 @implements_torch_function(F.linear)
 def _(func, types, args, kwargs):
-    x, weight = args[0], args[1]
+    # F.linear(input, weight, bias=None): any of them may come by keyword.
+    x = args[0] if args else kwargs["input"]
+    weight = args[1] if len(args) > 1 else kwargs["weight"]
     bias = args[2] if len(args) > 2 else kwargs.get("bias")
     if x.shape[-1] != weight.shape[1]:
         raise ValueError(f"linear: input has {x.shape[-1]} features, the weight expects {weight.shape[1]}")

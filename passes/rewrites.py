@@ -169,7 +169,7 @@ def fuse_lifts(graph: fx.Graph) -> int:
     Returns:
         number of ``lifted_matmul`` nodes absorbed.
     """
-    order = {node: index for index, node in enumerate(graph.nodes)}
+    order = {node: index for index, node in enumerate(graph.nodes)}  # numbered again after each fusion
     lifts_by_input: dict[fx.Node, list[fx.Node]] = {}
     for node in graph.nodes:
         if _is_op(node, _LIFT):
@@ -196,6 +196,8 @@ def fuse_lifts(graph: fx.Graph) -> int:
         for lift in fusable:
             graph.erase_node(lift)
         absorbed += len(chains)
+        # The fused node is new, and may be a later chain's operand (a bias computed by this linear).
+        order = {node: index for index, node in enumerate(graph.nodes)}
     _count("lift_fusion", absorbed)
     _count("shared_transform", shared)
     return absorbed

@@ -21,6 +21,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
 import lift_ao
 from lift_ao import Lattice, LiftQuantTensor, passes
 from lift_ao.passes import LiftAOPassManager, run_passes
+from lift_ao.passes.rewrites import fuse_lifts
 from tiny_models import tiny_qwen2, token_batch
 
 ops = torch.ops.lift_ao
@@ -251,6 +252,27 @@ def test_no_fusion_before_a_later_lifts_transform_exists(siblings):
     gm.recompile()
     for got, want in zip(gm(*args), late_transform(*args)):
         torch.testing.assert_close(got, want)
+
+
+def test_a_linear_whose_bias_is_another_fused_linears_output_fuses_too():
+    """The first chain's fused op is a node the pass made: it is the second chain's bias operand (a
+    KeyError in fuse_lifts when that chain was found first, as here and with Inductor's locality reordering
+    off; run_passes' sharing step happened to reorder this graph first)."""
+    lattice = Lattice.load("24/10")
+    main = LiftQuantTensor.from_hp(torch.randn(32, K, generator=_gen(30)), lattice)
+    condition = LiftQuantTensor.from_hp(torch.randn(32, 48, generator=_gen(31)), lattice)
+
+    def bias_from_a_linear(x, c, *flat):
+        b = ops.lifted_matmul(ops.lift_activation(c, *flat[6:10]), *flat[10:12], None)
+        return ops.lifted_matmul(ops.lift_activation(x, *flat[:4]), *flat[4:6], b)
+
+    args = [torch.randn(K, generator=_gen(32)), torch.randn(48, generator=_gen(33)), *_flat(main), *_flat(condition)]
+    gm = make_fx(bias_from_a_linear, tracing_mode="fake")(*args)
+    assert fuse_lifts(gm.graph) == 2
+    gm.graph.lint()
+    gm.recompile()
+    assert _count_targets(gm) == {"lift_activation": 0, "lifted_matmul": 0, "lifted_linear": 2, "lifted_linear_group": 0}
+    torch.testing.assert_close(gm(*args), bias_from_a_linear(*args))
 
 
 def test_no_fold_when_the_norm_output_has_another_reader(siblings):

@@ -78,6 +78,16 @@ def test_linear_matches_float64_reference(quantized, dtype, tol, lead, with_bias
     assert rel < tol
 
 
+def test_linear_takes_its_arguments_by_keyword_too(quantized):
+    _, w = quantized
+    g = _gen(3)
+    x, bias = torch.randn(3, 53, generator=g), torch.randn(37, generator=g)
+    expected = F.linear(x, w, bias)
+    for call in (lambda: F.linear(x, w, bias=bias), lambda: F.linear(x, weight=w, bias=bias),
+                 lambda: F.linear(input=x, weight=w, bias=bias)):
+        assert torch.equal(call(), expected)
+
+
 def test_nn_linear_forward_and_activation_gradient(quantized):
     weight, w = quantized
     linear = torch.nn.Linear(53, 37)
