@@ -748,11 +748,15 @@ def parse_rate_window(text: str) -> Optional[float]:
     return None if text.strip().lower() == "none" else float(text)
 
 
-def check_rate_window(rate_window) -> None:
-    """Raise :class:`BudgetError` unless ``rate_window`` is None or a finite number of bits ≥ 0."""
+def check_rate_window(rate_window, allocation: str = "sensitivity") -> None:
+    """Raise :class:`BudgetError` unless ``rate_window`` is None or a finite number of bits ≥ 0, and left at
+    its default with ``allocation="uniform"`` (which one window would silently not bound)."""
     if rate_window is not None and (isinstance(rate_window, bool) or not isinstance(rate_window, numbers.Real)
                                     or not math.isfinite(rate_window) or rate_window < 0):
         raise BudgetError(f"rate_window must be None (no window) or bits >= 0 such as 0.4, got {rate_window!r}")
+    if allocation == "uniform" and rate_window != DEFAULT_RATE_WINDOW:
+        raise BudgetError("rate_window bounds the lattices a sensitivity plan mixes; allocation='uniform' gives every "
+                          "layer one lattice: drop rate_window (--rate-window)")
 
 
 def plan(
@@ -818,7 +822,7 @@ def plan(
     from lift_ao.api import quantizable_linears
     from lift_ao.config import LiftQuantConfig
 
-    check_rate_window(rate_window)
+    check_rate_window(rate_window, allocation)
     if isinstance(tuned, str) or not set(tuned) <= set(TUNED_PARTS) or (tuned and groups is None):
         raise BudgetError(f"tuned must be a tuple of {TUNED_PARTS}, given with groups=; got {tuned!r}")
     tuned = frozenset(tuned)

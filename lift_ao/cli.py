@@ -80,6 +80,11 @@ def _add_eval_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--windows", type=int, default=8, help="number of windows to score (default 8; 0 = all)")
 
 
+_CALIBRATION_TOKENS = 16384  # --calibration-tokens' default
+# What `tokenizer.save_pretrained` writes: `lift-ao quantize --out` saves one beside the checkpoint.
+_TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
+
+
 def _given(args, **defaults) -> list[str]:
     """The options among ``defaults`` (dest=default value) that the command line set, as flags."""
     return ["--" + dest.replace("_", "-") for dest, default in defaults.items() if getattr(args, dest) != default]
@@ -101,6 +106,9 @@ def _cmd_quantize(args) -> dict:
         raise ValueError(f"--out {args.out} is a file: give a directory (created if missing)")
     if args.rate_window != DEFAULT_RATE_WINDOW and args.memory_budget is None:
         raise ValueError("--rate-window bounds the lattices a --memory-budget plan mixes: add --memory-budget SIZE")
+    if _given(args, calibration_tokens=_CALIBRATION_TOKENS) and not (args.calibrate or args.memory_budget is not None):
+        raise ValueError("--calibration-tokens sizes the text of --calibrate, or of a --memory-budget plan's "
+                         "activation statistics: add one of them")
     if args.measure_sensitivity and not (args.calibrate and args.memory_budget is not None):
         raise ValueError("--measure-sensitivity plans a --memory-budget in calibrated mode: add --calibrate and "
                          "--memory-budget SIZE")
@@ -259,8 +267,15 @@ def _cmd_eval(args) -> dict:
     if args.checkpoint:
         from transformers import AutoTokenizer
 
+        token_ids = args.text is not None and Path(args.text).suffix.lower() in (".safetensors", ".npy")
+        has_tokenizer = any((Path(args.checkpoint) / name).is_file() for name in _TOKENIZER_FILES)
+        # (Where there is no checkpoint either, load_quantized says so.)
+        if not (has_tokenizer or token_ids) and (Path(args.checkpoint) / lift_ao.io.CHECKPOINT_NAME).is_file():
+            raise ValueError(f"{args.checkpoint} holds no tokenizer (lift_ao.save_quantized writes none; `lift-ao "
+                             "quantize --out` saves the model's): save one there with tokenizer.save_pretrained(dir), "
+                             "or pass --text with token ids (.safetensors or .npy)")
         model = lift_ao.load_quantized(args.checkpoint, device=device).eval()
-        tokenizer = AutoTokenizer.from_pretrained(args.checkpoint, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(args.checkpoint, local_files_only=True) if has_tokenizer else None
     else:
         model, tokenizer = _load_model(args.model or BUILTIN, device)
     result = _perplexity(args, model, _eval_tokens(args, tokenizer)).to_dict()
@@ -359,7 +374,7 @@ def _parser() -> argparse.ArgumentParser:
                    "model, lattice or seed instead of refusing")
     q.add_argument("--calibrate", action="store_true", help="calibrated mode (lift_ao.calibrate): activation-aware "
                    "input scales and Hessian-aware rounding from the built-in calibration text, block by block")
-    q.add_argument("--calibration-tokens", type=int, default=16384, help="calibration tokens with --calibrate, and "
+    q.add_argument("--calibration-tokens", type=int, default=_CALIBRATION_TOKENS, help="calibration tokens with --calibrate, and "
                    "the activations that score the layers of a --memory-budget plan (default 16384, in sequences "
                    "of 512)")
     q.add_argument("--alpha", type=float, default=None, help="with --calibrate: strength of the activation-aware "

@@ -83,7 +83,7 @@ class LiftQuantConfig(AOBaseConfig):
             raise BudgetError(f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
         if self.scores is not None and (self.allocation != "sensitivity" or not isinstance(self.scores, dict)):
             raise BudgetError("scores= must be a dict {layer FQN: weight} and weighs allocation='sensitivity' only")
-        check_rate_window(self.rate_window)
+        check_rate_window(self.rate_window, self.allocation)
 
     def at_lattice(self, lattice: str) -> LiftQuantConfig:
         """This budget config's settings for one planned layer at ``lattice``: no budget, and the fields
@@ -130,6 +130,8 @@ def liftquant(
             "liftquant needs exactly one of bits=... (e.g. 2.4), lattice=... (e.g. '24/10') or "
             "memory_budget=... (e.g. '24GiB')"
         )
+    if round != "down" and bits is None:
+        raise ValueError(f"round= picks the lattice for bits=...; with lattice= or memory_budget= drop it (got {round!r})")
     if memory_budget is None and (reserve or kv_cache is not None or allocation != "sensitivity" or scores is not None
                                   or rate_window != DEFAULT_RATE_WINDOW):
         raise ValueError("reserve=, kv_cache=, allocation=, scores= and rate_window= only apply with memory_budget=...")

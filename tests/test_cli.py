@@ -200,6 +200,7 @@ def test_quantize_refuses_stage_options_it_would_ignore(tmp_path, capsys, option
     (["--calibrate", "--code-rounds", "-2"], "code_rounds must be an int >= 0"),
     (["--calibrate", "--refine-passes", "-1"], "refine_passes must be an int >= 0"),
     (["--calibrate", "--alpha", "1.5"], "alpha must be in [0, 1]"),
+    (["--calibration-tokens", "4096"], "add one of them"),
 ])
 def test_quantize_refuses_bad_settings_before_it_loads_the_model(tmp_path, monkeypatch, capsys, options, message):
     """Each was refused (or, --bits beside --lattice, silently dropped) only after the model loaded and the
@@ -236,6 +237,19 @@ def test_eval_of_a_checkpoint_prints_json_and_refuses_a_model_beside_it(monkeypa
     assert code == 2 and "not both" in err
 
 
+def test_eval_of_a_checkpoint_without_a_tokenizer_needs_token_ids(monkeypatch, capsys, tmp_path):
+    """save_quantized writes no tokenizer: text needs one (was: a transformers error naming sentencepiece)."""
+    from lift_ao.io import CHECKPOINT_NAME
+
+    monkeypatch.setattr(cli, "_load_model", lambda spec, device: pytest.fail("loaded a model"))
+    (tmp_path / CHECKPOINT_NAME).write_bytes(b"")  # refused before it is read
+    (tmp_path / "text.txt").write_text("some text")
+    assert cli.main(["eval", "--device", "cpu", "--checkpoint", str(tmp_path), "--text", str(tmp_path / "text.txt")]) == 2
+    assert "holds no tokenizer" in capsys.readouterr().err
+    code, out, _ = _eval(monkeypatch, capsys, tmp_path, "--checkpoint", str(tmp_path))  # token ids: no tokenizer
+    assert code == 0 and json.loads(out)["tokens"] == 60
+
+
 def test_eval_json_stays_strict_json_for_a_diverged_model(monkeypatch, capsys, tmp_path):
     from tiny_models import tiny_llama
 
@@ -252,3 +266,6 @@ def test_bench_and_plan_refuse_options_they_would_ignore(capsys):
     assert "not both" in capsys.readouterr().err
     assert cli.main(["plan", "--preset", "llama3-70b", "--budget", "24GiB", "--context", "0"]) == 2
     assert "positive" in capsys.readouterr().err
+    assert cli.main(["plan", "--preset", "llama3-70b", "--budget", "24GiB", "--allocation", "uniform",
+                     "--rate-window", "0.1"]) == 2
+    assert "drop rate_window" in capsys.readouterr().err
