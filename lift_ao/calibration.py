@@ -673,13 +673,30 @@ def finetune_block(block: torch.nn.Module, groups: list, inputs: list, targets: 
     return before, after
 
 
-def _block_source(block, config: LiftQuantConfig) -> str:
-    """SHA-256 of the full-precision weights of ``block``'s coded linears: a resumed block must have
-    been coded from these (the manifest records shapes, not values)."""
+def _block_sources(model: torch.nn.Module, prefixes: tuple, guided: bool) -> list[str]:
+    """Per decoder block (FQN ``prefixes``, "model.layers.0." …), a SHA-256 of every value its codes depend
+    on: a resumed block must have been coded from these (the manifest records shapes, not values).
+
+    Block i's codes depend on its own weights and norms, on its inputs (the embeddings and blocks before
+    it) and, fine-tuned, on the full-precision targets of those: the state outside the blocks and of
+    blocks 0..i. Guided, on the whole model (the output sensitivity runs through all of it)."""
+    state = model.state_dict()
+
+    def update(digest, key: str, t: torch.Tensor) -> None:
+        parts = [getattr(t, n) for n in t.tensor_data_names] if isinstance(t, LiftQuantTensor) else [t]
+        digest.update(f"{key}:{','.join(map(_sha256, parts))};".encode())
+
     digest = hashlib.sha256()
-    for name, module in quantizable_linears(block, config):
-        digest.update(f"{name}:{_sha256(module.weight)};".encode())
-    return digest.hexdigest()
+    for key, t in state.items():
+        if not key.startswith(prefixes):
+            update(digest, key, t)
+    sources = []
+    for prefix in prefixes:
+        for key, t in state.items():
+            if key.startswith(prefix):
+                update(digest, key, t)
+        sources.append(digest.copy().hexdigest())
+    return [sources[-1]] * len(sources) if guided else sources
 
 
 def _save_block(directory, index: int, block, groups: list, source: str) -> None:
@@ -698,7 +715,7 @@ def _save_block(directory, index: int, block, groups: list, source: str) -> None
 
 def _finished_block(directory, index: int, source: str, overwrite: bool = False) -> Optional[tuple[dict, dict]]:
     """The verified shard ``(info, tensors)`` of decoder block ``index``, None when it has not been finished
-    (or was coded from other weights, ``source`` (:func:`_block_source`), and ``overwrite`` discarded it).
+    (or was coded from other values, ``source`` (:func:`_block_sources`), and ``overwrite`` discarded it).
 
     Raises:
         CheckpointError: the block was coded from other weights (and not ``overwrite``).
@@ -744,7 +761,7 @@ def _manifest(config: LiftQuantConfig, tokens: torch.Tensor, alpha: float, dampi
     elif guided:
         settings["guided"] = True
     return {"calibrate": settings,
-            "tokens": {"shape": list(tokens.shape), "sha256": hashlib.sha256(tokens.numpy().tobytes()).hexdigest()},
+            "tokens": {"shape": list(tokens.shape), "sha256": _sha256(tokens)},  # tokens may be on a GPU
             "blocks": [[n, list(m.weight.shape)] for b in blocks for n, m in quantizable_linears(b, config)]}
 
 
@@ -812,8 +829,9 @@ def check_settings(*, alpha: float = DEFAULT_ALPHA, damping: float = 0.01, finet
                    refine_passes: int = DEFAULT_REFINE_PASSES, tuned_later: tuple = ()) -> None:
     """Raise ValueError for :func:`calibrate` settings it would refuse (arguments as there): it checks them
     before any work, and the command line before it loads the model or measures anything."""
-    if not 0 <= alpha <= 1 or damping < 0:
-        raise ValueError(f"alpha must be in [0, 1] and damping >= 0, got alpha={alpha}, damping={damping}")
+    # damping 0 would leave the Hessian of a layer whose inputs are padded to a multiple of d singular.
+    if not 0 <= alpha <= 1 or not damping > 0:
+        raise ValueError(f"alpha must be in [0, 1] and damping > 0, got alpha={alpha}, damping={damping}")
     if isinstance(finetune_steps, bool) or not isinstance(finetune_steps, int) or finetune_steps < 0 \
             or not finetune_lr > 0:
         raise ValueError(f"finetune_steps must be an int >= 0 and finetune_lr > 0, got {finetune_steps!r}, {finetune_lr!r}")
@@ -911,7 +929,7 @@ def calibrate(
     # A resumed run does only what the blocks still to code need: the sensitivity pass and the runs of the
     # blocks up to the last of them (none at all when a run stopped after calibration, e.g. in a later stage).
     # Hashed before anything moves or is coded, where the blocks wait (the host, for a streamed model).
-    sources = [None if checkpoint_dir is None else _block_source(block, config) for block in blocks]
+    sources = [None] * len(blocks) if checkpoint_dir is None else _block_sources(model, prefixes, guided)
     finished = [checkpoint_dir is not None and _finished_block(checkpoint_dir, i, source, overwrite) is not None
                 for i, source in enumerate(sources)]
     last = max((i for i, done in enumerate(finished) if not done), default=-1)  # the last block to code

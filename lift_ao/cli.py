@@ -134,6 +134,14 @@ def _cmd_quantize(args) -> dict:
                        finetune_rotation=args.finetune_rotation,
                        **({} if args.alpha is None else {"alpha": args.alpha}),
                        **({} if args.refine_passes is None else {"refine_passes": args.refine_passes}))
+        if args.e2e_steps < 0:
+            raise ValueError(f"--e2e-steps must be >= 0, got {args.e2e_steps}")
+        # The end-to-end stage's text: --e2e-tokens, else the block stage's.
+        e2e_tokens = args.calibration_tokens if args.e2e_tokens is None else args.e2e_tokens
+        if not 0 < args.e2e_held_out < 1 or (args.e2e_steps and e2e_tokens < 1024):
+            raise ValueError(f"--e2e-held-out must be in (0, 1) and the end-to-end stage's tokens (--e2e-tokens, else "
+                             f"--calibration-tokens) at least 1024 (two sequences of 512), got {args.e2e_held_out} "
+                             f"and {e2e_tokens}")
     bits = 2.4 if args.bits is None else args.bits  # the default unless a lattice or a budget replaces it
     if args.lattice is not None or args.memory_budget is not None:
         bits = None
@@ -175,12 +183,6 @@ def _cmd_quantize(args) -> dict:
         report["finetune_rotation"], report["alpha"], report["guided"] = args.finetune_rotation, alpha, args.guided
         refine_passes = report["refine_passes"] = (default_refine_passes(end_to_end=args.e2e_steps > 0)
                                                    if args.refine_passes is None else args.refine_passes)
-        if args.e2e_steps < 0:
-            raise ValueError(f"--e2e-steps must be >= 0, got {args.e2e_steps}")
-        # Checked before calibrating, which may take long, rather than when the end-to-end stage starts.
-        if not 0 < args.e2e_held_out < 1 or (args.e2e_tokens is not None and args.e2e_tokens < 1024):
-            raise ValueError(f"--e2e-held-out must be in (0, 1) and --e2e-tokens at least 1024 (two sequences of "
-                             f"512), got {args.e2e_held_out} and {args.e2e_tokens}")
         if args.measure_sensitivity:
             # Measured on text no other stage reads: after the block and end-to-end stages' tokens.
             score_tokens = builtin_calibration_tokens_after(tokenizer, max(calibration.numel(), args.e2e_tokens or 0),

@@ -92,7 +92,9 @@ def hessian_encode_rows(
             target[:, stop:] -= error @ feedback.to(torch.float32)
     row_scale = _row_scale(rotated, decoded, h)
     for _ in range(refine_passes):
-        _refine_blocks(rotated / row_scale[:, None], decoded, codes, h, lattice, chunk, beam_width)
+        # A zero row (a pruned neuron) has scale 0: its unit-scale target is 0, not 0/0.
+        unit = rotated / torch.where(row_scale == 0, 1.0, row_scale)[:, None]
+        _refine_blocks(unit, decoded, codes, h, lattice, chunk, beam_width)
         row_scale = _row_scale(rotated, decoded, h)
     return codes.flatten(1), row_scale.to(torch.float32)
 

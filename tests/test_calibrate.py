@@ -157,6 +157,18 @@ def test_calibrate_tiny_llama_streams_resumes_bit_identically(tmp_path, monkeypa
                        progress=False)
     expected, got = _state(other), _state(redone)
     assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+    # Same linears, other embeddings: every block's inputs differ, so do its codes (its shard was once loaded).
+    scaled = tiny_llama(seed=1)
+    with torch.no_grad():
+        scaled.model.embed_tokens.weight.mul_(3.0)
+    with pytest.raises(lift_ao.CheckpointError, match="block_0000.shard.safetensors was made from other weights"):
+        calibrate(copy.deepcopy(scaled), config, tokens, checkpoint_dir=tmp_path / "resumed", progress=False)
+    # Block 1's norm changed: block 0 is still the same model's and resumes; block 1 is redone.
+    normed = tiny_llama(seed=1)
+    with torch.no_grad():
+        normed.model.layers[1].input_layernorm.weight.mul_(2.0)
+    with pytest.raises(lift_ao.CheckpointError, match="block_0001.shard.safetensors was made from other weights"):
+        calibrate(copy.deepcopy(normed), config, tokens, checkpoint_dir=tmp_path / "resumed", progress=False)
 
 
 def test_a_finished_block_that_vanishes_during_the_run_is_refused(tmp_path, monkeypatch):
@@ -233,6 +245,21 @@ def test_bad_input_is_refused():
         hessian_encode_rows(torch.randn(4, 16), torch.eye(16), Lattice.load(LATTICE), refine_passes=-1)
     with pytest.raises(ValueError, match="hessian must be"):
         hessian_encode_rows(torch.randn(4, 16), torch.eye(8), Lattice.load(LATTICE))
+    with pytest.raises(ValueError, match="damping > 0"):  # a padded layer's Hessian is singular without it
+        calibrate(tiny_llama(), config, token_batch(), damping=0.0)
+
+
+def test_a_zero_weight_row_codes_to_zero_with_refinement_passes():
+    """A pruned neuron: its row scale is 0, and the refinement passes divided by it (NaN, a crash with the
+    model half quantized)."""
+    model = tiny_llama()
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[3] = 0
+    calibrate(model, lift_ao.liftquant(lattice=LATTICE), token_batch(0, batch=8, length=32), refine_passes=2,
+              progress=False)
+    weight = model.model.layers[0].mlp.up_proj.weight
+    assert weight.row_scale[3] == 0 and torch.equal(weight.dequantize()[3], torch.zeros(weight.shape[1]))
+    assert bool(weight.row_scale[:3].ne(0).all())
 
 
 def test_calibrate_to_a_memory_budget_codes_each_layer_at_its_planned_lattice(tmp_path, monkeypatch):

@@ -201,6 +201,8 @@ def test_quantize_refuses_stage_options_it_would_ignore(tmp_path, capsys, option
     (["--calibrate", "--refine-passes", "-1"], "refine_passes must be an int >= 0"),
     (["--calibrate", "--alpha", "1.5"], "alpha must be in [0, 1]"),
     (["--calibration-tokens", "4096"], "add one of them"),
+    (["--calibrate", "--calibration-tokens", "512", "--e2e-steps", "4"], "at least 1024"),
+    (["--calibrate", "--e2e-steps", "4", "--e2e-held-out", "1.5"], "--e2e-held-out must be in (0, 1)"),
 ])
 def test_quantize_refuses_bad_settings_before_it_loads_the_model(tmp_path, monkeypatch, capsys, options, message):
     """Each was refused (or, --bits beside --lattice, silently dropped) only after the model loaded and the

@@ -87,6 +87,13 @@ def test_a_guided_run_resumes_bit_identically(tmp_path, monkeypatch):
     plain = calibrate(copy.deepcopy(model), config, tokens, progress=False)
     assert not torch.equal(plain.model.layers[1].mlp.down_proj.weight.packed_codes,
                            complete.model.layers[1].mlp.down_proj.weight.packed_codes)  # guided codes differ
+    # Guided codes depend on the whole model (the sensitivity runs through it): another output head
+    # makes block 0's shard another model's.
+    other_head = copy.deepcopy(model)
+    with torch.no_grad():
+        other_head.lm_head.weight.mul_(2.0)
+    with pytest.raises(lift_ao.CheckpointError, match="block_0000.shard.safetensors was made from other weights"):
+        calibrate(other_head, config, tokens, guided=True, checkpoint_dir=tmp_path / "resumed", progress=False)
 
 
 def test_a_resumed_run_does_only_what_the_blocks_left_to_code_need(tmp_path, monkeypatch):
