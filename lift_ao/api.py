@@ -11,11 +11,12 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 import torch
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 from torchao.quantization import quantize_
 from tqdm.auto import tqdm
 
 from lift_ao.config import LiftQuantConfig
-from lift_ao.io import CheckpointError, _sha256, load_shard, open_partial, save_shard
+from lift_ao.io import _sha256, load_shard, open_partial, save_shard
 from lift_ao.lattice import Lattice
 from lift_ao.search import check_beam_width, default_beam_width
 from lift_ao.tensor import LiftQuantTensor, check_weight
@@ -52,14 +53,14 @@ def quantizable_linears(
     """The (name, module) pairs :func:`quantize` will code, in model order.
 
     A module qualifies when it is an ``nn.Linear`` (or a transformers ``Conv1D``) with a plain (not
-    yet quantized) weight, passes ``filter_fn(module, name)`` if given, and is not the output
-    projection unless ``config.include_lm_head``.
+    yet quantized: by LiftQuant or any torchao tensor subclass) weight, passes ``filter_fn(module, name)``
+    if given, and is not the output projection unless ``config.include_lm_head``.
     """
     output = _output_projection(model)
     selected = []
     for name, module in model.named_modules():
         is_linear = isinstance(module, torch.nn.Linear) or _is_hf_conv1d(module)
-        if not is_linear or isinstance(module.weight, LiftQuantTensor):
+        if not is_linear or is_traceable_wrapper_subclass(module.weight):
             continue
         # By name only where the model cannot say (no get_output_embeddings): a top-level `output`
         # (torchtune, torchchat) or any `lm_head`, not a block's own `output` linear.

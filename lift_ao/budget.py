@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Optional, Union
 
 import torch
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from lift_ao.lattice import Lattice
 from lift_ao.packing import packed_shape
@@ -146,6 +147,8 @@ def parse_bytes(value: Union[int, str], what: str = "memory_budget", *, allow_ze
         sign, number, exponent, unit = match.groups()
         if sign == "-":
             raise BudgetError(f"{what}={value!r} is negative; a size must be positive")
+        if abs(int(exponent or 0)) > 30:  # 10**±huge, exactly, would take forever
+            raise BudgetError(f"{what}={value!r}: the exponent is out of range; write {example}")
         # Exact arithmetic on the decimal string, so "1.1GB" is exactly 1_100_000_000 bytes.
         amount = Fraction(number) * Fraction(10) ** int(exponent or 0) * _UNITS[unit.lower()]
         value = math.floor(amount)
@@ -255,7 +258,12 @@ def kv_cache_bytes(config, context: int, batch: int = 1, dtype: torch.dtype = to
             "kv_cache= needs a model with a Hugging Face config (num_hidden_layers, num_attention_heads, "
             "hidden_size); for other models compute the cache size yourself and pass reserve=..."
         ) from None
-    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    kv_heads = getattr(config, "num_key_value_heads", None)
+    if kv_heads is None and getattr(config, "new_decoder_architecture", False):  # Falcon-40B's name for it
+        kv_heads = getattr(config, "num_kv_heads", None)
+    elif kv_heads is None and getattr(config, "multi_query", False):  # Falcon-7B, GPT-BigCode: one K/V head
+        kv_heads = 1
+    kv_heads = int(kv_heads or heads)
     head_dim = int(getattr(config, "head_dim", None) or hidden // heads)
     return layers * 2 * kv_heads * head_dim * context * batch * dtype.itemsize
 
@@ -264,11 +272,10 @@ def _storage_entries(t: torch.Tensor):
     """(key, bytes) of each storage behind ``t``, keyed as :func:`lift_ao.footprint` keys them.
 
     Meta tensors have no addresses; tied meta parameters are the same object, so identity stands in
-    for the address. An already quantized weight contributes its inner tensors."""
-    from lift_ao.tensor import LiftQuantTensor
-
-    if isinstance(t, LiftQuantTensor):
-        for name in t.tensor_data_names:
+    for the address. An already quantized weight (LiftQuant or any torchao tensor subclass) contributes
+    its inner tensors."""
+    if is_traceable_wrapper_subclass(t):
+        for name in t.__tensor_flatten__()[0]:
             yield from _storage_entries(getattr(t, name))
     elif t.device.type == "meta":
         yield ("meta", id(t)), t.nbytes

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from functools import lru_cache
+from functools import cache
 from typing import Optional
 
 import torch
@@ -53,13 +53,14 @@ SHARED_DATA_NAMES = ("mapping", "input_signs", "rotation_left", "rotation_right"
 
 # One copy of each M and each rotation per device, so linears with the same lattice share M and
 # linears reading the same activation (q/k/v, gate/up: same K, d and seed) share the rotation, as
-# the footprint counts and the passes expect.
-@lru_cache(maxsize=64)
+# the footprint counts and the passes expect. Unbounded: an evicted key would give later layers copies of
+# their own (a model of many input sizes and lattices over its budget); each entry is a few K floats.
+@cache
 def _shared_mapping(lattice: Lattice, device: torch.device) -> torch.Tensor:
     return lattice.M.to(device)
 
 
-@lru_cache(maxsize=64)
+@cache
 def _shared_rotation(in_features: int, block: int, seed: int, device: torch.device):
     rotation = make_rotation(in_features, block, seed)
     return tuple(t.to(device) for t in (rotation.signs, rotation.left, rotation.right))

@@ -98,7 +98,7 @@ def test_parse_bytes_accepts(text, expected):
 
 @pytest.mark.parametrize("bad", [
     "-1GiB", -5, 0, "0GB", float("nan"), "nan", "NaN GiB", "inf", "24 gigs", "", "GiB", "24 GiB GiB",
-    True, 2.5e9, None, [24],
+    True, 2.5e9, None, [24], "1e-99999999GB", "1e99999999",  # (exact powers of 10 that large never end)
 ])
 def test_parse_bytes_rejects(bad):
     with pytest.raises(BudgetError, match="memory_budget"):
@@ -136,6 +136,49 @@ def test_liftquant_budget_config_validation():
 
 
 # ----- byte model on real shapes (meta device) ------------------------------------------------
+
+
+def test_kv_cache_of_multi_query_falcon_configs():
+    """Falcon names its K/V heads num_kv_heads (40B) or has one (7B, multi_query); was: one per query head."""
+    from transformers import FalconConfig
+
+    falcon_7b = FalconConfig(hidden_size=4544, num_attention_heads=71, num_hidden_layers=32, multi_query=True)
+    assert kv_cache_bytes(falcon_7b, 2048) == 32 * 2 * 1 * 64 * 2048 * 2
+    falcon_40b = FalconConfig(hidden_size=8192, num_attention_heads=128, num_kv_heads=8, num_hidden_layers=60,
+                              new_decoder_architecture=True)
+    assert kv_cache_bytes(falcon_40b, 2048) == 60 * 2 * 8 * 64 * 2048 * 2
+    assert kv_cache_bytes(FalconConfig(multi_query=False, num_attention_heads=8, hidden_size=64,
+                                       num_hidden_layers=1), 16) == 2 * 8 * 8 * 16 * 2
+
+
+def test_a_layer_quantized_by_torchao_is_left_alone_and_counted_as_it_is():
+    """Another torchao tensor subclass (int8 weight-only here): neither planned nor coded again; its inner
+    tensors count with the high-precision part (was: plan and quantize crashed on it)."""
+    from torchao.quantization import Int8WeightOnlyConfig
+
+    model = tiny_llama()
+    quantize_(model, Int8WeightOnlyConfig(), filter_fn=lambda m, name: name == "model.layers.0.mlp.down_proj")
+    int8 = model.model.layers[0].mlp.down_proj.weight
+    budget = lift_ao.plan(model, 10**12, allocation="uniform", lattices=[Lattice.load("24/10")]).model_bytes
+    p = plan(model, budget, allocation="uniform", lattices=[Lattice.load("24/10")])
+    assert "model.layers.0.mlp.down_proj" not in {layer.name for layer in p.layers} and len(p.layers) == 13
+    lift_ao.quantize(model, lift_ao.liftquant(memory_budget=budget, allocation="uniform"), progress=False)
+    assert model.model.layers[0].mlp.down_proj.weight is int8
+    assert lift_ao.footprint(model) == p.model_bytes
+
+
+def test_layers_of_many_input_sizes_share_their_transform_as_planned():
+    """More (K, d) pairs than a bounded cache held (64): the first layer's rotation was evicted and the last
+    layer of that K got copies of its own, over the plan and the budget."""
+    torch.manual_seed(0)
+    sizes = [64] + [64 + 2 * i for i in range(1, 66)] + [64]
+    model = torch.nn.Sequential(*(torch.nn.Linear(k, 32, bias=False) for k in sizes))
+    budget = plan(model, 10**12, allocation="uniform", lattices=[Lattice.load("24/10")]).total_bytes
+    p = plan(model, budget, allocation="uniform")
+    lift_ao.quantize(model, lift_ao.liftquant(memory_budget=budget, allocation="uniform"), progress=False)
+    storage = lambda w: w.input_signs.untyped_storage().data_ptr()  # noqa: E731
+    assert storage(model[0].weight) == storage(model[-1].weight)
+    assert lift_ao.footprint(model) == p.model_bytes <= budget
 
 
 def test_kv_cache_and_high_precision_bytes_70b(llama70b):
