@@ -187,7 +187,7 @@ def _resume_layer(resume_dir, name: str, module: torch.nn.Module, config: LiftQu
                   overwrite: bool) -> bool:
     """Put a finished layer's saved codes in place; False when the layer still has to be encoded (codes
     of another weight ``source`` are refused, or discarded with ``overwrite``: :func:`lift_ao.io.load_shard`)."""
-    stored = load_shard(resume_dir, name, source=source, overwrite=overwrite)
+    stored = load_shard(resume_dir, name, sources={"source_sha256": source}, overwrite=overwrite)
     if stored is None:
         return False
     _, tensors = stored

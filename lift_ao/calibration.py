@@ -673,33 +673,39 @@ def finetune_block(block: torch.nn.Module, groups: list, inputs: list, targets: 
     return before, after
 
 
-def _block_sources(model: torch.nn.Module, prefixes: tuple, guided: bool) -> list[str]:
-    """Per decoder block (FQN ``prefixes``, "model.layers.0." …), a SHA-256 of every value its codes depend
-    on: a resumed block must have been coded from these (the manifest records shapes, not values).
+def _block_sources(model: torch.nn.Module, blocks: list, prefixes: tuple, config: LiftQuantConfig,
+                   guided: bool) -> list[dict]:
+    """Per decoder block (FQN ``prefixes``, "model.layers.0." …), SHA-256s of the values its codes depend on:
+    a resumed block must have been coded from these (the manifest records shapes, not values).
 
-    Block i's codes depend on its own weights and norms, on its inputs (the embeddings and blocks before
-    it) and, fine-tuned, on the full-precision targets of those: the state outside the blocks and of
-    blocks 0..i. Guided, on the whole model (the output sensitivity runs through all of it)."""
+    ``"inputs_sha256"``: block i's codes depend on its own weights and norms, on its inputs (the embeddings
+    and blocks before it) and, fine-tuned, on the full-precision targets of those: the state outside the
+    blocks and of blocks 0..i; guided, on the whole model (the output sensitivity runs through all of it).
+    ``"source_sha256"``: its coded linears' weights alone, which shards written before the other existed
+    record (they are checked by it and stay resumable)."""
     state = model.state_dict()
-
-    def update(digest, key: str, t: torch.Tensor) -> None:
-        parts = [getattr(t, n) for n in t.tensor_data_names] if isinstance(t, LiftQuantTensor) else [t]
-        digest.update(f"{key}:{','.join(map(_sha256, parts))};".encode())
-
     digest = hashlib.sha256()
     for key, t in state.items():
         if not key.startswith(prefixes):
-            update(digest, key, t)
-    sources = []
+            digest.update(f"{key}:{_sha256(t)};".encode())
+    inputs = []
     for prefix in prefixes:
         for key, t in state.items():
             if key.startswith(prefix):
-                update(digest, key, t)
-        sources.append(digest.copy().hexdigest())
-    return [sources[-1]] * len(sources) if guided else sources
+                digest.update(f"{key}:{_sha256(t)};".encode())
+        inputs.append(digest.copy().hexdigest())
+    if guided:
+        inputs = [inputs[-1]] * len(inputs)
+    linears = []
+    for block in blocks:
+        own = hashlib.sha256()
+        for name, module in quantizable_linears(block, config):
+            own.update(f"{name}:{_sha256(module.weight)};".encode())
+        linears.append(own.hexdigest())
+    return [{"inputs_sha256": i, "source_sha256": s} for i, s in zip(inputs, linears)]
 
 
-def _save_block(directory, index: int, block, groups: list, source: str) -> None:
+def _save_block(directory, index: int, block, groups: list, sources: dict) -> None:
     tensors, weights = {}, {}
     for names in groups:
         for name in names:
@@ -710,27 +716,27 @@ def _save_block(directory, index: int, block, groups: list, source: str) -> None
         # tensors that share memory.
         leader = block.get_submodule(names[0]).weight
         tensors.update({f"{names[0]}.{n}": getattr(leader, n).clone() for n in SHARED_DATA_NAMES})
-    save_shard(directory, f"block_{index:04d}", tensors, {"groups": groups, "weights": weights, "source_sha256": source})
+    save_shard(directory, f"block_{index:04d}", tensors, {"groups": groups, "weights": weights, **sources})
 
 
-def _finished_block(directory, index: int, source: str, overwrite: bool = False) -> Optional[tuple[dict, dict]]:
+def _finished_block(directory, index: int, sources: dict, overwrite: bool = False) -> Optional[tuple[dict, dict]]:
     """The verified shard ``(info, tensors)`` of decoder block ``index``, None when it has not been finished
-    (or was coded from other values, ``source`` (:func:`_block_sources`), and ``overwrite`` discarded it).
+    (or was coded from other values, ``sources`` (:func:`_block_sources`), and ``overwrite`` discarded it).
 
     Raises:
         CheckpointError: the block was coded from other weights (and not ``overwrite``).
     """
-    return load_shard(directory, f"block_{index:04d}", source=source, overwrite=overwrite)
+    return load_shard(directory, f"block_{index:04d}", sources=sources, overwrite=overwrite)
 
 
-def _load_block(directory, index: int, block, device, source: str) -> None:
+def _load_block(directory, index: int, block, device, sources: dict) -> None:
     """Put the codes of finished block ``index`` back into ``block``.
 
     Raises:
         CheckpointError: the block was coded from other weights, or its shard is gone or corrupt now although
             it was there when the run started (another process writing the directory).
     """
-    shard = _finished_block(directory, index, source)
+    shard = _finished_block(directory, index, sources)
     if shard is None:
         raise CheckpointError(f"{directory}: decoder block {index} was finished when this run started and is "
                               "missing or corrupt now: is another run writing this directory? Run again")
@@ -929,9 +935,9 @@ def calibrate(
     # A resumed run does only what the blocks still to code need: the sensitivity pass and the runs of the
     # blocks up to the last of them (none at all when a run stopped after calibration, e.g. in a later stage).
     # Hashed before anything moves or is coded, where the blocks wait (the host, for a streamed model).
-    sources = [None] * len(blocks) if checkpoint_dir is None else _block_sources(model, prefixes, guided)
-    finished = [checkpoint_dir is not None and _finished_block(checkpoint_dir, i, source, overwrite) is not None
-                for i, source in enumerate(sources)]
+    sources = [None] * len(blocks) if checkpoint_dir is None else _block_sources(model, blocks, prefixes, config, guided)
+    finished = [checkpoint_dir is not None and _finished_block(checkpoint_dir, i, block_sources, overwrite) is not None
+                for i, block_sources in enumerate(sources)]
     last = max((i for i, done in enumerate(finished) if not done), default=-1)  # the last block to code
     with evaluating(model):
         sensitivity = None

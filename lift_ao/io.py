@@ -32,6 +32,7 @@ from typing import Optional
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from lift_ao.packing import check_packed, interleave_rows
 from lift_ao.tensor import LiftQuantTensor, share_constants
@@ -55,6 +56,8 @@ class CheckpointError(ValueError):
 
 
 def _sha256(t: torch.Tensor) -> str:
+    if is_traceable_wrapper_subclass(t):  # a quantized weight (LiftQuant, torchao's): its inner tensors
+        return hashlib.sha256(",".join(_sha256(getattr(t, n)) for n in t.__tensor_flatten__()[0]).encode()).hexdigest()
     # Flattened first: a 0-dim tensor cannot be viewed as bytes (the digest of others is unchanged).
     return hashlib.sha256(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
 
@@ -410,7 +413,7 @@ def save_shard(directory, name: str, tensors: dict[str, torch.Tensor], info: Opt
     return target
 
 
-def load_shard(directory, name: str, *, source: Optional[str] = None,
+def load_shard(directory, name: str, *, sources: Optional[dict] = None,
                overwrite: bool = False) -> Optional[tuple[dict, dict[str, torch.Tensor]]]:
     """``(info, tensors)`` of a shard written by :func:`save_shard`, or None when the unit must be done.
 
@@ -419,13 +422,14 @@ def load_shard(directory, name: str, *, source: Optional[str] = None,
     redoing a unit is always safe while loading a bad one never is.
 
     Args:
-        source: a hash of what the unit is made from (e.g. its weights), which its writer recorded as
-            ``info["source_sha256"]``: the manifest records shapes, not values, so a shard of another
-            model of the same shapes is found here. Shards without a recorded source are accepted.
-        overwrite: such a shard is deleted (the unit is redone) instead of refused, as ``open_partial``'s
-            ``overwrite`` discards a run of other settings.
+        sources: {info key: hash} of what the unit is made from (e.g. its weights), as its writer recorded
+            them in ``info``: the manifest records shapes, not values, so a shard of another model of the
+            same shapes is found here. Each key the shard records must match; one it lacks (written
+            before that hash existed) is not checked.
+        overwrite: a shard of other sources is deleted (the unit is redone) instead of refused, as
+            ``open_partial``'s ``overwrite`` discards a run of other settings.
     Raises:
-        CheckpointError: the shard was made from another ``source`` (and not ``overwrite``).
+        CheckpointError: the shard was made from other ``sources`` (and not ``overwrite``).
     """
     path = Path(directory) / f"{name}{SHARD_SUFFIX}"
     if not path.is_file():
@@ -436,7 +440,8 @@ def load_shard(directory, name: str, *, source: Optional[str] = None,
         warnings.warn(f"{e}; redoing {name}", stacklevel=2)
         path.unlink()
         return None
-    if source is not None and header["info"].get("source_sha256", source) != source:
+    info = header["info"]
+    if any(info.get(key, value) != value for key, value in (sources or {}).items()):
         if not overwrite:
             raise CheckpointError(
                 f"{path} was made from other weights than this run's (same shapes, other values: another model?); "

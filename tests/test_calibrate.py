@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 import lift_ao
 from lift_ao import calibration
@@ -90,10 +91,11 @@ def test_input_scales():
 
 
 def _state(model) -> dict:
+    """Every tensor of the model's state, quantized weights (LiftQuant or torchao's) by their inner tensors."""
     out = {}
     for key, value in model.state_dict().items():
-        if isinstance(value, lift_ao.LiftQuantTensor):
-            out.update({f"{key}.{n}": getattr(value, n) for n in value.tensor_data_names})
+        if is_traceable_wrapper_subclass(value):
+            out.update({f"{key}.{n}": getattr(value, n) for n in value.__tensor_flatten__()[0]})
         else:
             out[key] = value
     return out
@@ -169,6 +171,36 @@ def test_calibrate_tiny_llama_streams_resumes_bit_identically(tmp_path, monkeypa
         normed.model.layers[1].input_layernorm.weight.mul_(2.0)
     with pytest.raises(lift_ao.CheckpointError, match="block_0001.shard.safetensors was made from other weights"):
         calibrate(copy.deepcopy(normed), config, tokens, checkpoint_dir=tmp_path / "resumed", progress=False)
+
+
+def test_shards_written_before_the_inputs_hash_resume_and_are_checked_by_their_linears(tmp_path, monkeypatch):
+    """Shards of 359bdf3 and before record only their linears' hash ("source_sha256"): a run of the same model
+    resumes from them bit for bit; one with other linears is refused."""
+    model, config, tokens = tiny_llama(), lift_ao.liftquant(lattice=LATTICE), token_batch(0, batch=4, length=16)
+    complete = calibrate(copy.deepcopy(model), config, tokens, progress=False)
+    crash_after_first_block(monkeypatch, lambda: calibrate(copy.deepcopy(model), config, tokens,
+                                                           checkpoint_dir=tmp_path, progress=False))
+    info, tensors = calibration.load_shard(tmp_path, "block_0000")
+    assert {"inputs_sha256", "source_sha256"} <= info.keys()
+    calibration.save_shard(tmp_path, "block_0000", tensors, {k: v for k, v in info.items() if k != "inputs_sha256"})
+    with pytest.raises(lift_ao.CheckpointError, match="block_0000.shard.safetensors was made from other weights"):
+        calibrate(tiny_llama(seed=1), config, tokens, checkpoint_dir=tmp_path, progress=False)
+    resumed = calibrate(copy.deepcopy(model), config, tokens, checkpoint_dir=tmp_path, progress=False)
+    expected, got = _state(complete), _state(resumed)
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def test_a_layer_quantized_by_torchao_is_hashed_by_its_inner_tensors(tmp_path):
+    """A resumable run hashes the model's state: another torchao tensor subclass (int8 here) has no bytes of
+    its own to view (was: NotImplementedError with checkpoint_dir)."""
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    model, config, tokens = tiny_llama(), lift_ao.liftquant(lattice=LATTICE), token_batch(0, batch=4, length=16)
+    quantize_(model, Int8WeightOnlyConfig(), filter_fn=lambda m, name: name == "model.layers.0.mlp.down_proj")
+    plain = calibrate(copy.deepcopy(model), config, tokens, progress=False)
+    resumable = calibrate(copy.deepcopy(model), config, tokens, checkpoint_dir=tmp_path, progress=False)
+    expected, got = _state(plain), _state(resumable)
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
 
 
 def test_a_finished_block_that_vanishes_during_the_run_is_refused(tmp_path, monkeypatch):
