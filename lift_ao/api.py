@@ -30,6 +30,15 @@ def _output_projection(model: torch.nn.Module) -> Optional[torch.nn.Module]:
     return found if isinstance(found, torch.nn.Linear) else None
 
 
+def _named_as_output(model: torch.nn.Module, name: str) -> bool:
+    """By name, where the model cannot say (no get_output_embeddings): any ``lm_head``, or torchtune's and
+    torchchat's ``output``: at the top, or beside the ``tok_embeddings`` of their Transformer wrapped in
+    another module (torchchat's Model holds it as ``model``, torchtune's DeepFusionModel as ``decoder``);
+    not a block's own ``output`` linear."""
+    parent, _, last = name.rpartition(".")
+    return last == "lm_head" or (last == "output" and (not parent or hasattr(model.get_submodule(parent), "tok_embeddings")))
+
+
 def _is_hf_conv1d(module: torch.nn.Module) -> bool:
     # GPT-2 style models use transformers' Conv1D: a linear layer with a transposed weight.
     return type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers")
@@ -62,9 +71,7 @@ def quantizable_linears(
         is_linear = isinstance(module, torch.nn.Linear) or _is_hf_conv1d(module)
         if not is_linear or is_traceable_wrapper_subclass(module.weight):
             continue
-        # By name only where the model cannot say (no get_output_embeddings): a top-level `output`
-        # (torchtune, torchchat) or any `lm_head`, not a block's own `output` linear.
-        is_output = module is output or (output is None and (name == "output" or name.rsplit(".", 1)[-1] == "lm_head"))
+        is_output = module is output or (output is None and _named_as_output(model, name))
         if is_output and not config.include_lm_head:
             continue
         if filter_fn is not None and not filter_fn(module, name):

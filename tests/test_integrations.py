@@ -276,6 +276,22 @@ def test_torchchat_json_dispatch_quantizes_like_lift_ao():
     assert torch.equal(logits(model), logits(reference))
 
 
+def test_torchchat_keeps_the_output_head_of_its_wrapped_transformer():
+    """torchchat quantizes its Model, which holds the Transformer as `model` (its head: `model.output`)."""
+    class Wrapped(nn.Module):  # torchchat/model.py: Model.__init__ sets self.model = self.build_model()
+        def __init__(self):
+            super().__init__()
+            self.model = TinyDecoder(TORCHCHAT_NAMES, seed=0)
+
+        def forward(self, token_ids):
+            return self.model(token_ids)
+
+    model = register_with_torchchat({})[TORCHCHAT_KEY](device="cpu", precision=torch.float32, bits=2.4).quantize(Wrapped())
+    assert not isinstance(model.model.output.weight, lift_ao.LiftQuantTensor) and len(quantized_names(model)) == 7
+    reference = lift_ao.quantize(TinyDecoder(TORCHCHAT_NAMES, seed=0), lift_ao.liftquant(bits=2.4), progress=False)
+    assert torch.equal(logits(model), logits(reference))
+
+
 def test_torchchat_and_torchtune_reject_bad_options():
     with pytest.raises(ValueError, match="exactly one of bits"):
         LiftQuantHandler(device="cpu", bits=2.4, lattice="24/10")
