@@ -240,7 +240,7 @@ def _beam_search(x: torch.Tensor, tables: _TreeTables, beam_width: int) -> torch
     """
     B = x.shape[0]
     c = x @ tables.center_map  # (B, D) real centre, tree order
-    cost = torch.zeros(B, 1, device=x.device)
+    cost = torch.zeros(B, 1, dtype=x.dtype, device=x.device)
     # above[b, k, i] = Σ_{decided j} R[i, j] (q_j − c_j) for the rows i still to decide.
     above = None
     history = []
@@ -268,7 +268,7 @@ def _beam_search(x: torch.Tensor, tables: _TreeTables, beam_width: int) -> torch
                 new_above += torch.gather(above[:, :, :start], 1, parent[:, :, None].expand(-1, -1, start))
             above = new_above
     # Walk back up the tree to spell out the winning code.
-    codes_tree = torch.empty(B, len(tables.perm), device=x.device)
+    codes_tree = torch.empty(B, len(tables.perm), dtype=x.dtype, device=x.device)
     lineage = torch.zeros(B, 1, dtype=torch.long, device=x.device)
     for parent, pattern, level in reversed(history):
         codes_tree[:, level.start : level.end] = level.patterns[torch.gather(pattern, 1, lineage)[:, 0]]
@@ -405,7 +405,7 @@ def nearest_codes(
 def _all_sign_vectors(n: int, device) -> torch.Tensor:
     """(2^n, n) float ±1: every sign vector, in binary counting order."""
     if n == 0:
-        return torch.ones(1, 0, device=device)
+        return torch.ones(1, 0, dtype=torch.float32, device=device)
     bits = torch.arange(2**n, device=device)[:, None] >> torch.arange(n - 1, -1, -1, device=device)
     return (bits & 1).float() * 2 - 1
 
@@ -436,8 +436,8 @@ def enumerate_codes(
     for start in range(0, x.shape[0], chunk):
         xc = x[start : start + chunk]
         u = xc @ pinv
-        best_err = torch.full((xc.shape[0],), float("inf"), device=x.device)
-        best_q = torch.zeros(xc.shape[0], lattice.D, device=x.device)
+        best_err = torch.full((xc.shape[0],), float("inf"), dtype=x.dtype, device=x.device)
+        best_q = torch.zeros(xc.shape[0], lattice.D, dtype=x.dtype, device=x.device)
         for p_start in range(0, 2**n_pad, padding_chunk):
             count = min(padding_chunk, 2**n_pad - p_start)
             idx = torch.arange(p_start, p_start + count, device=x.device)
@@ -470,7 +470,7 @@ def exhaustive_codes(x: torch.Tensor, lattice: Lattice, *, code_chunk: int = 655
             f"{lattice.name} has D={lattice.D}: use enumerate_codes or nearest_codes instead"
         )
     M = lattice.M.to(x.device)
-    best_err = torch.full((x.shape[0],), float("inf"), device=x.device)
+    best_err = torch.full((x.shape[0],), float("inf"), dtype=x.dtype, device=x.device)
     best_idx = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
     codes = _all_sign_vectors(lattice.D, x.device)
     for start in range(0, codes.shape[0], code_chunk):

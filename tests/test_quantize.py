@@ -116,6 +116,22 @@ def test_only_the_models_output_projection_is_kept_not_a_blocks_output_linear():
     assert not isinstance(model.output.weight, LiftQuantTensor)
 
 
+@pytest.mark.parametrize("default", [torch.bfloat16, torch.float64])
+def test_the_codes_do_not_depend_on_the_default_dtype(default):
+    """gpt-fast-style scripts set a bf16 default: the search's scratch tensors took it and met the float32
+    lattice tables (a RuntimeError)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64, bias=False))
+    expected = lift_ao.quantize(copy.deepcopy(model), liftquant(bits=2.4), progress=False)[0].weight
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(default)
+    try:
+        got = lift_ao.quantize(copy.deepcopy(model), liftquant(bits=2.4), progress=False)[0].weight
+    finally:
+        torch.set_default_dtype(previous)
+    assert torch.equal(got.packed_codes, expected.packed_codes) and torch.equal(got.row_scale, expected.row_scale)
+
+
 def test_a_bad_layer_is_refused_before_any_layer_is_coded():
     model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 64), torch.nn.Linear(64, 64))
     with torch.no_grad():
