@@ -166,6 +166,27 @@ def test_hf_bad_input_names_the_fix(fp_dir):
         enable_save_pretrained(tiny_llama(), lift_ao.liftquant(bits=2.4))
 
 
+def test_hf_save_pretrained_refuses_what_from_pretrained_could_not_load():
+    """A quantized head tied in config.json (torchao's quantize_ has no names, so it codes SmolLM2's), and
+    GPT-2's Conv1D layers: both were saved, then failed to load (aten.equal on a LiftQuantTensor; no loader)."""
+    from torchao.quantization import quantize_
+
+    from tiny_models import tiny_gpt2
+    from tiny_models import tiny_llama as tied_llama
+
+    config = lift_ao.liftquant(bits=2.4)
+    tied = tied_llama(tie=True)
+    quantize_(tied, config)
+    assert isinstance(tied.lm_head.weight, lift_ao.LiftQuantTensor)
+    with pytest.raises(ValueError, match="ties it to the input embedding"):
+        enable_save_pretrained(tied, config)
+    gpt2 = lift_ao.quantize(tiny_gpt2(), config, progress=False)
+    with pytest.raises(ValueError, match="are transformers Conv1D layers"):
+        enable_save_pretrained(gpt2, config)
+    kept = lift_ao.quantize(tied_llama(tie=True), config, progress=False)  # the head kept: accepted
+    assert enable_save_pretrained(kept, config) is kept
+
+
 # ----- torchtune / torchchat-shaped models ----------------------------------------------------
 
 

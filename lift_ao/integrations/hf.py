@@ -153,7 +153,8 @@ class _Deserialize(ConversionOps):
         if not isinstance(module, torch.nn.Linear):
             raise CheckpointError(
                 f"{full_layer_name}: LiftQuant weights load into nn.Linear, this model has a "
-                f"{type(module).__name__} there (GPT-2 Conv1D): load with lift_ao.load_quantized(dir) instead"
+                f"{type(module).__name__} there (GPT-2 Conv1D), which this path cannot load: quantize such a model "
+                "with lift_ao.quantize and save it with lift_ao.save_quantized(model, dir), then lift_ao.load_quantized(dir)"
             )
         expected = module.weight  # on the meta device: gives the logical shape and dtype
         packed_codes, row_scale, mapping, input_signs = parts[:4]
@@ -296,6 +297,26 @@ def enable_save_pretrained(model: "PreTrainedModel", config: LiftQuantConfig) ->
         )
     if not any(isinstance(p, LiftQuantTensor) for p in model.parameters()):
         raise ValueError("the model has no LiftQuant weight: run lift_ao.quantize(model, config) first")
+    # Refused now, while the model is in memory, rather than as a checkpoint from_pretrained cannot load:
+    head = model.get_output_embeddings()
+    if (getattr(model.config.get_text_config(decoder=True), "tie_word_embeddings", False) and head is not None
+            and isinstance(head.weight, LiftQuantTensor)):
+        raise ValueError("the output projection is quantized but config.json ties it to the input embedding "
+                         "(tie_word_embeddings=True), which from_pretrained would tie again and fail on: quantize "
+                         "without it (lift_ao.quantize keeps it by default; with torchao's quantize_, pass a "
+                         "filter_fn that skips it), or save with lift_ao.save_quantized(model, dir)")
+    from accelerate import init_empty_weights
+
+    from lift_ao.api import _is_hf_conv1d
+
+    with init_empty_weights():
+        architecture = type(model)(model.config)  # what from_pretrained builds
+    conv1d = [name for name, module in architecture.named_modules() if _is_hf_conv1d(module)
+              and isinstance(getattr(model.get_submodule(name), "weight", None), LiftQuantTensor)]
+    if conv1d:
+        raise ValueError(f"{conv1d[:3]} are transformers Conv1D layers (GPT-2 style), which from_pretrained cannot "
+                         "load as LiftQuant: save with lift_ao.save_quantized(model, dir), load with "
+                         "lift_ao.load_quantized(dir)")
     quantizer = LiftQuantHfQuantizer(LiftQuantHfConfig.from_liftquant(config), pre_quantized=True)
     model.hf_quantizer = quantizer
     model.is_quantized = True
