@@ -21,6 +21,7 @@ from lift_ao.budget import DEFAULT_RATE_WINDOW
 from lift_ao.lattice import Lattice, LatticeError
 from lift_ao.search import check_beam_width
 from lift_ao.tensor import LiftQuantTensor
+from lift_ao.transform import check_seed
 
 __all__ = ["LiftQuantConfig", "liftquant"]
 
@@ -59,8 +60,7 @@ class LiftQuantConfig(AOBaseConfig):
     rate_window: Optional[float] = DEFAULT_RATE_WINDOW
 
     def __post_init__(self):
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed must be a non-negative int, got {self.seed!r}")
+        check_seed(self.seed)
         for flag in ("include_lm_head", "progress"):  # "no" would be truthy
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"{flag} must be True or False, got {getattr(self, flag)!r}")

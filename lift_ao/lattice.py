@@ -54,7 +54,9 @@ class Lattice:
             raise LatticeError(f"M must have shape (d, D) = ({self.d}, {self.D}), got {tuple(self.M.shape)}")
         if not torch.isfinite(self.M).all():
             raise LatticeError(f"lattice {self.name}: M has NaN/Inf entries")
-        object.__setattr__(self, "M", self.M.detach().to(torch.float32).contiguous())
+        # A copy: the caller may change its tensor in place (train_lattice's Adam does), and the search's
+        # tables are cached by M's values at first use.
+        object.__setattr__(self, "M", self.M.detach().to(torch.float32).clone(memory_format=torch.contiguous_format))
 
     @property
     def name(self) -> str:

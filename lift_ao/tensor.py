@@ -40,7 +40,7 @@ from torchao.utils import TorchAOBaseTensor, fill_defaults
 from lift_ao.encode import encode_weight
 from lift_ao.lattice import Lattice
 from lift_ao.packing import GROUP_ROWS, interleave_rows, packed_shape, random_packed_codes, row_words, unpack_codes
-from lift_ao.transform import make_rotation, padded_in_features, unrotate
+from lift_ao.transform import check_seed, make_rotation, padded_in_features, unrotate
 
 __all__ = ["LiftQuantTensor", "share_constants"]
 
@@ -130,8 +130,7 @@ class LiftQuantTensor(TorchAOBaseTensor):
         """
         if not isinstance(lattice, Lattice):
             raise TypeError(f"{name}: lattice must be a lift_ao.Lattice (e.g. Lattice.load('24/10')), got {lattice!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"{name}: seed must be a non-negative int, got {seed!r}")
+        check_seed(seed, f"{name}: seed")
         check_weight(weight, name)
         signs, left, right = _shared_rotation(weight.shape[1], lattice.d, seed, weight.device)
         packed, row_scale = encode_weight(
@@ -286,6 +285,14 @@ def _(func, types, args, kwargs):
     if not isinstance(src, LiftQuantTensor) or (self.shape, self.dtype, shapes(self)) != (src.shape, src.dtype, shapes(src)):
         raise ValueError(f"cannot copy {src!r} into LiftQuantTensor({self._quantization_type()}): the shape, dtype and "
                          "lattice must match; quantize the model with the same config before loading this state")
+    # Rows of a weight (aten.slice): a copy_ must reach the weight, whose codes decode with its own M and rotation.
+    rows = getattr(self, "_row_slice", None)
+    if rows == "copy":
+        raise ValueError("these rows of a LiftQuant weight do not start and end at groups of 32 rows (a regrouped "
+                         "copy): a copy_ into them would not reach the weight; copy whole groups of 32 rows, or the weight")
+    if rows == "view" and not all(torch.equal(getattr(self, n), getattr(src, n)) for n in SHARED_DATA_NAMES):
+        raise ValueError("the source's lattice matrix or rotation differs from the weight these rows belong to, which "
+                         "keeps its own: quantize the source with the weight's lattice and seed")
     for name in self.tensor_data_names:
         if name in SHARED_DATA_NAMES:
             setattr(self, name, getattr(src, name).to(self.device))
@@ -297,10 +304,13 @@ def _(func, types, args, kwargs):
 @implements(aten._to_copy.default)
 def _(func, types, args, kwargs):
     # Moves the stored tensors to the new device; a new dtype only changes the logical dtype
-    # (codes stay bits, scales and transforms stay float32).
+    # (codes stay bits, scales and transforms stay float32). A copy, as for any tensor: the codes and
+    # row scales are the new tensor's own even on the same device (a copy_ into it must not reach this
+    # one); M and the rotation stay shared there, as between layers.
     self = args[0]
     to = self._get_to_kwargs(*args[1:], **kwargs)
-    tensors = [getattr(self, n).to(to["device"], non_blocking=to["non_blocking"]) for n in self.tensor_data_names]
+    tensors = [getattr(self, n).to(to["device"], non_blocking=to["non_blocking"], copy=n not in SHARED_DATA_NAMES)
+               for n in self.tensor_data_names]
     return LiftQuantTensor(*tensors, self.shape, to["dtype"])
 
 
@@ -319,14 +329,15 @@ def _(func, types, args, kwargs):
         )
     start, end, _ = slice(start, end).indices(self.shape[0])
     end = max(start, end)
-    if start % GROUP_ROWS == 0 and (end % GROUP_ROWS == 0 or end == self.shape[0]):
-        codes = self.packed_codes[start // GROUP_ROWS:-(-end // GROUP_ROWS)]
-    else:
-        codes = interleave_rows(row_words(self.packed_codes, self.shape[0])[start:end])
-    return LiftQuantTensor(
-        codes, self.row_scale[start:end], self.mapping, self.input_signs,
-        self.rotation_left, self.rotation_right, torch.Size([end - start, self.shape[1]]), self.dtype,
-    )
+    view = start % GROUP_ROWS == 0 and (end % GROUP_ROWS == 0 or end == self.shape[0])
+    if view:
+        codes, row_scale = self.packed_codes[start // GROUP_ROWS:-(-end // GROUP_ROWS)], self.row_scale[start:end]
+    else:  # a copy throughout: no half of it may write into this tensor (copy_ refuses it, below)
+        codes, row_scale = interleave_rows(row_words(self.packed_codes, self.shape[0])[start:end]), self.row_scale[start:end].clone()
+    rows = LiftQuantTensor(codes, row_scale, self.mapping, self.input_signs, self.rotation_left, self.rotation_right,
+                           torch.Size([end - start, self.shape[1]]), self.dtype)
+    rows._row_slice = "view" if view else "copy"  # what copy_ into it can reach (a Python attribute: eager only)
+    return rows
 
 
 # Allow torch.load(weights_only=True) of checkpoints that pickle this class.

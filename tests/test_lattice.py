@@ -146,6 +146,25 @@ def test_trainer_lowers_mse_on_tiny_case():
     assert torch.equal(train_lattice(4, 8, **settings).M, trained.M), "training is deterministic for a fixed seed"
 
 
+def test_a_lattice_keeps_its_own_copy_of_m():
+    """The search's tables are cached by M's values at first use: a lattice aliasing its caller's tensor
+    searched with the tensor's later values (train_lattice's Adam updated M in place: the same seed gave
+    another lattice in the same process, for D > 18, where the beam search runs)."""
+    from lift_ao.search import nearest_codes
+
+    m = _orthonormal_rows(8, 20, torch.Generator().manual_seed(5))
+    original = m.clone()
+    x = torch.randn(200, 8, generator=torch.Generator().manual_seed(6))
+    expected = nearest_codes(x, Lattice(8, 20, original.clone()))
+    lattice = Lattice(8, 20, m)
+    m.add_(0.3)
+    assert torch.equal(lattice.M, original)
+    assert torch.equal(nearest_codes(x, lattice), expected)
+    settings = dict(seed=3, restarts=1, adam_steps=1, batch=256, lloyd_steps=0, lloyd_vectors=500, eval_vectors=500,
+                    log=None)
+    assert torch.equal(train_lattice(8, 20, **settings).M, train_lattice(8, 20, **settings).M)
+
+
 def test_trainer_fine_tunes_from_init_with_a_beam_width():
     """--init starts from a given M; --beam-width is used, recorded and becomes the default search."""
     from lift_ao.search import default_beam_width

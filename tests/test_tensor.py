@@ -185,6 +185,33 @@ def test_row_slice_keeps_whole_rows(quantized, start, end, view):
         assert torch.equal(part.dequantize(), w.dequantize()[start:end])
 
 
+def test_copy_into_rows_reaches_the_weight_or_is_refused(lattice):
+    """A view of whole groups of 32 rows takes a copy_ (a tensor-parallel loader's pattern); a regrouped copy
+    refuses it (it wrote its scales into the weight and its codes into the copy: new scales on old codes)."""
+    gen = _gen(11)
+    w = LiftQuantTensor.from_hp(torch.randn(70, 53, generator=gen), lattice)
+    src = LiftQuantTensor.from_hp(torch.randn(32, 53, generator=gen), lattice)
+    before = w.dequantize()
+    w[32:64].copy_(src)
+    after = w.dequantize()
+    assert torch.equal(after[32:64], src.dequantize()) and torch.equal(after[:32], before[:32])
+    with pytest.raises(ValueError, match="do not start and end at groups of 32 rows"):
+        w[1:5].copy_(LiftQuantTensor.from_hp(torch.randn(4, 53, generator=gen), lattice))
+    with pytest.raises(ValueError, match="lattice matrix or rotation differs"):
+        w[:32].copy_(LiftQuantTensor.from_hp(torch.randn(32, 53, generator=gen), lattice, seed=1))
+    assert torch.equal(w.dequantize(), after)
+
+
+def test_to_a_dtype_is_a_copy(quantized):
+    """As for any tensor: a copy_ into the result must not reach the original (it shared codes and scales)."""
+    _, w = quantized
+    before = w.dequantize()
+    half = w.to(torch.bfloat16)
+    assert half.dtype == torch.bfloat16 and half.mapping is w.mapping  # M and the rotation stay shared
+    half.copy_(LiftQuantTensor.from_hp(torch.randn(37, 53, generator=_gen(12)), w.lattice).to(torch.bfloat16))
+    assert torch.equal(w.dequantize(), before)
+
+
 def test_row_slice_of_the_input_dimension_is_refused(quantized):
     _, w = quantized
     with pytest.raises(NotImplementedError, match="output rows only"):
