@@ -377,6 +377,7 @@ def lookup_siblings(
         raise ValueError(f"tables must be contiguous and start {64 * block_b}-byte aligned (one table group); "
                          "make them with build_tables or lift_tables")
     scales = [scale.to(torch.float32).contiguous() for scale in row_scale]
+    bias = [None if b is None else b.contiguous() for b in bias]  # read as bias_ptr + row
     if config is None and device.type != "cuda":
         config = _INTERPRETER_CONFIG
     kernel = _lookup_tuned if config is None else _lookup_kernel
@@ -431,7 +432,7 @@ def lookup_matmul(
         (..., N) in lifted.dtype, accumulated in fp32.
     """
     length = lifted.shape[-1]
-    x = lifted.reshape(-1, length)
+    x = lifted.reshape(-1, length).contiguous()  # the tables kernel reads a token's values one after another
     tokens = x.shape[0]
     if tokens > MAX_TOKENS:
         raise ValueError(f"lookup_matmul takes at most {MAX_TOKENS} tokens, got {tokens}; use lifted_matmul_triton")

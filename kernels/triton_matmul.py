@@ -153,7 +153,8 @@ def _lifted_matmul_kernel(
     if HAS_BIAS:
         if pid_k == 0:
             acc += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]
-    out_ptrs = out_ptr + pid_k * stride_out_split + tokens[None, :] * stride_out_b + rows[:, None]
+    # int64: tokens × N reaches 2**31 (a 128256-row head at 16745 tokens)
+    out_ptrs = out_ptr + pid_k * stride_out_split + tokens[None, :].to(tl.int64) * stride_out_b + rows[:, None]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & token_ok[None, :])
 
 
@@ -366,6 +367,7 @@ def lifted_matmul_triton(
     check_packed(packed_codes, rows, code_length, "lifted_matmul_triton")
     codes = packed_codes.contiguous()
     scale = row_scale.to(torch.float32).contiguous()
+    bias = None if bias is None else bias.contiguous()  # read as bias_ptr + row
     out = torch.empty(tokens, rows, dtype=lifted.dtype, device=lifted.device)
     if tokens == 0 or rows == 0:
         return out.reshape(*lifted.shape[:-1], rows)

@@ -235,6 +235,18 @@ def test_lifted_matmul_keeps_leading_dims_and_strides():
     assert _relative_error(out, ref) < TOLERANCE[torch.float16]
 
 
+@pytest.mark.parametrize("tokens", [1, 2, 3])
+def test_strided_activations_and_bias_at_every_token_count(tokens):
+    """The lookup path (≤ 2 tokens) read the activation and both paths read the bias as if contiguous."""
+    g = torch.Generator().manual_seed(tokens)
+    signs, codes = random_codes(37, 40, g)
+    lifted = torch.randn(tokens, 80, generator=g)[:, ::2]
+    bias = torch.randn(74, generator=g)[::2]
+    scale = torch.rand(37, generator=g) + 0.5
+    out = _lifted_matmul_cuda(lifted, codes, scale, bias)
+    assert _relative_error(out, _float64_matmul(lifted, signs, scale, bias)) < TOLERANCE[torch.float32]
+
+
 def test_cuda_entry_rejects_mismatched_codes():
     lifted = torch.randn(2, 70, dtype=torch.float16)
     with pytest.raises(ValueError, match="do not match"):
