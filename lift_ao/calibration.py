@@ -683,24 +683,24 @@ def _block_sources(model: torch.nn.Module, blocks: list, prefixes: tuple, config
     blocks and of blocks 0..i; guided, on the whole model (the output sensitivity runs through all of it).
     ``"source_sha256"``: its coded linears' weights alone, which shards written before the other existed
     record (they are checked by it and stay resumable)."""
-    state = model.state_dict()
+    tensors = {key: _sha256(t) for key, t in model.state_dict().items()}  # each tensor hashed once
     digest = hashlib.sha256()
-    for key, t in state.items():
+    for key, tensor in tensors.items():
         if not key.startswith(prefixes):
-            digest.update(f"{key}:{_sha256(t)};".encode())
+            digest.update(f"{key}:{tensor};".encode())
     inputs = []
     for prefix in prefixes:
-        for key, t in state.items():
+        for key, tensor in tensors.items():
             if key.startswith(prefix):
-                digest.update(f"{key}:{_sha256(t)};".encode())
+                digest.update(f"{key}:{tensor};".encode())
         inputs.append(digest.copy().hexdigest())
     if guided:
         inputs = [inputs[-1]] * len(inputs)
     linears = []
-    for block in blocks:
+    for block, prefix in zip(blocks, prefixes):
         own = hashlib.sha256()
-        for name, module in quantizable_linears(block, config):
-            own.update(f"{name}:{_sha256(module.weight)};".encode())
+        for name, _ in quantizable_linears(block, config):
+            own.update(f"{name}:{tensors[prefix + name + '.weight']};".encode())
         linears.append(own.hexdigest())
     return [{"inputs_sha256": i, "source_sha256": s} for i, s in zip(inputs, linears)]
 

@@ -442,7 +442,7 @@ def enumerate_codes(
             count = min(padding_chunk, 2**n_pad - p_start)
             idx = torch.arange(p_start, p_start + count, device=x.device)
             pads = ((idx[:, None] >> torch.arange(n_pad - 1, -1, -1, device=x.device)) & 1).float() * 2 - 1
-            q = torch.where(u[:, None, :] + (pads @ null_basis)[None] >= 0, 1.0, -1.0)  # (b, p, D)
+            q = (u[:, None, :] + (pads @ null_basis)[None] >= 0).to(x.dtype) * 2 - 1  # (b, p, D)
             err = (xc[:, None, :] - q @ M.T).square().sum(dim=2)
             e, i = err.min(dim=1)
             better = e < best_err

@@ -35,6 +35,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch.utils.weak import WeakIdKeyDictionary
 from torchao.utils import TorchAOBaseTensor, fill_defaults
 
 from lift_ao.encode import encode_weight
@@ -286,11 +287,12 @@ def _(func, types, args, kwargs):
         raise ValueError(f"cannot copy {src!r} into LiftQuantTensor({self._quantization_type()}): the shape, dtype and "
                          "lattice must match; quantize the model with the same config before loading this state")
     # Rows of a weight (aten.slice): a copy_ must reach the weight, whose codes decode with its own M and rotation.
-    rows = getattr(self, "_row_slice", None)
+    rows = _ROW_SLICES.get(self)
     if rows == "copy":
         raise ValueError("these rows of a LiftQuant weight do not start and end at groups of 32 rows (a regrouped "
                          "copy): a copy_ into them would not reach the weight; copy whole groups of 32 rows, or the weight")
-    if rows == "view" and not all(torch.equal(getattr(self, n), getattr(src, n)) for n in SHARED_DATA_NAMES):
+    if rows == "view" and not all(getattr(self, n) is getattr(src, n) or torch.equal(getattr(self, n), getattr(src, n).to(self.device))
+                                  for n in SHARED_DATA_NAMES):
         raise ValueError("the source's lattice matrix or rotation differs from the weight these rows belong to, which "
                          "keeps its own: quantize the source with the weight's lattice and seed")
     for name in self.tensor_data_names:
@@ -312,6 +314,11 @@ def _(func, types, args, kwargs):
     tensors = [getattr(self, n).to(to["device"], non_blocking=to["non_blocking"], copy=n not in SHARED_DATA_NAMES)
                for n in self.tensor_data_names]
     return LiftQuantTensor(*tensors, self.shape, to["dtype"])
+
+
+# Row slices (aten.slice) by object: "view" (whole groups of 32 rows) or "copy" (regrouped), what a copy_
+# into them can reach. Not an attribute: a deepcopy or a pickled copy is a weight of its own. Eager only.
+_ROW_SLICES = WeakIdKeyDictionary()
 
 
 @implements(aten.slice.Tensor)
@@ -336,7 +343,7 @@ def _(func, types, args, kwargs):
         codes, row_scale = interleave_rows(row_words(self.packed_codes, self.shape[0])[start:end]), self.row_scale[start:end].clone()
     rows = LiftQuantTensor(codes, row_scale, self.mapping, self.input_signs, self.rotation_left, self.rotation_right,
                            torch.Size([end - start, self.shape[1]]), self.dtype)
-    rows._row_slice = "view" if view else "copy"  # what copy_ into it can reach (a Python attribute: eager only)
+    _ROW_SLICES[rows] = "view" if view else "copy"
     return rows
 
 

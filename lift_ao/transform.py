@@ -86,13 +86,13 @@ class Rotation:
         return self.signs.shape[0]
 
 
-SEED_LIMIT = 2**32  # the generator's seed, seed·1_000_003 + Kp, must fit in 63 bits
+SEED_LIMIT = 2**43  # the generator's seed, seed·1_000_003 + Kp, must fit in 63 bits
 
 
 def check_seed(seed, what: str = "seed") -> None:
     """Raise ValueError unless ``seed`` is an int in [0, :data:`SEED_LIMIT`) (a bool is not)."""
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
-        raise ValueError(f"{what} must be a non-negative int below 2**32, got {seed!r}")
+        raise ValueError(f"{what} must be a non-negative int below 2**43, got {seed!r}")
 
 
 def make_rotation(in_features: int, block: int, seed: int = 0) -> Rotation:

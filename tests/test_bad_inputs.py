@@ -134,7 +134,7 @@ CASES = [
     ("from_hp", lambda p: LiftQuantTensor.from_hp(torch.randn(2, 8, 16), L), ValueError, "2-D"),
     ("from_hp", lambda p: LiftQuantTensor.from_hp(torch.randn(0, 16), L), ValueError, "empty weight"),
     ("from_hp", lambda p: LiftQuantTensor.from_hp(torch.randn(8, 16), L, seed=-1), ValueError, "non-negative int"),
-    ("from_hp", lambda p: LiftQuantTensor.from_hp(torch.randn(8, 16), L, seed=2**45), ValueError, "below 2\\*\\*32"),
+    ("from_hp", lambda p: LiftQuantTensor.from_hp(torch.randn(8, 16), L, seed=2**43), ValueError, "below 2\\*\\*43"),
     ("from_hp", lambda p: LiftQuantTensor.from_hp(nan_weight(), L, name="mlp.up"), ValueError, "mlp.up: .*NaN/Inf"),
     ("from_hp", lambda p: LiftQuantTensor.from_hp(torch.full((8, 16), -math.inf), L), ValueError, "NaN/Inf"),
     ("from_hp", lambda p: LiftQuantTensor.from_hp(torch.randn(8, 16, device="meta"), L), ValueError, "meta device"),

@@ -107,3 +107,18 @@ def test_beam_width_default_and_validation():
         with pytest.raises(ValueError, match="beam_width must be a positive int"):
             nearest_codes(x, lattice, beam_width=bad)
     assert nearest_codes(x, lattice, beam_width=1).shape == (50, 24)  # K = 1: greedy, still valid codes
+
+
+@pytest.mark.parametrize("default", [torch.bfloat16, torch.float64])
+def test_searches_do_not_depend_on_the_default_dtype(default):
+    """Scratch tensors took the default dtype and met the float32 lattice (a RuntimeError)."""
+    lattice = Lattice.load("24/10")
+    x = torch.randn(64, 10, generator=torch.Generator().manual_seed(0))
+    expected = nearest_codes(x, lattice), enumerate_codes(x, lattice)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(default)
+    try:
+        got = nearest_codes(x, lattice), enumerate_codes(x, lattice)
+    finally:
+        torch.set_default_dtype(previous)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))

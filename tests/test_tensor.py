@@ -1,5 +1,6 @@
 """LiftQuantTensor: the op against a float64 reference, tensor ops, autograd, compile."""
 
+import copy
 import math
 
 import pytest
@@ -199,6 +200,10 @@ def test_copy_into_rows_reaches_the_weight_or_is_refused(lattice):
         w[1:5].copy_(LiftQuantTensor.from_hp(torch.randn(4, 53, generator=gen), lattice))
     with pytest.raises(ValueError, match="lattice matrix or rotation differs"):
         w[:32].copy_(LiftQuantTensor.from_hp(torch.randn(32, 53, generator=gen), lattice, seed=1))
+    assert torch.equal(w.dequantize(), after)
+    independent = copy.deepcopy(w[1:5])  # a weight of its own, no longer rows of w
+    fresh = LiftQuantTensor.from_hp(torch.randn(4, 53, generator=gen), lattice)
+    assert torch.equal(independent.copy_(fresh).dequantize(), fresh.dequantize())
     assert torch.equal(w.dequantize(), after)
 
 
