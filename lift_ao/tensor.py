@@ -343,7 +343,7 @@ def _(func, types, args, kwargs):
         codes, row_scale = interleave_rows(row_words(self.packed_codes, self.shape[0])[start:end]), self.row_scale[start:end].clone()
     rows = LiftQuantTensor(codes, row_scale, self.mapping, self.input_signs, self.rotation_left, self.rotation_right,
                            torch.Size([end - start, self.shape[1]]), self.dtype)
-    _ROW_SLICES[rows] = "view" if view else "copy"
+    _ROW_SLICES[rows] = "view" if view and _ROW_SLICES.get(self) != "copy" else "copy"  # rows of a copy are a copy
     return rows
 
 

@@ -201,6 +201,8 @@ def test_copy_into_rows_reaches_the_weight_or_is_refused(lattice):
     with pytest.raises(ValueError, match="lattice matrix or rotation differs"):
         w[:32].copy_(LiftQuantTensor.from_hp(torch.randn(32, 53, generator=gen), lattice, seed=1))
     assert torch.equal(w.dequantize(), after)
+    with pytest.raises(ValueError, match="do not start and end at groups of 32 rows"):  # rows of such a copy
+        w[1:65][0:32].copy_(src)
     independent = copy.deepcopy(w[1:5])  # a weight of its own, no longer rows of w
     fresh = LiftQuantTensor.from_hp(torch.randn(4, 53, generator=gen), lattice)
     assert torch.equal(independent.copy_(fresh).dequantize(), fresh.dequantize())
