@@ -45,8 +45,8 @@ from pathlib import Path
 from typing import Callable, Iterable, Optional, Union
 
 import torch
-from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
+from lift_ao.footprint import plain_tensors
 from lift_ao.lattice import Lattice
 from lift_ao.packing import packed_shape
 from lift_ao.transform import padded_in_features
@@ -274,14 +274,12 @@ def _storage_entries(t: torch.Tensor):
     Meta tensors have no addresses; tied meta parameters are the same object, so identity stands in
     for the address. An already quantized weight (LiftQuant or any torchao tensor subclass) contributes
     its inner tensors."""
-    if is_traceable_wrapper_subclass(t):
-        for name in t.__tensor_flatten__()[0]:
-            yield from _storage_entries(getattr(t, name))
-    elif t.device.type == "meta":
-        yield ("meta", id(t)), t.nbytes
-    else:
-        storage = t.untyped_storage()
-        yield (storage.device.type, storage.data_ptr(), storage.nbytes()), storage.nbytes()
+    for p in plain_tensors(t):
+        if p.device.type == "meta":
+            yield ("meta", id(p)), p.nbytes
+        else:
+            storage = p.untyped_storage()
+            yield (storage.device.type, storage.data_ptr(), storage.nbytes()), storage.nbytes()
 
 
 def _high_precision_bytes(model: torch.nn.Module, quantized: set) -> int:

@@ -10,13 +10,14 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 __all__ = ["footprint"]
 
 
-def _storages(t: torch.Tensor):
-    # Tensor subclasses (LiftQuantTensor, torchao's int4 tensors...) hold their data in inner tensors.
+def plain_tensors(t: torch.Tensor):
+    """The plain tensors holding ``t``'s data: ``t`` itself, or, for a tensor subclass (LiftQuantTensor,
+    torchao's int4/int8 tensors...), its inner tensors."""
     if is_traceable_wrapper_subclass(t):
         for name in t.__tensor_flatten__()[0]:
-            yield from _storages(getattr(t, name))
+            yield from plain_tensors(getattr(t, name))
     else:
-        yield t.untyped_storage()
+        yield t
 
 
 def footprint(model: Union[torch.nn.Module, Iterable[torch.Tensor]]) -> int:
@@ -30,6 +31,6 @@ def footprint(model: Union[torch.nn.Module, Iterable[torch.Tensor]]) -> int:
     tensors = [*model.parameters(), *model.buffers()] if isinstance(model, torch.nn.Module) else list(model)
     seen: dict[tuple, int] = {}
     for t in tensors:
-        for storage in _storages(t):
+        for storage in (p.untyped_storage() for p in plain_tensors(t)):
             seen[(storage.device.type, storage.data_ptr(), storage.nbytes())] = storage.nbytes()
     return sum(seen.values())

@@ -34,6 +34,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
+from lift_ao.footprint import plain_tensors
 from lift_ao.packing import check_packed, interleave_rows
 from lift_ao.tensor import LiftQuantTensor, share_constants
 
@@ -57,7 +58,7 @@ class CheckpointError(ValueError):
 
 def _sha256(t: torch.Tensor) -> str:
     if is_traceable_wrapper_subclass(t):  # a quantized weight (LiftQuant, torchao's): its inner tensors
-        return hashlib.sha256(",".join(_sha256(getattr(t, n)) for n in t.__tensor_flatten__()[0]).encode()).hexdigest()
+        return hashlib.sha256(",".join(map(_sha256, plain_tensors(t))).encode()).hexdigest()
     # Flattened first: a 0-dim tensor cannot be viewed as bytes (the digest of others is unchanged).
     return hashlib.sha256(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
 
