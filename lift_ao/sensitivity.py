@@ -150,14 +150,14 @@ def calibrated_sensitivity(
         CheckpointError: ``checkpoint_dir`` holds another calibration (and not ``overwrite``).
     """
     (lattice,) = set(plan(model, memory_budget, allocation="uniform", seed=seed).lattices().values())
-    # The model's values too: another model of the same shapes has other scores.
-    model_sha256 = hashlib.sha256(b"".join(f"{name}:{_sha256(t)};".encode() for name, t in model.state_dict().items()))
-    identity = dict(lattice=lattice, seed=seed, alpha=alpha, tokens_sha256=_sha256(tokens.long()),
-                    score_tokens_sha256=_sha256(score_tokens.long()), model_sha256=model_sha256.hexdigest())
     stored = None if checkpoint_dir is None else Path(checkpoint_dir) / SCORES_FILE
-    if stored is not None and stored.is_file():
-        found = json.loads(stored.read_text())
-        if found["identity"] == identity:
+    if stored is not None:  # hashed only where the scores are kept
+        # The model's values too: another model of the same shapes has other scores.
+        model_sha256 = hashlib.sha256(b"".join(f"{name}:{_sha256(t)};".encode() for name, t in model.state_dict().items()))
+        identity = dict(lattice=lattice, seed=seed, alpha=alpha, tokens_sha256=_sha256(tokens.long()),
+                        score_tokens_sha256=_sha256(score_tokens.long()), model_sha256=model_sha256.hexdigest())
+        found = json.loads(stored.read_text()) if stored.is_file() else None
+        if found is not None and found["identity"] == identity:
             return found["scores"]
     # Block LDLQ alone (refine_passes=0), as when these scores were measured to pay off: a probe only
     # ranks the layers, and so scores stored before the refinement passes existed stay valid.
