@@ -269,7 +269,9 @@ def _cmd_eval(args) -> dict:
     if args.checkpoint:
         from transformers import AutoTokenizer
 
-        token_ids = args.text is not None and Path(args.text).suffix.lower() in (".safetensors", ".npy")
+        from lift_ao.data import needs_tokenizer
+
+        token_ids = args.text is not None and not needs_tokenizer(args.text)
         has_tokenizer = any((Path(args.checkpoint) / name).is_file() for name in _TOKENIZER_FILES)
         # (Where there is no checkpoint either, load_quantized says so.)
         if not (has_tokenizer or token_ids) and (Path(args.checkpoint) / lift_ao.io.CHECKPOINT_NAME).is_file():

@@ -30,6 +30,7 @@ __all__ = [
     "join_split",
     "load_default_model",
     "load_token_file",
+    "needs_tokenizer",
     "tokenize_text",
 ]
 
@@ -172,6 +173,11 @@ def _as_token_stream(array, path: Path) -> torch.Tensor:
 
 
 _BINARY_SUFFIXES = (".bin", ".pt", ".pth", ".npz", ".pkl", ".arrow", ".parquet")
+
+
+def needs_tokenizer(path) -> bool:
+    """Whether :func:`load_token_file` reads ``path`` as text to tokenize (not as token ids)."""
+    return Path(path).suffix.lower() not in (".safetensors", ".npy")
 
 
 def load_token_file(path, tokenizer=None) -> torch.Tensor:
