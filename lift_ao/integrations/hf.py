@@ -206,8 +206,7 @@ class LiftQuantHfQuantizer(HfQuantizer):
         if self.pre_quantized:
             return
         config = self.quantization_config
-        tied = getattr(model.config.get_text_config(decoder=True), "tie_word_embeddings", False)
-        if config.include_lm_head and tied:
+        if config.include_lm_head and _ties_embeddings(model):
             raise ValueError(
                 "include_lm_head=True but the output projection is tied to the input embedding; load with "
                 "tie_word_embeddings=False or keep include_lm_head=False"
@@ -275,6 +274,11 @@ class LiftQuantHfQuantizer(HfQuantizer):
         return True
 
 
+def _ties_embeddings(model: "PreTrainedModel") -> bool:
+    """Whether the model's config ties its output projection to its input embedding (from_pretrained ties them)."""
+    return getattr(model.config.get_text_config(decoder=True), "tie_word_embeddings", False)
+
+
 def enable_save_pretrained(model: "PreTrainedModel", config: LiftQuantConfig) -> "PreTrainedModel":
     """Let ``model.save_pretrained`` write a model quantized with :func:`lift_ao.quantize`.
 
@@ -299,8 +303,7 @@ def enable_save_pretrained(model: "PreTrainedModel", config: LiftQuantConfig) ->
         raise ValueError("the model has no LiftQuant weight: run lift_ao.quantize(model, config) first")
     # Refused now, while the model is in memory, rather than as a checkpoint from_pretrained cannot load:
     head = model.get_output_embeddings()
-    if (getattr(model.config.get_text_config(decoder=True), "tie_word_embeddings", False) and head is not None
-            and isinstance(head.weight, LiftQuantTensor)):
+    if _ties_embeddings(model) and head is not None and isinstance(head.weight, LiftQuantTensor):
         raise ValueError("the output projection is quantized but config.json ties it to the input embedding "
                          "(tie_word_embeddings=True), which from_pretrained would tie again and fail on: quantize "
                          "without it (lift_ao.quantize keeps it by default; with torchao's quantize_, pass a "
