@@ -213,6 +213,7 @@ def check_correctness(log) -> list[dict]:
         checks.append(entry)
         log(f"check {entry}")
     checks += check_every_config(log)
+    checks += check_layouts(log)
     checks += check_fused_decode(log)
     checks += check_prefill(log, LATTICES)
     return checks
@@ -311,6 +312,40 @@ def check_every_config(log, kernel_names: tuple = ("gemm", "lookup")) -> list[di
                                    config=f"no {name} config runs", lift_error=0.0, matmul_error=float("nan"),
                                    op_error=0.0, ok=False))
                 log(f"check {checks[-1]}")
+    return checks
+
+
+def check_layouts(log) -> list[dict]:
+    """The registered ±1 matmul (lookup kernel up to LOOKUP_MAX_TOKENS tokens, else the GEMM) on inputs
+    the other checks never build: a lifted activation and a bias with stride 2 at 1/2/3/17/64 tokens in
+    each dtype (the lookup path read them as contiguous), and an output of more than 2**31 elements
+    (32800 tokens × 65536 rows, 4.3 GB in fp16), compared at its first and last 64 tokens (the GEMM's
+    output offset was int32 and wrapped there)."""
+    checks = []
+    if _runs_here():
+        for dtype, tokens in itertools.product((torch.float16, torch.bfloat16, torch.float32), (1, 2, 3, 17, 64)):
+            layer = LiftedLayer(1000, 1000, 2.4)
+            lifted = torch.randn(tokens, 2 * layer.length, device="cuda").to(dtype)[:, ::2]
+            bias = torch.randn(2 * 1000, device="cuda").to(dtype)[::2]
+            y_ref = lifted_matmul_reference(lifted.float(), layer.codes, layer.row_scale, bias.float())
+            error = relative_error(_lifted_matmul_cuda(lifted, layer.codes, layer.row_scale, bias), y_ref)
+            checks.append(dict(rows=1000, features=1000, bits=2.4, batch=tokens, dtype=str(dtype),
+                               config="stride-2 lifted and bias", lift_error=0.0, matmul_error=error,
+                               op_error=0.0, ok=error < CHECK_BOUNDS[dtype]))
+            log(f"check {checks[-1]}")
+    if _runs_here():
+        rows, tokens, length = 65536, 32800, 64
+        codes = random_packed_codes(rows, length, device="cuda")
+        row_scale = torch.rand(rows, device="cuda") + 0.5
+        lifted = torch.randn(tokens, length, device="cuda", dtype=torch.float16)
+        out = _lifted_matmul_cuda(lifted, codes, row_scale, None)
+        errors = [relative_error(out[ends], lifted_matmul_reference(lifted[ends].float(), codes, row_scale, None))
+                  for ends in (slice(0, 64), slice(tokens - 64, tokens))]
+        del out
+        checks.append(dict(rows=rows, features=length, bits="—", batch=tokens, dtype=str(torch.float16),
+                           config="output > 2**31 elements", lift_error=0.0, matmul_error=max(errors),
+                           op_error=0.0, ok=max(errors) < CHECK_BOUNDS[torch.float16]))
+        log(f"check {checks[-1]}")
     return checks
 
 

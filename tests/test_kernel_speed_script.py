@@ -18,10 +18,10 @@ def test_the_shards_run_every_unit_of_check_work_once(count, monkeypatch):
     for index in range(count):
         monkeypatch.setattr(kernel_speed, "_SHARD", (index, count))
         monkeypatch.setattr(kernel_speed, "_check_units", itertools.count())
-        for unit in range(31):  # the checks' units on a GPU: 9 cases, 9 config problems, 3 decode, 10 prefill
+        for unit in range(33):  # the checks' units on a GPU: 9 cases, 9 config problems, 2 layouts, 3 decode, 10 prefill
             if kernel_speed._runs_here():
                 owners.setdefault(unit, []).append(index)
-    assert owners == {unit: [unit % count] for unit in range(31)}
+    assert owners == {unit: [unit % count] for unit in range(33)}
 
 
 @pytest.mark.parametrize("arguments", [["--shard", "0/2"], ["--jobs", "0", "--checks-only"]])
