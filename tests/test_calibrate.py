@@ -105,9 +105,10 @@ def crash_after_first_block(monkeypatch, run) -> None:
     """Call ``run`` (a calibration with a checkpoint_dir) and stop it, as a crash would, once block 0 is saved."""
     save = calibration.save_shard
 
-    def save_then_crash(*args, **kwargs):
-        save(*args, **kwargs)
-        raise KeyboardInterrupt
+    def save_then_crash(directory, name, *args, **kwargs):
+        save(directory, name, *args, **kwargs)
+        if name == "block_0000":
+            raise KeyboardInterrupt
 
     monkeypatch.setattr(calibration, "save_shard", save_then_crash)
     with pytest.raises(KeyboardInterrupt):

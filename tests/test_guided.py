@@ -71,8 +71,11 @@ def test_command_line_guided(tmp_path):
 
 
 def test_a_guided_run_resumes_bit_identically(tmp_path, monkeypatch):
-    """The sensitivity pass runs again on resume (seeded: the same weights), so the blocks coded after
-    the crash match an uninterrupted run's bit for bit."""
+    """The resume loads the sensitivity the crashed run saved instead of computing it again, so the blocks
+    coded after the crash match an uninterrupted run's bit for bit; the saved sensitivity is deleted
+    once every block is coded."""
+    from lift_ao import calibration
+    from lift_ao.io import SHARD_SUFFIX
     from test_calibrate import _state, crash_after_first_block
 
     model, config, tokens = tiny_llama(), lift_ao.liftquant(lattice="16/8"), token_batch(2, batch=16, length=32)
@@ -80,8 +83,13 @@ def test_a_guided_run_resumes_bit_identically(tmp_path, monkeypatch):
                          progress=False)
     crash_after_first_block(monkeypatch, lambda: calibrate(copy.deepcopy(model), config, tokens, guided=True,
                                                            checkpoint_dir=tmp_path / "resumed", progress=False))
-    resumed = calibrate(copy.deepcopy(model), config, tokens, guided=True, checkpoint_dir=tmp_path / "resumed",
-                        progress=False)
+    saved = tmp_path / "resumed" / f"{calibration.SENSITIVITY_SHARD}{SHARD_SUFFIX}"
+    assert saved.is_file()
+    with monkeypatch.context() as patch:
+        patch.setattr(calibration, "_output_sensitivity", lambda *args, **kwargs: pytest.fail("computed again"))
+        resumed = calibrate(copy.deepcopy(model), config, tokens, guided=True, checkpoint_dir=tmp_path / "resumed",
+                            progress=False)
+    assert not saved.exists() and not (tmp_path / "complete" / saved.name).exists()
     expected, got = _state(complete), _state(resumed)
     assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
     plain = calibrate(copy.deepcopy(model), config, tokens, progress=False)
