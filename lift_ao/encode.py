@@ -64,7 +64,8 @@ def encode_rows(
         block_codes = nearest_codes(unit_rms_rows(rows).reshape(-1, lattice.d), lattice, beam_width=beam_width)
         decoded = lattice.decode(block_codes).view(rows.shape)
         norm2 = decoded.pow(2).sum(1)
-        row_scale[start : start + rows.shape[0]] = (rows * decoded).sum(1) / norm2.clamp_min(1e-30)
+        # Σ w·ŵ in float64: in float32 it overflows for rows above ~1e36 whose scale itself fits.
+        row_scale[start : start + rows.shape[0]] = (rows.double() * decoded).sum(1) / norm2.clamp_min(1e-30)
         codes[start : start + rows.shape[0]] = block_codes.view(rows.shape[0], -1)
     return codes, row_scale
 

@@ -127,9 +127,10 @@ def test_copy_and_state_dict_round_trip(quantized, lattice):
     torch.testing.assert_close(dst(x), src(x), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("scale", [1e-25, 1e20])
+@pytest.mark.parametrize("scale", [1e-25, 1e20, 1e37])
 def test_tiny_and_huge_weights_code_as_well_as_unit_ones(lattice, scale):
-    """The row RMS in float32 underflowed (|w| < ~1e-23) or overflowed (> ~1e19): every block coded as zero."""
+    """The row RMS in float32 underflowed (|w| < ~1e-23) or overflowed (> ~1e19): every block coded as zero;
+    the row scale's Σ w·ŵ in float32 overflowed above ~1e36 (an infinite scale)."""
     w = torch.randn(8, 40, generator=_gen(8))
     error = lambda s: ((LiftQuantTensor.from_hp(w * s, lattice).dequantize().double() - w.double() * s).norm()  # noqa: E731
                        / (w.double() * s).norm()).item()
