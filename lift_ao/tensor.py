@@ -35,6 +35,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import return_and_correct_aliasing
 from torch.utils.weak import WeakIdKeyDictionary
 from torchao.utils import TorchAOBaseTensor, fill_defaults
 
@@ -345,6 +346,16 @@ def _(func, types, args, kwargs):
                            torch.Size([end - start, self.shape[1]]), self.dtype)
     _ROW_SLICES[rows] = "view" if view and _ROW_SLICES.get(self) != "copy" else "copy"  # rows of a copy are a copy
     return rows
+
+
+@implements([aten.detach.default, aten.alias.default])
+def _(func, types, args, kwargs):
+    # An alias of rows (w[1:5].detach(), nn.Parameter(w[:32])) is the same rows: what a copy_ into them
+    # can reach is recorded for it too (torchao's default alias knew nothing of row slices).
+    alias = return_and_correct_aliasing(func, args, kwargs, args[0]._apply_fn_to_data(func))
+    if args[0] in _ROW_SLICES:
+        _ROW_SLICES[alias] = _ROW_SLICES[args[0]]
+    return alias
 
 
 # Allow torch.load(weights_only=True) of checkpoints that pickle this class.

@@ -204,6 +204,14 @@ def test_copy_into_rows_reaches_the_weight_or_is_refused(lattice):
     assert torch.equal(w.dequantize(), after)
     with pytest.raises(ValueError, match="do not start and end at groups of 32 rows"):  # rows of such a copy
         w[1:65][0:32].copy_(src)
+    # A detached alias of rows is the same rows (their copy_ was accepted and never reached w, or wrote
+    # codes decoded with another M into it).
+    with pytest.raises(ValueError, match="do not start and end at groups of 32 rows"):
+        w[1:5].detach().copy_(LiftQuantTensor.from_hp(torch.randn(4, 53, generator=gen), lattice))
+    with pytest.raises(ValueError, match="lattice matrix or rotation differs"):
+        torch.nn.Parameter(w[:32], requires_grad=False).copy_(
+            LiftQuantTensor.from_hp(torch.randn(32, 53, generator=gen), lattice, seed=1))
+    assert torch.equal(w.dequantize(), after)
     independent = copy.deepcopy(w[1:5])  # a weight of its own, no longer rows of w
     fresh = LiftQuantTensor.from_hp(torch.randn(4, 53, generator=gen), lattice)
     assert torch.equal(independent.copy_(fresh).dequantize(), fresh.dequantize())
