@@ -225,22 +225,25 @@ def _folded_weight(graph: fx.Graph, mul: fx.Node, weight: fx.Node, signs: fx.Nod
     weight_val = weight.meta["val"]
     k = weight_val.shape[0]
     weight_const, signs_const = _real_constant(weight), _real_constant(signs)
+    # The product in float32, rounded once to the weight's dtype: calibrated signs carry 1/s (not ±1), and
+    # rounding them to a 16-bit weight's dtype first added a second rounding.
     if weight_const is not None and signs_const is not None:
         module = graph.owning_module
-        value = weight_const * signs_const[:k].to(weight_const.dtype)
+        value = (weight_const.float() * signs_const[:k].float()).to(weight_const.dtype)
         name = f"_lift_ao_folded_{mul.name}"
         module.register_buffer(name, value, persistent=False)
         with graph.inserting_before(mul):
             folded = graph.get_attr(name)
         folded.meta["val"] = weight_val
         return folded
+    convert = torch.ops.prims.convert_element_type.default
     with graph.inserting_before(mul):
         sliced = graph.call_function(torch.ops.aten.slice.Tensor, (signs, 0, 0, k))
-        cast = graph.call_function(torch.ops.prims.convert_element_type.default, (sliced, weight_val.dtype))
-        folded = graph.call_function(_mul, (weight, cast))
-    signs_val = signs.meta["val"]
-    sliced.meta["val"] = signs_val[:k]
-    cast.meta["val"] = signs_val[:k].to(weight_val.dtype)
+        wide = graph.call_function(convert, (weight, torch.float32))
+        product = graph.call_function(_mul, (wide, sliced))
+        folded = graph.call_function(convert, (product, weight_val.dtype))
+    sliced.meta["val"] = signs.meta["val"][:k]
+    wide.meta["val"] = product.meta["val"] = weight_val.float()
     folded.meta["val"] = weight_val
     return folded
 
@@ -264,8 +267,10 @@ def fold_scales(graph: fx.Graph) -> int:
     sign-flipped activation. ``weight`` becomes ``weight * signs[:K]`` (a new constant under freezing,
     else a K-element product Inductor fuses into the norm kernel); ``lifted_linear`` gets
     ``input_signs=None``, ``lifted_linear_group`` gets ``folded_signs`` = its first sibling's signs
-    (the others skip their diagonal when, at run time, they hold the same tensor). Exact: multiplying
-    by ±1 rounds the same either way.
+    (the others skip their diagonal when, at run time, they hold the same tensor). Exact for ±1 signs
+    (multiplying by ±1 rounds the same either way); calibrated signs carry 1/s, and in a 16-bit model
+    the folded ``weight * signs`` is rounded once more than eager rounds (a bf16 layer of K = 512 with
+    s ~ exp(N(0, 0.5²)): output error against float64 0.30 % eager, 0.35 % folded).
 
     Returns:
         number of folds (one per norm).

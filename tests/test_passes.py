@@ -417,3 +417,28 @@ def test_static_cache_decode_compiles_once_and_matches_eager():
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
     assert backend.frame_count == 1, f"decode recompiled: {backend.frame_count} frames for {steps} tokens"
     assert counters["lift_ao"]["lift_fusion"] == 8
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_folded_norm_weight_is_rounded_once(frozen):
+    """Calibrated signs carry 1/s: weight·(1/s) is computed in float32 and rounded once to the bf16 weight
+    (the signs were rounded to bf16 first, then the product: two roundings)."""
+    from lift_ao.passes.rewrites import _folded_weight
+
+    g = torch.Generator().manual_seed(12)
+    weight = (1 + 0.1 * torch.randn(48, generator=g)).bfloat16()
+    signs = torch.where(torch.rand(50, generator=g) < 0.5, -1.0, 1.0) / torch.exp(0.5 * torch.randn(50, generator=g))
+    module, graph = torch.nn.Module(), torch.fx.Graph()
+    module.weight, module.signs = weight, signs
+    nodes = ([graph.get_attr("weight"), graph.get_attr("signs")] if frozen
+             else [graph.placeholder("weight"), graph.placeholder("signs")])
+    x = graph.placeholder("x")
+    for node, value in zip(nodes, (weight, signs)):
+        node.meta["val"] = value
+    mul = graph.call_function(torch.ops.aten.mul.Tensor, (nodes[0], x))
+    graph.output(_folded_weight(graph, mul, *nodes))
+    gm = torch.fx.GraphModule(module, graph)
+    folded = gm(torch.ones(48)) if frozen else gm(weight, signs, torch.ones(48))
+    expected = (weight.float() * signs[:48]).bfloat16()
+    assert folded.dtype == torch.bfloat16 and torch.equal(folded, expected)
+    assert not torch.equal(weight * signs[:48].bfloat16(), expected)  # the two roundings differ here
