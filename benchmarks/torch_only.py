@@ -189,6 +189,6 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["refine"]:
         refine(sys.argv[2:])
     else:
-        from lift_ao.lattice import _main
+        from lift_ao.lattice import main
 
-        _main(sys.argv[1:])
+        sys.exit(main(sys.argv[1:]))

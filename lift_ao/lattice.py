@@ -421,13 +421,30 @@ def _lattice_arg(value: str) -> Lattice:
     return Lattice.from_file(value) if str(value).endswith(".safetensors") else Lattice.load(value)
 
 
-def _main(argv=None) -> None:
+def _listing() -> list[dict]:
+    """One row per shipped lattice (bits, then d): name, d, D, bits, measured MSE, the Shannon bound
+    2^(−2·bits) and the search's default beam width."""
+    from lift_ao.search import default_beam_width
+
+    return [{"name": lat.name, "d": lat.d, "D": lat.D, "bits": lat.bits, "mse": lat.mse,
+             "shannon_mse": 2 ** (-2 * lat.bits), "beam_width": default_beam_width(lat)} for lat in Lattice.shipped()]
+
+
+def main(argv=None) -> int:
+    """``python -m lift_ao.lattice`` / ``lift-ao lattice``: ``train`` a lattice, or ``list`` the shipped ones.
+
+    Returns:
+        the exit code (0; argparse exits with 2 on bad arguments).
+    """
     import argparse
+    import json
     import shlex
     import sys
 
-    parser = argparse.ArgumentParser(prog="python -m lift_ao.lattice", description="LiftQuant lattices")
+    parser = argparse.ArgumentParser(prog="lift-ao lattice", description="LiftQuant lattices")
     sub = parser.add_subparsers(dest="verb", required=True)
+    listing = sub.add_parser("list", help="the shipped lattices: rate, MSE against the Shannon bound, beam width")
+    listing.add_argument("--json", action="store_true", help="print one JSON document on stdout")
     train = sub.add_parser("train", help="train a lattice (d, D) on N(0,1) vectors and save it")
     train.add_argument("--d", type=int, required=True, help="block length")
     train.add_argument("--D", type=int, required=True, help="code length (bits per block)")
@@ -448,6 +465,16 @@ def _main(argv=None) -> None:
     train.add_argument("--init", default=None, help="start from this lattice (shipped name 'D/d' or a .safetensors file)")
     train.add_argument("--out", default=None, help="output file (default lift_ao/lattices/lq_{D}_{d}.safetensors)")
     args = parser.parse_args(argv)
+    if args.verb == "list":
+        rows = _listing()
+        if args.json:
+            print(json.dumps(rows, indent=1))
+        else:
+            print(f"{'lattice':>8} {'bits':>6} {'mse':>8} {'Shannon':>8} {'beam':>5}")
+            for row in rows:
+                print(f"{row['name']:>8} {row['bits']:6.3f} {row['mse']:8.5f} {row['shannon_mse']:8.5f} "
+                      f"{row['beam_width']:5d}")
+        return 0
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -464,10 +491,11 @@ def _main(argv=None) -> None:
     out = args.out or str(_lattice_dir() / Lattice.file_name(args.D, args.d))
     lattice.save(out)
     print(f"{lattice.name}: mse {lattice.mse:.5f} (Shannon {2 ** (-2 * lattice.bits):.5f}) -> {out}")
+    return 0
 
 
 if __name__ == "__main__":
     # Run the copy imported as lift_ao.lattice, so that lift_ao.search sees the same Lattice class.
-    from lift_ao.lattice import _main as _package_main
+    from lift_ao.lattice import main as _package_main
 
-    _package_main()
+    raise SystemExit(_package_main())

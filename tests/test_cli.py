@@ -271,3 +271,17 @@ def test_bench_and_plan_refuse_options_they_would_ignore(capsys):
     assert cli.main(["plan", "--preset", "llama3-70b", "--budget", "24GiB", "--allocation", "uniform",
                      "--rate-window", "0.1"]) == 2
     assert "drop rate_window" in capsys.readouterr().err
+
+
+def test_lattice_list_and_help(capsys):
+    """`lift-ao lattice` imported a `main` that lift_ao.lattice did not have: every call, --help included,
+    ended in an ImportError."""
+    assert cli.main(["lattice", "list", "--json"]) == 0
+    rows = {row["name"]: row for row in json.loads(capsys.readouterr().out)}
+    assert rows["48/20"]["bits"] == 2.4 and rows["48/20"]["beam_width"] == 64
+    assert rows["48/20"]["mse"] > rows["48/20"]["shannon_mse"] == 2 ** -4.8
+    assert cli.main(["lattice", "list"]) == 0
+    assert "48/20" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["lattice", "--help"])
+    assert exit_.value.code == 0 and "train" in capsys.readouterr().out
