@@ -304,6 +304,29 @@ def _(func, types, args, kwargs):
     return self
 
 
+# Copies of shared M / rotation tensors on other devices, by source storage (the aliases of a tensor that
+# each nn.Parameter wrapping makes share it): {storage: {(view, device): copy}}. model.to(device) moves each
+# weight alone; without this every layer got its own copy of what its siblings share (footprint counted
+# them per layer, the fused ops' same-tensor test failed). Entries go with the source storage; the copies
+# are small (M, rotation factors and signs: well under 1 MB for a 70B model).
+_MOVED = WeakIdKeyDictionary()
+
+
+def _moved_shared(t: torch.Tensor, device: torch.device, non_blocking: bool) -> torch.Tensor:
+    """``t`` (a shared M or rotation tensor) on ``device``: the copy made for an alias of ``t`` before, as long
+    as it still holds ``t``'s values (either may have been changed in place since), else a new one."""
+    moved = t.to(device, non_blocking=non_blocking)
+    if moved.device == t.device or t.is_meta:
+        return moved
+    copies = _MOVED.setdefault(t.untyped_storage(), {})
+    key = (t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, moved.device)
+    kept = copies.get(key)
+    if kept is not None and (moved.is_meta or torch.equal(kept, moved)):
+        return kept
+    copies[key] = moved
+    return moved
+
+
 @implements(aten._to_copy.default)
 def _(func, types, args, kwargs):
     # Moves the stored tensors to the new device; a new dtype only changes the logical dtype
@@ -312,7 +335,8 @@ def _(func, types, args, kwargs):
     # one); M and the rotation stay shared there, as between layers.
     self = args[0]
     to = self._get_to_kwargs(*args[1:], **kwargs)
-    tensors = [getattr(self, n).to(to["device"], non_blocking=to["non_blocking"], copy=n not in SHARED_DATA_NAMES)
+    tensors = [_moved_shared(getattr(self, n), to["device"], to["non_blocking"]) if n in SHARED_DATA_NAMES
+               else getattr(self, n).to(to["device"], non_blocking=to["non_blocking"], copy=True)
                for n in self.tensor_data_names]
     return LiftQuantTensor(*tensors, self.shape, to["dtype"])
 

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 import lift_ao
 from lift_ao import Lattice, LiftQuantTensor
 from lift_ao.packing import packed_shape, unpack_codes, words_per_row
+from lift_ao.tensor import SHARED_DATA_NAMES
 from lift_ao.transform import unrotate
 
 
@@ -264,3 +265,21 @@ def test_footprint_counts_shared_transform_once(lattice):
     k = LiftQuantTensor.from_hp(torch.randn(8, 53, generator=_gen(12)), lattice)
     shared = sum(getattr(q, n).nbytes for n in ("mapping", "input_signs", "rotation_left", "rotation_right"))
     assert lift_ao.footprint([q, k]) == q.storage_bytes() + k.storage_bytes() - shared
+
+
+def test_moving_a_model_keeps_its_shared_mapping_and_rotation_shared(lattice):
+    """model.to(device) moves each weight alone: every layer got its own copy of the M and rotation it
+    shares with its siblings (footprint counted them per layer; the fused ops' same-tensor test failed).
+    (That a copy is handed out again only while it holds its source's values needs a second real device.)"""
+    gen = _gen(13)
+    model = torch.nn.ModuleDict({n: torch.nn.Linear(53, 37, bias=False) for n in ("q", "k")})
+    for linear in model.values():
+        linear.weight = torch.nn.Parameter(LiftQuantTensor.from_hp(torch.randn(37, 53, generator=gen), lattice),
+                                           requires_grad=False)
+    q, k = model["q"].weight, model["k"].weight
+    storage = lambda a, n: getattr(a, n).untyped_storage()  # noqa: E731  (each Parameter holds aliases)
+    assert all(storage(q, n) is storage(k, n) for n in SHARED_DATA_NAMES)
+    moved = copy.deepcopy(model).to("meta")
+    mq, mk = moved["q"].weight, moved["k"].weight
+    assert all(storage(mq, n) is storage(mk, n) and getattr(mq, n).is_meta for n in SHARED_DATA_NAMES)
+    assert k.to("meta").mapping is q.to("meta").mapping
