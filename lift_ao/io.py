@@ -78,9 +78,12 @@ def _directory(directory, what: str) -> Path:
     return path
 
 
-def _check_model(model, what: str) -> None:
+def _module_of(model, what: str) -> torch.nn.Module:
+    """The module whose state a checkpoint holds: ``model``, or the one a ``torch.compile`` wrapper holds (its
+    state_dict's keys carry an ``_orig_mod.`` prefix that an uncompiled model does not have)."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"{what} must be a torch.nn.Module, got {type(model).__name__}")
+    return getattr(model, "_orig_mod", model) if isinstance(model, torch._dynamo.eval_frame.OptimizedModule) else model
 
 
 def _tensor_identity(value) -> tuple:
@@ -109,12 +112,13 @@ def _check_parts(path: Path, key: str, weight: LiftQuantTensor) -> None:
 
 
 def save_quantized(model: torch.nn.Module, directory) -> Path:
-    """Write ``model`` (quantized or partly quantized) to ``directory``.
+    """Write ``model`` (quantized or partly quantized; of a ``torch.compile`` wrapper, the module it wraps) to
+    ``directory``.
 
     Returns:
         Path of the written ``lift_ao.safetensors``.
     """
-    _check_model(model, "model")
+    model = _module_of(model, "model")
     directory = _directory(directory, "directory")
     directory.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
@@ -254,10 +258,10 @@ def load_quantized(directory, model: Optional[torch.nn.Module] = None, *, device
         model: the un-quantized architecture to load into (any device; ``meta`` where its buffers that
             are computed rather than saved, such as rotary frequencies, are real, as under accelerate's
             ``init_empty_weights(include_buffers=False)``); when omitted, a Hugging Face causal LM is
-            built from the saved ``config.json``.
+            built from the saved ``config.json``. A ``torch.compile`` wrapper loads into the module it wraps.
         device: where the loaded tensors go (default: CPU).
     Returns:
-        The model with LiftQuant weights and every other tensor restored bit-exactly.
+        The model (as given) with LiftQuant weights and every other tensor restored bit-exactly.
     Raises:
         CheckpointError: truncated/tampered file, unknown format version, lattice mismatch, a model
             whose modules or shapes differ from the checkpoint's, or computed buffers left on ``meta``;
@@ -266,13 +270,14 @@ def load_quantized(directory, model: Optional[torch.nn.Module] = None, *, device
     from lift_ao.api import _is_hf_conv1d, resolve_device  # lift_ao.api imports this module
 
     directory = _directory(directory, "directory")
+    given = model
     if model is not None:
-        _check_model(model, "model")
+        model = _module_of(model, "model")
     device = resolve_device(device or "cpu")
     path = directory / CHECKPOINT_NAME
     header, tensors = _read_checkpoint(path)
     if model is None:
-        model = _model_from_hf_config(directory)
+        model = given = _model_from_hf_config(directory)
 
     def parameter(key: str) -> tuple:
         """(module, its tensor) named ``key``."""
@@ -354,7 +359,7 @@ def load_quantized(directory, model: Optional[torch.nn.Module] = None, *, device
             owner, _, name = alias.rpartition(".")
             setattr(model.get_submodule(owner), name, tied)
     share_constants(model)
-    return model
+    return given
 
 
 # ----- resumable runs: a manifest and one shard per finished unit ----------------------------------

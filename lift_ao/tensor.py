@@ -282,10 +282,14 @@ def _(func, types, args, kwargs):
     # load_state_dict's copy. torchao's default writes every stored tensor in place, which would also
     # change every layer and model sharing this one's M or transform (and the caches that hand them
     # out): only what the weight owns is written; the shared constants are rebound to src's.
+    # A logical dtype that differs is kept, as a plain tensor's copy_ converts: it only names the output's dtype.
     self, src = args[0], args[1]
+    if not isinstance(self, LiftQuantTensor):
+        raise ValueError(f"cannot copy a LiftQuant weight into a plain tensor of shape {tuple(self.shape)}: quantize the "
+                         "model with the same config before loading this state (or load_state_dict(..., assign=True))")
     shapes = lambda t: [getattr(t, n).shape for n in t.tensor_data_names]  # noqa: E731
-    if not isinstance(src, LiftQuantTensor) or (self.shape, self.dtype, shapes(self)) != (src.shape, src.dtype, shapes(src)):
-        raise ValueError(f"cannot copy {src!r} into LiftQuantTensor({self._quantization_type()}): the shape, dtype and "
+    if not isinstance(src, LiftQuantTensor) or (self.shape, shapes(self)) != (src.shape, shapes(src)):
+        raise ValueError(f"cannot copy {src!r} into LiftQuantTensor({self._quantization_type()}): the shape and "
                          "lattice must match; quantize the model with the same config before loading this state")
     # Rows of a weight (aten.slice): a copy_ must reach the weight, whose codes decode with its own M and rotation.
     rows = _ROW_SLICES.get(self)

@@ -56,6 +56,16 @@ def test_round_trip_is_bit_exact_with_identical_outputs(saved):
     assert not list(directory.glob("*.tmp"))
 
 
+def test_a_compiled_model_saves_and_loads_as_the_module_it_wraps(saved, tmp_path):
+    """torch.compile's wrapper prefixed every key with `_orig_mod.`: a checkpoint nothing could load."""
+    model, _ = saved
+    save_quantized(torch.compile(model), tmp_path)
+    assert_bit_identical(model, load_quantized(tmp_path, tiny_llama(seed=1, tie=True)))
+    target = torch.compile(tiny_llama(seed=1, tie=True))
+    assert load_quantized(tmp_path, target) is target
+    assert_bit_identical(model, target._orig_mod)
+
+
 def test_load_rebuilds_hf_architecture_from_saved_config(saved):
     model, directory = saved
     loaded = load_quantized(directory)

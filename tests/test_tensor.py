@@ -168,6 +168,23 @@ def test_copy_leaves_weights_that_shared_its_constants_alone(lattice):
         a.copy_(LiftQuantTensor.from_hp(torch.randn(37, 64, generator=gen), lattice))
 
 
+def test_load_state_dict_across_logical_dtypes_and_into_an_unquantized_model(lattice):
+    """As for plain weights, a bf16-cast quantized model takes its float32 state (the codes are the same;
+    it was refused); an unquantized model says to quantize it first (it failed on a missing attribute)."""
+    gen = _gen(14)
+    src = torch.nn.Linear(53, 37, bias=False)
+    src.weight = torch.nn.Parameter(LiftQuantTensor.from_hp(torch.randn(37, 53, generator=gen), lattice),
+                                    requires_grad=False)
+    dst = torch.nn.Linear(53, 37, bias=False)
+    dst.weight = torch.nn.Parameter(LiftQuantTensor.from_hp(torch.randn(37, 53, generator=gen), lattice),
+                                    requires_grad=False)
+    dst.to(torch.bfloat16).load_state_dict(src.state_dict())
+    assert dst.weight.dtype == torch.bfloat16 and torch.equal(dst.weight.packed_codes, src.weight.packed_codes)
+    assert torch.equal(dst.weight.dequantize(), src.weight.dequantize().bfloat16())
+    with pytest.raises(RuntimeError, match="plain tensor of shape .37, 53.: quantize the model with the same config"):
+        torch.nn.Linear(53, 37, bias=False).load_state_dict(src.state_dict())
+
+
 @pytest.mark.parametrize("start, end, view", [(5, 20, False), (0, 32, True), (32, 37, True), (32, None, True),
                                              (0, 33, False), (31, 37, False), (7, 7, False), (-3, None, False)])
 def test_row_slice_keeps_whole_rows(quantized, start, end, view):
