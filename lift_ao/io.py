@@ -359,6 +359,9 @@ def load_quantized(directory, model: Optional[torch.nn.Module] = None, *, device
             owner, _, name = alias.rpartition(".")
             setattr(model.get_submodule(owner), name, tied)
     share_constants(model)
+    from lift_ao.integrations.hf import restore_save_pretrained  # hf imports lift_ao.io
+
+    restore_save_pretrained(model)
     return given
 
 

@@ -111,6 +111,15 @@ def test_hf_save_pretrained_round_trip_is_exact(loaded_quantized, tmp_path):
     assert torch.equal(logits(again), logits(loaded_quantized))
 
 
+def test_hf_save_pretrained_after_save_and_load_quantized(loaded_quantized, tmp_path):
+    """A model quantized on load, saved with save_quantized and loaded with load_quantized had no
+    hf_quantizer although config.json said liftquant: save_pretrained failed in safetensors ("invalid
+    python storage")."""
+    lift_ao.save_quantized(loaded_quantized, tmp_path / "lift_ao")
+    lift_ao.load_quantized(tmp_path / "lift_ao").save_pretrained(tmp_path / "hf")
+    assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "hf")), logits(loaded_quantized))
+
+
 def test_hf_format_2_codes_load_by_exact_regrouping(loaded_quantized, tmp_path):
     """save_pretrained output of lift_ao's format 2 (code rows one after another) loads bit-exactly."""
     loaded_quantized.save_pretrained(tmp_path)

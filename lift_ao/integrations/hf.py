@@ -320,9 +320,33 @@ def enable_save_pretrained(model: "PreTrainedModel", config: LiftQuantConfig) ->
         raise ValueError(f"{conv1d[:3]} are transformers Conv1D layers (GPT-2 style), which from_pretrained cannot "
                          "load as LiftQuant: save with lift_ao.save_quantized(model, dir), load with "
                          "lift_ao.load_quantized(dir)")
-    quantizer = LiftQuantHfQuantizer(LiftQuantHfConfig.from_liftquant(config), pre_quantized=True)
+    return _attach_quantizer(model, LiftQuantHfConfig.from_liftquant(config))
+
+
+def _attach_quantizer(model: "PreTrainedModel", hf_config: LiftQuantHfConfig) -> "PreTrainedModel":
+    """Give ``model`` the ``hf_quantizer`` that from_pretrained attaches (save_pretrained serializes LiftQuant
+    weights only through it) and record ``hf_config`` as config.json's ``quantization_config``."""
+    quantizer = LiftQuantHfQuantizer(hf_config, pre_quantized=True)
     model.hf_quantizer = quantizer
     model.is_quantized = True
     model.quantization_method = QUANT_METHOD
     quantizer.postprocess_model(model)
     return model
+
+
+def restore_save_pretrained(model: torch.nn.Module) -> None:
+    """After :func:`lift_ao.load_quantized`: a transformers model whose config.json records a LiftQuant
+    ``quantization_config`` (it was quantized on load by from_pretrained) gets its ``hf_quantizer`` back, so
+    ``save_pretrained`` works as it did before saving (without it, safetensors failed on the LiftQuant
+    weights with "invalid python storage"). Other models are left alone."""
+    from transformers import PreTrainedModel
+
+    record = getattr(getattr(model, "config", None), "quantization_config", None)
+    if not isinstance(model, PreTrainedModel) or getattr(model, "hf_quantizer", None) is not None or record is None:
+        return
+    if isinstance(record, dict):
+        if record.get("quant_method") != QUANT_METHOD:
+            return
+        record = LiftQuantHfConfig.from_dict(record)
+    if isinstance(record, LiftQuantHfConfig):
+        _attach_quantizer(model, record)
