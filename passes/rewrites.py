@@ -165,6 +165,7 @@ def fuse_lifts(graph: fx.Graph) -> int:
     nodes taking them as activation: one chain → ``lifted_linear``; several (q/k/v, gate/up) →
     ``lifted_linear_group`` + ``getitem``s, placed at the first matmul, provided every chain's
     codes/scale/bias are defined before it (always true for placeholders and frozen constants).
+    Siblings of which one lifts without signs (``input_signs=None``) become one ``lifted_linear`` each.
 
     Returns:
         number of ``lifted_matmul`` nodes absorbed.
@@ -181,23 +182,24 @@ def fuse_lifts(graph: fx.Graph) -> int:
             if lift.users and all(_is_op(u, _MATMUL) and u.args[0] is lift and lift not in u.args[1:] for u in lift.users)
         ]
         chains = sorted(((lift, m) for lift in fusable for m in lift.users), key=lambda chain: order[chain[1]])
-        if not chains:
-            continue
-        first = chains[0][1]
-        # The fused node takes every chain's transform and matmul operands: all must exist before it.
-        operands = [a for lift, m in chains for a in (*lift.args[1:], *m.args[1:]) if isinstance(a, fx.Node)]
-        if any(order[a] >= order[first] for a in operands):
-            continue
-        with graph.inserting_before(first):
-            _replace_by_fused(graph, chains)
-        shared += _run_time_shared(chains)
-        for _, matmul in chains:
-            graph.erase_node(matmul)
-        for lift in fusable:
-            graph.erase_node(lift)
-        absorbed += len(chains)
-        # The fused node is new, and may be a later chain's operand (a bias computed by this linear).
-        order = {node: index for index, node in enumerate(graph.nodes)}
+        # The group op takes a list of signs tensors: lifts without signs (x carries them) fuse one by one.
+        batches = [[chain] for chain in chains] if any(lift.args[1] is None for lift, _ in chains) else [chains]
+        for batch in filter(None, batches):
+            first = batch[0][1]
+            # The fused node takes every chain's transform and matmul operands: all must exist before it.
+            operands = [a for lift, m in batch for a in (*lift.args[1:], *m.args[1:]) if isinstance(a, fx.Node)]
+            if any(order[a] >= order[first] for a in operands):
+                continue
+            with graph.inserting_before(first):
+                _replace_by_fused(graph, batch)
+            shared += _run_time_shared(batch)
+            for lift, matmul in batch:
+                graph.erase_node(matmul)
+                if not lift.users:
+                    graph.erase_node(lift)
+            absorbed += len(batch)
+            # The fused node is new, and may be a later chain's operand (a bias computed by this linear).
+            order = {node: index for index, node in enumerate(graph.nodes)}
     _count("lift_fusion", absorbed)
     _count("shared_transform", shared)
     return absorbed
@@ -264,7 +266,7 @@ def fold_scales(graph: fx.Graph) -> int:
 
     Fires when a fused node's activation is ``weight * normed`` (the RMSNorm's last op; ``weight`` a
     (K,) tensor of the activation's dtype) read by nothing else, so no other reader sees the
-    sign-flipped activation. ``weight`` becomes ``weight * signs[:K]`` (a new constant under freezing,
+    sign-flipped activation, and the signs exist before it (or both are frozen constants). ``weight`` becomes ``weight * signs[:K]`` (a new constant under freezing,
     else a K-element product Inductor fuses into the norm kernel); ``lifted_linear`` gets
     ``input_signs=None``, ``lifted_linear_group`` gets ``folded_signs`` = its first sibling's signs
     (the others skip their diagonal when, at run time, they hold the same tensor). Exact for ±1 signs
@@ -276,6 +278,7 @@ def fold_scales(graph: fx.Graph) -> int:
         number of folds (one per norm).
     """
     folds = 0
+    order = {node: index for index, node in enumerate(graph.nodes)}  # of the nodes the folds read
     for mul in list(graph.nodes):
         factor = _per_channel_factor(mul)
         if factor is None or len(mul.users) != 1:
@@ -287,6 +290,8 @@ def fold_scales(graph: fx.Graph) -> int:
         if signs is None:
             continue
         weight, other = factor
+        if order[signs] > order[mul] and (_real_constant(weight) is None or _real_constant(signs) is None):
+            continue  # signs computed after the norm: the folded weight could not be computed before it
         mul.args = (_folded_weight(graph, mul, weight, signs), other)
         if _is_op(fused, _LINEAR):
             fused.update_arg(_SIGNS, None)

@@ -442,3 +442,47 @@ def test_folded_norm_weight_is_rounded_once(frozen):
     expected = (weight.float() * signs[:48]).bfloat16()
     assert folded.dtype == torch.bfloat16 and torch.equal(folded, expected)
     assert not torch.equal(weight * signs[:48].bfloat16(), expected)  # the two roundings differ here
+
+
+def _direct_ops_weight(rows: int, seed: int) -> LiftQuantTensor:
+    return LiftQuantTensor.from_hp(torch.randn(rows, 64, generator=torch.Generator().manual_seed(seed)),
+                                   Lattice.load("24/10"))
+
+
+def test_no_fold_of_signs_computed_after_the_norm():
+    """The folded weight·signs was inserted before the norm's mul although the signs were computed after it:
+    a graph using a node before its definition (compile crashed)."""
+    ops, w = torch.ops.lift_ao, _direct_ops_weight(32, 0)
+
+    def f(x, norm_w, gain, signs, left, right, mapping, codes, scale):
+        h = norm_w * x
+        s = signs * gain  # the transform computed in the graph, after the norm
+        return ops.lifted_matmul(ops.lift_activation(h, s, left, right, mapping), codes, scale, None)
+
+    args = [torch.randn(3, 64), torch.rand(64) + 0.5, torch.tensor(2.0), w.input_signs, w.rotation_left,
+            w.rotation_right, w.mapping, w.packed_codes, w.row_scale]
+    gm = make_fx(f, tracing_mode="fake")(*args)
+    assert run_passes(gm.graph) == {"shared_transform": 0, "lift_fusion": 1, "scale_folding": 0}
+    gm.graph.lint()
+    gm.recompile()
+    torch.testing.assert_close(gm(*args), f(*args), rtol=0, atol=0)
+
+
+def test_sibling_lifts_without_signs_fuse_one_by_one():
+    """Lifts whose x already carries the signs (input_signs=None) became one group op with a None in its
+    list of signs tensors, which its schema refuses (compile crashed)."""
+    ops, q, k = torch.ops.lift_ao, _direct_ops_weight(32, 1), _direct_ops_weight(16, 2)
+
+    def f(x):
+        signed = x * q.input_signs[:64]
+        return tuple(ops.lifted_matmul(ops.lift_activation(signed, None, w.rotation_left, w.rotation_right, w.mapping),
+                                       w.packed_codes, w.row_scale, None) for w in (q, k))
+
+    x = torch.randn(3, 64)
+    gm = make_fx(f)(x)  # the weights' tensors become constants of the graph
+    assert run_passes(gm.graph)["lift_fusion"] == 2
+    gm.graph.lint()
+    gm.recompile()
+    assert sum(node.target == torch.ops.lift_ao.lifted_linear.default for node in gm.graph.nodes) == 2
+    for got, want in zip(gm(x), f(x)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
