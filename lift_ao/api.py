@@ -132,7 +132,7 @@ def quantize(
     if not targets:
         raise ValueError(
             f"{type(model).__name__} has no nn.Linear layer to quantize (after the filter and the "
-            "lm_head rule); check filter_fn or pass include_lm_head=True"
+            "lm_head rule); check filter_fn, or quantize the output projection too: liftquant(..., include_lm_head=True)"
         )
     layer_configs = {name: config for name, _ in targets}
     if config.memory_budget is not None:

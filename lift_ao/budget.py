@@ -905,13 +905,22 @@ def plan(
             own, shared, distortion = tables(candidates)
         choice, total = _solve_sensitivity(own, shared, distortion, fixed, budget, [l.bits for l in candidates])
     if total > budget:
+        # Only the fixes that apply, each with its command-line form (lift-ao quantize has no KV cache or reserve).
+        fixes = [f"raise the budget to at least {total} bytes"]
+        if kv_bytes:
+            fixes.append("shrink the KV cache's context or batch (lift-ao plan --context/--batch)")
+        if reserve:
+            fixes.append("shrink the reserve (lift-ao plan --reserve)")
+        if not include_lm_head:
+            fixes.append("quantize the output projection too (include_lm_head=True, not with calibration, which keeps "
+                         "it; lift-ao plan/quantize --lm-head)")
+        fixes.append(f"ship a lower-rate lattice (smallest now: {candidates[0].name})")
+        advice = "; or ".join(fixes)
         raise BudgetError(
             f"memory_budget {format_bytes(budget)} is too small: even the smallest "
             f"{'uniform ' if allocation == 'uniform' else ''}lattice choice needs {format_bytes(total)} "
             f"({format_bytes(total - budget)} over; high precision {format_bytes(high_precision)}, "
-            f"KV cache {format_bytes(kv_bytes)}, reserve {format_bytes(reserve)}). Raise the budget to at least "
-            f"{total} bytes, shrink kv_cache context/batch or reserve, pass include_lm_head=True to quantize "
-            f"the output projection, or ship a lower-rate lattice (smallest now: {candidates[0].name})",
+            f"KV cache {format_bytes(kv_bytes)}, reserve {format_bytes(reserve)}). {advice[0].upper()}{advice[1:]}",
             needed_bytes=total,
         )
     layers = tuple(

@@ -308,11 +308,15 @@ def test_too_small_budget_names_the_fix(llama70b):
         plan(llama70b, "4GiB")
     message = str(error.value)
     assert "include_lm_head=True" in message and "Raise the budget" in message
+    assert "context or batch" not in message and "reserve (" not in message  # only fixes that apply
     assert error.value.needed_bytes > 4 * GiB
     p = plan(llama70b, error.value.needed_bytes)  # exactly the minimum fits
     assert p.headroom_bytes == 0 or p.total_bytes <= error.value.needed_bytes
-    with pytest.raises(BudgetError, match="KV cache 80.000 GiB"):
+    with pytest.raises(BudgetError, match="KV cache 80.000 GiB.*shrink the KV cache's context or batch .lift-ao plan"):
         plan(llama70b, "24GiB", kv_cache=dict(context=131072, batch=2))
+    with pytest.raises(BudgetError) as error:
+        plan(llama70b, "4GiB", include_lm_head=True)
+    assert "include_lm_head" not in str(error.value)
     with pytest.raises(BudgetError, match="calibration"):
         plan(llama70b, "24GiB", calibration=torch.zeros(1, 4, dtype=torch.long))
 
