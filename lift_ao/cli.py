@@ -104,6 +104,11 @@ def _cmd_quantize(args) -> dict:
         raise ValueError("--lattice replaces --bits (each rate has its lattice): give one of the two")
     if args.out is not None and args.out.exists() and not args.out.is_dir():
         raise ValueError(f"--out {args.out} is a file: give a directory (created if missing)")
+    if args.overwrite and args.out is None:
+        raise ValueError(f"--overwrite discards a DIR/{PARTIAL_DIR} of --out DIR: add --out DIR, or drop --overwrite")
+    evaluation = _given(args, text=None, context=512, stride=None, windows=8)
+    if args.skip_eval and evaluation:
+        raise ValueError(f"{', '.join(evaluation)} choose the evaluation that --skip-eval skips: drop one or the other")
     if args.rate_window != DEFAULT_RATE_WINDOW and args.memory_budget is None:
         raise ValueError("--rate-window bounds the lattices a --memory-budget plan mixes: add --memory-budget SIZE")
     if _given(args, calibration_tokens=_CALIBRATION_TOKENS) and not (args.calibrate or args.memory_budget is not None):
@@ -369,7 +374,8 @@ def _parser() -> argparse.ArgumentParser:
                    "-0.6 %% perplexity at 2.4 bits on the built-in model (benchmarks/results/accuracy_w200_window_h200.md)")
     q.add_argument("--seed", type=int, default=0, help="seed of the input rotations (default 0)")
     q.add_argument("--beam-width", type=int, default=None, help="beam width of the nearest-code search (default: "
-                   "the lattice's, 64 for D >= 40, else 32); wider is slower and a little more accurate")
+                   "the lattice's, 64 for D >= 40, else 32); wider is slower and a little more accurate (the "
+                   "--measure-sensitivity probe, which only ranks layers, keeps the default)")
     q.add_argument("--lm-head", action="store_true", help="also quantize the output projection (not with --calibrate, "
                    "which codes the decoder blocks)")
     q.add_argument("--out", type=Path, default=None, help="save the quantized model (safetensors) to this directory; "

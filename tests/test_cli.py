@@ -203,6 +203,8 @@ def test_quantize_refuses_stage_options_it_would_ignore(tmp_path, capsys, option
     (["--calibration-tokens", "4096"], "add one of them"),
     (["--calibrate", "--calibration-tokens", "512", "--e2e-steps", "4"], "at least 1024"),
     (["--calibrate", "--e2e-steps", "4", "--e2e-held-out", "1.5"], "--e2e-held-out must be in (0, 1)"),
+    (["--overwrite"], "add --out DIR, or drop --overwrite"),  # was accepted and did nothing
+    (["--skip-eval", "--text", "FILE", "--windows", "3"], "--text, --windows choose the evaluation that --skip-eval"),
 ])
 def test_quantize_refuses_bad_settings_before_it_loads_the_model(tmp_path, monkeypatch, capsys, options, message):
     """Each was refused (or, --bits beside --lattice, silently dropped) only after the model loaded and the
