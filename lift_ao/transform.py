@@ -63,7 +63,15 @@ def _orthogonal(n: int, generator: torch.Generator) -> torch.Tensor:
     """Hadamard for powers of two, else Haar-random orthogonal (QR of a Gaussian, sign-fixed)."""
     if n & (n - 1) == 0:
         return _hadamard(n)
-    q, r = torch.linalg.qr(torch.randn(n, n, generator=generator, dtype=torch.float64))
+    gaussian = torch.randn(n, n, generator=generator, dtype=torch.float64)
+    # One thread: LAPACK's blocked QR rounds differently with more (at n = 461, 1 of 212521 float32
+    # factors changed between 1 and 2 threads), and a seed must give the same rotation everywhere.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        q, r = torch.linalg.qr(gaussian)
+    finally:
+        torch.set_num_threads(threads)
     return (q * torch.sign(torch.diagonal(r))).contiguous()  # LAPACK's Q is column-major
 
 

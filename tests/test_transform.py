@@ -39,3 +39,18 @@ def test_power_of_two_factors_are_hadamard():
     r = make_rotation(4096, 8)
     assert r.left.shape == (64, 64)
     torch.testing.assert_close(r.left.abs(), torch.full((64, 64), 1 / 8.0))
+
+
+def test_a_seed_gives_the_same_rotation_at_any_thread_count():
+    """LAPACK's blocked QR rounded differently with 1 and 2 threads: K = 13824 (factors 30 × 461) got
+    another rotation_right entry, so checkpoints and resumed codes depended on the machine's threads."""
+    threads = torch.get_num_threads()
+    try:
+        rotations = []
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            rotations.append(make_rotation(13824, 10, seed=0))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(getattr(rotations[0], n), getattr(rotations[1], n)) for n in ("signs", "left", "right"))
+    assert torch.get_num_threads() == threads
