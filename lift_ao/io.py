@@ -63,6 +63,12 @@ def _sha256(t: torch.Tensor) -> str:
     return hashlib.sha256(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
+def state_sha256(model: torch.nn.Module) -> str:
+    """SHA-256 of every tensor of ``model.state_dict()`` with its name: what a result computed from the
+    model's values (not only its shapes) may be reused under."""
+    return hashlib.sha256(b"".join(f"{name}:{_sha256(t)};".encode() for name, t in model.state_dict().items())).hexdigest()
+
+
 def _library_version() -> str:
     from lift_ao import __version__
 

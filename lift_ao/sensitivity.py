@@ -23,7 +23,6 @@ tokens (tokens × vocabulary float32).
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 from pathlib import Path
 
@@ -35,7 +34,7 @@ from lift_ao.budget import _lattice_mse, plan
 from lift_ao.calibration import DEFAULT_ALPHA, calibrate, sibling_groups
 from lift_ao.config import liftquant
 from lift_ao.evaluate import evaluating
-from lift_ao.io import _sha256, _write_atomically
+from lift_ao.io import _sha256, _write_atomically, state_sha256
 from lift_ao.lattice import Lattice
 from lift_ao.tensor import LiftQuantTensor
 
@@ -153,9 +152,8 @@ def calibrated_sensitivity(
     stored = None if checkpoint_dir is None else Path(checkpoint_dir) / SCORES_FILE
     if stored is not None:  # hashed only where the scores are kept
         # The model's values too: another model of the same shapes has other scores.
-        model_sha256 = hashlib.sha256(b"".join(f"{name}:{_sha256(t)};".encode() for name, t in model.state_dict().items()))
         identity = dict(lattice=lattice, seed=seed, alpha=alpha, tokens_sha256=_sha256(tokens.long()),
-                        score_tokens_sha256=_sha256(score_tokens.long()), model_sha256=model_sha256.hexdigest())
+                        score_tokens_sha256=_sha256(score_tokens.long()), model_sha256=state_sha256(model))
         found = json.loads(stored.read_text()) if stored.is_file() else None
         if found is not None and found["identity"] == identity:
             return found["scores"]

@@ -506,8 +506,11 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_result(runs, uninterrup
     assert calls == [6, 2, 6, 6, 2, 2, 6, 2]
 
 
-def test_a_finished_run_is_not_redone_and_another_run_is_refused(runs, uninterrupted, monkeypatch):
+def test_a_finished_run_is_not_redone_and_another_run_is_refused(runs, uninterrupted, monkeypatch, tmp_path):
+    """Another teacher too (its progress was accepted: a learning curve against two teachers, and the factors
+    kept from the first); progress written before the teacher was hashed stays resumable."""
     import lift_ao.finetune as finetune
+    from lift_ao.io import save_shard
 
     model, calibrated, _, _ = runs
     whole, losses, directory = uninterrupted
@@ -524,6 +527,15 @@ def test_a_finished_run_is_not_redone_and_another_run_is_refused(runs, uninterru
                                     checkpoint_dir=directory, **RESUME)
     with pytest.raises(CheckpointError, match="weights_sha256"):  # the tuned model is not where the run started
         lift_ao.finetune_end_to_end(copy.deepcopy(whole), model, tokens, checkpoint_dir=directory, **RESUME)
+    other_teacher = copy.deepcopy(model)
+    with torch.no_grad():
+        other_teacher.lm_head.weight.mul_(2.0)
+    with pytest.raises(CheckpointError, match="teacher_sha256"):
+        lift_ao.finetune_end_to_end(copy.deepcopy(calibrated), other_teacher, tokens, checkpoint_dir=directory, **RESUME)
+    info, tensors = load_shard(directory, finetune.PROGRESS_SHARD)
+    del info["identity"]["teacher_sha256"]
+    save_shard(tmp_path, finetune.PROGRESS_SHARD, tensors, info)  # as written before the teacher was hashed
+    assert lift_ao.finetune_end_to_end(copy.deepcopy(calibrated), model, tokens, checkpoint_dir=tmp_path, **RESUME) == losses
 
 
 def test_progress_written_before_the_learning_curve_is_refused_or_overwritten(runs, uninterrupted, tmp_path):
