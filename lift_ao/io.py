@@ -207,6 +207,15 @@ def _read_checkpoint(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
             and all(isinstance(v, str) for v in aliases.values())):
         raise CheckpointError(f"{path}: the lift_ao header is corrupt (its 'quantized' or 'aliases' entries are not "
                               "what save_quantized writes); save the model again")
+    # Before save_quantized unwrapped a torch.compile'd model it wrote its wrapper's keys: read them as the
+    # wrapped module's, the names load_quantized looks up.
+    prefix = "_orig_mod."
+    names = [*tensors, *quantized, *aliases, *aliases.values()]
+    if names and all(name.startswith(prefix) for name in names):
+        strip = lambda name: name.removeprefix(prefix)  # noqa: E731
+        tensors = {strip(key): tensor for key, tensor in tensors.items()}
+        header = dict(header, quantized={strip(key): info for key, info in quantized.items()},
+                      aliases={strip(key): strip(target) for key, target in aliases.items()})
     return header, tensors
 
 

@@ -35,6 +35,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import is_fake
 from torch.utils._python_dispatch import return_and_correct_aliasing
 from torch.utils.weak import WeakIdKeyDictionary
 from torchao.utils import TorchAOBaseTensor, fill_defaults
@@ -320,7 +321,8 @@ def _moved_shared(t: torch.Tensor, device: torch.device, non_blocking: bool) -> 
     """``t`` (a shared M or rotation tensor) on ``device``: the copy made for an alias of ``t`` before, as long
     as it still holds ``t``'s values (either may have been changed in place since), else a new one."""
     moved = t.to(device, non_blocking=non_blocking)
-    if moved.device == t.device or t.is_meta:
+    # Not under tracing: fake tensors have no values to compare (and must not outlive the trace here).
+    if moved.device == t.device or t.is_meta or is_fake(moved) or torch.compiler.is_compiling():
         return moved
     copies = _MOVED.setdefault(t.untyped_storage(), {})
     key = (t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, moved.device)

@@ -227,11 +227,12 @@ def _folded_weight(graph: fx.Graph, mul: fx.Node, weight: fx.Node, signs: fx.Nod
     weight_val = weight.meta["val"]
     k = weight_val.shape[0]
     weight_const, signs_const = _real_constant(weight), _real_constant(signs)
-    # The product in float32, rounded once to the weight's dtype: calibrated signs carry 1/s (not ±1), and
-    # rounding them to a 16-bit weight's dtype first added a second rounding.
+    # The product in float32 at least, rounded once to the weight's dtype: calibrated signs carry 1/s (not
+    # ±1), and rounding them to a 16-bit weight's dtype first added a second rounding.
+    wide = torch.promote_types(weight_val.dtype, torch.float32)
     if weight_const is not None and signs_const is not None:
         module = graph.owning_module
-        value = (weight_const.float() * signs_const[:k].float()).to(weight_const.dtype)
+        value = (weight_const.to(wide) * signs_const[:k].to(wide)).to(weight_const.dtype)
         name = f"_lift_ao_folded_{mul.name}"
         module.register_buffer(name, value, persistent=False)
         with graph.inserting_before(mul):
@@ -241,11 +242,11 @@ def _folded_weight(graph: fx.Graph, mul: fx.Node, weight: fx.Node, signs: fx.Nod
     convert = torch.ops.prims.convert_element_type.default
     with graph.inserting_before(mul):
         sliced = graph.call_function(torch.ops.aten.slice.Tensor, (signs, 0, 0, k))
-        wide = graph.call_function(convert, (weight, torch.float32))
-        product = graph.call_function(_mul, (wide, sliced))
+        widened = graph.call_function(convert, (weight, wide))
+        product = graph.call_function(_mul, (widened, sliced))
         folded = graph.call_function(convert, (product, weight_val.dtype))
     sliced.meta["val"] = signs.meta["val"][:k]
-    wide.meta["val"] = product.meta["val"] = weight_val.float()
+    widened.meta["val"] = product.meta["val"] = weight_val.to(wide)
     folded.meta["val"] = weight_val
     return folded
 

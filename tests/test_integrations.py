@@ -118,6 +118,12 @@ def test_hf_save_pretrained_after_save_and_load_quantized(loaded_quantized, tmp_
     lift_ao.save_quantized(loaded_quantized, tmp_path / "lift_ao")
     lift_ao.load_quantized(tmp_path / "lift_ao").save_pretrained(tmp_path / "hf")
     assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "hf")), logits(loaded_quantized))
+    # A quantization_config this lift_ao cannot read (a newer one's field) still loads, with a warning.
+    config = json.loads((tmp_path / "lift_ao" / "config.json").read_text())
+    config["quantization_config"]["future_field"] = 1
+    (tmp_path / "lift_ao" / "config.json").write_text(json.dumps(config))
+    with pytest.warns(UserWarning, match="saves with lift_ao.save_quantized"):
+        assert torch.equal(logits(lift_ao.load_quantized(tmp_path / "lift_ao")), logits(loaded_quantized))
 
 
 def test_hf_format_2_codes_load_by_exact_regrouping(loaded_quantized, tmp_path):

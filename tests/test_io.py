@@ -66,6 +66,21 @@ def test_a_compiled_model_saves_and_loads_as_the_module_it_wraps(saved, tmp_path
     assert_bit_identical(model, target._orig_mod)
 
 
+def test_a_checkpoint_saved_from_a_compiled_model_before_it_was_unwrapped_loads(saved, tmp_path, monkeypatch):
+    """Its keys carry the wrapper's `_orig_mod.` prefix; it loaded into a compiled model, and must still."""
+    import lift_ao.io as io
+
+    model, _ = saved
+    with monkeypatch.context() as patch:
+        patch.setattr(io, "_module_of", lambda m, what: m)  # save_quantized as it was
+        save_quantized(torch.compile(model), tmp_path)
+    with safe_open(str(tmp_path / CHECKPOINT_NAME), framework="pt") as f:
+        assert all(key.startswith("_orig_mod.") for key in f.keys())
+    for target in (None, tiny_llama(seed=1, tie=True), torch.compile(tiny_llama(seed=1, tie=True))):
+        loaded = load_quantized(tmp_path, target)
+        assert_bit_identical(model, getattr(loaded, "_orig_mod", loaded))
+
+
 def test_load_rebuilds_hf_architecture_from_saved_config(saved):
     model, directory = saved
     loaded = load_quantized(directory)

@@ -420,13 +420,14 @@ def test_static_cache_decode_compiles_once_and_matches_eager():
 
 
 @pytest.mark.parametrize("frozen", [False, True])
-def test_folded_norm_weight_is_rounded_once(frozen):
-    """Calibrated signs carry 1/s: weight·(1/s) is computed in float32 and rounded once to the bf16 weight
-    (the signs were rounded to bf16 first, then the product: two roundings)."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_folded_norm_weight_is_rounded_once(frozen, dtype):
+    """Calibrated signs carry 1/s: weight·(1/s) is computed in float32 (float64 for a float64 weight) and
+    rounded once to the weight's dtype (the signs were rounded to bf16 first, then the product: two roundings)."""
     from lift_ao.passes.rewrites import _folded_weight
 
     g = torch.Generator().manual_seed(12)
-    weight = (1 + 0.1 * torch.randn(48, generator=g)).bfloat16()
+    weight = (1 + 0.1 * torch.randn(48, generator=g, dtype=torch.float64)).to(dtype)
     signs = torch.where(torch.rand(50, generator=g) < 0.5, -1.0, 1.0) / torch.exp(0.5 * torch.randn(50, generator=g))
     module, graph = torch.nn.Module(), torch.fx.Graph()
     module.weight, module.signs = weight, signs
@@ -439,9 +440,11 @@ def test_folded_norm_weight_is_rounded_once(frozen):
     graph.output(_folded_weight(graph, mul, *nodes))
     gm = torch.fx.GraphModule(module, graph)
     folded = gm(torch.ones(48)) if frozen else gm(weight, signs, torch.ones(48))
-    expected = (weight.float() * signs[:48]).bfloat16()
-    assert folded.dtype == torch.bfloat16 and torch.equal(folded, expected)
-    assert not torch.equal(weight * signs[:48].bfloat16(), expected)  # the two roundings differ here
+    wide = torch.promote_types(dtype, torch.float32)
+    expected = (weight.to(wide) * signs[:48].to(wide)).to(dtype)
+    assert folded.dtype == dtype and torch.equal(folded, expected)
+    if dtype == torch.bfloat16:
+        assert not torch.equal(weight * signs[:48].bfloat16(), expected)  # the two roundings differ here
 
 
 def _direct_ops_weight(rows: int, seed: int) -> LiftQuantTensor:

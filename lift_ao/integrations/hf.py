@@ -21,6 +21,7 @@ shipped lattice files; the logical (out, in) shape and dtype come from the model
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING, Optional
 
 import torch
@@ -347,6 +348,11 @@ def restore_save_pretrained(model: torch.nn.Module) -> None:
     if isinstance(record, dict):
         if record.get("quant_method") != QUANT_METHOD:
             return
-        record = LiftQuantHfConfig.from_dict(record)
+        try:
+            record = LiftQuantHfConfig.from_dict(record)
+        except (TypeError, ValueError) as e:  # the model is loaded; only save_pretrained is not restored
+            warnings.warn(f"config.json's quantization_config is not one this lift_ao reads ({e}): the loaded model "
+                          "saves with lift_ao.save_quantized, not save_pretrained", stacklevel=3)
+            return
     if isinstance(record, LiftQuantHfConfig):
         _attach_quantizer(model, record)
