@@ -250,6 +250,7 @@ def kv_cache_bytes(config, context: int, batch: int = 1, dtype: torch.dtype = to
             ``num_key_value_heads`` and ``head_dim``).
         context: tokens per sequence; batch: sequences; dtype: cache dtype.
     """
+    config = getattr(config, "get_text_config", lambda: config)()  # a multimodal config's text model (Gemma 3)
     try:
         layers, heads = int(config.num_hidden_layers), int(config.num_attention_heads)
         hidden = int(config.hidden_size)
@@ -258,9 +259,11 @@ def kv_cache_bytes(config, context: int, batch: int = 1, dtype: torch.dtype = to
             "kv_cache= needs a model with a Hugging Face config (num_hidden_layers, num_attention_heads, "
             "hidden_size); for other models compute the cache size yourself and pass reserve=..."
         ) from None
+    if getattr(config, "kv_lora_rank", None):  # DeepSeek's MLA caches one latent per token and layer
+        return layers * (int(config.kv_lora_rank) + int(config.qk_rope_head_dim)) * context * batch * dtype.itemsize
     kv_heads = getattr(config, "num_key_value_heads", None)
-    if kv_heads is None and getattr(config, "new_decoder_architecture", False):  # Falcon-40B's name for it
-        kv_heads = getattr(config, "num_kv_heads", None)
+    if getattr(config, "new_decoder_architecture", False):  # Falcon-40B/180B: K and V cached for every query head
+        kv_heads = heads
     elif kv_heads is None and getattr(config, "multi_query", False):  # Falcon-7B, GPT-BigCode: one K/V head
         kv_heads = 1
     kv_heads = int(kv_heads or heads)
@@ -911,7 +914,12 @@ def plan(
             fixes.append("shrink the KV cache's context or batch (lift-ao plan --context/--batch)")
         if reserve:
             fixes.append("shrink the reserve (lift-ao plan --reserve)")
-        if not include_lm_head:
+        # Only an output projection the lm_head rule kept out, and not tied to the input embedding (quantized,
+        # it would get codes of its own beside the embedding, which stays: more bytes, not fewer).
+        with_head = LiftQuantConfig(lattice=None, seed=seed, include_lm_head=True, memory_budget=budget)
+        planned = {id(m) for m in modules}
+        kept_out = [m for _, m in quantizable_linears(model, with_head, filter_fn) if id(m) not in planned]
+        if any(embeddings is None or m.weight is not embeddings.weight for m in kept_out):
             fixes.append("quantize the output projection too (include_lm_head=True, not with calibration, which keeps "
                          "it; lift-ao plan/quantize --lm-head)")
         fixes.append(f"ship a lower-rate lattice (smallest now: {candidates[0].name})")

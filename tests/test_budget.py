@@ -138,17 +138,42 @@ def test_liftquant_budget_config_validation():
 # ----- byte model on real shapes (meta device) ------------------------------------------------
 
 
-def test_kv_cache_of_multi_query_falcon_configs():
-    """Falcon names its K/V heads num_kv_heads (40B) or has one (7B, multi_query); was: one per query head."""
-    from transformers import FalconConfig
+def _hf_cache_bytes(config, context: int) -> int:
+    """Bytes of the K/V tensors transformers' own cache holds after ``context`` tokens of a tiny model."""
+    from transformers import AutoModelForCausalLM
 
-    falcon_7b = FalconConfig(hidden_size=4544, num_attention_heads=71, num_hidden_layers=32, multi_query=True)
-    assert kv_cache_bytes(falcon_7b, 2048) == 32 * 2 * 1 * 64 * 2048 * 2
-    falcon_40b = FalconConfig(hidden_size=8192, num_attention_heads=128, num_kv_heads=8, num_hidden_layers=60,
-                              new_decoder_architecture=True)
-    assert kv_cache_bytes(falcon_40b, 2048) == 60 * 2 * 8 * 64 * 2048 * 2
-    assert kv_cache_bytes(FalconConfig(multi_query=False, num_attention_heads=8, hidden_size=64,
-                                       num_hidden_layers=1), 16) == 2 * 8 * 8 * 16 * 2
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        cache = model(torch.randint(0, config.vocab_size, (1, context)), use_cache=True).past_key_values
+    return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+
+
+@pytest.mark.parametrize("model_type, options", [
+    ("llama", dict(num_key_value_heads=2)),
+    ("falcon", dict(multi_query=True, new_decoder_architecture=False)),  # 7B: one K/V head (was: 71 counted)
+    ("falcon", dict(new_decoder_architecture=True, num_kv_heads=2)),  # 40B/180B: cached for every query head
+    ("deepseek_v3", dict(num_key_value_heads=4, kv_lora_rank=32, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=16,
+                         v_head_dim=16, first_k_dense_replace=4, moe_intermediate_size=32, n_routed_experts=4,
+                         num_experts_per_tok=2)),  # MLA: one latent per token (was: 128 heads' K and V)
+])
+def test_kv_cache_bytes_are_what_transformers_caches(model_type, options):
+    """Falcon-40B's cache was counted with its 8 K/V heads where transformers stores all 128 query heads'
+    (16x under its budget), DeepSeek-V3's with 128 heads where it stores one latent (28x over)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model(model_type, vocab_size=64, hidden_size=64, intermediate_size=96,
+                                  num_hidden_layers=4, num_attention_heads=4, **options)
+    config.torch_dtype = torch.float32
+    assert kv_cache_bytes(config, 40, dtype=torch.float32) == _hf_cache_bytes(config, 40)
+
+
+def test_kv_cache_of_a_multimodal_config_is_its_text_model_s():
+    """Gemma 3 keeps its decoder's fields under text_config: kv_cache= was refused as "not a Hugging Face config"."""
+    from transformers import Gemma3Config
+
+    config = Gemma3Config()
+    assert kv_cache_bytes(config, 128) == kv_cache_bytes(config.get_text_config(), 128) > 0
 
 
 def test_a_layer_quantized_by_torchao_is_left_alone_and_counted_as_it_is():
@@ -317,6 +342,11 @@ def test_too_small_budget_names_the_fix(llama70b):
     with pytest.raises(BudgetError) as error:
         plan(llama70b, "4GiB", include_lm_head=True)
     assert "include_lm_head" not in str(error.value)
+    # Nor where quantizing it would not help: no output projection, or one tied to the input embedding.
+    for model in (torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 64)), tiny_llama(tie=True)):
+        with pytest.raises(BudgetError) as error:
+            plan(model, 1000)
+        assert "include_lm_head" not in str(error.value)
     with pytest.raises(BudgetError, match="calibration"):
         plan(llama70b, "24GiB", calibration=torch.zeros(1, 4, dtype=torch.long))
 
