@@ -243,11 +243,13 @@ def layer_storage_bytes(out_features: int, in_features: int, lattice: Lattice) -
 
 
 def kv_cache_bytes(config, context: int, batch: int = 1, dtype: torch.dtype = torch.bfloat16) -> int:
-    """KV cache bytes: layers × 2 (K and V) × kv_heads × head_dim × context × batch × dtype bytes.
+    """KV cache bytes as transformers' cache holds them: layers × 2 (K and V) × kv_heads × head_dim × context ×
+    batch × dtype bytes (DeepSeek's MLA: layers × (kv_lora_rank + qk_rope_head_dim) × context × batch × dtype
+    bytes). Sliding-window layers are counted at full context (an upper bound).
 
     Args:
         config: a Hugging Face config (``num_hidden_layers``, ``num_attention_heads``, optional
-            ``num_key_value_heads`` and ``head_dim``).
+            ``num_key_value_heads`` and ``head_dim``; a multimodal one's text config is used).
         context: tokens per sequence; batch: sequences; dtype: cache dtype.
     """
     config = getattr(config, "get_text_config", lambda: config)()  # a multimodal config's text model (Gemma 3)

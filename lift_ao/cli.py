@@ -480,22 +480,26 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["lattice"]:
+    if argv[:1] == ["lattice"]:  # its own parser (python -m lift_ao.lattice), under the same error handling
         from lift_ao.lattice import main as lattice_main
 
-        return lattice_main(argv[1:])
-    args = _parser().parse_args(argv)
-    if getattr(args, "windows", None) == 0:
-        args.windows = None
-    try:
+        command, run = "lattice", lambda: lattice_main(argv[1:])
+    else:
+        args = _parser().parse_args(argv)
+        if getattr(args, "windows", None) == 0:
+            args.windows = None
         commands = {"quantize": _cmd_quantize, "eval": _cmd_eval, "plan": _cmd_plan, "bench": _cmd_bench}
-        report = commands[args.command](args)
+        command, run = args.command, lambda: commands[args.command](args)
+    try:
+        report = run()
     except (ValueError, TypeError, FileNotFoundError, ImportError) as e:  # bad input or a missing package: say the fix
-        print(f"lift-ao {args.command}: error: {e}", file=sys.stderr)
+        print(f"lift-ao {command}: error: {e}", file=sys.stderr)
         return 2
     except RuntimeError as e:
-        print(f"lift-ao {args.command}: failed: {e}", file=sys.stderr)
+        print(f"lift-ao {command}: failed: {e}", file=sys.stderr)
         return 1
+    if command == "lattice":
+        return report  # its exit code; it printed its own output
     if args.json:
         # Strict JSON: a diverged model's inf/NaN perplexity becomes null, not the non-standard Infinity/NaN.
         print(json.dumps(_finite_or_none(report), indent=2, allow_nan=False))

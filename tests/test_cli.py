@@ -287,3 +287,5 @@ def test_lattice_list_and_help(capsys):
     with pytest.raises(SystemExit) as exit_:
         cli.main(["lattice", "--help"])
     assert exit_.value.code == 0 and "train" in capsys.readouterr().out
+    assert cli.main(["lattice", "train", "--d", "0", "--D", "3"]) == 2  # bad input: exit 2 and the reason
+    assert capsys.readouterr().err.startswith("lift-ao lattice: error: ")
