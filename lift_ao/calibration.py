@@ -774,6 +774,9 @@ def _load_block(directory, index: int, block, device, sources: dict) -> None:
             block.get_submodule(name).weight = torch.nn.Parameter(weight, requires_grad=False)
 
 
+DEFAULT_BATCH_SIZE = 8  # calibrate's sequences per forward pass
+
+
 def _manifest(config: LiftQuantConfig, tokens: torch.Tensor, alpha: float, damping: float, blocks,
               finetune: dict, planned: Optional[dict], refine_passes: int, guided: bool) -> dict:
     settings = {"lattice": config.lattice, "seed": config.seed, "alpha": alpha, "damping": damping}
@@ -787,8 +790,11 @@ def _manifest(config: LiftQuantConfig, tokens: torch.Tensor, alpha: float, dampi
         # `guided` was first recorded inside the fine-tuning entry: it stays there, so that guided
         # fine-tuned directories written then stay resumable.
         settings["finetune"] = {**finetune, "guided": True} if guided else finetune
-    elif guided:
-        settings["guided"] = True
+    else:
+        if guided:
+            settings["guided"] = True
+        if finetune["batch_size"] != DEFAULT_BATCH_SIZE:  # other batches' sums round differently; absent at the default
+            settings["batch_size"] = finetune["batch_size"]
     return {"calibrate": settings,
             "tokens": {"shape": list(tokens.shape), "sha256": _sha256(tokens)},  # tokens may be on a GPU
             "blocks": [[n, list(m.weight.shape)] for b in blocks for n, m in quantizable_linears(b, config)]}
@@ -875,8 +881,8 @@ def check_settings(*, alpha: float = DEFAULT_ALPHA, damping: float = 0.01, finet
 
 def calibrate(
     model: torch.nn.Module, config: LiftQuantConfig, tokens: torch.Tensor, *, checkpoint_dir=None,
-    overwrite: bool = False, device=None, alpha: float = DEFAULT_ALPHA, damping: float = 0.01, batch_size: int = 8,
-    finetune_steps: int = 0, finetune_lr: float = 1e-2, code_rounds: int = 0, finetune_rotation: bool = False,
+    overwrite: bool = False, device=None, alpha: float = DEFAULT_ALPHA, damping: float = 0.01,
+    batch_size: int = DEFAULT_BATCH_SIZE, finetune_steps: int = 0, finetune_lr: float = 1e-2, code_rounds: int = 0, finetune_rotation: bool = False,
     guided: bool = False, refine_passes: int = DEFAULT_REFINE_PASSES, tuned_later: tuple = (), progress: bool = True,
 ) -> torch.nn.Module:
     """Quantize the linears of every decoder block with calibration data, in place.
@@ -971,8 +977,10 @@ def calibrate(
                                                                                 sources[0], overwrite)
             if sensitivity is None:
                 model.to(device)
-                sensitivity = _output_sensitivity(model, coded, tokens, batch_size, device, progress)
-                model.to(home)
+                try:
+                    sensitivity = _output_sensitivity(model, coded, tokens, batch_size, device, progress)
+                finally:  # out of memory there must not leave the whole model on the device
+                    model.to(home)
                 if checkpoint_dir is not None:
                     save_shard(checkpoint_dir, SENSITIVITY_SHARD, {n: torch.cat(w) for n, w in sensitivity.items()},
                                {"inputs_sha256": sources[0]["inputs_sha256"]})

@@ -439,7 +439,8 @@ def finetune_end_to_end(
                 if checkpoint_dir is not None and (done == steps or time.monotonic() - written >= PROGRESS_SECONDS):
                     _save_progress(checkpoint_dir, identity, done, checks, factors, best_factors, optimizer)
                     written = time.monotonic()
-            bar.set_postfix(kl=f"{loss.item():.4f}", held_out=f"{best:.4f}")
+            if progress:  # loss.item() waits for the GPU: not on every step of a run nobody watches
+                bar.set_postfix(kl=f"{loss.item():.4f}", held_out=f"{best:.4f}")
 
         adam_steps([{"params": weight_factors}] + ([{"params": list(steps_of.values()), "lr": unquantized_lr}] if steps_of else []),
                    lr, steps, lambda step: _distillation_loss(model, parameters_now(), teacher, batches[step % len(batches)]),

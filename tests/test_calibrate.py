@@ -139,6 +139,9 @@ def test_calibrate_tiny_llama_streams_resumes_bit_identically(tmp_path, monkeypa
     encoded = []
     monkeypatch.setattr(calibration, "_quantize_group", lambda modules, *a: encoded.append(modules) or
                         _quantize_group(modules, *a))
+    # Another batch size sums the Hessians in other batches (other roundings): not the crashed run's blocks.
+    with pytest.raises(lift_ao.CheckpointError, match="another model, config"):
+        calibrate(copy.deepcopy(model), config, tokens, checkpoint_dir=tmp_path / "resumed", batch_size=4, progress=False)
     resumed = calibrate(copy.deepcopy(model), config, tokens, checkpoint_dir=tmp_path / "resumed", progress=False)
     assert len(encoded) == 4  # block 1's groups only: q/k/v, o, gate/up, down
     expected, got = _state(complete), _state(resumed)
