@@ -96,12 +96,20 @@ def lifted_matmul(
 
 def _check_matmul_args(lifted, packed_codes, row_scale, bias) -> None:
     """What the op's result relies on (the codes' padding hides a lifted length off by < 128)."""
-    if row_scale.dim() != 1 or not lifted.is_floating_point():
-        raise ValueError(f"lifted_matmul: row_scale must be (N,) and the lifted activation floating point, got "
-                         f"{tuple(row_scale.shape)} and {lifted.dtype}")
+    if not lifted.is_floating_point():
+        raise ValueError(f"lifted_matmul: the lifted activation must be floating point, got {lifted.dtype}")
+    _check_weight_args(packed_codes, row_scale, bias, lifted.shape[-1])
+
+
+def _check_weight_args(packed_codes, row_scale, bias, length: int) -> None:
+    """One ±1 matmul's weight arguments for a lifted length ``length``: (N,) row scales, an (N,) bias or
+    None, codes of N rows × ``length`` bits. The CUDA kernels run these checks too: they would read a
+    wrong-shaped scale or bias as if it were right (or past its end)."""
+    if row_scale.dim() != 1:
+        raise ValueError(f"lifted_matmul: row_scale must be (N,), got {tuple(row_scale.shape)}")
     if bias is not None and tuple(bias.shape) != tuple(row_scale.shape):
         raise ValueError(f"lifted_matmul: bias must be (N,) = {tuple(row_scale.shape)}, got {tuple(bias.shape)}")
-    check_packed(packed_codes, row_scale.shape[0], lifted.shape[-1],
+    check_packed(packed_codes, row_scale.shape[0], length,
                  "lifted_matmul: the codes do not match the row scales and the lifted activation")
 
 

@@ -147,7 +147,7 @@ def rebuild_rotated_weight(
         row_scale: (N,) row scales r (N counts the rows).
         mapping: (d, D) lattice matrix M.
         padded_features: Kp, the rotated input size (a multiple of d).
-        dtype: fp16 / bf16 / fp32 of the result (the activation's).
+        dtype: fp16 / bf16 / fp32 / fp64 of the result (the activation's).
         config: fixed ``{"ROWS", "BLOCKS", "num_warps", "num_stages"}`` instead of autotuning.
     Returns:
         (N, padded_columns(Kp)) in ``dtype``, zero past column Kp: ``u @ W_rot.T`` with u the rotated
@@ -173,7 +173,7 @@ def rebuild_rotated_weight(
     kernel[grid](
         codes, row_scale.to(torch.float32).contiguous(), mapping.to(torch.float32).contiguous(), out,
         rows, n_blocks, words, columns, out.stride(0), d=d, D=D,
-        SPLIT_MAPPING=dtype == torch.float32, MINUS_ONE_PAIR=_MINUS_ONE_PAIR[torch.float16],
+        SPLIT_MAPPING=dtype in (torch.float32, torch.float64), MINUS_ONE_PAIR=_MINUS_ONE_PAIR[torch.float16],
         SIGN_BITS_PAIR=_SIGN_BITS_PAIR, CHUNKS=max(32, triton.next_power_of_2(D)) // 32,
         D_OUT_PADDED=max(16, triton.next_power_of_2(d)), COLUMN_ALIGN=COLUMN_ALIGN, **(config or {}),
     )

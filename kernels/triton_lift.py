@@ -209,7 +209,7 @@ def rotate_triton(
         rows, signs, left, right, rotated, features, k1, k2, rows.stride(0), rotated.stride(0),
         min(triton.next_power_of_2(tokens), 256), column_splits or 0,
         K2_PADDED=k2_padded, BLOCK_J=min(_COLUMN_CHUNK, k2_padded),
-        PRECISION="ieee" if x.dtype == f32 else "tf32", HAS_SIGNS=input_signs is not None, PDL=bool(launch),
+        PRECISION="ieee" if x.dtype in (f32, torch.float64) else "tf32", HAS_SIGNS=input_signs is not None, PDL=bool(launch),
         **launch, **tile,
     )
     return rotated

@@ -146,7 +146,8 @@ def _lifted_matmul_kernel(
         high = tl.load(tile_ptrs + word0 * 32, mask=token_ok[None, :], other=0.0)
         acc = tl.dot(signs, high, acc)
         if SPLIT_FP32:
-            low = tl.load(tile_ptrs + word0 * 32 + B * stride_prepared, mask=token_ok[None, :], other=0.0)
+            # int64: B · stride reaches 2**31 at tokens × padded L (e.g. 31k tokens at L ≈ 69k), as the rows do.
+            low = tl.load(tile_ptrs + word0 * 32 + B.to(tl.int64) * stride_prepared, mask=token_ok[None, :], other=0.0)
             acc = tl.dot(signs, low, acc)
 
     acc = acc * tl.load(scale_ptr + rows, mask=row_ok, other=0.0)[:, None]
@@ -374,7 +375,7 @@ def lifted_matmul_triton(
 
     operand = torch.float16 if lifted.dtype == torch.float16 else torch.bfloat16
     operand_tl = tl.float16 if operand == torch.float16 else tl.bfloat16
-    split_fp32 = lifted.dtype == torch.float32
+    split_fp32 = lifted.dtype in (torch.float32, torch.float64)  # fp64 at fp32's precision, not bf16's
     padded_length = triton.cdiv(words, _WORD_ALIGN) * _WORD_ALIGN * 32
     prepared = torch.empty((2 if split_fp32 else 1) * tokens, padded_length, dtype=operand, device=lifted.device)
     prepare_block = 1024

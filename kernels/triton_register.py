@@ -26,10 +26,11 @@ from typing import Optional
 
 import torch
 
-from lift_ao.packing import check_packed, words_per_row
+from lift_ao.packing import words_per_row
 
 from .fused_ops import check_siblings, lifted_linear, lifted_linear_group, shared_lifts
-from .ops import _check_lift_args, _lifted_length, lift_activation, lifted_matmul
+from .ops import (_check_lift_args, _check_matmul_args, _check_weight_args, _lifted_length, lift_activation,
+                  lifted_matmul)
 from . import triton_lut
 from .triton_dequant import padded_columns, rebuild_rotated_weight
 from .triton_lift import lift_activation_triton, rotate_triton
@@ -48,7 +49,6 @@ LOOKUP_MAX_TOKENS = 2
 # 368 vs 612. The rebuild costs ~95 µs per call whatever the tokens; the ±1 GEMM grows ~1 µs a token.
 # Re-measure with ``kernel_speed.py --prefill-study`` when either side changes.
 REBUILD_MIN_TOKENS = 256
-_CODES_MISMATCH = "the codes do not match the row scales and the lifted activation"
 
 
 def _tokens(x: torch.Tensor) -> int:
@@ -72,19 +72,19 @@ def _lift_activation_cuda(x, input_signs, rotation_left, rotation_right, mapping
 
 def _lifted_matmul_cuda(lifted, packed_codes, row_scale, bias: Optional[torch.Tensor]):
     """The lookup kernel for up to LOOKUP_MAX_TOKENS tokens, else the ±1 GEMM."""
-    check_packed(packed_codes, row_scale.shape[0], lifted.shape[-1], _CODES_MISMATCH)
+    _check_matmul_args(lifted, packed_codes, row_scale, bias)
     if not _is_decode(lifted):
         return lifted_matmul_triton(lifted, packed_codes, row_scale, bias)
     return triton_lut.lookup_matmul(lifted, packed_codes.contiguous(), row_scale, bias)
 
 
-def _check_siblings_of_lift(lift_args: tuple, packed_codes: list, row_scale: list) -> int:
-    """Check one shared lift's arguments and its siblings' codes (before any launch); returns the
-    lifted length L."""
+def _check_siblings_of_lift(lift_args: tuple, packed_codes: list, row_scale: list, bias: list) -> int:
+    """Check one shared lift's arguments and its siblings' codes, scales and biases (before any launch);
+    returns the lifted length L."""
     _check_lift_args(*lift_args)
     length = _lifted_length(*lift_args[2:])
-    for codes, scale in zip(packed_codes, row_scale):
-        check_packed(codes, scale.shape[0], length, _CODES_MISMATCH)
+    for codes, scale, b in zip(packed_codes, row_scale, bias):
+        _check_weight_args(codes, scale, b, length)
     return length
 
 
@@ -92,7 +92,7 @@ def _decode_siblings(lift_args: tuple, packed_codes: list, row_scale: list, bias
     """Siblings reading one lift, at most LOOKUP_MAX_TOKENS tokens: rotation, tables built from the
     rotated activation, one lookup launch (per ≤ 3 siblings of equal bias presence)."""
     x, signs, left, right, mapping = lift_args
-    length = _check_siblings_of_lift(lift_args, packed_codes, row_scale)
+    length = _check_siblings_of_lift(lift_args, packed_codes, row_scale, bias)
     tokens = _tokens(x)
     # The tables and lookup kernels read M and the codes before waiting for the launch before them,
     # so any copy that makes these (fp32, contiguous) must run before the rotation, not between.
@@ -116,7 +116,7 @@ def _prefill_siblings(lift_args: tuple, packed_codes: list, row_scale: list, bia
     column slices of one tensor, and a custom op's outputs may not alias each other.
     """
     x, signs, left, right, mapping = lift_args
-    _check_siblings_of_lift(lift_args, packed_codes, row_scale)
+    _check_siblings_of_lift(lift_args, packed_codes, row_scale, bias)
     kp = left.shape[0] * right.shape[0]
     columns = padded_columns(kp)
     rotated = x.new_empty(_tokens(x), columns)
@@ -137,7 +137,7 @@ def _gemm_siblings(lift_args: tuple, packed_codes: list, row_scale: list, bias: 
     Sharing the prepared operand too, or writing the lift straight in the operand's permuted layout,
     saves launches but measured no faster under programmatic dependent launch on an H100 (one 8B
     layer at 4-16 tokens; NOTES_kernels.md, round 14)."""
-    _check_siblings_of_lift(lift_args, packed_codes, row_scale)
+    _check_siblings_of_lift(lift_args, packed_codes, row_scale, bias)
     lifted = lift_activation_triton(*lift_args)
     return [lifted_matmul_triton(lifted, codes, scale, b) for codes, scale, b in zip(packed_codes, row_scale, bias)]
 

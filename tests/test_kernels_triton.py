@@ -247,10 +247,42 @@ def test_strided_activations_and_bias_at_every_token_count(tokens):
     assert _relative_error(out, _float64_matmul(lifted, signs, scale, bias)) < TOLERANCE[torch.float32]
 
 
+@pytest.mark.parametrize("tokens", [1, 3, 256])  # lookup, lift + ±1 GEMM, rebuilt weight
+def test_float64_activations_keep_float32_precision(tokens):
+    """fp64 activations ran at bf16/fp16/tf32 precision on the CUDA paths above 2 tokens (3e-3 off)."""
+    g = torch.Generator().manual_seed(41)
+    w = LiftQuantTensor.from_hp(torch.randn(37, 40, generator=g), Lattice.load("24/10"))
+    x = torch.randn(tokens, 40, generator=g, dtype=torch.float64)
+    out = _lifted_linear_cuda(x, w.input_signs, w.rotation_left, w.rotation_right, w.mapping, w.packed_codes,
+                              w.row_scale, None)
+    assert out.dtype == torch.float64
+    assert _relative_error(out, x @ w.dequantize(torch.float64).T) < TOLERANCE[torch.float32]
+
+
 def test_cuda_entry_rejects_mismatched_codes():
     lifted = torch.randn(2, 70, dtype=torch.float16)
     with pytest.raises(ValueError, match="do not match"):
         _lifted_matmul_cuda(lifted, torch.zeros(4, 2, dtype=torch.int32), torch.ones(4), None)
+
+
+@pytest.mark.parametrize("tokens", [2, 3])
+def test_cuda_entries_check_scales_and_biases_as_the_reference_does(tokens):
+    """The CUDA entries checked only the codes: a bias of 2N (or shorter than N: read past its end) and (N, 2)
+    row scales were accepted and read as if right; the group entry likewise per sibling."""
+    g = torch.Generator().manual_seed(40)
+    _, codes = random_codes(37, 40, g)
+    lifted, scale = torch.randn(tokens, 40, generator=g), torch.rand(37, generator=g) + 0.5
+    for bad_scale, bad_bias in [(scale, torch.zeros(74)), (scale, torch.zeros(30)), (scale[:, None].expand(37, 2), None)]:
+        with pytest.raises(ValueError, match="must be \\(N,\\)"):
+            _lifted_matmul_cuda(lifted, codes, bad_scale, bad_bias)
+    with pytest.raises(ValueError, match="must be floating point"):
+        _lifted_matmul_cuda(lifted.to(torch.int32), codes, scale, None)
+    rotation = make_rotation(16, 8, seed=0)
+    mapping = torch.randn(8, 20, generator=g)
+    _, sibling_codes = random_codes(5, 40, g)
+    with pytest.raises(ValueError, match="bias must be \\(N,\\)"):
+        _lifted_linear_group_cuda(torch.randn(tokens, 16, generator=g), None, [rotation.signs], [rotation.left],
+                                  [rotation.right], [mapping], [sibling_codes], [torch.ones(5)], [torch.zeros(1)])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
