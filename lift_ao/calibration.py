@@ -774,9 +774,6 @@ def _load_block(directory, index: int, block, device, sources: dict) -> None:
             block.get_submodule(name).weight = torch.nn.Parameter(weight, requires_grad=False)
 
 
-DEFAULT_BATCH_SIZE = 8  # calibrate's sequences per forward pass
-
-
 def _manifest(config: LiftQuantConfig, tokens: torch.Tensor, alpha: float, damping: float, blocks,
               finetune: dict, planned: Optional[dict], refine_passes: int, guided: bool) -> dict:
     settings = {"lattice": config.lattice, "seed": config.seed, "alpha": alpha, "damping": damping}
@@ -793,8 +790,7 @@ def _manifest(config: LiftQuantConfig, tokens: torch.Tensor, alpha: float, dampi
     else:
         if guided:
             settings["guided"] = True
-        if finetune["batch_size"] != DEFAULT_BATCH_SIZE:  # other batches' sums round differently; absent at the default
-            settings["batch_size"] = finetune["batch_size"]
+        settings["batch_size"] = finetune["batch_size"]  # other batches' sums round differently
     return {"calibrate": settings,
             "tokens": {"shape": list(tokens.shape), "sha256": _sha256(tokens)},  # tokens may be on a GPU
             "blocks": [[n, list(m.weight.shape)] for b in blocks for n, m in quantizable_linears(b, config)]}
@@ -882,7 +878,7 @@ def check_settings(*, alpha: float = DEFAULT_ALPHA, damping: float = 0.01, finet
 def calibrate(
     model: torch.nn.Module, config: LiftQuantConfig, tokens: torch.Tensor, *, checkpoint_dir=None,
     overwrite: bool = False, device=None, alpha: float = DEFAULT_ALPHA, damping: float = 0.01,
-    batch_size: int = DEFAULT_BATCH_SIZE, finetune_steps: int = 0, finetune_lr: float = 1e-2, code_rounds: int = 0, finetune_rotation: bool = False,
+    batch_size: int = 8, finetune_steps: int = 0, finetune_lr: float = 1e-2, code_rounds: int = 0, finetune_rotation: bool = False,
     guided: bool = False, refine_passes: int = DEFAULT_REFINE_PASSES, tuned_later: tuple = (), progress: bool = True,
 ) -> torch.nn.Module:
     """Quantize the linears of every decoder block with calibration data, in place.
@@ -958,8 +954,12 @@ def calibrate(
             finetune["code_rounds"] = code_rounds
         if finetune_rotation:  # absent without it, likewise
             finetune["rotation"] = True
-        open_partial(checkpoint_dir, _manifest(config, tokens, alpha, damping, blocks, finetune, planned, refine_passes,
-                                               guided), overwrite=overwrite)
+        manifest = _manifest(config, tokens, alpha, damping, blocks, finetune, planned, refine_passes, guided)
+        earlier = ()
+        if "batch_size" in manifest["calibrate"]:  # recorded since 9f51ff5: directories written before resume as they did
+            older = {k: v for k, v in manifest["calibrate"].items() if k != "batch_size"}
+            earlier = ({**manifest, "calibrate": older},)
+        open_partial(checkpoint_dir, manifest, overwrite=overwrite, earlier=earlier)
 
     # A resumed run does only what the blocks still to code need: the sensitivity pass and the runs of the
     # blocks up to the last of them (none at all when a run stopped after calibration, e.g. in a later stage).

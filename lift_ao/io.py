@@ -383,7 +383,7 @@ def load_quantized(directory, model: Optional[torch.nn.Module] = None, *, device
 # ----- resumable runs: a manifest and one shard per finished unit ----------------------------------
 
 
-def open_partial(directory, manifest: dict, *, overwrite: bool = False) -> Path:
+def open_partial(directory, manifest: dict, *, overwrite: bool = False, earlier: tuple = ()) -> Path:
     """Start or continue a resumable run in ``directory``.
 
     Args:
@@ -391,6 +391,8 @@ def open_partial(directory, manifest: dict, *, overwrite: bool = False) -> Path:
         manifest: JSON-serialisable identity of the run (config, seed, layer names/shapes/lattices...).
             A run may continue only from shards written under an equal manifest.
         overwrite: delete the manifest and shards of a different run instead of refusing.
+        earlier: manifests an older lift_ao wrote for this same run (before it recorded some setting):
+            accepted too, as stored.
     Returns:
         ``directory`` as a Path.
     Raises:
@@ -401,14 +403,16 @@ def open_partial(directory, manifest: dict, *, overwrite: bool = False) -> Path:
     path = directory / MANIFEST_NAME
     for stale in directory.glob(f"{_TMP_PREFIX}*.tmp"):  # left by a run killed mid-write (one run per directory)
         stale.unlink()
-    manifest = {"format_version": FORMAT_VERSION, "library_version": _library_version(), **manifest}
-    manifest = json.loads(json.dumps(manifest))  # compare what the file will hold (tuples → lists)
+    def as_stored(entries: dict) -> dict:  # what the file holds (tuples → lists)
+        return json.loads(json.dumps({"format_version": FORMAT_VERSION, "library_version": _library_version(), **entries}))
+
+    manifest = as_stored(manifest)
     if path.is_file():
         try:
             stored = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
             stored = {"manifest": "unreadable"}
-        if stored == manifest:
+        if stored == manifest or any(stored == as_stored(entries) for entries in earlier):
             return directory
         if not overwrite:
             differs = sorted(k for k in manifest.keys() | stored.keys() if manifest.get(k) != stored.get(k))

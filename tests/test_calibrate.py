@@ -207,6 +207,25 @@ def test_a_layer_quantized_by_torchao_is_hashed_by_its_inner_tensors(tmp_path):
     assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
 
 
+def test_a_directory_written_before_the_batch_size_was_recorded_resumes(tmp_path, monkeypatch):
+    """Without fine-tuning, the batch size is recorded since 9f51ff5; a manifest without it (an older
+    lift_ao's) still resumes, and the run ends as an uninterrupted one."""
+    import json
+
+    from lift_ao.io import MANIFEST_NAME
+
+    model, config, tokens = tiny_llama(), lift_ao.liftquant(lattice=LATTICE), token_batch(0, batch=16, length=32)
+    complete = calibrate(copy.deepcopy(model), config, tokens, batch_size=4, progress=False)
+    crash_after_first_block(monkeypatch, lambda: calibrate(copy.deepcopy(model), config, tokens, batch_size=4,
+                                                           checkpoint_dir=tmp_path, progress=False))
+    manifest = json.loads((tmp_path / MANIFEST_NAME).read_text())
+    assert manifest["calibrate"].pop("batch_size") == 4
+    (tmp_path / MANIFEST_NAME).write_text(json.dumps(manifest))  # as written before
+    resumed = calibrate(copy.deepcopy(model), config, tokens, batch_size=4, checkpoint_dir=tmp_path, progress=False)
+    expected, got = _state(complete), _state(resumed)
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+
+
 def test_a_finished_block_that_vanishes_during_the_run_is_refused(tmp_path, monkeypatch):
     """A resumed run plans its work from the shards there at its start (it skips what only finished
     blocks need); one gone by the time it is loaded (another process writing the directory) is an error."""
