@@ -261,8 +261,18 @@ def kv_cache_bytes(config, context: int, batch: int = 1, dtype: torch.dtype = to
             "kv_cache= needs a model with a Hugging Face config (num_hidden_layers, num_attention_heads, "
             "hidden_size); for other models compute the cache size yourself and pass reserve=..."
         ) from None
-    if getattr(config, "kv_lora_rank", None):  # DeepSeek's MLA caches one latent per token and layer
-        return layers * (int(config.kv_lora_rank) + int(config.qk_rope_head_dim)) * context * batch * dtype.itemsize
+    if getattr(config, "kv_lora_rank", None):  # DeepSeek's MLA
+        try:
+            rope, nope, value = (int(getattr(config, n)) for n in ("qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim"))
+        except (AttributeError, TypeError):
+            raise BudgetError("kv_cache= on a config with kv_lora_rank (MLA) needs qk_rope_head_dim, qk_nope_head_dim "
+                              "and v_head_dim; or compute the cache size yourself and pass reserve=...") from None
+        import transformers
+
+        # transformers 5 caches one latent (kv_lora_rank + rope) per token and layer; 4.x each head's K and V.
+        per_token = (int(config.kv_lora_rank) + rope if int(transformers.__version__.split(".")[0]) >= 5
+                     else heads * (nope + rope + value))
+        return layers * per_token * context * batch * dtype.itemsize
     kv_heads = getattr(config, "num_key_value_heads", None)
     if getattr(config, "new_decoder_architecture", False):  # Falcon-40B/180B: K and V cached for every query head
         kv_heads = heads
