@@ -976,10 +976,10 @@ def calibrate(
             sensitivity = None if checkpoint_dir is None else _load_sensitivity(checkpoint_dir, coded, batch_size,
                                                                                 sources[0], overwrite)
             if sensitivity is None:
-                model.to(device)
                 try:
+                    model.to(device)
                     sensitivity = _output_sensitivity(model, coded, tokens, batch_size, device, progress)
-                finally:  # out of memory there must not leave the whole model on the device
+                finally:  # out of memory there (or in the move) must not leave the whole model on the device
                     model.to(home)
                 if checkpoint_dir is not None:
                     save_shard(checkpoint_dir, SENSITIVITY_SHARD, {n: torch.cat(w) for n, w in sensitivity.items()},

@@ -20,8 +20,8 @@ floats per group. With ``unquantized_lr`` the parameters that are not quantized
 
 Resume: with ``checkpoint_dir``, the factors, Adam's state and the best held-out factors so far are
 written there (one checksummed shard) at a held-out check at most once a minute
-(:data:`PROGRESS_SECONDS`) and after the last step; a restarted run with the same settings, tokens and
-calibrated model continues from the last one and ends as an uninterrupted run would.
+(:data:`PROGRESS_SECONDS`) and after the last step; a restarted run with the same settings, tokens,
+teacher and calibrated model continues from the last one and ends as an uninterrupted run would.
 
 Memory: unlike calibration, the whole model runs at once (as dense weights rebuilt from the codes,
 each step), next to the teacher: meant for models that fit the device twice.
@@ -307,8 +307,8 @@ def finetune_end_to_end(
         checkpoint_dir: where the run's progress is written (at held-out checks, at most once a minute) and resumed from
             (a directory; e.g. the one :func:`lift_ao.calibrate` resumes from). A finished run's
             progress stays there: calling again returns its result without steps.
-        overwrite: discard progress there of a different run (settings, tokens or weights) instead of
-            refusing.
+        overwrite: discard progress there of a different run (settings, tokens, teacher or weights) instead
+            of refusing.
         progress: a tqdm bar over steps (postfix: the current training loss and the best held-out loss).
         compiled: run every decoder block (the model's and the teacher's) through ``torch.compile``
             while tuning (None: on CUDA). Eager, a step issues thousands of small kernels and on an
@@ -398,8 +398,8 @@ def finetune_end_to_end(
         tuned = parameters_now()
         return sum(_distillation_loss(model, tuned, teacher, b).item() * len(b) for b in held_batches) / len(held)
 
-    identity = None  # hashed only for a run that checkpoints
-    if checkpoint_dir is not None:
+    identity = None  # hashed only for a run that checkpoints steps
+    if checkpoint_dir is not None and steps:
         Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
         identity = _run_identity(quantized, unquantized, tokens, teacher_sha256=state_sha256(teacher),
                                  steps=steps, lr=lr, batch_size=batch_size, held_out=held_out,
