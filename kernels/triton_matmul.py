@@ -146,8 +146,10 @@ def _lifted_matmul_kernel(
         high = tl.load(tile_ptrs + word0 * 32, mask=token_ok[None, :], other=0.0)
         acc = tl.dot(signs, high, acc)
         if SPLIT_FP32:
-            # int64: B · stride reaches 2**31 at tokens × padded L (e.g. 31k tokens at L ≈ 69k), as the rows do.
-            low = tl.load(tile_ptrs + word0 * 32 + B.to(tl.int64) * stride_prepared, mask=token_ok[None, :], other=0.0)
+            # int64: B · stride reaches 2**31 at tokens × padded L (e.g. 31k tokens at L ≈ 69k), as the rows do;
+            # tl.cast, as B = 1 is a constant on CUDA (an int, without .to).
+            low_rows = tl.cast(B, tl.int64) * stride_prepared
+            low = tl.load(tile_ptrs + word0 * 32 + low_rows, mask=token_ok[None, :], other=0.0)
             acc = tl.dot(signs, low, acc)
 
     acc = acc * tl.load(scale_ptr + rows, mask=row_ok, other=0.0)[:, None]

@@ -161,8 +161,12 @@ def _lifted_linear_group_cuda(x, folded_signs, input_signs, rotation_left, rotat
     and per sibling a ±1 GEMM on it."""
     siblings_path = _siblings_path(x)
     check_siblings(input_signs, packed_codes, row_scale, bias)
+    lifts = shared_lifts(x, folded_signs, input_signs, rotation_left, rotation_right, mapping)
+    for lift_args, siblings in lifts:  # every sibling before any launch
+        _check_siblings_of_lift(lift_args, [packed_codes[i] for i in siblings], [row_scale[i] for i in siblings],
+                                [bias[i] for i in siblings])
     outputs: list = [None] * len(packed_codes)
-    for lift_args, siblings in shared_lifts(x, folded_signs, input_signs, rotation_left, rotation_right, mapping):
+    for lift_args, siblings in lifts:
         outs = siblings_path(lift_args, [packed_codes[i] for i in siblings], [row_scale[i] for i in siblings],
                              [bias[i] for i in siblings])
         for i, out in zip(siblings, outs):

@@ -956,7 +956,9 @@ def calibrate(
             finetune["rotation"] = True
         manifest = _manifest(config, tokens, alpha, damping, blocks, finetune, planned, refine_passes, guided)
         earlier = ()
-        if "batch_size" in manifest["calibrate"]:  # recorded since 9f51ff5: directories written before resume as they did
+        # Recorded since b2ee9ab (9f51ff5: only when not 8): a directory without it is taken for one at 8, the
+        # default, which older runs without fine-tuning almost always used.
+        if manifest["calibrate"].get("batch_size") == 8:
             older = {k: v for k, v in manifest["calibrate"].items() if k != "batch_size"}
             earlier = ({**manifest, "calibrate": older},)
         open_partial(checkpoint_dir, manifest, overwrite=overwrite, earlier=earlier)

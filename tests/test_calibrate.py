@@ -207,21 +207,23 @@ def test_a_layer_quantized_by_torchao_is_hashed_by_its_inner_tensors(tmp_path):
     assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
 
 
-def test_a_directory_written_before_the_batch_size_was_recorded_resumes(tmp_path, monkeypatch):
-    """Without fine-tuning, the batch size is recorded since 9f51ff5; a manifest without it (an older
-    lift_ao's) still resumes, and the run ends as an uninterrupted one."""
+def test_a_directory_written_before_the_batch_size_was_recorded_resumes_at_the_default(tmp_path, monkeypatch):
+    """Without fine-tuning, the batch size is recorded since b2ee9ab; a manifest without it (an older
+    lift_ao's) is taken for the default 8: it resumes at 8, ending as an uninterrupted run, not at 4."""
     import json
 
     from lift_ao.io import MANIFEST_NAME
 
     model, config, tokens = tiny_llama(), lift_ao.liftquant(lattice=LATTICE), token_batch(0, batch=16, length=32)
-    complete = calibrate(copy.deepcopy(model), config, tokens, batch_size=4, progress=False)
-    crash_after_first_block(monkeypatch, lambda: calibrate(copy.deepcopy(model), config, tokens, batch_size=4,
+    complete = calibrate(copy.deepcopy(model), config, tokens, progress=False)
+    crash_after_first_block(monkeypatch, lambda: calibrate(copy.deepcopy(model), config, tokens,
                                                            checkpoint_dir=tmp_path, progress=False))
     manifest = json.loads((tmp_path / MANIFEST_NAME).read_text())
-    assert manifest["calibrate"].pop("batch_size") == 4
+    assert manifest["calibrate"].pop("batch_size") == 8
     (tmp_path / MANIFEST_NAME).write_text(json.dumps(manifest))  # as written before
-    resumed = calibrate(copy.deepcopy(model), config, tokens, batch_size=4, checkpoint_dir=tmp_path, progress=False)
+    with pytest.raises(lift_ao.CheckpointError, match="another model, config"):
+        calibrate(copy.deepcopy(model), config, tokens, batch_size=4, checkpoint_dir=tmp_path, progress=False)
+    resumed = calibrate(copy.deepcopy(model), config, tokens, checkpoint_dir=tmp_path, progress=False)
     expected, got = _state(complete), _state(resumed)
     assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
 
