@@ -22,9 +22,9 @@ sensitivities from the same tokens), then every layer is calibrated at its plann
   calibration tokens); a restarted run loads finished blocks instead of re-encoding them and
   recomputes their outputs up to the last block still to code, so it ends bit-identical to an
   uninterrupted run. A guided run keeps its output sensitivity there too until every block is coded,
-  so a resume does not compute it again. A run whose blocks are all finished (stopped in a later stage) only loads them:
-  no guided sensitivity pass, no block runs (a memory-budget plan is still made again: the run's
-  identity includes it).
+  so a resume does not compute it again. A run whose blocks are all finished (stopped in a later
+  stage) only loads them: no guided sensitivity pass, no block runs (a memory-budget plan is still
+  made again: the run's identity includes it).
 * **Intra-block fine-tuning** (``finetune_steps > 0``). After a block's linears are coded, the
   continuous parameters of its quantized weights are tuned with Adam to bring the block's output on
   the calibration activations closer to the full-precision model's: each linear's row scales r and
@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-from pathlib import Path
 from typing import Optional
 
 import torch
@@ -59,7 +58,7 @@ from lift_ao.api import quantizable_linears, resolve_device
 from lift_ao.budget import TUNED_PARTS
 from lift_ao.config import LiftQuantConfig
 from lift_ao.evaluate import evaluating
-from lift_ao.io import SHARD_SUFFIX, CheckpointError, _sha256, load_shard, open_partial, save_shard
+from lift_ao.io import CheckpointError, _sha256, load_shard, open_partial, remove_shard, save_shard
 from lift_ao.lattice import Lattice
 from lift_ao.packing import pack_codes, unpack_codes
 from lift_ao.rounding import DEFAULT_REFINE_PASSES, _check_count, hessian_encode_rows
@@ -715,14 +714,14 @@ SENSITIVITY_SHARD = "output_sensitivity"
 
 def _load_sensitivity(directory, coded: list, batch_size: int, source: dict, overwrite: bool) -> Optional[dict]:
     """:func:`_output_sensitivity`'s ``{name: [(B, T) per batch]}`` for the ``coded`` (name, module) pairs as a
-    run over the same model (``source``: :func:`_block_sources`' whole-model hash) saved it in ``directory``;
-    None when there is none (or another model's, discarded with ``overwrite``).
+    run over the same model (``source``: ``{"inputs_sha256": the whole-model hash}``, guided
+    :func:`_block_sources`') saved it in ``directory``; None when there is none (or another model's,
+    discarded with ``overwrite``).
 
     Raises:
         CheckpointError: it was computed from another model (and not ``overwrite``).
     """
-    shard = load_shard(directory, SENSITIVITY_SHARD, sources={"inputs_sha256": source["inputs_sha256"]},
-                       overwrite=overwrite)
+    shard = load_shard(directory, SENSITIVITY_SHARD, sources=source, overwrite=overwrite)
     if shard is None or set(shard[1]) != {name for name, _ in coded}:  # the manifest pins the names
         return None
     return {name: list(weights.split(batch_size)) for name, weights in shard[1].items()}
@@ -877,8 +876,8 @@ def check_settings(*, alpha: float = DEFAULT_ALPHA, damping: float = 0.01, finet
 
 def calibrate(
     model: torch.nn.Module, config: LiftQuantConfig, tokens: torch.Tensor, *, checkpoint_dir=None,
-    overwrite: bool = False, device=None, alpha: float = DEFAULT_ALPHA, damping: float = 0.01,
-    batch_size: int = 8, finetune_steps: int = 0, finetune_lr: float = 1e-2, code_rounds: int = 0, finetune_rotation: bool = False,
+    overwrite: bool = False, device=None, alpha: float = DEFAULT_ALPHA, damping: float = 0.01, batch_size: int = 8,
+    finetune_steps: int = 0, finetune_lr: float = 1e-2, code_rounds: int = 0, finetune_rotation: bool = False,
     guided: bool = False, refine_passes: int = DEFAULT_REFINE_PASSES, tuned_later: tuple = (), progress: bool = True,
 ) -> torch.nn.Module:
     """Quantize the linears of every decoder block with calibration data, in place.
@@ -975,8 +974,9 @@ def calibrate(
         if guided and last >= 0:
             coded = [(prefix + name, module) for block, prefix in zip(blocks, prefixes)
                      for name, module in quantizable_linears(block, config)]
+            whole_model = None if checkpoint_dir is None else {"inputs_sha256": sources[0]["inputs_sha256"]}
             sensitivity = None if checkpoint_dir is None else _load_sensitivity(checkpoint_dir, coded, batch_size,
-                                                                                sources[0], overwrite)
+                                                                                whole_model, overwrite)
             if sensitivity is None:
                 try:
                     model.to(device)
@@ -985,7 +985,7 @@ def calibrate(
                     model.to(home)
                 if checkpoint_dir is not None:
                     save_shard(checkpoint_dir, SENSITIVITY_SHARD, {n: torch.cat(w) for n, w in sensitivity.items()},
-                               {"inputs_sha256": sources[0]["inputs_sha256"]})
+                               whole_model)
         with torch.no_grad():
             # Everything but the blocks runs where it is; the first block's inputs are captured there.
             inputs = _block_inputs(model, blocks, tokens, batch_size, home) if last >= 0 else None
@@ -1025,5 +1025,5 @@ def calibrate(
         # them as a run without a resume does, so both give the same footprint.
         share_constants(model)
     if checkpoint_dir is not None:  # every block is coded: a resume needs no sensitivity any more
-        (Path(checkpoint_dir) / f"{SENSITIVITY_SHARD}{SHARD_SUFFIX}").unlink(missing_ok=True)
+        remove_shard(checkpoint_dir, SENSITIVITY_SHARD)
     return model

@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 from lift_ao.calibration import (_code_blocks, _code_signs, _decoder_blocks, _scaled_signs, _scaled_unit,
                                  _tuned_rotation, _tuned_weight, _unit_weight, adam_steps, sibling_groups)
 from lift_ao.evaluate import evaluating
-from lift_ao.io import SHARD_SUFFIX, CheckpointError, _sha256, load_shard, save_shard, state_sha256
+from lift_ao.io import CheckpointError, _sha256, load_shard, remove_shard, save_shard, state_sha256
 from lift_ao.tensor import LiftQuantTensor, share_constants
 from lift_ao.transform import unrotate
 
@@ -79,9 +79,10 @@ PROGRESS_SECONDS = 60.0
 
 def _run_identity(quantized: dict, unquantized: dict, tokens: torch.Tensor, **settings) -> dict:
     """What a run's progress may only be resumed under: its settings (``teacher_sha256``, the teacher's
-    :func:`lift_ao.io.state_sha256`, among them), a SHA-256 of its tokens and one of the starting weights (names, shapes, row scales and input transforms: a different calibration
-    changes them; the codes, possibly gigabytes, are not hashed; the ``unquantized`` parameters that are
-    tuned too, whose steps would not fit other starting values)."""
+    :func:`lift_ao.io.state_sha256`, among them), a SHA-256 of its tokens and one of the starting weights
+    (names, shapes, row scales and input transforms: a different calibration changes them; the codes,
+    possibly gigabytes, are not hashed; the ``unquantized`` parameters that are tuned too, whose steps
+    would not fit other starting values)."""
     digest = hashlib.sha256()
     for name, w in quantized.items():
         digest.update(f"{name}{tuple(w.shape)}".encode())
@@ -117,7 +118,7 @@ def _load_progress(directory, identity: dict, factors: list, overwrite: bool):
         identity = {k: v for k, v in identity.items() if k != "teacher_sha256"}
     if info["identity"] != identity or "checks" not in info:  # no "checks": written before the learning curve
         if overwrite:
-            (Path(directory) / f"{PROGRESS_SHARD}{SHARD_SUFFIX}").unlink()
+            remove_shard(directory, PROGRESS_SHARD)
             return None
         differs = sorted(k for k in identity.keys() | info["identity"].keys() if identity.get(k) != info["identity"].get(k))
         raise CheckpointError(f"{directory} holds end-to-end fine-tuning progress of another run (differs in: "

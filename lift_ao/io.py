@@ -441,6 +441,11 @@ def save_shard(directory, name: str, tensors: dict[str, torch.Tensor], info: Opt
     return target
 
 
+def remove_shard(directory, name: str) -> None:
+    """Delete the shard :func:`save_shard` wrote as ``name`` in ``directory``, if there is one."""
+    (Path(directory) / f"{name}{SHARD_SUFFIX}").unlink(missing_ok=True)
+
+
 def load_shard(directory, name: str, *, sources: Optional[dict] = None,
                overwrite: bool = False) -> Optional[tuple[dict, dict[str, torch.Tensor]]]:
     """``(info, tensors)`` of a shard written by :func:`save_shard`, or None when the unit must be done.
