@@ -78,21 +78,20 @@ def _lifted_matmul_cuda(lifted, packed_codes, row_scale, bias: Optional[torch.Te
     return triton_lut.lookup_matmul(lifted, packed_codes.contiguous(), row_scale, bias)
 
 
-def _check_siblings_of_lift(lift_args: tuple, packed_codes: list, row_scale: list, bias: list) -> int:
-    """Check one shared lift's arguments and its siblings' codes, scales and biases (before any launch);
-    returns the lifted length L."""
+def _check_siblings_of_lift(lift_args: tuple, packed_codes: list, row_scale: list, bias: list) -> None:
+    """Check one shared lift's arguments and its siblings' codes, scales and biases. The fused entries run it
+    for every lift before any launch; the paths below take their arguments as checked."""
     _check_lift_args(*lift_args)
     length = _lifted_length(*lift_args[2:])
     for codes, scale, b in zip(packed_codes, row_scale, bias):
         _check_weight_args(codes, scale, b, length)
-    return length
 
 
 def _decode_siblings(lift_args: tuple, packed_codes: list, row_scale: list, bias: list) -> list[torch.Tensor]:
     """Siblings reading one lift, at most LOOKUP_MAX_TOKENS tokens: rotation, tables built from the
     rotated activation, one lookup launch (per ≤ 3 siblings of equal bias presence)."""
     x, signs, left, right, mapping = lift_args
-    length = _check_siblings_of_lift(lift_args, packed_codes, row_scale, bias)
+    length = _lifted_length(left, right, mapping)
     tokens = _tokens(x)
     # The tables and lookup kernels read M and the codes before waiting for the launch before them,
     # so any copy that makes these (fp32, contiguous) must run before the rotation, not between.
@@ -116,7 +115,6 @@ def _prefill_siblings(lift_args: tuple, packed_codes: list, row_scale: list, bia
     column slices of one tensor, and a custom op's outputs may not alias each other.
     """
     x, signs, left, right, mapping = lift_args
-    _check_siblings_of_lift(lift_args, packed_codes, row_scale, bias)
     kp = left.shape[0] * right.shape[0]
     columns = padded_columns(kp)
     rotated = x.new_empty(_tokens(x), columns)
@@ -137,7 +135,6 @@ def _gemm_siblings(lift_args: tuple, packed_codes: list, row_scale: list, bias: 
     Sharing the prepared operand too, or writing the lift straight in the operand's permuted layout,
     saves launches but measured no faster under programmatic dependent launch on an H100 (one 8B
     layer at 4-16 tokens; NOTES_kernels.md, round 14)."""
-    _check_siblings_of_lift(lift_args, packed_codes, row_scale, bias)
     lifted = lift_activation_triton(*lift_args)
     return [lifted_matmul_triton(lifted, codes, scale, b) for codes, scale, b in zip(packed_codes, row_scale, bias)]
 
@@ -151,6 +148,7 @@ def _lifted_linear_cuda(x, input_signs, rotation_left, rotation_right, mapping, 
     """Decode: three launches (rotation, tables, lookup); prefill: rotation, rebuilt weight, cuBLAS;
     in between the lift then the ±1 GEMM."""
     lift_args = (x, input_signs, rotation_left, rotation_right, mapping)
+    _check_siblings_of_lift(lift_args, [packed_codes], [row_scale], [bias])
     return _siblings_path(x)(lift_args, [packed_codes], [row_scale], [bias])[0]
 
 
