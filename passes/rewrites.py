@@ -182,9 +182,11 @@ def fuse_lifts(graph: fx.Graph) -> int:
             if lift.users and all(_is_op(u, _MATMUL) and u.args[0] is lift and lift not in u.args[1:] for u in lift.users)
         ]
         chains = sorted(((lift, m) for lift in fusable for m in lift.users), key=lambda chain: order[chain[1]])
+        if not chains:
+            continue
         # The group op takes a list of signs tensors: lifts without signs (x carries them) fuse one by one.
         batches = [[chain] for chain in chains] if any(lift.args[1] is None for lift, _ in chains) else [chains]
-        for batch in filter(None, batches):
+        for batch in batches:
             first = batch[0][1]
             # The fused node takes every chain's transform and matmul operands: all must exist before it.
             operands = [a for lift, m in batch for a in (*lift.args[1:], *m.args[1:]) if isinstance(a, fx.Node)]
@@ -267,8 +269,9 @@ def fold_scales(graph: fx.Graph) -> int:
 
     Fires when a fused node's activation is ``weight * normed`` (the RMSNorm's last op; ``weight`` a
     (K,) tensor of the activation's dtype) read by nothing else, so no other reader sees the
-    sign-flipped activation, and the signs exist before it (or both are frozen constants). ``weight`` becomes ``weight * signs[:K]`` (a new constant under freezing,
-    else a K-element product Inductor fuses into the norm kernel); ``lifted_linear`` gets
+    sign-flipped activation, and the signs exist before it (or both are frozen constants). ``weight``
+    becomes ``weight * signs[:K]`` (a new constant under freezing, else a K-element product Inductor
+    fuses into the norm kernel); ``lifted_linear`` gets
     ``input_signs=None``, ``lifted_linear_group`` gets ``folded_signs`` = its first sibling's signs
     (the others skip their diagonal when, at run time, they hold the same tensor). Exact for ±1 signs
     (multiplying by ±1 rounds the same either way); calibrated signs carry 1/s, and in a 16-bit model
