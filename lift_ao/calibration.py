@@ -48,6 +48,7 @@ sensitivities from the same tokens), then every layer is calibrated at its plann
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 from typing import Optional
 
@@ -683,7 +684,8 @@ def _block_sources(model: torch.nn.Module, blocks: list, prefixes: tuple, config
     and blocks before it) and, fine-tuned, on the full-precision targets of those: the state outside the
     blocks and of blocks 0..i; guided, on the whole model (the output sensitivity runs through all of it).
     ``"source_sha256"``: its coded linears' weights alone, which shards written before the other existed
-    record (they are checked by it and stay resumable)."""
+    record (they are checked by it and stay resumable). ``"settings_sha256"``: :func:`_settings_sha256`, the
+    same for every block (shards written before it existed are not checked by it)."""
     tensors = {key: _sha256(t) for key, t in model.state_dict().items()}  # each tensor hashed once
     digest = hashlib.sha256()
     for key, tensor in tensors.items():
@@ -703,7 +705,31 @@ def _block_sources(model: torch.nn.Module, blocks: list, prefixes: tuple, config
         for name, _ in quantizable_linears(block, config):
             own.update(f"{name}:{tensors[prefix + name + '.weight']};".encode())
         linears.append(own.hexdigest())
-    return [{"inputs_sha256": i, "source_sha256": s} for i, s in zip(inputs, linears)]
+    settings = _settings_sha256(model)
+    return [{"inputs_sha256": i, "source_sha256": s, "settings_sha256": settings} for i, s in zip(inputs, linears)]
+
+
+# Keys of a transformers config that name the checkpoint or steer a call, not what the forward computes.
+_RUN_CONFIG_KEYS = frozenset({"_name_or_path", "transformers_version", "architectures", "dtype", "torch_dtype",
+                              "use_cache", "output_attentions", "output_hidden_states", "return_dict",
+                              "quantization_config", "id2label", "label2id", "problem_type", "initializer_range"})
+
+
+def _settings_sha256(model: torch.nn.Module) -> str:
+    """SHA-256 of what the forward computes with besides the state dict: the buffers left out of it (a RoPE
+    table made from ``rope_theta``) and, for a transformers model, its config's values (norm eps, activation,
+    RoPE scaling) but :data:`_RUN_CONFIG_KEYS`. Every block's codes depend on them, and the state dict of
+    a model with another ``rope_theta`` is the same."""
+    in_state = set(model.state_dict())
+    digest = hashlib.sha256()
+    for name, buffer in model.named_buffers():
+        if name not in in_state:
+            digest.update(f"{name}:{_sha256(buffer)};".encode())
+    model_config = getattr(model, "config", None)
+    if hasattr(model_config, "to_dict"):
+        values = {k: v for k, v in model_config.to_dict().items() if k not in _RUN_CONFIG_KEYS}
+        digest.update(json.dumps(values, sort_keys=True, default=str).encode())
+    return digest.hexdigest()
 
 
 # The guided run's output sensitivity, kept in checkpoint_dir until every block is coded: a resume loads
@@ -714,8 +740,8 @@ SENSITIVITY_SHARD = "output_sensitivity"
 
 def _load_sensitivity(directory, coded: list, batch_size: int, source: dict, overwrite: bool) -> Optional[dict]:
     """:func:`_output_sensitivity`'s ``{name: [(B, T) per batch]}`` for the ``coded`` (name, module) pairs as a
-    run over the same model (``source``: ``{"inputs_sha256": the whole-model hash}``, guided
-    :func:`_block_sources`') saved it in ``directory``; None when there is none (or another model's,
+    run over the same model (``source``: the whole-model ``inputs_sha256`` and the ``settings_sha256`` of
+    guided :func:`_block_sources`) saved it in ``directory``; None when there is none (or another model's,
     discarded with ``overwrite``).
 
     Raises:
@@ -974,7 +1000,8 @@ def calibrate(
         if guided and last >= 0:
             coded = [(prefix + name, module) for block, prefix in zip(blocks, prefixes)
                      for name, module in quantizable_linears(block, config)]
-            whole_model = None if checkpoint_dir is None else {"inputs_sha256": sources[0]["inputs_sha256"]}
+            whole_model = (None if checkpoint_dir is None
+                           else {k: sources[0][k] for k in ("inputs_sha256", "settings_sha256")})
             sensitivity = None if checkpoint_dir is None else _load_sensitivity(checkpoint_dir, coded, batch_size,
                                                                                 whole_model, overwrite)
             if sensitivity is None:

@@ -194,6 +194,30 @@ def test_shards_written_before_the_inputs_hash_resume_and_are_checked_by_their_l
     assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
 
 
+def test_a_model_of_the_same_weights_but_other_settings_is_refused(tmp_path, monkeypatch):
+    """Codes depend on what the forward computes with beside the state dict: another ``rope_theta`` (its RoPE
+    table is a buffer left out of the state dict) or ``rms_norm_eps`` (a config value) with the same weights
+    is another model (was: resumed from the first model's blocks). A run-steering key (``use_cache``) is not."""
+    from transformers import LlamaForCausalLM
+
+    model, config, tokens = tiny_llama(), lift_ao.liftquant(lattice=LATTICE), token_batch(0, batch=4, length=16)
+    complete = calibrate(copy.deepcopy(model), config, tokens, progress=False)
+    crash_after_first_block(monkeypatch, lambda: calibrate(copy.deepcopy(model), config, tokens,
+                                                           checkpoint_dir=tmp_path, progress=False))
+    for key, value in (("rope_parameters", {"rope_type": "default", "rope_theta": 100.0}), ("rms_norm_eps", 1e-2)):
+        settings = copy.deepcopy(model.config)
+        setattr(settings, key, value)
+        other = LlamaForCausalLM(settings).eval()
+        other.load_state_dict(model.state_dict())
+        with pytest.raises(lift_ao.CheckpointError, match="block_0000.shard.safetensors was made from other weights"):
+            calibrate(other, config, tokens, checkpoint_dir=tmp_path, progress=False)
+    steered = copy.deepcopy(model)
+    steered.config.use_cache = not steered.config.use_cache
+    resumed = calibrate(steered, config, tokens, checkpoint_dir=tmp_path, progress=False)
+    expected, got = _state(complete), _state(resumed)
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+
+
 def test_a_layer_quantized_by_torchao_is_hashed_by_its_inner_tensors(tmp_path):
     """A resumable run hashes the model's state: another torchao tensor subclass (int8 here) has no bytes of
     its own to view (was: NotImplementedError with checkpoint_dir)."""
