@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 
 from lift_ao.packing import check_packed
+from lift_ao.transform import check_rotation
 
 from .reference import (
     lift_activation_backward_reference,
@@ -39,15 +40,14 @@ def _lifted_length(rotation_left: torch.Tensor, rotation_right: torch.Tensor, ma
 
 
 def _check_lift_args(x, input_signs, rotation_left, rotation_right, mapping):
+    check_rotation(input_signs, rotation_left, rotation_right)
     kp = rotation_left.shape[0] * rotation_right.shape[0]
-    d = mapping.shape[0]
-    if (input_signs is not None and input_signs.shape != (kp,)) or kp % d:
-        raise ValueError(
-            f"inconsistent transform: signs {None if input_signs is None else tuple(input_signs.shape)}, "
-            f"left {tuple(rotation_left.shape)}, right {tuple(rotation_right.shape)}, mapping {tuple(mapping.shape)}"
-        )
-    if x.shape[-1] > kp:
-        raise ValueError(f"activation has {x.shape[-1]} input features, the weight expects at most {kp}")
+    if kp % mapping.shape[0]:
+        raise ValueError(f"inconsistent transform: Kp = {kp} (left {tuple(rotation_left.shape)}, right "
+                         f"{tuple(rotation_right.shape)}) is not a multiple of the mapping's d, {tuple(mapping.shape)}")
+    # The op sees Kp, not K: it pads any K ≤ Kp. No weight has K = 0 (quantizing refuses empty weights).
+    if not 0 < x.shape[-1] <= kp:
+        raise ValueError(f"activation has {x.shape[-1]} input features, the weight expects 1 to {kp}")
     if not x.is_floating_point():
         raise TypeError(f"activation must be floating point, got {x.dtype}")
 

@@ -38,7 +38,7 @@ import triton.language as tl
 from lift_ao.packing import check_packed
 
 from .triton_matmul import (_MINUS_ONE_PAIR, _SIGN_BITS_PAIR, _bit_of_column, _code_word_offset, _signs_from_words,
-                            autotune)
+                            autotune, check_launch_device)
 
 __all__ = ["padded_columns", "rebuild_rotated_weight"]
 
@@ -153,6 +153,7 @@ def rebuild_rotated_weight(
         (N, padded_columns(Kp)) in ``dtype``, zero past column Kp: ``u @ W_rot.T`` with u the rotated
         activation (zero-padded alike) is the linear's output before the bias.
     """
+    check_launch_device(packed_codes.device, "rebuild_rotated_weight")
     d, D = mapping.shape
     rows = row_scale.shape[0]
     n_blocks = padded_features // d

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_matmul import autotune, dependent_launch, prefetch_to_l2, wait_for_previous_kernel
+from .triton_matmul import autotune, check_launch_device, dependent_launch, prefetch_to_l2, wait_for_previous_kernel
 
 __all__ = ["lift_activation_triton", "most_column_splits", "padded_columns_of_u", "rotate_triton"]
 
@@ -178,6 +178,7 @@ def rotate_triton(
         bf16 rounding of the activation itself, ~4 fp16 ones: benchmarks/results/rotation_h100.md) and in
         fp32 for fp32 activations.
     """
+    check_launch_device(x.device, "rotate_triton")
     k1, k2 = rotation_left.shape[0], rotation_right.shape[0]
     features = x.shape[-1]
     rows = x.reshape(-1, features)
@@ -227,7 +228,7 @@ def lift_activation_triton(
     Returns:
         (..., Kp·D/d) in x.dtype.
     """
-    rotated = rotate_triton(x, input_signs, rotation_left, rotation_right, column_splits)
+    rotated = rotate_triton(x, input_signs, rotation_left, rotation_right, column_splits)  # checks the device first
     tokens, padded = rotated.shape
     d, D = mapping.shape
     n_blocks = padded // d

@@ -36,7 +36,8 @@ import triton.language as tl
 
 from lift_ao.packing import check_packed, words_per_row
 
-from .triton_matmul import _code_word_offset, autotune, dependent_launch, sm_count, wait_for_previous_kernel
+from .triton_matmul import (_code_word_offset, autotune, check_launch_device, dependent_launch, sm_count,
+                            wait_for_previous_kernel)
 
 __all__ = ["MAX_TOKENS", "build_tables", "lift_tables", "lookup_matmul", "lookup_siblings", "split_counter_count",
            "token_block"]
@@ -271,6 +272,7 @@ def build_tables(lifted: torch.Tensor, words: int, token_block: int) -> torch.Te
     Returns:
         (8·words, 16, token_block) fp32: entry [g, i, b] = Σ_t (2·bit_t(i) − 1) · x̃[b, 4g + t].
     """
+    check_launch_device(lifted.device, "build_tables")
     tokens, length = lifted.shape
     groups = 8 * words
     tables = _empty_tables(groups, token_block, lifted.device)
@@ -295,6 +297,7 @@ def lift_tables(rotated: torch.Tensor, mapping: torch.Tensor, words: int, token_
     Returns:
         (8·words, 16, token_block) fp32, as :func:`build_tables` of x̃ kept in fp32.
     """
+    check_launch_device(rotated.device, "lift_tables")
     tokens, padded = rotated.shape
     d, D = mapping.shape
     if mapping.dtype != torch.float32 or not mapping.is_contiguous():
@@ -357,6 +360,7 @@ def lookup_siblings(
     Returns:
         per sibling (B, N_s) in out_dtype, accumulated in fp32.
     """
+    check_launch_device(tables.device, "lookup_siblings")
     if tokens > MAX_TOKENS:
         raise ValueError(f"lookup kernel takes at most {MAX_TOKENS} tokens, got {tokens}; use lifted_matmul_triton")
     quads = packed_codes[0].shape[1] if packed_codes[0].dim() == 4 else 0
@@ -431,6 +435,7 @@ def lookup_matmul(
     Returns:
         (..., N) in lifted.dtype, accumulated in fp32.
     """
+    check_launch_device(lifted.device, "lookup_matmul")
     length = lifted.shape[-1]
     x = lifted.reshape(-1, length).contiguous()  # the tables kernel reads a token's values one after another
     tokens = x.shape[0]

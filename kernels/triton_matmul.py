@@ -35,8 +35,8 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from lift_ao.packing import check_packed
 
-__all__ = ["autotune", "dependent_launch", "lifted_matmul_triton", "prefetch_to_l2", "quick_bench", "reduce_splits",
-           "sm_count", "token_block", "wait_for_previous_kernel"]
+__all__ = ["autotune", "check_launch_device", "dependent_launch", "lifted_matmul_triton", "prefetch_to_l2",
+           "quick_bench", "reduce_splits", "sm_count", "token_block", "wait_for_previous_kernel"]
 
 
 def _as_int32(value: int) -> int:
@@ -51,6 +51,9 @@ _MINUS_ONE_PAIR = {torch.float16: _as_int32(0xBC00BC00), torch.bfloat16: _as_int
 # BLOCK_W below divides them and no K iteration straddles a split or runs past the padding.
 _WORD_ALIGN = 16
 _SM_COUNT_FALLBACK = 132
+# Whether triton.jit makes lift_ao's kernels for Triton's interpreter: it reads TRITON_INTERPRET as each
+# kernel is defined (at import), so setting it later changes nothing.
+_INTERPRETED = triton.knobs.runtime.interpret
 
 
 @triton.jit
@@ -271,6 +274,7 @@ def _reduce_splits_kernel(partial_ptr, out_ptr, total, SPLITS: tl.constexpr, BLO
 
 def reduce_splits(partials: torch.Tensor, out: torch.Tensor) -> None:
     """out = Σ_s partials[s] (partials (S, B, N) fp32, out (B, N) contiguous, any float dtype)."""
+    check_launch_device(out.device, "reduce_splits")
     total = out.numel()
     block = 1024
     launch = dependent_launch(out.device)
@@ -282,6 +286,17 @@ def token_block(tokens: int) -> int:
     """Tokens per program: 8 (the n of mma.sync m16n8k16: fewer tokens are padded to it inside the
     dot) up to 128 for prefill."""
     return min(128, max(8, triton.next_power_of_2(tokens)))
+
+
+def check_launch_device(device: torch.device, where: str) -> None:
+    """Raise ValueError unless the kernels can run on ``device``: a CUDA one, or any under Triton's
+    interpreter. Every public function that launches a kernel calls this first: CPU tensors otherwise
+    reach Triton's launcher, which fails with "0 active drivers" (no GPU) or a pointer error."""
+    if device.type != "cuda" and not _INTERPRETED:
+        raise ValueError(f"{where}: the tensors are on {device}; the Triton kernels need a CUDA device. Move them "
+                         "there, or call the registered op (torch.ops.lift_ao.*: CPU tensors run the PyTorch "
+                         "reference), or, to test the kernels on the CPU, set TRITON_INTERPRET=1 before "
+                         "importing triton")
 
 
 def dependent_launch(device: torch.device) -> dict:
@@ -362,6 +377,7 @@ def lifted_matmul_triton(
     Returns:
         (..., N) in lifted.dtype, accumulated in fp32.
     """
+    check_launch_device(lifted.device, "lifted_matmul_triton")
     code_length = lifted.shape[-1]
     words = triton.cdiv(code_length, 32)
     x = lifted.reshape(-1, code_length)

@@ -43,7 +43,7 @@ from torchao.utils import TorchAOBaseTensor, fill_defaults
 from lift_ao.encode import encode_weight
 from lift_ao.lattice import Lattice
 from lift_ao.packing import GROUP_ROWS, interleave_rows, packed_shape, random_packed_codes, row_words, unpack_codes
-from lift_ao.transform import check_seed, make_rotation, padded_in_features, unrotate
+from lift_ao.transform import check_rotation, check_seed, make_rotation, padded_in_features, unrotate
 
 __all__ = ["LiftQuantTensor", "share_constants"]
 
@@ -93,6 +93,8 @@ class LiftQuantTensor(TorchAOBaseTensor):
     tensor_attribute_names = ["shape", "dtype"]
 
     def __new__(cls, packed_codes, row_scale, mapping, input_signs, rotation_left, rotation_right, shape, dtype):
+        # Every weight is built here (from_codes, load_quantized, the HF loader, calibration, slices, moves).
+        check_rotation(input_signs, rotation_left, rotation_right)
         return torch.Tensor._make_wrapper_subclass(
             cls, shape, dtype=dtype, device=packed_codes.device, requires_grad=False
         )

@@ -22,7 +22,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["Rotation", "make_rotation", "rotate", "unrotate", "padded_in_features"]
+__all__ = ["Rotation", "check_rotation", "make_rotation", "rotate", "unrotate", "padded_in_features"]
 
 # A factorisation k1·k2 is accepted when k1 ≥ √Kp / _MAX_IMBALANCE; otherwise Kp grows by another d.
 _MAX_IMBALANCE = 4
@@ -75,6 +75,19 @@ def _orthogonal(n: int, generator: torch.Generator) -> torch.Tensor:
     return (q * torch.sign(torch.diagonal(r))).contiguous()  # LAPACK's Q is column-major
 
 
+def check_rotation(signs: Optional[torch.Tensor], left: torch.Tensor, right: torch.Tensor) -> None:
+    """Raise ValueError unless ``left`` is (k1, k1), ``right`` (k2, k2) and ``signs`` (if given) (k1·k2,):
+    :func:`rotate`, :func:`unrotate` and the kernels each read k1 and k2 off one dimension of the factors,
+    so another shape gave a result of the wrong length or a shape error deep inside."""
+    for name, factor, k in (("rotation_left", left, "k1"), ("rotation_right", right, "k2")):
+        if factor.dim() != 2 or factor.shape[0] != factor.shape[1]:
+            raise ValueError(f"{name} must be a square ({k}, {k}) matrix, got {tuple(factor.shape)}")
+    kp = left.shape[0] * right.shape[0]
+    if signs is not None and tuple(signs.shape) != (kp,):
+        raise ValueError(f"the rotation's signs must be ({kp},) = k1·k2 for factors {tuple(left.shape)} and "
+                         f"{tuple(right.shape)}, got {tuple(signs.shape)}")
+
+
 @dataclass(frozen=True, eq=False)
 class Rotation:
     """A Kronecker rotation of a padded input dimension.
@@ -88,6 +101,9 @@ class Rotation:
     signs: torch.Tensor
     left: torch.Tensor
     right: torch.Tensor
+
+    def __post_init__(self):
+        check_rotation(self.signs, self.left, self.right)
 
     @property
     def padded_features(self) -> int:

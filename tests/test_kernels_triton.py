@@ -573,3 +573,35 @@ def test_gemm_autotuner_keeps_a_config_that_fits_hopper_shared_memory():
     assert set(shared) == {"128 bf16", "128 fp32"}
     for key, sizes in shared.items():
         assert min(sizes) <= 232448, f"{key}: every kept config needs more shared memory than sm_90 has: {sizes}"
+
+
+def test_triton_wrappers_refuse_cpu_tensors_without_the_interpreter():
+    """Without TRITON_INTERPRET, CPU tensors reached Triton's launcher: "0 active drivers" (no GPU) or
+    a pointer error. The wrappers of each module name the fix instead, before any work (zero tokens too)."""
+    script = """if True:
+        import torch
+        from lift_ao.kernels.triton_dequant import rebuild_rotated_weight
+        from lift_ao.kernels.triton_lift import lift_activation_triton
+        from lift_ao.kernels.triton_lut import lookup_siblings
+        from lift_ao.kernels.triton_matmul import lifted_matmul_triton
+        from lift_ao.packing import packed_shape
+        from lift_ao.transform import make_rotation
+        r, M, scale = make_rotation(20, 10), torch.randn(10, 24), torch.ones(8)
+        codes = torch.zeros(packed_shape(8, 48), dtype=torch.int32)
+        for call in [lambda: lifted_matmul_triton(torch.randn(0, 48), codes, scale, None),
+                     lambda: lift_activation_triton(torch.randn(3, 20), r.signs, r.left, r.right, M),
+                     lambda: rebuild_rotated_weight(codes, scale, M, 20, torch.float32),
+                     lambda: lookup_siblings(torch.zeros(16, 16, 1), 1, [codes], [scale], [None], torch.float32)]:
+            try:
+                call()
+                print("ran")
+            except Exception as e:
+                print(type(e).__name__, e)
+    """
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.strip().splitlines()[-4:]
+    for name, line in zip(["lifted_matmul_triton", "rotate_triton", "rebuild_rotated_weight", "lookup_siblings"], lines):
+        assert line.startswith(f"ValueError {name}: the tensors are on cpu; the Triton kernels need a CUDA device"), line
+        assert "torch.ops.lift_ao" in line and "TRITON_INTERPRET=1" in line, line

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from lift_ao.transform import make_rotation, padded_in_features, rotate, unrotate
+from lift_ao.transform import Rotation, make_rotation, padded_in_features, rotate, unrotate
 
 
 @pytest.mark.parametrize("K,d", [(576, 10), (1536, 10), (4096, 8), (192, 10), (7, 10), (14336, 10), (33, 6)])
@@ -54,3 +54,15 @@ def test_a_seed_gives_the_same_rotation_at_any_thread_count():
         torch.set_num_threads(threads)
     assert all(torch.equal(getattr(rotations[0], n), getattr(rotations[1], n)) for n in ("signs", "left", "right"))
     assert torch.get_num_threads() == threads
+
+
+@pytest.mark.parametrize("left,right,message", [
+    ((4, 5), (5, 5), r"rotation_left must be a square \(k1, k1\) matrix, got \(4, 5\)"),
+    ((4, 4), (5, 4), r"rotation_right must be a square \(k2, k2\) matrix, got \(5, 4\)"),
+    ((4, 4), (4, 4), r"signs must be \(16,\) = k1·k2 for factors \(4, 4\) and \(4, 4\), got \(20,\)"),
+])
+def test_a_rotation_from_factors_that_do_not_fit_is_refused(left, right, message):
+    """rotate reads k1 and k2 off the factors' first dimension: a (4, 5) P1 gave 25 features from 20."""
+    g = torch.Generator().manual_seed(0)
+    with pytest.raises(ValueError, match=message):
+        Rotation(torch.ones(20), torch.randn(left, generator=g), torch.randn(right, generator=g))
