@@ -9,7 +9,7 @@
    groups of 32 rows: :func:`~lift_ao.packing.packed_shape`), and its row scales, N float32. The lattice
    matrix M (d×D float32) and the rotation (Kp + k1² + k2² float32) are storages shared between
    layers exactly as :mod:`lift_ao.tensor` shares them: one rotation per (K, d, seed, device), one
-   M per (lattice, device).
+   M per (lattice, device); those that layers already quantized hold count with them, once.
    So a layer's planned ``bytes`` equals ``LiftQuantTensor.storage_bytes()`` and the plan's
    ``model_bytes`` equals ``lift_ao.footprint(model)`` after ``lift_ao.quantize``. A model that
    :func:`lift_ao.calibrate` codes instead (``groups=``) stores input signs per group of siblings and
@@ -17,7 +17,8 @@
    (``tuned=``, :data:`TUNED_PARTS`); the plan's ``model_bytes`` is then the footprint of the
    calibrated and tuned model (or more, where equal values are merged).
 2. **Reservations.** KV cache = layers × 2 × kv_heads × head_dim × context × batch × dtype bytes
-   (from the model's config, full attention in every layer), plus a free-form ``reserve``.
+   (from the model's config; a sliding-window layer holds its window, not the whole context:
+   :func:`kv_cache_bytes`), plus a free-form ``reserve``.
 3. **Sensitivity.** Quantizing layer i with lattice j adds about ``mse_j · ||W_i||²_F · E[x²]`` to
    the squared error of its output (rows are coded at unit RMS, and the rotation spreads the error
    evenly over the input coordinates, so E||ΔW x||² ≈ ||ΔW||²_F · E||x||²/K). ``E[x²]`` (the
@@ -213,25 +214,63 @@ def _group_of(key: tuple):
 
 
 def _shared_storages(in_features: int, lattice: Lattice, seed: int, device: torch.device, group=None,
-                     tuned: frozenset = frozenset()) -> dict:
+                     tuned: frozenset = frozenset(), held: frozenset = frozenset()) -> dict:
     """{storage key: bytes} of the input signs, rotation factors and M a layer points to (see the module
-    docstring). With ``group`` (the layer's sibling group, for a model ``lift_ao.calibrate`` codes) the
-    signs are the group's own, per block length d (per lattice with ``"scales"`` in ``tuned``), and so
-    are the rotation factors with ``"rotation"``; with ``"mapping"`` M is the group's own per lattice
-    (:data:`TUNED_PARTS`): keys that :func:`_group_of` maps to ``group``."""
+    docstring), but those in ``held`` (:func:`_held_constants`: the model holds them already). With ``group``
+    (the layer's sibling group, for a model ``lift_ao.calibrate`` codes) the signs are the group's own, per
+    block length d (per lattice with ``"scales"`` in ``tuned``), and so are the rotation factors with
+    ``"rotation"``; with ``"mapping"`` M is the group's own per lattice (:data:`TUNED_PARTS`): keys that
+    :func:`_group_of` maps to ``group``."""
     kp, k1, k2 = padded_in_features(in_features, lattice.d)
-    rotation = ("rotation", in_features, lattice.d, seed, str(device))
+    rotation = (in_features, lattice.d, seed, str(device))
     transform = lattice.name if "scales" in tuned else lattice.d  # what a group's own transform is per
     keys = {
-        "signs": rotation if group is None else ("group", group, "signs", transform),
-        "factors": ("group", group, "factors", transform) if "rotation" in tuned else rotation,
+        "signs": ("signs", *rotation) if group is None else ("group", group, "signs", transform),
+        "factors": ("group", group, "factors", transform) if "rotation" in tuned else ("factors", *rotation),
         "mapping": ("group", group, "mapping", lattice.name) if "mapping" in tuned else ("mapping", lattice.name, str(device)),
     }
     sizes = {"signs": kp, "factors": k1 * k1 + k2 * k2, "mapping": lattice.d * lattice.D}
-    storages: dict = {}
-    for part, key in keys.items():
-        storages[key] = storages.get(key, 0) + sizes[part] * _FLOAT32_BYTES
-    return storages
+    return {key: sizes[part] * _FLOAT32_BYTES for part, key in keys.items() if key not in held}
+
+
+def _held_constants(model: torch.nn.Module, lattices: list, in_features: set, seed: int,
+                    device: torch.device) -> frozenset:
+    """Keys of :func:`_shared_storages` whose tensors the model's LiftQuant weights (layers already quantized,
+    not planned) hold: :mod:`lift_ao.tensor`'s one M per (lattice, device) and one rotation per (K, d, seed,
+    device), which the planned layers will point to too. :func:`_high_precision_bytes` counts them with those
+    weights, so the plan must not count them again (:func:`lift_ao.footprint` counts each storage once). A
+    weight with copies of its own (loaded from a checkpoint, ``copy.deepcopy``-ed) holds none of them. Looking
+    the constants up makes those missing, as quantizing the planned layers would.
+
+    Args:
+        lattices: the candidates; in_features: the K of the layers to plan (only those constants can be shared);
+        seed, device: the plan's.
+    """
+    from lift_ao.tensor import LiftQuantTensor, _shared_mapping, _shared_rotation
+
+    def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+        return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+    by_name = {lattice.name: lattice for lattice in lattices}
+    blocks = {lattice.d for lattice in lattices}
+    held = set()
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        # Only constants on the planned layers' device can be theirs (a plan for "cuda": any cuda:N).
+        if not isinstance(weight, LiftQuantTensor) or weight.device.type != device.type or device.index not in (
+                None, weight.device.index):
+            continue
+        k, d = weight.shape[1], weight.block_size
+        lattice = by_name.get(f"{weight.code_bits}/{d}")
+        if lattice is not None and same(weight.mapping, _shared_mapping(lattice, weight.device)):
+            held.add(("mapping", lattice.name, str(device)))
+        if k in in_features and d in blocks:
+            signs, left, right = _shared_rotation(k, d, seed, weight.device)
+            if same(weight.input_signs, signs):
+                held.add(("signs", k, d, seed, str(device)))
+            if same(weight.rotation_left, left) and same(weight.rotation_right, right):
+                held.add(("factors", k, d, seed, str(device)))
+    return frozenset(held)
 
 
 def layer_storage_bytes(out_features: int, in_features: int, lattice: Lattice) -> int:
@@ -242,10 +281,32 @@ def layer_storage_bytes(out_features: int, in_features: int, lattice: Lattice) -
     return code_bytes(out_features, in_features, lattice) + shared
 
 
+# transformers' layer types whose cache keeps a window of the last tokens (DynamicSlidingWindowLayer,
+# StaticSlidingWindowLayer), each with the config field that sizes the window.
+_WINDOWED_LAYERS = {"sliding_attention": "sliding_window", "chunked_attention": "attention_chunk_size"}
+
+
+def _cached_tokens(config, layers: int, context: int) -> int:
+    """Tokens per sequence that transformers' cache holds, summed over the ``layers`` decoder layers: ``context``
+    in each, but ``min(window, context)`` in a sliding-window or chunked layer. Its layer types are
+    ``config.layer_types``, or else inferred as transformers' ``get_layer_types_and_kwargs`` does (every layer
+    sliding when ``sliding_window`` is set, else chunked when ``attention_chunk_size`` is)."""
+    types = getattr(config, "layer_types", None)
+    if types is None:
+        kind = next((t for t, size in _WINDOWED_LAYERS.items() if getattr(config, size, None) is not None), None)
+        types = [kind] * layers
+    windows = [getattr(config, _WINDOWED_LAYERS[t], None) if t in _WINDOWED_LAYERS else None for t in types]
+    return sum(context if window is None else min(int(window), context) for window in windows)
+
+
 def kv_cache_bytes(config, context: int, batch: int = 1, dtype: torch.dtype = torch.bfloat16) -> int:
     """KV cache bytes as transformers' cache holds them: layers × 2 (K and V) × kv_heads × head_dim × context ×
     batch × dtype bytes (DeepSeek's MLA: layers × (kv_lora_rank + qk_rope_head_dim) × context × batch × dtype
-    bytes). Sliding-window layers are counted at full context (an upper bound).
+    bytes), with a sliding-window (or chunked) layer's context cut to its window (:func:`_cached_tokens`).
+
+    A window of w tokens: StaticCache allocates w; DynamicCache keeps the last w − 1 as a view of the w that
+    its last step concatenated. Right after a prefill of P > w tokens, though, DynamicCache still holds all P
+    in each such layer until the layer's next step: for long prompts reserve the difference.
 
     Args:
         config: a Hugging Face config (``num_hidden_layers``, ``num_attention_heads``, optional
@@ -272,7 +333,7 @@ def kv_cache_bytes(config, context: int, batch: int = 1, dtype: torch.dtype = to
         # transformers 5 caches one latent (kv_lora_rank + rope) per token and layer; 4.x each head's K and V.
         per_token = (int(config.kv_lora_rank) + rope if int(transformers.__version__.split(".")[0]) >= 5
                      else heads * (nope + rope + value))
-        return layers * per_token * context * batch * dtype.itemsize
+        return per_token * _cached_tokens(config, layers, context) * batch * dtype.itemsize
     kv_heads = getattr(config, "num_key_value_heads", None)
     if getattr(config, "new_decoder_architecture", False):  # Falcon-40B/180B: K and V cached for every query head
         kv_heads = heads
@@ -280,7 +341,7 @@ def kv_cache_bytes(config, context: int, batch: int = 1, dtype: torch.dtype = to
         kv_heads = 1
     kv_heads = int(kv_heads or heads)
     head_dim = int(getattr(config, "head_dim", None) or hidden // heads)
-    return layers * 2 * kv_heads * head_dim * context * batch * dtype.itemsize
+    return 2 * kv_heads * head_dim * _cached_tokens(config, layers, context) * batch * dtype.itemsize
 
 
 def _storage_entries(t: torch.Tensor):
@@ -811,7 +872,8 @@ def plan(
         calibration: token ids (batch, tokens) or a list of them, run through the model to
             measure each layer's E[x²] (sensitivity only; needs real weights).
         include_lm_head, filter_fn, seed: as in :func:`lift_ao.quantize`. Layers already quantized
-            are not replanned; their storages count with the high-precision part.
+            are not replanned; their storages count with the high-precision part (with the M and rotation
+            that the planned layers will share with them).
         device: where the weights will be encoded (decides which M/rotation storages are shared);
             default: where the model's weights are, ``cuda`` for a meta-device model.
         dtype: dtype of the high-precision parts when building from a config (default: the
@@ -902,13 +964,14 @@ def plan(
         scores = [float(n * k) for n, k in shapes]
 
     group_of = {name: index for index, names in enumerate(groups or []) for name in names}
+    held = _held_constants(model, candidates, {k for _, k in shapes}, seed, device)
 
     def tables(lattices: list[Lattice]):
         """Per layer × lattice: own bytes, shared storages, distortion (score × lattice MSE)."""
         mses = [_lattice_mse(l) for l in lattices]
         own = [[code_bytes(n, k, l) for l in lattices] for n, k in shapes]
-        shared = [[_shared_storages(k, l, seed, device, group_of.get(name, name) if groups is not None else None, tuned)
-                   for l in lattices] for (name, _), (_, k) in zip(targets, shapes)]
+        shared = [[_shared_storages(k, l, seed, device, group_of.get(name, name) if groups is not None else None, tuned,
+                                    held) for l in lattices] for (name, _), (_, k) in zip(targets, shapes)]
         return own, shared, [[s * e for e in mses] for s in scores]
 
     own, shared, distortion = tables(candidates)

@@ -121,19 +121,21 @@ def measure_sensitivity(
 
 
 def calibrated_sensitivity(
-    model: torch.nn.Module, memory_budget, tokens: torch.Tensor, score_tokens: torch.Tensor, *,
-    alpha: float = DEFAULT_ALPHA, seed: int = 0, device=None, checkpoint_dir=None, overwrite: bool = False,
-    progress: bool = True,
+    model: torch.nn.Module, memory_budget, tokens: torch.Tensor, score_tokens: torch.Tensor, *, reserve=0,
+    kv_cache=None, alpha: float = DEFAULT_ALPHA, seed: int = 0, device=None, checkpoint_dir=None,
+    overwrite: bool = False, progress: bool = True,
 ) -> dict[str, float]:
     """Scores for ``liftquant(memory_budget=..., scores=...)`` measured as they paid off on SmolLM2
     (module docstring): a copy of ``model`` calibrated (block LDLQ, no fine-tuning) at the one lattice that
-    a uniform plan of ``memory_budget`` gives every linear, then :func:`measure_sensitivity` of that copy
-    against ``model`` on ``score_tokens``.
+    a uniform plan of ``memory_budget`` (less ``reserve`` and ``kv_cache``) gives every linear, then
+    :func:`measure_sensitivity` of that copy against ``model`` on ``score_tokens``.
 
     Args:
         model: the full-precision Hugging Face Llama-style causal LM (left unchanged), on the device to
             measure on.
-        memory_budget: bytes or a size string, as for :func:`lift_ao.plan`.
+        memory_budget, reserve, kv_cache: as for :func:`lift_ao.plan`; give the reserve and KV cache that the
+            plan of the scores will be given (``liftquant(..., reserve=..., kv_cache=...)``): the copy's
+            lattice is the one the budget leaves room for beside them.
         tokens: LongTensor (sequences, length) of calibration token ids for the copy's calibration.
         score_tokens: LongTensor (sequences, length) to measure on: text no later stage trains on (the
             studies used 32 sequences of 512 after the calibration text), never the evaluation text.
@@ -145,10 +147,11 @@ def calibrated_sensitivity(
     Returns:
         {linear FQN: score}, as :func:`measure_sensitivity` returns.
     Raises:
-        BudgetError: no single lattice fits ``memory_budget``.
+        BudgetError: no single lattice fits ``memory_budget`` beside the reserve and KV cache.
         CheckpointError: ``checkpoint_dir`` holds another calibration (and not ``overwrite``).
     """
-    (lattice,) = set(plan(model, memory_budget, allocation="uniform", seed=seed).lattices().values())
+    (lattice,) = set(plan(model, memory_budget, reserve=reserve, kv_cache=kv_cache, allocation="uniform",
+                          seed=seed).lattices().values())
     stored = None if checkpoint_dir is None else Path(checkpoint_dir) / SCORES_FILE
     if stored is not None:  # hashed only where the scores are kept
         # The model's values too: another model of the same shapes has other scores.

@@ -138,15 +138,23 @@ def test_liftquant_budget_config_validation():
 # ----- byte model on real shapes (meta device) ------------------------------------------------
 
 
-def _hf_cache_bytes(config, context: int) -> int:
-    """Bytes of the K/V tensors transformers' own cache holds after ``context`` tokens of a tiny model."""
-    from transformers import AutoModelForCausalLM
+def _hf_cache_bytes(config, context: int) -> tuple[int, int]:
+    """Bytes of the K/V tensors transformers' own caches hold for a tiny model after ``context`` tokens: its
+    DynamicCache once the last token is decoded (storages, each once: a sliding-window layer keeps its last
+    window - 1 tokens as a view of the window of that step), and what its StaticCache allocates."""
+    from transformers import AutoModelForCausalLM, StaticCache
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).eval()
+    tokens = torch.randint(0, config.vocab_size, (1, context))
+    static = StaticCache(config=config, max_cache_len=context)
     with torch.no_grad():
-        cache = model(torch.randint(0, config.vocab_size, (1, context)), use_cache=True).past_key_values
-    return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+        cache = model(tokens[:, :-1], use_cache=True).cache
+        cache = model(tokens[:, -1:], cache=cache, use_cache=True).cache
+        model(tokens, cache=static, use_cache=True)
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for layer in cache.layers for t in (layer.keys, layer.values)}
+    return sum(storages.values()), sum(layer.keys.nbytes + layer.values.nbytes for layer in static.layers)
 
 
 @pytest.mark.parametrize("model_type, options", [
@@ -156,16 +164,26 @@ def _hf_cache_bytes(config, context: int) -> int:
     ("deepseek_v3", dict(num_key_value_heads=4, kv_lora_rank=32, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=16,
                          v_head_dim=16, first_k_dense_replace=4, moe_intermediate_size=32, n_routed_experts=4,
                          num_experts_per_tok=2)),  # MLA: one latent per token (was: 128 heads' K and V)
+    # Sliding-window layers hold their window of the 40 tokens (were: all 40, 5x over for Mistral's 8).
+    ("mistral", dict(num_key_value_heads=2, sliding_window=8)),
+    ("mistral", dict(num_key_value_heads=2, sliding_window=64)),  # a window longer than the context
+    ("qwen2", dict(num_key_value_heads=2, use_sliding_window=True, sliding_window=8, max_window_layers=2)),  # 2 of 4
+    ("qwen2", dict(num_key_value_heads=2, use_sliding_window=False, sliding_window=8)),  # no window at all
+    ("gemma2", dict(num_key_value_heads=2, sliding_window=8)),  # every other layer
+    ("gemma3_text", dict(num_key_value_heads=2, sliding_window=8, sliding_window_pattern=2)),
+    ("llama4_text", dict(num_key_value_heads=2, attention_chunk_size=8)),  # chunked: cached as a window of 8
 ])
 def test_kv_cache_bytes_are_what_transformers_caches(model_type, options):
     """Falcon-40B's cache was counted with its 8 K/V heads where transformers stores all 128 query heads'
-    (16x under its budget), DeepSeek-V3's with 128 heads where it stores one latent (28x over)."""
+    (16x under its budget), DeepSeek-V3's with 128 heads where it stores one latent (28x over), sliding-window
+    layers at the full context."""
     from transformers import AutoConfig
 
     config = AutoConfig.for_model(model_type, vocab_size=64, hidden_size=64, intermediate_size=96,
                                   num_hidden_layers=4, num_attention_heads=4, **options)
     config.torch_dtype = torch.float32
-    assert kv_cache_bytes(config, 40, dtype=torch.float32) == _hf_cache_bytes(config, 40)
+    dynamic, static = _hf_cache_bytes(config, 40)
+    assert kv_cache_bytes(config, 40, dtype=torch.float32) == dynamic == static
 
 
 def test_kv_cache_of_a_multimodal_config_is_its_text_model_s():
@@ -190,6 +208,27 @@ def test_a_layer_quantized_by_torchao_is_left_alone_and_counted_as_it_is():
     lift_ao.quantize(model, lift_ao.liftquant(memory_budget=budget, allocation="uniform"), progress=False)
     assert model.model.layers[0].mlp.down_proj.weight is int8
     assert lift_ao.footprint(model) == p.model_bytes
+
+
+@needs_lattices
+def test_constants_a_layer_already_quantized_shares_with_the_plan_count_once():
+    """A layer already coded at the lattice the plan gives the others holds the M and rotation they will share
+    (lift_ao.tensor's caches): they were counted with the high-precision part and again for the plan, 1836
+    bytes over the footprint (24/10's M, 960, and the rotation of K = 64, 876). A copy of that layer holds
+    copies of its own, which the planned layers do not point to: counted twice, as the footprint counts them."""
+    model = tiny_llama(0)
+    lift_ao.quantize(model, lift_ao.liftquant(lattice="24/10"), progress=False,
+                     filter_fn=lambda m, name: name == "model.layers.0.self_attn.q_proj")
+    copied = copy.deepcopy(model)
+    budget = plan(model, 10**12, allocation="uniform", lattices=[Lattice.load("24/10")]).model_bytes
+    p = plan(model, budget, allocation="uniform")
+    assert set(p.lattices().values()) == {"24/10"} and len(p.layers) == 13
+    lift_ao.quantize(model, lift_ao.liftquant(memory_budget=budget, allocation="uniform"), progress=False)
+    assert lift_ao.footprint(model) == p.model_bytes == budget == 97916
+
+    p = plan(copied, 10**12, allocation="uniform", lattices=[Lattice.load("24/10")])
+    quantize_(copied, p.to_fqn_config(), filter_fn=None)
+    assert lift_ao.footprint(copied) == p.model_bytes == 97916 + 1836
 
 
 def test_layers_of_many_input_sizes_share_their_transform_as_planned():

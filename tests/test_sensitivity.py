@@ -142,6 +142,23 @@ def test_calibrated_sensitivity_measures_a_copy_calibrated_at_the_budgets_unifor
     assert len(measured_again) == 4 and torch.equal(measured_again[0], tokens[:4])
 
 
+def test_calibrated_sensitivity_probes_at_the_lattice_the_budget_leaves_after_reserve_and_kv_cache(monkeypatch):
+    """The probe's lattice is that of the uniform plan with the reserve and KV cache the real plan is given:
+    it was the plan's without them, 24/10 here, where 2000 bytes of reserve or a cache of 8 tokens leave room
+    for 32/16 only, the rate the real plan's window is then centred on."""
+    import lift_ao.sensitivity as sensitivity
+
+    reference = tiny_llama(0)
+    budget = lift_ao.plan(reference, 10**12, allocation="uniform", lattices=[Lattice.load(LATTICE)]).model_bytes
+    probed = []
+    monkeypatch.setattr(sensitivity, "calibrate", lambda model, config, *a, **k: probed.append(config.lattice) or model)
+    monkeypatch.setattr(sensitivity, "measure_sensitivity", lambda *a, **k: {})
+    tokens = token_batch(2, batch=2, length=8)
+    for settings in ({}, dict(reserve=2000), dict(kv_cache=dict(context=8))):
+        lift_ao.calibrated_sensitivity(reference, budget, tokens, tokens, progress=False, **settings)
+    assert budget == 97916 and probed == ["24/10", "32/16", "32/16"]
+
+
 def test_calibration_tokens_after_a_prefix(monkeypatch):
     """builtin_calibration_tokens_after: the sequences that start after the first `skip` tokens (a partly
     read sequence is skipped whole), `count` tokens' worth at most; refused when the text has none left."""
