@@ -116,7 +116,9 @@ def quantize(
             uninterrupted run. A directory holding another model's, config's or seed's layers is refused.
         overwrite: discard a ``resume_dir`` that holds a different run instead of refusing.
     Returns:
-        ``model`` (modified in place; transformers ``Conv1D`` layers become ``nn.Linear``).
+        ``model`` (modified in place; transformers ``Conv1D`` layers become ``nn.Linear``; a transformers
+        model gets the ``hf_quantizer`` that ``save_pretrained`` writes it through, recording ``config``:
+        :func:`lift_ao.integrations.hf.attach_after_quantize`).
     Raises:
         ValueError/TypeError: no linear layer qualifies, or a weight cannot be coded (the message
             names the module).
@@ -170,6 +172,9 @@ def quantize(
             weight = module.weight
             save_shard(resume_dir, name, {"packed_codes": weight.packed_codes, "row_scale": weight.row_scale},
                        {"source_sha256": source})
+    from lift_ao.integrations.hf import attach_after_quantize  # hf imports this module
+
+    attach_after_quantize(model, config)
     return model
 
 

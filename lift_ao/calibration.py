@@ -59,6 +59,7 @@ from lift_ao.api import quantizable_linears, resolve_device
 from lift_ao.budget import TUNED_PARTS
 from lift_ao.config import LiftQuantConfig
 from lift_ao.evaluate import evaluating
+from lift_ao.integrations.hf import attach_after_quantize
 from lift_ao.io import CheckpointError, _sha256, load_shard, open_partial, remove_shard, save_shard
 from lift_ao.lattice import Lattice
 from lift_ao.packing import pack_codes, unpack_codes
@@ -952,7 +953,9 @@ def calibrate(
             those copies, so the tuned model still fits the budget.
         progress: a tqdm bar over blocks (with fine-tuning: the last block's output error after/before).
     Returns:
-        ``model``; linears outside the decoder blocks (``lm_head``) are left as they are.
+        ``model``; linears outside the decoder blocks (``lm_head``) are left as they are. A transformers
+        model gets the ``hf_quantizer`` that ``save_pretrained`` writes it through, as after
+        :func:`lift_ao.quantize`.
     Raises:
         ValueError/TypeError: no or malformed tokens, no decoder blocks, a budget whose plan codes
             linears outside them (``include_lm_head=True``), or a checkpoint_dir written by another
@@ -1053,4 +1056,5 @@ def calibrate(
         share_constants(model)
     if checkpoint_dir is not None:  # every block is coded: a resume needs no sensitivity any more
         remove_shard(checkpoint_dir, SENSITIVITY_SHARD)
+    attach_after_quantize(model, config)
     return model

@@ -274,7 +274,8 @@ def load_quantized(directory, model: Optional[torch.nn.Module] = None, *, device
             are computed rather than saved, such as rotary frequencies, are real, as under accelerate's
             ``init_empty_weights(include_buffers=False)``); when omitted, a Hugging Face causal LM is
             built from the saved ``config.json``. A ``torch.compile`` wrapper loads into the module it wraps.
-        device: where the loaded tensors go (default: CPU).
+        device: where the model's tensors go (default: CPU): the checkpoint's, and the buffers the model
+            computes rather than saves (rotary tables), which no checkpoint holds.
     Returns:
         The model (as given) with LiftQuant weights and every other tensor restored bit-exactly.
     Raises:
@@ -373,6 +374,16 @@ def load_quantized(directory, model: Optional[torch.nn.Module] = None, *, device
         if tied is not None:
             owner, _, name = alias.rpartition(".")
             setattr(model.get_submodule(owner), name, tied)
+    # The buffers no checkpoint holds (a RoPE cos/sin table) are moved too, or a forward on `device` would mix
+    # devices (the loaded ones are there: `.to` returns them as they are). Each tensor once, so a table that
+    # several modules hold stays one.
+    on_device = {}
+    for module in model.modules():
+        for name, buffer in list(module._buffers.items()):
+            if buffer is not None:
+                if id(buffer) not in on_device:
+                    on_device[id(buffer)] = buffer.to(device)
+                module._buffers[name] = on_device[id(buffer)]
     share_constants(model)
     from lift_ao.integrations.hf import restore_save_pretrained  # hf imports lift_ao.io
 

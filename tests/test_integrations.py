@@ -170,6 +170,57 @@ def test_hf_save_pretrained_after_lift_ao_quantize_with_mixed_lattices(tmp_path)
     assert torch.equal(logits(reloaded), expected)
 
 
+def test_hf_save_pretrained_after_lift_ao_quantize_with_a_memory_budget_needs_no_other_call(tmp_path):
+    """lift_ao.quantize attaches the hf_quantizer itself: save_pretrained failed in safetensors ("invalid
+    python storage") unless enable_save_pretrained was called first. A budget plan's per-layer lattices are
+    recorded as the budget; the checkpoint's weights each carry their lattice, so they load as planned."""
+    config = lift_ao.liftquant(memory_budget=27000)  # tiny_llama's plan at 27000 bytes: 21/6 and 22/6
+    model = lift_ao.quantize(tiny_llama(), config, progress=False)
+    planned = {name: m.weight.lattice.name for name, m in llama_linears(model).items()}
+    assert len(set(planned.values())) > 1
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert saved["memory_budget"] == 27000 and saved["lattice"] is None and saved["bits"] is None
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    for name, module in llama_linears(reloaded).items():
+        assert_same_weight(module.weight, llama_linears(model)[name].weight)
+    assert torch.equal(reloaded.lm_head.weight, model.lm_head.weight)
+    assert torch.equal(logits(reloaded), logits(model))
+
+
+def test_hf_save_pretrained_after_lift_ao_calibrate_needs_no_other_call(tmp_path):
+    """lift_ao.calibrate attaches the hf_quantizer as lift_ao.quantize does (was: save_pretrained failed in
+    safetensors); its per-group signs load back bit for bit."""
+    from tiny_models import token_batch
+
+    model = tiny_llama()
+    tokens = token_batch(0, batch=4, length=16, vocab=model.config.vocab_size)
+    model = lift_ao.calibrate(model, lift_ao.liftquant(lattice="24/10"), tokens, progress=False)
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["quantization_config"]["lattice"] == "24/10"
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    for name, module in llama_linears(reloaded).items():
+        assert_same_weight(module.weight, llama_linears(model)[name].weight)
+    assert torch.equal(logits(reloaded), logits(model))
+
+
+def test_hf_save_pretrained_after_lift_ao_quantize_refuses_what_from_pretrained_could_not_load(tmp_path):
+    """GPT-2's Conv1D layers (lift_ao.quantize makes them nn.Linear; from_pretrained rebuilds Conv1D) and a
+    quantized head that config.json ties: save_pretrained names lift_ao.save_quantized before writing
+    anything, instead of failing in safetensors or writing a checkpoint that loads wrong."""
+    from tiny_models import tiny_gpt2
+    from tiny_models import tiny_llama as tied_llama
+
+    gpt2 = lift_ao.quantize(tiny_gpt2(), lift_ao.liftquant(bits=2.4), progress=False)
+    with pytest.raises(ValueError, match=r"Conv1D layers .*lift_ao.save_quantized"):
+        gpt2.save_pretrained(tmp_path / "gpt2")
+    tied = lift_ao.quantize(tied_llama(tie=True), lift_ao.liftquant(bits=2.4, include_lm_head=True), progress=False)
+    assert isinstance(tied.lm_head.weight, lift_ao.LiftQuantTensor)
+    with pytest.raises(ValueError, match=r"ties it to the input embedding.*lift_ao.save_quantized"):
+        tied.save_pretrained(tmp_path / "tied")
+    assert not (tmp_path / "gpt2" / "config.json").exists() and not (tmp_path / "tied" / "config.json").exists()
+
+
 def test_hf_bad_input_names_the_fix(fp_dir):
     with pytest.raises(ValueError, match="exactly one of bits"):
         LiftQuantHfConfig()

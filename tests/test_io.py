@@ -1,5 +1,6 @@
 """save_quantized / load_quantized: bit-exact round trip and refusal of bad checkpoints."""
 
+import copy
 import json
 import os
 
@@ -147,6 +148,39 @@ def test_scalar_buffers_load_and_the_file_follows_the_umask(tmp_path):
         os.umask(umask)
     assert (tmp_path / CHECKPOINT_NAME).stat().st_mode & 0o777 == 0o644  # not mkstemp's 0600
     assert torch.equal(load_quantized(tmp_path, model(0.0)).temperature, torch.tensor(0.7))
+
+
+class CachedRotary(torch.nn.Module):
+    """torchtune's RotaryPositionalEmbeddings' way: a cos table computed at construction and kept as a
+    non-persistent buffer (in no checkpoint), here one table that two blocks hold."""
+
+    def __init__(self, seed: int):
+        super().__init__()
+        torch.manual_seed(seed)
+        cache = torch.cos(torch.outer(torch.arange(12.0), torch.arange(64.0) / 64))  # (positions, dim)
+        self.blocks = torch.nn.ModuleList([torch.nn.Linear(64, 64) for _ in range(2)])
+        for block in self.blocks:
+            block.register_buffer("cache", cache, persistent=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device")
+def test_load_to_a_device_moves_the_buffers_no_checkpoint_holds(saved, tmp_path):
+    """load_quantized(device=...) moved the checkpoint's tensors but not the buffers the model computes (HF's
+    rotary inv_freq, torchtune's RoPE cache): a forward on the device mixed devices."""
+    model, directory = saved
+    rotary = lift_ao.quantize(CachedRotary(seed=0), liftquant(bits=2.4), progress=False)
+    save_quantized(rotary, tmp_path)
+    pairs = [(model, load_quantized(directory, device="cuda")),  # built from config.json on the CPU
+             (rotary, load_quantized(tmp_path, CachedRotary(seed=1), device="cuda"))]
+    for source, loaded in pairs:
+        assert {t.device.type for t in [*loaded.parameters(), *loaded.buffers()]} == {"cuda"}
+        assert_bit_identical(copy.deepcopy(source).cuda(), loaded)
+        for name, buffer in source.named_buffers():  # those no checkpoint holds too
+            assert torch.equal(loaded.get_buffer(name).cpu(), buffer), name
+    hf, rotary = pairs[0][1], pairs[1][1]
+    attention = hf.model.layers[0].self_attn
+    assert attention.q_proj.weight.rotation_left is attention.k_proj.weight.rotation_left  # still shared
+    assert rotary.blocks[0].cache is rotary.blocks[1].cache  # moved once: still one table
 
 
 @pytest.mark.parametrize("into", ["saved config", "a GPT-2 model"])

@@ -111,8 +111,7 @@ class LiftQuantHfConfig(QuantizationConfigMixin):
             raise ValueError(
                 "a memory_budget is planned over the whole model and cannot be applied while transformers "
                 "loads it tensor by tensor: load the model unquantized, run "
-                "lift_ao.quantize(model, lift_ao.liftquant(memory_budget=...)), then "
-                "lift_ao.integrations.hf.enable_save_pretrained(model, config) and model.save_pretrained(dir)"
+                "lift_ao.quantize(model, lift_ao.liftquant(memory_budget=...)), then model.save_pretrained(dir)"
             )
         return liftquant(
             self.bits, lattice=self.lattice, round=self.round, seed=self.seed, include_lm_head=self.include_lm_head,
@@ -249,6 +248,9 @@ class LiftQuantHfQuantizer(HfQuantizer):
 
     def get_state_dict_and_metadata(self, model: "PreTrainedModel"):
         """The state dict ``save_pretrained`` writes: each LiftQuant ``<m>.weight`` as ``<m>.weight_<tensor>``."""
+        # Checked here, before save_pretrained writes anything: lift_ao.quantize attaches this quantizer to
+        # any transformers model, GPT-2's too, which only lift_ao.save_quantized can write.
+        _check_loadable(model)
         state_dict = {}
         for key, value in model.state_dict().items():
             if isinstance(value, LiftQuantTensor):
@@ -281,17 +283,21 @@ def _ties_embeddings(model: "PreTrainedModel") -> bool:
 
 
 def enable_save_pretrained(model: "PreTrainedModel", config: LiftQuantConfig) -> "PreTrainedModel":
-    """Let ``model.save_pretrained`` write a model quantized with :func:`lift_ao.quantize`.
+    """Let ``model.save_pretrained`` write a model quantized with torchao's ``quantize_``.
 
     transformers only serializes quantized weights through the model's ``hf_quantizer``, which
-    ``from_pretrained(quantization_config=...)`` attaches; this attaches one to a model quantized
-    after loading and records ``config`` as ``quantization_config`` in ``config.json``.
+    ``from_pretrained(quantization_config=...)`` and :func:`lift_ao.quantize` attach; torchao's ``quantize_``
+    shows lift_ao one module at a time, never the model, so after it this call attaches one and records
+    ``config`` as ``quantization_config`` in ``config.json``.
 
     Args:
-        model: a transformers ``PreTrainedModel`` whose linear weights :func:`lift_ao.quantize` coded.
+        model: a transformers ``PreTrainedModel`` whose linear weights are LiftQuant-coded.
         config: the :func:`lift_ao.liftquant` config it was quantized with.
     Returns:
         ``model`` (modified in place).
+    Raises:
+        ValueError: no LiftQuant weight, or weights that ``from_pretrained`` could not load (then save
+            with ``lift_ao.save_quantized``).
     """
     from transformers import PreTrainedModel
 
@@ -302,7 +308,26 @@ def enable_save_pretrained(model: "PreTrainedModel", config: LiftQuantConfig) ->
         )
     if not any(isinstance(p, LiftQuantTensor) for p in model.parameters()):
         raise ValueError("the model has no LiftQuant weight: run lift_ao.quantize(model, config) first")
-    # Refused now, while the model is in memory, rather than as a checkpoint from_pretrained cannot load:
+    _check_loadable(model)  # refused now, while the model is in memory, rather than at save_pretrained
+    return _attach_quantizer(model, LiftQuantHfConfig.from_liftquant(config))
+
+
+def attach_after_quantize(model: torch.nn.Module, config: LiftQuantConfig) -> None:
+    """After :func:`lift_ao.quantize`: a transformers model gets the ``hf_quantizer`` through which
+    ``save_pretrained`` writes LiftQuant weights, recording ``config`` (the budget, for a planned model: the
+    checkpoint's weights each carry their own lattice, so ``from_pretrained`` loads any mix). Where
+    ``from_pretrained`` could not load the result (GPT-2's Conv1D, a quantized tied head), ``save_pretrained``
+    then refuses, naming ``lift_ao.save_quantized``. Other models, and a model that another quantization
+    method's ``hf_quantizer`` saves, are left alone."""
+    from transformers import PreTrainedModel
+
+    current = getattr(model, "hf_quantizer", None)
+    if isinstance(model, PreTrainedModel) and (current is None or isinstance(current, LiftQuantHfQuantizer)):
+        _attach_quantizer(model, LiftQuantHfConfig.from_liftquant(config))
+
+
+def _check_loadable(model: "PreTrainedModel") -> None:
+    """Raise unless ``from_pretrained`` can load what ``save_pretrained`` would write of ``model``."""
     head = model.get_output_embeddings()
     if _ties_embeddings(model) and head is not None and isinstance(head.weight, LiftQuantTensor):
         raise ValueError("the output projection is quantized but config.json ties it to the input embedding "
@@ -321,7 +346,6 @@ def enable_save_pretrained(model: "PreTrainedModel", config: LiftQuantConfig) ->
         raise ValueError(f"{conv1d[:3]} are transformers Conv1D layers (GPT-2 style), which from_pretrained cannot "
                          "load as LiftQuant: save with lift_ao.save_quantized(model, dir), load with "
                          "lift_ao.load_quantized(dir)")
-    return _attach_quantizer(model, LiftQuantHfConfig.from_liftquant(config))
 
 
 def _attach_quantizer(model: "PreTrainedModel", hf_config: LiftQuantHfConfig) -> "PreTrainedModel":
