@@ -48,7 +48,6 @@ sensitivities from the same tokens), then every layer is calibrated at its plann
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from typing import Optional
 
@@ -60,7 +59,8 @@ from lift_ao.budget import TUNED_PARTS
 from lift_ao.config import LiftQuantConfig
 from lift_ao.evaluate import evaluating
 from lift_ao.integrations.hf import attach_after_quantize
-from lift_ao.io import CheckpointError, _sha256, load_shard, open_partial, remove_shard, save_shard
+from lift_ao.io import (CheckpointError, _sha256, load_shard, open_partial, remove_shard, save_shard,
+                        settings_sha256)
 from lift_ao.lattice import Lattice
 from lift_ao.packing import pack_codes, unpack_codes
 from lift_ao.rounding import DEFAULT_REFINE_PASSES, _check_count, hessian_encode_rows
@@ -685,7 +685,7 @@ def _block_sources(model: torch.nn.Module, blocks: list, prefixes: tuple, config
     and blocks before it) and, fine-tuned, on the full-precision targets of those: the state outside the
     blocks and of blocks 0..i; guided, on the whole model (the output sensitivity runs through all of it).
     ``"source_sha256"``: its coded linears' weights alone, which shards written before the other existed
-    record (they are checked by it and stay resumable). ``"settings_sha256"``: :func:`_settings_sha256`, the
+    record (they are checked by it and stay resumable). ``"settings_sha256"``: :func:`lift_ao.io.settings_sha256`, the
     same for every block (shards written before it existed are not checked by it)."""
     tensors = {key: _sha256(t) for key, t in model.state_dict().items()}  # each tensor hashed once
     digest = hashlib.sha256()
@@ -706,31 +706,8 @@ def _block_sources(model: torch.nn.Module, blocks: list, prefixes: tuple, config
         for name, _ in quantizable_linears(block, config):
             own.update(f"{name}:{tensors[prefix + name + '.weight']};".encode())
         linears.append(own.hexdigest())
-    settings = _settings_sha256(model)
+    settings = settings_sha256(model)
     return [{"inputs_sha256": i, "source_sha256": s, "settings_sha256": settings} for i, s in zip(inputs, linears)]
-
-
-# Keys of a transformers config that name the checkpoint or steer a call, not what the forward computes.
-_RUN_CONFIG_KEYS = frozenset({"_name_or_path", "transformers_version", "architectures", "dtype", "torch_dtype",
-                              "use_cache", "output_attentions", "output_hidden_states", "return_dict",
-                              "quantization_config", "id2label", "label2id", "problem_type", "initializer_range"})
-
-
-def _settings_sha256(model: torch.nn.Module) -> str:
-    """SHA-256 of what the forward computes with besides the state dict: the buffers left out of it (a RoPE
-    table made from ``rope_theta``) and, for a transformers model, its config's values (norm eps, activation,
-    RoPE scaling) but :data:`_RUN_CONFIG_KEYS`. Every block's codes depend on them, and the state dict of
-    a model with another ``rope_theta`` is the same."""
-    in_state = set(model.state_dict())
-    digest = hashlib.sha256()
-    for name, buffer in model.named_buffers():
-        if name not in in_state:
-            digest.update(f"{name}:{_sha256(buffer)};".encode())
-    model_config = getattr(model, "config", None)
-    if hasattr(model_config, "to_dict"):
-        values = {k: v for k, v in model_config.to_dict().items() if k not in _RUN_CONFIG_KEYS}
-        digest.update(json.dumps(values, sort_keys=True, default=str).encode())
-    return digest.hexdigest()
 
 
 # The guided run's output sensitivity, kept in checkpoint_dir until every block is coded: a resume loads

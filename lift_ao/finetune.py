@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 from lift_ao.calibration import (_code_blocks, _code_signs, _decoder_blocks, _scaled_signs, _scaled_unit,
                                  _tuned_rotation, _tuned_weight, _unit_weight, adam_steps, sibling_groups)
 from lift_ao.evaluate import evaluating
-from lift_ao.io import CheckpointError, _sha256, load_shard, remove_shard, save_shard, state_sha256
+from lift_ao.io import CheckpointError, _sha256, load_shard, remove_shard, save_shard, settings_sha256, state_sha256
 from lift_ao.tensor import LiftQuantTensor, share_constants
 from lift_ao.transform import unrotate
 
@@ -77,9 +77,14 @@ PROGRESS_SHARD = "end_to_end"
 PROGRESS_SECONDS = 60.0
 
 
+# Identity entries recorded since progress was first saved: progress without one is not checked by it.
+_LATER_HASHES = ("teacher_sha256", "settings_sha256")
+
+
 def _run_identity(quantized: dict, unquantized: dict, tokens: torch.Tensor, **settings) -> dict:
     """What a run's progress may only be resumed under: its settings (``teacher_sha256``, the teacher's
-    :func:`lift_ao.io.state_sha256`, among them), a SHA-256 of its tokens and one of the starting weights
+    :func:`lift_ao.io.state_sha256`, and ``settings_sha256``, the model's
+    :func:`lift_ao.io.settings_sha256`, among them), a SHA-256 of its tokens and one of the starting weights
     (names, shapes, row scales and input transforms: a different calibration changes them; the codes,
     possibly gigabytes, are not hashed; the ``unquantized`` parameters that are tuned too, whose steps
     would not fit other starting values)."""
@@ -114,8 +119,8 @@ def _load_progress(directory, identity: dict, factors: list, overwrite: bool):
     if found is None:
         return None
     info, tensors = found
-    if "teacher_sha256" not in info["identity"]:  # written before the teacher was hashed: not checked
-        identity = {k: v for k, v in identity.items() if k != "teacher_sha256"}
+    # Progress written before a hash was recorded is not checked by it.
+    identity = {k: v for k, v in identity.items() if k in info["identity"] or k not in _LATER_HASHES}
     if info["identity"] != identity or "checks" not in info:  # no "checks": written before the learning curve
         if overwrite:
             remove_shard(directory, PROGRESS_SHARD)
@@ -403,6 +408,7 @@ def finetune_end_to_end(
     if checkpoint_dir is not None and steps:
         Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
         identity = _run_identity(quantized, unquantized, tokens, teacher_sha256=state_sha256(teacher),
+                                 settings_sha256=settings_sha256(model),
                                  steps=steps, lr=lr, batch_size=batch_size, held_out=held_out,
                                  check_every=check_every, **({"tune_mapping": True} if tune_mapping else {}),
                                  **({"tune_rotation": True} if tune_rotation else {}),

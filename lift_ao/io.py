@@ -69,6 +69,29 @@ def state_sha256(model: torch.nn.Module) -> str:
     return hashlib.sha256(b"".join(f"{name}:{_sha256(t)};".encode() for name, t in model.state_dict().items())).hexdigest()
 
 
+# Keys of a transformers config that name the checkpoint or steer a call, not what the forward computes.
+_RUN_CONFIG_KEYS = frozenset({"_name_or_path", "transformers_version", "architectures", "dtype", "torch_dtype",
+                              "use_cache", "output_attentions", "output_hidden_states", "return_dict",
+                              "quantization_config", "id2label", "label2id", "problem_type", "initializer_range"})
+
+
+def settings_sha256(model: torch.nn.Module) -> str:
+    """SHA-256 of what the forward computes with besides the state dict: the buffers left out of it (a RoPE
+    table made from ``rope_theta``) and, for a transformers model, its config's values (norm eps, activation,
+    RoPE scaling) but :data:`_RUN_CONFIG_KEYS`. What the model computes depends on them as on
+    :func:`state_sha256`'s values, and the state dict of a model with another ``rope_theta`` is the same."""
+    in_state = set(model.state_dict())
+    digest = hashlib.sha256()
+    for name, buffer in model.named_buffers():
+        if name not in in_state:
+            digest.update(f"{name}:{_sha256(buffer)};".encode())
+    model_config = getattr(model, "config", None)
+    if hasattr(model_config, "to_dict"):
+        values = {k: v for k, v in model_config.to_dict().items() if k not in _RUN_CONFIG_KEYS}
+        digest.update(json.dumps(values, sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
 def _library_version() -> str:
     from lift_ao import __version__
 
@@ -99,6 +122,16 @@ def _tensor_identity(value) -> tuple:
         return ("object", id(value))
     return ("storage", value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape),
             value.stride(), value.dtype, value.device)
+
+
+def stored_weight(where: str, parts: list, shape: torch.Size, dtype: torch.dtype) -> LiftQuantTensor:
+    """The LiftQuantTensor of a checkpoint's ``parts`` (in ``LiftQuantTensor.tensor_data_names`` order), whose
+    construction refuses factors that cannot be a rotation: a CheckpointError naming ``where`` (file and key),
+    since only a tampered or foreign file holds them (the SHA-256s cover bytes, not the header's shapes)."""
+    try:
+        return LiftQuantTensor(*parts, shape, dtype)
+    except ValueError as e:
+        raise CheckpointError(f"{where}: {e}") from None
 
 
 def _check_parts(path: Path, key: str, weight: LiftQuantTensor) -> None:
@@ -315,7 +348,7 @@ def load_quantized(directory, model: Optional[torch.nn.Module] = None, *, device
         if header["format_version"] == 2:  # rows one after another: regrouped exactly (lift_ao.packing)
             tensors[f"{key}.packed_codes"] = interleave_rows(tensors[f"{key}.packed_codes"])
         parts = [tensors.pop(f"{key}.{name}").to(device) for name in LiftQuantTensor.tensor_data_names]
-        weight = LiftQuantTensor(*parts, torch.Size(info["shape"]), getattr(torch, info["dtype"]))
+        weight = stored_weight(f"{path}: {key}", parts, torch.Size(info["shape"]), getattr(torch, info["dtype"]))
         _check_parts(path, key, weight)
         stored = weight.lattice
         if stored.fingerprint != info["lattice_fingerprint"] or stored.name != info["lattice"]:

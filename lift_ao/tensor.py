@@ -35,9 +35,9 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch._subclasses.fake_tensor import is_fake
 from torch.utils._python_dispatch import return_and_correct_aliasing
 from torch.utils.weak import WeakIdKeyDictionary
+from torch._subclasses.fake_tensor import is_fake
 from torchao.utils import TorchAOBaseTensor, fill_defaults
 
 from lift_ao.encode import encode_weight
@@ -93,8 +93,11 @@ class LiftQuantTensor(TorchAOBaseTensor):
     tensor_attribute_names = ["shape", "dtype"]
 
     def __new__(cls, packed_codes, row_scale, mapping, input_signs, rotation_left, rotation_right, shape, dtype):
-        # Every weight is built here (from_codes, load_quantized, the HF loader, calibration, slices, moves).
-        check_rotation(input_signs, rotation_left, rotation_right)
+        # Every weight is built here (from_codes, load_quantized, the HF loader, calibration, slices, moves), but
+        # checked in eager mode only: rebuilt by torch.compile(dynamic=True) from symbolic sizes, the comparison
+        # would tie the signs' size to the factors' product, a compound symbol Dynamo cannot bind to its input.
+        if not is_fake(rotation_left):
+            check_rotation(input_signs, rotation_left, rotation_right)
         return torch.Tensor._make_wrapper_subclass(
             cls, shape, dtype=dtype, device=packed_codes.device, requires_grad=False
         )

@@ -508,7 +508,8 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_result(runs, uninterrup
 
 def test_a_finished_run_is_not_redone_and_another_run_is_refused(runs, uninterrupted, monkeypatch, tmp_path):
     """Another teacher too (its progress was accepted: a learning curve against two teachers, and the factors
-    kept from the first); progress written before the teacher was hashed stays resumable."""
+    kept from the first) and a model of other settings (rope_theta) too; progress written before the teacher and
+    the settings were hashed stays resumable."""
     import lift_ao.finetune as finetune
     from lift_ao.io import save_shard
 
@@ -532,9 +533,13 @@ def test_a_finished_run_is_not_redone_and_another_run_is_refused(runs, uninterru
         other_teacher.lm_head.weight.mul_(2.0)
     with pytest.raises(CheckpointError, match="teacher_sha256"):
         lift_ao.finetune_end_to_end(copy.deepcopy(calibrated), other_teacher, tokens, checkpoint_dir=directory, **RESUME)
+    other_settings = copy.deepcopy(calibrated)  # the same weights, another RoPE table (a buffer no state dict holds)
+    other_settings.model.rotary_emb.inv_freq.mul_(0.5)
+    with pytest.raises(CheckpointError, match="settings_sha256"):
+        lift_ao.finetune_end_to_end(other_settings, model, tokens, checkpoint_dir=directory, **RESUME)
     info, tensors = load_shard(directory, finetune.PROGRESS_SHARD)
-    del info["identity"]["teacher_sha256"]
-    save_shard(tmp_path, finetune.PROGRESS_SHARD, tensors, info)  # as written before the teacher was hashed
+    del info["identity"]["teacher_sha256"], info["identity"]["settings_sha256"]
+    save_shard(tmp_path, finetune.PROGRESS_SHARD, tensors, info)  # as written before the hashes were recorded
     assert lift_ao.finetune_end_to_end(copy.deepcopy(calibrated), model, tokens, checkpoint_dir=tmp_path, **RESUME) == losses
 
 

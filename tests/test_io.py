@@ -382,6 +382,19 @@ def test_a_malformed_header_is_refused(saved, tmp_path, header):
         load_quantized(tmp_path, tiny_llama(tie=True))
 
 
+def test_rotation_factors_reshaped_in_the_file_are_refused_as_a_corrupt_checkpoint(saved, tmp_path):
+    """Reshaped, a factor keeps its bytes and so its SHA-256: the weight's constructor refuses it (not square),
+    as a CheckpointError naming the file and the weight (was: a bare ValueError naming neither)."""
+    def edit(tensors):
+        key = next(k for k in tensors if k.endswith(".rotation_left"))
+        return {**tensors, key: tensors[key].reshape(1, -1)}
+
+    _rewrite(saved[1], tmp_path, edit_tensors=edit)
+    with pytest.raises(CheckpointError, match=r"lift_ao\.safetensors: model\.layers\.\d+\.\S+\.weight: rotation_left "
+                                              r"must be a square"):
+        load_quantized(tmp_path, tiny_llama(tie=True))
+
+
 def test_distinct_empty_tensors_are_not_taken_for_tied_ones(tmp_path):
     """Every empty tensor has storage address 0."""
     class Empty(torch.nn.Module):

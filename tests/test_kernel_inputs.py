@@ -92,3 +92,13 @@ def test_zero_tokens_give_an_empty_output_of_the_activations_dtype(shape, dtype)
     for out, features in [(lift(x, w), w.code_length), (lifted_linear(x, w), 8), (F.linear(x, w), 8),
                           (F.linear(x, w, torch.ones(8)), 8)]:
         assert out.shape == (*lead, features) and out.dtype == dtype
+
+
+def test_a_weight_passed_to_a_dynamic_compile_is_rebuilt_from_symbolic_sizes():
+    """torch.compile(dynamic=True) rebuilds a weight input from symbolic sizes: the constructor's factor check
+    runs in eager mode only (comparing symbolic sizes bound the signs' size to the factors' product, which
+    Dynamo then failed to bind for the second weight shape)."""
+    linear = torch.compile(lambda x, w: F.linear(x, w), fullgraph=True, backend="aot_eager", dynamic=True)
+    for rows, features in ((64, 20), (64, 36), (32, 100)):
+        w, x = weight(rows, features), torch.randn(2, features, generator=torch.Generator().manual_seed(rows))
+        assert torch.allclose(linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)

@@ -33,7 +33,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from lift_ao.api import quantizable_linears
 from lift_ao.config import LiftQuantConfig, liftquant
-from lift_ao.io import CheckpointError
+from lift_ao.io import CheckpointError, stored_weight
 from lift_ao.lattice import Lattice
 from lift_ao.packing import interleave_rows, packed_shape, words_per_row
 from lift_ao.tensor import LiftQuantTensor, share_constants
@@ -170,7 +170,7 @@ class _Deserialize(ConversionOps):
                 f"{full_layer_name}: stored codes {tuple(packed_codes.shape)} / scales {tuple(row_scale.shape)} "
                 f"do not fit a weight of shape {tuple(expected.shape)}; load into the architecture that was saved"
             )
-        weight = LiftQuantTensor(*parts, expected.shape, expected.dtype)
+        weight = stored_weight(full_layer_name, parts, expected.shape, expected.dtype)
         return {full_layer_name: torch.nn.Parameter(weight, requires_grad=False)}
 
 
