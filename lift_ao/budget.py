@@ -54,7 +54,7 @@ from lift_ao.transform import padded_in_features
 
 __all__ = [
     "ALLOCATIONS", "BudgetError", "LayerPlan", "Plan", "PRESETS", "TUNED_PARTS", "code_bytes", "format_bytes", "kv_cache_bytes",
-    "layer_storage_bytes", "normalize_kv_cache", "parse_bytes", "plan",
+    "layer_storage_bytes", "normalize_kv_cache", "parse_bytes", "plan", "reserved_kv_bytes",
 ]
 
 # packed_codes are int32 words; row scales, M and the rotation are float32.
@@ -342,6 +342,21 @@ def kv_cache_bytes(config, context: int, batch: int = 1, dtype: torch.dtype = to
     kv_heads = int(kv_heads or heads)
     head_dim = int(getattr(config, "head_dim", None) or hidden // heads)
     return 2 * kv_heads * head_dim * _cached_tokens(config, layers, context) * batch * dtype.itemsize
+
+
+def reserved_kv_bytes(model: torch.nn.Module, kv_cache: Optional[dict]) -> int:
+    """Bytes that :func:`plan` keeps in a budget for ``model``'s KV cache: :func:`kv_cache_bytes` of its config
+    in ``kv_cache``'s dtype, else in the model's (its input embedding's, or its first floating-point
+    parameter's); 0 without ``kv_cache`` (``dict(context=..., batch=..., dtype=...)``, as for :func:`plan`)."""
+    kv_cache = normalize_kv_cache(kv_cache)
+    if kv_cache is None:
+        return 0
+    dtype = kv_cache["dtype"]
+    if dtype is None:
+        embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        dtype = (embeddings.weight.dtype if embeddings is not None
+                 else next(p.dtype for p in model.parameters() if p.is_floating_point()))
+    return kv_cache_bytes(getattr(model, "config", None), kv_cache["context"], kv_cache["batch"], dtype)
 
 
 def _storage_entries(t: torch.Tensor):
@@ -935,10 +950,7 @@ def plan(
 
     config = getattr(model, "config", None)
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    model_dtype = embeddings.weight.dtype if embeddings is not None else targets[0][1].weight.dtype
-    kv_bytes = 0
-    if kv_cache is not None:
-        kv_bytes = kv_cache_bytes(config, kv_cache["context"], kv_cache["batch"], kv_cache["dtype"] or model_dtype)
+    kv_bytes = reserved_kv_bytes(model, kv_cache)
     high_precision = _high_precision_bytes(model, {id(m) for _, m in targets})
     fixed = high_precision + kv_bytes + reserve
 
@@ -983,12 +995,13 @@ def plan(
             own, shared, distortion = tables(candidates)
         choice, total = _solve_sensitivity(own, shared, distortion, fixed, budget, [l.bits for l in candidates])
     if total > budget:
-        # Only the fixes that apply, each with its command-line form (lift-ao quantize has no KV cache or reserve).
+        # Only the fixes that apply, each with its command-line forms.
         fixes = [f"raise the budget to at least {total} bytes"]
         if kv_bytes:
-            fixes.append("shrink the KV cache's context or batch (lift-ao plan --context/--batch)")
+            fixes.append("shrink the KV cache's context or batch (lift-ao plan --context/--batch, lift-ao quantize "
+                         "--kv-context/--kv-batch)")
         if reserve:
-            fixes.append("shrink the reserve (lift-ao plan --reserve)")
+            fixes.append("shrink the reserve (lift-ao plan/quantize --reserve)")
         # Only an output projection the lm_head rule kept out, and not tied to the input embedding (quantized,
         # it would get codes of its own beside the embedding, which stays: more bytes, not fewer).
         with_head = LiftQuantConfig(lattice=None, seed=seed, include_lm_head=True, memory_budget=budget)

@@ -93,7 +93,7 @@ def _given(args, **defaults) -> list[str]:
 def _cmd_quantize(args) -> dict:
     import lift_ao
     from lift_ao.api import quantizable_linears, resolve_device
-    from lift_ao.budget import DEFAULT_RATE_WINDOW
+    from lift_ao.budget import DEFAULT_RATE_WINDOW, reserved_kv_bytes
     from lift_ao.evaluate import format_change, perplexity_ratio
     from lift_ao.finetune import tuned_parts
 
@@ -111,6 +111,11 @@ def _cmd_quantize(args) -> dict:
         raise ValueError(f"{', '.join(evaluation)} choose the evaluation that --skip-eval skips: drop one or the other")
     if args.rate_window != DEFAULT_RATE_WINDOW and args.memory_budget is None:
         raise ValueError("--rate-window bounds the lattices a --memory-budget plan mixes: add --memory-budget SIZE")
+    reservations = _given(args, reserve="0", kv_context=None, kv_batch=1)
+    if reservations and args.memory_budget is None:
+        raise ValueError(f"{', '.join(reservations)} keep room in a --memory-budget: add --memory-budget SIZE")
+    if args.kv_batch != 1 and args.kv_context is None:
+        raise ValueError("--kv-batch sizes the KV cache of --kv-context: add --kv-context TOKENS")
     if _given(args, calibration_tokens=_CALIBRATION_TOKENS) and not (args.calibrate or args.memory_budget is not None):
         raise ValueError("--calibration-tokens sizes the text of --calibrate, or of a --memory-budget plan's "
                          "activation statistics: add one of them")
@@ -150,15 +155,23 @@ def _cmd_quantize(args) -> dict:
     bits = 2.4 if args.bits is None else args.bits  # the default unless a lattice or a budget replaces it
     if args.lattice is not None or args.memory_budget is not None:
         bits = None
+    budget_options = {} if args.memory_budget is None else dict(
+        reserve=args.reserve, kv_cache=None if args.kv_context is None else dict(context=args.kv_context,
+                                                                                 batch=args.kv_batch))
     config = lift_ao.liftquant(bits=bits, lattice=args.lattice, memory_budget=args.memory_budget, seed=args.seed,
-                               include_lm_head=args.lm_head, beam_width=args.beam_width, rate_window=args.rate_window)
+                               include_lm_head=args.lm_head, beam_width=args.beam_width, rate_window=args.rate_window,
+                               **budget_options)
     t0 = time.perf_counter()
     model, tokenizer = _load_model(args.model, device)
     report = {"model": args.model, "device": device, "lattice": config.lattice, "bits_requested": bits,
               "memory_budget": args.memory_budget,
               "load_seconds": round(time.perf_counter() - t0, 2)}
+    room = None  # the bytes of the budget the model may take: less the reserve and KV cache it keeps free
     if args.memory_budget is not None:
         report["rate_window"] = config.rate_window
+        report["reserve_bytes"] = config.reserve
+        report["kv_cache_bytes"] = reserved_kv_bytes(model, config.kv_cache)
+        room = config.memory_budget - config.reserve - report["kv_cache_bytes"]
     targets = quantizable_linears(model, config)
     linear_weights = sum(m.weight.numel() for _, m in targets)
     report["bytes_before"] = lift_ao.footprint(model)
@@ -193,7 +206,8 @@ def _cmd_quantize(args) -> dict:
             score_tokens = builtin_calibration_tokens_after(tokenizer, max(calibration.numel(), args.e2e_tokens or 0),
                                                             SENSITIVITY_TOKENS)
             scores = lift_ao.calibrated_sensitivity(
-                model, args.memory_budget, calibration, score_tokens, alpha=alpha, seed=args.seed, device=device,
+                model, args.memory_budget, calibration, score_tokens, reserve=config.reserve, kv_cache=config.kv_cache,
+                alpha=alpha, seed=args.seed, device=device,
                 checkpoint_dir=None if partial is None else partial / "sensitivity", overwrite=args.overwrite)
             config = dataclasses.replace(config, scores=scores)
             report["sensitivity_tokens"] = score_tokens.numel()
@@ -241,12 +255,13 @@ def _cmd_quantize(args) -> dict:
                f"(linear layers {report['linear_bytes_before'] / 2**20:.1f} -> {report['linear_bytes_after'] / 2**20:.1f} MiB); "
                f"{report['bits_per_weight']:.4f} bits/weight with scales and transforms "
                f"({report['code_bits_per_weight']:.4f} in codes); encoded in {report['quantize_seconds']:.0f} s")
-    if config.memory_budget is not None and report["bytes_after"] > config.memory_budget:
+    if room is not None and report["bytes_after"] > room:
         # The plan counts what every stage stores, so this is a planning bug: said, never silent.
-        report["over_budget_bytes"] = over = report["bytes_after"] - config.memory_budget
+        report["over_budget_bytes"] = over = report["bytes_after"] - room
         print(f"lift-ao quantize: warning: the model takes {over} bytes more than --memory-budget "
-              f"({config.memory_budget}), which its plan did not foresee (please report it); run again with "
-              f"--memory-budget {config.memory_budget - over} to fit", file=sys.stderr, flush=True)
+              f"({config.memory_budget}) leaves it beside the reserve and KV cache, which its plan did not foresee "
+              f"(please report it); run again with --memory-budget {config.memory_budget - over} to fit",
+              file=sys.stderr, flush=True)
     if tokens is not None:
         after = _perplexity(args, model, tokens)
         report["perplexity_after"] = after.to_dict()
@@ -363,6 +378,12 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--memory-budget", default=None, metavar="SIZE", help="instead of --bits/--lattice: the size the "
                    "model must fit (bytes, or e.g. 150MB, 24GiB); a lattice per linear layer is planned to fit it "
                    "(lift_ao.plan), by sensitivity from the calibration tokens")
+    q.add_argument("--reserve", default="0", metavar="SIZE", help="with --memory-budget: bytes of it to keep free "
+                   "besides the model and its KV cache (activations, other processes); default 0")
+    q.add_argument("--kv-context", type=int, default=None, metavar="TOKENS", help="with --memory-budget: keep room "
+                   "in it for the KV cache of this many tokens per sequence (as transformers caches them)")
+    q.add_argument("--kv-batch", type=int, default=1, metavar="SEQUENCES", help="with --kv-context: sequences in "
+                   "the KV cache (default 1)")
     q.add_argument("--measure-sensitivity", action="store_true", help="with --calibrate and --memory-budget: plan "
                    "from sensitivities measured on a copy calibrated at the one lattice that fits the budget "
                    "(lift_ao.calibrated_sensitivity, on the 16384 calibration tokens after those the other stages "

@@ -145,6 +145,30 @@ def test_quantize_refuses_conflicting_budget_options(tmp_path, capsys):
     assert "--memory-budget" in capsys.readouterr().err
     assert run_cli(tmp_path / "e", "--rate-window", "1.0") == 2
     assert "add --memory-budget" in capsys.readouterr().err
+    for options in (["--reserve", "1MB"], ["--kv-context", "64"]):
+        assert run_cli(tmp_path / "f", *options) == 2
+        assert f"{options[0]} keep room in a --memory-budget: add --memory-budget" in capsys.readouterr().err
+    assert run_cli(tmp_path / "g", "--memory-budget", "1MB", "--kv-batch", "2", lattice=None) == 2
+    assert "add --kv-context" in capsys.readouterr().err
+
+
+def test_quantize_keeps_the_reserve_and_kv_cache_free_in_the_budget(tmp_path, capsys):
+    """--reserve and --kv-context/--kv-batch (as `lift-ao plan` has them): the model is planned into what the
+    budget leaves beside them, so a budget that much larger plans the same lattices as the bare budget."""
+    from test_resume import run_cli
+    from tiny_models import tiny_llama
+
+    from lift_ao.budget import kv_cache_bytes
+
+    kv = kv_cache_bytes(tiny_llama().config, 48, 3, torch.float32)  # the tiny Llama is float32
+    assert run_cli(tmp_path / "bare", "--json", "--memory-budget", str(_budget()), lattice=None) == 0
+    bare = json.loads(capsys.readouterr().out)
+    assert run_cli(tmp_path / "kept", "--json", "--memory-budget", str(_budget() + 1000 + kv), "--reserve", "1000",
+                   "--kv-context", "48", "--kv-batch", "3", lattice=None) == 0
+    kept = json.loads(capsys.readouterr().out)
+    assert kept["reserve_bytes"] == 1000 and kept["kv_cache_bytes"] == kv > 0
+    assert kept["lattices"] == bare["lattices"] and len(kept["lattices"]) > 1
+    assert kept["bytes_after"] == bare["bytes_after"] <= _budget() and "over_budget_bytes" not in kept
 
 
 def test_quantize_reports_the_change_in_perplexity_window_by_window(tmp_path, capsys):
