@@ -577,20 +577,26 @@ def test_gemm_autotuner_keeps_a_config_that_fits_hopper_shared_memory():
 
 def test_triton_wrappers_refuse_cpu_tensors_without_the_interpreter():
     """Without TRITON_INTERPRET, CPU tensors reached Triton's launcher: "0 active drivers" (no GPU) or
-    a pointer error. The wrappers of each module name the fix instead, before any work (zero tokens too)."""
+    a pointer error. Every public wrapper names the fix instead, before any work (zero tokens too);
+    lift_activation_triton through the rotate_triton it starts with."""
     script = """if True:
         import torch
         from lift_ao.kernels.triton_dequant import rebuild_rotated_weight
-        from lift_ao.kernels.triton_lift import lift_activation_triton
-        from lift_ao.kernels.triton_lut import lookup_siblings
-        from lift_ao.kernels.triton_matmul import lifted_matmul_triton
+        from lift_ao.kernels.triton_lift import lift_activation_triton, rotate_triton
+        from lift_ao.kernels.triton_lut import build_tables, lift_tables, lookup_matmul, lookup_siblings
+        from lift_ao.kernels.triton_matmul import lifted_matmul_triton, reduce_splits
         from lift_ao.packing import packed_shape
         from lift_ao.transform import make_rotation
         r, M, scale = make_rotation(20, 10), torch.randn(10, 24), torch.ones(8)
         codes = torch.zeros(packed_shape(8, 48), dtype=torch.int32)
         for call in [lambda: lifted_matmul_triton(torch.randn(0, 48), codes, scale, None),
+                     lambda: reduce_splits(torch.zeros(2, 3, 8), torch.zeros(3, 8)),
+                     lambda: rotate_triton(torch.randn(3, 20), r.signs, r.left, r.right),
                      lambda: lift_activation_triton(torch.randn(3, 20), r.signs, r.left, r.right, M),
                      lambda: rebuild_rotated_weight(codes, scale, M, 20, torch.float32),
+                     lambda: build_tables(torch.randn(3, 48), 2, 8),
+                     lambda: lift_tables(torch.randn(3, 20), M, 2, 8),
+                     lambda: lookup_matmul(torch.randn(3, 48), codes, scale, None),
                      lambda: lookup_siblings(torch.zeros(16, 16, 1), 1, [codes], [scale], [None], torch.float32)]:
             try:
                 call()
@@ -601,7 +607,9 @@ def test_triton_wrappers_refuse_cpu_tensors_without_the_interpreter():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
-    lines = done.stdout.strip().splitlines()[-4:]
-    for name, line in zip(["lifted_matmul_triton", "rotate_triton", "rebuild_rotated_weight", "lookup_siblings"], lines):
+    names = ["lifted_matmul_triton", "reduce_splits", "rotate_triton", "rotate_triton", "rebuild_rotated_weight",
+             "build_tables", "lift_tables", "lookup_matmul", "lookup_siblings"]
+    lines = done.stdout.strip().splitlines()[-len(names):]
+    for name, line in zip(names, lines, strict=True):
         assert line.startswith(f"ValueError {name}: the tensors are on cpu; the Triton kernels need a CUDA device"), line
         assert "torch.ops.lift_ao" in line and "TRITON_INTERPRET=1" in line, line
