@@ -160,20 +160,26 @@ def parse_bytes(value: Union[int, str], what: str = "memory_budget", *, allow_ze
 
 
 def normalize_kv_cache(kv_cache: Optional[dict]) -> Optional[dict]:
-    """Validated ``dict(context=int > 0, batch=int > 0 (default 1), dtype=torch.dtype | name | None)``.
+    """Validated ``dict(context=int > 0, batch=int > 0 (default 1), dtype=torch.dtype | name | None,
+    prefill=int > 0 | None)``.
 
-    ``dtype=None`` means the model's own dtype. Returns None for None.
+    ``dtype=None`` means the model's own dtype; ``prefill`` (the longest prompt, :func:`kv_cache_bytes`) None
+    means ``context``. Returns None for None.
     """
     if kv_cache is None:
         return None
     if not isinstance(kv_cache, dict):
         raise BudgetError(f"kv_cache must be a dict such as dict(context=8192, batch=1); got {kv_cache!r}")
-    unknown = set(kv_cache) - {"context", "batch", "dtype"}
+    unknown = set(kv_cache) - {"context", "batch", "dtype", "prefill"}
     if unknown:
-        raise BudgetError(f"kv_cache: unknown keys {sorted(unknown)}; use context=, batch= and optionally dtype=")
-    out = {"context": kv_cache.get("context"), "batch": kv_cache.get("batch", 1), "dtype": kv_cache.get("dtype")}
-    for key in ("context", "batch"):
+        raise BudgetError(f"kv_cache: unknown keys {sorted(unknown)}; use context=, batch= and optionally dtype=, "
+                          "prefill=")
+    out = {"context": kv_cache.get("context"), "batch": kv_cache.get("batch", 1), "dtype": kv_cache.get("dtype"),
+           "prefill": kv_cache.get("prefill")}
+    for key in ("context", "batch", "prefill"):
         v = out[key]
+        if key == "prefill" and v is None:
+            continue
         if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
             raise BudgetError(f"kv_cache[{key!r}] must be a positive int (tokens / sequences), got {v!r}")
         out[key] = int(v)
@@ -253,11 +259,14 @@ def _held_constants(model: torch.nn.Module, lattices: list, in_features: set, se
 
     by_name = {lattice.name: lattice for lattice in lattices}
     blocks = {lattice.d for lattice in lattices}
+    index = device.index
+    if device.type == "cuda" and index is None and torch.cuda.is_available():
+        index = torch.cuda.current_device()  # where layers planned for "cuda" are encoded
     held = set()
     for module in model.modules():
         weight = getattr(module, "weight", None)
-        # Only constants on the planned layers' device can be theirs (a plan for "cuda": any cuda:N).
-        if not isinstance(weight, LiftQuantTensor) or weight.device.type != device.type or device.index not in (
+        # Only constants on the planned layers' device can be theirs.
+        if not isinstance(weight, LiftQuantTensor) or weight.device.type != device.type or index not in (
                 None, weight.device.index):
             continue
         k, d = weight.shape[1], weight.block_size
@@ -282,36 +291,48 @@ def layer_storage_bytes(out_features: int, in_features: int, lattice: Lattice) -
 
 
 # transformers' layer types whose cache keeps a window of the last tokens (DynamicSlidingWindowLayer,
-# StaticSlidingWindowLayer), each with the config field that sizes the window.
-_WINDOWED_LAYERS = {"sliding_attention": "sliding_window", "chunked_attention": "attention_chunk_size"}
+# StaticSlidingWindowLayer); its get_layer_types_and_kwargs gives each layer's window as "sliding_window".
+_WINDOWED_LAYERS = ("sliding_attention", "chunked_attention")
 
 
-def _cached_tokens(config, layers: int, context: int) -> int:
-    """Tokens per sequence that transformers' cache holds, summed over the ``layers`` decoder layers: ``context``
-    in each, but ``min(window, context)`` in a sliding-window or chunked layer. Its layer types are
-    ``config.layer_types``, or else inferred as transformers' ``get_layer_types_and_kwargs`` does (every layer
-    sliding when ``sliding_window`` is set, else chunked when ``attention_chunk_size`` is)."""
-    types = getattr(config, "layer_types", None)
-    if types is None:
-        kind = next((t for t, size in _WINDOWED_LAYERS.items() if getattr(config, size, None) is not None), None)
-        types = [kind] * layers
-    windows = [getattr(config, _WINDOWED_LAYERS[t], None) if t in _WINDOWED_LAYERS else None for t in types]
-    return sum(context if window is None else min(int(window), context) for window in windows)
+def _cached_tokens(config, layers: int, context: int, prefill: int) -> int:
+    """Tokens per sequence that transformers' cache holds at its peak, summed over the ``layers`` decoder layers:
+    ``context`` in each, but ``min(context, max(window, prefill))`` in a sliding-window or chunked layer (after a
+    prefill of P > window tokens, DynamicCache holds all P until the layer's next step; StaticCache, the window).
+    Layer types and windows are transformers' own (``get_layer_types_and_kwargs``, per-layer configs included);
+    a config without ``per_layer_config`` (transformers 4.x, or not a transformers config) is counted at full
+    context in every layer, an upper bound."""
+    try:
+        from transformers.cache_utils import get_layer_types_and_kwargs
+    except ImportError:
+        return layers * context
+    if not hasattr(config, "per_layer_config"):
+        return layers * context
+    types, per_layer = get_layer_types_and_kwargs(config)
+    windows = [kwargs.get("sliding_window") if kind in _WINDOWED_LAYERS else None
+               for kind, kwargs in zip(types, per_layer)]
+    windows = (windows + [None] * layers)[:layers]  # transformers caches num_hidden_layers layers
+    return sum(context if window is None else min(context, max(int(window), prefill)) for window in windows)
 
 
-def kv_cache_bytes(config, context: int, batch: int = 1, dtype: torch.dtype = torch.bfloat16) -> int:
-    """KV cache bytes as transformers' cache holds them: layers × 2 (K and V) × kv_heads × head_dim × context ×
-    batch × dtype bytes (DeepSeek's MLA: layers × (kv_lora_rank + qk_rope_head_dim) × context × batch × dtype
-    bytes), with a sliding-window (or chunked) layer's context cut to its window (:func:`_cached_tokens`).
+def kv_cache_bytes(config, context: int, batch: int = 1, dtype: torch.dtype = torch.bfloat16,
+                   prefill: Optional[int] = None) -> int:
+    """KV cache bytes at their peak as transformers' cache holds them: layers × 2 (K and V) × kv_heads × head_dim ×
+    context × batch × dtype bytes (DeepSeek's MLA: layers × (kv_lora_rank + qk_rope_head_dim) × context × batch ×
+    dtype bytes), where a sliding-window (or chunked) layer holds at most max(window, prefill) tokens
+    (:func:`_cached_tokens`).
 
     A window of w tokens: StaticCache allocates w; DynamicCache keeps the last w − 1 as a view of the w that
-    its last step concatenated. Right after a prefill of P > w tokens, though, DynamicCache still holds all P
-    in each such layer until the layer's next step: for long prompts reserve the difference.
+    its last step concatenated, but right after a prefill of P > w tokens it holds all P in each such layer
+    until the layer's next step. So ``prefill`` (the longest prompt) defaults to ``context``: without a
+    shorter one, sliding layers count at full context.
 
     Args:
         config: a Hugging Face config (``num_hidden_layers``, ``num_attention_heads``, optional
-            ``num_key_value_heads`` and ``head_dim``; a multimodal one's text config is used).
-        context: tokens per sequence; batch: sequences; dtype: cache dtype.
+            ``num_key_value_heads`` and ``head_dim``; ``layer_types``, ``sliding_window``,
+            ``attention_chunk_size`` as transformers reads them; a multimodal one's text config is used).
+        context: tokens per sequence; batch: sequences; dtype: cache dtype; prefill: tokens of the longest
+            prompt (1 for a StaticCache, which never holds more than the window).
     """
     config = getattr(config, "get_text_config", lambda: config)()  # a multimodal config's text model (Gemma 3)
     try:
@@ -322,6 +343,7 @@ def kv_cache_bytes(config, context: int, batch: int = 1, dtype: torch.dtype = to
             "kv_cache= needs a model with a Hugging Face config (num_hidden_layers, num_attention_heads, "
             "hidden_size); for other models compute the cache size yourself and pass reserve=..."
         ) from None
+    tokens = _cached_tokens(config, layers, context, context if prefill is None else prefill)
     if getattr(config, "kv_lora_rank", None):  # DeepSeek's MLA
         try:
             rope, nope, value = (int(getattr(config, n)) for n in ("qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim"))
@@ -333,7 +355,7 @@ def kv_cache_bytes(config, context: int, batch: int = 1, dtype: torch.dtype = to
         # transformers 5 caches one latent (kv_lora_rank + rope) per token and layer; 4.x each head's K and V.
         per_token = (int(config.kv_lora_rank) + rope if int(transformers.__version__.split(".")[0]) >= 5
                      else heads * (nope + rope + value))
-        return per_token * _cached_tokens(config, layers, context) * batch * dtype.itemsize
+        return per_token * tokens * batch * dtype.itemsize
     kv_heads = getattr(config, "num_key_value_heads", None)
     if getattr(config, "new_decoder_architecture", False):  # Falcon-40B/180B: K and V cached for every query head
         kv_heads = heads
@@ -341,7 +363,7 @@ def kv_cache_bytes(config, context: int, batch: int = 1, dtype: torch.dtype = to
         kv_heads = 1
     kv_heads = int(kv_heads or heads)
     head_dim = int(getattr(config, "head_dim", None) or hidden // heads)
-    return 2 * kv_heads * head_dim * _cached_tokens(config, layers, context) * batch * dtype.itemsize
+    return 2 * kv_heads * head_dim * tokens * batch * dtype.itemsize
 
 
 def reserved_kv_bytes(model: torch.nn.Module, kv_cache: Optional[dict]) -> int:
@@ -355,8 +377,9 @@ def reserved_kv_bytes(model: torch.nn.Module, kv_cache: Optional[dict]) -> int:
     if dtype is None:
         embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
         dtype = (embeddings.weight.dtype if embeddings is not None
-                 else next(p.dtype for p in model.parameters() if p.is_floating_point()))
-    return kv_cache_bytes(getattr(model, "config", None), kv_cache["context"], kv_cache["batch"], dtype)
+                 else next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.bfloat16))
+    return kv_cache_bytes(getattr(model, "config", None), kv_cache["context"], kv_cache["batch"], dtype,
+                          kv_cache["prefill"])
 
 
 def _storage_entries(t: torch.Tensor):

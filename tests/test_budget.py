@@ -114,7 +114,7 @@ def test_reserve_may_be_zero_and_format():
 def test_liftquant_budget_config_validation():
     config = lift_ao.liftquant(memory_budget="24 GB", reserve="1GiB", kv_cache=dict(context=4096))
     assert (config.memory_budget, config.reserve, config.lattice) == (24 * 10**9, 2**30, None)
-    assert config.kv_cache == dict(context=4096, batch=1, dtype=None)
+    assert config.kv_cache == dict(context=4096, batch=1, dtype=None, prefill=None)
     with pytest.raises(ValueError, match="exactly one of"):
         lift_ao.liftquant(bits=2.4, memory_budget="24GiB")
     with pytest.raises(ValueError, match="only apply with memory_budget"):
@@ -138,23 +138,34 @@ def test_liftquant_budget_config_validation():
 # ----- byte model on real shapes (meta device) ------------------------------------------------
 
 
-def _hf_cache_bytes(config, context: int) -> tuple[int, int]:
-    """Bytes of the K/V tensors transformers' own caches hold for a tiny model after ``context`` tokens: its
-    DynamicCache once the last token is decoded (storages, each once: a sliding-window layer keeps its last
-    window - 1 tokens as a view of the window of that step), and what its StaticCache allocates."""
-    from transformers import AutoModelForCausalLM, StaticCache
+def _hf_cache_peak(config, context: int, prefill: int) -> int:
+    """Most bytes of K/V tensors transformers' DynamicCache holds for a tiny model over a prefill of ``prefill``
+    tokens and the decode steps up to ``context`` (storages, each once: a sliding-window layer keeps its last
+    window - 1 tokens as a view of the window of that step, but all of a longer prefill until its next step)."""
+    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).eval()
     tokens = torch.randint(0, config.vocab_size, (1, context))
+    peak, cache = 0, None
+    with torch.no_grad():
+        for start, end in [(0, prefill), *((t, t + 1) for t in range(prefill, context))]:
+            cache = model(tokens[:, start:end], cache=cache, use_cache=True).cache
+            storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                        for layer in cache.layers for t in (layer.keys, layer.values)}
+            peak = max(peak, sum(storages.values()))
+    return peak
+
+
+def _hf_static_cache_bytes(config, context: int) -> int:
+    """Bytes of the K/V tensors transformers' StaticCache allocates for ``context`` tokens (on first use)."""
+    from transformers import AutoModelForCausalLM, StaticCache
+
+    model = AutoModelForCausalLM.from_config(config).eval()
     static = StaticCache(config=config, max_cache_len=context)
     with torch.no_grad():
-        cache = model(tokens[:, :-1], use_cache=True).cache
-        cache = model(tokens[:, -1:], cache=cache, use_cache=True).cache
-        model(tokens, cache=static, use_cache=True)
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
-                for layer in cache.layers for t in (layer.keys, layer.values)}
-    return sum(storages.values()), sum(layer.keys.nbytes + layer.values.nbytes for layer in static.layers)
+        model(torch.zeros(1, context, dtype=torch.long), cache=static, use_cache=True)
+    return sum(layer.keys.nbytes + layer.values.nbytes for layer in static.layers)
 
 
 @pytest.mark.parametrize("model_type, options", [
@@ -164,7 +175,8 @@ def _hf_cache_bytes(config, context: int) -> tuple[int, int]:
     ("deepseek_v3", dict(num_key_value_heads=4, kv_lora_rank=32, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=16,
                          v_head_dim=16, first_k_dense_replace=4, moe_intermediate_size=32, n_routed_experts=4,
                          num_experts_per_tok=2)),  # MLA: one latent per token (was: 128 heads' K and V)
-    # Sliding-window layers hold their window of the 40 tokens (were: all 40, 5x over for Mistral's 8).
+    # Sliding-window layers hold their window of the 40 tokens after a short prompt (were: all 40, 5x over for
+    # Mistral's 8), all of a prompt longer than the window.
     ("mistral", dict(num_key_value_heads=2, sliding_window=8)),
     ("mistral", dict(num_key_value_heads=2, sliding_window=64)),  # a window longer than the context
     ("qwen2", dict(num_key_value_heads=2, use_sliding_window=True, sliding_window=8, max_window_layers=2)),  # 2 of 4
@@ -176,14 +188,33 @@ def _hf_cache_bytes(config, context: int) -> tuple[int, int]:
 def test_kv_cache_bytes_are_what_transformers_caches(model_type, options):
     """Falcon-40B's cache was counted with its 8 K/V heads where transformers stores all 128 query heads'
     (16x under its budget), DeepSeek-V3's with 128 heads where it stores one latent (28x over), sliding-window
-    layers at the full context."""
+    layers at the full context whatever the prompt. The peak of a DynamicCache over a whole-context prompt and
+    over a 4-token one, and a StaticCache (never more than the window), each as kv_cache_bytes says."""
     from transformers import AutoConfig
 
     config = AutoConfig.for_model(model_type, vocab_size=64, hidden_size=64, intermediate_size=96,
                                   num_hidden_layers=4, num_attention_heads=4, **options)
     config.torch_dtype = torch.float32
-    dynamic, static = _hf_cache_bytes(config, 40)
-    assert kv_cache_bytes(config, 40, dtype=torch.float32) == dynamic == static
+    assert kv_cache_bytes(config, 40, dtype=torch.float32) == _hf_cache_peak(config, 40, prefill=40)
+    short = kv_cache_bytes(config, 40, dtype=torch.float32, prefill=4)
+    assert short == _hf_cache_peak(config, 40, prefill=4) == kv_cache_bytes(config, 40, dtype=torch.float32, prefill=1)
+    assert short == _hf_static_cache_bytes(config, 40)
+
+
+def test_kv_cache_bytes_follow_transformers_per_layer_types():
+    """Layer types as transformers reads them: a heterogeneous config's per-layer windows (getattr of its
+    sliding_window raised), and no more layers than num_hidden_layers (a longer layer_types was summed whole)."""
+    from transformers import AutoConfig, Gemma2Config
+
+    heterogeneous = AutoConfig.for_model("neomme").get_text_config(decoder=True)
+    assert heterogeneous.is_heterogeneous
+    layers, context = heterogeneous.num_hidden_layers, 4 * 10**5  # longer than any of its windows
+    assert kv_cache_bytes(heterogeneous, context, prefill=1) < kv_cache_bytes(heterogeneous, context) == (
+        layers * context * 2 * heterogeneous.num_key_value_heads * heterogeneous.head_dim * 2)
+    cut = Gemma2Config(num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                       sliding_window=8)
+    cut.num_hidden_layers = 2  # layer_types still lists 4: sliding, full, sliding, full
+    assert kv_cache_bytes(cut, 40, dtype=torch.float32, prefill=1) == (8 + 40) * 2 * 2 * 16 * 4
 
 
 def test_kv_cache_of_a_multimodal_config_is_its_text_model_s():
@@ -207,6 +238,22 @@ def test_a_layer_quantized_by_torchao_is_left_alone_and_counted_as_it_is():
     assert "model.layers.0.mlp.down_proj" not in {layer.name for layer in p.layers} and len(p.layers) == 13
     lift_ao.quantize(model, lift_ao.liftquant(memory_budget=budget, allocation="uniform"), progress=False)
     assert model.model.layers[0].mlp.down_proj.weight is int8
+    assert lift_ao.footprint(model) == p.model_bytes
+
+
+@needs_lattices
+def test_a_plan_mixing_block_lengths_on_one_input_size_is_the_footprint_once_save_pretrained_can_write_it():
+    """Rotations for d = 8 and d = 16 at one K are equal in value, yet two storages, as the plan counts them:
+    attaching the hf_quantizer (what lift_ao.quantize does last) merged them, footprint < plan.model_bytes."""
+    from lift_ao.integrations.hf import attach_after_quantize
+
+    lattices = [Lattice.load("16/8"), Lattice.load("40/16")]
+    uniform = [plan(tiny_llama(), 10**12, allocation="uniform", lattices=[l]).model_bytes for l in lattices]
+    model, budget = tiny_llama(), sum(uniform) // 2
+    p = plan(model, budget, lattices=lattices, rate_window=None)
+    assert {Lattice.load(name).d for name in p.lattices().values()} == {8, 16}
+    quantize_(model, p.to_fqn_config(), filter_fn=None)
+    attach_after_quantize(model, lift_ao.liftquant(memory_budget=budget))
     assert lift_ao.footprint(model) == p.model_bytes
 
 
@@ -525,7 +572,7 @@ def test_plan_report_and_json(llama8b):
     assert "model.layers.31.mlp.down_proj" in text and "headroom" in text and "14336x4096" in text
     data = json.loads(json.dumps(p.to_dict()))
     assert data["total_bytes"] == p.total_bytes <= data["budget_bytes"] == 4 * GiB
-    assert data["kv_cache"] == {"context": 4096, "batch": 1, "dtype": None}
+    assert data["kv_cache"] == {"context": 4096, "batch": 1, "dtype": None, "prefill": None}
     assert data["kv_cache_bytes"] == 32 * 2 * 8 * 128 * 4096 * 2
     assert sum(v["weights"] for v in data["lattices"].values()) == data["quantized_weights"]
     assert math.isclose(data["code_bits"], sum(l["bits"] * l["shape"][0] * l["shape"][1] for l in data["layers"])
