@@ -69,26 +69,31 @@ def state_sha256(model: torch.nn.Module) -> str:
     return hashlib.sha256(b"".join(f"{name}:{_sha256(t)};".encode() for name, t in model.state_dict().items())).hexdigest()
 
 
-# Keys of a transformers config that name the checkpoint or steer a call, not what the forward computes.
+# Keys of a transformers config that name the checkpoint, its tokens or steer a call, not what the forward computes.
 _RUN_CONFIG_KEYS = frozenset({"_name_or_path", "transformers_version", "architectures", "dtype", "torch_dtype",
-                              "use_cache", "output_attentions", "output_hidden_states", "return_dict",
-                              "quantization_config", "id2label", "label2id", "problem_type", "initializer_range"})
+                              "use_cache", "output_attentions", "output_hidden_states", "output_router_logits",
+                              "return_dict", "quantization_config", "id2label", "label2id", "problem_type",
+                              "initializer_range", "bos_token_id", "eos_token_id", "pad_token_id", "sep_token_id",
+                              "decoder_start_token_id", "tokenizer_class", "task_specific_params"})
 
 
 def settings_sha256(model: torch.nn.Module) -> str:
-    """SHA-256 of what the forward computes with besides the state dict: the buffers left out of it (a RoPE
-    table made from ``rope_theta``) and, for a transformers model, its config's values (norm eps, activation,
-    RoPE scaling) but :data:`_RUN_CONFIG_KEYS`. What the model computes depends on them as on
-    :func:`state_sha256`'s values, and the state dict of a model with another ``rope_theta`` is the same."""
-    in_state = set(model.state_dict())
+    """SHA-256 of what the forward computes with besides the state dict: a transformers model's config values
+    (norm eps, activation, ``rope_theta`` and RoPE scaling) but :data:`_RUN_CONFIG_KEYS`; another model's
+    buffers left out of the state dict (a torchtune RoPE table). What the model computes depends on them as on
+    :func:`state_sha256`'s values, and the state dict of a model with another ``rope_theta`` is the same. A
+    transformers model's buffers follow from its config, and some change with the last forward's length
+    (LongRoPE's and dynamic RoPE's ``inv_freq``): they are not hashed."""
     digest = hashlib.sha256()
-    for name, buffer in model.named_buffers():
-        if name not in in_state:
-            digest.update(f"{name}:{_sha256(buffer)};".encode())
     model_config = getattr(model, "config", None)
     if hasattr(model_config, "to_dict"):
         values = {k: v for k, v in model_config.to_dict().items() if k not in _RUN_CONFIG_KEYS}
         digest.update(json.dumps(values, sort_keys=True, default=str).encode())
+        return digest.hexdigest()
+    in_state = set(model.state_dict())
+    for name, buffer in model.named_buffers():
+        if name not in in_state:
+            digest.update(f"{name}:{_sha256(buffer)};".encode())
     return digest.hexdigest()
 
 
@@ -420,7 +425,7 @@ def load_quantized(directory, model: Optional[torch.nn.Module] = None, *, device
     share_constants(model)
     from lift_ao.integrations.hf import restore_save_pretrained  # hf imports lift_ao.io
 
-    restore_save_pretrained(model)
+    restore_save_pretrained(model, directory)
     return given
 
 
@@ -518,11 +523,13 @@ def load_shard(directory, name: str, *, sources: Optional[dict] = None,
         path.unlink()
         return None
     info = header["info"]
-    if any(info.get(key, value) != value for key, value in (sources or {}).items()):
+    differs = [key for key, value in (sources or {}).items() if info.get(key, value) != value]
+    if differs:
         if not overwrite:
             raise CheckpointError(
-                f"{path} was made from other weights than this run's (same shapes, other values: another model?); "
-                "use another directory, or overwrite it (overwrite=True; lift-ao quantize --overwrite)")
+                f"{path} was made from other weights than this run's, or another model's settings ({', '.join(differs)} "
+                "differ; same shapes: another model?); use another directory, or overwrite it (overwrite=True; "
+                "lift-ao quantize --overwrite)")
         path.unlink()
         return None
     return header["info"], tensors

@@ -218,6 +218,31 @@ def test_a_model_of_the_same_weights_but_other_settings_is_refused(tmp_path, mon
     assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
 
 
+def test_a_rope_table_that_follows_the_last_forward_s_length_does_not_refuse_a_resume(tmp_path, monkeypatch):
+    """LongRoPE rewrites its inv_freq buffer with each forward's length (long factors past
+    original_max_position_embeddings): a run that evaluated a long context before calibrating resumes in one
+    that did not (it was refused as another model's, and only overwrite, redoing every block, went on)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    rope = {"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 16,
+            "short_factor": [1.0] * 8, "long_factor": [1.0 + i for i in range(8)]}
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                         rope_parameters=rope)).eval()
+    config, tokens = lift_ao.liftquant(lattice=LATTICE), token_batch(0, batch=4, length=12)
+    complete = calibrate(copy.deepcopy(model), config, tokens, progress=False)
+    evaluated = copy.deepcopy(model)
+    with torch.no_grad():
+        evaluated(token_batch(5, batch=1, length=32))
+    assert not torch.equal(evaluated.model.rotary_emb.inv_freq, model.model.rotary_emb.inv_freq)
+    crash_after_first_block(monkeypatch, lambda: calibrate(evaluated, config, tokens, checkpoint_dir=tmp_path,
+                                                           progress=False))
+    resumed = calibrate(copy.deepcopy(model), config, tokens, checkpoint_dir=tmp_path, progress=False)
+    expected, got = _state(complete), _state(resumed)
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+
+
 def test_a_layer_quantized_by_torchao_is_hashed_by_its_inner_tensors(tmp_path):
     """A resumable run hashes the model's state: another torchao tensor subclass (int8 here) has no bytes of
     its own to view (was: NotImplementedError with checkpoint_dir)."""

@@ -508,7 +508,7 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_result(runs, uninterrup
 
 def test_a_finished_run_is_not_redone_and_another_run_is_refused(runs, uninterrupted, monkeypatch, tmp_path):
     """Another teacher too (its progress was accepted: a learning curve against two teachers, and the factors
-    kept from the first) and a model of other settings (rope_theta) too; progress written before the teacher and
+    kept from the first) and a model of other settings (rms_norm_eps) too; progress written before the teacher and
     the settings were hashed stays resumable."""
     import lift_ao.finetune as finetune
     from lift_ao.io import save_shard
@@ -533,8 +533,8 @@ def test_a_finished_run_is_not_redone_and_another_run_is_refused(runs, uninterru
         other_teacher.lm_head.weight.mul_(2.0)
     with pytest.raises(CheckpointError, match="teacher_sha256"):
         lift_ao.finetune_end_to_end(copy.deepcopy(calibrated), other_teacher, tokens, checkpoint_dir=directory, **RESUME)
-    other_settings = copy.deepcopy(calibrated)  # the same weights, another RoPE table (a buffer no state dict holds)
-    other_settings.model.rotary_emb.inv_freq.mul_(0.5)
+    other_settings = copy.deepcopy(calibrated)  # the same weights, another config value
+    other_settings.config.rms_norm_eps = 10 * other_settings.config.rms_norm_eps
     with pytest.raises(CheckpointError, match="settings_sha256"):
         lift_ao.finetune_end_to_end(other_settings, model, tokens, checkpoint_dir=directory, **RESUME)
     info, tensors = load_shard(directory, finetune.PROGRESS_SHARD)

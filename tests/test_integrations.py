@@ -118,6 +118,11 @@ def test_hf_save_pretrained_after_save_and_load_quantized(loaded_quantized, tmp_
     lift_ao.save_quantized(loaded_quantized, tmp_path / "lift_ao")
     lift_ao.load_quantized(tmp_path / "lift_ao").save_pretrained(tmp_path / "hf")
     assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "hf")), logits(loaded_quantized))
+    # Into a model given to load into, whose config records nothing: the directory's config.json does.
+    plain = {k: v for k, v in loaded_quantized.config.to_dict().items() if k != "quantization_config"}
+    given = lift_ao.load_quantized(tmp_path / "lift_ao", LlamaForCausalLM(LlamaConfig(**plain)))
+    given.save_pretrained(tmp_path / "given")
+    assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "given")), logits(loaded_quantized))
     # A quantization_config this lift_ao cannot read (a newer one's field) still loads, with a warning.
     config = json.loads((tmp_path / "lift_ao" / "config.json").read_text())
     config["quantization_config"]["future_field"] = 1
@@ -202,6 +207,19 @@ def test_hf_save_pretrained_after_lift_ao_calibrate_needs_no_other_call(tmp_path
     for name, module in llama_linears(reloaded).items():
         assert_same_weight(module.weight, llama_linears(model)[name].weight)
     assert torch.equal(logits(reloaded), logits(model))
+
+
+def test_hf_a_quantized_model_with_adapters_passes_the_trainer_s_check_and_backpropagates(monkeypatch):
+    """The attached hf_quantizer says trainable (it said not, so transformers' Trainer refused LoRA on a model
+    lift_ao.quantize coded); gradients reach the activations through every LiftQuant layer, to the input."""
+    import transformers.trainer_utils as trainer_utils
+
+    model = lift_ao.quantize(tiny_llama(), lift_ao.liftquant(bits=2.4), progress=False)
+    monkeypatch.setattr(trainer_utils, "_is_peft_model", lambda m: True)  # as if peft wrapped it with adapters
+    trainer_utils.validate_quantization_for_training(model)
+    embeds = model.get_input_embeddings()(torch.tensor([[1, 2, 3, 4]])).detach().requires_grad_()
+    model(inputs_embeds=embeds).logits.square().sum().backward()
+    assert embeds.grad is not None and embeds.grad.abs().sum() > 0 and torch.isfinite(embeds.grad).all()
 
 
 def test_hf_save_pretrained_after_lift_ao_quantize_refuses_what_from_pretrained_could_not_load(tmp_path):

@@ -21,7 +21,9 @@ shipped lattice files; the logical (out, in) shape and dtype come from the model
 
 from __future__ import annotations
 
+import json
 import warnings
+from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 import torch
@@ -235,7 +237,7 @@ class LiftQuantHfQuantizer(HfQuantizer):
         """The op that rebuilds LiftQuant weights from a pre-quantized checkpoint."""
         return {"deserialize": _Deserialize}
 
-    def _process_model_after_weight_loading(self, model: "PreTrainedModel", **kwargs):
+    def _process_model_after_weight_loading(self, model: "PreTrainedModel", attached: bool = False, **kwargs):
         # Our converter only makes sense when loading; left in the model's conversion record,
         # save_pretrained would try to reverse it and rename every `.weight` key.
         if hasattr(model, "_weight_conversions"):
@@ -243,7 +245,11 @@ class LiftQuantHfQuantizer(HfQuantizer):
                 conversion for conversion in model._weight_conversions
                 if not any(isinstance(op, _Deserialize) for op in getattr(conversion, "operations", ()))
             ]
-        share_constants(model)
+        # Loaded weights each hold their own M and rotation. A model this quantizer is attached to (`attached`,
+        # _attach_quantizer) shares them already as lift_ao.quantize or load_quantized left them: merging equal
+        # values further (one rotation for d = 8 and 16 at one K) would break plan.model_bytes == footprint.
+        if not attached:
+            share_constants(model)
         return model
 
     def get_state_dict_and_metadata(self, model: "PreTrainedModel"):
@@ -268,8 +274,10 @@ class LiftQuantHfQuantizer(HfQuantizer):
 
     @property
     def is_trainable(self) -> bool:
-        """No: the ±1 codes have no gradient."""
-        return False
+        """Yes, with adapters (PEFT/LoRA): the ops pass gradients to their activation, so adapters around or
+        beside LiftQuant layers train; the ±1 codes themselves have no gradient (transformers' Trainer refuses a
+        quantized model without adapters)."""
+        return True
 
     @property
     def is_compileable(self) -> bool:
@@ -338,7 +346,7 @@ def _check_loadable(model: "PreTrainedModel") -> None:
 
     from lift_ao.api import _is_hf_conv1d
 
-    with init_empty_weights():
+    with init_empty_weights(include_buffers=True):  # module types are all it reads
         architecture = type(model)(model.config)  # what from_pretrained builds
     conv1d = [name for name, module in architecture.named_modules() if _is_hf_conv1d(module)
               and isinstance(getattr(model.get_submodule(name), "weight", None), LiftQuantTensor)]
@@ -355,18 +363,22 @@ def _attach_quantizer(model: "PreTrainedModel", hf_config: LiftQuantHfConfig) ->
     model.hf_quantizer = quantizer
     model.is_quantized = True
     model.quantization_method = QUANT_METHOD
-    quantizer.postprocess_model(model)
+    quantizer.postprocess_model(model, attached=True)
     return model
 
 
-def restore_save_pretrained(model: torch.nn.Module) -> None:
-    """After :func:`lift_ao.load_quantized`: a transformers model whose config.json records a LiftQuant
-    ``quantization_config`` (it was quantized on load by from_pretrained) gets its ``hf_quantizer`` back, so
-    ``save_pretrained`` works as it did before saving (without it, safetensors failed on the LiftQuant
-    weights with "invalid python storage"). Other models are left alone."""
+def restore_save_pretrained(model: torch.nn.Module, directory=None) -> None:
+    """After :func:`lift_ao.load_quantized`: a transformers model whose config (or ``directory``'s config.json,
+    for a model given to load into) records a LiftQuant ``quantization_config`` (lift_ao.quantize,
+    lift_ao.calibrate or from_pretrained quantized it) gets its ``hf_quantizer`` back, so ``save_pretrained``
+    works as it did before saving (without it, safetensors failed on the LiftQuant weights with "invalid python
+    storage"). Other models are left alone."""
     from transformers import PreTrainedModel
 
     record = getattr(getattr(model, "config", None), "quantization_config", None)
+    saved = None if directory is None else Path(directory) / "config.json"
+    if record is None and saved is not None and saved.is_file():
+        record = json.loads(saved.read_text()).get("quantization_config")
     if not isinstance(model, PreTrainedModel) or getattr(model, "hf_quantizer", None) is not None or record is None:
         return
     if isinstance(record, dict):
