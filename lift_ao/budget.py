@@ -904,8 +904,9 @@ def plan(
             dict with ``model_type``, or config.json path/directory), built on the meta device.
         memory_budget: bytes (int) or a size string (``"24GiB"``, ``"24 GB"``, ``"512MiB"``).
         reserve: extra bytes to keep free (activations, CUDA context), same formats.
-        kv_cache: ``dict(context=tokens, batch=sequences, dtype=None)`` to reserve the KV cache
-            (dtype default: the model's embedding dtype).
+        kv_cache: ``dict(context=tokens, batch=sequences, dtype=None, prefill=None)`` to reserve the KV cache
+            at its peak (dtype default: the model's embedding dtype; prefill, the longest prompt, default: the
+            context, which sliding-window layers then hold whole: :func:`kv_cache_bytes`).
         allocation: ``"sensitivity"`` (mixed widths, see the module docstring) or ``"uniform"``.
         calibration: token ids (batch, tokens) or a list of them, run through the model to
             measure each layer's E[x²] (sensitivity only; needs real weights).

@@ -114,7 +114,8 @@ def liftquant(
         memory_budget: instead of bits/lattice, bytes (int) or a size such as ``"24GiB"`` the whole
             model must fit; apply with :func:`lift_ao.quantize` (it needs the whole model to plan).
         reserve: bytes to keep free besides the model (budget only), int or size string.
-        kv_cache: ``dict(context=..., batch=...)``: reserve the KV cache (budget only).
+        kv_cache: ``dict(context=..., batch=...)`` (optionally ``dtype=``, ``prefill=``): reserve the KV cache
+            (budget only; :func:`lift_ao.plan`).
         allocation: ``"sensitivity"`` (mixed per-layer widths) or ``"uniform"`` (budget only).
         scores: {layer FQN: sensitivity weight} replacing the planner's built-in score, e.g. from
             :func:`lift_ao.measure_sensitivity` (budget with allocation="sensitivity" only).

@@ -34,7 +34,7 @@ from lift_ao.budget import _lattice_mse, plan
 from lift_ao.calibration import DEFAULT_ALPHA, calibrate, sibling_groups
 from lift_ao.config import liftquant
 from lift_ao.evaluate import evaluating
-from lift_ao.io import _sha256, _write_atomically, state_sha256
+from lift_ao.io import _sha256, _write_atomically, settings_sha256, state_sha256
 from lift_ao.lattice import Lattice
 from lift_ao.tensor import LiftQuantTensor
 
@@ -156,9 +156,12 @@ def calibrated_sensitivity(
     if stored is not None:  # hashed only where the scores are kept
         # The model's values too: another model of the same shapes has other scores.
         identity = dict(lattice=lattice, seed=seed, alpha=alpha, tokens_sha256=_sha256(tokens.long()),
-                        score_tokens_sha256=_sha256(score_tokens.long()), model_sha256=state_sha256(model))
+                        score_tokens_sha256=_sha256(score_tokens.long()), model_sha256=state_sha256(model),
+                        settings_sha256=settings_sha256(model))
         found = json.loads(stored.read_text()) if stored.is_file() else None
-        if found is not None and found["identity"] == identity:
+        # Scores kept before the settings were hashed are not checked by them.
+        if found is not None and found["identity"] == {k: v for k, v in identity.items()
+                                                       if k in found["identity"] or k != "settings_sha256"}:
             return found["scores"]
     # Block LDLQ alone (refine_passes=0), as when these scores were measured to pay off: a probe only
     # ranks the layers, and so scores stored before the refinement passes existed stay valid.

@@ -35,9 +35,9 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import is_fake
 from torch.utils._python_dispatch import return_and_correct_aliasing
 from torch.utils.weak import WeakIdKeyDictionary
-from torch._subclasses.fake_tensor import is_fake
 from torchao.utils import TorchAOBaseTensor, fill_defaults
 
 from lift_ao.encode import encode_weight

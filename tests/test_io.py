@@ -395,6 +395,18 @@ def test_rotation_factors_reshaped_in_the_file_are_refused_as_a_corrupt_checkpoi
         load_quantized(tmp_path, tiny_llama(tie=True))
 
 
+@pytest.mark.parametrize("stray", ["[1, 2]", "{not json"])
+def test_a_stray_config_json_beside_a_checkpoint_is_ignored_for_a_model_given_to_load_into(tmp_path, stray):
+    """Only a transformers model reads the directory's config.json (for its save_pretrained), after the load:
+    an odd one made a load into another model raise once the model had changed."""
+    model = torch.nn.Sequential(torch.nn.Linear(20, 8, bias=False))
+    lift_ao.quantize(model, lift_ao.liftquant(lattice="24/10"), filter_fn=lambda m, name: True, progress=False)
+    save_quantized(model, tmp_path)
+    (tmp_path / "config.json").write_text(stray)
+    loaded = load_quantized(tmp_path, torch.nn.Sequential(torch.nn.Linear(20, 8, bias=False)))
+    assert_bit_identical(model, loaded)
+
+
 def test_distinct_empty_tensors_are_not_taken_for_tied_ones(tmp_path):
     """Every empty tensor has storage address 0."""
     class Empty(torch.nn.Module):

@@ -1,6 +1,7 @@
 """lift_ao.measure_sensitivity: leave-one-group-out KL gains turned into planner scores."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -138,8 +139,17 @@ def test_calibrated_sensitivity_measures_a_copy_calibrated_at_the_budgets_unifor
         other.model.norm.weight.add_(0.01)
     lift_ao.calibrated_sensitivity(other, budget, calibration, tokens, alpha=0.5, checkpoint_dir=tmp_path,
                                    progress=False)
-    # Other score tokens, calibration tokens, alpha or model: measured again, not read from the directory.
-    assert len(measured_again) == 4 and torch.equal(measured_again[0], tokens[:4])
+    other.config.rms_norm_eps *= 10  # the same weights, other settings
+    lift_ao.calibrated_sensitivity(other, budget, calibration, tokens, alpha=0.5, checkpoint_dir=tmp_path,
+                                   progress=False)
+    # Other score tokens, calibration tokens, alpha, model or settings: measured again, not read from the directory.
+    assert len(measured_again) == 5 and torch.equal(measured_again[0], tokens[:4])
+    kept = json.loads((tmp_path / sensitivity.SCORES_FILE).read_text())  # as kept before settings were hashed
+    del kept["identity"]["settings_sha256"]
+    (tmp_path / sensitivity.SCORES_FILE).write_text(json.dumps(kept))
+    lift_ao.calibrated_sensitivity(other, budget, calibration, tokens, alpha=0.5, checkpoint_dir=tmp_path,
+                                   progress=False)
+    assert len(measured_again) == 5
 
 
 def test_calibrated_sensitivity_probes_at_the_lattice_the_budget_leaves_after_reserve_and_kv_cache(monkeypatch):

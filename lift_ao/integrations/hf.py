@@ -375,11 +375,17 @@ def restore_save_pretrained(model: torch.nn.Module, directory=None) -> None:
     storage"). Other models are left alone."""
     from transformers import PreTrainedModel
 
-    record = getattr(getattr(model, "config", None), "quantization_config", None)
-    saved = None if directory is None else Path(directory) / "config.json"
-    if record is None and saved is not None and saved.is_file():
-        record = json.loads(saved.read_text()).get("quantization_config")
-    if not isinstance(model, PreTrainedModel) or getattr(model, "hf_quantizer", None) is not None or record is None:
+    if not isinstance(model, PreTrainedModel) or getattr(model, "hf_quantizer", None) is not None:
+        return
+    record = getattr(model.config, "quantization_config", None)
+    if record is None and directory is not None:
+        # The load has changed the model already: an unreadable file only leaves save_pretrained unrestored.
+        try:
+            saved = json.loads((Path(directory) / "config.json").read_text())
+        except (OSError, ValueError):
+            saved = None
+        record = saved.get("quantization_config") if isinstance(saved, dict) else None
+    if record is None:
         return
     if isinstance(record, dict):
         if record.get("quant_method") != QUANT_METHOD:
