@@ -111,11 +111,12 @@ def _cmd_quantize(args) -> dict:
         raise ValueError(f"{', '.join(evaluation)} choose the evaluation that --skip-eval skips: drop one or the other")
     if args.rate_window != DEFAULT_RATE_WINDOW and args.memory_budget is None:
         raise ValueError("--rate-window bounds the lattices a --memory-budget plan mixes: add --memory-budget SIZE")
-    reservations = _given(args, reserve="0", kv_context=None, kv_batch=1)
+    reservations = _given(args, reserve="0", kv_context=None, kv_batch=1, kv_prefill=None)
     if reservations and args.memory_budget is None:
         raise ValueError(f"{', '.join(reservations)} keep room in a --memory-budget: add --memory-budget SIZE")
-    if args.kv_batch != 1 and args.kv_context is None:
-        raise ValueError("--kv-batch sizes the KV cache of --kv-context: add --kv-context TOKENS")
+    kv_only = _given(args, kv_batch=1, kv_prefill=None)
+    if kv_only and args.kv_context is None:
+        raise ValueError(f"{', '.join(kv_only)} size the KV cache of --kv-context: add --kv-context TOKENS")
     if _given(args, calibration_tokens=_CALIBRATION_TOKENS) and not (args.calibrate or args.memory_budget is not None):
         raise ValueError("--calibration-tokens sizes the text of --calibrate, or of a --memory-budget plan's "
                          "activation statistics: add one of them")
@@ -156,8 +157,8 @@ def _cmd_quantize(args) -> dict:
     if args.lattice is not None or args.memory_budget is not None:
         bits = None
     budget_options = {} if args.memory_budget is None else dict(
-        reserve=args.reserve, kv_cache=None if args.kv_context is None else dict(context=args.kv_context,
-                                                                                 batch=args.kv_batch))
+        reserve=args.reserve, kv_cache=None if args.kv_context is None else dict(
+            context=args.kv_context, batch=args.kv_batch, prefill=args.kv_prefill))
     config = lift_ao.liftquant(bits=bits, lattice=args.lattice, memory_budget=args.memory_budget, seed=args.seed,
                                include_lm_head=args.lm_head, beam_width=args.beam_width, rate_window=args.rate_window,
                                **budget_options)
@@ -315,9 +316,11 @@ def _cmd_plan(args) -> dict:
     if (args.hf_config is None) == (args.preset is None):
         raise ValueError("give exactly one of --hf-config PATH or --preset NAME")
     source = PRESETS[args.preset] if args.preset else args.hf_config
-    kv_cache = dict(context=args.context, batch=args.batch) if args.context is not None else None
-    if args.batch != 1 and kv_cache is None:
-        raise ValueError("--batch sizes the KV cache: give --context too")
+    kv_cache = (dict(context=args.context, batch=args.batch, prefill=args.prefill) if args.context is not None
+                else None)
+    kv_only = _given(args, batch=1, prefill=None)
+    if kv_only and kv_cache is None:
+        raise ValueError(f"{', '.join(kv_only)} size the KV cache: give --context too")
     result = plan(source, args.budget, reserve=args.reserve, kv_cache=kv_cache, allocation=args.allocation,
                   include_lm_head=args.lm_head, rate_window=args.rate_window)
     result = replace(result, model_name=args.preset or str(args.hf_config))
@@ -384,6 +387,9 @@ def _parser() -> argparse.ArgumentParser:
                    "in it for the KV cache of this many tokens per sequence (as transformers caches them)")
     q.add_argument("--kv-batch", type=int, default=1, metavar="SEQUENCES", help="with --kv-context: sequences in "
                    "the KV cache (default 1)")
+    q.add_argument("--kv-prefill", type=int, default=None, metavar="TOKENS", help="with --kv-context: the longest "
+                   "prompt; sliding-window layers then hold max(window, TOKENS) (default: the context; 1 for a "
+                   "StaticCache)")
     q.add_argument("--measure-sensitivity", action="store_true", help="with --calibrate and --memory-budget: plan "
                    "from sensitivities measured on a copy calibrated at the one lattice that fits the budget "
                    "(lift_ao.calibrated_sensitivity, on the 16384 calibration tokens after those the other stages "
@@ -473,6 +479,9 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--reserve", default="0", help="bytes to keep free besides weights and KV cache (default 0)")
     pl.add_argument("--context", type=int, default=None, help="reserve the KV cache for this many tokens per sequence")
     pl.add_argument("--batch", type=int, default=1, help="sequences in the KV cache (default 1)")
+    pl.add_argument("--prefill", type=int, default=None, metavar="TOKENS", help="with --context: the longest "
+                    "prompt; sliding-window layers then hold max(window, TOKENS) (default: the context; 1 for a "
+                    "StaticCache)")
     pl.add_argument("--allocation", choices=ALLOCATIONS, default="sensitivity", help="mixed widths by sensitivity "
                     "(default) or one lattice for all layers")
     pl.add_argument("--rate-window", type=parse_rate_window, default=DEFAULT_RATE_WINDOW, metavar="BITS",

@@ -580,6 +580,26 @@ def test_plan_report_and_json(llama8b):
 
 
 @needs_lattices
+def test_cli_plan_prefill_lets_sliding_window_layers_hold_their_window(capsys, tmp_path):
+    """`lift-ao plan --prefill TOKENS` (with --context): a Mistral-style config's sliding layers count max(window,
+    prefill) tokens instead of the whole context; without --context it is refused."""
+    from transformers import AutoConfig
+
+    mistral = dict(PRESETS["llama3-8b"], model_type="mistral", sliding_window=4096)
+    (tmp_path / "config.json").write_text(json.dumps(mistral))
+    runs = {}
+    for extra in ([], ["--prefill", "1"]):
+        assert cli_main(["plan", "--hf-config", str(tmp_path), "--budget", "8GiB", "--context", "32768", "--json",
+                         *extra]) == 0
+        runs[bool(extra)] = json.loads(capsys.readouterr().out)["kv_cache_bytes"]
+    config = AutoConfig.for_model(**mistral)
+    assert runs[False] == kv_cache_bytes(config, 32768, dtype=torch.bfloat16) == 8 * runs[True]
+    assert runs[True] == kv_cache_bytes(config, 32768, dtype=torch.bfloat16, prefill=1)
+    assert cli_main(["plan", "--hf-config", str(tmp_path), "--budget", "8GiB", "--prefill", "1"]) == 2
+    assert "give --context too" in capsys.readouterr().err
+
+
+@needs_lattices
 def test_cli_plan(capsys, tmp_path):
     assert cli_main(["plan", "--preset", "llama3-8b", "--budget", "4GiB", "--context", "2048", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)

@@ -148,8 +148,9 @@ def test_quantize_refuses_conflicting_budget_options(tmp_path, capsys):
     for options in (["--reserve", "1MB"], ["--kv-context", "64"]):
         assert run_cli(tmp_path / "f", *options) == 2
         assert f"{options[0]} keep room in a --memory-budget: add --memory-budget" in capsys.readouterr().err
-    assert run_cli(tmp_path / "g", "--memory-budget", "1MB", "--kv-batch", "2", lattice=None) == 2
-    assert "add --kv-context" in capsys.readouterr().err
+    for options in (["--kv-batch", "2"], ["--kv-prefill", "1"]):
+        assert run_cli(tmp_path / "g", "--memory-budget", "1MB", *options, lattice=None) == 2
+        assert f"{options[0]} size the KV cache of --kv-context: add --kv-context" in capsys.readouterr().err
 
 
 def test_quantize_keeps_the_reserve_and_kv_cache_free_in_the_budget(tmp_path, capsys):
