@@ -84,11 +84,13 @@ def settings_sha256(model: torch.nn.Module) -> str:
     :func:`state_sha256`'s values, and the state dict of a model with another ``rope_theta`` is the same. A
     transformers model's buffers follow from its config, and some change with the last forward's length
     (LongRoPE's and dynamic RoPE's ``inv_freq``): they are not hashed."""
+    def model_values(values: dict) -> dict:  # sub-configs (a multimodal model's text_config) carry run keys too
+        return {k: model_values(v) if isinstance(v, dict) else v for k, v in values.items() if k not in _RUN_CONFIG_KEYS}
+
     digest = hashlib.sha256()
     model_config = getattr(model, "config", None)
     if hasattr(model_config, "to_dict"):
-        values = {k: v for k, v in model_config.to_dict().items() if k not in _RUN_CONFIG_KEYS}
-        digest.update(json.dumps(values, sort_keys=True, default=str).encode())
+        digest.update(json.dumps(model_values(model_config.to_dict()), sort_keys=True, default=str).encode())
         return digest.hexdigest()
     in_state = set(model.state_dict())
     for name, buffer in model.named_buffers():

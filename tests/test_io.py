@@ -407,6 +407,28 @@ def test_a_stray_config_json_beside_a_checkpoint_is_ignored_for_a_model_given_to
     assert_bit_identical(model, loaded)
 
 
+def test_settings_hash_leaves_out_run_keys_of_sub_configs_too():
+    """A multimodal config's text_config carries use_cache and dtype as the top level does: toggling them there
+    changed the hash (a resume was refused); a value the forward uses (its norm eps) does change it."""
+    import copy
+
+    from transformers import Gemma3Config
+
+    from lift_ao.io import settings_sha256
+
+    class Holder(torch.nn.Module):
+        def __init__(self, config):
+            super().__init__()
+            self.config = config
+
+    config = Gemma3Config(text_config=dict(num_hidden_layers=1, hidden_size=32, intermediate_size=64, vocab_size=300,
+                                           num_attention_heads=2, num_key_value_heads=1, head_dim=16))
+    steered, other = copy.deepcopy(config), copy.deepcopy(config)
+    steered.text_config.use_cache, steered.text_config.dtype = not config.text_config.use_cache, "float16"
+    other.text_config.rms_norm_eps = 10 * config.text_config.rms_norm_eps
+    assert settings_sha256(Holder(steered)) == settings_sha256(Holder(config)) != settings_sha256(Holder(other))
+
+
 def test_distinct_empty_tensors_are_not_taken_for_tied_ones(tmp_path):
     """Every empty tensor has storage address 0."""
     class Empty(torch.nn.Module):
