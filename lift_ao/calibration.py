@@ -60,7 +60,7 @@ from lift_ao.config import LiftQuantConfig
 from lift_ao.evaluate import evaluating
 from lift_ao.integrations.hf import attach_after_quantize
 from lift_ao.io import (CheckpointError, _sha256, load_shard, open_partial, remove_shard, save_shard,
-                        settings_sha256)
+                        settings_sha256, stored_weight)
 from lift_ao.lattice import Lattice
 from lift_ao.packing import pack_codes, unpack_codes
 from lift_ao.rounding import DEFAULT_REFINE_PASSES, _check_count, hessian_encode_rows
@@ -755,25 +755,21 @@ def _finished_block(directory, index: int, sources: dict, overwrite: bool = Fals
     return load_shard(directory, f"block_{index:04d}", sources=sources, overwrite=overwrite)
 
 
-def _load_block(directory, index: int, block, device, sources: dict) -> None:
-    """Put the codes of finished block ``index`` back into ``block``.
+def _load_block(shard: tuple[dict, dict], where: str, block, device) -> None:
+    """Put the codes of a finished block's shard (:func:`_finished_block`'s ``(info, tensors)``) back into
+    ``block``, on ``device``; ``where`` names the shard in errors.
 
     Raises:
-        CheckpointError: the block was coded from other weights, or its shard is gone or corrupt now although
-            it was there when the run started (another process writing the directory).
+        CheckpointError: a weight's stored rotation factors cannot be one (a tampered shard).
     """
-    shard = _finished_block(directory, index, sources)
-    if shard is None:
-        raise CheckpointError(f"{directory}: decoder block {index} was finished when this run started and is "
-                              "missing or corrupt now: is another run writing this directory? Run again")
     info, tensors = shard
     for names in info["groups"]:
         shared = {n: tensors[f"{names[0]}.{n}"].to(device) for n in SHARED_DATA_NAMES}
         for name in names:
             parts = {n: tensors[f"{name}.{n}"].to(device) for n in ("packed_codes", "row_scale")} | shared
             spec = info["weights"][name]
-            weight = LiftQuantTensor(*(parts[n] for n in LiftQuantTensor.tensor_data_names),
-                                     torch.Size(spec["shape"]), getattr(torch, spec["dtype"]))
+            weight = stored_weight(f"{where}: {name}", [parts[n] for n in LiftQuantTensor.tensor_data_names],
+                                   torch.Size(spec["shape"]), getattr(torch, spec["dtype"]))
             block.get_submodule(name).weight = torch.nn.Parameter(weight, requires_grad=False)
 
 
@@ -972,9 +968,11 @@ def calibrate(
     # blocks up to the last of them (none at all when a run stopped after calibration, e.g. in a later stage).
     # Hashed before anything moves or is coded, where the blocks wait (the host, for a streamed model).
     sources = [None] * len(blocks) if checkpoint_dir is None else _block_sources(model, blocks, prefixes, config, guided)
-    finished = [checkpoint_dir is not None and _finished_block(checkpoint_dir, i, block_sources, overwrite) is not None
+    # Each finished block's verified shard, kept until its codes go back into the block: read once, not once to
+    # plan and again to load (its codes are a fraction of the full-precision block the host holds anyway).
+    finished = [None if checkpoint_dir is None else _finished_block(checkpoint_dir, i, block_sources, overwrite)
                 for i, block_sources in enumerate(sources)]
-    last = max((i for i, done in enumerate(finished) if not done), default=-1)  # the last block to code
+    last = max((i for i, shard in enumerate(finished) if shard is None), default=-1)  # the last block to code
     with evaluating(model):
         sensitivity = None
         if guided and last >= 0:
@@ -1004,8 +1002,9 @@ def calibrate(
             for i, block in enumerate(bar):
                 block.to(device)
                 targets = _run_block(block, full_precision, device) if tuning and i <= last else None
-                if finished[i]:
-                    _load_block(checkpoint_dir, i, block, device, sources[i])
+                if finished[i] is not None:
+                    _load_block(finished[i], f"{checkpoint_dir}: block {i}", block, device)
+                    finished[i] = None  # its tensors are the block's now
                 else:
                     linears = quantizable_linears(block, config)
                     lattices = {name: Lattice.load(config.lattice if planned is None else planned[prefixes[i] + name])

@@ -277,15 +277,23 @@ def test_a_directory_written_before_the_batch_size_was_recorded_resumes_at_the_d
     assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
 
 
-def test_a_finished_block_that_vanishes_during_the_run_is_refused(tmp_path, monkeypatch):
-    """A resumed run plans its work from the shards there at its start (it skips what only finished
-    blocks need); one gone by the time it is loaded (another process writing the directory) is an error."""
+def test_a_resumed_run_reads_each_finished_block_once(tmp_path, monkeypatch):
+    """A resumed run plans its work from the shards there at its start and loads the codes from that same read
+    (each shard was read and hashed twice: once to plan, once to load)."""
     model, config, tokens = tiny_llama(), lift_ao.liftquant(lattice=LATTICE), token_batch(0, batch=4, length=16)
-    calibrate(copy.deepcopy(model), config, tokens, checkpoint_dir=tmp_path, progress=False)
+    complete = calibrate(copy.deepcopy(model), config, tokens, checkpoint_dir=tmp_path, progress=False)
     reads, load = [], calibration.load_shard
     monkeypatch.setattr(calibration, "load_shard", lambda directory, name, **checks: reads.append(name) or
-                        (None if reads.count(name) > 1 else load(directory, name, **checks)))
-    with pytest.raises(lift_ao.CheckpointError, match="block 0 was finished when this run started"):
+                        load(directory, name, **checks))
+    resumed = calibrate(copy.deepcopy(model), config, tokens, checkpoint_dir=tmp_path, progress=False)
+    assert sorted(reads) == ["block_0000", "block_0001"]
+    expected, got = _state(complete), _state(resumed)
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+    monkeypatch.setattr(calibration, "load_shard", load)
+    info, tensors = load(tmp_path, "block_0000")  # a factor reshaped: refused naming the shard and the weight
+    key = next(k for k in tensors if k.endswith(".rotation_left"))
+    calibration.save_shard(tmp_path, "block_0000", {**tensors, key: tensors[key].reshape(1, -1)}, info)
+    with pytest.raises(lift_ao.CheckpointError, match=r"block 0: mlp\.down_proj: rotation_left must be a square"):
         calibrate(copy.deepcopy(model), config, tokens, checkpoint_dir=tmp_path, progress=False)
 
 
