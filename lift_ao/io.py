@@ -132,29 +132,26 @@ def _tensor_identity(value) -> tuple:
 
 
 def stored_weight(where: str, parts: list, shape: torch.Size, dtype: torch.dtype) -> LiftQuantTensor:
-    """The LiftQuantTensor of a checkpoint's ``parts`` (in ``LiftQuantTensor.tensor_data_names`` order), whose
-    construction refuses factors that cannot be a rotation: a CheckpointError naming ``where`` (file and key),
-    since only a tampered or foreign file holds them (the SHA-256s cover bytes, not the header's shapes)."""
+    """The LiftQuantTensor of a checkpoint's or shard's ``parts`` (in ``LiftQuantTensor.tensor_data_names``
+    order), checked as only a tampered or foreign file could fail (the SHA-256s cover bytes, not the header's
+    dtypes and shapes): rotation factors that are one (the constructor's check), codes int32 and the rest float32,
+    one row scale per row and the codes of its rows. A failure is a CheckpointError naming ``where`` (file, key)."""
     try:
-        return LiftQuantTensor(*parts, shape, dtype)
+        weight = LiftQuantTensor(*parts, shape, dtype)
     except ValueError as e:
         raise CheckpointError(f"{where}: {e}") from None
-
-
-def _check_parts(path: Path, key: str, weight: LiftQuantTensor) -> None:
-    """A loaded weight's stored parts have its dtypes, one row scale per row and the codes of its rows
-    (the SHA-256s cover the bytes, not the header's dtype and shape)."""
     rows = weight.shape[0]
     found = {name: (getattr(weight, name).dtype, tuple(getattr(weight, name).shape)) for name in weight.tensor_data_names}
     wrong = {name: dtype for name, (dtype, _) in found.items()
              if dtype != (torch.int32 if name == "packed_codes" else torch.float32)}
     if wrong or found["row_scale"][1] != (rows,):
-        raise CheckpointError(f"{path}: {key} stores {found} (codes must be int32, the rest float32, {rows} row "
+        raise CheckpointError(f"{where} stores {found} (codes must be int32, the rest float32, {rows} row "
                               "scales); the file is inconsistent, re-quantize")
     try:
         check_packed(weight.packed_codes, rows, weight.code_length)
     except ValueError as e:
-        raise CheckpointError(f"{path}: {key}: {e}; the file is inconsistent, re-quantize") from e
+        raise CheckpointError(f"{where}: {e}; the file is inconsistent, re-quantize") from e
+    return weight
 
 
 def save_quantized(model: torch.nn.Module, directory) -> Path:
@@ -356,7 +353,6 @@ def load_quantized(directory, model: Optional[torch.nn.Module] = None, *, device
             tensors[f"{key}.packed_codes"] = interleave_rows(tensors[f"{key}.packed_codes"])
         parts = [tensors.pop(f"{key}.{name}").to(device) for name in LiftQuantTensor.tensor_data_names]
         weight = stored_weight(f"{path}: {key}", parts, torch.Size(info["shape"]), getattr(torch, info["dtype"]))
-        _check_parts(path, key, weight)
         stored = weight.lattice
         if stored.fingerprint != info["lattice_fingerprint"] or stored.name != info["lattice"]:
             raise CheckpointError(

@@ -290,11 +290,12 @@ def test_a_resumed_run_reads_each_finished_block_once(tmp_path, monkeypatch):
     expected, got = _state(complete), _state(resumed)
     assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
     monkeypatch.setattr(calibration, "load_shard", load)
-    info, tensors = load(tmp_path, "block_0000")  # a factor reshaped: refused naming the shard and the weight
-    key = next(k for k in tensors if k.endswith(".rotation_left"))
-    calibration.save_shard(tmp_path, "block_0000", {**tensors, key: tensors[key].reshape(1, -1)}, info)
-    with pytest.raises(lift_ao.CheckpointError, match=r"block 0: mlp\.down_proj: rotation_left must be a square"):
-        calibrate(copy.deepcopy(model), config, tokens, checkpoint_dir=tmp_path, progress=False)
+    info, tensors = load(tmp_path, "block_0000")  # parts reshaped: refused naming the shard and the weight
+    for part, message in (("rotation_left", "rotation_left must be a square"), ("row_scale", "row scales")):
+        key = next(k for k in tensors if k.endswith(f".{part}"))
+        calibration.save_shard(tmp_path, "block_0000", {**tensors, key: tensors[key].reshape(1, -1)}, info)
+        with pytest.raises(lift_ao.CheckpointError, match=rf"block 0: mlp\.down_proj.*{message}"):
+            calibrate(copy.deepcopy(model), config, tokens, checkpoint_dir=tmp_path, progress=False)
 
 
 def test_refined_calibration_codes_closer_to_the_model_and_is_part_of_the_checkpoint(tmp_path):
