@@ -85,6 +85,14 @@ _CALIBRATION_TOKENS = 16384  # --calibration-tokens' default
 _TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
 
 
+def _check_positive(args, *dests: str) -> None:
+    """Raise ValueError naming the option unless each of ``dests`` (argparse dests) is None or a positive int."""
+    for dest in dests:
+        value = getattr(args, dest)
+        if value is not None and value < 1:
+            raise ValueError(f"--{dest.replace('_', '-')} must be a positive number, got {value}")
+
+
 def _given(args, **defaults) -> list[str]:
     """The options among ``defaults`` (dest=default value) that the command line set, as flags."""
     return ["--" + dest.replace("_", "-") for dest, default in defaults.items() if getattr(args, dest) != default]
@@ -117,6 +125,7 @@ def _cmd_quantize(args) -> dict:
     kv_only = _given(args, kv_batch=1, kv_prefill=None)
     if kv_only and args.kv_context is None:
         raise ValueError(f"{', '.join(kv_only)} size the KV cache of --kv-context: add --kv-context TOKENS")
+    _check_positive(args, "kv_context", "kv_batch", "kv_prefill")
     if _given(args, calibration_tokens=_CALIBRATION_TOKENS) and not (args.calibrate or args.memory_budget is not None):
         raise ValueError("--calibration-tokens sizes the text of --calibrate, or of a --memory-budget plan's "
                          "activation statistics: add one of them")
@@ -321,6 +330,7 @@ def _cmd_plan(args) -> dict:
     kv_only = _given(args, batch=1, prefill=None)
     if kv_only and kv_cache is None:
         raise ValueError(f"{', '.join(kv_only)} size the KV cache: give --context too")
+    _check_positive(args, "context", "batch", "prefill")
     result = plan(source, args.budget, reserve=args.reserve, kv_cache=kv_cache, allocation=args.allocation,
                   include_lm_head=args.lm_head, rate_window=args.rate_window)
     result = replace(result, model_name=args.preset or str(args.hf_config))

@@ -151,6 +151,11 @@ def test_quantize_refuses_conflicting_budget_options(tmp_path, capsys):
     for options in (["--kv-batch", "2"], ["--kv-prefill", "1"]):
         assert run_cli(tmp_path / "g", "--memory-budget", "1MB", *options, lattice=None) == 2
         assert f"{options[0]} size the KV cache of --kv-context: add --kv-context" in capsys.readouterr().err
+    for option in ("--kv-context", "--kv-batch", "--kv-prefill"):
+        values = {"--kv-context": "64", option: "0"}
+        assert run_cli(tmp_path / "h", "--memory-budget", "1MB", *(x for kv in values.items() for x in kv),
+                       lattice=None) == 2
+        assert f"{option} must be a positive number, got 0" in capsys.readouterr().err
 
 
 def test_quantize_keeps_the_reserve_and_kv_cache_free_in_the_budget(tmp_path, capsys):
