@@ -685,8 +685,8 @@ def _block_sources(model: torch.nn.Module, blocks: list, prefixes: tuple, config
     and blocks before it) and, fine-tuned, on the full-precision targets of those: the state outside the
     blocks and of blocks 0..i; guided, on the whole model (the output sensitivity runs through all of it).
     ``"source_sha256"``: its coded linears' weights alone, which shards written before the other existed
-    record (they are checked by it and stay resumable). ``"settings_sha256"``: :func:`lift_ao.io.settings_sha256`, the
-    same for every block (shards written before it existed are not checked by it)."""
+    record (they are checked by it and stay resumable). ``"settings_sha256"``: :func:`lift_ao.io.settings_sha256`,
+    the same for every block (shards written before it existed are not checked by it)."""
     tensors = {key: _sha256(t) for key, t in model.state_dict().items()}  # each tensor hashed once
     digest = hashlib.sha256()
     for key, tensor in tensors.items():

@@ -43,7 +43,8 @@ from tqdm.auto import tqdm
 from lift_ao.calibration import (_code_blocks, _code_signs, _decoder_blocks, _scaled_signs, _scaled_unit,
                                  _tuned_rotation, _tuned_weight, _unit_weight, adam_steps, sibling_groups)
 from lift_ao.evaluate import evaluating
-from lift_ao.io import CheckpointError, _sha256, load_shard, remove_shard, save_shard, settings_sha256, state_sha256
+from lift_ao.io import (CheckpointError, _sha256, comparable_identity, load_shard, remove_shard, save_shard,
+                        settings_sha256, state_sha256)
 from lift_ao.tensor import LiftQuantTensor, share_constants
 from lift_ao.transform import unrotate
 
@@ -75,10 +76,6 @@ PROGRESS_SHARD = "end_to_end"
 # write holds ~16 bytes per tuned number (value, best, Adam's two moments) and with SmolLM2's
 # embeddings tuned (unquantized_lr) took ~2 s, 2 minutes over a 1024-step run's 64 checks.
 PROGRESS_SECONDS = 60.0
-
-
-# Identity entries recorded since progress was first saved: progress without one is not checked by it.
-_LATER_HASHES = ("teacher_sha256", "settings_sha256")
 
 
 def _run_identity(quantized: dict, unquantized: dict, tokens: torch.Tensor, **settings) -> dict:
@@ -119,8 +116,7 @@ def _load_progress(directory, identity: dict, factors: list, overwrite: bool):
     if found is None:
         return None
     info, tensors = found
-    # Progress written before a hash was recorded is not checked by it.
-    identity = {k: v for k, v in identity.items() if k in info["identity"] or k not in _LATER_HASHES}
+    identity = comparable_identity(identity, info["identity"])
     if info["identity"] != identity or "checks" not in info:  # no "checks": written before the learning curve
         if overwrite:
             remove_shard(directory, PROGRESS_SHARD)

@@ -99,6 +99,16 @@ def settings_sha256(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
+# Hashes a run's identity records since a later lift_ao than the one that first wrote such identities.
+LATER_HASHES = ("teacher_sha256", "settings_sha256")
+
+
+def comparable_identity(identity: dict, saved: dict) -> dict:
+    """``identity`` less the :data:`LATER_HASHES` that ``saved`` (the identity a run wrote) lacks: what must equal
+    ``saved`` for the run to be resumed, so that one written before a hash existed is not checked by it."""
+    return {k: v for k, v in identity.items() if k in saved or k not in LATER_HASHES}
+
+
 def _library_version() -> str:
     from lift_ao import __version__
 

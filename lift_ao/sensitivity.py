@@ -34,7 +34,7 @@ from lift_ao.budget import _lattice_mse, plan
 from lift_ao.calibration import DEFAULT_ALPHA, calibrate, sibling_groups
 from lift_ao.config import liftquant
 from lift_ao.evaluate import evaluating
-from lift_ao.io import _sha256, _write_atomically, settings_sha256, state_sha256
+from lift_ao.io import _sha256, _write_atomically, comparable_identity, settings_sha256, state_sha256
 from lift_ao.lattice import Lattice
 from lift_ao.tensor import LiftQuantTensor
 
@@ -159,9 +159,7 @@ def calibrated_sensitivity(
                         score_tokens_sha256=_sha256(score_tokens.long()), model_sha256=state_sha256(model),
                         settings_sha256=settings_sha256(model))
         found = json.loads(stored.read_text()) if stored.is_file() else None
-        # Scores kept before the settings were hashed are not checked by them.
-        if found is not None and found["identity"] == {k: v for k, v in identity.items()
-                                                       if k in found["identity"] or k != "settings_sha256"}:
+        if found is not None and found["identity"] == comparable_identity(identity, found["identity"]):
             return found["scores"]
     # Block LDLQ alone (refine_passes=0), as when these scores were measured to pay off: a probe only
     # ranks the layers, and so scores stored before the refinement passes existed stay valid.
